@@ -1,0 +1,268 @@
+"""Python client for the Banyan HTTP API, shared by the CLI and the worker.
+
+This is the only module that knows URLs. It retries, with capped
+exponential backoff, what is worth retrying right away (connection
+failures, 502/503/504); anything longer-lived is the caller's business
+(the worker loop has its own backoff and liveness rules).
+"""
+
+import json
+import logging
+import time
+from urllib.parse import quote
+
+import requests
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Client", "BanyanError", "ServerUnreachable"]
+
+_RETRY_STATUSES = frozenset({502, 503, 504})
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+
+
+class BanyanError(Exception):
+    """The server refused a request: ``status`` (HTTP code), ``message`` and Eve's ``issues``."""
+
+    def __init__(self, status, message, issues=None, payload=None):
+        self.status = status
+        self.message = message
+        self.issues = issues or {}
+        self.payload = payload
+        super().__init__(self.describe())
+
+    def describe(self):
+        text = f"{self.status}: {self.message}" if self.status is not None else str(self.message)
+        if self.issues:
+            text += " (" + "; ".join(f"{field}: {issue}" for field, issue in _flatten_issues(self.issues)) + ")"
+        return text
+
+
+class ServerUnreachable(BanyanError):
+    """No usable answer after all retries: connection failures, timeouts or 502/503/504.
+
+    ``status`` is None for connection failures, else the last gateway status.
+    """
+
+
+def _flatten_issues(issues, prefix=""):
+    if isinstance(issues, dict):
+        for key, value in issues.items():
+            yield from _flatten_issues(value, f"{prefix}{key}.")
+    elif isinstance(issues, list):
+        for value in issues:
+            yield from _flatten_issues(value, prefix)
+    else:
+        yield prefix.rstrip("."), issues
+
+
+class Client:
+    """A ``requests.Session`` bound to one server and token.
+
+    ``attempts`` is the number of tries for retryable failures, with the
+    wait doubling from ``backoff`` up to ``max_backoff`` seconds. ``sleep``
+    is how waits are done (a worker passes ``stop_event.wait`` so a stop
+    request cuts them short).
+    """
+
+    def __init__(self, url, token=None, timeout=30.0, attempts=4, backoff=0.5,
+                 max_backoff=8.0, sleep=time.sleep):
+        if not url:
+            raise ValueError("a server URL is required")
+        if "://" not in url:
+            url = "http://" + url
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.attempts = max(1, int(attempts))
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.sleep = sleep
+        self.session = requests.Session()
+        self.session.headers["Accept"] = "application/json"
+        self.session.headers["User-Agent"] = "banyan-client"
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def close(self):
+        self.session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _url(self, *parts):
+        return self.url + "/" + "/".join(quote(str(part), safe="") for part in parts)
+
+    def request(self, method, path, json_body=None, params=None, timeout=None,
+                attempts=None, idempotent=None):
+        """Send one request, retrying transient failures; returns the decoded JSON (None if empty).
+
+        ``path`` is a tuple of URL segments. A read timeout is retried only
+        for idempotent requests, since the server may have acted on it.
+        """
+        url = self._url(*path) if isinstance(path, (tuple, list)) else self.url + path
+        attempts = self.attempts if attempts is None else max(1, int(attempts))
+        if idempotent is None:
+            idempotent = method in _IDEMPOTENT
+        timeout = self.timeout if timeout is None else timeout
+        delay = self.backoff
+        for attempt in range(1, attempts + 1):
+            last = attempt == attempts
+            try:
+                response = self.session.request(method, url, json=json_body, params=params, timeout=timeout)
+            except requests.exceptions.ReadTimeout as exc:
+                if not idempotent or last:
+                    raise ServerUnreachable(None, f"{method} {url}: no answer within {timeout}s") from exc
+                log.info("%s %s timed out (attempt %d/%d)", method, url, attempt, attempts)
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                    requests.exceptions.ChunkedEncodingError) as exc:
+                if last:
+                    raise ServerUnreachable(None, f"cannot reach {self.url}: {exc}") from exc
+                log.info("%s %s failed (attempt %d/%d): %s", method, url, attempt, attempts, exc)
+            else:
+                if response.status_code in _RETRY_STATUSES:
+                    if last:
+                        raise ServerUnreachable(response.status_code, _error_message(response)[0])
+                    log.info("%s %s answered %s (attempt %d/%d)", method, url,
+                             response.status_code, attempt, attempts)
+                else:
+                    return _decode(method, url, response)
+            self.sleep(delay)
+            delay = min(self.max_backoff, delay * 2)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def get(self, *path, params=None, **kw):
+        return self.request("GET", path, params=params, **kw)
+
+    def post(self, *path, json_body=None, **kw):
+        return self.request("POST", path, json_body=json_body, **kw)
+
+    def patch(self, *path, json_body=None, **kw):
+        return self.request("PATCH", path, json_body=json_body, **kw)
+
+    def delete(self, *path, **kw):
+        return self.request("DELETE", path, **kw)
+
+    # -- workers ----------------------------------------------------------
+
+    def register_worker(self, host, resources):
+        """Register this machine; returns the new worker id."""
+        reply = self.post("workers", json_body={"host": host, "resources": resources})
+        return reply["_id"]
+
+    def unregister_worker(self, wid):
+        return self.delete("workers", wid)
+
+    def claim(self, wid, free, max_tasks, wait=0):
+        """Claim up to ``max_tasks`` ready tasks fitting ``free``; ``{"_items": [...], "cancel": [...]}``.
+
+        Not retried after a read timeout: the server may have claimed tasks
+        for us already.
+        """
+        body = {"free": free, "max_tasks": int(max_tasks), "wait": wait}
+        reply = self.request("POST", ("workers", wid, "claim"), json_body=body,
+                             timeout=self.timeout + float(wait or 0), idempotent=False) or {}
+        reply.setdefault("_items", [])
+        reply.setdefault("cancel", [])
+        return reply
+
+    def heartbeat(self, wid, tasks):
+        """Report liveness, usage and progress; ``{"cancel": [...], "unknown": [...]}``."""
+        reply = self.request("POST", ("workers", wid, "heartbeat"), json_body={"tasks": tasks},
+                             idempotent=True) or {}
+        reply.setdefault("cancel", [])
+        reply.setdefault("unknown", [])
+        return reply
+
+    def finish(self, task_id, attempt, outcome, exit_code, stdout="", stderr="", usage=None):
+        """Report the end of an attempt (repeating it is harmless: the server answers 409)."""
+        body = {"attempt": attempt, "outcome": outcome, "exit_code": exit_code,
+                "stdout": stdout, "stderr": stderr, "usage": usage or {}}
+        return self.request("POST", ("tasks", task_id, "finish"), json_body=body, idempotent=True)
+
+    def list_workers(self, **params):
+        return self.get("workers", params=params or None)
+
+    def get_worker(self, wid):
+        return self.get("workers", wid)
+
+    # -- tasks ------------------------------------------------------------
+
+    def submit(self, tasks):
+        """POST one task (a dict) or several (a list); returns Eve's answer."""
+        return self.post("tasks", json_body=tasks)
+
+    def get_task(self, task_id, projection=None):
+        params = {"projection": json.dumps(projection)} if projection else None
+        return self.get("tasks", task_id, params=params)
+
+    def list_tasks(self, where=None, projection=None, sort=None, page=None, max_results=None):
+        """One page of tasks, as Eve returns it (``_items``, ``_meta``, ``_links``)."""
+        params = {}
+        if where:
+            params["where"] = json.dumps(where) if not isinstance(where, str) else where
+        if projection:
+            params["projection"] = json.dumps(projection) if not isinstance(projection, str) else projection
+        if sort:
+            params["sort"] = json.dumps(sort) if not isinstance(sort, str) else sort
+        if page:
+            params["page"] = int(page)
+        if max_results:
+            params["max_results"] = int(max_results)
+        return self.get("tasks", params=params or None)
+
+    def iter_tasks(self, where=None, projection=None, sort=None, max_results=None):
+        """Every matching task, page after page."""
+        page = 1
+        while True:
+            reply = self.list_tasks(where, projection, sort, page, max_results)
+            items = reply.get("_items", [])
+            yield from items
+            if not items or "next" not in reply.get("_links", {}):
+                return
+            page += 1
+
+    def patch_task(self, task_id, updates):
+        return self.patch("tasks", task_id, json_body=updates)
+
+    def cancel(self, task_id):
+        """Ask for cancellation (a running task becomes ``pending_cancellation``)."""
+        return self.patch_task(task_id, {"state": "cancelled"})
+
+    def logs(self, task_id, attempt=None):
+        params = {"attempt": int(attempt)} if attempt is not None else None
+        return self.get("tasks", task_id, "logs", params=params)
+
+
+def _error_message(response):
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        error = body.get("_error")
+        if isinstance(error, dict):
+            message = error.get("message")
+        else:
+            message = error
+        return (message or body.get("message") or response.reason or f"HTTP {response.status_code}",
+                body.get("_issues"), body)
+    text = (response.text or "").strip()
+    return (text[:500] or response.reason or f"HTTP {response.status_code}", None, body)
+
+
+def _decode(method, url, response):
+    if response.status_code >= 400:
+        message, issues, body = _error_message(response)
+        log.debug("%s %s -> %s %s", method, url, response.status_code, message)
+        raise BanyanError(response.status_code, message, issues, body)
+    if response.status_code == 204 or not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise BanyanError(response.status_code, f"{method} {url}: answer is not JSON") from None

@@ -1,0 +1,67 @@
+"""`create_app`: the Eve app for a Banyan server, wired to its store.
+
+Holds no business logic: it builds Eve with Banyan's data layer, validator
+and settings, then registers hooks and blueprints.
+"""
+
+import copy
+import functools
+import logging
+
+from eve import Eve
+from flask import jsonify
+from werkzeug.exceptions import HTTPException
+
+from banyan import settings as default_settings
+from banyan.server import auth, claims, stats
+from banyan.server.datalayer import BanyanMongo
+from banyan.server.hooks import register_hooks
+from banyan.server.reaper import Reaper
+from banyan.server.states import TaskQueue
+from banyan.server.validation import BanyanValidator
+from banyan.server.virtual import register_virtual_resources
+
+log = logging.getLogger(__name__)
+
+
+def default_config():
+    """A fresh copy of `banyan.settings` (Eve mutates DOMAIN in place)."""
+    return {k: copy.deepcopy(getattr(default_settings, k))
+            for k in dir(default_settings) if k.isupper()}
+
+
+def create_app(client, config=None):
+    """Build the server app on `client`, a MongoClient-shaped store client
+    (see `banyan.server.store.connect`). `config` overrides settings."""
+    settings = default_config()
+    settings.update(config or {})
+    auth_on = bool(settings.get("AUTH"))
+    app = Eve(settings=settings, data=functools.partial(BanyanMongo, client=client),
+              validator=BanyanValidator, auth=auth.BanyanTokenAuth if auth_on else None)
+    auth.init_app(app, auth_on)
+    db = client[app.config["MONGO_DBNAME"]]
+    app.claim_waiters = claims.ClaimWaiters()
+    app.queue = TaskQueue(db, on_ready=app.claim_waiters.notify)
+    register_hooks(app, app.queue)
+    app.register_blueprint(stats.blueprint)
+    register_virtual_resources(app)  # VIRTUAL_RESOURCES endpoints and bulk PATCH /tasks
+    claims.init_app(app, db)
+    # Started by `banyan server` (serve.py); tests call `app.reaper.run_once()`.
+    app.reaper = Reaper.for_app(app)
+    _register_error_handlers(app)
+    app.queue.resume_cascades()
+    return app
+
+
+def _register_error_handlers(app):
+    """Any unexpected error still answers JSON in Eve's shape (and is logged:
+    a 500 is a bug)."""
+
+    @app.errorhandler(Exception)
+    def unexpected(error):
+        if isinstance(error, HTTPException):
+            return error
+        log.exception("unhandled error")
+        response = jsonify({"_status": "ERR", "_error": {"code": 500, "message": "internal error: %s" % error}})
+        response.status_code = 500
+        return response

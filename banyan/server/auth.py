@@ -1,0 +1,372 @@
+"""Tokens, roles and who may do what.
+
+Three roles: `admin` (everything), `user` (creates tasks; reads, changes
+and cancels its own), `worker` (reads tasks, claims them, reports attempts;
+never creates or cancels them). A request names its token with
+`Authorization: Bearer <token>` or with HTTP Basic carrying the token as
+user name (`curl -u TOKEN: ...`).
+
+Tokens are stored only as a SHA-256 hash. A token is 256 random bits, so
+its hash cannot be reversed or brute-forced; slow password hashes (scrypt,
+bcrypt, argon2) exist to protect low-entropy passwords and would cost tens
+of milliseconds on every request for no gain here. A token is found by an
+indexed equality lookup on its hash, so no stored secret is ever compared
+byte by byte (no timing oracle), and a revocation takes effect on the next
+request (nothing is cached).
+
+A user's tasks carry the user's name in `owner`. Eve's `auth_field`
+(`owner`, see `settings.py`) adds `owner == <name>` to every read and write
+a user makes through Eve, so no `where` or projection reaches another
+user's task; admins and workers are not restricted. Blueprint views use
+`require_role(...)` and, for raw queries, `owner_filter()`.
+
+`TokenStore` works on a database handle alone (no Flask), so that
+`banyan token create` can make the first admin token before any server runs.
+"""
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+from functools import wraps
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from eve.auth import TokenAuth
+from flask import Blueprint, abort, current_app, g, jsonify, request
+from pymongo import ReturnDocument
+
+from banyan.server.identity import ROLES, Identity, current_identity, set_identity
+from banyan.server.states import utcnow
+
+log = logging.getLogger(__name__)
+
+#: The raw collection that holds tokens (not an Eve resource: no URL of its own).
+TOKENS = "tokens"
+#: Lets people (and secret scanners) recognise a Banyan token.
+TOKEN_PREFIX = "byn_"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
+
+#: Authentication on, no valid token: no role, so every rule refuses.
+ANONYMOUS = Identity(role="anonymous")
+
+#: Fields a worker may send in `PATCH /tasks/<id>`: the seed's claim only.
+WORKER_PATCH_FIELDS = frozenset({"state", "worker"})
+
+
+class TokenError(Exception):
+    """A refused token operation (`status` is the HTTP code for it)."""
+
+    def __init__(self, message, status=422):
+        super().__init__(message)
+        self.status = status
+
+
+def hash_token(token):
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token():
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def public(doc):
+    """A token document as shown to people: never its hash."""
+    return {
+        "_id": str(doc["_id"]),
+        "role": doc["role"],
+        "name": doc["name"],
+        "created": doc.get("created"),
+        "revoked": doc.get("revoked"),
+    }
+
+
+class TokenStore:
+    """Create, find, list and revoke tokens in `db[TOKENS]`."""
+
+    def __init__(self, db):
+        self.tokens = db[TOKENS]
+        self.tokens.create_index("hash", unique=True)
+
+    def create(self, role, name=None):
+        """Make a token; returns (its public document, the token). The token
+        itself is returned only here and stored nowhere."""
+        if role not in ROLES:
+            raise TokenError("role must be one of %s, not %r" % (", ".join(ROLES), role))
+        _id = ObjectId()
+        if name is None:
+            name = "%s-%s" % (role, str(_id)[-6:])
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise TokenError("a token name is 1 to 128 letters, digits or _.@+- (starting with a "
+                             "letter or digit), not %r" % (name,))
+        other = self.tokens.find_one({"name": name, "revoked": None, "role": {"$ne": role}}, {"role": 1})
+        if other is not None:
+            raise TokenError("the name %r already belongs to a %s; pick another name" % (name, other["role"]),
+                             status=409)
+        token = new_token()
+        doc = {"_id": _id, "hash": hash_token(token), "role": role, "name": name,
+               "created": utcnow(), "revoked": None}
+        self.tokens.insert_one(doc)
+        log.info("created %s token %s (%s)", role, name, _id)
+        return public(doc), token
+
+    def lookup(self, token):
+        """The live (not revoked) token document for `token`, or None."""
+        if not token or not isinstance(token, str) or len(token) > 512:
+            return None
+        return self.tokens.find_one({"hash": hash_token(token), "revoked": None})
+
+    def find(self, id_or_name):
+        """Token documents matching an id or, failing that, a name."""
+        try:
+            doc = self.tokens.find_one({"_id": ObjectId(id_or_name)})
+        except (InvalidId, TypeError):
+            doc = None
+        if doc is not None:
+            return [doc]
+        return list(self.tokens.find({"name": id_or_name}))
+
+    def revoke(self, id_or_name):
+        """Revoke a token by id, or every live token of a name. Returns the
+        public documents revoked; TokenError(404) if nothing matched."""
+        docs = self.find(id_or_name)
+        if not docs:
+            raise TokenError("no token has the id or name %r" % (id_or_name,), status=404)
+        revoked = []
+        for doc in docs:
+            done = self.tokens.find_one_and_update({"_id": doc["_id"], "revoked": None},
+                                                   {"$set": {"revoked": utcnow()}},
+                                                   return_document=ReturnDocument.AFTER)
+            if done is not None:
+                revoked.append(public(done))
+        if not revoked:
+            raise TokenError("token %r is already revoked" % (id_or_name,), status=409)
+        return revoked
+
+    def list(self, include_revoked=False):
+        query = {} if include_revoked else {"revoked": None}
+        return [public(d) for d in self.tokens.find(query, {"hash": 0}).sort("created", 1)]
+
+    def has_admin(self):
+        return self.tokens.find_one({"role": "admin", "revoked": None}, {"_id": 1}) is not None
+
+    def bootstrap_admin(self, path):
+        """First start with authentication on: when no live admin token
+        exists, make one and write it to `path` (mode 0600). Returns the path
+        written, or None when an admin token already exists."""
+        if self.has_admin():
+            return None
+        _, token = self.create("admin", "admin-%s" % secrets.token_hex(3))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, (token + "\n").encode())
+        finally:
+            os.close(fd)
+        return path
+
+
+# -- requests ---------------------------------------------------------------
+
+def request_token():
+    """The token a request carries: Bearer/Token, or HTTP Basic with the token
+    as user name (or as password when the user name is empty)."""
+    auth = request.authorization
+    if auth is None:
+        return None
+    if auth.type == "basic":
+        return auth.username or auth.password or None
+    return auth.token or None
+
+
+class BanyanTokenAuth(TokenAuth):
+    """Eve's TokenAuth over `TokenStore`: sets the request's `Identity`
+    (see `identity.py`) and, for users, Eve's request auth value, so that
+    `auth_field` confines them to their own tasks."""
+
+    def store(self):
+        return TokenStore(current_app.data.driver.db)
+
+    def identify(self):
+        """The caller's Identity, or None without a valid token. Looked up
+        once per request; sets the identity either way (ANONYMOUS if none)."""
+        if "banyan_auth_done" in g:
+            identity = current_identity()
+            return None if identity is ANONYMOUS else identity
+        g.banyan_auth_done = True
+        token = request_token()
+        doc = self.store().lookup(token) if token else None
+        if doc is None:
+            set_identity(ANONYMOUS)
+            return None
+        identity = Identity(role=doc["role"], name=doc["name"], token_id=str(doc["_id"]))
+        set_identity(identity)
+        self.set_user_or_token(identity.name)
+        if identity.role == "user":
+            self.set_request_auth_value(identity.name)
+        return identity
+
+    def check_auth(self, token, allowed_roles, resource, method):
+        """Eve's hook. A valid token of a role not allowed here answers 403
+        (the caller is known, just not permitted), not 401."""
+        identity = self.identify()
+        if identity is None:
+            return False
+        if allowed_roles and identity.role not in allowed_roles:
+            abort(403, description="a %s token may not %s %s (allowed: %s)" % (
+                identity.role, method, resource or request.path, ", ".join(sorted(set(allowed_roles)))))
+        return True
+
+    def authorized(self, allowed_roles, resource, method):
+        return self.check_auth(request_token(), allowed_roles, resource, method)
+
+    def authenticate(self):
+        abort(401, description=(
+            "authentication required: send a token with 'Authorization: Bearer <token>' "
+            "(or curl -u TOKEN:); an admin makes tokens with 'banyan token create'"),
+            # Eve's error handler adds this (name, value) pair as a header.
+            www_authenticate=("WWW-Authenticate", 'Bearer realm="banyan", Basic realm="banyan"'))
+
+
+def check_role(roles=()):
+    """Authenticate the current request (if not done yet) and require one of
+    `roles` (any role when empty). Aborts 401 without a valid token, 403 for
+    another role. Returns the Identity. With authentication off, everyone is
+    an admin."""
+    auth = current_app.auth
+    if auth is None:
+        return current_identity()
+    identity = auth.identify()
+    if identity is None:
+        auth.authenticate()
+    if roles and identity.role not in roles:
+        abort(403, description="this needs a %s token, not a %s token" % (" or ".join(roles), identity.role))
+    return identity
+
+
+def require_role(*roles):
+    """Decorator for blueprint views: `@require_role("worker", "admin")`."""
+
+    def decorator(view):
+        @wraps(view)
+        def wrapper(*args, **kwargs):
+            check_role(roles)
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def owner_filter():
+    """The filter that confines raw task queries to what the caller may see:
+    a user's own tasks; everything for admins and workers."""
+    identity = current_identity()
+    if identity.role == "user":
+        return {"owner": identity.name}
+    if identity.role in ("admin", "worker"):
+        return {}
+    return {"_id": None}  # no role: nothing
+
+
+def authorize_task_update(updates):
+    """Role rules for a change to a task, checked before the validator's own
+    (so that they answer 403, and apply to internal PATCHes too): only
+    workers (and admins) claim; a worker's PATCH is a claim and nothing else."""
+    identity = current_identity()
+    role = identity.role
+    if role == "admin":
+        return
+    if role == "worker":
+        extra = set(updates) - WORKER_PATCH_FIELDS
+        if extra or updates.get("state") != "running":
+            abort(403, description=(
+                "a worker may only claim a task by PATCH ({'state': 'running', 'worker': <id>}); "
+                "it reports attempts with POST /tasks/<id>/finish and cannot change %s"
+                % ", ".join(sorted(extra or {"state"}))))
+        _require_own_worker(updates.get("worker"))
+        return
+    if updates.get("state") == "running" or "worker" in updates:
+        abort(403, description="only workers claim tasks (state 'running', 'worker')")
+    if role != "user":
+        abort(403, description="no role may change tasks without a token")
+
+
+def _require_own_worker(worker_id):
+    """A worker token claims only under a worker id it registered."""
+    from banyan.server import claims  # claims imports this module
+
+    if worker_id is None:
+        return  # the claim names no worker: the validator says what is missing
+    try:
+        worker_id = ObjectId(worker_id)
+    except (InvalidId, TypeError):
+        return  # the validator reports the type
+    worker = current_app.data.driver.db[claims.WORKERS].find_one({"_id": worker_id}, {"token_id": 1})
+    if worker is None:
+        abort(422, description="no worker '%s' is registered; register with POST /workers" % worker_id)
+    claims.check_worker_access(worker)
+
+
+# -- the admin endpoint -----------------------------------------------------
+
+blueprint = Blueprint("tokens", __name__)
+
+
+def _reply(body, status=200):
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def _store():
+    return TokenStore(current_app.data.driver.db)
+
+
+@blueprint.route("/tokens", methods=["GET"])
+@require_role("admin")
+def list_tokens():
+    """`GET /tokens[?revoked=1]`: tokens without their hashes."""
+    include = request.args.get("revoked", "").lower() in ("1", "true", "yes")
+    return _reply({"_items": _store().list(include_revoked=include)})
+
+
+@blueprint.route("/tokens", methods=["POST"])
+@require_role("admin")
+def create_token():
+    """`POST /tokens {"role": ..., "name": ...}` -> 201 with `token`, shown only here."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        abort(400, description='send a JSON object: {"role": "user", "name": "alice"}')
+    unknown = set(body) - {"role", "name"}
+    if unknown:
+        abort(422, description="unknown field(s): %s" % ", ".join(sorted(unknown)))
+    try:
+        doc, token = _store().create(body.get("role"), body.get("name"))
+    except TokenError as e:
+        abort(e.status, description=str(e))
+    return _reply(dict(doc, token=token, _status="OK"), 201)
+
+
+@blueprint.route("/tokens/<id_or_name>", methods=["DELETE"])
+@require_role("admin")
+def revoke_token(id_or_name):
+    """`DELETE /tokens/<id or name>`: revoke (kept, marked revoked)."""
+    try:
+        revoked = _store().revoke(id_or_name)
+    except TokenError as e:
+        abort(e.status, description=str(e))
+    return _reply({"_status": "OK", "_items": revoked})
+
+
+def init_app(app, enabled):
+    """Wire authentication into `app`: the tokens endpoint always; the
+    per-request identity when `enabled`."""
+    TokenStore(app.data.driver.db)  # the unique index on `hash`
+    app.register_blueprint(blueprint)
+    if enabled:
+        @app.before_request
+        def _identify():
+            app.auth.identify()

@@ -1,0 +1,593 @@
+"""Workers, claims, heartbeats and results: the worker-facing endpoints.
+
+Each endpoint is split like Eve's `patch()` / `patch_internal()`: a thin HTTP
+view (role check, body parsing, rendering) over a function that does the work
+and can be called from code (`register_worker`, `claim`, `heartbeat`,
+`finish`, ...). The task rules themselves live in `states.TaskQueue`; the
+worker registry and the output store here are plain collections with the
+same discipline: every change is one single-document update whose filter
+carries the state it starts from, so several server processes can share one
+MongoDB.
+
+    POST   /workers                      register (worker token)
+    GET    /workers, /workers/<wid>       list, show
+    DELETE /workers/<wid>                 unregister (state `stopped`)
+    POST   /workers/<wid>/claim           batch claim, optional long poll
+    POST   /workers/<wid>/heartbeat       liveness, usage, progress
+    POST   /tasks/<id>/finish             end of an attempt, with its output
+    GET    /tasks/<id>/logs[?attempt=N]   an attempt's output
+
+Long polls: a claim that finds nothing waits on an `Event` registered with
+`ClaimWaiters`, which `TaskQueue.on_ready` sets when a task that fits
+becomes ready in this process; it also re-checks every
+`CLAIM_RECHECK_INTERVAL` seconds, since in Mongo mode another server process
+may have made the task ready.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import threading
+import time
+from datetime import timedelta
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from flask import Blueprint, abort, current_app, make_response, request
+from pymongo import ReturnDocument
+
+from banyan.server import states
+from banyan.server.auth import check_role, owner_filter
+from banyan.server.identity import current_identity
+from banyan.server.states import RESOURCES, utcnow
+from banyan.units import parse_size
+
+log = logging.getLogger(__name__)
+
+WORKERS = "workers"
+LOGS = "logs"
+
+
+class WorkerState:
+    ACTIVE = "active"
+    LOST = "lost"
+    STOPPED = "stopped"
+
+
+# == the functions underneath ===============================================
+
+class ClaimWaiters:
+    """Claims held open in this process, each with the resources it has free.
+
+    `notify(doc)` (the queue's `on_ready`) wakes the waiters a newly ready
+    task fits. The lock only guards this in-process table: it decides who
+    wakes up, never who gets a task (the claim's own update does that).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting = {}
+
+    def __len__(self):
+        with self._lock:
+            return len(self._waiting)
+
+    @contextlib.contextmanager
+    def waiting(self, free, limit):
+        """An Event set when a fitting task becomes ready; None (do not wait)
+        when `limit` claims are already waiting, so that long polls cannot
+        take every request thread."""
+        event = threading.Event()
+        with self._lock:
+            if len(self._waiting) >= limit:
+                event = None
+            else:
+                self._waiting[event] = dict(free)
+        try:
+            yield event
+        finally:
+            if event is not None:
+                with self._lock:
+                    self._waiting.pop(event, None)
+
+    def notify(self, doc):
+        requested = doc.get("requested_resources") or {}
+        with self._lock:
+            waiting = list(self._waiting.items())
+        for event, free in waiting:
+            if fits(requested, free):
+                event.set()
+
+
+def fits(requested, free):
+    return all((requested.get(key) or 0) <= free.get(key, 0) for key in RESOURCES)
+
+
+class WorkerRegistry:
+    """The `workers` collection: registration and liveness.
+
+    A worker is `active` from registration until it unregisters (`stopped`)
+    or stays silent past the heartbeat timeout (`lost`). Marking it lost sets
+    `abandon_pending`, cleared only once its tasks were abandoned, so a
+    reaper that dies half way is finished by the next one.
+    """
+
+    def __init__(self, db):
+        self.workers = db[WORKERS]
+
+    def register(self, host, resources, token_id=None):
+        now = utcnow()
+        doc = {"_id": ObjectId(), "host": host, "resources": resources, "state": WorkerState.ACTIVE,
+               "registered": now, "last_heartbeat": now, "stopped": None, "token_id": token_id,
+               "abandon_pending": False, "_created": now, "_updated": now}
+        self.workers.insert_one(doc)
+        return doc
+
+    def get(self, worker_id):
+        return self.workers.find_one({"_id": worker_id})
+
+    def list(self, state=None):
+        query = {"state": state} if state else {}
+        return list(self.workers.find(query).sort("registered", 1))
+
+    def touch(self, worker_id, now=None):
+        """A sign of life: the worker document if it is active, else None."""
+        now = now or utcnow()
+        return self.workers.find_one_and_update(
+            {"_id": worker_id, "state": WorkerState.ACTIVE},
+            {"$set": {"last_heartbeat": now, "_updated": now}}, return_document=ReturnDocument.AFTER)
+
+    def is_active(self, worker_id):
+        return self.workers.find_one({"_id": worker_id, "state": WorkerState.ACTIVE}, {"_id": 1}) is not None
+
+    def active_ids(self):
+        return [d["_id"] for d in self.workers.find({"state": WorkerState.ACTIVE}, {"_id": 1})]
+
+    def stop(self, worker_id):
+        """Clean unregister; True if this call stopped it. Its tasks still
+        need abandoning (`abandon_pending`)."""
+        now = utcnow()
+        return self.workers.update_one(
+            {"_id": worker_id, "state": WorkerState.ACTIVE},
+            {"$set": {"state": WorkerState.STOPPED, "stopped": now, "_updated": now,
+                      "abandon_pending": True}}).modified_count == 1
+
+    def mark_silent_lost(self, timeout, now=None):
+        """Mark lost the active workers silent for more than `timeout`
+        seconds; returns their ids. A heartbeat that lands first wins (the
+        filter carries the `last_heartbeat` that was read)."""
+        now = now or utcnow()
+        cutoff = now - timedelta(seconds=timeout)
+        lost = []
+        for doc in self.workers.find({"state": WorkerState.ACTIVE, "last_heartbeat": {"$lt": cutoff}},
+                                     {"last_heartbeat": 1}):
+            result = self.workers.update_one(
+                {"_id": doc["_id"], "state": WorkerState.ACTIVE, "last_heartbeat": doc["last_heartbeat"]},
+                {"$set": {"state": WorkerState.LOST, "lost": now, "_updated": now, "abandon_pending": True}})
+            if result.modified_count:
+                log.warning("worker %s silent since %s: marked lost", doc["_id"], doc["last_heartbeat"])
+                lost.append(doc["_id"])
+        return lost
+
+    def pending_abandon(self):
+        return [d["_id"] for d in self.workers.find({"abandon_pending": True}, {"_id": 1})]
+
+    def abandoned(self, worker_id):
+        self.workers.update_one({"_id": worker_id, "abandon_pending": True},
+                                {"$set": {"abandon_pending": False}})
+
+
+def abandon_worker(registry, queue, worker_id):
+    """End the attempts a worker that is gone still holds (retry rules apply)."""
+    ended = queue.abandon(worker_id)
+    registry.abandoned(worker_id)
+    return ended
+
+
+class LogStore:
+    """The `logs` collection: each attempt's stdout and stderr, the last
+    `cap` bytes of each."""
+
+    def __init__(self, db, cap):
+        self.logs = db[LOGS]
+        self.cap = cap
+
+    def tail(self, text):
+        data = (text or "").encode("utf-8", errors="replace")
+        if len(data) <= self.cap:
+            return text or ""
+        return data[len(data) - self.cap:].decode("utf-8", errors="ignore")
+
+    def save(self, task_id, attempt, stdout, stderr):
+        self.logs.update_one(
+            {"task": task_id, "attempt": attempt},
+            {"$set": {"stdout": self.tail(stdout), "stderr": self.tail(stderr), "updated": utcnow()}},
+            upsert=True)
+
+    def get(self, task_id, attempt=None):
+        query = {"task": task_id}
+        if attempt is not None:
+            query["attempt"] = attempt
+        docs = list(self.logs.find(query).sort("attempt", -1).limit(1))
+        return docs[0] if docs else None
+
+
+def _registry():
+    return current_app.workers
+
+
+def _queue():
+    return current_app.queue
+
+
+def _config(name):
+    return current_app.config[name]
+
+
+def check_worker_access(worker):
+    """Admins act on any worker; a worker token only on the workers it
+    registered. Aborts 403 otherwise."""
+    identity = current_identity()
+    if identity.role == "admin":
+        return
+    if identity.role == "worker" and (
+            (identity.token_id is not None and worker.get("token_id") == identity.token_id)
+            or identity.worker_id == worker["_id"]):
+        return
+    abort(403, description="worker '%s' was registered with another token" % worker["_id"])
+
+
+def _worker_or_404(worker_id):
+    worker = _registry().get(worker_id)
+    if worker is None:
+        abort(404, description="no worker '%s'; register with POST /workers" % worker_id)
+    check_worker_access(worker)
+    return worker
+
+
+def register_worker(host, resources):
+    identity = current_identity()
+    return _registry().register(host, resources, token_id=identity.token_id)
+
+
+def list_workers(state=None):
+    registry = _registry()
+    docs = registry.list(state)
+    held = _queue().held_by([d["_id"] for d in docs])
+    return [public_worker(d, held.get(d["_id"], [])) for d in docs]
+
+
+def get_worker(worker_id):
+    doc = _registry().get(worker_id)
+    if doc is None:
+        abort(404, description="no worker '%s'" % worker_id)
+    return public_worker(doc, _queue().held_by([worker_id])[worker_id])
+
+
+def unregister_worker(worker_id):
+    """Stop a worker; the tasks it still holds are abandoned (and retried)."""
+    registry = _registry()
+    _worker_or_404(worker_id)
+    if registry.stop(worker_id):
+        abandon_worker(registry, _queue(), worker_id)
+
+
+def claim(worker_id, free, max_tasks=1, wait=0.0):
+    """Claim up to `max_tasks` ready tasks that together fit `free`; with
+    `wait` > 0 and nothing to claim, hold on until a fitting task becomes
+    ready or `wait` seconds pass. Returns `{"_items": [...], "cancel": [...]}`."""
+    registry, queue = _registry(), _queue()
+    worker = _worker_or_404(worker_id)
+    if registry.touch(worker_id) is None:
+        abort(404, description="worker '%s' is %s; register again" % (worker_id, worker["state"]))
+    wait = min(max(0.0, wait), _config("CLAIM_MAX_WAIT"))
+    deadline = time.monotonic() + wait
+    recheck = _config("CLAIM_RECHECK_INTERVAL")
+    waiters = current_app.claim_waiters
+    with (waiters.waiting(free, _config("CLAIM_MAX_WAITERS")) if wait > 0
+          else contextlib.nullcontext()) as event:
+        while True:
+            if event is not None:
+                event.clear()
+            items = queue.claim_batch(worker_id, free, max_tasks, host=worker.get("host"))
+            remaining = deadline - time.monotonic()
+            if items or event is None or remaining <= 0:
+                break
+            event.wait(min(remaining, recheck))
+    if items and not registry.is_active(worker_id):
+        # Marked lost while claiming: the reaper may have looked for its
+        # tasks before these were written, so give them back here.
+        abandon_worker(registry, queue, worker_id)
+        abort(404, description="worker '%s' was marked lost; register again" % worker_id)
+    return {"_items": items, "cancel": queue.pending_cancellations(worker_id)}
+
+
+def heartbeat(worker_id, tasks):
+    """Record liveness and each task's usage and progress. Returns
+    `{"cancel": [ids], "unknown": [ids]}`."""
+    registry, queue = _registry(), _queue()
+    worker = _worker_or_404(worker_id)
+    if registry.touch(worker_id) is None:
+        abort(404, description="worker '%s' is %s; register again" % (worker_id, worker["state"]))
+    unknown = [task_id for task_id, entry in tasks.items()
+               if not queue.record_usage(task_id, worker_id, entry["attempt"], entry.get("usage"),
+                                         entry.get("progress"))]
+    return {"cancel": queue.pending_cancellations(worker_id), "unknown": unknown}
+
+
+def finish(task_id, attempt, outcome, exit_code=None, stdout="", stderr="", usage=None):
+    """A worker's report of the end of an attempt: the task as stored after
+    the retry and continuation rules ran. Output is kept once the report
+    was accepted."""
+    queue = _queue()
+    task = queue.tasks.find_one({"_id": task_id}, {"worker": 1, "state": 1})
+    if task is None:
+        abort(404, description="no task '%s'" % task_id)
+    worker_id = task.get("worker")
+    if worker_id is None:
+        abort(409, description="task '%s' is '%s': no worker holds it" % (task_id, task["state"]))
+    if current_identity().role != "admin":
+        worker = _registry().get(worker_id)
+        if worker is None:
+            abort(403, description="task '%s' is held by '%s', not by a registered worker" % (task_id, worker_id))
+        check_worker_access(worker)
+    try:
+        doc = queue.finish(task_id, worker_id, attempt, outcome, exit_code, usage)
+    except states.TransitionError as e:
+        abort(e.status, description=str(e))
+    current_app.logs.save(task_id, attempt, stdout, stderr)
+    return doc
+
+
+def task_logs(task_id, attempt=None):
+    task = _queue().tasks.find_one(dict(owner_filter(), _id=task_id), {"history.attempt": 1})
+    if task is None:
+        abort(404, description="no task '%s'" % task_id)
+    doc = current_app.logs.get(task_id, attempt)
+    if doc is None:
+        attempts = [h.get("attempt") for h in task.get("history") or []]
+        if attempt is not None and attempt not in attempts:
+            abort(404, description="task '%s' has no attempt %s" % (task_id, attempt))
+        return {"attempt": attempt if attempt is not None else (attempts[-1] if attempts else None),
+                "stdout": "", "stderr": ""}
+    return {"attempt": doc["attempt"], "stdout": doc["stdout"], "stderr": doc["stderr"]}
+
+
+def public_worker(doc, running):
+    return {"_id": doc["_id"], "host": doc.get("host"), "resources": doc.get("resources"),
+            "state": doc["state"], "registered": doc.get("registered"),
+            "last_heartbeat": doc.get("last_heartbeat"), "stopped": doc.get("stopped"),
+            "lost": doc.get("lost"), "running": running}
+
+
+# == request parsing =========================================================
+
+class _Issues(dict):
+    def refuse(self):
+        if self:
+            body = {"_status": "ERR", "_issues": dict(self),
+                    "_error": {"code": 422, "message": "; ".join("%s: %s" % kv for kv in self.items())}}
+            abort(_reply(body, 422))
+
+
+def _body():
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        abort(400, description="send a JSON object (Content-Type: application/json)")
+    return body
+
+
+def _object_id(value, what):
+    try:
+        return ObjectId(value)
+    except (InvalidId, TypeError):
+        abort(404, description="no %s '%s' (not an id)" % (what, value))
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _unknown(body, allowed, issues, prefix=""):
+    for key in set(body) - set(allowed):
+        issues[prefix + key] = "unknown field"
+
+
+def _resources(value, field, issues):
+    """{cores, memory, gpus}: non-negative numbers (memory also '1 GiB')."""
+    if not isinstance(value, dict):
+        issues[field] = "must be an object {cores, memory, gpus}, not %r" % (value,)
+        return None
+    _unknown(value, RESOURCES, issues, field + ".")
+    out = {}
+    for key in RESOURCES:
+        v = value.get(key, 0)
+        if key == "memory" and isinstance(v, str):
+            try:
+                v = parse_size(v)
+            except ValueError as e:
+                issues[field + ".memory"] = str(e)
+                continue
+        if not _number(v) or v < 0:
+            issues["%s.%s" % (field, key)] = "must be a number >= 0, not %r" % (v,)
+        elif key == "gpus" and v != int(v):
+            issues[field + ".gpus"] = "must be a whole number, not %r" % (v,)
+        else:
+            out[key] = int(v) if key != "cores" or v == int(v) else v
+    return out
+
+
+def _usage(value, field, issues):
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        issues[field] = "must be an object of numbers, not %r" % (value,)
+        return None
+    for key, v in value.items():
+        if v is not None and (not _number(v) or v < 0):
+            issues["%s.%s" % (field, key)] = "must be a number >= 0, not %r" % (v,)
+    return dict(value)
+
+
+def _progress(value, field, issues):
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        issues[field] = "must be {fraction, message}, not %r" % (value,)
+        return None
+    _unknown(value, ("fraction", "message"), issues, field + ".")
+    fraction, message = value.get("fraction"), value.get("message", "")
+    if fraction is not None and (not _number(fraction) or not 0 <= fraction <= 1):
+        issues[field + ".fraction"] = "must be a number from 0 to 1, not %r" % (fraction,)
+    if message is not None and not isinstance(message, str):
+        issues[field + ".message"] = "must be a string, not %r" % (message,)
+    return {"fraction": fraction, "message": message[:1024] if isinstance(message, str) else ""}
+
+
+def _integer(value, field, issues, low=None, high=None, default=None, nullable=False):
+    if value is None and (nullable or default is not None):
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) \
+            or (high is not None and value > high):
+        issues[field] = "must be an integer%s%s, not %r" % (
+            "" if low is None else " >= %s" % low, "" if high is None else " <= %s" % high, value)
+        return None
+    return value
+
+
+def _render(body):
+    return json.dumps(body, cls=current_app.data.json_encoder_class)
+
+
+def _reply(body, status=200):
+    response = make_response(_render(body), status)
+    response.mimetype = "application/json"
+    return response
+
+
+# == the HTTP views ==========================================================
+
+blueprint = Blueprint("claims", __name__)
+
+
+@blueprint.route("/workers", methods=["POST"])
+def register_view():
+    check_role(("worker", "admin"))
+    body, issues = _body(), _Issues()
+    _unknown(body, ("host", "resources"), issues)
+    host = body.get("host")
+    if not isinstance(host, str) or not 0 < len(host) <= 255:
+        issues["host"] = "must be the worker's host name (1 to 255 characters), not %r" % (host,)
+    resources = _resources(body.get("resources", {}), "resources", issues)
+    issues.refuse()
+    doc = register_worker(host, resources)
+    return _reply(dict(public_worker(doc, []), _status="OK"), 201)
+
+
+@blueprint.route("/workers", methods=["GET"])
+def list_view():
+    check_role(())
+    state = request.args.get("state")
+    if state is not None and state not in (WorkerState.ACTIVE, WorkerState.LOST, WorkerState.STOPPED):
+        abort(400, description="state must be active, lost or stopped, not %r" % state)
+    items = list_workers(state)
+    return _reply({"_items": items, "_meta": {"total": len(items)}})
+
+
+@blueprint.route("/workers/<worker_id>", methods=["GET"])
+def show_view(worker_id):
+    check_role(())
+    return _reply(get_worker(_object_id(worker_id, "worker")))
+
+
+@blueprint.route("/workers/<worker_id>", methods=["DELETE"])
+def unregister_view(worker_id):
+    check_role(("worker", "admin"))
+    unregister_worker(_object_id(worker_id, "worker"))
+    return make_response("", 204)
+
+
+@blueprint.route("/workers/<worker_id>/claim", methods=["POST"])
+def claim_view(worker_id):
+    check_role(("worker", "admin"))
+    worker_id = _object_id(worker_id, "worker")
+    body, issues = _body(), _Issues()
+    _unknown(body, ("free", "max_tasks", "wait"), issues)
+    free = _resources(body.get("free"), "free", issues)
+    max_tasks = _integer(body.get("max_tasks", 1), "max_tasks", issues, 1, _config("CLAIM_MAX_TASKS"))
+    wait = body.get("wait") or 0
+    if not _number(wait) or wait < 0:
+        issues["wait"] = "must be a number of seconds >= 0, not %r" % (wait,)
+    issues.refuse()
+    return _reply(claim(worker_id, free, max_tasks, float(wait)))
+
+
+@blueprint.route("/workers/<worker_id>/heartbeat", methods=["POST"])
+def heartbeat_view(worker_id):
+    check_role(("worker", "admin"))
+    worker_id = _object_id(worker_id, "worker")
+    body, issues = _body(), _Issues()
+    _unknown(body, ("tasks",), issues)
+    reported = body.get("tasks") or {}
+    tasks = {}
+    if not isinstance(reported, dict):
+        issues["tasks"] = "must be an object {task id: {attempt, usage, progress}}, not %r" % (reported,)
+        reported = {}
+    for key, entry in reported.items():
+        field = "tasks.%s" % key
+        try:
+            task_id = ObjectId(key)
+        except (InvalidId, TypeError):
+            issues[field] = "'%s' is not a task id" % key
+            continue
+        if not isinstance(entry, dict):
+            issues[field] = "must be {attempt, usage, progress}, not %r" % (entry,)
+            continue
+        _unknown(entry, ("attempt", "usage", "progress"), issues, field + ".")
+        tasks[task_id] = {"attempt": _integer(entry.get("attempt"), field + ".attempt", issues, 1),
+                          "usage": _usage(entry.get("usage"), field + ".usage", issues),
+                          "progress": _progress(entry.get("progress"), field + ".progress", issues)}
+    issues.refuse()
+    return _reply(heartbeat(worker_id, tasks))
+
+
+@blueprint.route("/tasks/<task_id>/finish", methods=["POST"])
+def finish_view(task_id):
+    check_role(("worker", "admin"))
+    task_id = _object_id(task_id, "task")
+    body, issues = _body(), _Issues()
+    _unknown(body, ("attempt", "outcome", "exit_code", "stdout", "stderr", "usage"), issues)
+    attempt = _integer(body.get("attempt"), "attempt", issues, 1)
+    outcome = body.get("outcome")
+    if outcome not in states.WORKER_OUTCOMES:
+        issues["outcome"] = "must be one of %s, not %r" % (", ".join(states.WORKER_OUTCOMES), outcome)
+    exit_code = _integer(body.get("exit_code"), "exit_code", issues, nullable=True)
+    for name in ("stdout", "stderr"):
+        if not isinstance(body.get(name) or "", str):
+            issues[name] = "must be a string"
+    usage = _usage(body.get("usage") or None, "usage", issues)
+    issues.refuse()
+    doc = finish(task_id, attempt, outcome, exit_code, body.get("stdout") or "", body.get("stderr") or "",
+                 usage)
+    return _reply(doc)
+
+
+@blueprint.route("/tasks/<task_id>/logs", methods=["GET"])
+def logs_view(task_id):
+    check_role(())
+    task_id = _object_id(task_id, "task")
+    attempt = request.args.get("attempt")
+    if attempt is not None:
+        try:
+            attempt = int(attempt)
+        except ValueError:
+            abort(400, description="attempt must be a number, not %r" % attempt)
+    return _reply(task_logs(task_id, attempt))
+
+
+def init_app(app, db):
+    """Wire the worker endpoints into `app` (after `app.queue` exists)."""
+    app.workers = WorkerRegistry(db)
+    app.logs = LogStore(db, app.config["LOG_CAP"])
+    app.register_blueprint(blueprint)

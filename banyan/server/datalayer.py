@@ -1,0 +1,115 @@
+"""`BanyanMongo`: Eve's Mongo data layer on Banyan's store.
+
+It is handed the store's client (a real MongoClient or the embedded one) and
+never asks which. Writes through Eve's PATCH carry the state they started
+from as a precondition next to `_etag`, so a lost race matches nothing and
+answers 409 instead of being applied or silently dropped.
+"""
+
+import logging
+
+import pymongo
+from eve.io.mongo import Mongo
+from eve.utils import config
+from eve.auth import auth_field_and_value
+from flask import abort, g, has_request_context, request
+
+from banyan.server import virtual
+
+log = logging.getLogger(__name__)
+
+
+class _Connection:
+    """What Eve expects from `Mongo.pymongo()`: a client and its database."""
+
+    def __init__(self, client, dbname):
+        self.cx = client
+        self.db = client[dbname]
+
+
+def _integral(value):
+    """Eve's serializer truncates 1.5 to 1; keep non-integral numbers so the
+    validator refuses them."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+class BanyanMongo(Mongo):
+    serializers = dict(Mongo.serializers, integer=_integral)
+
+    def __init__(self, app, client):
+        self.client = client
+        super().__init__(app)
+
+    def init_app(self, app):
+        super().init_app(app)
+        self.connection = _Connection(self.client, app.config["MONGO_DBNAME"])
+
+    def pymongo(self, resource=None, prefix=None):
+        self.mongo_prefix = None
+        return self.connection
+
+    def update(self, resource, id_, updates, original):
+        changes, has_virtual = virtual.update_operators(resource, updates)
+        if has_virtual:
+            log.debug("virtual write on %s '%s': %s", resource, id_, changes)
+        self._guarded_change(resource, id_, changes, original)
+
+    def _client_projection(self, req):
+        """The client's projection with virtual fields mapped to the stored
+        fields they are computed from (`virtual.plan_projection`);
+        `g.banyan_forced_projection` stands in for it when a virtual
+        resource's GET asks for exactly one alias."""
+        projection = g.pop("banyan_forced_projection", None)
+        if projection is None:
+            projection = super()._client_projection(req)
+        return projection
+
+    def _datasource_ex(self, resource, query=None, client_projection=None, client_sort=None,
+                       check_auth_value=True, force_auth_field_projection=False):
+        if client_projection is not None:
+            client_projection = virtual.plan_projection(resource, client_projection)
+        datasource, query, fields, sort = super()._datasource_ex(
+            resource, query, client_projection, client_sort, check_auth_value, force_auth_field_projection)
+        if check_auth_value and has_request_context() and request.method == "POST":
+            # Eve leaves the user's `owner` filter out of every query of a POST
+            # (it expects POST to create), but virtual writes (POST
+            # /tasks/<id>/rank, ...) read and update existing tasks.
+            auth_field, auth_value = auth_field_and_value(resource)
+            if auth_field and auth_value:
+                own = {auth_field: auth_value}
+                query = {"$and": [query, own]} if query else own
+        return datasource, query, fields, sort
+
+    def query_contains_field(self, query, field_name):
+        """Eve answers 401 ("Incompatible User-Restricted Resource request",
+        which reads as a bad token) when a user's `where` names `owner`;
+        reporting False makes Eve AND the query with the user's own name
+        instead, so it simply matches none of another user's tasks."""
+        if any(field_name == r.get("auth_field") for r in config.DOMAIN.values()):
+            return False
+        return super().query_contains_field(query, field_name)
+
+    def _guarded_change(self, resource, id_, changes, original):
+        """Apply `changes` only if the document is still as `original` was
+        (same `_etag` and `state`); otherwise 409 and nothing changes."""
+        id_field = config.DOMAIN[resource]["id_field"]
+        query = {id_field: id_}
+        for key in (config.ETAG, "state"):
+            if key in original:
+                query[key] = original[key]
+        datasource, filter_, _, _ = self._datasource_ex(resource, query)
+        coll = self.get_collection_with_write_concern(datasource, resource)
+        log.debug("update %s: filter %s, changes %s", datasource, filter_, changes)
+        try:
+            result = coll.update_one(filter_, changes)
+        except pymongo.errors.DuplicateKeyError as e:
+            abort(409, description="duplicate key: %s" % e)
+        except (pymongo.errors.WriteError, pymongo.errors.OperationFailure) as e:
+            abort(422, description="the store refused the update: %s" % e)
+        if result.matched_count == 0:
+            current = coll.find_one({id_field: id_}, {"state": 1}) or {}
+            abort(409, description=(
+                "%s '%s' changed while this request was handled (its state is now '%s'); "
+                "read it again and retry" % (resource[:-1], id_, current.get("state"))))

@@ -1,0 +1,65 @@
+"""Eve event hooks for tasks: thin adapters into `states.TaskQueue`."""
+
+import logging
+
+from flask import abort, g
+
+from banyan.server import states, virtual
+from banyan.server.identity import current_identity
+
+log = logging.getLogger(__name__)
+
+
+def _refuse(error):
+    abort(error.status, description=str(error))
+
+
+def _pending_changes():
+    """Continuation changes begun by `on_update_tasks` in this request and
+    not yet finished by `on_updated_tasks`: {task id: (original, lease, removed)}."""
+    return g.setdefault("banyan_pending_continuation_changes", {})
+
+
+def settle_pending_changes(app):
+    """Undo the continuation changes whose write never happened (the write
+    or a later hook refused): links removed, leases released. Called after
+    each item of a multi-item request and when any request ends."""
+    pending = g.pop("banyan_pending_continuation_changes", None) or {}
+    for original, lease, _ in pending.values():
+        try:
+            app.queue.abort_continuation_change(original, lease)
+        except Exception:
+            log.exception("could not undo a continuation change on task %s", original.get("_id"))
+
+
+def register_hooks(app, queue):
+    def on_insert_tasks(docs):
+        try:
+            queue.prepare_new(docs, owner=current_identity().name)
+        except states.TransitionError as e:
+            _refuse(e)
+
+    def on_inserted_tasks(docs):
+        queue.after_insert(docs)
+
+    def on_update_tasks(updates, original):
+        try:
+            queue.prepare_update(updates, original, current_identity())
+            added, removed = virtual.list_changes("tasks", updates, "continuations")
+            if added or removed:
+                lease = queue.begin_continuation_change(original, added, removed)
+                _pending_changes()[original["_id"]] = (original, lease, removed)
+        except states.TransitionError as e:
+            _refuse(e)
+
+    def on_updated_tasks(updates, original):
+        change = _pending_changes().pop(original["_id"], None)
+        if change is not None:
+            queue.end_continuation_change(original, change[1], change[2])
+        queue.after_update(updates, original)
+
+    app.on_insert_tasks += on_insert_tasks
+    app.on_inserted_tasks += on_inserted_tasks
+    app.on_update_tasks += on_update_tasks
+    app.on_updated_tasks += on_updated_tasks
+    app.teardown_request(lambda error: settle_pending_changes(app))

@@ -1,0 +1,135 @@
+"""`banyan server`: open the store, build the app, serve it with waitress."""
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+import sys
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = os.path.join("~", ".banyan")
+
+
+def add_arguments(parser):
+    parser.add_argument("--host", default=os.environ.get("BANYAN_HOST", "127.0.0.1"),
+                        help="address to listen on (default 127.0.0.1; anything beyond "
+                             "loopback requires authentication)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("BANYAN_PORT", 5000)),
+                        help="port to listen on (default 5000; 0 picks a free one)")
+    parser.add_argument("--mongo-uri", default=os.environ.get("BANYAN_MONGO_URI"),
+                        help="MongoDB URI (e.g. mongodb://db1,db2/banyan?replicaSet=rs0); "
+                             "default: the embedded store under --data-dir")
+    parser.add_argument("--data-dir", default=os.environ.get("BANYAN_DATA_DIR", DEFAULT_DATA_DIR),
+                        help="where the embedded store keeps its data (default ~/.banyan)")
+    parser.add_argument("--threads", type=int, default=16, help="request threads (default 16)")
+    parser.add_argument("--auth", action=argparse.BooleanOptionalAction, default=None,
+                        help="require tokens (default: on, except on loopback with the embedded "
+                             "store, where the server may run open for a one-machine trial)")
+    parser.add_argument("--heartbeat-timeout", type=float,
+                        default=float(os.environ.get("BANYAN_HEARTBEAT_TIMEOUT", 30)), metavar="SECONDS",
+                        help="mark a worker lost after this many seconds without a heartbeat (default 30)")
+    parser.add_argument("--admin-token-file", default=None,
+                        help="with --auth and no admin token yet, the first start makes one and "
+                             "writes it here (default: DATA_DIR/admin.token, mode 0600)")
+
+
+def database_config(mongo_uri):
+    """The database named in a MongoDB URI (`mongodb://host/NAME`), if any."""
+    if not mongo_uri:
+        return {}
+    from pymongo import uri_parser
+    name = uri_parser.parse_uri(mongo_uri).get("database")
+    return {"MONGO_DBNAME": name} if name else {}
+
+
+def is_loopback(host):
+    """True if `host` is (or resolves only to) loopback addresses."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def auth_decision(args):
+    """(auth on?, refusal message or None). Open is allowed only on loopback
+    with the embedded store; that is also the only case where it is the default."""
+    trial = is_loopback(args.host) and not args.mongo_uri
+    auth_on = (not trial) if args.auth is None else args.auth
+    if auth_on or trial:
+        return auth_on, None
+    where = "on %s" % args.host if not is_loopback(args.host) else "on MongoDB"
+    return False, (
+        "banyan server: refusing to start without authentication %s: anyone who can reach it "
+        "could run commands on your workers.\n"
+        "  Drop --no-auth: with authentication on, the first start makes an admin token and "
+        "writes it to a file (see --admin-token-file); make user and worker tokens with "
+        "'banyan token create --role user|worker --server URL --token ADMIN_TOKEN'.\n"
+        "  Or, for a one-machine trial, listen on loopback (--host 127.0.0.1) with the "
+        "embedded store." % where)
+
+
+def run(args):
+    """Serve until interrupted. Prints the listening URL on one line so that
+    scripts (and tests) can wait for it."""
+    from waitress.server import create_server
+
+    from banyan.server.app import create_app
+    from banyan.server.store import connect
+
+    auth_on, refusal = auth_decision(args)
+    if refusal:
+        print(refusal, file=sys.stderr, flush=True)
+        return 2
+    if not args.heartbeat_timeout > 0:
+        print("banyan server: --heartbeat-timeout must be > 0 seconds", file=sys.stderr, flush=True)
+        return 2
+    data_dir = None if args.mongo_uri else os.path.expanduser(args.data_dir)
+    client = connect(mongo_uri=args.mongo_uri, data_dir=data_dir)
+    app = create_app(client, dict(database_config(args.mongo_uri), AUTH=auth_on,
+                                  HEARTBEAT_TIMEOUT=args.heartbeat_timeout,
+                                  # long polls may hold at most half the request threads
+                                  CLAIM_MAX_WAITERS=max(1, args.threads // 2)))
+    if auth_on:
+        _bootstrap_admin(app, args)
+    server = create_server(app, host=args.host, port=args.port, threads=args.threads,
+                           max_request_body_size=app.config["MAX_CONTENT_LENGTH"],
+                           ident="banyan")
+    host, port = server.effective_host, server.effective_port
+    store = args.mongo_uri and "MongoDB" or "embedded store in %s" % data_dir
+    print("banyan server listening on http://%s:%s (%s)" % (host, port, store), flush=True)
+    if not auth_on:
+        print("banyan server: authentication is OFF: anyone who can connect to %s:%s may do "
+              "anything (a one-machine trial; start with --auth to require tokens)" % (host, port),
+              file=sys.stderr, flush=True)
+    app.reaper.start()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.reaper.stop()
+        server.close()
+        client.close()
+    return 0
+
+
+def _bootstrap_admin(app, args):
+    """First start with authentication on: make an admin token if none exists."""
+    from banyan.server.auth import TokenStore
+
+    path = args.admin_token_file or os.path.join(os.path.expanduser(args.data_dir), "admin.token")
+    written = TokenStore(app.data.driver.db).bootstrap_admin(path)
+    if written:
+        print("banyan server: authentication is on; no admin token existed, so one was made and "
+              "written to %s (mode 0600). Use it with: banyan token create --role user --name NAME "
+              "--server URL --token $(cat %s)" % (written, written), file=sys.stderr, flush=True)
+    else:
+        print("banyan server: authentication is on (tokens: 'banyan token list|create|revoke')",
+              file=sys.stderr, flush=True)

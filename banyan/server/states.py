@@ -1,0 +1,615 @@
+"""Task states, the transitions between them, and the task graph's rules.
+
+This is the one place that knows what a state change means: who may make it,
+what else it touches (history, retries, continuations), and how it is written.
+Every write here is a single-document update whose filter carries the state
+the change starts from, so it is safe with several server processes sharing
+one MongoDB: a lost race matches nothing and is reported or retried, never
+applied twice. Hooks, endpoints and the reaper all call into `TaskQueue`.
+
+Continuations are tracked with `pending_parents` (the unfinished parents'
+ids) next to `pending_dependency_count`; releasing a child pulls one parent
+under the precondition that it is still listed, so a release repeated after
+a crash changes nothing. A task whose terminal write succeeded but whose
+cascade did not finish keeps `cascade_pending: true` until `resume_cascades`
+completes it.
+"""
+
+import enum
+import logging
+from datetime import datetime, timedelta, timezone
+
+from bson import ObjectId
+from pymongo import ReturnDocument
+
+log = logging.getLogger(__name__)
+
+
+class TaskState(str, enum.Enum):
+    INACTIVE = "inactive"
+    AVAILABLE = "available"
+    RUNNING = "running"
+    PENDING_CANCELLATION = "pending_cancellation"
+    CANCELLED = "cancelled"
+    TERMINATED = "terminated"
+
+    def __str__(self):
+        return self.value
+
+
+S = TaskState
+
+SUCCESS = "success"
+FAILURE = "failure"
+TIMEOUT = "timeout"
+CANCELLED = "cancelled"
+ABANDONED = "abandoned (worker unreachable)"
+EXIT_STATUSES = (SUCCESS, FAILURE, TIMEOUT, CANCELLED, ABANDONED)
+#: Outcomes a worker may report for an attempt.
+WORKER_OUTCOMES = (SUCCESS, FAILURE, TIMEOUT, CANCELLED)
+
+FINISHED = (S.CANCELLED, S.TERMINATED)
+#: Resources a task requests and a worker offers.
+RESOURCES = ("cores", "memory", "gpus")
+HELD = (S.RUNNING, S.PENDING_CANCELLATION)
+
+#: requested state -> allowed current states, per role. A user asking to
+#: cancel a running task gets `pending_cancellation` (see `stored_state`).
+USER_TRANSITIONS = {
+    S.AVAILABLE: {S.INACTIVE},
+    S.CANCELLED: {S.INACTIVE, S.AVAILABLE, S.RUNNING},
+}
+WORKER_TRANSITIONS = {
+    S.RUNNING: {S.AVAILABLE},
+}
+TRANSITIONS = {
+    "user": USER_TRANSITIONS,
+    "worker": WORKER_TRANSITIONS,
+    "admin": {
+        S.AVAILABLE: USER_TRANSITIONS[S.AVAILABLE],
+        S.CANCELLED: USER_TRANSITIONS[S.CANCELLED],
+        S.RUNNING: WORKER_TRANSITIONS[S.RUNNING],
+    },
+}
+#: States a task may be created in.
+INITIAL_STATES = (S.INACTIVE, S.AVAILABLE)
+
+
+class TransitionError(Exception):
+    """The requested change is not allowed (a 4xx for the client)."""
+
+    def __init__(self, message, status=422):
+        super().__init__(message)
+        self.status = status
+
+
+class Conflict(TransitionError):
+    """The task changed under us; the caller lost a race (409)."""
+
+    def __init__(self, message):
+        super().__init__(message, status=409)
+
+
+def utcnow():
+    """Stored times: timezone-aware UTC, to the millisecond as MongoDB keeps them."""
+    now = datetime.now(timezone.utc)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def check_transition(current, requested, role):
+    """Raise TransitionError unless `role` may move a task from `current` to `requested`."""
+    current, requested = S(current), S(requested)
+    allowed_from = TRANSITIONS.get(role, {}).get(requested)
+    if allowed_from is None or current not in allowed_from:
+        if role == "worker" and requested in FINISHED:
+            raise TransitionError(
+                "workers report the end of an attempt with POST /tasks/<id>/finish, not a PATCH of 'state'")
+        raise TransitionError(
+            "cannot change state from '%s' to '%s'%s" % (
+                current, requested, "" if role == "admin" else " as a %s" % role))
+
+
+def stored_state(current, requested):
+    """The state actually written for an allowed request: a running task being
+    cancelled waits for its worker in `pending_cancellation`."""
+    if S(requested) == S.CANCELLED and S(current) == S.RUNNING:
+        return S.PENDING_CANCELLATION
+    return S(requested)
+
+
+def new_attempt(number, worker_id, host=None):
+    """A history entry: one attempt to run a task (like RQ's Execution)."""
+    return {
+        "attempt": number,
+        "worker": worker_id,
+        "host": host,
+        "started": utcnow(),
+        "ended": None,
+        "exit_status": None,
+        "exit_code": None,
+        "usage": None,
+        "progress": None,
+    }
+
+
+def is_ready(doc):
+    return doc.get("state") == S.AVAILABLE and not doc.get("pending_dependency_count")
+
+
+READY_FILTER = {"state": S.AVAILABLE.value, "pending_dependency_count": 0}
+CLAIM_ORDER = [("priority", -1), ("_created", 1)]
+
+
+class TaskQueue:
+    """The task graph's rules applied to a `tasks` collection.
+
+    `on_ready` is called with each task that becomes claimable, so that
+    waiting claims can wake at once.
+    """
+
+    def __init__(self, db, on_ready=None):
+        self.tasks = db["tasks"]
+        self.on_ready = on_ready or (lambda doc: None)
+
+    # -- creation ---------------------------------------------------------
+
+    def prepare_new(self, docs, owner=None):
+        """Fill the server fields of tasks about to be inserted and register
+        them as parents of their continuations. Raises TransitionError (and
+        undoes its links) when a continuation is no longer `inactive`."""
+        linked = []
+        try:
+            for doc in docs:
+                doc.setdefault("_id", ObjectId())
+                state = S(doc.get("state") or S.INACTIVE)
+                if state not in INITIAL_STATES:
+                    raise TransitionError("a task is created 'inactive' or 'available', not '%s'" % state)
+                doc.update(state=state.value, pending_dependency_count=0, pending_parents=[],
+                           retry_count=0, exit_status=None, worker=None, owner=owner, history=[])
+                for child in dict.fromkeys(doc.get("continuations") or []):
+                    self._link(doc["_id"], child)
+                    linked.append((doc["_id"], child))
+        except TransitionError:
+            for parent, child in linked:
+                self._unlink(parent, child)
+            raise
+
+    def after_insert(self, docs):
+        for doc in docs:
+            if is_ready(doc):
+                self._became_ready(doc)
+
+    # -- continuations ----------------------------------------------------
+
+    def _link(self, parent_id, child_id):
+        """Make `child_id` wait for `parent_id`; the child must be inactive."""
+        result = self.tasks.update_one(
+            {"_id": child_id, "state": S.INACTIVE.value, "pending_parents": {"$ne": parent_id}},
+            {"$push": {"pending_parents": parent_id}, "$inc": {"pending_dependency_count": 1}})
+        if result.matched_count == 0:
+            child = self.tasks.find_one({"_id": child_id}, {"state": 1, "pending_parents": 1})
+            if child is None:
+                raise TransitionError("continuation '%s' does not exist" % child_id)
+            if child["state"] != S.INACTIVE:
+                raise TransitionError("continuation '%s' is '%s', not 'inactive'" % (child_id, child["state"]))
+
+    def _unlink(self, parent_id, child_id):
+        """Stop `child_id` waiting for `parent_id` (idempotent)."""
+        return self.tasks.find_one_and_update(
+            {"_id": child_id, "pending_parents": parent_id},
+            {"$pull": {"pending_parents": parent_id}, "$inc": {"pending_dependency_count": -1}},
+            return_document=ReturnDocument.AFTER)
+
+    def link(self, parent, child_ids):
+        """Add continuations to an existing task: children wait for it unless
+        it already succeeded; a failed or cancelled parent cancels them."""
+        state, status = parent.get("state"), parent.get("exit_status")
+        for child in child_ids:
+            if state == S.TERMINATED and status == SUCCESS:
+                self._require_inactive(child)
+            elif state in FINISHED:
+                self._require_inactive(child)
+                self.cancel(child)
+            else:
+                self._link(parent["_id"], child)
+
+    def unlink(self, parent, child_ids, require_inactive=True):
+        """Remove continuations; a child left with no pending parent may run.
+        `require_inactive=False` is for a removal already checked and written
+        to the parent: the child must then stop waiting whatever its state."""
+        for child in child_ids:
+            if require_inactive:
+                self._require_inactive(child)
+            doc = self._unlink(parent["_id"], child)
+            if doc is not None and doc.get("pending_dependency_count") == 0:
+                self._release(doc)
+
+    def _require_inactive(self, child_id):
+        doc = self.tasks.find_one({"_id": child_id}, {"state": 1})
+        if doc is None:
+            raise TransitionError("continuation '%s' does not exist" % child_id)
+        if doc["state"] != S.INACTIVE:
+            raise TransitionError("continuation '%s' is '%s', not 'inactive'" % (child_id, doc["state"]))
+
+    def find_cycle(self, parent_id, child_ids, limit=200000):
+        """True if `parent_id` is reachable from one of `child_ids`, so that
+        adding them would close a cycle. Walks continuations breadth first,
+        one `$in` query per level."""
+        if parent_id in child_ids:
+            return True
+        seen, frontier = set(child_ids), list(child_ids)
+        while frontier and len(seen) < limit:
+            nxt = []
+            for doc in self.tasks.find({"_id": {"$in": frontier}}, {"continuations": 1}):
+                for c in doc.get("continuations") or []:
+                    if c == parent_id:
+                        return True
+                    if c not in seen:
+                        seen.add(c)
+                        nxt.append(c)
+            frontier = nxt
+        return False
+
+    # -- continuation changes on an existing task (virtual fields) -------
+
+    #: How long a continuation lease outlives a request that died holding it.
+    CONTINUATION_LEASE_SECONDS = 60
+
+    def begin_continuation_change(self, parent, add=(), remove=()):
+        """Start adding and removing continuations of the existing task
+        `parent` (its document as read before the change); the caller then
+        writes the parent (`$addToSet`/`$push`/`$pull`) and calls
+        `end_continuation_change`, or `abort_continuation_change` if that
+        write failed.
+
+        Takes the parent's continuation lease: a field on the parent, set
+        under a precondition on its `_etag` and `state`, so one continuation
+        change per task runs at a time across server processes (another
+        answers 409) and the parent's list and its children's
+        `pending_parents` cannot drift apart. Then checks the rules (removed
+        children inactive, no cycle) and links the added children. Returns
+        the lease token and the children it linked. Raises Conflict or
+        TransitionError with nothing left changed."""
+        add, remove = list(dict.fromkeys(add)), list(dict.fromkeys(remove))
+        token, now = str(ObjectId()), utcnow()
+        query = {"_id": parent["_id"],
+                 "$or": [{"continuation_lease": None}, {"continuation_lease.expires": {"$lt": now}}]}
+        for key in ("_etag", "state"):
+            if key in parent:
+                query[key] = parent[key]
+        lease = {"token": token, "expires": now + timedelta(seconds=self.CONTINUATION_LEASE_SECONDS)}
+        log.debug("continuation lease: filter %s, update %s", query, {"$set": {"continuation_lease": lease}})
+        if not self.tasks.update_one(query, {"$set": {"continuation_lease": lease}}).matched_count:
+            raise Conflict("task '%s' changed or is having its continuations changed by another request; "
+                           "read it again and retry" % parent["_id"])
+        linked = []
+        try:
+            for child in remove:
+                self._require_inactive(child)
+            if add and self.find_cycle(parent["_id"], add):
+                raise TransitionError("adding %s to the continuations of '%s' would create a cycle"
+                                      % (", ".join("'%s'" % c for c in add), parent["_id"]))
+            waiting = {d["_id"] for d in self.tasks.find(
+                {"_id": {"$in": add}, "pending_parents": parent["_id"]}, {"_id": 1})}
+            for child in add:
+                self.link(parent, [child])
+                if child not in waiting:
+                    linked.append(child)
+        except TransitionError:
+            self.abort_continuation_change(parent, (token, linked))
+            raise
+        return token, linked
+
+    def end_continuation_change(self, parent, lease, remove=()):
+        """The parent's write succeeded: removed children stop waiting for
+        it (and run if it was their last parent); the lease is released."""
+        token, _ = lease
+        try:
+            self.unlink(parent, list(dict.fromkeys(remove)), require_inactive=False)
+        finally:
+            self._release_lease(parent["_id"], token)
+
+    def abort_continuation_change(self, parent, lease):
+        """The parent's write did not happen: undo the links and release."""
+        token, linked = lease
+        try:
+            for child in linked:
+                self._unlink(parent["_id"], child)
+        finally:
+            self._release_lease(parent["_id"], token)
+
+    def _release_lease(self, parent_id, token):
+        self.tasks.update_one({"_id": parent_id, "continuation_lease.token": token},
+                              {"$unset": {"continuation_lease": ""}})
+
+    # -- user changes through PATCH --------------------------------------
+
+    def prepare_update(self, updates, original, identity):
+        """Complete a validated PATCH before it is written: the stored state
+        for a cancellation, the worker and a new attempt for a claim."""
+        if updates.get("state") == S.RUNNING and original.get("state") != S.AVAILABLE:
+            # A claim that lost the race read the task before the winner wrote
+            # it; without this the "no-op" state change would rewrite `worker`.
+            raise Conflict("task '%s' is '%s' (worker '%s'), not 'available'"
+                           % (original.get("_id"), original.get("state"), original.get("worker")))
+        if "worker" in updates and updates.get("state") != S.RUNNING:
+            raise TransitionError("'worker' is set only by a claim ({'state': 'running', 'worker': <id>})")
+        if "state" not in updates or updates["state"] == original.get("state"):
+            return
+        target = stored_state(original["state"], updates["state"])
+        updates["state"] = target.value
+        if target == S.RUNNING:
+            worker = identity.worker_id or updates.get("worker")
+            if worker is None:
+                raise TransitionError("a claim must name the worker ('worker' field)")
+            if identity.worker_id and updates.get("worker") not in (None, identity.worker_id):
+                raise TransitionError("a worker claims tasks under its own id only", status=403)
+            updates["worker"] = worker
+            history = list(original.get("history") or [])
+            history.append(new_attempt(len(history) + 1, worker, identity.host))
+            updates["history"] = history
+        elif target == S.CANCELLED:
+            updates["exit_status"] = CANCELLED
+            updates["cascade_pending"] = True
+
+    def after_update(self, updates, original):
+        """React to a PATCH that was written: cascade a cancellation, run a
+        task that became ready."""
+        state = updates.get("state")
+        if state is None or state == original.get("state"):
+            return
+        if state == S.CANCELLED:
+            self._cascade(original["_id"])
+        elif state == S.AVAILABLE:
+            doc = self.tasks.find_one({"_id": original["_id"]})
+            if doc is not None and is_ready(doc):
+                self._became_ready(doc)
+
+    # -- transitions used by workers, the reaper and cascades -------------
+
+    def claim_next(self, worker_id, free, host=None):
+        """Claim the best ready task that fits `free` (cores, memory, gpus):
+        one atomic update, so of racing claimers exactly one gets each task."""
+        query = dict(READY_FILTER)
+        for key in ("cores", "memory", "gpus"):
+            query["requested_resources.%s" % key] = {"$lte": free.get(key, 0)}
+        now = utcnow()
+        doc = self.tasks.find_one(query, {"history.attempt": 1}, sort=CLAIM_ORDER)
+        while doc is not None:
+            attempt = new_attempt(len(doc.get("history") or []) + 1, worker_id, host)
+            claimed = self.tasks.find_one_and_update(
+                {"_id": doc["_id"], "state": S.AVAILABLE.value, "pending_dependency_count": 0,
+                 "history": {"$size": attempt["attempt"] - 1}},
+                {"$set": {"state": S.RUNNING.value, "worker": worker_id, "_updated": now,
+                          "_etag": str(ObjectId())},
+                 "$push": {"history": attempt}},
+                return_document=ReturnDocument.AFTER)
+            if claimed is not None:
+                return claimed
+            doc = self.tasks.find_one(query, {"history.attempt": 1}, sort=CLAIM_ORDER)
+        return None
+
+    def finish(self, task_id, worker_id, attempt, outcome, exit_code=None, usage=None):
+        """End an attempt as its worker reports it, then apply the rules:
+        success releases continuations; a failure with retries left requeues
+        the task; otherwise it ends and its continuations are cancelled.
+        Returns the task as stored after the change."""
+        if outcome not in WORKER_OUTCOMES + (ABANDONED,):
+            raise TransitionError("unknown outcome '%s'; one of %s" % (outcome, ", ".join(WORKER_OUTCOMES)))
+        while True:
+            doc = self.tasks.find_one({"_id": task_id})
+            if doc is None:
+                raise TransitionError("task '%s' does not exist" % task_id, status=404)
+            history = doc.get("history") or []
+            if (doc["state"] not in HELD or doc.get("worker") != worker_id
+                    or not history or history[-1]["attempt"] != attempt):
+                raise Conflict("task '%s' is not running attempt %s on worker '%s' (it is '%s')"
+                               % (task_id, attempt, worker_id, doc["state"]))
+            if outcome == CANCELLED and doc.get("cancel_reason") == TIMEOUT:
+                outcome = TIMEOUT  # the server cancelled it for exceeding its time limit
+            changes = self._outcome_changes(doc, outcome)
+            index = len(history) - 1
+            now = utcnow()
+            sets = {"history.%d.ended" % index: now,
+                    "history.%d.exit_status" % index: outcome,
+                    "history.%d.exit_code" % index: exit_code,
+                    "_updated": now, "_etag": str(ObjectId()), **changes}
+            if usage:
+                sets["history.%d.usage" % index] = usage
+            updated = self.tasks.find_one_and_update(
+                {"_id": task_id, "state": doc["state"], "worker": worker_id,
+                 "retry_count": doc.get("retry_count", 0), "history": {"$size": len(history)}},
+                {"$set": sets}, return_document=ReturnDocument.AFTER)
+            if updated is not None:
+                break
+        if updated.get("cascade_pending"):
+            self._cascade(task_id)
+        elif is_ready(updated):
+            self._became_ready(updated)
+        return updated
+
+    @staticmethod
+    def _outcome_changes(doc, outcome):
+        """The task fields an attempt's outcome leads to (the retry rule)."""
+        if outcome == SUCCESS:
+            return {"state": S.TERMINATED.value, "exit_status": SUCCESS, "worker": None, "cascade_pending": True}
+        if outcome == CANCELLED or (outcome == TIMEOUT):
+            return {"state": S.CANCELLED.value, "exit_status": outcome, "worker": None, "cascade_pending": True}
+        if outcome == ABANDONED and doc["state"] == S.PENDING_CANCELLATION:
+            # Its cancellation was asked for; the lost worker cannot report it.
+            return {"state": S.CANCELLED.value, "exit_status": doc.get("cancel_reason") or CANCELLED,
+                    "worker": None, "cascade_pending": True}
+        retries_left = doc.get("retry_count", 0) < doc.get("max_retries", 0)
+        if retries_left and doc["state"] == S.RUNNING:
+            return {"state": S.AVAILABLE.value, "retry_count": doc.get("retry_count", 0) + 1,
+                    "exit_status": outcome, "worker": None}
+        return {"state": S.TERMINATED.value, "exit_status": outcome, "worker": None, "cascade_pending": True}
+
+    def abandon(self, worker_id):
+        """A lost worker's tasks: end their attempts as abandoned and apply
+        the retry rules, exactly as if the worker had reported a failure."""
+        ended = []
+        for doc in self.tasks.find({"worker": worker_id, "state": {"$in": [s.value for s in HELD]}},
+                                   {"history": {"$slice": -1}}):
+            attempt = doc["history"][-1]["attempt"] if doc.get("history") else None
+            try:
+                ended.append(self.finish(doc["_id"], worker_id, attempt, ABANDONED))
+            except TransitionError:
+                continue  # finished or abandoned meanwhile by someone else
+        return ended
+
+    def cancel(self, task_id, exit_status=CANCELLED, cascade=True):
+        """Cancel a task from any state: at once when it is not running, by
+        way of `pending_cancellation` when a worker holds it. Finished tasks
+        are left alone. Returns the state written, or None if nothing was."""
+        while True:
+            doc = self.tasks.find_one({"_id": task_id}, {"state": 1})
+            if doc is None:
+                return None
+            state = S(doc["state"])
+            if state in FINISHED or state == S.PENDING_CANCELLATION:
+                return None
+            target = stored_state(state, S.CANCELLED)
+            sets = {"state": target.value, "_updated": utcnow(), "_etag": str(ObjectId())}
+            if target == S.CANCELLED:
+                sets.update(exit_status=exit_status, cascade_pending=True)
+            else:
+                sets["cancel_reason"] = exit_status  # what `finish` records when the worker reports
+            if self.tasks.update_one({"_id": task_id, "state": state.value}, {"$set": sets}).modified_count:
+                if target == S.CANCELLED and cascade:
+                    self._cascade(task_id)
+                return target
+
+    # -- cascades ---------------------------------------------------------
+
+    def _cascade(self, task_id):
+        """Propagate finished tasks to their continuations, breadth first,
+        then clear `cascade_pending`. Safe to repeat after a crash."""
+        queue = [task_id]
+        while queue:
+            current = queue.pop(0)
+            doc = self.tasks.find_one({"_id": current}, {"state": 1, "exit_status": 1, "continuations": 1})
+            if doc is None:
+                continue
+            succeeded = doc["state"] == S.TERMINATED and doc.get("exit_status") == SUCCESS
+            for child in doc.get("continuations") or []:
+                if succeeded:
+                    released = self._unlink(current, child)
+                    if released is not None and released.get("pending_dependency_count") == 0:
+                        finished = self._release(released)
+                        if finished:
+                            queue.append(child)
+                elif self.cancel(child, cascade=False) == S.CANCELLED:
+                    queue.append(child)
+            self.tasks.update_one({"_id": current, "cascade_pending": True},
+                                  {"$set": {"cascade_pending": False}})
+
+    def _release(self, doc):
+        """A task whose last parent finished: an inactive one becomes
+        available; a ready one is announced. True if it finished at once
+        (a barrier), so its own continuations need a cascade."""
+        if doc["state"] == S.INACTIVE:
+            doc = self.tasks.find_one_and_update(
+                {"_id": doc["_id"], "state": S.INACTIVE.value, "pending_dependency_count": 0},
+                {"$set": {"state": S.AVAILABLE.value, "_updated": utcnow(), "_etag": str(ObjectId())}},
+                return_document=ReturnDocument.AFTER)
+            if doc is None:
+                return False
+        if is_ready(doc):
+            return self._became_ready(doc, cascade=False)
+        return False
+
+    def _became_ready(self, doc, cascade=True):
+        """A task became claimable. A barrier (no command) succeeds at once;
+        anything else is announced to waiting claims. Returns True for a
+        barrier that finished."""
+        if doc.get("command"):
+            self.on_ready(doc)
+            return False
+        done = self.tasks.update_one(
+            {"_id": doc["_id"], "state": S.AVAILABLE.value, "pending_dependency_count": 0},
+            {"$set": {"state": S.TERMINATED.value, "exit_status": SUCCESS, "cascade_pending": True,
+                      "_updated": utcnow(), "_etag": str(ObjectId())}})
+        if not done.modified_count:
+            return False
+        if cascade:
+            self._cascade(doc["_id"])
+        return True
+
+    def resume_cascades(self):
+        """Finish cascades that a crash interrupted (run at start and by the reaper)."""
+        for doc in self.tasks.find({"cascade_pending": True}, {"_id": 1}):
+            self._cascade(doc["_id"])
+
+    # -- workers: batch claims, heartbeats, time limits --------------------
+
+    def claim_batch(self, worker_id, free, max_tasks, host=None):
+        """Claim, one atomic claim at a time, up to `max_tasks` ready tasks
+        that together fit `free` (highest priority first, then oldest; a task
+        too big for what is left is skipped for a smaller one)."""
+        left = {key: free.get(key, 0) for key in RESOURCES}
+        claimed = []
+        while len(claimed) < max_tasks:
+            doc = self.claim_next(worker_id, left, host)
+            if doc is None:
+                break
+            claimed.append(doc)
+            requested = doc.get("requested_resources") or {}
+            for key in RESOURCES:
+                left[key] -= requested.get(key) or 0
+        return claimed
+
+    def record_usage(self, task_id, worker_id, attempt, usage=None, progress=None):
+        """Write a heartbeat's usage and progress into the task's current
+        attempt. False when `worker_id` no longer holds that attempt (the
+        task was requeued, finished or given to another worker)."""
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            return False
+        held = {"_id": task_id, "worker": worker_id, "state": {"$in": [s.value for s in HELD]},
+                "history": {"$size": attempt}}
+        now = utcnow()
+        sets = {}
+        if usage is not None:
+            sets["history.%d.usage" % (attempt - 1)] = dict(usage, updated=now)
+        if progress is not None:
+            sets["history.%d.progress" % (attempt - 1)] = dict(progress, updated=now)
+        if not sets:
+            return self.tasks.find_one(held, {"_id": 1}) is not None
+        # No new `_etag`: usage is monitoring, and a user's cancel PATCH
+        # racing a heartbeat should not lose on the etag precondition.
+        return self.tasks.update_one(held, {"$set": sets}).matched_count == 1
+
+    def pending_cancellations(self, worker_id):
+        """Ids of the tasks `worker_id` holds that it is asked to stop."""
+        return [doc["_id"] for doc in self.tasks.find(
+            {"worker": worker_id, "state": S.PENDING_CANCELLATION.value}, {"_id": 1})]
+
+    def held_by(self, worker_ids):
+        """Ids of the tasks held (running or being cancelled) by each of `worker_ids`."""
+        held = {wid: [] for wid in worker_ids}
+        if held:
+            for doc in self.tasks.find({"worker": {"$in": list(held)}, "state": {"$in": [s.value for s in HELD]}},
+                                       {"worker": 1}):
+                held.setdefault(doc["worker"], []).append(doc["_id"])
+        return held
+
+    def cancel_overdue(self, worker_ids, now=None):
+        """Running tasks of `worker_ids` past their `time_limit` go to
+        `pending_cancellation` with reason `timeout`; their worker stops them
+        and its report ends the attempt as `timeout`. Returns their ids."""
+        now = now or utcnow()
+        if not worker_ids:
+            return []
+        overdue = []
+        for doc in self.tasks.find({"worker": {"$in": list(worker_ids)}, "state": S.RUNNING.value,
+                                    "time_limit": {"$gt": 0}},
+                                   {"time_limit": 1, "history": {"$slice": -1}}):
+            started = (doc.get("history") or [{}])[-1].get("started")
+            if started is None:
+                continue
+            if started.tzinfo is None:
+                started = started.replace(tzinfo=timezone.utc)
+            if started + timedelta(seconds=doc["time_limit"]) <= now:
+                if self.cancel(doc["_id"], exit_status=TIMEOUT) is not None:
+                    overdue.append(doc["_id"])
+        return overdue

@@ -1,0 +1,435 @@
+"""Statistics, `/metrics` and the dashboard.
+
+Statistics are virtual, read-only resources: nothing is stored for them,
+every request computes them from `tasks` and `workers` with aggregation
+pipelines that both MongoDB (>= 5.0) and the embedded store run (only
+`$match`, `$unwind`, `$project`, `$group`, `$sort`, `$skip`, `$limit`, with
+`$subtract`, `$divide`, `$floor`, `$arrayElemAt`, `$cond`, `$eq`, `$sum`,
+`$avg`, `$max`). So they are right with several server processes sharing one
+database, and they cost nothing while nobody looks.
+
+How each figure is computed:
+
+- counts per state, and finished tasks by final `exit_status`: one `$group`
+  on `(state, exit_status)`.
+- runtimes of finished attempts (`history[i].ended - history[i].started`) and
+  queue waits (first attempt's `started` - `_created`): count, sum and max
+  come from a `$group`; the median and p95 come from one more pipeline that
+  `$sort`s the projected durations and `$skip`s to the ranks needed, so only
+  the few values at those ranks leave the store (`$percentile` is MongoDB 7
+  only). The median of an even count is the mean of the two middle values;
+  p95 is the nearest rank, the value at rank ceil(0.95 n).
+- throughput: finished attempts of the last 60 clock minutes (the current one
+  included), `$group`ed by minute index `floor((ended - start) / 60000)`.
+- per-worker load: `$group` of held tasks (`running`,
+  `pending_cancellation`) by `worker`, summing their `requested_resources`,
+  joined in Python with the `workers` collection.
+
+Who sees what: any valid token may read statistics (`auth.require_role`); a
+user's count only the tasks they own, admins' and workers' every task
+(`visible_tasks`, through `auth.owner_filter`, is the one place that applies it).
+Worker load is cluster-wide for every role (like `sinfo`): it shows counts
+and resources, never which tasks.
+
+Every duration in the answers is in seconds; every time is a string in Eve's
+date format.
+"""
+
+import logging
+import math
+import os
+from datetime import timedelta
+
+import pymongo.errors
+from eve.utils import ParsedRequest, date_to_str, validate_filters
+from flask import Blueprint, Response, abort, current_app, jsonify, request, send_from_directory
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from werkzeug.exceptions import BadRequest
+
+from banyan.server import auth
+from banyan.server.states import ABANDONED, EXIT_STATUSES, FAILURE, FINISHED, HELD, SUCCESS, TIMEOUT, TaskState, utcnow
+
+log = logging.getLogger(__name__)
+
+TASKS = "tasks"
+WORKERS = "workers"
+RESOURCE_KEYS = ("cores", "memory", "gpus")
+WORKER_STATES = ("active", "lost", "stopped")
+#: Final exit statuses that count as a failed task (a cancelled one did not fail).
+FAILED = (FAILURE, TIMEOUT, ABANDONED)
+THROUGHPUT_MINUTES = 60
+STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+
+
+# -- the figures ---------------------------------------------------------
+
+def task_stats(db, query=None, now=None):
+    """Statistics of the tasks matching `query` (a Mongo filter, already
+    restricted to what the caller may see). `now` is for tests."""
+    tasks = db[TASKS]
+    query = query or {}
+    now = now or utcnow()
+    counts = state_counts(tasks, query)
+    return {
+        "now": now,
+        **counts,
+        "attempts": attempt_stats(tasks, query),
+        "queue_wait": queue_wait_stats(tasks, query),
+        "throughput": throughput(tasks, query, now),
+    }
+
+
+def _match(query, extra):
+    """A `$match` stage for `query` and `extra` together."""
+    if not query:
+        return {"$match": extra}
+    return {"$match": {"$and": [query, extra]}}
+
+
+def state_counts(tasks, query):
+    """`total`, `states` (every state, zeros included), `outcomes` (finished
+    tasks by final exit status), `succeeded` and `failed`."""
+    states = {s.value: 0 for s in TaskState}
+    outcomes = {status: 0 for status in EXIT_STATUSES}
+    pipeline = [{"$match": query},
+                {"$group": {"_id": {"state": "$state", "exit_status": "$exit_status"}, "n": {"$sum": 1}}}]
+    for row in tasks.aggregate(pipeline):
+        state, status = row["_id"].get("state"), row["_id"].get("exit_status")
+        states[state] = states.get(state, 0) + row["n"]
+        if state in FINISHED and status is not None:
+            outcomes[status] = outcomes.get(status, 0) + row["n"]
+    return {
+        "total": sum(states.values()),
+        "states": states,
+        "outcomes": outcomes,
+        "succeeded": outcomes.get(SUCCESS, 0),
+        "failed": sum(outcomes.get(s, 0) for s in FAILED),
+    }
+
+
+#: Finished attempts, one document each, with `runtime` in milliseconds.
+def _finished_attempts(query):
+    return [
+        _match(query, {"history.ended": {"$ne": None}}),
+        {"$unwind": "$history"},
+        {"$match": {"history.ended": {"$ne": None}, "history.started": {"$ne": None}}},
+        {"$project": {"_id": 0, "exit_status": "$history.exit_status",
+                      "runtime": {"$subtract": ["$history.ended", "$history.started"]}}},
+    ]
+
+
+def attempt_stats(tasks, query):
+    """Finished attempts: `count`, `by_exit_status`, and `runtime` (seconds:
+    count, mean, median, p95, max)."""
+    by_status = {status: 0 for status in EXIT_STATUSES}
+    count = total = 0
+    longest = None
+    pipeline = _finished_attempts(query) + [
+        {"$group": {"_id": "$exit_status", "n": {"$sum": 1},
+                    "sum": {"$sum": "$runtime"}, "max": {"$max": "$runtime"}}}]
+    for row in tasks.aggregate(pipeline):
+        by_status[row["_id"] or "unknown"] = by_status.get(row["_id"] or "unknown", 0) + row["n"]
+        count += row["n"]
+        total += row["sum"] or 0
+        if row["max"] is not None and (longest is None or row["max"] > longest):
+            longest = row["max"]
+    return {
+        "count": count,
+        "by_exit_status": by_status,
+        "runtime": _distribution(tasks, _finished_attempts(query), "runtime", count, total, longest),
+    }
+
+
+def queue_wait_stats(tasks, query):
+    """Time from creation to the first attempt's start, over the tasks that
+    started at least once (seconds: count, mean, median, p95, max)."""
+    prefix = [
+        _match(query, {"history.0": {"$exists": True}}),
+        {"$project": {"_id": 0, "wait": {"$subtract": [{"$arrayElemAt": ["$history.started", 0]}, "$_created"]}}},
+        {"$match": {"wait": {"$ne": None}}},
+    ]
+    rows = list(tasks.aggregate(prefix + [
+        {"$group": {"_id": None, "n": {"$sum": 1}, "sum": {"$sum": "$wait"}, "max": {"$max": "$wait"}}}]))
+    if not rows:
+        return _distribution(tasks, prefix, "wait", 0, 0, None)
+    return _distribution(tasks, prefix, "wait", rows[0]["n"], rows[0]["sum"], rows[0]["max"])
+
+
+def _ranks(n):
+    """The 0-based ranks of the median (one or two) and of p95 among n sorted values."""
+    median = [(n - 1) // 2, n // 2]
+    p95 = max(0, math.ceil(0.95 * n) - 1)
+    return median, p95
+
+
+def _distribution(tasks, prefix, field, count, total_ms, max_ms):
+    """count, mean, median, p95 and max in seconds of `field` (milliseconds)
+    in the documents `prefix` yields. The median and p95 are read from the
+    sorted values by one `$skip`/`$limit` pipeline."""
+    if not count:
+        return {"count": 0, "mean": None, "median": None, "p95": None, "max": None}
+    (low, high), p95 = _ranks(count)
+    first, last = min(low, p95), max(high, p95)
+    values = [row[field] for row in tasks.aggregate(prefix + [
+        {"$project": {field: 1}}, {"$sort": {field: 1}},
+        {"$skip": first}, {"$limit": last - first + 1}])]
+    if len(values) < last - first + 1:  # tasks changed between the two pipelines
+        values += [values[-1] if values else 0] * (last - first + 1 - len(values))
+    return {
+        "count": count,
+        "mean": total_ms / count / 1000.0,
+        "median": (values[low - first] + values[high - first]) / 2000.0,
+        "p95": values[p95 - first] / 1000.0,
+        "max": max_ms / 1000.0 if max_ms is not None else None,
+    }
+
+
+def throughput(tasks, query, now):
+    """Finished attempts per minute over the last 60 clock minutes, oldest
+    first; the last bucket is the current, partial, minute."""
+    start = now.replace(second=0, microsecond=0) - timedelta(minutes=THROUGHPUT_MINUTES - 1)
+    pipeline = [
+        _match(query, {"history.ended": {"$gte": start}}),
+        {"$unwind": "$history"},
+        {"$match": {"history.ended": {"$gte": start}}},
+        {"$project": {"_id": 0,
+                      "minute": {"$floor": {"$divide": [{"$subtract": ["$history.ended", start]}, 60000]}},
+                      "ok": {"$cond": [{"$eq": ["$history.exit_status", SUCCESS]}, 1, 0]}}},
+        {"$group": {"_id": "$minute", "finished": {"$sum": 1}, "succeeded": {"$sum": "$ok"}}},
+    ]
+    buckets = [{"minute": start + timedelta(minutes=i), "finished": 0, "succeeded": 0}
+               for i in range(THROUGHPUT_MINUTES)]
+    for row in tasks.aggregate(pipeline):
+        index = int(row["_id"])
+        if 0 <= index < THROUGHPUT_MINUTES:  # an `ended` in the future (clock skew) is left out
+            buckets[index]["finished"] += row["finished"]
+            buckets[index]["succeeded"] += row["succeeded"]
+    finished = sum(b["finished"] for b in buckets)
+    return {
+        "since": start,
+        "finished": finished,
+        "succeeded": sum(b["succeeded"] for b in buckets),
+        "per_minute_mean": finished / float(THROUGHPUT_MINUTES),
+        "per_minute": buckets,
+    }
+
+
+def worker_load(db):
+    """Every known worker with its held tasks and the resources they
+    requested against the worker's total, plus a summary over active
+    workers. Tasks held under an id no worker document has are listed as
+    workers in state `unknown`."""
+    held = {}
+    pipeline = [
+        {"$match": {"state": {"$in": [s.value for s in HELD]}, "worker": {"$ne": None}}},
+        {"$group": {"_id": "$worker", "running": {"$sum": 1},
+                    **{key: {"$sum": "$requested_resources.%s" % key} for key in RESOURCE_KEYS}}},
+    ]
+    for row in db[TASKS].aggregate(pipeline):
+        held[row["_id"]] = row
+    items = []
+    projection = {"host": 1, "state": 1, "resources": 1, "last_heartbeat": 1, "_created": 1}
+    for doc in db[WORKERS].find({}, projection):
+        items.append(_worker_item(doc, held.pop(doc["_id"], None)))
+    for worker_id, row in held.items():
+        items.append(_worker_item({"_id": worker_id, "state": "unknown", "resources": {}}, row))
+    order = {"active": 0, "unknown": 1, "lost": 2, "stopped": 3}
+    items.sort(key=lambda w: (order.get(w["state"], 4), str(w.get("host") or ""), str(w["_id"])))
+    summary = {"workers": len(items), "states": {s: 0 for s in WORKER_STATES}, "running": 0}
+    for key in RESOURCE_KEYS:
+        summary[key] = {"used": 0, "total": 0}
+    for item in items:
+        summary["states"][item["state"]] = summary["states"].get(item["state"], 0) + 1
+        summary["running"] += item["running"]
+        if item["state"] == "active":
+            for key in RESOURCE_KEYS:
+                summary[key]["used"] += item["used"][key]
+                summary[key]["total"] += item["resources"].get(key) or 0
+    return {"_items": items, "summary": summary}
+
+
+def _worker_item(doc, row):
+    row = row or {}
+    total = doc.get("resources") or {}
+    used = {key: row.get(key) or 0 for key in RESOURCE_KEYS}
+    return {
+        "_id": doc["_id"],
+        "host": doc.get("host"),
+        "state": doc.get("state") or "unknown",
+        "last_heartbeat": doc.get("last_heartbeat"),
+        "running": row.get("running", 0),
+        "resources": {key: total.get(key) for key in RESOURCE_KEYS},
+        "used": used,
+        "load": {key: (used[key] / float(total[key]) if total.get(key) else None) for key in RESOURCE_KEYS},
+    }
+
+
+# -- Prometheus ----------------------------------------------------------
+
+class _Snapshot:
+    """A prometheus_client collector over figures computed for one scrape
+    (nothing is kept between requests, so any server process can answer)."""
+
+    def __init__(self, stats, workers):
+        self.stats = stats
+        self.workers = workers
+
+    def collect(self):
+        stats, workers = self.stats, self.workers
+        g = GaugeMetricFamily("banyan_tasks", "Tasks by state.", labels=["state"])
+        for state, n in stats["states"].items():
+            g.add_metric([state], n)
+        yield g
+        g = GaugeMetricFamily("banyan_tasks_finished", "Finished tasks by final exit status.",
+                              labels=["exit_status"])
+        for status, n in stats["outcomes"].items():
+            g.add_metric([status], n)
+        yield g
+        c = CounterMetricFamily("banyan_attempts_finished", "Finished attempts by exit status.",
+                                labels=["exit_status"])
+        for status, n in stats["attempts"]["by_exit_status"].items():
+            c.add_metric([status], n)
+        yield c
+        for name, doc, figures in (
+                ("banyan_attempt_runtime_seconds", "Runtime of finished attempts.", stats["attempts"]["runtime"]),
+                ("banyan_queue_wait_seconds", "Time from a task's creation to its first start.",
+                 stats["queue_wait"])):
+            g = GaugeMetricFamily(name, doc, labels=["stat"])
+            for key in ("mean", "median", "p95", "max"):
+                if figures[key] is not None:
+                    g.add_metric([key], figures[key])
+            yield g
+        yield GaugeMetricFamily("banyan_attempts_finished_last_hour",
+                                "Attempts that finished in the last 60 minutes.",
+                                value=stats["throughput"]["finished"])
+        g = GaugeMetricFamily("banyan_workers", "Workers by state.", labels=["state"])
+        for state, n in workers["summary"]["states"].items():
+            g.add_metric([state], n)
+        yield g
+        running = GaugeMetricFamily("banyan_worker_running_tasks", "Tasks a worker holds.",
+                                    labels=["worker", "host"])
+        used = GaugeMetricFamily("banyan_worker_resources_used", "Resources requested by a worker's tasks.",
+                                 labels=["worker", "host", "resource"])
+        total = GaugeMetricFamily("banyan_worker_resources_total", "A worker's total resources.",
+                                  labels=["worker", "host", "resource"])
+        for item in workers["_items"]:
+            if item["state"] not in ("active", "unknown"):
+                continue
+            labels = [str(item["_id"]), item["host"] or ""]
+            running.add_metric(labels, item["running"])
+            for key in RESOURCE_KEYS:
+                used.add_metric(labels + [key], item["used"][key])
+                if item["resources"][key] is not None:
+                    total.add_metric(labels + [key], item["resources"][key])
+        yield running
+        yield used
+        yield total
+
+
+def metrics_text(db, query=None, now=None):
+    """`/metrics` in Prometheus' text format."""
+    return generate_latest(_Snapshot(task_stats(db, query, now), worker_load(db)))
+
+
+# -- who may see what ----------------------------------------------------
+
+#: Roles that may read statistics (with authentication off, everyone is an admin).
+READERS = ("admin", "user", "worker")
+
+
+def visible_tasks(query=None):
+    """`query` restricted to the tasks the caller may see (a user's own;
+    see `auth.owner_filter`): the one place statistics apply it."""
+    query = dict(query or {})
+    own = auth.owner_filter()
+    if not own:
+        return query
+    return {"$and": [query, own]} if query else own
+
+
+# -- HTTP ----------------------------------------------------------------
+
+blueprint = Blueprint("stats", __name__)
+
+
+def _db():
+    return current_app.data.pymongo(TASKS).db
+
+
+def _where():
+    """`?where=` parsed and checked as Eve does for `GET /tasks`."""
+    where = request.args.get("where")
+    if not where:
+        return {}
+    req = ParsedRequest()
+    req.where = where
+    try:
+        query = current_app.data._convert_where_request_to_dict(TASKS, req)
+    except BadRequest as e:
+        if e.description != BadRequest.description:
+            raise
+        abort(400, description="'where' is not a filter this server accepts: a JSON object with "
+                               "MongoDB query operators ($where and $regex are refused), or "
+                               "Eve's python syntax (name==\"x\")")
+    if not isinstance(query, dict):
+        abort(400, description="'where' must be a JSON object, such as {\"name\": \"x\"}")
+    bad = validate_filters(query, TASKS)
+    if bad:
+        abort(400, description=bad)
+    query = current_app.data._mongotize(query, TASKS)
+    _check_filter(query)
+    return query
+
+
+def _check_filter(query):
+    """Try `query` on the store once, so that a filter it refuses is a 400
+    and a failure while computing is still seen as the bug it would be."""
+    try:
+        _db()[TASKS].find_one(query, {"_id": 1})
+    except (pymongo.errors.PyMongoError, NotImplementedError, TypeError, ValueError) as e:
+        abort(400, description="the store refused the filter in 'where': %s" % e)
+
+
+def _reader_query():
+    return visible_tasks(_where())
+
+
+def jsonable(value):
+    """Stats as JSON: ObjectIds as strings, times in Eve's date format."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "strftime"):
+        return date_to_str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+@blueprint.route("/stats", methods=["GET"])
+@auth.require_role(*READERS)
+def get_stats():
+    return jsonify(jsonable(task_stats(_db(), _reader_query())))
+
+
+@blueprint.route("/stats/workers", methods=["GET"])
+@auth.require_role(*READERS)
+def get_worker_stats():    return jsonify(jsonable(worker_load(_db())))
+
+
+@blueprint.route("/metrics", methods=["GET"])
+@auth.require_role(*READERS)
+def get_metrics():
+    body = metrics_text(_db(), _reader_query())
+    return Response(body, mimetype=None, content_type=CONTENT_TYPE_LATEST)
+
+
+@blueprint.route("/dashboard", methods=["GET"])
+def get_dashboard():
+    """The page itself holds no data, so it is public; every figure on it
+    comes from the API with the caller's token."""
+    response = send_from_directory(STATIC_DIR, "dashboard.html", max_age=0)
+    response.headers["Cache-Control"] = "no-cache"
+    return response

@@ -1,0 +1,119 @@
+"""`BanyanValidator`: Eve's validator plus Banyan's rules.
+
+One `_validate_<rule>` per rule, each docstring the schema of its argument,
+each error naming the offending value (Eve's own style).
+"""
+
+from bson import ObjectId
+from eve.io.mongo import Validator
+from flask import current_app as app
+
+from banyan.server import auth, states, virtual
+from banyan.server.identity import current_identity
+from banyan.units import parse_size
+
+
+class BanyanValidator(Validator):
+
+    def validate_update(self, document, document_id, persisted_document=None, normalize_document=True):
+        # Virtual fields: their roles (403), read-write aliases renamed to their targets.
+        document = virtual.prepare_update(self.resource, document)
+        # Role rules first, so a forbidden change answers 403 (also for internal PATCHes).
+        if self.resource == "tasks":
+            auth.authorize_task_update(document)
+        return super().validate_update(document, document_id, persisted_document, normalize_document)
+
+    def _normalize_coerce_bytes(self, value):
+        """'512 MiB', '1 GiB', '2GB' or a number -> integer bytes; a bad
+        string becomes a 422 coercion error."""
+        return parse_size(value)
+
+    def _persisted_state(self):
+        return (self.persisted_document or {}).get("state")
+
+    def _validate_write_once(self, write_once, field, value):
+        """{'type': 'boolean'}"""
+        if not (write_once and self.is_update_operation):
+            return
+        state = self._persisted_state()
+        if state != states.S.INACTIVE and value != (self.persisted_document or {}).get(field):
+            self._error(field, "'%s' cannot change once a task has left 'inactive' (this one is '%s')"
+                        % (field, state))
+
+    def _validate_creation_only(self, creation_only, field, value):
+        """{'type': 'boolean'}"""
+        if creation_only and self.is_update_operation:
+            self._error(field, "'%s' is set when a task is created; change it with "
+                        "add_%s / remove_%s" % (field, field, field))
+
+    def _validate_transition(self, transition, field, value):
+        """{'type': 'boolean'}"""
+        if not transition or value not in {s.value for s in states.TaskState}:
+            return
+        if not self.is_update_operation:
+            if value not in states.INITIAL_STATES:
+                self._error(field, "a task is created 'inactive' or 'available', not '%s'" % value)
+            return
+        current = self._persisted_state()
+        if value == current:
+            return
+        try:
+            states.check_transition(current, value, current_identity().role)
+        except states.TransitionError as e:
+            self._error(field, str(e))
+
+    def _validate_virtual(self, name, field, value):
+        """{'type': 'string'}"""
+        spec = app.config["VIRTUAL_RESOURCES"].get(name)
+        if spec is None or spec.get("readonly"):
+            return
+        if not self.is_update_operation:
+            self._error(field, "'%s' changes an existing %s: PATCH it or POST /%s/<id>/%s"
+                        % (field, self.resource[:-1], self.resource, field))
+            return
+        for other, other_spec in virtual.specs(self.resource, virtual.LIST_KINDS).items():
+            if other != field and other in self.document and other_spec["target"] == spec["target"]:
+                self._error(field, "'%s' and '%s' both change '%s'; send them in separate requests"
+                            % (field, other, spec["target"]))
+
+    def _validate_writable_by(self, roles, field, value):
+        """{'type': 'list', 'schema': {'type': 'string', 'allowed': ['admin', 'user', 'worker']}}"""
+        role = current_identity().role
+        if role not in roles:
+            self._error(field, "'%s' may be set only by %s, not by a %s" % (field, " or ".join(roles), role))
+
+    def _validate_data_relation(self, data_relation, field, value):
+        """{'type': 'dict',
+        'schema': {
+           'resource': {'type': 'string', 'required': True},
+           'field': {'type': 'string', 'required': True},
+           'embeddable': {'type': 'boolean', 'default': False},
+           'version': {'type': 'boolean', 'default': False},
+           'require_state': {'type': 'string'}
+        }}"""
+        if data_relation.get("version"):
+            return super()._validate_data_relation(data_relation, field, value)
+        if value is None:
+            return
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, ObjectId) for v in values):
+            return  # type errors are reported by the type rule
+        related = self.related_documents(data_relation["resource"], data_relation["field"], values)
+        for v in values:
+            doc = related.get(v)
+            if doc is None:
+                self._error(field, "value '%s' must exist in resource '%s', field '%s'."
+                            % (v, data_relation["resource"], data_relation["field"]))
+            elif data_relation.get("require_state") and doc.get("state") != data_relation["require_state"]:
+                self._error(field, "'%s' is '%s'; it must be '%s'"
+                            % (v, doc.get("state"), data_relation["require_state"]))
+
+    @staticmethod
+    def related_documents(resource, key, values):
+        """The documents of `resource` whose `key` is in `values`, in one query."""
+        datasource = app.config["SOURCES"][resource]["source"]
+        coll = app.data.driver.db[datasource]
+        query = {key: {"$in": list(values)}}
+        if resource == "tasks":  # a user may relate only to their own tasks
+            query = {"$and": [query, auth.owner_filter()]}
+        return {d[key]: d for d in coll.find(query, {key: 1, "state": 1})}

@@ -1,0 +1,160 @@
+"""Eve settings for the Banyan server: the task schema, indexes and defaults.
+
+`VIRTUAL_RESOURCES` declares fields that are read or written through
+endpoints of their own (see `banyan.server.virtual`).
+"""
+
+from banyan.server.states import TaskState, EXIT_STATUSES
+
+OBJECTID_LIST = {"type": "list", "schema": {"type": "objectid"}}
+
+#: User fields that may change only while a task is `inactive`.
+WRITE_ONCE = {"write_once": True}
+
+task_schema = {
+    "name": {"type": "string", "maxlength": 1024, "nullable": True, **WRITE_ONCE},
+    "command": {
+        "type": ["string", "list"],
+        "nullable": True,
+        "maxlength": 1 << 20,
+        "schema": {"type": "string", "maxlength": 1 << 20},
+        **WRITE_ONCE,
+    },
+    "requested_resources": {
+        "type": "dict",
+        "default": {},
+        "schema": {
+            "cores": {"type": "number", "min": 0, "default": 1},
+            "memory": {"type": "integer", "min": 0, "coerce": "bytes", "default": 0},
+            "gpus": {"type": "integer", "min": 0, "default": 0},
+        },
+        **WRITE_ONCE,
+    },
+    "environment": {
+        "type": "dict",
+        "keysrules": {"type": "string", "regex": r"[A-Za-z_][A-Za-z0-9_]*"},
+        "valuesrules": {"type": "string"},
+        **WRITE_ONCE,
+    },
+    "working_directory": {"type": "string", "nullable": True, **WRITE_ONCE},
+    "max_retries": {"type": "integer", "min": 0, "max": 1000, "default": 0, **WRITE_ONCE},
+    "max_shutdown_time": {"type": "number", "min": 0, "max": 86400, "default": 10, **WRITE_ONCE},
+    "time_limit": {"type": "number", "min": 0, "nullable": True, "default": None, **WRITE_ONCE},
+    "estimated_runtime": {"type": "number", "min": 0, "nullable": True, **WRITE_ONCE},
+    "priority": {"type": "integer", "default": 0, **WRITE_ONCE},
+    "continuations": {
+        **OBJECTID_LIST,
+        "maxlength": 10000,
+        "default": [],
+        "creation_only": True,
+        "data_relation": {"resource": "tasks", "field": "_id", "require_state": TaskState.INACTIVE.value},
+    },
+    "state": {
+        "type": "string",
+        "allowed": [s.value for s in TaskState],
+        "default": TaskState.INACTIVE.value,
+        "transition": True,
+    },
+    # The seed's per-item claim names the worker; the server checks it.
+    "worker": {"type": "objectid", "nullable": True, "writable_by": ["worker", "admin"]},
+    "pending_dependency_count": {"type": "integer", "readonly": True},
+    "pending_parents": {**OBJECTID_LIST, "readonly": True},
+    "retry_count": {"type": "integer", "readonly": True},
+    "exit_status": {"type": "string", "nullable": True, "readonly": True,
+                    "allowed": list(EXIT_STATUSES)},
+    "owner": {"type": "string", "nullable": True, "readonly": True},
+    "history": {"type": "list", "readonly": True},
+    "cascade_pending": {"type": "boolean", "readonly": True},
+    # Why a running task is being cancelled (`timeout` when past its time limit).
+    "cancel_reason": {"type": "string", "nullable": True, "readonly": True},
+}
+
+tasks = {
+    "schema": task_schema,
+    "resource_methods": ["GET", "POST"],
+    "item_methods": ["GET", "PATCH"],
+    "bulk_enabled": True,
+    # Users see and change only their own tasks (Eve adds `owner == name` to
+    # their every query); admins and workers are not restricted.
+    "auth_field": "owner",
+    # Roles per method (when AUTH is on). Workers read tasks and claim them
+    # by PATCH (the seed's protocol) but never create them; what a worker's
+    # PATCH may contain is checked by `auth.authorize_task_update`.
+    "allowed_read_roles": ["admin", "user", "worker"],
+    "allowed_write_roles": ["admin", "user"],
+    "allowed_item_read_roles": ["admin", "user", "worker"],
+    "allowed_item_write_roles": ["admin", "user", "worker"],
+    "mongo_indexes": {
+        # The claim: ready tasks, highest priority first, then oldest.
+        "ready": [("state", 1), ("pending_dependency_count", 1), ("priority", -1), ("_created", 1)],
+        # A task's parents (who lists it among its continuations).
+        "parents": [("continuations", 1)],
+        "owner": [("owner", 1), ("state", 1)],
+        "worker": [("worker", 1), ("state", 1)],
+        "cascade": [("cascade_pending", 1)],
+    },
+}
+
+# Registered workers and attempts' output: stored collections with no Eve
+# URL of their own (banyan.server.claims serves them).
+workers = {
+    "internal_resource": True,
+    "schema": {"host": {"type": "string"}, "resources": {"type": "dict"}, "state": {"type": "string"},
+               "last_heartbeat": {"type": "datetime"}, "token_id": {"type": "string", "nullable": True}},
+    "mongo_indexes": {
+        # The reaper: active workers silent since before the cutoff.
+        "liveness": [("state", 1), ("last_heartbeat", 1)],
+        "abandon": [("abandon_pending", 1)],
+    },
+}
+
+logs = {
+    "internal_resource": True,
+    "schema": {"task": {"type": "objectid"}, "attempt": {"type": "integer"},
+               "stdout": {"type": "string"}, "stderr": {"type": "string"}},
+    "mongo_indexes": {"attempt": ([("task", 1), ("attempt", -1)], {"unique": True})},
+}
+
+DOMAIN = {"tasks": tasks, "workers": workers, "logs": logs}
+
+#: Virtual fields, read or written through endpoints of their own.
+VIRTUAL_RESOURCES = {
+    # POST /tasks/add_continuations, POST /tasks/<id>/add_continuations, PATCH {"add_continuations": [...]}
+    "add_continuations": {"kind": "append", "target": "continuations", "allows_duplicates": False,
+                          "writable_by": ["admin", "user"]},
+    "remove_continuations": {"kind": "remove", "target": "continuations", "writable_by": ["admin", "user"]},
+    # GET /tasks/current_history, ?projection={"current_history": 1}: the last attempt.
+    "current_history": {"kind": "alias", "target": "history", "element": -1, "readonly": True},
+    # Read-write alias of `priority`: reprioritise many tasks in one request.
+    "rank": {"kind": "alias", "target": "priority", "writable_by": ["admin", "user"]},
+}
+
+# Eve: no `If-Match` needed from curl; `_etag` is still stored and used as a
+# write precondition, and lost races answer 409 from the data layer.
+ENFORCE_IF_MATCH = False
+IF_MATCH = True
+PAGINATION_LIMIT = 10000
+PAGINATION_DEFAULT = 100
+MONGO_DBNAME = "banyan"
+# Token authentication (see banyan.server.auth). `banyan server` turns it on
+# unless it runs on loopback with the embedded store.
+AUTH = False
+# Oversized bodies are refused before they are parsed.
+MAX_CONTENT_LENGTH = 64 * 1024 * 1024
+RENDERERS = ["eve.render.JSONRenderer"]
+
+# Workers and claims (banyan.server.claims, banyan.server.reaper).
+#: Seconds of silence after which a worker is marked lost.
+HEARTBEAT_TIMEOUT = 30
+#: Bytes kept of each attempt's stdout and of its stderr (the last ones).
+LOG_CAP = 1024 * 1024
+#: Longest a claim is held open (long poll), in seconds.
+CLAIM_MAX_WAIT = 30
+#: Seconds between re-checks of a held claim (another server process may
+#: have made a task ready without waking this one).
+CLAIM_RECHECK_INTERVAL = 0.5
+#: Claims held open at once per server process; more answer at once, so
+#: long polls never take every request thread.
+CLAIM_MAX_WAITERS = 8
+#: Most tasks one claim may ask for.
+CLAIM_MAX_TASKS = 1000

@@ -1,0 +1,71 @@
+"""Byte sizes written the way people write them ("512 MiB", "2GB", 1024).
+
+Shared by the worker's ``--memory`` flag and the server's ``bytes`` coercer,
+so it must stay free of dependencies.
+"""
+
+import re
+
+__all__ = ["parse_size", "format_size"]
+
+# Binary units are powers of 1024, decimal units powers of 1000; a bare
+# letter ("2 G") is read as binary, as Slurm and `free -h` do.
+_MULTIPLIERS = {
+    "": 1,
+    "b": 1,
+    "k": 1024, "ki": 1024, "kib": 1024,
+    "m": 1024 ** 2, "mi": 1024 ** 2, "mib": 1024 ** 2,
+    "g": 1024 ** 3, "gi": 1024 ** 3, "gib": 1024 ** 3,
+    "t": 1024 ** 4, "ti": 1024 ** 4, "tib": 1024 ** 4,
+    "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+}
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value):
+    """Return ``value`` as an integer number of bytes.
+
+    Accepts a non-negative int (or integral float), or a string: a number
+    followed by an optional unit. KiB/MiB/GiB/TiB (and K/M/G/T) are powers
+    of 1024, kB/MB/GB/TB powers of 1000, a plain number is bytes. Raises
+    ValueError naming the offending value otherwise.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"invalid size {value!r}: expected bytes or a string such as '512 MiB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"invalid size {value!r}: must not be negative")
+        return value
+    if isinstance(value, float):
+        if value < 0 or not value.is_integer():  # also rejects nan and inf
+            raise ValueError(f"invalid size {value!r}: expected a whole, non-negative number of bytes")
+        return int(value)
+    if not isinstance(value, str):
+        raise ValueError(f"invalid size {value!r}: expected bytes or a string such as '512 MiB'")
+    match = _SIZE_RE.match(value)
+    if not match:
+        raise ValueError(f"invalid size {value!r}: expected a number and an optional unit, such as '512 MiB', '2GB' or '1024'")
+    number, unit = match.groups()
+    multiplier = _MULTIPLIERS.get(unit.lower())
+    if multiplier is None:
+        raise ValueError(f"invalid size {value!r}: unknown unit {unit!r} (use B, KiB, MiB, GiB, TiB, kB, MB, GB or TB)")
+    if "." in number:
+        # Decimal fractions ("1.5 GiB") are fine; the result is rounded down
+        # to whole bytes.  Use integer arithmetic where possible.
+        whole, _, frac = number.partition(".")
+        frac = frac or "0"
+        return int(whole or "0") * multiplier + (int(frac) * multiplier) // (10 ** len(frac))
+    return int(number) * multiplier
+
+
+def format_size(num_bytes):
+    """Render bytes with the largest binary unit that keeps the number >= 1."""
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            if unit == "B":
+                return f"{int(value)} B"
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{num_bytes} B"  # pragma: no cover

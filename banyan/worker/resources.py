@@ -1,0 +1,147 @@
+"""What this machine has, and what a running task uses.
+
+Totals decide what the worker registers; usage samples go into heartbeats.
+Usage is summed over a task's whole process tree, because a shell command
+usually does its work in children.
+"""
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+__all__ = ["total_cores", "total_memory", "free_memory", "cpu_load",
+           "gpu_count", "detect_resources", "ProcessTreeSampler", "Usage"]
+
+
+def total_cores():
+    """Logical CPUs this process may run on (respects affinity/cgroups where psutil can see it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return psutil.cpu_count(logical=True) or 1
+
+
+def total_memory():
+    """Physical memory in bytes."""
+    return int(psutil.virtual_memory().total)
+
+
+def free_memory():
+    """Memory available to new processes right now, in bytes."""
+    return int(psutil.virtual_memory().available)
+
+
+def cpu_load():
+    """Cores busy right now (1-minute load average), for information only."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def gpu_count():
+    """Number of NVIDIA GPUs: NVML if importable, else nvidia-smi, else 0."""
+    try:
+        import pynvml  # optional
+    except ImportError:
+        pynvml = None
+    if pynvml is not None:
+        try:
+            pynvml.nvmlInit()
+            try:
+                return int(pynvml.nvmlDeviceGetCount())
+            finally:
+                pynvml.nvmlShutdown()
+        except Exception as exc:  # NVML raises its own error types
+            log.debug("NVML unavailable: %s", exc)
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("nvidia-smi failed, assuming no GPUs: %s", exc)
+        return 0
+    return sum(1 for line in out.splitlines() if line.strip())
+
+
+def detect_resources():
+    """Totals as registered with the server: ``{"cores", "memory", "gpus"}``."""
+    return {"cores": total_cores(), "memory": total_memory(), "gpus": gpu_count()}
+
+
+class Usage(dict):
+    """A usage sample in the heartbeat's shape: ``max_rss`` (bytes), ``rss``, ``cpu_percent``."""
+
+
+class ProcessTreeSampler:
+    """Samples memory and CPU of a process and all its descendants.
+
+    CPU percent is computed from the change in cumulative CPU time between
+    two samples (so children that exited in between don't vanish from it as
+    long as they were seen once), divided by wall time; 100 means one core.
+    ``max_rss`` is the highest resident-set total seen so far.
+    """
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.max_rss = 0
+        self.rss = 0
+        self.cpu_percent = 0.0
+        self._cpu_times = {}     # pid -> (create_time, last cumulative cpu seconds)
+        self._last_total = None  # cpu seconds summed over seen processes
+        self._last_time = None
+        self._first_time = None
+        self._first_total = 0.0
+
+    def processes(self):
+        """The root process and its live descendants (empty once the root is gone)."""
+        try:
+            root = psutil.Process(self.pid)
+            return [root] + root.children(recursive=True)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return []
+
+    def sample(self, now=None):
+        """Take one sample and return it as a ``Usage``."""
+        now = time.monotonic() if now is None else now
+        rss = 0
+        for proc in self.processes():
+            try:
+                with proc.oneshot():
+                    if proc.status() == psutil.STATUS_ZOMBIE:
+                        continue
+                    rss += proc.memory_info().rss
+                    times = proc.cpu_times()
+                    cpu = times.user + times.system
+                    key = (proc.pid, proc.create_time())
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            self._cpu_times[key] = cpu
+        total = sum(self._cpu_times.values())
+        if self._first_time is None:
+            self._first_time, self._first_total = now, total
+        if self._last_time is not None and now > self._last_time:
+            self.cpu_percent = max(0.0, 100.0 * (total - self._last_total) / (now - self._last_time))
+        self._last_total, self._last_time = total, now
+        self.rss = rss
+        self.max_rss = max(self.max_rss, rss)
+        return self.usage()
+
+    def usage(self):
+        """The latest figures without sampling again."""
+        return Usage(max_rss=int(self.max_rss), rss=int(self.rss),
+                     cpu_percent=round(self.cpu_percent, 1))
+
+    def average_cpu_percent(self):
+        """CPU percent averaged from the first sample to the last (for the final report)."""
+        if self._first_time is None or self._last_time is None or self._last_time <= self._first_time:
+            return round(self.cpu_percent, 1)
+        return round(100.0 * (self._last_total - self._first_total) / (self._last_time - self._first_time), 1)

@@ -1,0 +1,654 @@
+"""The banyan-worker daemon: claim what fits, run it, report it.
+
+Three roles, each small (as Huey splits consumer roles):
+
+- the main thread supervises: it starts claimed tasks, samples and polls
+  them, runs hooks, acts on cancellations, enforces liveness and shutdown;
+- a claimer thread long-polls the server for tasks that fit what is free;
+- a heartbeat thread reports liveness, usage and progress, so liveness
+  never depends on how long a claim or a report takes;
+- a reporter thread delivers finished attempts, retrying until the server
+  has them (or says 404/409), so a result is never dropped while the server
+  is reachable and a slow server never stalls supervision.
+
+Every wait is an ``Event.wait`` so a stop request interrupts it at once.
+"""
+
+import collections
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..client import BanyanError, Client, ServerUnreachable
+from ..units import parse_size
+from . import resources
+from .executor import OUTPUT_LIMIT, Outcome, TaskProcess
+from .hooks import TimeLimit, run_hooks
+
+log = logging.getLogger(__name__)
+
+__all__ = ["WorkerConfig", "Worker", "StartupError", "HEARTBEAT_INTERVAL"]
+
+#: Default seconds between heartbeats (the server's HEARTBEAT_TIMEOUT / 3).
+HEARTBEAT_INTERVAL = 10.0
+#: Supervision tick: how quickly exits, cancellations and deadlines are noticed.
+TICK = 0.1
+#: Seconds between usage samples of a running task.
+SAMPLE_INTERVAL = 1.0
+#: Backoff for claims, registration and reports when the server misbehaves.
+BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
+#: Longest a claim is held open while tasks are running: their resources may
+#: come back during the poll, and the request carries the old free amounts.
+BUSY_CLAIM_WAIT = 5.0
+#: Tries to reach the server at start before giving up (exit code 3).
+STARTUP_ATTEMPTS = 4
+
+
+class StartupError(Exception):
+    """The worker could not register with the server at start (exit code 3)."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Validated settings of one worker; None for a resource means "detect it"."""
+
+    server: str
+    token: Optional[str] = None
+    cores: Optional[float] = None
+    memory: Optional[int] = None
+    gpus: Optional[int] = None
+    drain: float = 60.0
+    heartbeat: float = HEARTBEAT_INTERVAL
+    timeout: Optional[float] = None       # unreachable this long -> kill tasks; default 3 heartbeats
+    work_dir: str = field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".banyan", "work"))
+    max_tasks: Optional[int] = None       # tasks running at once; None = as many as fit
+    claim_wait: float = 20.0              # long-poll seconds per claim
+    claim_batch: int = 32                 # most tasks asked for in one claim
+    host: str = field(default_factory=socket.gethostname)
+
+    def __post_init__(self):
+        if not self.server:
+            raise ValueError("a server URL is required (--server or $BANYAN_SERVER)")
+        if self.cores is not None and (self.cores != self.cores or self.cores < 0):
+            raise ValueError(f"cores must be >= 0, got {self.cores!r}")
+        if self.memory is not None:
+            object.__setattr__(self, "memory", parse_size(self.memory))
+        if self.gpus is not None and (int(self.gpus) != self.gpus or self.gpus < 0):
+            raise ValueError(f"gpus must be a whole number >= 0, got {self.gpus!r}")
+        for name in ("drain", "claim_wait"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.heartbeat > 0:
+            raise ValueError(f"heartbeat must be > 0 seconds, got {self.heartbeat!r}")
+        if self.timeout is None:
+            object.__setattr__(self, "timeout", 3 * self.heartbeat)
+        if not self.timeout > self.heartbeat:
+            raise ValueError(f"timeout ({self.timeout}s) must be longer than the heartbeat interval ({self.heartbeat}s)")
+        if self.max_tasks is not None and self.max_tasks < 1:
+            raise ValueError(f"max_tasks must be >= 1, got {self.max_tasks!r}")
+        if self.claim_batch < 1:
+            raise ValueError(f"claim_batch must be >= 1, got {self.claim_batch!r}")
+
+
+def requested(task):
+    """A task's ``requested_resources`` with the contract's defaults, as numbers."""
+    req = task.get("requested_resources") or {}
+    cores = req.get("cores")
+    memory = req.get("memory")
+    gpus = req.get("gpus")
+    return {"cores": 1.0 if cores is None else float(cores),
+            "memory": 0 if memory is None else parse_size(memory),
+            "gpus": 0 if gpus is None else int(gpus)}
+
+
+def attempt_of(task):
+    """The attempt number the claim created (last history entry)."""
+    for entry in (task.get("history") or [])[-1:] + [task.get("current_history")]:
+        if isinstance(entry, dict) and entry.get("attempt") is not None:
+            return int(entry["attempt"])
+    if task.get("attempt") is not None:
+        return int(task["attempt"])
+    return len(task.get("history") or []) or 1
+
+
+class Worker:
+    """One banyan-worker. ``run()`` returns the process exit code."""
+
+    def __init__(self, config, hooks=None, client_factory=None):
+        self.config = config
+        self.hooks = list(hooks) if hooks is not None else [TimeLimit()]
+        make = client_factory or (lambda **kw: Client(config.server, config.token, **kw))
+        # One client (one Session) per thread: requests.Session isn't thread-safe.
+        self.client = make(timeout=10.0, attempts=1)
+        self.claim_client = make(timeout=15.0, attempts=1)
+        self.heartbeat_client = make(timeout=max(1.0, min(30.0, config.heartbeat)), attempts=1)
+        self.report_client = make(timeout=30.0, attempts=1)
+
+        detected = resources.detect_resources()
+        self.total = {
+            "cores": float(config.cores) if config.cores is not None else float(detected["cores"]),
+            "memory": int(config.memory) if config.memory is not None else int(detected["memory"]),
+            "gpus": int(config.gpus) if config.gpus is not None else int(detected["gpus"]),
+        }
+        self.worker_id = None
+        self._lock = threading.RLock()
+        self._tasks = {}        # task id -> TaskProcess, running and reported in heartbeats
+        self._doomed = {}       # task id -> TaskProcess, being killed, never reported
+        self._inbox = []        # claimed task documents not started yet
+        self._control = collections.deque()  # ("cancel"|"unknown", task id)
+        self._reserved = {}     # task id -> requested resources (inbox, tasks, doomed)
+        self._gpus = {}         # task id -> GPU indices handed to it
+        self._reports = queue.Queue()
+        self._last_sample = {}
+
+        self._stop_event = threading.Event()     # warm stop: no more claims, drain
+        self._force_event = threading.Event()    # cold stop: kill and exit
+        self._done_event = threading.Event()     # everything reported: stop helper threads
+        self._lost = threading.Event()           # the server forgot us (404): reset
+        self._last_contact = time.monotonic()
+        self._drain_deadline = None
+        self._register_at = 0.0
+        self._register_delay = BACKOFF_START
+        self._signum = None
+        self._threads = []
+
+    # == table of contents ==================================================
+
+    def run(self):
+        """Register, then supervise until stopped; returns the exit code."""
+        self.bootstrap()
+        self._install_signal_handlers()
+        self._start_threads()
+        try:
+            while not self._finished():
+                now = time.monotonic()
+                self.check_liveness(now)
+                self.maybe_register(now)
+                self.apply_control()
+                self.start_claimed()
+                self.supervise(now)
+                self.check_drain(now)
+                if self._force_event.is_set():
+                    break
+                self._wait(TICK)
+        finally:
+            self.teardown()
+        return 1 if self._force_event.is_set() else 0
+
+    def bootstrap(self):
+        """Create the work directory and register; StartupError if the server says no."""
+        os.makedirs(self.config.work_dir, exist_ok=True)
+        log.info("worker on %s with %s", self.config.host, self.total)
+        delay = BACKOFF_START
+        for attempt in range(1, STARTUP_ATTEMPTS + 1):
+            try:
+                self.register()
+                return
+            except ServerUnreachable as exc:
+                if attempt == STARTUP_ATTEMPTS:
+                    raise StartupError(str(exc)) from exc
+                log.warning("cannot reach %s yet (%s); retrying in %.1fs", self.config.server, exc, delay)
+                if self._force_event.wait(delay):
+                    raise StartupError("stopped before registering") from exc
+                delay = min(BACKOFF_MAX, delay * 2)
+            except BanyanError as exc:
+                raise StartupError(f"cannot register with {self.config.server}: {exc}") from exc
+
+    def register(self):
+        self.worker_id = self.client.register_worker(self.config.host, dict(self.total))
+        self._last_contact = time.monotonic()
+        self._lost.clear()
+        log.info("registered as worker %s", self.worker_id)
+
+    # == stopping ===========================================================
+
+    def request_stop(self, signum=None, frame=None):
+        """Warm stop: claim nothing more, let running tasks finish within ``drain`` seconds."""
+        if self._stop_event.is_set():
+            return self.request_force_stop(signum, frame)
+        log.warning("stopping: no new tasks; waiting up to %gs for %d running task(s) "
+                    "(signal again to kill them now)", self.config.drain, len(self._tasks))
+        self._signum = signum
+        self._drain_deadline = time.monotonic() + self.config.drain
+        self._stop_event.set()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    signal.signal(sig, self.request_force_stop)
+                except ValueError:
+                    pass
+
+    def request_force_stop(self, signum=None, frame=None):
+        """Cold stop: kill every task's process group and exit."""
+        log.warning("forced stop: killing %d task(s)", len(self._tasks))
+        self._stop_event.set()
+        self._force_event.set()
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return  # embedded (tests): the owner calls request_stop itself
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def _finished(self):
+        """Stopping, nothing running, and every result delivered (or the server is gone)."""
+        if not self._stop_event.is_set():
+            return False
+        with self._lock:
+            busy = self._tasks or self._doomed or self._inbox
+        if busy:
+            return False
+        return self._reports.unfinished_tasks == 0 or self.worker_id is None
+
+    def _wait(self, seconds):
+        """The main loop's pause; a stop request ends it early (a force request while draining)."""
+        event = self._force_event if self._stop_event.is_set() else self._stop_event
+        event.wait(seconds)
+
+    # == liveness and registration ==========================================
+
+    def _contact(self):
+        self._last_contact = time.monotonic()
+
+    def check_liveness(self, now):
+        """Server forgot us, or silent past the timeout: kill and drop every task."""
+        if self.worker_id is None:
+            return
+        if self._lost.is_set():
+            self.reset("the server no longer knows worker %s" % self.worker_id)
+        elif now - self._last_contact > self.config.timeout:
+            self.reset("server unreachable for %.0fs" % (now - self._last_contact))
+
+    def reset(self, reason):
+        """Drop everything the server may have given to someone else, and register anew later."""
+        with self._lock:
+            victims = list(self._tasks.items())
+            self._tasks.clear()
+            for task in self._inbox:
+                self._release(str(task["_id"]))
+            self._inbox.clear()
+            self._control.clear()
+            for task_id, proc in victims:
+                self._doomed[task_id] = proc
+            self.worker_id = None
+        log.error("%s: killing %d task(s) and registering again", reason, len(victims))
+        for _, proc in victims:
+            proc.terminate(proc.max_shutdown_time, reason="failure", wait=False)
+        self._lost.clear()
+        self._register_at = time.monotonic()
+        self._register_delay = BACKOFF_START
+
+    def maybe_register(self, now):
+        """After a reset, register again with backoff (never while stopping)."""
+        if self.worker_id is not None or self._stop_event.is_set() or now < self._register_at:
+            return
+        try:
+            self.worker_id = self.client.register_worker(self.config.host, dict(self.total))
+        except BanyanError as exc:
+            log.warning("cannot register again (retrying in %.1fs): %s", self._register_delay, exc)
+            self._register_at = now + self._register_delay
+            self._register_delay = min(BACKOFF_MAX, self._register_delay * 2)
+            return
+        self._contact()
+        log.info("registered again as worker %s", self.worker_id)
+
+    # == claiming (claimer thread) ==========================================
+
+    def free(self):
+        """What running and claimed tasks leave of the totals."""
+        with self._lock:
+            used = {"cores": 0.0, "memory": 0, "gpus": 0}
+            for req in self._reserved.values():
+                for key in used:
+                    used[key] += req[key]
+        return {"cores": max(0.0, round(self.total["cores"] - used["cores"], 6)),
+                "memory": max(0, self.total["memory"] - used["memory"]),
+                "gpus": max(0, self.total["gpus"] - used["gpus"])}
+
+    def claim_capacity(self):
+        """How many tasks to ask for now."""
+        if self.config.max_tasks is None:
+            return self.config.claim_batch
+        with self._lock:
+            held = len(self._tasks) + len(self._inbox) + len(self._doomed)
+        return min(self.config.claim_batch, self.config.max_tasks - held)
+
+    def claim_once(self):
+        """One claim request; returns how many tasks arrived. Raises the client's errors."""
+        wid = self.worker_id
+        count = self.claim_capacity()
+        if wid is None or count <= 0:
+            return 0
+        with self._lock:
+            busy = bool(self._reserved)
+        wait = min(self.config.claim_wait, BUSY_CLAIM_WAIT) if busy else self.config.claim_wait
+        try:
+            reply = self.claim_client.claim(wid, self.free(), count, wait)
+        except BanyanError as exc:
+            exc.worker_id = wid
+            raise
+        self._contact()
+        items = reply.get("_items") or []
+        with self._lock:
+            if self.worker_id != wid:   # reset while the claim was in flight
+                if items:
+                    log.warning("dropping %d task(s) claimed by the previous registration %s: %s",
+                                len(items), wid, ", ".join(str(t["_id"]) for t in items))
+                return 0
+            for task in items:
+                self._reserved[str(task["_id"])] = requested(task)
+                self._inbox.append(task)
+            self._control.extend(("cancel", str(t)) for t in reply.get("cancel") or [])
+        if items:
+            log.info("claimed %d task(s): %s", len(items), ", ".join(str(t["_id"]) for t in items))
+        return len(items)
+
+    def _claim_loop(self):
+        delay = BACKOFF_START
+        idle = TICK
+        while not self._stop_event.is_set():
+            if self.worker_id is None or self.claim_capacity() <= 0:
+                self._stop_event.wait(TICK)
+                continue
+            started = time.monotonic()
+            try:
+                got = self.claim_once()
+            except BanyanError as exc:
+                if exc.status == 404 and getattr(exc, "worker_id", None) == self.worker_id:
+                    self._lost.set()
+                log.warning("claim failed (retrying in %.1fs): %s", delay, exc)
+                self._stop_event.wait(delay)
+                delay = min(BACKOFF_MAX, delay * 2)
+                continue
+            except Exception:
+                log.exception("unexpected error while claiming")
+                self._stop_event.wait(delay)
+                delay = min(BACKOFF_MAX, delay * 2)
+                continue
+            delay = BACKOFF_START
+            if got:
+                idle = TICK
+            elif time.monotonic() - started < 0.5 * self.config.claim_wait:
+                # The server did not hold the request (or we had nothing
+                # that fits): back off a little, as Huey's idle delay does.
+                self._stop_event.wait(idle)
+                idle = min(2.0, idle * 2)
+
+    # == supervising (main thread) ==========================================
+
+    def apply_control(self):
+        """Act on ``cancel`` and ``unknown`` lists from claims and heartbeats."""
+        while True:
+            with self._lock:
+                if not self._control:
+                    return
+                action, task_id = self._control.popleft()
+                proc = self._tasks.get(task_id)
+                pending = next((t for t in self._inbox if str(t["_id"]) == task_id), None)
+                if action == "unknown" and proc is not None:
+                    del self._tasks[task_id]
+                    self._doomed[task_id] = proc
+                if pending is not None:
+                    self._inbox.remove(pending)
+                    self._release(task_id)
+            if action == "cancel":
+                if proc is not None and proc.stop_reason is None:
+                    log.info("task %s: cancellation requested", task_id)
+                    proc.terminate(proc.max_shutdown_time, reason="cancelled", wait=False)
+                elif pending is not None:
+                    self._queue_report(pending, attempt_of(pending), Outcome(None, "cancelled"),
+                                       "", "", {"max_rss": 0, "cpu_percent": 0.0})
+            elif proc is not None:
+                log.warning("task %s: the server says it is no longer ours; killing it", task_id)
+                proc.terminate(proc.max_shutdown_time, reason="failure", wait=False)
+
+    def start_claimed(self):
+        """Start every claimed task (unless stopping hard)."""
+        while True:
+            with self._lock:
+                if not self._inbox:
+                    return
+                task = self._inbox.pop(0)
+                task_id = str(task["_id"])
+                gpu_ids = self._assign_gpus(task_id, requested(task)["gpus"])
+            attempt = attempt_of(task)
+            extra_env = {}
+            if self.total["gpus"] > 0:
+                extra_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
+            proc = TaskProcess(task, attempt, self._attempt_dir(task_id, attempt), extra_env)
+            run_hooks(self.hooks, "before_start", proc)
+            proc.start()
+            proc.sample()
+            with self._lock:
+                self._tasks[task_id] = proc
+
+    def supervise(self, now):
+        """Sample, run hooks, and collect the attempts that ended."""
+        with self._lock:
+            running = list(self._tasks.items())
+            doomed = list(self._doomed.items())
+        for task_id, proc in running:
+            if now - self._last_sample.get(task_id, 0.0) >= SAMPLE_INTERVAL:
+                proc.sample(now)
+                self._last_sample[task_id] = now
+            run_hooks(self.hooks, "on_sample", proc, now)
+            outcome = proc.poll(now)
+            if outcome is not None:
+                self._finish_attempt(task_id, proc, outcome)
+        for task_id, proc in doomed:
+            if proc.poll(now) is not None:
+                log.info("task %s killed and dropped", task_id)
+                with self._lock:
+                    self._doomed.pop(task_id, None)
+                    self._release(task_id)
+                self._remove_attempt_dir(proc)
+
+    def _finish_attempt(self, task_id, proc, outcome):
+        run_hooks(self.hooks, "after_exit", proc, outcome)
+        usage = proc.usage()
+        if proc.sampler is not None:
+            usage["cpu_percent"] = proc.sampler.average_cpu_percent()
+        with self._lock:
+            self._tasks.pop(task_id, None)
+            self._last_sample.pop(task_id, None)
+            self._release(task_id)
+        self._queue_report(proc.task, proc.attempt, outcome,
+                           proc.tail("stdout", OUTPUT_LIMIT), proc.tail("stderr", OUTPUT_LIMIT),
+                           usage, proc)
+
+    def check_drain(self, now):
+        """Past the drain deadline: terminate what is still running (outcome "failure")."""
+        if self._drain_deadline is None or now < self._drain_deadline:
+            return
+        with self._lock:
+            running = list(self._tasks.values())
+        for proc in running:
+            if proc.kill_deadline is None:
+                log.warning("task %s still running after the drain period; terminating it", proc.task_id)
+                proc.terminate(proc.max_shutdown_time, reason="failure", wait=False)
+
+    # == resources ==========================================================
+
+    def _release(self, task_id):
+        self._reserved.pop(task_id, None)
+        self._gpus.pop(task_id, None)
+
+    def _assign_gpus(self, task_id, count):
+        taken = {i for ids in self._gpus.values() for i in ids}
+        free = [i for i in range(self.total["gpus"]) if i not in taken]
+        if count > len(free):
+            log.warning("task %s asks for %d GPU(s) but only %d are free", task_id, count, len(free))
+        self._gpus[task_id] = free[:count]
+        return self._gpus[task_id]
+
+    def _attempt_dir(self, task_id, attempt):
+        return os.path.join(self.config.work_dir, task_id, f"attempt-{attempt}")
+
+    def _remove_attempt_dir(self, proc):
+        shutil.rmtree(proc.attempt_dir, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(proc.attempt_dir))
+        except OSError:
+            pass
+
+    # == heartbeats (heartbeat thread) ======================================
+
+    def heartbeat_payload(self):
+        with self._lock:
+            running = list(self._tasks.items())
+        tasks = {}
+        for task_id, proc in running:
+            entry = {"attempt": proc.attempt, "usage": proc.usage()}
+            progress = proc.read_progress()
+            if progress is not None:
+                entry["progress"] = progress
+            tasks[task_id] = entry
+        return tasks
+
+    def heartbeat(self):
+        """Send one heartbeat and queue what the server answers."""
+        wid = self.worker_id
+        if wid is None:
+            return
+        try:
+            reply = self.heartbeat_client.heartbeat(wid, self.heartbeat_payload())
+        except BanyanError as exc:
+            if exc.status == 404 and self.worker_id == wid:
+                self._lost.set()
+            log.warning("heartbeat failed: %s", exc)
+            return
+        self._contact()
+        with self._lock:
+            if self.worker_id != wid:
+                return
+            self._control.extend(("cancel", str(t)) for t in reply.get("cancel") or [])
+            self._control.extend(("unknown", str(t)) for t in reply.get("unknown") or [])
+
+    def _heartbeat_loop(self):
+        interval = self.config.heartbeat
+        while not self._done_event.is_set():
+            started = time.monotonic()
+            try:
+                self.heartbeat()
+            except Exception:
+                log.exception("unexpected error in heartbeat")
+            self._done_event.wait(max(0.0, interval - (time.monotonic() - started)))
+
+    # == reports (reporter thread) ==========================================
+
+    def _queue_report(self, task, attempt, outcome, stdout, stderr, usage, proc=None):
+        report = {"task_id": str(task["_id"]), "attempt": attempt, "outcome": outcome.outcome,
+                  "exit_code": outcome.exit_code, "stdout": stdout, "stderr": stderr,
+                  "usage": usage, "proc": proc}
+        self._reports.put(report)
+
+    def report(self, report, client=None):
+        """Deliver one result; True when done with it (delivered or refused for good)."""
+        task_id = report["task_id"]
+        client = client or self.report_client
+        try:
+            client.finish(task_id, report["attempt"], report["outcome"], report["exit_code"],
+                                      report["stdout"], report["stderr"], report["usage"])
+        except BanyanError as exc:
+            if isinstance(exc, ServerUnreachable) or exc.status is None or exc.status >= 500 \
+                    or exc.status in (408, 429):
+                log.warning("cannot report task %s yet: %s", task_id, exc)
+                return False
+            self._contact()
+            if exc.status in (404, 409):
+                log.warning("report of task %s attempt %s refused (%s): dropping it",
+                            task_id, report["attempt"], exc)
+            else:
+                log.error("report of task %s attempt %s rejected, dropping it: %s",
+                          task_id, report["attempt"], exc)
+            return True
+        self._contact()
+        log.info("reported task %s attempt %s: %s (exit code %s)", task_id, report["attempt"],
+                 report["outcome"], report["exit_code"])
+        return True
+
+    def _report_loop(self):
+        while True:
+            try:
+                item = self._reports.get(timeout=TICK)
+            except queue.Empty:
+                if self._done_event.is_set():
+                    return
+                continue
+            delay = BACKOFF_START
+            try:
+                while not self.report(item):
+                    if self._done_event.wait(delay):
+                        log.error("giving up on the report of task %s", item["task_id"])
+                        break
+                    delay = min(BACKOFF_MAX, delay * 2)
+                else:
+                    if item["proc"] is not None:
+                        self._remove_attempt_dir(item["proc"])
+            except Exception:
+                log.exception("unexpected error while reporting task %s", item["task_id"])
+            finally:
+                self._reports.task_done()
+
+    # == threads and teardown ===============================================
+
+    def _start_threads(self):
+        for name, target in (("claimer", self._claim_loop), ("heartbeat", self._heartbeat_loop),
+                             ("reporter", self._report_loop)):
+            thread = threading.Thread(target=target, name=f"banyan-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def teardown(self):
+        """Kill what is left, deliver what can be delivered, unregister."""
+        self._stop_event.set()
+        with self._lock:
+            left = list(self._tasks.items()) + list(self._doomed.items())
+        forced = self._force_event.is_set()
+        for task_id, proc in left:
+            if forced:
+                proc.kill()
+            proc.terminate(0 if forced else proc.max_shutdown_time, reason="failure", wait=True)
+        with self._lock:
+            for task_id, proc in list(self._tasks.items()):
+                self._finish_attempt(task_id, proc, proc.poll())
+            self._doomed.clear()
+            unstarted, self._inbox = self._inbox, []
+        for task in unstarted:  # claimed during a cold stop: hand them back as failed attempts
+            self._queue_report(task, attempt_of(task), Outcome(None, "failure"), "",
+                               "banyan-worker stopped before starting this task\n",
+                               {"max_rss": 0, "cpu_percent": 0.0})
+        if forced:
+            # Cold stop: one quick try per report, no retries.
+            self._done_event.set()
+        else:
+            deadline = time.monotonic() + self.config.timeout
+            while self._reports.unfinished_tasks and self.worker_id is not None \
+                    and time.monotonic() < deadline and not self._force_event.is_set():
+                self._force_event.wait(TICK)
+            self._done_event.set()
+        for thread in self._threads:
+            thread.join(timeout=2.0 if not forced else 0.5)
+        while True:  # whatever the reporter did not get to
+            try:
+                item = self._reports.get_nowait()
+            except queue.Empty:
+                break
+            if forced and self.worker_id is not None:
+                self.report(item, self.client)
+            self._reports.task_done()
+        if self.worker_id is not None:
+            try:
+                self.heartbeat_client.unregister_worker(self.worker_id)
+                log.info("unregistered worker %s", self.worker_id)
+            except BanyanError as exc:
+                log.warning("cannot unregister: %s", exc)
+        for client in (self.client, self.claim_client, self.heartbeat_client, self.report_client):
+            client.close()

@@ -1,0 +1,686 @@
+"""Workers, claims, heartbeats, results, cancellation and lost workers."""
+
+import random
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+from bson import ObjectId
+
+from banyan.server.app import create_app
+from banyan.server.auth import TokenStore
+from banyan.server.states import ABANDONED, FAILURE, SUCCESS, TIMEOUT, utcnow
+
+from conftest import NoServerErrorClient
+
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+PLENTY = {"cores": 1e6, "memory": 1 << 50, "gpus": 1000}
+
+
+def make_app(store, **config):
+    client, dbname = store
+    app = create_app(client, dict({"MONGO_DBNAME": dbname, "TESTING": True}, **config))
+    app.test_client_class = NoServerErrorClient
+    return app
+
+
+def register(api, host="node1", resources=None, headers=None):
+    r = api.post("/workers", json={"host": host, "resources": resources or {"cores": 8, "memory": 16 * GiB,
+                                                                             "gpus": 0}},
+                 headers=headers)
+    assert r.status_code == 201, r.json
+    return r.json["_id"]
+
+
+def submit(api, *bodies, headers=None):
+    r = api.post("/tasks", json=list(bodies), headers=headers)
+    assert r.status_code == 201, r.json
+    items = r.json["_items"] if "_items" in r.json else [r.json]
+    return [item["_id"] for item in items]
+
+
+def claim(api, wid, free=None, max_tasks=1, wait=0, status=200, headers=None):
+    r = api.post("/workers/%s/claim" % wid, json={"free": free or PLENTY, "max_tasks": max_tasks, "wait": wait},
+                 headers=headers)
+    assert r.status_code == status, r.json
+    return r.json
+
+
+def finish(api, tid, attempt, outcome, exit_code=None, status=200, headers=None, **extra):
+    r = api.post("/tasks/%s/finish" % tid, json=dict({"attempt": attempt, "outcome": outcome,
+                                                      "exit_code": exit_code}, **extra), headers=headers)
+    assert r.status_code == status, r.json
+    return r.json
+
+
+def heartbeat(api, wid, tasks=None, status=200, headers=None):
+    r = api.post("/workers/%s/heartbeat" % wid, json={"tasks": tasks or {}}, headers=headers)
+    assert r.status_code == status, r.json
+    return r.json
+
+
+def task(api, tid):
+    r = api.get("/tasks/%s" % tid)
+    assert r.status_code == 200, r.json
+    return r.json
+
+
+def patch(api, tid, body, status=200):
+    r = api.patch("/tasks/%s" % tid, json=body)
+    assert r.status_code == status, r.json
+    return r.json
+
+
+def claim_one(api, wid, tid):
+    """Claim exactly the task `tid` (the only ready one) and return its attempt number."""
+    items = claim(api, wid, max_tasks=1)["_items"]
+    assert [t["_id"] for t in items] == [tid]
+    return items[0]["history"][-1]["attempt"]
+
+
+def run_threads(targets):
+    """Run callables in threads; re-raise the first failure."""
+    errors = []
+
+    def wrap(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # noqa: B902 - reported below
+                errors.append(e)
+        return run
+
+    threads = [threading.Thread(target=wrap(fn)) for fn in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+# -- registration -----------------------------------------------------------
+
+def test_register_list_show_and_unregister(api):
+    wid = register(api, resources={"cores": 4, "memory": "2 GiB", "gpus": 1})
+    listed = api.get("/workers").json["_items"]
+    assert [w["_id"] for w in listed] == [wid]
+    shown = api.get("/workers/%s" % wid).json
+    assert shown["state"] == "active" and shown["host"] == "node1" and shown["running"] == []
+    assert shown["resources"] == {"cores": 4, "memory": 2 * GiB, "gpus": 1}
+    assert "token_id" not in shown and shown["last_heartbeat"]
+    tid, = submit(api, {"command": "x", "state": "available"})
+    claim_one(api, wid, tid)
+    assert api.get("/workers/%s" % wid).json["running"] == [tid]
+    assert api.get("/workers?state=active").json["_items"][0]["running"] == [tid]
+    r = api.delete("/workers/%s" % wid)
+    assert r.status_code == 204
+    assert api.get("/workers/%s" % wid).json["state"] == "stopped"
+    # the task it still held is given back (an abandoned attempt, retry rules)
+    t = task(api, tid)
+    assert t["state"] == "terminated" and t["history"][0]["exit_status"] == ABANDONED
+    claim(api, wid, status=404)
+    heartbeat(api, wid, status=404)
+    assert api.get("/workers?state=active").json["_items"] == []
+
+
+@pytest.mark.parametrize("body,word", [
+    ({"resources": {"cores": 1}}, "host"),
+    ({"host": "n", "resources": {"cores": -1}}, "cores"),
+    ({"host": "n", "resources": {"memory": "lots"}}, "memory"),
+    ({"host": "n", "resources": {"gpus": 1.5}}, "gpus"),
+    ({"host": "n", "resources": {"cpus": 1}}, "cpus"),
+    ({"host": "n", "colour": "blue"}, "colour"),
+])
+def test_bad_registrations_are_refused(api, db, body, word):
+    r = api.post("/workers", json=body)
+    assert r.status_code == 422 and word in str(r.json), r.json
+    assert db.workers.count_documents({}) == 0
+
+
+def test_unknown_and_malformed_worker_ids(api):
+    assert api.get("/workers/nope").status_code == 404
+    assert api.get("/workers/%s" % ObjectId()).status_code == 404
+    claim(api, ObjectId(), status=404)
+    heartbeat(api, "nope", status=404)
+    assert api.post("/workers/%s/claim" % register(api), data="{", content_type="application/json"
+                    ).status_code == 400
+
+
+# -- claims -----------------------------------------------------------------
+
+def test_per_item_claim_race_has_one_winner(api, db):
+    tid, = submit(api, {"command": "x", "state": "available"})
+    workers = [register(api, host="n%d" % i) for i in range(8)]
+    codes = []
+    barrier = threading.Barrier(len(workers))
+
+    def claimer(wid):
+        def go():
+            barrier.wait()
+            codes.append((wid, api.patch("/tasks/%s" % tid, json={"state": "running", "worker": wid}).status_code))
+        return go
+
+    run_threads([claimer(w) for w in workers])
+    winners = [w for w, code in codes if code == 200]
+    assert len(winners) == 1 and sorted(code for _, code in codes) == [200] + [409] * 7
+    doc = db.tasks.find_one({"_id": ObjectId(tid)})
+    assert doc["state"] == "running" and str(doc["worker"]) == winners[0]
+    assert len(doc["history"]) == 1 and str(doc["history"][0]["worker"]) == winners[0]
+
+
+def seed_tasks(app, bodies):
+    """Insert ready tasks as `POST /tasks` would store them, without paying
+    for Eve's per-document validation (this is about claims)."""
+    now = utcnow().replace(microsecond=0)
+    docs = []
+    for body in bodies:
+        doc = {"max_retries": 0, "max_shutdown_time": 10, "time_limit": None, "priority": 0,
+               "continuations": [], "_created": now, "_updated": now, "_etag": uuid.uuid4().hex}
+        doc.update(body)
+        doc["requested_resources"] = dict({"cores": 1, "memory": 0, "gpus": 0}, **body.get("requested_resources", {}))
+        docs.append(doc)
+    app.queue.prepare_new(docs)
+    app.queue.tasks.insert_many(docs)
+    app.queue.after_insert(docs)
+    return [str(d["_id"]) for d in docs]
+
+
+def test_eight_concurrent_claimers_take_every_task_exactly_once(app, api, db):
+    n = 2000
+    seed_tasks(app, [{"command": "echo %d" % i, "state": "available", "priority": i % 7,
+                      "requested_resources": {"cores": 1, "memory": MiB}} for i in range(n)])
+    claimed = {}
+
+    def batch_claimer(wid):
+        def go():
+            got = claimed.setdefault(wid, [])
+            while True:
+                items = claim(api, wid, free={"cores": 64, "memory": GiB, "gpus": 0}, max_tasks=64)["_items"]
+                if not items:
+                    return
+                got += [t["_id"] for t in items]
+        return go
+
+    def item_claimer(wid):
+        def go():
+            got = claimed.setdefault(wid, [])
+            rng = random.Random(wid)
+            while True:
+                r = api.get('/tasks?where={"state":"available","pending_dependency_count":0}'
+                            '&projection={"_id":1}&max_results=100&sort=[("priority",-1),("_created",1)]')
+                assert r.status_code == 200, r.json
+                ids = [t["_id"] for t in r.json["_items"]]
+                if not ids:
+                    return
+                rng.shuffle(ids)
+                for tid in ids:
+                    r = api.patch("/tasks/%s" % tid, json={"state": "running", "worker": wid})
+                    assert r.status_code in (200, 409), r.json
+                    if r.status_code == 200:
+                        got.append(tid)
+
+        return go
+
+    batch = [register(api, host="batch%d" % i) for i in range(4)]
+    single = [register(api, host="item%d" % i) for i in range(4)]
+    run_threads([batch_claimer(w) for w in batch] + [item_claimer(w) for w in single])
+
+    everything = [tid for got in claimed.values() for tid in got]
+    assert len(everything) == n and len(set(everything)) == n
+    assert all(claimed[w] for w in batch)  # every batch claimer took part
+    assert db.tasks.count_documents({"state": "available"}) == 0
+    assert db.tasks.count_documents({"state": "running"}) == n
+    owner = {tid: wid for wid, got in claimed.items() for tid in got}
+    for doc in db.tasks.find({}, {"worker": 1, "history": 1}):
+        assert len(doc["history"]) == 1
+        assert str(doc["worker"]) == owner[str(doc["_id"])] == str(doc["history"][0]["worker"])
+
+
+def greedy(tasks, free):
+    """What a batch claim must return: best first, each that fits what is left."""
+    left, out = dict(free), []
+    for t in sorted(tasks, key=lambda t: -t["priority"]):
+        req = t["requested_resources"]
+        if all(req[k] <= left[k] for k in left):
+            out.append(t["_id"])
+            for k in left:
+                left[k] -= req[k]
+    return out
+
+
+def test_batch_claim_fits_free_resources_in_priority_order(api):
+    rng = random.Random(5)
+    bodies = [{"command": "x", "state": "available", "priority": p,
+               "requested_resources": {"cores": rng.choice([0, 0.5, 1, 2, 3]),
+                                       "memory": rng.choice([0, 128 * MiB, 256 * MiB, 512 * MiB, GiB, 2 * GiB]),
+                                       "gpus": rng.choice([0, 0, 0, 1])}}
+              for p in rng.sample(range(1000), 80)]
+    ids = submit(api, *bodies)
+    tasks = [dict(b, _id=i) for b, i in zip(bodies, ids)]
+    free = {"cores": 2, "memory": GiB, "gpus": 0}
+    wid = register(api)
+    for _ in range(5):
+        expected = greedy(tasks, free)
+        items = claim(api, wid, free=free, max_tasks=100)["_items"]
+        assert [t["_id"] for t in items] == expected
+        for key in free:
+            assert sum(t["requested_resources"][key] for t in items) <= free[key]
+        priorities = [t["priority"] for t in items]
+        assert priorities == sorted(priorities, reverse=True)
+        assert all(t["state"] == "running" and t["history"][-1]["attempt"] == 1 for t in items)
+        got = {t["_id"] for t in items}
+        tasks = [t for t in tasks if t["_id"] not in got]
+    assert any(t["requested_resources"]["cores"] > 2 for t in tasks)  # never handed out
+
+
+def test_batch_claim_takes_oldest_first_among_equal_priorities(api, db):
+    ids = submit(api, *[{"command": "x", "state": "available", "priority": 3} for _ in range(5)])
+    base = utcnow()
+    # Eve stamps `_created` to the second: spread them out by hand, newest first
+    for age, tid in enumerate(ids):
+        db.tasks.update_one({"_id": ObjectId(tid)}, {"$set": {"_created": base - timedelta(seconds=age)}})
+    wid = register(api)
+    items = claim(api, wid, max_tasks=5)["_items"]
+    assert [t["_id"] for t in items] == list(reversed(ids))
+
+
+def test_batch_claim_honours_max_tasks_and_skips_waiting_tasks(api):
+    child, = submit(api, {"command": "x"})
+    submit(api, {"command": "x", "state": "available", "continuations": [child]},
+           *[{"command": "x", "state": "available"} for _ in range(3)])
+    patch(api, child, {"state": "available"})  # available, but waits for its parent
+    wid = register(api)
+    assert len(claim(api, wid, max_tasks=2)["_items"]) == 2
+    assert child not in [t["_id"] for t in claim(api, wid, max_tasks=10)["_items"]]
+
+
+@pytest.mark.parametrize("body,word", [
+    ({"free": {"cores": -1}}, "cores"),
+    ({"free": "all"}, "free"),
+    ({"free": {"cores": 1}, "max_tasks": 0}, "max_tasks"),
+    ({"free": {"cores": 1}, "max_tasks": "2"}, "max_tasks"),
+    ({"free": {"cores": 1}, "wait": -3}, "wait"),
+    ({"free": {"cores": 1}, "colour": 1}, "colour"),
+])
+def test_bad_claims_are_refused_and_claim_nothing(api, db, body, word):
+    submit(api, {"command": "x", "state": "available"})
+    wid = register(api)
+    r = api.post("/workers/%s/claim" % wid, json=body)
+    assert r.status_code == 422 and word in str(r.json), r.json
+    assert db.tasks.count_documents({"state": "running"}) == 0
+
+
+def test_long_poll_returns_the_task_made_available(store):
+    # a re-check interval longer than the wait: only the wake-up can deliver it in time
+    app = make_app(store, CLAIM_RECHECK_INTERVAL=60)
+    api = app.test_client()
+    wid = register(api)
+    tid, = submit(api, {"command": "x", "requested_resources": {"cores": 2}})
+    result = {}
+
+    def poll():
+        started = time.monotonic()
+        result["reply"] = claim(api, wid, free={"cores": 4, "memory": GiB, "gpus": 0}, max_tasks=4, wait=20)
+        result["took"] = time.monotonic() - started
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    deadline = time.monotonic() + 10
+    while len(app.claim_waiters) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(app.claim_waiters) == 1
+    patch(api, tid, {"state": "available"})
+    poller.join()
+    assert [t["_id"] for t in result["reply"]["_items"]] == [tid]
+    assert result["took"] < 20  # woken by the task, not by the end of the wait
+    assert len(app.claim_waiters) == 0
+
+
+def test_long_poll_ignores_tasks_that_do_not_fit(store):
+    app = make_app(store)
+    api = app.test_client()
+    wid = register(api)
+    result = {}
+    poller = threading.Thread(target=lambda: result.update(
+        reply=claim(api, wid, free={"cores": 1, "memory": GiB, "gpus": 0}, wait=1)))
+    poller.start()
+    big, = submit(api, {"command": "x", "state": "available", "requested_resources": {"cores": 4}})
+    poller.join()
+    assert result["reply"] == {"_items": [], "cancel": []}
+    assert task(api, big)["state"] == "available"
+
+
+def test_long_poll_finds_tasks_made_ready_by_another_server(store):
+    """In Mongo mode another process may make a task ready without waking us:
+    the periodic re-check finds it."""
+    app = make_app(store, CLAIM_RECHECK_INTERVAL=0.1)
+    api = app.test_client()
+    wid = register(api)
+    result = {}
+    poller = threading.Thread(target=lambda: result.update(reply=claim(api, wid, wait=20)))
+    poller.start()
+    deadline = time.monotonic() + 10
+    while len(app.claim_waiters) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    docs = [{"command": "x", "state": "available", "priority": 0, "requested_resources": {"cores": 1, "memory": 0, "gpus": 0},
+             "_created": utcnow(), "_updated": utcnow(), "_etag": uuid.uuid4().hex}]
+    app.queue.prepare_new(docs)
+    app.queue.tasks.insert_one(docs[0])  # no on_ready: "another process" did it
+    poller.join()
+    assert [t["_id"] for t in result["reply"]["_items"]] == [str(docs[0]["_id"])]
+
+
+def test_too_many_waiting_claims_answer_at_once(store):
+    app = make_app(store, CLAIM_MAX_WAITERS=1)
+    api = app.test_client()
+    wid = register(api)
+    poller = threading.Thread(target=lambda: claim(api, wid, wait=2))
+    poller.start()
+    deadline = time.monotonic() + 10
+    while len(app.claim_waiters) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert claim(api, wid, wait=30) == {"_items": [], "cancel": []}
+    assert len(app.claim_waiters) == 1  # the second claim never waited
+    poller.join()
+
+
+# -- completion and retries -------------------------------------------------
+
+def test_three_failures_with_two_retries_fail_the_task_and_cancel_continuations(api):
+    child, grandchild = submit(api, {"command": "c"}, {"command": "g"})
+    db_child = submit(api, {"command": "c2", "continuations": [grandchild]})[0]
+    parent, = submit(api, {"command": "p", "state": "available", "max_retries": 2,
+                           "continuations": [child, db_child]})
+    wid = register(api)
+    for attempt in (1, 2, 3):
+        assert claim_one(api, wid, parent) == attempt
+        done = finish(api, parent, attempt, FAILURE, exit_code=3)
+        if attempt < 3:
+            assert done["state"] == "available" and done["retry_count"] == attempt
+    t = task(api, parent)
+    assert t["state"] == "terminated" and t["exit_status"] == FAILURE and t["retry_count"] == 2
+    assert [(h["attempt"], h["exit_status"], h["exit_code"]) for h in t["history"]] == \
+        [(1, FAILURE, 3), (2, FAILURE, 3), (3, FAILURE, 3)]
+    assert all(h["ended"] for h in t["history"])
+    assert [task(api, c)["state"] for c in (child, db_child, grandchild)] == ["cancelled"] * 3
+
+
+def test_success_releases_continuations(api):
+    child, = submit(api, {"command": "c"})
+    parent, = submit(api, {"command": "p", "state": "available", "continuations": [child]})
+    wid = register(api)
+    attempt = claim_one(api, wid, parent)
+    done = finish(api, parent, attempt, SUCCESS, exit_code=0, usage={"max_rss": 1000, "cpu_percent": 12.5})
+    assert done["state"] == "terminated" and done["exit_status"] == SUCCESS
+    assert done["history"][-1]["usage"] == {"max_rss": 1000, "cpu_percent": 12.5}
+    assert task(api, child)["state"] == "available"
+
+
+def test_finish_refusals_change_nothing(api, db):
+    tid, = submit(api, {"command": "x", "state": "available"})
+    wid = register(api)
+
+    def unchanged(body, status, word):
+        before = db.tasks.find_one({"_id": ObjectId(tid)})
+        r = api.post("/tasks/%s/finish" % tid, json=body)
+        assert r.status_code == status and word in str(r.json), r.json
+        assert db.tasks.find_one({"_id": ObjectId(tid)}) == before
+
+    unchanged({"attempt": 1, "outcome": SUCCESS}, 409, "no worker holds it")
+    attempt = claim_one(api, wid, tid)
+    unchanged({"attempt": attempt + 1, "outcome": SUCCESS}, 409, "attempt")
+    unchanged({"attempt": attempt, "outcome": ABANDONED}, 422, "outcome")
+    unchanged({"attempt": attempt, "outcome": "fine"}, 422, "outcome")
+    unchanged({"attempt": "one", "outcome": SUCCESS}, 422, "attempt")
+    unchanged({"attempt": attempt, "outcome": SUCCESS, "stdout": 5}, 422, "stdout")
+    unchanged({"attempt": attempt, "outcome": SUCCESS, "colour": 1}, 422, "colour")
+    assert api.post("/tasks/%s/finish" % ObjectId(), json={"attempt": 1, "outcome": SUCCESS}).status_code == 404
+    finish(api, tid, attempt, SUCCESS, exit_code=0)
+    unchanged({"attempt": attempt, "outcome": SUCCESS}, 409, "terminated")  # a repeated report
+
+
+def test_logs_are_kept_per_attempt_and_capped(store):
+    app = make_app(store, LOG_CAP=16)
+    api = app.test_client()
+    tid, = submit(api, {"command": "x", "state": "available", "max_retries": 1})
+    wid = register(api)
+    assert api.get("/tasks/%s/logs" % tid).json == {"attempt": None, "stdout": "", "stderr": ""}
+    finish(api, tid, claim_one(api, wid, tid), FAILURE, 1, stdout="first", stderr="oops")
+    finish(api, tid, claim_one(api, wid, tid), SUCCESS, 0, stdout="x" * 100 + "the end", stderr="é" * 20)
+    latest = api.get("/tasks/%s/logs" % tid).json
+    assert latest["attempt"] == 2
+    assert latest["stdout"] == ("x" * 100 + "the end")[-16:]
+    assert latest["stderr"] == "é" * 8 and len(latest["stderr"].encode()) <= 16
+    assert api.get("/tasks/%s/logs?attempt=1" % tid).json == {"attempt": 1, "stdout": "first", "stderr": "oops"}
+    assert api.get("/tasks/%s/logs?attempt=7" % tid).status_code == 404
+    assert api.get("/tasks/%s/logs?attempt=x" % tid).status_code == 400
+    assert api.get("/tasks/%s/logs" % ObjectId()).status_code == 404
+
+
+# -- heartbeats and lost workers ----------------------------------------------
+
+def test_heartbeat_records_usage_and_progress(api):
+    tid, other = submit(api, {"command": "x", "state": "available"}, {"command": "y"})
+    wid = register(api)
+    attempt = claim_one(api, wid, tid)
+    reply = heartbeat(api, wid, {tid: {"attempt": attempt, "usage": {"max_rss": 5 * MiB, "cpu_percent": 97.5},
+                                       "progress": {"fraction": 0.5, "message": "half"}},
+                                 other: {"attempt": 1}})
+    assert reply == {"cancel": [], "unknown": [other]}
+    entry = task(api, tid)["history"][-1]
+    assert entry["usage"]["max_rss"] == 5 * MiB and entry["usage"]["cpu_percent"] == 97.5
+    assert entry["progress"]["fraction"] == 0.5 and entry["progress"]["message"] == "half"
+    assert entry["usage"]["updated"] and entry["progress"]["updated"]
+    # a stale attempt is not this worker's any more
+    assert heartbeat(api, wid, {tid: {"attempt": attempt + 1}})["unknown"] == [tid]
+
+
+@pytest.mark.parametrize("entry,word", [
+    ({"attempt": 0}, "attempt"),
+    ({"attempt": 1, "usage": {"max_rss": -1}}, "max_rss"),
+    ({"attempt": 1, "progress": {"fraction": 2}}, "fraction"),
+    ({"attempt": 1, "progress": {"fraction": 0.1, "message": 5}}, "message"),
+    ({"attempt": 1, "colour": 1}, "colour"),
+])
+def test_bad_heartbeats_are_refused(api, db, entry, word):
+    tid, = submit(api, {"command": "x", "state": "available"})
+    wid = register(api)
+    claim_one(api, wid, tid)
+    before = db.tasks.find_one({"_id": ObjectId(tid)})
+    r = api.post("/workers/%s/heartbeat" % wid, json={"tasks": {tid: entry}})
+    assert r.status_code == 422 and word in str(r.json), r.json
+    assert db.tasks.find_one({"_id": ObjectId(tid)}) == before
+    r = api.post("/workers/%s/heartbeat" % wid, json={"tasks": {"not-an-id": {"attempt": 1}}})
+    assert r.status_code == 422 and "not-an-id" in str(r.json)
+
+
+def test_silent_worker_is_lost_and_its_task_requeued(store):
+    app = make_app(store, HEARTBEAT_TIMEOUT=1)
+    api = app.test_client()
+    tid, last_try = submit(api, {"command": "x", "state": "available", "max_retries": 1},
+                           {"command": "y", "max_retries": 0})
+    child, = submit(api, {"command": "c"})
+    wid = register(api)
+    attempt = claim_one(api, wid, tid)
+    alive = register(api, host="alive")
+    app.reaper.start()
+    try:
+        deadline = time.monotonic() + 20
+        while task(api, tid)["state"] != "available" and time.monotonic() < deadline:
+            heartbeat(api, alive)
+            time.sleep(0.1)
+    finally:
+        app.reaper.stop()
+    t = task(api, tid)
+    assert t["state"] == "available" and t["retry_count"] == 1 and t["worker"] is None
+    assert t["history"][0]["exit_status"] == ABANDONED and t["history"][0]["ended"]
+    assert api.get("/workers/%s" % wid).json["state"] == "lost"
+    assert api.get("/workers/%s" % alive).json["state"] == "active"  # it kept sending heartbeats
+    heartbeat(api, wid, {tid: {"attempt": attempt}}, status=404)
+    claim(api, wid, status=404)
+    finish(api, tid, attempt, SUCCESS, status=409)
+    # the retried attempt runs elsewhere
+    assert claim_one(api, alive, tid) == 2
+    assert last_try and child
+
+
+def test_abandoned_last_attempt_fails_the_task(store):
+    app = make_app(store, HEARTBEAT_TIMEOUT=1)
+    api = app.test_client()
+    child, = submit(api, {"command": "c"})
+    tid, = submit(api, {"command": "x", "state": "available", "continuations": [child]})
+    wid = register(api)
+    claim_one(api, wid, tid)
+    assert app.reaper.run_once(utcnow())["lost"] == []  # not silent yet
+    done = app.reaper.run_once(utcnow() + timedelta(seconds=3))
+    assert done["lost"] == [ObjectId(wid)] and done["abandoned"] == [ObjectId(tid)]
+    t = task(api, tid)
+    assert t["state"] == "terminated" and t["exit_status"] == ABANDONED
+    assert task(api, child)["state"] == "cancelled"
+    assert app.reaper.run_once(utcnow() + timedelta(seconds=6)) == {"lost": [], "abandoned": [], "timed_out": []}
+
+
+def test_heartbeats_keep_a_worker_alive(store):
+    app = make_app(store, HEARTBEAT_TIMEOUT=1)
+    api = app.test_client()
+    wid = register(api)
+    time.sleep(1.2)
+    heartbeat(api, wid)
+    assert app.reaper.run_once()["lost"] == []
+    assert api.get("/workers/%s" % wid).json["state"] == "active"
+
+
+def test_time_limit_cancels_with_status_timeout(app, api):
+    slow, free = submit(api, {"command": "x", "state": "available", "time_limit": 1, "priority": 1},
+                        {"command": "y", "state": "available"})
+    wid = register(api)
+    items = claim(api, wid, max_tasks=2)["_items"]
+    assert [t["_id"] for t in items] == [slow, free]
+    assert app.reaper.run_once(utcnow())["timed_out"] == []
+    assert app.reaper.run_once(utcnow() + timedelta(seconds=2))["timed_out"] == [ObjectId(slow)]
+    assert task(api, slow)["state"] == "pending_cancellation"
+    assert task(api, free)["state"] == "running"
+    assert heartbeat(api, wid, {slow: {"attempt": 1}, free: {"attempt": 1}}) == {"cancel": [slow], "unknown": []}
+    done = finish(api, slow, 1, "cancelled", exit_code=-15)
+    assert done["state"] == "cancelled" and done["exit_status"] == TIMEOUT
+    assert done["history"][-1]["exit_status"] == TIMEOUT
+
+
+# -- cancellation from every state ------------------------------------------
+
+def assert_cancel_refused(api, db, tid):
+    """Cancelling again changes nothing: refused (4xx), or for a task that is
+    already `cancelled` accepted as the no-op it is."""
+    def stored():
+        doc = db.tasks.find_one({"_id": ObjectId(tid)})
+        return {k: v for k, v in doc.items() if k not in ("_etag", "_updated")}
+
+    before = stored()
+    r = api.patch("/tasks/%s" % tid, json={"state": "cancelled"})
+    if before["state"] == "cancelled":
+        assert r.status_code in (200, 409, 422), r.json
+    else:
+        assert 400 <= r.status_code < 500, r.json
+    assert stored() == before
+
+
+def test_cancel_inactive_and_available(api, db):
+    child, = submit(api, {"command": "c"})
+    inactive, = submit(api, {"command": "x", "continuations": [child]})
+    available, = submit(api, {"command": "x", "state": "available"})
+    for tid in (inactive, available):
+        patch(api, tid, {"state": "cancelled"})
+        t = task(api, tid)
+        assert t["state"] == "cancelled" and t["exit_status"] == "cancelled" and t["history"] == []
+        assert_cancel_refused(api, db, tid)
+    assert task(api, child)["state"] == "cancelled"
+    wid = register(api)
+    assert claim(api, wid)["_items"] == []
+
+
+def test_cancel_running_worker_learns_it_and_reports_cancelled(api, db):
+    child, = submit(api, {"command": "c"})
+    tid, = submit(api, {"command": "x", "state": "available", "max_retries": 3, "continuations": [child]})
+    wid = register(api)
+    attempt = claim_one(api, wid, tid)
+    patch(api, tid, {"state": "cancelled"})
+    assert task(api, tid)["state"] == "pending_cancellation"
+    assert_cancel_refused(api, db, tid)  # already being cancelled
+    assert heartbeat(api, wid, {tid: {"attempt": attempt}}) == {"cancel": [tid], "unknown": []}
+    assert claim(api, wid)["cancel"] == [tid]
+    done = finish(api, tid, attempt, "cancelled", exit_code=-15)
+    assert done["state"] == "cancelled" and done["exit_status"] == "cancelled"
+    assert done["history"][-1]["exit_status"] == "cancelled" and done["retry_count"] == 0
+    assert task(api, child)["state"] == "cancelled"
+    assert heartbeat(api, wid, {tid: {"attempt": attempt}}) == {"cancel": [], "unknown": [tid]}
+    assert_cancel_refused(api, db, tid)
+
+
+@pytest.mark.parametrize("outcome,state,child_state", [(SUCCESS, "terminated", "available"),
+                                                       (FAILURE, "terminated", "cancelled")])
+def test_cancel_running_task_that_finished_first(api, outcome, state, child_state):
+    child, = submit(api, {"command": "c"})
+    tid, = submit(api, {"command": "x", "state": "available", "max_retries": 3, "continuations": [child]})
+    wid = register(api)
+    attempt = claim_one(api, wid, tid)
+    patch(api, tid, {"state": "cancelled"})
+    done = finish(api, tid, attempt, outcome, exit_code=0 if outcome == SUCCESS else 1)
+    assert done["state"] == state and done["exit_status"] == outcome  # no retry once cancelled
+    assert task(api, child)["state"] == child_state
+
+
+def test_cancel_running_task_whose_worker_is_lost(store):
+    app = make_app(store, HEARTBEAT_TIMEOUT=1)
+    api = app.test_client()
+    tid, = submit(api, {"command": "x", "state": "available", "max_retries": 3})
+    wid = register(api)
+    claim_one(api, wid, tid)
+    patch(api, tid, {"state": "cancelled"})
+    app.reaper.run_once(utcnow() + timedelta(seconds=5))
+    t = task(api, tid)
+    assert t["state"] == "cancelled" and t["exit_status"] == "cancelled"
+    assert t["history"][-1]["exit_status"] == ABANDONED
+
+
+def test_cancel_finished_tasks_is_refused(api, db):
+    ok, bad = submit(api, {"command": "x", "state": "available"}, {"command": "y", "state": "available"})
+    wid = register(api)
+    for tid, outcome in ((ok, SUCCESS), (bad, FAILURE)):
+        finish(api, tid, claim(api, wid)["_items"][0]["history"][-1]["attempt"], outcome)
+        assert task(api, tid)["state"] == "terminated"
+        assert_cancel_refused(api, db, tid)
+
+
+# -- tokens -------------------------------------------------------------------
+
+def test_worker_tokens_act_only_on_their_own_workers(store):
+    app = make_app(store, AUTH=True)
+    api = app.test_client()
+    tokens = TokenStore(app.data.driver.db)
+    a, b, user = ({"Authorization": "Bearer %s" % tokens.create(role, name)[1]}
+                  for role, name in (("worker", "wa"), ("worker", "wb"), ("user", "alice")))
+    tid, = submit(api, {"command": "x", "state": "available"}, headers=user)
+    assert api.post("/workers", json={"host": "n"}).status_code == 401
+    assert api.post("/workers", json={"host": "n"}, headers=user).status_code == 403
+    wid = register(api, headers=a)
+    claim(api, wid, status=403, headers=b)
+    claim(api, wid, status=403, headers=user)
+    heartbeat(api, wid, status=403, headers=b)
+    assert api.delete("/workers/%s" % wid, headers=b).status_code == 403
+    attempt = claim(api, wid, headers=a)["_items"][0]["history"][-1]["attempt"]
+    finish(api, tid, attempt, SUCCESS, status=403, headers=b)
+    finish(api, tid, attempt, SUCCESS, status=403, headers=user)
+    assert task_state(api, tid, user) == "running"
+    finish(api, tid, attempt, SUCCESS, headers=a)
+    assert task_state(api, tid, user) == "terminated"
+    assert api.get("/workers", headers=user).status_code == 200
+
+
+def task_state(api, tid, headers):
+    r = api.get("/tasks/%s" % tid, headers=headers)
+    assert r.status_code == 200, r.json
+    return r.json["state"]

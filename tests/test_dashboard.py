@@ -1,0 +1,259 @@
+"""The dashboard in a real browser: Debian's headless Chromium, driven by
+Selenium through Debian's chromedriver (`.ci/run` installs both), against a
+live `banyan server` with workers and tasks made over HTTP. The numbers on
+the page must equal the API's; a screenshot lands in `test-output/`.
+
+Without Chromium these tests fail (they are never skipped): install the
+Debian packages `chromium` and `chromium-driver`.
+"""
+
+import os
+import shutil
+import time
+
+import pytest
+
+CHROMIUM = os.environ.get("BANYAN_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("BANYAN_CHROMEDRIVER", "/usr/bin/chromedriver")
+OUTPUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-output")
+STATES = ("inactive", "available", "running", "pending_cancellation", "cancelled", "terminated")
+GiB = 1024 ** 3
+
+
+@pytest.fixture
+def browser(tmp_path):
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
+    if missing:
+        pytest.fail("headless Chromium is needed and %s is missing: "
+                    "apt-get install chromium chromium-driver (.ci/run does)" % ", ".join(missing))
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1400,1700",
+                "--user-data-dir=%s" % (tmp_path / "chromium-profile")):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait_for(predicate, timeout=20, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for %s" % what)
+
+
+def refreshes(driver):
+    return int(driver.execute_script("return document.body.dataset.refreshes || 0"))
+
+
+def wait_refreshed(driver, after=0):
+    """Wait until the page has completed a refresh that started after now."""
+    wait_for(lambda: refreshes(driver) >= after + 2, what="the dashboard to refresh")
+
+
+def text(driver, element_id):
+    return driver.find_element("id", element_id).text
+
+
+def populate(url, http, auth=None):
+    """Two workers, tasks in every state but pending_cancellation, finished
+    attempts with output. Returns (workers, task ids by name)."""
+    headers = {"Authorization": "Bearer " + auth} if auth else {}
+
+    def post(path, body, status=(200, 201)):
+        r = http.post(url + path, json=body, headers=headers)
+        assert r.status_code in status, r.text
+        return r.json()
+
+    workers = [post("/workers", {"host": host, "resources": {"cores": cores, "memory": memory, "gpus": gpus}})
+               for host, cores, memory, gpus in (("node-a", 8, 16 * GiB, 1), ("node-b", 4, 8 * GiB, 0))]
+    tasks = post("/tasks", [
+        {"name": "quick-%d" % i, "command": "echo %d" % i, "state": "available",
+         "requested_resources": {"cores": 1, "memory": "512 MiB"}} for i in range(4)]
+        + [{"name": "big", "command": "sleep 600", "state": "available", "priority": 10,
+            "requested_resources": {"cores": 3, "memory": "2 GiB", "gpus": 1}},
+           {"name": "later", "command": "true"},
+           {"name": "waiting", "command": "true"},
+           {"name": "dropped", "command": "true", "state": "available"}])
+    ids = {name: item["_id"] for name, item in zip(
+        ["quick-0", "quick-1", "quick-2", "quick-3", "big", "later", "waiting", "dropped"], tasks["_items"])}
+    r = http.patch(url + "/tasks/" + ids["dropped"], json={"state": "cancelled"}, headers=headers)
+    assert r.status_code == 200, r.text
+
+    # node-a takes the big task and a quick one; node-b takes two quick ones.
+    a, b = workers[0]["_id"], workers[1]["_id"]
+    claimed_a = post("/workers/%s/claim" % a, {"free": {"cores": 4, "memory": 4 * GiB, "gpus": 1}, "max_tasks": 2})
+    claimed_b = post("/workers/%s/claim" % b, {"free": {"cores": 2, "memory": 4 * GiB, "gpus": 0}, "max_tasks": 2})
+    names_a = [t["name"] for t in claimed_a["_items"]]
+    assert names_a[0] == "big" and names_a[1].startswith("quick-"), names_a
+    assert len(claimed_b["_items"]) == 2
+    time.sleep(0.3)  # runtimes well above zero
+    ids["ok"], ids["failed"] = claimed_a["_items"][1]["_id"], claimed_b["_items"][0]["_id"]
+    post("/tasks/%s/finish" % ids["ok"], {"attempt": 1, "outcome": "success", "exit_code": 0,
+                                          "stdout": "hello from a quick task\n", "stderr": ""})
+    post("/tasks/%s/finish" % ids["failed"], {"attempt": 1, "outcome": "failure", "exit_code": 3,
+                                              "stdout": "", "stderr": "boom\n"})
+    return workers, ids
+
+
+#: Everything the page shows, read in one go (the page rebuilds its rows on
+#: every refresh, so elements found one by one may go stale in between).
+SNAPSHOT = """
+const byId = (id) => document.getElementById(id);
+const out = {text: {}, value: {}, workers: {}, tasks: [], bars: []};
+for (const el of document.querySelectorAll("[id]")) {
+  out.text[el.id] = el.textContent.trim();
+  if (el.dataset.value !== undefined) out.value[el.id] = el.dataset.value;
+}
+for (const row of document.querySelectorAll("#workers-body tr[id]")) {
+  const cells = {};
+  for (const td of row.querySelectorAll("td[class]")) {
+    const key = [...td.classList].find((c) => c.startsWith("w-"));
+    if (key) cells[key] = {text: td.textContent.trim(), used: td.dataset.used, total: td.dataset.total};
+  }
+  out.workers[row.id] = cells;
+}
+for (const row of document.querySelectorAll("#tasks-body tr[id]")) {
+  out.tasks.push([row.id, row.querySelector(".t-state").textContent.trim()]);
+}
+for (const bar of document.querySelectorAll("#throughput-chart rect.b")) out.bars.push(Number(bar.dataset.finished));
+return out;
+"""
+
+
+def number(raw):
+    return None if raw in ("", None) else float(raw)
+
+
+def compare_with_api(driver, url, http, headers=None):
+    """Every figure the page shows equals the API's."""
+    stats = http.get(url + "/stats", headers=headers).json()
+    load = http.get(url + "/stats/workers", headers=headers).json()
+    recent = http.get(url + "/tasks", params={"sort": "-_updated", "max_results": 25}, headers=headers).json()
+    page = driver.execute_script(SNAPSHOT)
+    text, value = page["text"], page["value"]
+    assert int(text["count-total"]) == stats["total"]
+    for state in STATES:
+        assert int(text["count-" + state]) == stats["states"][state], state
+        assert int(value["count-" + state]) == stats["states"][state], state
+    assert int(text["tasks-succeeded"]) == stats["succeeded"]
+    assert int(text["tasks-failed"]) == stats["failed"]
+    for prefix, figures in (("runtime", stats["attempts"]["runtime"]), ("wait", stats["queue_wait"])):
+        assert int(text[prefix + "-count"]) == figures["count"]
+        for key in ("mean", "median", "p95", "max"):
+            assert number(value["%s-%s" % (prefix, key)]) == pytest.approx(figures[key]), (prefix, key)
+    assert int(text["throughput-finished"]) == stats["throughput"]["finished"]
+    assert int(text["throughput-succeeded"]) == stats["throughput"]["succeeded"]
+    assert page["bars"] == [m["finished"] for m in stats["throughput"]["per_minute"]]
+
+    assert int(text["workers-active"]) == load["summary"]["states"]["active"]
+    assert int(text["workers-running"]) == load["summary"]["running"]
+    assert text["workers-cores"] == "%d / %d" % (load["summary"]["cores"]["used"], load["summary"]["cores"]["total"])
+    assert sorted(page["workers"]) == sorted("worker-" + w["_id"] for w in load["_items"])
+    for worker in load["_items"]:
+        row = page["workers"]["worker-" + worker["_id"]]
+        assert row["w-host"]["text"] == worker["host"]
+        assert row["w-state"]["text"] == worker["state"]
+        assert int(row["w-running"]["text"]) == worker["running"]
+        for key in ("cores", "memory", "gpus"):
+            assert float(row["w-" + key]["used"]) == worker["used"][key], key
+            assert float(row["w-" + key]["total"]) == worker["resources"][key], key
+
+    assert page["tasks"] == [["task-" + t["_id"], t["state"]] for t in recent["_items"]]
+    return stats, load
+
+
+def test_dashboard_shows_the_api_numbers(live_server, http, browser):
+    url = live_server.url
+    workers, ids = populate(url, http)
+    browser.get(url + "/dashboard?refresh=1")
+    wait_refreshed(browser)
+    assert browser.find_element("id", "error").is_displayed() is False
+    stats, load = compare_with_api(browser, url, http)
+    # What the test made, as the API reports it.
+    assert stats["states"] == {"inactive": 2, "available": 1, "running": 2, "pending_cancellation": 0,
+                               "cancelled": 1, "terminated": 2}
+    assert stats["attempts"]["count"] == 2 and stats["attempts"]["runtime"]["median"] >= 0.3
+    assert (stats["succeeded"], stats["failed"], stats["throughput"]["finished"]) == (1, 1, 2)
+    assert load["summary"]["cores"] == {"used": 4, "total": 12}
+    assert load["summary"]["running"] == 2
+
+    # One task's attempts and output.
+    browser.find_element("id", "task-" + ids["ok"]).click()
+    wait_for(lambda: "hello from a quick task" in browser.find_element("id", "task-logs").text,
+             what="the task's output")
+    attempts = browser.find_elements("css selector", "#attempts-body tr")
+    assert len(attempts) == 1 and "success" in attempts[0].text and "node-a" in attempts[0].text
+    assert text(browser, "log-stdout") == "hello from a quick task"
+    assert ids["ok"] in text(browser, "task-title")
+
+    # It refreshes itself: a change shows up without reloading.
+    r = http.patch(url + "/tasks/" + ids["later"], json={"state": "available"})
+    assert r.status_code == 200
+    wait_for(lambda: text(browser, "count-available") == str(stats["states"]["available"] + 1),
+             what="the new available task on the page")
+    wait_refreshed(browser, refreshes(browser))
+    compare_with_api(browser, url, http)
+
+    os.makedirs(OUTPUT, exist_ok=True)
+    path = os.path.join(OUTPUT, "dashboard.png")
+    browser.execute_script("window.scrollTo(0, 0)")
+    assert browser.save_screenshot(path)
+    assert os.path.getsize(path) > 10000
+
+
+@pytest.fixture
+def auth_server(tmp_path):
+    from conftest import LiveServer
+
+    server = LiveServer(tmp_path / "auth-server-data", extra_args=["--auth"]).start()
+    yield server
+    server.stop()
+    assert server.server_errors() == []
+
+
+def test_dashboard_honours_authentication(auth_server, http, browser):
+    url = auth_server.url
+    with open(os.path.join(auth_server.data_dir, "admin.token")) as f:
+        admin = f.read().strip()
+    as_admin = {"Authorization": "Bearer " + admin}
+
+    def token(role, name):
+        r = http.post(url + "/tokens", json={"role": role, "name": name}, headers=as_admin)
+        assert r.status_code == 201, r.text
+        return r.json()["token"]
+
+    worker, alice, bob = token("worker", "w1"), token("user", "alice"), token("user", "bob")
+    r = http.post(url + "/workers", json={"host": "node-a", "resources": {"cores": 4, "memory": GiB, "gpus": 0}},
+                  headers={"Authorization": "Bearer " + worker})
+    assert r.status_code == 201, r.text
+    for user, count in ((alice, 2), (bob, 3)):
+        r = http.post(url + "/tasks", json=[{"command": "true", "state": "available"}] * count,
+                      headers={"Authorization": "Bearer " + user})
+        assert r.status_code == 201, r.text
+
+    # Without a token the page loads but shows no data, only how to log in.
+    browser.get(url + "/dashboard?refresh=1")
+    wait_for(lambda: browser.find_element("id", "error").is_displayed(), what="the login message")
+    assert "requires a token" in text(browser, "error")
+    assert text(browser, "count-total") == "–"
+
+    # With ?token= the page shows what that user may see, and drops the token from the address bar.
+    browser.get(url + "/dashboard?refresh=1&token=" + alice)
+    wait_refreshed(browser)
+    assert "token=" not in browser.current_url
+    as_alice = {"Authorization": "Bearer " + alice}
+    stats, _ = compare_with_api(browser, url, http, headers=as_alice)
+    assert stats["total"] == 2 and text(browser, "count-available") == "2"
+    assert browser.find_element("id", "error").is_displayed() is False
+    assert len(browser.find_elements("css selector", "#workers-body tr")) == 1

@@ -1,0 +1,414 @@
+"""Virtual fields from VIRTUAL_RESOURCES: add/remove continuations in their
+three forms, aliases and projections, bulk PATCH, and a new entry that works
+with no new code."""
+
+import json
+import logging
+import random
+import threading
+
+import pytest
+from bson import ObjectId
+
+from banyan import settings
+from banyan.server.app import create_app
+from conftest import NoServerErrorClient
+from test_server import assert_refused, get, patch, post
+
+
+def task(api, **fields):
+    return post(api, dict({"command": "x"}, **fields))["_id"]
+
+
+def stored(db, tid):
+    return db.tasks.find_one({"_id": ObjectId(tid)})
+
+
+def continuations(db, tid):
+    return [str(c) for c in stored(db, tid)["continuations"]]
+
+
+def pending(db, tid):
+    doc = stored(db, tid)
+    return doc["pending_dependency_count"], sorted(str(p) for p in doc["pending_parents"])
+
+
+# The three forms of writing a virtual field on one task.
+
+def by_resource(api, name, tid, values, status=200):
+    r = api.post("/tasks/%s" % name, json=[{"targets": [tid], "values": values}])
+    assert r.status_code == status, r.json
+    return r.json
+
+
+def by_item(api, name, tid, values, status=200):
+    r = api.post("/tasks/%s/%s" % (tid, name), json=values)
+    assert r.status_code == status, r.json
+    return r.json
+
+
+def by_patch(api, name, tid, values, status=200):
+    r = api.patch("/tasks/%s" % tid, json={name: values})
+    assert r.status_code == status, r.json
+    return r.json
+
+
+FORMS = [by_resource, by_item, by_patch]
+
+
+@pytest.fixture
+def app_with(store):
+    """An app whose VIRTUAL_RESOURCES has extra entries."""
+
+    def make(extra):
+        client, dbname = store
+        virtual = dict(settings.VIRTUAL_RESOURCES, **extra)
+        app = create_app(client, {"MONGO_DBNAME": dbname, "TESTING": True, "VIRTUAL_RESOURCES": virtual})
+        app.test_client_class = NoServerErrorClient
+        return app
+
+    return make
+
+
+# -- add and remove, three forms ------------------------------------------
+
+@pytest.mark.parametrize("form", FORMS)
+def test_add_continuations_links_children_without_duplicates(api, db, form):
+    parent = task(api)
+    a, b = task(api), task(api)
+    form(api, "add_continuations", parent, [a, b])
+    assert continuations(db, parent) == [a, b]
+    assert pending(db, a) == (1, [parent]) and pending(db, b) == (1, [parent])
+    form(api, "add_continuations", parent, [a])  # $addToSet: no duplicate, count unchanged
+    assert continuations(db, parent) == [a, b]
+    assert pending(db, a) == (1, [parent])
+    assert get(api, parent)["continuations"] == [a, b]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_remove_continuations_unlinks_and_releases_the_last(api, db, form):
+    other = task(api)
+    a, b = task(api), task(api)
+    parent = post(api, {"command": "x", "continuations": [a, b]})["_id"]
+    by_patch(api, "add_continuations", other, [a])
+    assert pending(db, a) == (2, sorted([parent, other]))
+    form(api, "remove_continuations", parent, [a, b])
+    assert continuations(db, parent) == []
+    assert pending(db, a) == (1, [other])
+    assert stored(db, a)["state"] == "inactive"
+    # b lost its last parent: it is released by the state machine's rule
+    assert pending(db, b) == (0, [])
+    assert stored(db, b)["state"] == "available"
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_appended_entry_with_allows_duplicates_pushes(app_with, form):
+    app = app_with({"push_continuations": {"kind": "append", "target": "continuations",
+                                            "allows_duplicates": True}})
+    api, db = app.test_client(), app.queue.tasks.database
+    parent, child = task(api), task(api)
+    form(api, "push_continuations", parent, [child])
+    form(api, "push_continuations", parent, [child])
+    assert continuations(db, parent) == [child, child]  # $push keeps the duplicate
+    assert pending(db, child) == (1, [parent])  # still one parent
+    form(api, "remove_continuations", parent, [child])  # $pull removes every copy
+    assert continuations(db, parent) == []
+    assert pending(db, child) == (0, [])
+
+
+def test_continuations_added_later_run_after_the_parent(app, api, db):
+    from test_server import run_to_end
+    parent = task(api)
+    child = task(api)
+    by_item(api, "add_continuations", parent, [child])
+    patch(api, parent, {"state": "available"})
+    run_to_end(app, parent)
+    assert stored(db, child)["state"] == "available"
+    assert pending(db, child) == (0, [])
+
+
+def test_resource_level_form_reports_per_target(api, db):
+    p1, p2, child = task(api), task(api), task(api)
+    r = api.post("/tasks/add_continuations", json=[{"targets": [p1, p2], "values": [child]}])
+    assert r.status_code == 200, r.json
+    assert [item["_id"] for item in r.json["_items"]] == [p1, p2]
+    assert all(item["_status"] == "OK" for item in r.json["_items"])
+    assert pending(db, child) == (2, sorted([p1, p2]))
+
+
+# -- refusals: 4xx with a message, nothing changed --------------------------
+
+def test_wrong_payload_shapes_are_refused(api, db):
+    parent, child = task(api), task(api)
+    for body, word in [({"targets": [parent], "values": [child]}, "list"),
+                       ([], "list"),
+                       ([{"targets": [parent]}], "values"),
+                       ([{"targets": [parent], "values": [child], "extra": 1}], "values"),
+                       ([{"targets": [], "values": [child]}], "targets"),
+                       ([{"targets": ["nope"], "values": [child]}], "nope")]:
+        assert_refused(api, db, "post", "/tasks/add_continuations", body, word, status=400)
+    assert_refused(api, db, "post", "/tasks/%s/add_continuations" % parent, {"ids": [child]}, "list")
+    assert_refused(api, db, "patch", "/tasks/%s" % parent, {"add_continuations": child}, "list")
+    assert_refused(api, db, "post", "/tasks", {"command": "x", "add_continuations": [child]},
+                   "add_continuations", "existing")
+    assert_refused(api, db, "patch", "/tasks/%s" % parent,
+                   {"add_continuations": [child], "remove_continuations": [child]}, "separate")
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", ["add_continuations", "remove_continuations"])
+def test_bad_values_are_refused_in_every_form(api, db, form, name):
+    parent = task(api)
+    running_child = task(api, state="available")
+    missing = str(ObjectId())
+    for values, words in [(["not-an-id"], ["objectid"]),
+                          ([missing], [missing, "must exist"]),
+                          ([running_child], [running_child, "available", "inactive"]),
+                          ([parent] if name == "add_continuations" else [running_child], [parent if name == "add_continuations" else "inactive"])]:
+        before = list(db.tasks.find({}))
+        body = form(api, name, parent, values, status=422)
+        text = json.dumps(body)
+        for word in words:
+            assert word in text, (word, text)
+        assert sorted(db.tasks.find({}), key=lambda d: d["_id"]) == sorted(before, key=lambda d: d["_id"])
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_cycle_is_refused(api, db, form):
+    c = task(api)
+    b = post(api, {"command": "x", "continuations": [c]})["_id"]
+    a = task(api)
+    by_patch(api, "add_continuations", a, [b])  # a -> b -> c
+    before = sorted(db.tasks.find({}), key=lambda d: d["_id"])
+    body = form(api, "add_continuations", c, [a], status=422)
+    assert "cycle" in json.dumps(body)
+    assert sorted(db.tasks.find({}), key=lambda d: d["_id"]) == before
+    body = form(api, "add_continuations", a, [a], status=422)
+    assert "cycle" in json.dumps(body)
+    assert sorted(db.tasks.find({}), key=lambda d: d["_id"]) == before
+
+
+def test_missing_target_task_is_refused(api, db):
+    child, missing = task(api), str(ObjectId())
+    assert_refused(api, db, "post", "/tasks/%s/add_continuations" % missing, [child], missing, status=404)
+    assert_refused(api, db, "post", "/tasks/add_continuations", [{"targets": [missing], "values": [child]}],
+                   missing, "does not exist", status=404)
+    assert_refused(api, db, "patch", "/tasks/%s" % missing, {"add_continuations": [child]}, status=404)
+
+
+def test_plain_patch_of_continuations_is_refused(api, db):
+    parent, child = task(api), task(api)
+    assert_refused(api, db, "patch", "/tasks/%s" % parent, {"continuations": [child]}, "continuations",
+                   "add_continuations")
+    assert_refused(api, db, "patch", "/tasks", [{"_id": parent, "continuations": [child]}], "continuations")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_roles_not_in_writable_by_get_403(app_with, form):
+    app = app_with({"worker_continuations": {"kind": "append", "target": "continuations",
+                                              "writable_by": ["worker"]}})
+    api, db = app.test_client(), app.queue.tasks.database
+    parent, child = task(api), task(api)
+    before = sorted(db.tasks.find({}), key=lambda d: d["_id"])
+    body = form(api, "worker_continuations", parent, [child], status=403)
+    assert "worker" in json.dumps(body) and "admin" in json.dumps(body)
+    assert sorted(db.tasks.find({}), key=lambda d: d["_id"]) == before
+
+
+# -- hooks and logging -------------------------------------------------------
+
+@pytest.mark.parametrize("form", FORMS)
+def test_eve_hooks_fire_for_virtual_writes(app, api, form):
+    seen = []
+    app.on_pre_PATCH_tasks += lambda request, lookup: seen.append("pre")
+    app.on_update_tasks += lambda updates, original: seen.append(("update", sorted(updates)))
+    app.on_updated_tasks += lambda updates, original: seen.append(("updated", sorted(updates)))
+    parent, child = task(api), task(api)
+    form(api, "add_continuations", parent, [child])
+    names = [s if isinstance(s, str) else s[0] for s in seen]
+    assert names[-2:] == ["update", "updated"]
+    assert "add_continuations" in seen[-1][1]
+    assert "pre" in names
+
+
+def test_virtual_writes_log_their_store_query(api, caplog):
+    parent, child = task(api), task(api)
+    with caplog.at_level(logging.DEBUG, logger="banyan.server.datalayer"):
+        by_patch(api, "add_continuations", parent, [child])
+        by_item(api, "remove_continuations", parent, [child])
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "$addToSet" in text and "$pull" in text and child in text
+
+
+# -- aliases and projections ---------------------------------------------
+
+def claimed_task(app, api, attempts=2):
+    """A task with `attempts` history entries (failed attempts, retried)."""
+    from test_server import run_to_end
+    tid = task(api, max_retries=5)
+    patch(api, tid, {"state": "available"})
+    for _ in range(attempts - 1):
+        run_to_end(app, tid, outcome="failure")
+    worker = ObjectId()
+    app.queue.claim_next(worker, {"cores": 64, "memory": 1 << 50, "gpus": 0})
+    return tid
+
+
+def test_current_history_is_the_last_attempt_through_projections(app, api, db):
+    tid = claimed_task(app, api)
+    history = get(api, tid)["history"]
+    assert [h["attempt"] for h in history] == [1, 2]
+    full = get(api, tid)
+    assert full["current_history"] == history[-1]
+    only = api.get('/tasks/%s?projection={"current_history": 1}' % tid).json
+    assert only["current_history"] == history[-1]
+    assert "history" not in only and "command" not in only
+    both = api.get('/tasks/%s?projection={"current_history": 1, "history": 1}' % tid).json
+    assert both["current_history"] == history[-1] and both["history"] == history
+    without = api.get('/tasks/%s?projection={"current_history": 0}' % tid).json
+    assert "current_history" not in without and without["history"] == history
+    no_history = api.get('/tasks/%s?projection={"history": 0}' % tid).json
+    assert no_history["current_history"] == history[-1] and "history" not in no_history
+    listed = api.get('/tasks?projection={"current_history": 1}').json["_items"]
+    assert {i["_id"]: i.get("current_history") for i in listed}[tid] == history[-1]
+    assert all("history" not in i for i in listed)
+
+
+def test_current_history_gather_honours_where_and_is_read_only(app, api, db):
+    tid = claimed_task(app, api, attempts=1)
+    fresh = task(api)
+    r = api.get('/tasks/current_history?where={"_id": "%s"}' % tid)
+    assert r.status_code == 200, r.json
+    [item] = r.json["_items"]
+    assert item["_id"] == tid and item["current_history"]["attempt"] == 1
+    assert "history" not in item and "command" not in item
+    everything = {i["_id"]: i for i in api.get("/tasks/current_history").json["_items"]}
+    assert everything[fresh]["current_history"] is None
+    assert api.post("/tasks/current_history", json=[{"targets": [tid], "values": {}}]).status_code == 405
+    assert api.post("/tasks/%s/current_history" % tid, json={}).status_code in (404, 405)
+    assert_refused(api, db, "patch", "/tasks/%s" % tid, {"current_history": {"attempt": 9}}, "read-only")
+
+
+def test_rank_alias_sets_priority_on_many_tasks(api, db):
+    a, b, c = task(api), task(api), task(api)
+    r = api.post("/tasks/rank", json=[{"targets": [a, b], "value": 7}, {"targets": [c], "value": -1}])
+    assert r.status_code == 200, r.json
+    assert [stored(db, t)["priority"] for t in (a, b, c)] == [7, 7, -1]
+    by_item(api, "rank", a, 3)
+    by_patch(api, "rank", b, 4)
+    assert [stored(db, t)["priority"] for t in (a, b)] == [3, 4]
+    assert "rank" not in stored(db, a)
+    ranks = {i["_id"]: i["rank"] for i in api.get('/tasks/rank?where={"priority": {"$gt": 0}}').json["_items"]}
+    assert ranks == {a: 3, b: 4}
+    assert api.get('/tasks/%s?projection={"rank": 1}' % a).json["rank"] == 3
+    # the target's rules apply: an integer, write-once after inactive
+    assert_refused(api, db, "post", "/tasks/rank", [{"targets": [a], "value": "high"}], "integer")
+    patch(api, c, {"state": "available"})
+    assert_refused(api, db, "patch", "/tasks/%s" % c, {"rank": 9}, "inactive")
+    assert_refused(api, db, "patch", "/tasks/%s" % a, {"rank": 9, "priority": 8}, "not both")
+
+
+def test_new_entries_get_working_endpoints_with_no_other_code(app_with):
+    app = app_with({
+        "first_attempt": {"kind": "alias", "target": "history", "element": 0, "readonly": True},
+        "label": {"kind": "alias", "target": "name"},
+        "drop_continuations": {"kind": "remove", "target": "continuations"},
+    })
+    api, db = app.test_client(), app.queue.tasks.database
+    tid = claimed_task(app, api)
+    first = get(api, tid)["history"][0]
+    assert api.get('/tasks/%s?projection={"first_attempt": 1}' % tid).json["first_attempt"] == first
+    assert {i["_id"]: i["first_attempt"] for i in api.get("/tasks/first_attempt").json["_items"]}[tid] == first
+    other = task(api)
+    r = api.post("/tasks/label", json=[{"targets": [other], "value": "renamed"}])
+    assert r.status_code == 200, r.json
+    assert stored(db, other)["name"] == "renamed"
+    child = task(api)
+    parent = post(api, {"command": "x", "continuations": [child]})["_id"]
+    by_item(api, "drop_continuations", parent, [child])
+    assert continuations(db, parent) == [] and pending(db, child) == (0, [])
+
+
+def test_bad_entries_fail_when_the_app_is_created(app_with):
+    for entry in [{"kind": "copy", "target": "name"}, {"kind": "append", "target": "nope"},
+                  {"kind": "append", "target": "name"}, {"kind": "append", "target": "continuations",
+                                                        "readonly": True}]:
+        with pytest.raises(ValueError):
+            app_with({"broken": entry})
+
+
+# -- bulk PATCH ---------------------------------------------------------------
+
+def test_bulk_patch_applies_each_item_and_reports_each(api, db):
+    a, b, c, child = task(api), task(api), task(api), task(api)
+    r = api.patch("/tasks", json=[{"_id": a, "name": "first", "priority": 2},
+                                  {"_id": b, "add_continuations": [child]},
+                                  {"_id": c, "state": "terminated"},
+                                  {"_id": str(ObjectId()), "name": "ghost"}])
+    assert r.status_code == 422, r.json
+    items = r.json["_items"]
+    assert [i["_status"] for i in items] == ["OK", "OK", "ERR", "ERR"]
+    assert "terminated" in json.dumps(items[2]) and "does not exist" in json.dumps(items[3])
+    assert stored(db, a)["name"] == "first" and stored(db, a)["priority"] == 2
+    assert continuations(db, b) == [child] and pending(db, child) == (1, [b])
+    assert stored(db, c)["state"] == "inactive"
+    r = api.patch("/tasks", json=[{"_id": a, "name": "again"}, {"_id": c, "state": "available"}])
+    assert r.status_code == 200 and r.json["_status"] == "OK", r.json
+    assert stored(db, c)["state"] == "available"
+
+
+def test_bulk_patch_shape_is_checked(api, db):
+    tid = task(api)
+    assert_refused(api, db, "patch", "/tasks", {"_id": tid, "name": "x"}, "list", status=400)
+    assert_refused(api, db, "patch", "/tasks", [{"name": "x"}], "_id", status=400)
+    assert_refused(api, db, "patch", "/tasks", [{"_id": "zzz", "name": "x"}], "zzz", status=400)
+
+
+# -- concurrency ---------------------------------------------------------------
+
+def test_concurrent_adds_and_removes_keep_counts_consistent(app, db):
+    api = app.test_client()
+    children = [task(api) for _ in range(3)]
+    anchor = post(api, {"command": "x", "continuations": children})["_id"]  # keeps children inactive
+    parents = [task(api) for _ in range(3)]
+    outcomes = []
+    errors = []
+
+    def worker(seed):
+        rng = random.Random(seed)
+        client = app.test_client()
+        try:
+            for _ in range(12):
+                name = rng.choice(["add_continuations", "remove_continuations"])
+                parent = rng.choice(parents)
+                values = rng.sample(children, rng.randint(1, 3))
+                form = rng.choice(FORMS)
+                for _attempt in range(50):
+                    if form is by_resource:
+                        r = client.post("/tasks/%s" % name, json=[{"targets": [parent], "values": values}])
+                    elif form is by_item:
+                        r = client.post("/tasks/%s/%s" % (parent, name), json=values)
+                    else:
+                        r = client.patch("/tasks/%s" % parent, json={name: values})
+                    if r.status_code != 409:
+                        break
+                outcomes.append(r.status_code)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert set(outcomes) <= {200, 409}, outcomes
+    assert outcomes.count(200) > 0
+    for child in children:
+        parents_listing = {anchor} | {p for p in parents if child in continuations(db, p)}
+        count, waiting_for = pending(db, child)
+        assert waiting_for == sorted(parents_listing)
+        assert count == len(parents_listing)
+        assert stored(db, child)["state"] == "inactive"
+    for p in parents:
+        assert "continuation_lease" not in stored(db, p)

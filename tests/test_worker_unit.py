@@ -1,0 +1,425 @@
+"""The worker loop against a small in-memory fake of the HTTP contract (docs/API.md).
+
+Real worker (a thread, or a process for signals), real tasks, real HTTP.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import psutil
+import pytest
+
+from banyan.worker.worker import Worker, WorkerConfig
+
+
+class FakeBanyan:
+    """Just enough of the server: workers, batch claims, heartbeats, finish."""
+
+    def __init__(self, port=0):
+        self.lock = threading.Condition()
+        self.tasks = {}          # id -> task document
+        self.order = []
+        self.workers = {}        # id -> {"state", "resources", "heartbeats"}
+        self.finished = []       # finish bodies, with "task_id"
+        self.claims = []         # claim bodies
+        self.requests = []       # (method, path)
+        self.lost_workers = set()
+        self._start(port)
+
+    # -- test helpers --
+    def _start(self, port):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                fake.dispatch(self, "POST")
+
+            def do_DELETE(self):
+                fake.dispatch(self, "DELETE")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def restart(self):
+        self._start(self.port)
+
+    def submit(self, task_id, command, **fields):
+        with self.lock:
+            task = {"_id": task_id, "command": command, "state": "available", "history": [],
+                    "requested_resources": {"cores": 1, "memory": 0, "gpus": 0}, "max_shutdown_time": 10}
+            task.update(fields)
+            self.tasks[task_id] = task
+            self.order.append(task_id)
+            self.lock.notify_all()
+
+    def cancel(self, task_id):
+        with self.lock:
+            task = self.tasks[task_id]
+            assert task["state"] == "running"
+            task["state"] = "pending_cancellation"
+
+    def finish_of(self, task_id):
+        with self.lock:
+            return next((f for f in self.finished if f["task_id"] == task_id), None)
+
+    # -- the contract --
+    def dispatch(self, handler, method):
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = json.loads(handler.rfile.read(length) or b"null")
+        path = handler.path.split("?")[0]
+        with self.lock:
+            self.requests.append((method, path))
+        status, reply = self.route(method, path, body)
+        data = json.dumps(reply).encode() if reply is not None else b""
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    @staticmethod
+    def error(code, message):
+        return code, {"_status": "ERR", "_error": {"code": code, "message": message}}
+
+    def route(self, method, path, body):
+        if method == "POST" and path == "/workers":
+            with self.lock:
+                wid = f"w{len(self.workers) + 1}"
+                self.workers[wid] = {"state": "active", "resources": body["resources"],
+                                     "host": body["host"], "heartbeats": []}
+            return 201, {"_id": wid, "_status": "OK"}
+        m = re.fullmatch(r"/workers/([^/]+)(/claim|/heartbeat)?", path)
+        if m:
+            wid, action = m.groups()
+            if wid not in self.workers or self.workers[wid]["state"] != "active":
+                return self.error(404, f"no active worker {wid}")
+            if method == "DELETE" and action is None:
+                with self.lock:
+                    self.workers[wid]["state"] = "stopped"
+                return 204, None
+            if action == "/claim":
+                return 200, self.claim(wid, body)
+            if action == "/heartbeat":
+                return self.heartbeat(wid, body)
+        m = re.fullmatch(r"/tasks/([^/]+)/finish", path)
+        if m and method == "POST":
+            return self.finish(m.group(1), body)
+        return self.error(404, f"no route {method} {path}")
+
+    def claim(self, wid, body):
+        deadline = time.monotonic() + min(float(body.get("wait") or 0), 5)
+        with self.lock:
+            self.claims.append(body)
+            while True:
+                free = dict(body["free"])
+                items = []
+                if self.workers[wid]["state"] != "active":
+                    break  # marked lost during the long poll: claim nothing for it
+                for task_id in self.order:
+                    task = self.tasks[task_id]
+                    need = task["requested_resources"]
+                    if task["state"] != "available" or len(items) >= body["max_tasks"]:
+                        continue
+                    if any(need[k] > free[k] for k in ("cores", "memory", "gpus")):
+                        continue
+                    for k in free:
+                        free[k] -= need[k]
+                    task["state"] = "running"
+                    task["worker"] = wid
+                    task["history"].append({"attempt": len(task["history"]) + 1, "worker": wid})
+                    items.append(json.loads(json.dumps(task)))
+                remaining = deadline - time.monotonic()
+                if items or remaining <= 0:
+                    break
+                self.lock.wait(min(remaining, 0.1))
+            cancel = [t["_id"] for t in self.tasks.values()
+                      if t.get("worker") == wid and t["state"] == "pending_cancellation"]
+        return {"_items": items, "cancel": cancel}
+
+    def heartbeat(self, wid, body):
+        with self.lock:
+            self.workers[wid]["heartbeats"].append(body)
+            held = {t["_id"] for t in self.tasks.values()
+                    if t.get("worker") == wid and t["state"] in ("running", "pending_cancellation")}
+            cancel = [t for t in held if self.tasks[t]["state"] == "pending_cancellation"]
+            unknown = [t for t in body["tasks"] if t not in held]
+        return 200, {"cancel": cancel, "unknown": unknown}
+
+    def finish(self, task_id, body):
+        with self.lock:
+            task = self.tasks.get(task_id)
+            if task is None:
+                return self.error(404, f"no task {task_id}")
+            if task["state"] not in ("running", "pending_cancellation") \
+                    or body["attempt"] != len(task["history"]):
+                return self.error(409, f"task {task_id} attempt {body['attempt']} is not current")
+            task["state"] = "cancelled" if body["outcome"] == "cancelled" else "terminated"
+            task["exit_status"] = body["outcome"]
+            task.pop("worker", None)
+            self.finished.append(dict(body, task_id=task_id))
+            self.lock.notify_all()
+        return 200, {"_id": task_id, "state": task["state"]}
+
+
+def wait_for(predicate, timeout=8.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def fake():
+    server = FakeBanyan()
+    yield server
+    server.stop()
+
+
+class RunningWorker:
+    def __init__(self, config):
+        self.worker = Worker(config)
+        self.result = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        self.result = self.worker.run()
+
+    def stop(self, timeout=8.0):
+        self.worker.request_stop()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "worker did not stop"
+        return self.result
+
+
+@pytest.fixture
+def start_worker(fake, tmp_path):
+    running = []
+
+    def start(**overrides):
+        settings = dict(server=fake.url, cores=2, memory="1 GiB", gpus=0, heartbeat=0.2,
+                        timeout=1.5, drain=5, claim_wait=1, work_dir=str(tmp_path / "work"), host="testhost")
+        settings.update(overrides)
+        runner = RunningWorker(WorkerConfig(**settings))
+        running.append(runner)
+        return runner
+
+    yield start
+    for runner in running:
+        if runner.thread.is_alive():
+            runner.worker.request_force_stop()
+            runner.thread.join(5)
+
+
+def test_claims_runs_and_reports_output(fake, start_worker):
+    fake.submit("ok", "echo out; echo err >&2; echo '0.5 half' >> \"$BANYAN_PROGRESS_FILE\"")
+    fake.submit("bad", ["sh", "-c", "echo nope; exit 3"])
+    fake.submit("big", "echo never", requested_resources={"cores": 4, "memory": 0, "gpus": 0})
+    runner = start_worker()
+    wait_for(lambda: fake.finish_of("ok") and fake.finish_of("bad"), what="two reports")
+    ok, bad = fake.finish_of("ok"), fake.finish_of("bad")
+    assert (ok["attempt"], ok["outcome"], ok["exit_code"]) == (1, "success", 0)
+    assert (ok["stdout"], ok["stderr"]) == ("out\n", "err\n")
+    assert set(ok["usage"]) == {"max_rss", "cpu_percent"}
+    assert (bad["outcome"], bad["exit_code"], bad["stdout"]) == ("failure", 3, "nope\n")
+    # Registration carried the configured totals; claims never offered more than them.
+    assert fake.workers["w1"]["resources"] == {"cores": 2.0, "memory": 1024 ** 3, "gpus": 0}
+    assert fake.workers["w1"]["host"] == "testhost"
+    assert all(c["free"]["cores"] <= 2 and c["free"]["memory"] <= 1024 ** 3 for c in fake.claims)
+    assert fake.tasks["big"]["state"] == "available"  # 4 cores never fit on 2
+    assert runner.stop() == 0
+    assert fake.workers["w1"]["state"] == "stopped"  # unregistered
+    assert not os.listdir(runner.worker.config.work_dir)  # attempt dirs removed once reported
+
+
+def test_claims_only_what_fits_beside_running_tasks(fake, start_worker, tmp_path):
+    gate = tmp_path / "gate"
+    fake.submit("first", f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    start_worker()
+    wait_for(lambda: fake.tasks["first"]["state"] == "running", what="first claim")
+    fake.submit("second", "true")
+    # While "first" holds one core of two, claims offer one core (none while both run).
+    wait_for(lambda: fake.finish_of("second"), what="second task")
+    offered = [c["free"]["cores"] for c in fake.claims]
+    assert offered[0] == 2 and 1 in offered
+    assert set(offered) <= {0, 1, 2}
+    gate.touch()
+    wait_for(lambda: fake.finish_of("first"), what="first task")
+    count = len(fake.claims)
+    wait_for(lambda: len(fake.claims) > count + 1, what="later claims")
+    assert fake.claims[-1]["free"]["cores"] == 2  # everything came back
+
+
+def test_heartbeats_carry_usage_and_progress(fake, start_worker):
+    fake.submit("slow", "echo '0.25 quarter' >> \"$BANYAN_PROGRESS_FILE\"; sleep 30")
+    start_worker()
+
+    def reported():
+        for beat in fake.workers.get("w1", {}).get("heartbeats", []):
+            entry = beat["tasks"].get("slow")
+            if entry and "progress" in entry:
+                return entry
+        return None
+
+    entry = wait_for(reported, what="a heartbeat with progress")
+    assert entry["attempt"] == 1
+    assert entry["progress"] == {"fraction": 0.25, "message": "quarter"}
+    assert entry["usage"]["max_rss"] > 0
+
+
+def test_cancel_in_a_heartbeat_terminates_and_reports_cancelled(fake, start_worker, tmp_path):
+    pidfile = tmp_path / "pid"
+    fake.submit("victim", f"echo $$ > {pidfile}; exec sleep 60", max_shutdown_time=1)
+    start_worker(claim_wait=5)
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="task start"))
+    fake.cancel("victim")
+    report = wait_for(lambda: fake.finish_of("victim"), what="cancel report")
+    assert (report["outcome"], report["exit_code"]) == ("cancelled", -signal.SIGTERM)
+    assert fake.tasks["victim"]["state"] == "cancelled"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_unknown_tasks_are_killed_and_dropped(fake, start_worker, tmp_path):
+    pidfile = tmp_path / "pid"
+    fake.submit("stolen", f"echo $$ > {pidfile}; exec sleep 60", max_shutdown_time=1)
+    start_worker()
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="task start"))
+    with fake.lock:  # the server no longer counts it as ours (e.g. requeued after we were marked lost)
+        fake.tasks["stolen"]["state"] = "cancelled"
+        fake.tasks["stolen"].pop("worker")
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+             what="the task to be killed")
+    time.sleep(0.5)  # a few heartbeats later, still nothing reported
+    assert fake.finish_of("stolen") is None
+
+
+def test_server_gone_past_timeout_kills_tasks_then_registers_again(fake, start_worker, tmp_path):
+    pidfile = tmp_path / "pid"
+    fake.submit("orphan", f"echo $$ > {pidfile}; exec sleep 60", max_shutdown_time=0.5)
+    runner = start_worker(timeout=1.0, heartbeat=0.2)
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="task start"))
+    fake.stop()
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+             what="the task to be killed")
+    assert runner.thread.is_alive()  # the worker itself survives
+    fake.restart()
+    wait_for(lambda: "w2" in fake.workers, what="registration after the server came back")
+    assert fake.finish_of("orphan") is None  # dropped, not reported
+    assert runner.stop() == 0
+
+
+def test_lost_worker_registers_again(fake, start_worker):
+    start_worker()
+    wait_for(lambda: fake.workers.get("w1", {}).get("heartbeats"), what="first heartbeat")
+    with fake.lock:
+        fake.workers["w1"]["state"] = "lost"
+    wait_for(lambda: "w2" in fake.workers, what="a new registration")
+    fake.submit("after", "echo again")
+    report = wait_for(lambda: fake.finish_of("after"), what="a task on the new registration")
+    assert report["stdout"] == "again\n"
+
+
+def test_reports_are_retried_until_the_server_takes_them(fake, start_worker, tmp_path):
+    gate = tmp_path / "gate"
+    fake.submit("patient", f"while [ ! -e {gate} ]; do sleep 0.05; done; echo done")
+    runner = start_worker(timeout=5.0, heartbeat=0.2)
+    wait_for(lambda: fake.tasks["patient"]["state"] == "running", what="claim")
+    fake.stop()
+    gate.touch()
+    time.sleep(1.0)  # the task ends while the server is away; the report waits
+    fake.restart()
+    report = wait_for(lambda: fake.finish_of("patient"), what="the delayed report")
+    assert (report["outcome"], report["stdout"]) == ("success", "done\n")
+    assert runner.stop() == 0
+
+
+def test_drain_timeout_terminates_running_tasks_as_failures(fake, start_worker):
+    fake.submit("long", "sleep 60", max_shutdown_time=1)
+    runner = start_worker(drain=0.3)
+    wait_for(lambda: fake.tasks["long"]["state"] == "running", what="claim")
+    time.sleep(0.2)
+    assert runner.stop() == 0
+    report = fake.finish_of("long")
+    assert (report["outcome"], report["exit_code"]) == ("failure", -signal.SIGTERM)
+    assert fake.workers["w1"]["state"] == "stopped"
+
+
+def test_sigterm_drains_then_exits_cleanly(fake, tmp_path):
+    fake.submit("short", "sleep 1; echo finished")
+    proc = subprocess.Popen([sys.executable, "-m", "banyan.worker", "--server", fake.url,
+                             "--heartbeat", "0.2", "--drain", "8", "--claim-wait", "1",
+                             "--work-dir", str(tmp_path / "work"), "--log-level", "WARNING"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: fake.tasks["short"]["state"] == "running", what="claim")
+        fake.submit("late", "echo should not run")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=8) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    report = fake.finish_of("short")
+    assert (report["outcome"], report["stdout"]) == ("success", "finished\n")
+    assert fake.workers["w1"]["state"] == "stopped"
+
+
+def test_second_signal_kills_tasks_at_once(fake, tmp_path):
+    pidfile = tmp_path / "pid"
+    fake.submit("stubborn", f"echo $$ > {pidfile}; trap '' TERM; exec sleep 60", max_shutdown_time=60)
+    proc = subprocess.Popen([sys.executable, "-m", "banyan.worker", "--server", fake.url,
+                             "--heartbeat", "0.2", "--drain", "60", "--claim-wait", "1",
+                             "--work-dir", str(tmp_path / "work"), "--log-level", "WARNING"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="task start"))
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=8) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert fake.finish_of("stubborn")["exit_code"] == -signal.SIGKILL
+
+
+def test_cannot_reach_the_server_at_start_exits_3(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "banyan.worker", "--server", "http://127.0.0.1:9",
+                             "--work-dir", str(tmp_path / "w"), "--log-level", "CRITICAL"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 3
+
+
+@pytest.mark.parametrize("args", [["--memory", "lots"], ["--cores", "-1"], ["--max-tasks", "0"],
+                                  ["--heartbeat", "10", "--timeout", "5"], []])
+def test_bad_arguments_exit_2(args, monkeypatch):
+    from banyan.worker.__main__ import main
+    monkeypatch.delenv("BANYAN_SERVER", raising=False)
+    server = [] if args == [] else ["--server", "http://127.0.0.1:9"]
+    try:
+        code = main(server + args)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
