@@ -134,6 +134,9 @@ VIRTUAL_RESOURCES = {
 ENFORCE_IF_MATCH = False
 IF_MATCH = True
 PAGINATION_LIMIT = 10000
+#: ISO 8601 in UTC with microseconds: attempts last milliseconds, and Eve's
+#: default (RFC 1123) would round every start and end to the second.
+DATE_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 PAGINATION_DEFAULT = 100
 MONGO_DBNAME = "banyan"
 # Token authentication (see banyan.server.auth). `banyan server` turns it on
