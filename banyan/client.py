@@ -8,6 +8,7 @@ failures, 502/503/504); anything longer-lived is the caller's business
 
 import json
 import logging
+import re
 import time
 from urllib.parse import quote
 
@@ -15,7 +16,7 @@ import requests
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Client", "BanyanError", "ServerUnreachable"]
+__all__ = ["Client", "BanyanError", "ServerUnreachable", "describe_result"]
 
 _RETRY_STATUSES = frozenset({502, 503, 504})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
@@ -42,7 +43,36 @@ class ServerUnreachable(BanyanError):
     """No usable answer after all retries: connection failures, timeouts or 502/503/504.
 
     ``status`` is None for connection failures, else the last gateway status.
+    ``url`` is the server's base URL and ``reason`` a short cause
+    (``"connection refused"``, ``"no answer within 30s"``, ``"503 ..."``).
     """
+
+    def __init__(self, status, message, issues=None, payload=None, url=None, reason=None):
+        self.url = url
+        self.reason = reason or message
+        super().__init__(status, message, issues, payload)
+
+
+def _short_reason(exc):
+    """A few words on why a connection failed, from the deepest OSError in the chain."""
+    seen, current, reason = set(), exc, None
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            reason = current.strerror
+        for arg in getattr(current, "args", ()):
+            if isinstance(arg, BaseException) and id(arg) not in seen:
+                inner = _short_reason(arg)
+                if inner:
+                    reason = inner
+        current = current.__cause__ or current.__context__ or getattr(current, "reason", None)
+        if not isinstance(current, BaseException):
+            current = None
+    if reason is None:
+        text = str(exc)
+        match = re.search(r"\[Errno -?\d+\] ([^')\]]+)", text)
+        reason = match.group(1) if match else None
+    return reason.lower() if reason else None
 
 
 def _flatten_issues(issues, prefix=""):
@@ -116,17 +146,21 @@ class Client:
                 response = self.session.request(method, url, json=json_body, params=params, timeout=timeout)
             except requests.exceptions.ReadTimeout as exc:
                 if not idempotent or last:
-                    raise ServerUnreachable(None, f"{method} {url}: no answer within {timeout}s") from exc
+                    raise ServerUnreachable(None, f"{method} {url}: no answer within {timeout}s",
+                                            url=self.url, reason=f"no answer within {timeout:g}s") from exc
                 log.info("%s %s timed out (attempt %d/%d)", method, url, attempt, attempts)
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 if last:
-                    raise ServerUnreachable(None, f"cannot reach {self.url}: {exc}") from exc
+                    raise ServerUnreachable(None, f"cannot reach {self.url}: {exc}", url=self.url,
+                                            reason=_short_reason(exc) or type(exc).__name__) from exc
                 log.info("%s %s failed (attempt %d/%d): %s", method, url, attempt, attempts, exc)
             else:
                 if response.status_code in _RETRY_STATUSES:
                     if last:
-                        raise ServerUnreachable(response.status_code, _error_message(response)[0])
+                        message = _error_message(response)[0]
+                        raise ServerUnreachable(response.status_code, message, url=self.url,
+                                                reason=f"{response.status_code} {message}")
                     log.info("%s %s answered %s (attempt %d/%d)", method, url,
                              response.status_code, attempt, attempts)
                 else:
@@ -236,6 +270,86 @@ class Client:
     def logs(self, task_id, attempt=None):
         params = {"attempt": int(attempt)} if attempt is not None else None
         return self.get("tasks", task_id, "logs", params=params)
+
+    def create_tasks(self, docs):
+        """POST tasks in one request (the server takes all or none); their ids, in order."""
+        docs = list(docs)
+        reply = self.post("tasks", json_body=docs) or {}
+        items = reply["_items"] if "_items" in reply else [reply]
+        return [item["_id"] for item in items]
+
+    def add_continuations(self, parents, children):
+        """Make ``children`` (inactive tasks) continuations of every task in ``parents``."""
+        body = [{"targets": list(parents), "values": list(children)}]
+        return self.post("tasks", "add_continuations", json_body=body)
+
+    def patch_tasks(self, updates):
+        """Bulk PATCH ``[{"_id": id, <changes>}, ...]`` in one request.
+
+        Returns one result per item, in order; a refused item's result has
+        ``"_status": "ERR"`` and ``_error`` or ``_issues`` (see
+        ``describe_result``) instead of raising for the whole batch.
+        """
+        updates = list(updates)
+        if not updates:
+            return []
+        try:
+            reply = self.patch("tasks", json_body=updates) or {}
+        except BanyanError as exc:
+            if isinstance(exc.payload, dict) and isinstance(exc.payload.get("_items"), list):
+                return exc.payload["_items"]
+            raise
+        return reply.get("_items", [])
+
+    def set_states(self, task_ids, state, chunk=500):
+        """Ask for ``state`` on each task (bulk PATCHes of ``chunk``); one result per task."""
+        task_ids, results = list(task_ids), []
+        for start in range(0, len(task_ids), chunk):
+            results += self.patch_tasks([{"_id": task_id, "state": state}
+                                         for task_id in task_ids[start:start + chunk]])
+        return results
+
+    def tasks_by_id(self, task_ids, projection=None, chunk=200):
+        """``{id: task}`` for those of ``task_ids`` that exist (and the caller may see)."""
+        found = {}
+        task_ids = list(dict.fromkeys(task_ids))
+        for start in range(0, len(task_ids), chunk):
+            part = task_ids[start:start + chunk]
+            for doc in self.iter_tasks({"_id": {"$in": part}}, projection, max_results=len(part)):
+                found[doc["_id"]] = doc
+        return found
+
+    def stats(self):
+        """Task statistics (``GET /stats``)."""
+        return self.get("stats")
+
+    def worker_stats(self):
+        """Per-worker load (``GET /stats/workers``)."""
+        return self.get("stats", "workers")
+
+    def submit_graph(self, graph, after=()):
+        """Submit a ``banyan.graph.TaskGraph`` so that it runs (after ``after``, task ids)."""
+        from banyan.graph import submit_graph
+        return submit_graph(self, graph, after=after)
+
+    def wait(self, task_ids, **kwargs):
+        """Block until every task has finished; a ``banyan.waiting.WaitResult``."""
+        from banyan.waiting import wait_for
+        return wait_for(self, task_ids, **kwargs)
+
+
+def describe_result(result):
+    """One line for a refused item of a bulk answer (None if it was accepted)."""
+    if not isinstance(result, dict) or result.get("_status") != "ERR":
+        return None
+    error = result.get("_error")
+    message = error.get("message") if isinstance(error, dict) else error
+    issues = result.get("_issues")
+    if issues:
+        details = "; ".join(str(issue) if not field else f"{field}: {issue}"
+                            for field, issue in _flatten_issues(issues))
+        message = f"{message} ({details})" if message else details
+    return message or "refused"
 
 
 def _error_message(response):

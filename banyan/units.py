@@ -6,7 +6,7 @@ so it must stay free of dependencies.
 
 import re
 
-__all__ = ["parse_size", "format_size"]
+__all__ = ["parse_size", "format_size", "parse_duration"]
 
 # Binary units are powers of 1024, decimal units powers of 1000; a bare
 # letter ("2 G") is read as binary, as Slurm and `free -h` do.
@@ -69,3 +69,54 @@ def format_size(num_bytes):
             return f"{value:.1f} {unit}"
         value /= 1024
     return f"{num_bytes} B"  # pragma: no cover
+
+
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(d|h|m|s)", re.IGNORECASE)
+_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(value):
+    """Return ``value`` as seconds (a float).
+
+    Accepts a non-negative number of seconds, or a string: ``"90"``,
+    ``"90s"``, ``"5m"``, ``"1h30m"``, ``"2d"``, or ``[[D-]HH:]MM:SS`` as
+    Slurm writes times (``"1:30:00"``). Raises ValueError naming the
+    offending value otherwise.
+    """
+    bad = f"invalid duration {value!r}: expected seconds or a time such as '90s', '5m', '1h30m' or '1:30:00'"
+    if isinstance(value, bool):
+        raise ValueError(bad)
+    if isinstance(value, (int, float)):
+        if not value >= 0 or value == float("inf"):
+            raise ValueError(bad)
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(bad)
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not seconds >= 0 or seconds == float("inf"):
+            raise ValueError(bad)
+        return seconds
+    if ":" in text:
+        days = 0
+        if "-" in text:
+            head, _, text = text.partition("-")
+            if not head.isdigit():
+                raise ValueError(bad)
+            days = int(head)
+        parts = text.split(":")
+        if len(parts) > 3 or not all(p.isdigit() for p in parts):
+            raise ValueError(bad)
+        seconds = 0
+        for part in parts:
+            seconds = seconds * 60 + int(part)
+        return float(days * 86400 + seconds)
+    compact = text.replace(" ", "")
+    matches = list(_DURATION_PART_RE.finditer(compact))
+    if not matches or "".join(m.group(0) for m in matches) != compact:
+        raise ValueError(bad)
+    return float(sum(float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()] for m in matches))

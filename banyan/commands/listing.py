@@ -1,0 +1,187 @@
+"""`banyan ls` (a table of tasks) and `banyan show` (one task and its attempts)."""
+
+import sys
+
+from banyan.commands.base import (EXIT_USAGE, CommandError, add_command, attempt_runtime, connect, format_bytes,
+                                  format_duration, format_number, format_time, outcome, parse_json_arg,
+                                  print_json, print_table, shorten, task_ids)
+
+STATES = ("inactive", "available", "running", "pending_cancellation", "cancelled", "terminated")
+#: What `ls` reads of each task for its table.
+LS_PROJECTION = {"name": 1, "state": 1, "exit_status": 1, "owner": 1, "requested_resources": 1,
+                 "priority": 1, "environment": 1, "pending_dependency_count": 1, "_created": 1,
+                 "current_history": 1}
+
+LS_EPILOG = """
+STATE is the task's state; for a finished task, how it ended. An array task
+shows its index after its name (NAME[7]). WAITS counts the tasks it still
+runs after. --json prints the tasks as the API returns them.
+
+examples:
+  banyan ls
+  banyan ls --state running --state available
+  banyan ls --name squares --json
+  banyan ls --where '{"priority": {"$gt": 0}}' --last 20
+"""
+
+SHOW_EPILOG = """
+examples:
+  banyan show 65f0c2a1e4b0a1b2c3d4e5f6
+  banyan show --json 65f0c2a1e4b0a1b2c3d4e5f6
+"""
+
+
+def register(sub):
+    ls = add_command(sub, "ls", run_ls, help="list tasks (a table, or --json)",
+                     description="List tasks, oldest first: id, name, state or outcome, attempts, "
+                                 "resources, owner and creation time. Filters combine with AND.",
+                     epilog=LS_EPILOG)
+    ls.add_argument("--state", action="append", default=[], choices=STATES + ("finished", "unfinished"),
+                    metavar="STATE", help="only tasks in this state (repeatable): %s, or finished / "
+                                          "unfinished" % ", ".join(STATES))
+    ls.add_argument("--name", action="append", default=[], help="only tasks of this name (repeatable)")
+    ls.add_argument("--owner", help="only tasks of this owner (users see only their own anyway)")
+    ls.add_argument("--where", metavar="JSON", help="a MongoDB filter on the tasks' fields")
+    ls.add_argument("--last", type=int, metavar="N", help="only the N newest of them")
+    ls.add_argument("--json", action="store_true", help="print the tasks as JSON (all their fields)")
+
+    show = add_command(sub, "show", run_show, help="show a task: its fields and attempts",
+                       description="Show one or more tasks in full: command, resources, state, "
+                                   "continuations, and each attempt (worker, times, exit code, "
+                                   "usage, progress).", epilog=SHOW_EPILOG)
+    show.add_argument("ids", nargs="+", metavar="ID", help="task ids ('-' reads them from stdin)")
+    show.add_argument("--json", action="store_true", help="print the tasks as the API returns them")
+
+
+def ls_query(args):
+    query = parse_json_arg(args.where, "--where") if args.where else {}
+    states = []
+    for state in args.state:
+        if state == "finished":
+            states += ["cancelled", "terminated"]
+        elif state == "unfinished":
+            states += [s for s in STATES if s not in ("cancelled", "terminated")]
+        else:
+            states.append(state)
+    if states:
+        states = list(dict.fromkeys(states))
+        query["state"] = states[0] if len(states) == 1 else {"$in": states}
+    if args.name:
+        query["name"] = args.name[0] if len(args.name) == 1 else {"$in": args.name}
+    if args.owner:
+        query["owner"] = args.owner
+    return query
+
+
+def run_ls(args):
+    if args.last is not None and args.last < 1:
+        raise CommandError("--last must be at least 1", EXIT_USAGE)
+    query = ls_query(args)
+    client = connect(args)
+    projection = None if args.json else LS_PROJECTION
+    if args.last:
+        reply = client.list_tasks(query, projection, sort="-_id", max_results=args.last)
+        tasks = list(reversed(reply.get("_items", [])))
+    else:
+        tasks = list(client.iter_tasks(query, projection, sort="_id", max_results=10000))
+    if args.json:
+        for doc in tasks:
+            doc.pop("_links", None)
+        print_json(tasks)
+        return 0
+    rows = []
+    for doc in tasks:
+        resources = doc.get("requested_resources") or {}
+        attempt = doc.get("current_history") or {}
+        name = doc.get("name") or ""
+        index = (doc.get("environment") or {}).get("BANYAN_ARRAY_INDEX")
+        if index is not None:
+            name = "%s[%s]" % (name, index)
+        rows.append([doc["_id"], shorten(name, 32), outcome(doc), attempt.get("attempt") or 0,
+                     doc.get("pending_dependency_count") or "",
+                     format_number(resources.get("cores")), format_bytes(resources.get("memory")) if
+                     resources.get("memory") else "", resources.get("gpus") or "",
+                     doc.get("owner") or "", format_time(doc.get("_created"))])
+    if rows:
+        print_table(("ID", "NAME", "STATE", "ATTEMPTS", "WAITS", "CORES", "MEMORY", "GPUS", "OWNER", "CREATED"),
+                    rows)
+    else:
+        print("no tasks", file=sys.stderr)
+    return 0
+
+
+def run_show(args):
+    ids = task_ids(args.ids)
+    client = connect(args)
+    found = client.tasks_by_id(ids)
+    missing = [task_id for task_id in ids if task_id not in found]
+    if args.json:
+        docs = [found[task_id] for task_id in ids if task_id in found]
+        for doc in docs:
+            doc.pop("_links", None)
+        print_json(docs[0] if len(ids) == 1 and docs else docs)
+    else:
+        for n, task_id in enumerate(task_id for task_id in ids if task_id in found):
+            if n:
+                print()
+            show_task(found[task_id])
+    if missing:
+        raise CommandError("no such task (or not yours): %s" % ", ".join(missing))
+    return 0
+
+
+def show_task(doc, out=None):
+    out = out or sys.stdout
+    resources = doc.get("requested_resources") or {}
+    command = doc.get("command")
+    if isinstance(command, list):
+        import shlex
+        command = " ".join(shlex.quote(word) for word in command) + "   (executed directly)"
+    elif command is None:
+        command = "(none: a barrier)"
+    fields = [
+        ("id", doc["_id"]),
+        ("name", doc.get("name") or ""),
+        ("state", doc.get("state")),
+        ("outcome", outcome(doc) if doc.get("state") in ("cancelled", "terminated") else ""),
+        ("command", command),
+        ("resources", "cores %s, memory %s, gpus %s" % (
+            format_number(resources.get("cores", 1)), format_bytes(resources.get("memory") or 0),
+            resources.get("gpus") or 0)),
+        ("priority", doc.get("priority", 0)),
+        ("retries", "%s of %s" % (doc.get("retry_count") or 0, doc.get("max_retries") or 0)),
+        ("time limit", format_duration(doc.get("time_limit")) if doc.get("time_limit") else "none"),
+        ("working dir", doc.get("working_directory") or ""),
+        ("environment", " ".join("%s=%s" % item for item in sorted((doc.get("environment") or {}).items()))),
+        ("owner", doc.get("owner") or ""),
+        ("worker", doc.get("worker") or ""),
+        ("continuations", " ".join(doc.get("continuations") or [])),
+        ("waits for", " ".join(doc.get("pending_parents") or [])),
+        ("created", format_time(doc.get("_created"))),
+        ("updated", format_time(doc.get("_updated"))),
+    ]
+    for key, value in fields:
+        if value in ("", None) and key not in ("name", "state"):
+            continue
+        out.write("%-14s %s\n" % (key + ":", value))
+    history = doc.get("history") or []
+    if not history:
+        out.write("attempts:      none yet\n")
+        return
+    out.write("attempts:\n")
+    rows = []
+    for attempt in history:
+        usage = attempt.get("usage") or {}
+        progress = attempt.get("progress") or {}
+        progress_text = ""
+        if progress:
+            progress_text = "%d%%" % round(100 * float(progress.get("fraction") or 0))
+            if progress.get("message"):
+                progress_text += " " + shorten(progress["message"], 40)
+        code = attempt.get("exit_code")
+        rows.append([attempt.get("attempt"), attempt.get("worker") or "", attempt.get("host") or "",
+                     format_time(attempt.get("started")), format_time(attempt.get("ended")),
+                     format_duration(attempt_runtime(attempt)), attempt.get("exit_status") or "running",
+                     "" if code is None else code, format_bytes(usage.get("max_rss")), progress_text])
+    print_table(("#", "WORKER", "HOST", "STARTED", "ENDED", "RUNTIME", "EXIT", "CODE", "MAX RSS", "PROGRESS"),
+                rows, out=out, indent="  ")

@@ -1,0 +1,107 @@
+"""`banyan logs`: a task's output (stdout to stdout, stderr to stderr)."""
+
+import sys
+import time
+
+from banyan.client import BanyanError
+from banyan.commands.base import EXIT_USAGE, CommandError, add_command, connect, task_ids
+
+EPILOG = """
+The worker hands a task's output to the server when an attempt ends (the
+last 1 MiB of each stream is kept), so it can be read after the worker is
+gone. The task's stdout goes to stdout and its stderr to stderr.
+
+examples:
+  banyan logs 65f0c2a1e4b0a1b2c3d4e5f6
+  banyan logs --attempt 1 65f0c2a1e4b0a1b2c3d4e5f6 2>/dev/null
+  banyan logs --follow 65f0c2a1e4b0a1b2c3d4e5f6
+"""
+
+FINISHED = ("cancelled", "terminated")
+
+
+def register(sub):
+    parser = add_command(sub, "logs", run, help="print a task's output",
+                         description="Print the output of a task's latest attempt, or of attempt N.",
+                         epilog=EPILOG)
+    parser.add_argument("id", metavar="ID", help="the task")
+    parser.add_argument("--attempt", type=int, metavar="N", help="this attempt (1 is the first; default: latest)")
+    parser.add_argument("--follow", "-f", action="store_true",
+                        help="keep printing new output until the task (or attempt N) has finished")
+    parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                        help="with --follow: how often to ask the server (default 1)")
+
+
+def _task(client, task_id):
+    try:
+        return client.get_task(task_id, {"state": 1, "current_history": 1, "name": 1})
+    except BanyanError as exc:
+        if exc.status == 404:
+            raise CommandError("no such task (or not yours): %s" % task_id) from None
+        raise
+
+
+def _logs(client, task_id, attempt, doc):
+    try:
+        return client.logs(task_id, attempt)
+    except BanyanError as exc:
+        if exc.status == 404 and attempt is not None:
+            last = (doc.get("current_history") or {}).get("attempt") or 0
+            raise CommandError("task %s has no attempt %d (it has had %d)" % (task_id, attempt, last)) from None
+        raise
+
+
+def run(args):
+    if args.attempt is not None and args.attempt < 1:
+        raise CommandError("--attempt must be 1 or more", EXIT_USAGE)
+    task_id = task_ids([args.id])[0]
+    client = connect(args)
+    doc = _task(client, task_id)
+    if not args.follow:
+        logs = _logs(client, task_id, args.attempt, doc)
+        _write(sys.stdout, logs.get("stdout") or "")
+        _write(sys.stderr, logs.get("stderr") or "")
+        if logs.get("attempt") is None:
+            print("banyan logs: task %s has not started yet (it is %s)" % (task_id, doc.get("state")),
+                  file=sys.stderr)
+        return 0
+    return follow(client, task_id, args.attempt, doc, args.interval)
+
+
+def follow(client, task_id, attempt, doc, interval):
+    shown = {"stdout": "", "stderr": ""}
+    current = None
+    while True:
+        logs = _logs(client, task_id, attempt, doc)
+        if logs.get("attempt") != current:
+            if current is not None:
+                print("--- attempt %s ---" % logs.get("attempt"), file=sys.stderr, flush=True)
+                shown = {"stdout": "", "stderr": ""}
+            current = logs.get("attempt")
+        for stream, out in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+            text = logs.get(stream) or ""
+            new = text[len(shown[stream]):] if text.startswith(shown[stream]) else text
+            _write(out, new)
+            shown[stream] = text
+        if _done(doc, attempt):
+            return 0
+        time.sleep(interval)
+        # Read the task before its output: output is handed over with the
+        # end of an attempt, so once the task reads as done, the next read
+        # of the output is complete.
+        doc = _task(client, task_id)
+
+
+def _done(doc, attempt):
+    if doc.get("state") in FINISHED:
+        return True
+    last = doc.get("current_history") or {}
+    if attempt is not None and last.get("attempt") is not None:
+        return last["attempt"] > attempt or (last["attempt"] == attempt and last.get("ended") is not None)
+    return False
+
+
+def _write(out, text):
+    if text:
+        out.write(text)
+        out.flush()

@@ -1,0 +1,129 @@
+"""Waiting for tasks to finish (`banyan wait`, `banyan submit --wait`, `Client.wait`).
+
+The set of tasks is fixed when the wait starts (ids, or a `where` filter
+evaluated then). Each round asks the server only about the tasks not yet
+finished, with a small projection, so a long wait over many tasks stays
+cheap; a task's details are fetched once, when it finishes.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["FINISHED", "MissingTasks", "Progress", "WaitResult", "wait_for", "succeeded"]
+
+FINISHED = ("cancelled", "terminated")
+#: What is read of a finished task: enough to say how it ended.
+OUTCOME_PROJECTION = {"name": 1, "state": 1, "exit_status": 1, "current_history": 1}
+_CHUNK = 200
+
+
+class MissingTasks(LookupError):
+    """Some of the ids to wait for name no task (or none the caller may see)."""
+
+    def __init__(self, task_ids):
+        self.task_ids = list(task_ids)
+        super().__init__("no such task (or not yours): %s" % ", ".join(self.task_ids))
+
+
+@dataclass
+class Progress:
+    total: int
+    finished: int
+    succeeded: int
+    failed: int
+    running: int
+    elapsed: float
+
+
+@dataclass
+class WaitResult:
+    #: every task waited for, as last read: {id: {name, state, exit_status, current_history}}
+    tasks: dict = field(default_factory=dict)
+    timed_out: bool = False
+
+    @property
+    def failed(self):
+        """Finished tasks that did not succeed (failed, timed out, abandoned or cancelled)."""
+        return [doc for doc in self.tasks.values() if doc.get("state") in FINISHED and not succeeded(doc)]
+
+    @property
+    def unfinished(self):
+        return [doc for doc in self.tasks.values() if doc.get("state") not in FINISHED]
+
+    @property
+    def ok(self):
+        return not self.timed_out and not self.failed and not self.unfinished
+
+
+def succeeded(doc):
+    return doc.get("state") == "terminated" and doc.get("exit_status") == "success"
+
+
+def wait_for(client, task_ids=None, where=None, interval=1.0, timeout=None, on_progress=None,
+             sleep=time.sleep, clock=time.monotonic):
+    """Wait until every task (of `task_ids`, or matching `where`) has
+    finished, or `timeout` seconds passed. `on_progress(Progress)` is called
+    after every round. Raises MissingTasks for ids that name no task."""
+    start = clock()
+    if task_ids is not None:
+        task_ids = list(dict.fromkeys(task_ids))
+        tasks = client.tasks_by_id(task_ids, OUTCOME_PROJECTION)
+        missing = [task_id for task_id in task_ids if task_id not in tasks]
+        if missing:
+            raise MissingTasks(missing)
+        tasks = {task_id: tasks[task_id] for task_id in task_ids}
+    else:
+        tasks = {doc["_id"]: doc for doc in client.iter_tasks(where or {}, OUTCOME_PROJECTION,
+                                                                max_results=10000)}
+    result = WaitResult(tasks)
+    running = {task_id: doc["state"] for task_id, doc in tasks.items() if doc.get("state") not in FINISHED}
+    delay = min(interval, 0.2)  # short tasks are seen soon; then every `interval`
+    while True:
+        if on_progress is not None:
+            on_progress(_progress(result, running, clock() - start))
+        if not running:
+            return result
+        if timeout is not None and clock() - start >= timeout:
+            result.timed_out = True
+            return result
+        sleep(delay)
+        delay = min(interval, delay * 2)
+        still = _unfinished_states(client, list(running), where if task_ids is None else None)
+        done = [task_id for task_id in running if task_id not in still]
+        if done:
+            for task_id, doc in client.tasks_by_id(done, OUTCOME_PROJECTION).items():
+                tasks[task_id] = doc
+        for task_id in done:
+            running.pop(task_id, None)
+        for task_id, state in still.items():
+            if task_id in running:
+                running[task_id] = tasks[task_id]["state"] = state
+
+
+def _unfinished_states(client, task_ids, where):
+    """{id: state} of those of `task_ids` that have not finished."""
+    unfinished = {"state": {"$nin": list(FINISHED)}}
+    states = {}
+    if where is not None and len(task_ids) > _CHUNK:
+        # One paged query over the filter beats many `$in` chunks.
+        wanted = set(task_ids)
+        query = {"$and": [where, unfinished]} if where else unfinished
+        for doc in client.iter_tasks(query, {"state": 1}, max_results=10000):
+            if doc["_id"] in wanted:
+                states[doc["_id"]] = doc["state"]
+        return states
+    for begin in range(0, len(task_ids), _CHUNK):
+        part = task_ids[begin:begin + _CHUNK]
+        query = dict(unfinished, _id={"$in": part})
+        for doc in client.iter_tasks(query, {"state": 1}, max_results=len(part)):
+            states[doc["_id"]] = doc["state"]
+    return states
+
+
+def _progress(result, running, elapsed):
+    finished = [doc for doc in result.tasks.values() if doc.get("state") in FINISHED]
+    ok = sum(1 for doc in finished if succeeded(doc))
+    return Progress(total=len(result.tasks), finished=len(finished), succeeded=ok,
+                    failed=len(finished) - ok,
+                    running=sum(1 for state in running.values() if state in ("running", "pending_cancellation")),
+                    elapsed=elapsed)
