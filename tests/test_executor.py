@@ -266,3 +266,54 @@ def test_machine_totals_are_positive():
     assert totals["memory"] > 0
     assert totals["gpus"] >= 0
     assert 0 < resources.free_memory() <= totals["memory"]
+
+
+def test_tree_walk_from_proc_finds_the_same_descendants_as_psutil(tmp_path):
+    proc = make(tmp_path, "sh -c 'sleep 30 & sleep 30 & wait' & sleep 30 & wait")
+    proc.start()
+    try:
+        root = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 10
+        while len(root.children(recursive=True)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        expected = sorted(p.pid for p in root.children(recursive=True))
+        assert len(expected) == 4
+        walked = resources.descendant_pids(proc.pid)
+        if walked is not None:  # this kernel lists children in /proc
+            assert sorted(walked) == expected
+        assert sorted(p.pid for p in proc.sampler.processes()[1:]) == expected
+    finally:
+        proc.terminate(grace=1)
+
+
+def test_an_attempt_whose_directory_cannot_be_made_fails_with_a_message(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    proc = TaskProcess({"_id": "t1", "command": "echo never"}, 1, tmp_path / "file" / "attempt")
+    proc.start()  # no exception: a failed attempt
+    assert proc.poll() == (None, "failure")
+    assert "cannot prepare" in proc.tail("stderr") and proc.tail("stdout") == ""
+
+
+def _fake_nvidia_smi(tmp_path, script):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    exe = bindir / "nvidia-smi"
+    exe.write_text("#!/bin/sh\n" + script)
+    exe.chmod(0o755)
+    return str(bindir)
+
+
+@pytest.mark.parametrize("script, expected", [
+    ('echo 0; echo 1\n', 2),                          # two GPUs listed
+    ('echo "NVIDIA-SMI has failed" >&2; exit 9\n', 0),  # driver broken: none
+])
+def test_gpus_are_counted_with_nvidia_smi_when_nvml_is_absent(tmp_path, monkeypatch, script, expected):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails as if not installed
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path, script) + os.pathsep + os.environ["PATH"])
+    assert resources.gpu_count() == expected
+
+
+def test_no_nvml_and_no_nvidia_smi_means_no_gpus(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert resources.gpu_count() == 0

@@ -31,6 +31,9 @@ class FakeBanyan:
         self.claims = []         # claim bodies
         self.requests = []       # (method, path)
         self.lost_workers = set()
+        self.failure = None      # "500" or "reset": how every request fails while set
+        self.fail_next = 0       # fail this many more requests (as "500" unless failure says otherwise)
+        self.failed = 0          # requests failed so far
         self._start(port)
 
     # -- test helpers --
@@ -88,6 +91,20 @@ class FakeBanyan:
         path = handler.path.split("?")[0]
         with self.lock:
             self.requests.append((method, path))
+            mode = self.failure or ("500" if self.fail_next > 0 else None)
+            self.fail_next = max(0, self.fail_next - 1)
+            self.failed += mode is not None
+        if mode == "reset":  # drop the connection without an answer
+            handler.close_connection = True
+            return
+        if mode == "500":  # a crashed server's HTML page, not JSON
+            page = b"<html><body>Internal Server Error</body></html>"
+            handler.send_response(500)
+            handler.send_header("Content-Type", "text/html")
+            handler.send_header("Content-Length", str(len(page)))
+            handler.end_headers()
+            handler.wfile.write(page)
+            return
         status, reply = self.route(method, path, body)
         data = json.dumps(reply).encode() if reply is not None else b""
         handler.send_response(status)
@@ -369,7 +386,7 @@ def test_drain_timeout_terminates_running_tasks_as_failures(fake, start_worker):
 def test_sigterm_drains_then_exits_cleanly(fake, tmp_path):
     fake.submit("short", "sleep 1; echo finished")
     proc = subprocess.Popen([sys.executable, "-m", "banyan.worker", "--server", fake.url,
-                             "--heartbeat", "0.2", "--drain", "8", "--claim-wait", "1",
+                             "--heartbeat", "0.2", "--timeout", "10", "--drain", "8", "--claim-wait", "1",
                              "--work-dir", str(tmp_path / "work"), "--log-level", "WARNING"],
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -389,7 +406,7 @@ def test_second_signal_kills_tasks_at_once(fake, tmp_path):
     pidfile = tmp_path / "pid"
     fake.submit("stubborn", f"echo $$ > {pidfile}; trap '' TERM; exec sleep 60", max_shutdown_time=60)
     proc = subprocess.Popen([sys.executable, "-m", "banyan.worker", "--server", fake.url,
-                             "--heartbeat", "0.2", "--drain", "60", "--claim-wait", "1",
+                             "--heartbeat", "0.2", "--timeout", "10", "--drain", "60", "--claim-wait", "1",
                              "--work-dir", str(tmp_path / "work"), "--log-level", "WARNING"],
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -423,3 +440,64 @@ def test_bad_arguments_exit_2(args, monkeypatch):
     except SystemExit as exc:
         code = exc.code
     assert code == 2
+
+
+@pytest.mark.parametrize("failure", ["500", "reset"])
+def test_server_errors_and_resets_never_stop_the_worker(fake, start_worker, failure):
+    fake.fail_next = 2  # the first registrations fail: retried, not fatal
+    runner = start_worker(heartbeat=0.2, timeout=30, claim_wait=0.5)
+    wait_for(lambda: "w1" in fake.workers, timeout=15, what="registration after two 500s")
+    fake.failure = failure  # every claim and heartbeat fails for a while
+    failed = fake.failed
+    wait_for(lambda: fake.failed >= failed + 6, what="requests failing")
+    assert runner.thread.is_alive()
+    fake.failure = None
+    fake.submit("after", "echo recovered")
+    report = wait_for(lambda: fake.finish_of("after"), timeout=20, what="a task after the outage")
+    assert (report["outcome"], report["stdout"]) == ("success", "recovered\n")
+    assert list(fake.workers) == ["w1"]  # never reset: the outage was shorter than the timeout
+    assert runner.stop() == 0
+
+
+class StubClient:
+    """Answers heartbeats with a fixed reply, as a late answer from the server would."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.sent = []
+
+    def heartbeat(self, wid, tasks):
+        self.sent.append(tasks)
+        return dict(self.reply)
+
+    def close(self):
+        pass
+
+
+def test_a_late_unknown_kills_only_the_attempt_it_was_about(tmp_path):
+    """A heartbeat reports attempt 1; before its answer ("unknown": attempt 1
+    was finished) arrives, the task was retried and claimed again by this
+    worker. The answer must not kill attempt 2."""
+    from banyan.worker.executor import TaskProcess
+
+    stub = StubClient({"cancel": [], "unknown": ["t"]})
+    worker = Worker(WorkerConfig(server="http://127.0.0.1:9", cores=1, memory="1 GiB", gpus=0,
+                                 work_dir=str(tmp_path / "work")), client_factory=lambda **kw: stub)
+    worker.worker_id = "w1"
+    proc = TaskProcess({"_id": "t", "command": "sleep 30", "max_shutdown_time": 1}, 2, tmp_path / "a2")
+    proc.start()
+    try:
+        worker._tasks["t"] = proc
+        stale = {"t": {"attempt": 1, "usage": {"max_rss": 0, "cpu_percent": 0.0}}}
+        worker.heartbeat_payload = lambda: stale   # built while attempt 1 ran
+        worker.heartbeat()
+        worker.apply_control()
+        assert worker._tasks.get("t") is proc and proc.poll() is None
+        del worker.heartbeat_payload                # now about attempt 2 itself
+        worker.heartbeat()
+        assert stub.sent[-1]["t"]["attempt"] == 2
+        worker.apply_control()
+        assert "t" not in worker._tasks and worker._doomed.get("t") is proc
+        wait_for(lambda: proc.poll() is not None, what="attempt 2 to be killed")
+    finally:
+        proc.kill()

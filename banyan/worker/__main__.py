@@ -91,7 +91,7 @@ def main(argv=None):
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        worker = Worker(config)
+        worker = Worker(config, subreaper=True)
         return worker.run()
     except StartupError as exc:
         log.error("%s", exc)

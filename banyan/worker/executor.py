@@ -6,6 +6,7 @@ shell. Output goes to files in a per-attempt directory, never to pipes, so a
 chatty task cannot block on a full pipe while the worker is busy elsewhere.
 """
 
+import ctypes
 import errno
 import logging
 import os
@@ -14,15 +15,20 @@ import subprocess
 import time
 from collections import namedtuple
 
+import psutil
+
 from .progress import PROGRESS_ENV, read_last_progress
 from .resources import ProcessTreeSampler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Outcome", "TaskProcess", "OUTPUT_LIMIT"]
+__all__ = ["Outcome", "TaskProcess", "OUTPUT_LIMIT", "become_subreaper", "reap_orphans"]
 
 #: How much of each stream is sent to the server (the server keeps the same cap).
 OUTPUT_LIMIT = 1024 * 1024
+
+#: prctl(2) option: orphaned descendants are re-parented to us, not to init.
+PR_SET_CHILD_SUBREAPER = 36
 
 #: ``exit_code`` is the process's return code (negative: killed by signal -N),
 #: or None when the command could not be started at all. ``outcome`` is one of
@@ -53,6 +59,7 @@ class TaskProcess:
         self.started = None            # time.monotonic() at start
         self.stop_reason = None        # outcome to report if we stopped it
         self.kill_deadline = None      # monotonic time for SIGKILL after SIGTERM
+        self.start_error = None        # why the attempt could not even get its files
         self._outcome = None
 
     # -- starting ---------------------------------------------------------
@@ -79,9 +86,15 @@ class TaskProcess:
 
     def start(self):
         """Start the command; a command that cannot start becomes a failed outcome, not an exception."""
-        os.makedirs(self.attempt_dir, exist_ok=True)
-        open(self.progress_path, "a").close()
         self.started = time.monotonic()
+        try:
+            os.makedirs(self.attempt_dir, exist_ok=True)
+            open(self.progress_path, "a").close()
+        except OSError as exc:  # disk full, permissions: this attempt fails, the worker goes on
+            self.start_error = f"banyan-worker: cannot prepare {self.attempt_dir} for task {self.task_id}: {exc}\n"
+            log.error("task %s attempt %s: %s", self.task_id, self.attempt, self.start_error.strip())
+            self._outcome = Outcome(None, "failure")
+            return
         command = self.task.get("command")
         if command is None or command == [] or command == "":
             # A barrier; the server normally finishes these itself.
@@ -172,7 +185,7 @@ class TaskProcess:
                 fh.seek(max(0, size - limit))
                 data = fh.read(limit)
         except OSError:
-            return ""
+            return (self.start_error or "") if stream == "stderr" else ""
         return data.decode("utf-8", errors="replace")
 
     # -- stopping ---------------------------------------------------------
@@ -197,6 +210,9 @@ class TaskProcess:
         if not wait:
             return
         while self.poll() is None or self._group_alive():
+            self._reap_group_zombies()
+            if not self._group_alive() and self.poll() is not None:
+                break
             if time.monotonic() >= self.kill_deadline:
                 self.kill()
                 self.popen.wait()
@@ -221,6 +237,21 @@ class TaskProcess:
         except PermissionError as exc:  # EPERM: pgid reused by someone else's group
             log.warning("cannot signal group %s: %s", self.pgid, exc)
 
+    def _reap_group_zombies(self):
+        """Reap dead members of the group that were re-parented to us (see ``become_subreaper``)."""
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:
+            return
+        for child in children:
+            if child.pid == self.pid:
+                continue  # the leader is the Popen's to reap
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE and os.getpgid(child.pid) == self.pgid:
+                    os.waitpid(child.pid, os.WNOHANG)
+            except (psutil.Error, OSError):
+                continue
+
     def _group_alive(self):
         """True while any process (other than an unreaped leader) is left in the group."""
         if self.pgid is None:
@@ -234,3 +265,55 @@ class TaskProcess:
         except OSError as exc:  # pragma: no cover
             return exc.errno != errno.ESRCH
         return True
+
+
+# -- orphans ---------------------------------------------------------------
+
+def become_subreaper():
+    """Make this process the child subreaper of everything it starts (Linux).
+
+    A task's background children outlive its shell; once the shell is gone
+    they are re-parented to the nearest subreaper instead of to PID 1, so
+    the worker can reap them when they die. Without it, in a container whose
+    PID 1 never calls wait(), every killed task would leave zombies behind
+    (and its process group would never quite disappear). Only the
+    ``banyan-worker`` process does this: a process that embeds a Worker may
+    have children of its own. Returns True when it worked.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_orphans(keep=()):
+    """Reap this process's dead children except ``keep`` (pids a ``Popen`` reaps itself).
+
+    Returns how many were reaped. Cheap when there is nothing to reap: one
+    ``waitid`` that looks without reaping.
+    """
+    try:
+        first = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return 0
+    if first is None:
+        return 0
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return 0
+    reaped = 0
+    for child in children:
+        if child.pid in keep:
+            continue
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                continue
+            pid, _ = os.waitpid(child.pid, os.WNOHANG)
+        except (psutil.Error, ChildProcessError):
+            continue
+        if pid:
+            reaped += 1
+            log.debug("reaped orphan %s", pid)
+    return reaped

@@ -12,6 +12,12 @@ Three roles, each small (as Huey splits consumer roles):
   is reachable and a slow server never stalls supervision.
 
 Every wait is an ``Event.wait`` so a stop request interrupts it at once.
+The main thread sleeps on ``_wake``, which is set when claimed tasks arrive,
+when a control message (cancel, unknown) comes in and when a task's process
+exits (a small watcher thread per attempt), so a short task costs no tick.
+The claimer sleeps on ``_released`` while every core is taken: a claim then
+could only return zero-core tasks, and a long poll would carry stale free
+amounts after a task ends.
 """
 
 import collections
@@ -29,7 +35,7 @@ from typing import Optional
 from ..client import BanyanError, Client, ServerUnreachable
 from ..units import parse_size
 from . import resources
-from .executor import OUTPUT_LIMIT, Outcome, TaskProcess
+from .executor import OUTPUT_LIMIT, Outcome, TaskProcess, become_subreaper, reap_orphans
 from .hooks import TimeLimit, run_hooks
 
 log = logging.getLogger(__name__)
@@ -46,7 +52,9 @@ SAMPLE_INTERVAL = 1.0
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 #: Longest a claim is held open while tasks are running: their resources may
 #: come back during the poll, and the request carries the old free amounts.
-BUSY_CLAIM_WAIT = 5.0
+#: With no core free the claimer does not poll at all; it waits for a task to
+#: end, probing (without waiting) this often for tasks that need no core.
+BUSY_CLAIM_WAIT = 2.0
 #: Tries to reach the server at start before giving up (exit code 3).
 STARTUP_ATTEMPTS = 4
 
@@ -108,6 +116,12 @@ def requested(task):
             "gpus": 0 if gpus is None else int(gpus)}
 
 
+def _transient(exc):
+    """A failure worth retrying: no answer, a 5xx, a timeout or throttling answer."""
+    return isinstance(exc, ServerUnreachable) or exc.status is None or exc.status >= 500 \
+        or exc.status in (408, 429)
+
+
 def attempt_of(task):
     """The attempt number the claim created (last history entry)."""
     for entry in (task.get("history") or [])[-1:] + [task.get("current_history")]:
@@ -121,8 +135,12 @@ def attempt_of(task):
 class Worker:
     """One banyan-worker. ``run()`` returns the process exit code."""
 
-    def __init__(self, config, hooks=None, client_factory=None):
+    def __init__(self, config, hooks=None, client_factory=None, subreaper=False):
+        """``subreaper``: adopt and reap the orphans of tasks (only for a process
+        that is nothing but a worker, as ``banyan-worker`` is; see
+        ``executor.become_subreaper``)."""
         self.config = config
+        self.subreaper = subreaper
         self.hooks = list(hooks) if hooks is not None else [TimeLimit()]
         make = client_factory or (lambda **kw: Client(config.server, config.token, **kw))
         # One client (one Session) per thread: requests.Session isn't thread-safe.
@@ -142,7 +160,7 @@ class Worker:
         self._tasks = {}        # task id -> TaskProcess, running and reported in heartbeats
         self._doomed = {}       # task id -> TaskProcess, being killed, never reported
         self._inbox = []        # claimed task documents not started yet
-        self._control = collections.deque()  # ("cancel"|"unknown", task id)
+        self._control = collections.deque()  # ("cancel"|"unknown", task id, attempt or None)
         self._reserved = {}     # task id -> requested resources (inbox, tasks, doomed)
         self._gpus = {}         # task id -> GPU indices handed to it
         self._reports = queue.Queue()
@@ -151,6 +169,8 @@ class Worker:
         self._stop_event = threading.Event()     # warm stop: no more claims, drain
         self._force_event = threading.Event()    # cold stop: kill and exit
         self._done_event = threading.Event()     # everything reported: stop helper threads
+        self._wake = threading.Event()           # main loop: something to do now
+        self._released = threading.Event()       # claimer: resources came back
         self._lost = threading.Event()           # the server forgot us (404): reset
         self._last_contact = time.monotonic()
         self._drain_deadline = None
@@ -158,6 +178,7 @@ class Worker:
         self._register_delay = BACKOFF_START
         self._signum = None
         self._threads = []
+        self._last_reap = 0.0
 
     # == table of contents ==================================================
 
@@ -169,12 +190,18 @@ class Worker:
         try:
             while not self._finished():
                 now = time.monotonic()
-                self.check_liveness(now)
-                self.maybe_register(now)
-                self.apply_control()
-                self.start_claimed()
-                self.supervise(now)
-                self.check_drain(now)
+                try:
+                    self.check_liveness(now)
+                    self.maybe_register(now)
+                    self.apply_control()
+                    self.start_claimed()
+                    self.supervise(now)
+                    self.reap_orphans(now)
+                    self.check_drain(now)
+                except Exception:
+                    # A bug or an odd OS error must not take running tasks down with it.
+                    log.exception("unexpected error in the supervision loop; going on")
+                    self._force_event.wait(BACKOFF_START)
                 if self._force_event.is_set():
                     break
                 self._wait(TICK)
@@ -185,21 +212,24 @@ class Worker:
     def bootstrap(self):
         """Create the work directory and register; StartupError if the server says no."""
         os.makedirs(self.config.work_dir, exist_ok=True)
+        if self.subreaper and not become_subreaper():
+            log.info("cannot become a child subreaper; orphans of tasks go to init")
+            self.subreaper = False
         log.info("worker on %s with %s", self.config.host, self.total)
         delay = BACKOFF_START
         for attempt in range(1, STARTUP_ATTEMPTS + 1):
             try:
                 self.register()
                 return
-            except ServerUnreachable as exc:
+            except BanyanError as exc:
+                if not _transient(exc):
+                    raise StartupError(f"cannot register with {self.config.server}: {exc}") from exc
                 if attempt == STARTUP_ATTEMPTS:
                     raise StartupError(str(exc)) from exc
                 log.warning("cannot reach %s yet (%s); retrying in %.1fs", self.config.server, exc, delay)
                 if self._force_event.wait(delay):
                     raise StartupError("stopped before registering") from exc
                 delay = min(BACKOFF_MAX, delay * 2)
-            except BanyanError as exc:
-                raise StartupError(f"cannot register with {self.config.server}: {exc}") from exc
 
     def register(self):
         self.worker_id = self.client.register_worker(self.config.host, dict(self.total))
@@ -218,6 +248,7 @@ class Worker:
         self._signum = signum
         self._drain_deadline = time.monotonic() + self.config.drain
         self._stop_event.set()
+        self._nudge()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 try:
@@ -230,6 +261,12 @@ class Worker:
         log.warning("forced stop: killing %d task(s)", len(self._tasks))
         self._stop_event.set()
         self._force_event.set()
+        self._nudge()
+
+    def _nudge(self):
+        """Cut the main loop's and the claimer's waits short."""
+        self._wake.set()
+        self._released.set()
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
@@ -248,9 +285,9 @@ class Worker:
         return self._reports.unfinished_tasks == 0 or self.worker_id is None
 
     def _wait(self, seconds):
-        """The main loop's pause; a stop request ends it early (a force request while draining)."""
-        event = self._force_event if self._stop_event.is_set() else self._stop_event
-        event.wait(seconds)
+        """The main loop's pause; ends early when there is something to do (see ``_wake``)."""
+        self._wake.wait(seconds)
+        self._wake.clear()
 
     # == liveness and registration ==========================================
 
@@ -277,6 +314,9 @@ class Worker:
             self._control.clear()
             for task_id, proc in victims:
                 self._doomed[task_id] = proc
+            for task_id in list(self._reserved):
+                if task_id not in self._doomed:  # finished, report pending: not ours any more
+                    self._release(task_id)
             self.worker_id = None
         log.error("%s: killing %d task(s) and registering again", reason, len(victims))
         for _, proc in victims:
@@ -320,17 +360,22 @@ class Worker:
             held = len(self._tasks) + len(self._inbox) + len(self._doomed)
         return min(self.config.claim_batch, self.config.max_tasks - held)
 
-    def claim_once(self):
-        """One claim request; returns how many tasks arrived. Raises the client's errors."""
+    def claim_once(self, wait=None, free=None):
+        """One claim request; returns how many tasks arrived. Raises the client's errors.
+
+        ``wait`` (long-poll seconds) defaults to ``claim_wait``, capped at
+        ``BUSY_CLAIM_WAIT`` while tasks are running.
+        """
         wid = self.worker_id
         count = self.claim_capacity()
         if wid is None or count <= 0:
             return 0
-        with self._lock:
-            busy = bool(self._reserved)
-        wait = min(self.config.claim_wait, BUSY_CLAIM_WAIT) if busy else self.config.claim_wait
+        if wait is None:
+            with self._lock:
+                busy = bool(self._reserved)
+            wait = min(self.config.claim_wait, BUSY_CLAIM_WAIT) if busy else self.config.claim_wait
         try:
-            reply = self.claim_client.claim(wid, self.free(), count, wait)
+            reply = self.claim_client.claim(wid, self.free() if free is None else free, count, wait)
         except BanyanError as exc:
             exc.worker_id = wid
             raise
@@ -345,22 +390,45 @@ class Worker:
             for task in items:
                 self._reserved[str(task["_id"])] = requested(task)
                 self._inbox.append(task)
-            self._control.extend(("cancel", str(t)) for t in reply.get("cancel") or [])
+            self._control.extend(("cancel", str(t), None) for t in reply.get("cancel") or [])
+        if items or reply.get("cancel"):
+            self._wake.set()
         if items:
             log.info("claimed %d task(s): %s", len(items), ", ".join(str(t["_id"]) for t in items))
         return len(items)
+
+    def _next_claim(self):
+        """``(wait, free)`` for the next claim, or None to wait for resources to come back first."""
+        free = self.free()
+        with self._lock:
+            busy = bool(self._reserved)
+        if not busy:
+            return self.config.claim_wait, free
+        if free["cores"] <= 0:
+            return None
+        return min(self.config.claim_wait, BUSY_CLAIM_WAIT), free
 
     def _claim_loop(self):
         delay = BACKOFF_START
         idle = TICK
         while not self._stop_event.is_set():
+            self._released.clear()
             if self.worker_id is None or self.claim_capacity() <= 0:
-                self._stop_event.wait(TICK)
+                self._released.wait(TICK)
                 continue
+            plan = self._next_claim()
+            if plan is None:
+                # Every core is taken: wait for one to come back, probing now
+                # and then (without waiting) for tasks that need no core.
+                if self._released.wait(BUSY_CLAIM_WAIT) or self._stop_event.is_set():
+                    continue
+                plan = (0, self.free())
             started = time.monotonic()
             try:
-                got = self.claim_once()
+                got = self.claim_once(*plan)
             except BanyanError as exc:
+                if self._stop_event.is_set():
+                    break  # unregistered while the claim waited: the server let go of it
                 if exc.status == 404 and getattr(exc, "worker_id", None) == self.worker_id:
                     self._lost.set()
                 log.warning("claim failed (retrying in %.1fs): %s", delay, exc)
@@ -375,7 +443,7 @@ class Worker:
             delay = BACKOFF_START
             if got:
                 idle = TICK
-            elif time.monotonic() - started < 0.5 * self.config.claim_wait:
+            elif plan[0] and time.monotonic() - started < 0.5 * plan[0]:
                 # The server did not hold the request (or we had nothing
                 # that fits): back off a little, as Huey's idle delay does.
                 self._stop_event.wait(idle)
@@ -384,17 +452,26 @@ class Worker:
     # == supervising (main thread) ==========================================
 
     def apply_control(self):
-        """Act on ``cancel`` and ``unknown`` lists from claims and heartbeats."""
+        """Act on ``cancel`` and ``unknown`` lists from claims and heartbeats.
+
+        An ``unknown`` concerns the attempt the heartbeat reported: by the
+        time the answer arrives that attempt may have ended and the task been
+        claimed again, and the new attempt is ours.
+        """
         while True:
             with self._lock:
                 if not self._control:
                     return
-                action, task_id = self._control.popleft()
+                action, task_id, attempt = self._control.popleft()
                 proc = self._tasks.get(task_id)
                 pending = next((t for t in self._inbox if str(t["_id"]) == task_id), None)
-                if action == "unknown" and proc is not None:
-                    del self._tasks[task_id]
-                    self._doomed[task_id] = proc
+                if action == "unknown":
+                    if proc is not None and attempt is not None and proc.attempt != attempt:
+                        proc = None
+                    pending = None  # claimed after that heartbeat was sent
+                    if proc is not None:
+                        del self._tasks[task_id]
+                        self._doomed[task_id] = proc
                 if pending is not None:
                     self._inbox.remove(pending)
                     self._release(task_id)
@@ -428,6 +505,24 @@ class Worker:
             proc.sample()
             with self._lock:
                 self._tasks[task_id] = proc
+            self._watch_exit(proc)
+
+    def _watch_exit(self, proc):
+        """Wake the main loop as soon as the attempt's process exits (it is reaped there)."""
+        if proc.popen is None:
+            self._wake.set()  # never started: its outcome is ready now
+            return
+
+        def watch(pid=proc.pid):
+            try:
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                pass  # already reaped by the main loop
+            except OSError:
+                log.debug("cannot watch pid %s", pid, exc_info=True)
+            self._wake.set()
+
+        threading.Thread(target=watch, name=f"banyan-watch-{proc.pid}", daemon=True).start()
 
     def supervise(self, now):
         """Sample, run hooks, and collect the attempts that ended."""
@@ -450,6 +545,16 @@ class Worker:
                     self._release(task_id)
                 self._remove_attempt_dir(proc)
 
+    def reap_orphans(self, now):
+        """As subreaper, reap the dead leftovers of task trees now and then."""
+        if not self.subreaper or now - self._last_reap < SAMPLE_INTERVAL:
+            return
+        self._last_reap = now
+        with self._lock:
+            keep = {p.pid for p in list(self._tasks.values()) + list(self._doomed.values())
+                    if p.pid is not None}
+        reap_orphans(keep)
+
     def _finish_attempt(self, task_id, proc, outcome):
         run_hooks(self.hooks, "after_exit", proc, outcome)
         usage = proc.usage()
@@ -458,10 +563,13 @@ class Worker:
         with self._lock:
             self._tasks.pop(task_id, None)
             self._last_sample.pop(task_id, None)
-            self._release(task_id)
+            # The task keeps its resources until the server has the report:
+            # until then the server counts it as running here, and a claim
+            # made now would put more on this worker than it has.
+            reservation = self._reserved.get(task_id)
         self._queue_report(proc.task, proc.attempt, outcome,
                            proc.tail("stdout", OUTPUT_LIMIT), proc.tail("stderr", OUTPUT_LIMIT),
-                           usage, proc)
+                           usage, proc, reservation)
 
     def check_drain(self, now):
         """Past the drain deadline: terminate what is still running (outcome "failure")."""
@@ -476,8 +584,13 @@ class Worker:
 
     # == resources ==========================================================
 
-    def _release(self, task_id):
-        self._reserved.pop(task_id, None)
+    def _release(self, task_id, reservation=None):
+        """Give back a task's resources (only ``reservation``, when given: the
+        task may have been claimed again since)."""
+        if reservation is not None and self._reserved.get(task_id) is not reservation:
+            return
+        if self._reserved.pop(task_id, None) is not None:
+            self._released.set()
         self._gpus.pop(task_id, None)
 
     def _assign_gpus(self, task_id, count):
@@ -517,8 +630,9 @@ class Worker:
         wid = self.worker_id
         if wid is None:
             return
+        payload = self.heartbeat_payload()
         try:
-            reply = self.heartbeat_client.heartbeat(wid, self.heartbeat_payload())
+            reply = self.heartbeat_client.heartbeat(wid, payload)
         except BanyanError as exc:
             if exc.status == 404 and self.worker_id == wid:
                 self._lost.set()
@@ -528,8 +642,11 @@ class Worker:
         with self._lock:
             if self.worker_id != wid:
                 return
-            self._control.extend(("cancel", str(t)) for t in reply.get("cancel") or [])
-            self._control.extend(("unknown", str(t)) for t in reply.get("unknown") or [])
+            self._control.extend(("cancel", str(t), None) for t in reply.get("cancel") or [])
+            self._control.extend(("unknown", str(t), (payload.get(str(t)) or {}).get("attempt"))
+                                 for t in reply.get("unknown") or [])
+            if self._control:
+                self._wake.set()
 
     def _heartbeat_loop(self):
         interval = self.config.heartbeat
@@ -543,11 +660,17 @@ class Worker:
 
     # == reports (reporter thread) ==========================================
 
-    def _queue_report(self, task, attempt, outcome, stdout, stderr, usage, proc=None):
+    def _queue_report(self, task, attempt, outcome, stdout, stderr, usage, proc=None, reservation=None):
         report = {"task_id": str(task["_id"]), "attempt": attempt, "outcome": outcome.outcome,
                   "exit_code": outcome.exit_code, "stdout": stdout, "stderr": stderr,
-                  "usage": usage, "proc": proc}
+                  "usage": usage, "proc": proc, "reservation": reservation}
         self._reports.put(report)
+
+    def _settle(self, report):
+        """The report is delivered (or refused, or given up): free what the task held."""
+        if report.get("reservation") is not None:
+            with self._lock:
+                self._release(report["task_id"], report["reservation"])
 
     def report(self, report, client=None):
         """Deliver one result; True when done with it (delivered or refused for good)."""
@@ -557,8 +680,7 @@ class Worker:
             client.finish(task_id, report["attempt"], report["outcome"], report["exit_code"],
                                       report["stdout"], report["stderr"], report["usage"])
         except BanyanError as exc:
-            if isinstance(exc, ServerUnreachable) or exc.status is None or exc.status >= 500 \
-                    or exc.status in (408, 429):
+            if _transient(exc):
                 log.warning("cannot report task %s yet: %s", task_id, exc)
                 return False
             self._contact()
@@ -595,6 +717,7 @@ class Worker:
             except Exception:
                 log.exception("unexpected error while reporting task %s", item["task_id"])
             finally:
+                self._settle(item)
                 self._reports.task_done()
 
     # == threads and teardown ===============================================
@@ -634,7 +757,8 @@ class Worker:
                     and time.monotonic() < deadline and not self._force_event.is_set():
                 self._force_event.wait(TICK)
             self._done_event.set()
-        for thread in self._threads:
+        claimer = self._threads[0] if self._threads else None
+        for thread in self._threads[1:]:  # heartbeat and reporter
             thread.join(timeout=2.0 if not forced else 0.5)
         while True:  # whatever the reporter did not get to
             try:
@@ -644,11 +768,17 @@ class Worker:
             if forced and self.worker_id is not None:
                 self.report(item, self.client)
             self._reports.task_done()
-        if self.worker_id is not None:
+        # Unregister before waiting for the claimer: its long poll may still
+        # be open on the server, which ends it (404) once we are stopped,
+        # rather than claim a task for a worker that is leaving.
+        wid, self.worker_id = self.worker_id, None
+        if wid is not None:
             try:
-                self.heartbeat_client.unregister_worker(self.worker_id)
-                log.info("unregistered worker %s", self.worker_id)
+                self.client.unregister_worker(wid)
+                log.info("unregistered worker %s", wid)
             except BanyanError as exc:
                 log.warning("cannot unregister: %s", exc)
+        if claimer is not None:
+            claimer.join(timeout=2.0 if not forced else 0.5)
         for client in (self.client, self.claim_client, self.heartbeat_client, self.report_client):
             client.close()
