@@ -25,7 +25,7 @@ task_schema = {
         "default": {},
         "schema": {
             "cores": {"type": "number", "min": 0, "default": 1},
-            "memory": {"type": "integer", "min": 0, "coerce": "bytes", "default": 0},
+            "memory": {"type": "integer", "min": 0, "max": (1 << 63) - 1, "coerce": "bytes", "default": 0},
             "gpus": {"type": "integer", "min": 0, "default": 0},
         },
         **WRITE_ONCE,
@@ -43,8 +43,9 @@ task_schema = {
     "estimated_runtime": {"type": "number", "min": 0, "nullable": True, **WRITE_ONCE},
     "priority": {"type": "integer", "default": 0, **WRITE_ONCE},
     "continuations": {
-        **OBJECTID_LIST,
-        "maxlength": 10000,
+        "type": "list",
+        "maxlength": 10000,  # before `schema`: a longer list is refused without a look at each id
+        "schema": {"type": "objectid"},
         "default": [],
         "creation_only": True,
         "data_relation": {"resource": "tasks", "field": "_id", "require_state": TaskState.INACTIVE.value},
@@ -142,8 +143,13 @@ MONGO_DBNAME = "banyan"
 # Token authentication (see banyan.server.auth). `banyan server` turns it on
 # unless it runs on loopback with the embedded store.
 AUTH = False
-# Oversized bodies are refused before they are parsed.
+# Oversized bodies are refused (413) before they are parsed.
 MAX_CONTENT_LENGTH = 64 * 1024 * 1024
+#: Bodies nested deeper than this are refused (422); see banyan.server.limits.
+MAX_JSON_DEPTH = 32
+# No relation is embeddable, so `?embedded=` has nothing to do (and Eve
+# would parse it with no guard on its nesting).
+EMBEDDING = False
 RENDERERS = ["eve.render.JSONRenderer"]
 
 # Workers and claims (banyan.server.claims, banyan.server.reaper).

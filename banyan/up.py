@@ -21,6 +21,7 @@ import sys
 import time
 
 from banyan.server import serve
+from banyan.server.auth import write_secret
 
 
 def add_arguments(parser):
@@ -66,16 +67,6 @@ def _read_token(path):
         return ""
 
 
-def _write_secret(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, (text + "\n").encode())
-    finally:
-        os.close(fd)
-
-
 def worker_token(args, url):
     """The token for the worker of a server with authentication on:
     --worker-token, else the one an earlier `up` kept in DATA_DIR/worker.token
@@ -108,7 +99,7 @@ def worker_token(args, url):
                                    idempotent=False)
     except BanyanError as exc:
         raise _Failure("cannot make a worker token with the admin token of %s: %s" % (path, exc.describe()))
-    _write_secret(kept_path, reply["token"])
+    write_secret(kept_path, reply["token"])
     return reply["token"]
 
 

@@ -411,27 +411,31 @@ def test_journal_compacts_past_limit(tmp_path):
 
 
 WRITER = textwrap.dedent("""
-    import sys, datetime
-    from banyan.server.store import EmbeddedClient
+    import contextlib, sys, datetime
+    from banyan.server.store import EmbeddedClient, one_sync
     c = EmbeddedClient(sys.argv[1])
+    # "batched": each pair of writes shares one sync, as a request's writes do
+    batch = (lambda: one_sync(c)) if sys.argv[2:] == ["batched"] else contextlib.nullcontext
     coll = c["banyan"]["tasks"]
     coll.create_index([("state", 1)])
     i = 0
     while True:
         doc = {"n": i, "state": "available", "payload": "p" * (i % 50),
                "at": datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)}
-        _id = coll.insert_one(doc).inserted_id
-        coll.update_one({"_id": _id}, {"$set": {"state": "done", "done_n": i}})
+        with batch():
+            _id = coll.insert_one(doc).inserted_id
+            coll.update_one({"_id": _id}, {"$set": {"state": "done", "done_n": i}})
         print(_id, flush=True)
         i += 1
 """)
 
 
-def test_acknowledged_writes_survive_sigkill(tmp_path):
+@pytest.mark.parametrize("mode", ["per-write", "batched"])
+def test_acknowledged_writes_survive_sigkill(tmp_path, mode):
     path = str(tmp_path / "data")
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    proc = subprocess.Popen([sys.executable, str(script), path], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), path, mode], stdout=subprocess.PIPE, text=True)
     acked = []
     try:
         for line in proc.stdout:
@@ -458,6 +462,24 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
 # --------------------------------------------------------------------------
 # Atomicity under threads
 # --------------------------------------------------------------------------
+
+def test_writes_in_one_sync_share_one_fdatasync(tmp_path, monkeypatch):
+    c = EmbeddedClient(str(tmp_path / "data"))
+    syncs = []
+    real = store_mod._fdatasync
+    monkeypatch.setattr(store_mod, "_fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    coll = _coll(c)
+    with store_mod.one_sync(c):
+        with store_mod.one_sync(c):  # nested: still one
+            for i in range(10):
+                coll.insert_one({"_id": i})
+        assert syncs == []
+    assert len(syncs) == 1
+    coll.insert_one({"_id": 10})
+    assert len(syncs) == 2
+    c.close()
+    assert _coll(EmbeddedClient(str(tmp_path / "data"))).count_documents({}) == 11
+
 
 def test_concurrent_claims_are_exclusive(client):
     coll = _coll(client)

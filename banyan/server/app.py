@@ -13,7 +13,7 @@ from flask import jsonify
 from werkzeug.exceptions import HTTPException
 
 from banyan import settings as default_settings
-from banyan.server import auth, claims, stats
+from banyan.server import auth, claims, limits, stats, store
 from banyan.server.datalayer import BanyanMongo
 from banyan.server.hooks import register_hooks
 from banyan.server.reaper import Reaper
@@ -38,6 +38,7 @@ def create_app(client, config=None):
     auth_on = bool(settings.get("AUTH"))
     app = Eve(settings=settings, data=functools.partial(BanyanMongo, client=client),
               validator=BanyanValidator, auth=auth.BanyanTokenAuth if auth_on else None)
+    limits.init_app(app)  # JSON nesting depth
     auth.init_app(app, auth_on)
     db = client[app.config["MONGO_DBNAME"]]
     app.claim_waiters = claims.ClaimWaiters()
@@ -49,8 +50,21 @@ def create_app(client, config=None):
     # Started by `banyan server` (serve.py); tests call `app.reaper.run_once()`.
     app.reaper = Reaper.for_app(app)
     _register_error_handlers(app)
+    app.wsgi_app = _durable_answers(app.wsgi_app, client)
     app.queue.resume_cascades()
     return app
+
+
+def _durable_answers(wsgi_app, client):
+    """Each request's writes reach the disk together, before its answer
+    leaves (one sync per request on the embedded store; Flask has built the
+    whole body by the time `wsgi_app` returns)."""
+
+    @functools.wraps(wsgi_app)
+    def durable(environ, start_response):
+        with store.one_sync(client):
+            return wsgi_app(environ, start_response)
+    return durable
 
 
 def _register_error_handlers(app):

@@ -158,14 +158,19 @@ class TokenStore:
         if self.has_admin():
             return None
         _, token = self.create("admin", "admin-%s" % secrets.token_hex(3))
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, (token + "\n").encode())
-        finally:
-            os.close(fd)
+        write_secret(path, token)
         return path
+
+
+def write_secret(path, text):
+    """Write a token to a file only its owner can read (mode 0600 from the start)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, (text + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 # -- requests ---------------------------------------------------------------

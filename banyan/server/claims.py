@@ -30,7 +30,7 @@ import logging
 import math
 import threading
 import time
-from datetime import timedelta
+from datetime import timedelta, timezone
 
 from bson import ObjectId
 from bson.errors import InvalidId
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 WORKERS = "workers"
 LOGS = "logs"
+#: The largest integer MongoDB stores (64 bits).
+MAX_STORED_INT = (1 << 63) - 1
 
 
 class WorkerState:
@@ -279,7 +281,8 @@ def claim(worker_id, free, max_tasks=1, wait=0.0):
     ready or `wait` seconds pass. Returns `{"_items": [...], "cancel": [...]}`."""
     registry, queue = _registry(), _queue()
     worker = _worker_or_404(worker_id)
-    if registry.touch(worker_id) is None:
+    if worker["state"] != WorkerState.ACTIVE or (
+            not _touched_lately(worker) and registry.touch(worker_id) is None):
         abort(404, description="worker '%s' is %s; register again" % (worker_id, worker["state"]))
     wait = min(max(0.0, wait), _config("CLAIM_MAX_WAIT"))
     deadline = time.monotonic() + wait
@@ -295,12 +298,28 @@ def claim(worker_id, free, max_tasks=1, wait=0.0):
             if items or event is None or remaining <= 0:
                 break
             event.wait(min(remaining, recheck))
+            if not registry.is_active(worker_id):
+                # Unregistered (or marked lost) while its claim waited: a
+                # task claimed now would be held by a worker that is gone.
+                abort(404, description="worker '%s' is no longer active; register again" % worker_id)
     if items and not registry.is_active(worker_id):
         # Marked lost while claiming: the reaper may have looked for its
         # tasks before these were written, so give them back here.
         abandon_worker(registry, queue, worker_id)
         abort(404, description="worker '%s' was marked lost; register again" % worker_id)
     return {"_items": items, "cancel": queue.pending_cancellations(worker_id)}
+
+
+def _touched_lately(worker):
+    """A sign of life was stored less than a tenth of the heartbeat timeout
+    (at most a second) ago: a claim need not write another. A busy worker
+    claims after every task, and each write is a durable one."""
+    last = worker.get("last_heartbeat")
+    if last is None:
+        return False
+    if last.tzinfo is None:
+        last = last.replace(tzinfo=timezone.utc)
+    return utcnow() - last < timedelta(seconds=min(1.0, _config("HEARTBEAT_TIMEOUT") / 10))
 
 
 def heartbeat(worker_id, tasks):
@@ -313,6 +332,11 @@ def heartbeat(worker_id, tasks):
     unknown = [task_id for task_id, entry in tasks.items()
                if not queue.record_usage(task_id, worker_id, entry["attempt"], entry.get("usage"),
                                          entry.get("progress"))]
+    # Claims whose answer was lost: twice the heartbeat timeout leaves a
+    # finished attempt's report, retried with backoff after an outage
+    # shorter than the timeout, the time to arrive first.
+    queue.abandon_unconfirmed(worker_id, set(tasks),
+                              utcnow() - timedelta(seconds=2 * _config("HEARTBEAT_TIMEOUT")))
     return {"cancel": queue.pending_cancellations(worker_id), "unknown": unknown}
 
 
@@ -411,6 +435,8 @@ def _resources(value, field, issues):
                 continue
         if not _number(v) or v < 0:
             issues["%s.%s" % (field, key)] = "must be a number >= 0, not %r" % (v,)
+        elif v > MAX_STORED_INT:
+            issues["%s.%s" % (field, key)] = "must be at most %d, not %r" % (MAX_STORED_INT, v)
         elif key == "gpus" and v != int(v):
             issues[field + ".gpus"] = "must be a whole number, not %r" % (v,)
         else:

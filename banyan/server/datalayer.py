@@ -29,8 +29,9 @@ class _Connection:
 
 def _integral(value):
     """Eve's serializer truncates 1.5 to 1; keep non-integral numbers so the
-    validator refuses them."""
-    if isinstance(value, float) and value.is_integer():
+    validator refuses them, and so are those beyond the 64 bits the store
+    keeps (1e308)."""
+    if isinstance(value, float) and value.is_integer() and -(1 << 63) <= value < (1 << 63):
         return int(value)
     return value
 

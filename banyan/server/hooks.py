@@ -33,6 +33,15 @@ def settle_pending_changes(app):
 
 
 def register_hooks(app, queue):
+    def on_pre_POST_tasks(request):
+        # Eve's POST takes a document or a list of them and fails inside
+        # (a 500) on any other JSON value.
+        if request.is_json:
+            body = request.get_json(silent=True)
+            if body is not None and not isinstance(body, (dict, list)):
+                abort(400, description="POST %s takes a task object or a list of them, not %s"
+                                       % (request.path, type(body).__name__))
+
     def on_insert_tasks(docs):
         try:
             queue.prepare_new(docs, owner=current_identity().name)
@@ -58,6 +67,7 @@ def register_hooks(app, queue):
             queue.end_continuation_change(original, change[1], change[2])
         queue.after_update(updates, original)
 
+    app.on_pre_POST_tasks += on_pre_POST_tasks
     app.on_insert_tasks += on_insert_tasks
     app.on_inserted_tasks += on_inserted_tasks
     app.on_update_tasks += on_update_tasks

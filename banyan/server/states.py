@@ -129,6 +129,8 @@ def new_attempt(number, worker_id, host=None):
         "exit_code": None,
         "usage": None,
         "progress": None,
+        # the last heartbeat of its worker that reported this attempt running
+        "seen": None,
     }
 
 
@@ -495,6 +497,10 @@ class TaskQueue:
             for child in doc.get("continuations") or []:
                 if succeeded:
                     released = self._unlink(current, child)
+                    if released is None:
+                        # Unlinked already: by a cascade that a crash cut
+                        # short, perhaps before it released the child.
+                        released = self.tasks.find_one({"_id": child, "pending_parents": {"$ne": current}})
                     if released is not None and released.get("pending_dependency_count") == 0:
                         finished = self._release(released)
                         if finished:
@@ -568,16 +574,45 @@ class TaskQueue:
         held = {"_id": task_id, "worker": worker_id, "state": {"$in": [s.value for s in HELD]},
                 "history": {"$size": attempt}}
         now = utcnow()
-        sets = {}
+        sets = {"history.%d.seen" % (attempt - 1): now}
         if usage is not None:
             sets["history.%d.usage" % (attempt - 1)] = dict(usage, updated=now)
         if progress is not None:
             sets["history.%d.progress" % (attempt - 1)] = dict(progress, updated=now)
-        if not sets:
-            return self.tasks.find_one(held, {"_id": 1}) is not None
         # No new `_etag`: usage is monitoring, and a user's cancel PATCH
         # racing a heartbeat should not lose on the etag precondition.
         return self.tasks.update_one(held, {"$set": sets}).matched_count == 1
+
+    def abandon_unconfirmed(self, worker_id, reported, claimed_before):
+        """End the attempts `worker_id` holds that none of its heartbeats
+        ever reported (their `seen` is unset) and that were claimed before
+        `claimed_before`, other than those in `reported` (this heartbeat's).
+
+        Such a claim was written but its answer never reached the worker
+        (the server was killed, or the connection broke, after the write):
+        the worker does not know it holds the task and nothing will ever run
+        or report it. It ends as abandoned and the retry rules apply, as for
+        a lost worker. Returns the tasks as stored after the change."""
+        ended = []
+        for doc in self.tasks.find({"worker": worker_id, "state": {"$in": [s.value for s in HELD]}},
+                                   {"history": {"$slice": -1}}):
+            last = (doc.get("history") or [None])[-1]
+            if doc["_id"] in reported or not last or last.get("seen") is not None:
+                continue
+            started = last.get("started")
+            if started is None:
+                continue
+            if started.tzinfo is None:
+                started = started.replace(tzinfo=timezone.utc)
+            if started >= claimed_before:
+                continue
+            log.warning("task %s attempt %s: claimed by worker %s at %s, never reported by its heartbeats; "
+                        "abandoned", doc["_id"], last["attempt"], worker_id, started)
+            try:
+                ended.append(self.finish(doc["_id"], worker_id, last["attempt"], ABANDONED))
+            except TransitionError:
+                continue  # reported or finished meanwhile
+        return ended
 
     def pending_cancellations(self, worker_id):
         """Ids of the tasks `worker_id` holds that it is asked to stop."""

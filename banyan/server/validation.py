@@ -65,6 +65,15 @@ class BanyanValidator(Validator):
             auth.authorize_task_update(document)
         return super().validate_update(document, document_id, persisted_document, normalize_document)
 
+    def _validate_maxlength(self, max_length, field, value):
+        """{'type': 'integer'}"""
+        # An oversized value (100,000 continuations) is refused without
+        # looking at each element (`schema`, `data_relation`): put
+        # `maxlength` before them in the field's schema.
+        if isinstance(value, (str, list, dict)) and len(value) > max_length:
+            self._error(field, "max length is %d, not %d" % (max_length, len(value)))
+            self._drop_remaining_rules()
+
     def _normalize_coerce_bytes(self, value):
         """'512 MiB', '1 GiB', '2GB' or a number -> integer bytes; a bad
         string becomes a 422 coercion error."""
@@ -141,14 +150,18 @@ class BanyanValidator(Validator):
         if not values or not all(isinstance(v, ObjectId) for v in values):
             return  # type errors are reported by the type rule
         related = self.related_documents(data_relation["resource"], data_relation["field"], values)
-        for v in values:
-            doc = related.get(v)
-            if doc is None:
-                self._error(field, "value '%s' must exist in resource '%s', field '%s'."
-                            % (v, data_relation["resource"], data_relation["field"]))
-            elif data_relation.get("require_state") and doc.get("state") != data_relation["require_state"]:
-                self._error(field, "'%s' is '%s'; it must be '%s'"
-                            % (v, doc.get("state"), data_relation["require_state"]))
+        # One error per rule, naming the first offending values: one error
+        # per value costs Cerberus quadratic time on a long list.
+        missing = [v for v in values if v not in related]
+        if missing:
+            self._error(field, "value%s %s must exist in resource '%s', field '%s'."
+                        % ("s" if len(missing) > 1 else "", _first(missing), data_relation["resource"],
+                           data_relation["field"]))
+        required = data_relation.get("require_state")
+        wrong = [v for v in values if v in related and required and related[v].get("state") != required]
+        if wrong:
+            self._error(field, "%s must be '%s' (%s)" % (
+                _first(wrong), required, ", ".join("'%s' is '%s'" % (v, related[v].get("state")) for v in wrong[:5])))
 
     @staticmethod
     def related_documents(resource, key, values):
@@ -159,3 +172,9 @@ class BanyanValidator(Validator):
         if resource == "tasks":  # a user may relate only to their own tasks
             query = {"$and": [query, auth.owner_filter()]}
         return {d[key]: d for d in coll.find(query, {key: 1, "state": 1})}
+
+
+def _first(values, count=5):
+    """'a', 'b' and 3 more: the first `count` of `values`, quoted."""
+    text = ", ".join("'%s'" % v for v in values[:count])
+    return text + (" and %d more" % (len(values) - count) if len(values) > count else "")

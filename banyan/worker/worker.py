@@ -604,12 +604,20 @@ class Worker:
     def _attempt_dir(self, task_id, attempt):
         return os.path.join(self.config.work_dir, task_id, f"attempt-{attempt}")
 
-    def _remove_attempt_dir(self, proc):
+    def _remove_attempt_dir(self, proc, reservation=None):
+        """Remove an ended attempt's directory, and its task's when empty.
+        `reservation`: what the ended attempt still holds, if anything."""
         shutil.rmtree(proc.attempt_dir, ignore_errors=True)
-        try:
-            os.rmdir(os.path.dirname(proc.attempt_dir))
-        except OSError:
-            pass
+        # Once its report is in, the task may be claimed here again, and the
+        # next attempt's directory is made inside the task's: keep the task's
+        # directory then. Claims reserve under this same lock.
+        with self._lock:
+            if self._reserved.get(proc.task_id, reservation) is not reservation:
+                return
+            try:
+                os.rmdir(os.path.dirname(proc.attempt_dir))
+            except OSError:
+                pass
 
     # == heartbeats (heartbeat thread) ======================================
 
@@ -713,7 +721,7 @@ class Worker:
                     delay = min(BACKOFF_MAX, delay * 2)
                 else:
                     if item["proc"] is not None:
-                        self._remove_attempt_dir(item["proc"])
+                        self._remove_attempt_dir(item["proc"], item["reservation"])
             except Exception:
                 log.exception("unexpected error while reporting task %s", item["task_id"])
             finally:

@@ -1,0 +1,58 @@
+"""Load: 4 workers of 2 slots run a few thousand short tasks, graphs
+included, a fifth of the attempts failing at random with retries. Every
+task ends as the rules say, and no attempt runs twice.
+
+BANYAN_RELIABILITY_TASKS sets the number of tasks (the issue's figure is
+5,000; CI runs fewer, to stay within its time).
+"""
+
+import os
+import random
+import time
+
+import pytest
+
+from harness import (Cluster, check_against_rules, graph_bodies, parents_by_id, read_markers, record,
+                     submit_graph)
+
+TASKS = int(os.environ.get("BANYAN_RELIABILITY_TASKS", "1000"))
+FAIL_PERCENT = 20
+WORKERS, SLOTS = 4, 2
+
+pytestmark = pytest.mark.slow
+
+
+def test_load_with_graphs_and_random_failures(tmp_path):
+    rng = random.Random(9)
+    cluster = Cluster(tmp_path, workers=WORKERS, cores=SLOTS).start()
+    started = time.monotonic()
+    try:
+        levels, parents = graph_bodies(cluster.markers, TASKS, FAIL_PERCENT, rng)
+        ids = submit_graph(cluster, levels)
+        assert len(ids) == TASKS
+        cluster.wait_all_finished(timeout=60 + TASKS * 0.2)
+        tasks = cluster.all_tasks()
+    finally:
+        cluster.stop()
+    seconds = time.monotonic() - started
+    runs, duplicates = read_markers(cluster.markers)
+    lost = sorted(set(ids.values()) - set(tasks))
+    problems = check_against_rules(tasks, runs, duplicates, parents_by_id(ids, parents), strict=True)
+    attempts = sum(len(a) for a in runs.values())
+    failed_attempts = sum(1 for a in runs.values() for c in a.values() if c)
+    by_state = {}
+    for task in tasks.values():
+        key = "%s/%s" % (task["state"], task["exit_status"])
+        by_state[key] = by_state.get(key, 0) + 1
+    in_graphs = {k for k, ps in parents.items() if ps} | {p for ps in parents.values() for p in ps}
+    record("load, %d tasks" % TASKS,
+           load="%d tasks (%d in graphs), %d workers x %d slots, %d attempts, %.0f%% of them failed"
+                % (TASKS, len(in_graphs), WORKERS, SLOTS, attempts, 100.0 * failed_attempts / max(1, attempts)),
+           faults="random exit 1 in %d%% of attempts, max_retries 2" % FAIL_PERCENT,
+           lost=len(lost), duplicates=len(duplicates), seconds=seconds, end_states=by_state,
+           violations=len(problems))
+    assert lost == []
+    assert problems == [], "\n".join(problems[:50])
+    assert cluster.server_log_errors() == []
+    # the failures really happened, and the rules had something to decide
+    assert failed_attempts > 0 and by_state.get("terminated/success") and by_state.get("cancelled/cancelled")
