@@ -202,6 +202,10 @@ class LogStore:
         return data[len(data) - self.cap:].decode("utf-8", errors="ignore")
 
     def save(self, task_id, attempt, stdout, stderr):
+        """Keep an attempt's output; an attempt without output stores
+        nothing (and reads back as empty)."""
+        if not stdout and not stderr:
+            return
         self.logs.update_one(
             {"task": task_id, "attempt": attempt},
             {"$set": {"stdout": self.tail(stdout), "stderr": self.tail(stderr), "updated": utcnow()}},
@@ -368,13 +372,14 @@ def task_logs(task_id, attempt=None):
     task = _queue().tasks.find_one(dict(owner_filter(), _id=task_id), {"history.attempt": 1})
     if task is None:
         abort(404, description="no task '%s'" % task_id)
-    doc = current_app.logs.get(task_id, attempt)
+    attempts = [h.get("attempt") for h in task.get("history") or []]
+    if attempt is None:  # the latest attempt's, not the latest with output
+        attempt = attempts[-1] if attempts else None
+    elif attempt not in attempts:
+        abort(404, description="task '%s' has no attempt %s" % (task_id, attempt))
+    doc = current_app.logs.get(task_id, attempt) if attempt is not None else None
     if doc is None:
-        attempts = [h.get("attempt") for h in task.get("history") or []]
-        if attempt is not None and attempt not in attempts:
-            abort(404, description="task '%s' has no attempt %s" % (task_id, attempt))
-        return {"attempt": attempt if attempt is not None else (attempts[-1] if attempts else None),
-                "stdout": "", "stderr": ""}
+        return {"attempt": attempt, "stdout": "", "stderr": ""}
     return {"attempt": doc["attempt"], "stdout": doc["stdout"], "stderr": doc["stderr"]}
 
 

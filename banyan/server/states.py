@@ -418,10 +418,15 @@ class TaskQueue:
                     "_updated": now, "_etag": str(ObjectId()), **changes}
             if usage:
                 sets["history.%d.usage" % index] = usage
-            updated = self.tasks.find_one_and_update(
-                {"_id": task_id, "state": doc["state"], "worker": worker_id,
-                 "retry_count": doc.get("retry_count", 0), "history": {"$size": len(history)}},
-                {"$set": sets}, return_document=ReturnDocument.AFTER)
+            held = {"_id": task_id, "state": doc["state"], "worker": worker_id,
+                    "retry_count": doc.get("retry_count", 0), "history": {"$size": len(history)}}
+            if changes.get("cascade_pending") and not doc.get("continuations"):
+                # Nothing to cascade to: no marker, no cascade (while no
+                # continuation is added meanwhile: else this update misses
+                # and the loop reads the task again).
+                del changes["cascade_pending"], sets["cascade_pending"]
+                held["continuations.0"] = {"$exists": False}
+            updated = self.tasks.find_one_and_update(held, {"$set": sets}, return_document=ReturnDocument.AFTER)
             if updated is not None:
                 break
         if updated.get("cascade_pending"):
