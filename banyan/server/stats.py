@@ -87,12 +87,18 @@ def _match(query, extra):
     return {"$match": {"$and": [query, extra]}}
 
 
+def _only(*fields):
+    """A `$project` of just the fields a pipeline reads, right after its
+    `$match`: the store then copies those fields, not whole tasks."""
+    return {"$project": {field: 1 for field in fields}}
+
+
 def state_counts(tasks, query):
     """`total`, `states` (every state, zeros included), `outcomes` (finished
     tasks by final exit status), `succeeded` and `failed`."""
     states = {s.value: 0 for s in TaskState}
     outcomes = {status: 0 for status in EXIT_STATUSES}
-    pipeline = [{"$match": query},
+    pipeline = [{"$match": query}, _only("state", "exit_status"),
                 {"$group": {"_id": {"state": "$state", "exit_status": "$exit_status"}, "n": {"$sum": 1}}}]
     for row in tasks.aggregate(pipeline):
         state, status = row["_id"].get("state"), row["_id"].get("exit_status")
@@ -112,6 +118,7 @@ def state_counts(tasks, query):
 def _finished_attempts(query):
     return [
         _match(query, {"history.ended": {"$ne": None}}),
+        _only("history"),
         {"$unwind": "$history"},
         {"$match": {"history.ended": {"$ne": None}, "history.started": {"$ne": None}}},
         {"$project": {"_id": 0, "exit_status": "$history.exit_status",
@@ -146,6 +153,7 @@ def queue_wait_stats(tasks, query):
     started at least once (seconds: count, mean, median, p95, max)."""
     prefix = [
         _match(query, {"history.0": {"$exists": True}}),
+        _only("history", "_created"),
         {"$project": {"_id": 0, "wait": {"$subtract": [{"$arrayElemAt": ["$history.started", 0]}, "$_created"]}}},
         {"$match": {"wait": {"$ne": None}}},
     ]
@@ -191,6 +199,7 @@ def throughput(tasks, query, now):
     start = now.replace(second=0, microsecond=0) - timedelta(minutes=THROUGHPUT_MINUTES - 1)
     pipeline = [
         _match(query, {"history.ended": {"$gte": start}}),
+        _only("history"),
         {"$unwind": "$history"},
         {"$match": {"history.ended": {"$gte": start}}},
         {"$project": {"_id": 0,
@@ -223,6 +232,7 @@ def worker_load(db):
     held = {}
     pipeline = [
         {"$match": {"state": {"$in": [s.value for s in HELD]}, "worker": {"$ne": None}}},
+        _only("worker", "requested_resources"),
         {"$group": {"_id": "$worker", "running": {"$sum": 1},
                     **{key: {"$sum": "$requested_resources.%s" % key} for key in RESOURCE_KEYS}}},
     ]

@@ -54,6 +54,7 @@ from bson.raw_bson import RawBSONDocument
 from mongomock import aggregate as mm_aggregate
 from mongomock import codec_options as mm_codec_options
 from mongomock import collection as mm_collection
+from mongomock import command_cursor as mm_command_cursor
 from mongomock import database as mm_database
 from mongomock import filtering
 from mongomock import helpers
@@ -92,6 +93,103 @@ def connect(mongo_uri=None, data_dir=None):
     if data_dir is None:
         data_dir = os.path.join(os.path.expanduser('~'), '.banyan')
     return EmbeddedClient(data_dir)
+
+
+def _inclusion_projection(stage):
+    """True for `{"$project": {field: 1, ...}}` naming plain fields only,
+    which a find projection gives exactly."""
+    if not isinstance(stage, dict) or list(stage) != ['$project']:
+        return False
+    spec = stage['$project']
+    return (isinstance(spec, dict) and bool(spec)
+            and all(isinstance(k, str) and not k.startswith('$') and v in (1, True)
+                    for k, v in spec.items()))
+
+
+def _hashable(value):
+    """A hashable stand-in for a `$group` key, equal for values MongoDB
+    groups together (1 and 1.0 alike, True apart from 1); None for values
+    it cannot stand in for."""
+    if isinstance(value, bool):
+        return ('bool', value)
+    if isinstance(value, (int, float)):
+        return ('number', value)
+    if value is None or isinstance(value, (str, ObjectId, datetime.datetime)):
+        return ('value', value)
+    if isinstance(value, dict):
+        items = tuple((k, _hashable(v)) for k, v in value.items())
+        return None if any(v is None for _, v in items) else ('object', items)
+    if isinstance(value, list):
+        items = tuple(_hashable(v) for v in value)
+        return None if any(v is None for v in items) else ('array', items)
+    return None
+
+
+def _group_stage(docs, options):
+    """`$group` by hashing each key once. mongomock sorts every document by
+    its key with BSON comparisons first, which made most of a `/stats`
+    request's time. None (use mongomock's) for keys this cannot hash."""
+    if not isinstance(options, dict) or not options.get('_id'):
+        return None
+    groups = {}
+    for doc in docs:
+        try:
+            key = mm_aggregate._parse_expression(options['_id'], doc, ignore_missing_keys=True)  # pylint: disable=protected-access
+        except KeyError:
+            key = None
+        hashed = _hashable(key)
+        if hashed is None:
+            return None
+        groups.setdefault(hashed, (key, []))[1].append(doc)
+    out = []
+    for key, members in groups.values():
+        row = mm_aggregate._accumulate_group(options, members)  # pylint: disable=protected-access
+        row['_id'] = key
+        out.append(row)
+    return out
+
+
+def _sort_stage(docs, options):
+    """`$sort` on one field whose values are all plain numbers, compared as
+    numbers instead of through BSON comparisons. None (use mongomock's)
+    otherwise."""
+    if not isinstance(options, dict) or len(options) != 1:
+        return None
+    (field, direction), = options.items()
+    if not isinstance(field, str) or '.' in field or field.startswith('$'):
+        return None
+    keys = []
+    for doc in docs:
+        value = doc.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return None
+        keys.append(value)
+    order = sorted(range(len(docs)), key=keys.__getitem__, reverse=direction < 0)
+    return [docs[i] for i in order]
+
+
+def _unwind_stage(docs, options):
+    """`$unwind` of a top-level field given as a plain `"$field"`, with
+    shallow copies (mongomock deep-copies the whole document once per
+    element). The documents are the pipeline's own copies, and no later
+    stage changes one in place. None (use mongomock's) otherwise."""
+    if not isinstance(options, str) or not options.startswith('$') or '.' in options:
+        return None
+    field = options[1:]
+    out = []
+    for doc in docs:
+        values = doc.get(field)
+        if values is None:
+            continue
+        for value in values if isinstance(values, list) else [values]:
+            row = dict(doc)
+            row[field] = value
+            out.append(row)
+    return out
+
+
+#: Stages the embedded store runs itself when it can (see their docstrings).
+_FAST_STAGES = {'$group': _group_stage, '$sort': _sort_stage, '$unwind': _unwind_stage}
 
 
 def one_sync(client):
@@ -1082,6 +1180,7 @@ class _Cursor(mm_collection.Cursor):
 
     def __init__(self, *args, **kwargs):
         self._cache_key = None
+        self._window = self._window_key = None
         super().__init__(*args, **kwargs)
 
     def _compute_results(self, with_limit_and_skip=False):
@@ -1097,11 +1196,18 @@ class _Cursor(mm_collection.Cursor):
                            for x in results]
             self._results = results
             self._cache_key = wanted
+            self._window_key = None
         results = self._results
         if with_limit_and_skip:
-            results = results[self._skip:]
-            if self._limit:
-                results = results[:abs(self._limit)]
+            # `__next__` asks for the window once per document: slicing it
+            # anew each time made iterating n documents cost n squared.
+            key = (self._skip, self._limit)
+            if self._window_key != key:
+                window = results[self._skip:]
+                if self._limit:
+                    window = window[:abs(self._limit)]
+                self._window, self._window_key = window, key
+            results = self._window
         return results
 
     def clone(self):
@@ -1214,14 +1320,27 @@ class EmbeddedCollection(mm_collection.Collection):
             return super().estimated_document_count(**kwargs)
 
     def aggregate(self, pipeline, session=None, **unused_kwargs):
+        """mongomock's pipeline over copies of the matching documents. A
+        leading `$match` uses the indexes, a following inclusion `$project`
+        copies only its fields, and the stages after it run outside the
+        lock (they only see those copies)."""
+        pipeline = list(pipeline)
+        spec, projection = {}, None
+        if pipeline and isinstance(pipeline[0], dict) and list(pipeline[0]) == ['$match']:
+            spec = pipeline.pop(0)['$match']
+        if pipeline and _inclusion_projection(pipeline[0]):
+            projection = pipeline.pop(0)['$project']
         with self._engine.op():
-            pipeline = list(pipeline)
-            if pipeline and isinstance(pipeline[0], dict) and list(pipeline[0]) == ['$match']:
-                docs = list(self.find(pipeline[0]['$match']))
-                pipeline = pipeline[1:]
-            else:
-                docs = list(self.find())
-            return mm_aggregate.process_pipeline(docs, self.database, pipeline, session)
+            docs = list(self.find(spec, projection))
+        if session:
+            raise NotImplementedError('the embedded store has no sessions')
+        for stage in pipeline:
+            fast = _FAST_STAGES.get(next(iter(stage), None)) if isinstance(stage, dict) and len(stage) == 1 else None
+            result = fast(docs, next(iter(stage.values()))) if fast else None
+            if result is None:
+                result = list(mm_aggregate.process_pipeline(docs, self.database, [stage], None))
+            docs = result
+        return mm_command_cursor.CommandCursor(docs)
 
     def list_indexes(self, session=None):
         with self._engine.op():
