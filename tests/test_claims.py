@@ -172,6 +172,51 @@ def test_per_item_claim_race_has_one_winner(api, db):
     assert len(doc["history"]) == 1 and str(doc["history"][0]["worker"]) == winners[0]
 
 
+def test_per_item_claim_waits_for_unfinished_parents(api, db):
+    child, = submit(api, {"command": "child"})
+    parent, = submit(api, {"command": "parent", "continuations": [child]})
+    assert api.patch("/tasks/%s" % child, json={"state": "available"}).status_code == 200
+    wid = register(api)
+    r = api.patch("/tasks/%s" % child, json={"state": "running", "worker": wid})
+    assert r.status_code == 409 and "unfinished parent" in r.json["_error"]["message"], r.json
+    doc = db.tasks.find_one({"_id": ObjectId(child)})
+    assert doc["state"] == "available" and not doc.get("history") and doc.get("worker") is None
+    assert db.tasks.find_one({"_id": ObjectId(parent)})["state"] == "inactive"
+
+
+def test_per_item_claim_needs_an_active_worker(app, api, db):
+    tid, = submit(api, {"command": "x", "state": "available"})
+    lost, stopped = register(api, host="lost"), register(api, host="stopped")
+    app.reaper.run_once(utcnow() + timedelta(seconds=app.config["HEARTBEAT_TIMEOUT"] + 60))
+    assert api.get("/workers/%s" % lost).json["state"] == "lost"
+    for wid in (lost, stopped):
+        api.delete("/workers/%s" % wid)
+        r = api.patch("/tasks/%s" % tid, json={"state": "running", "worker": wid})
+        assert r.status_code == 404 and "register again" in r.json["_error"]["message"], r.json
+    doc = db.tasks.find_one({"_id": ObjectId(tid)})
+    assert doc["state"] == "available" and not doc.get("history")
+
+
+def test_per_item_claim_by_a_worker_lost_meanwhile_is_given_back(app, api, db, monkeypatch):
+    """The worker is marked lost between the check and the claim's write:
+    the reaper's sweep came too early, so the claim gives the task back."""
+    from banyan.server import auth
+    tid, = submit(api, {"command": "x", "state": "available", "max_retries": 1})
+    wid = register(api)
+    check = auth._require_claiming_worker
+
+    def check_then_lose(worker_id):
+        check(worker_id)
+        app.workers.mark_silent_lost(0, utcnow() + timedelta(seconds=1))
+        app.reaper.run_once()
+    monkeypatch.setattr(auth, "_require_claiming_worker", check_then_lose)
+    r = api.patch("/tasks/%s" % tid, json={"state": "running", "worker": wid})
+    assert r.status_code == 404, r.json
+    doc = db.tasks.find_one({"_id": ObjectId(tid)})
+    assert doc["state"] == "available" and doc["worker"] is None and doc["retry_count"] == 1
+    assert doc["history"][-1]["exit_status"] == ABANDONED
+
+
 def seed_tasks(app, bodies):
     """Insert ready tasks as `POST /tasks` would store them, without paying
     for Eve's per-document validation (this is about claims)."""

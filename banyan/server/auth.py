@@ -283,6 +283,8 @@ def authorize_task_update(updates):
     identity = current_identity()
     role = identity.role
     if role == "admin":
+        if updates.get("state") == "running":
+            _require_claiming_worker(updates.get("worker"))
         return
     if role == "worker":
         extra = set(updates) - WORKER_PATCH_FIELDS
@@ -291,7 +293,7 @@ def authorize_task_update(updates):
                 "a worker may only claim a task by PATCH ({'state': 'running', 'worker': <id>}); "
                 "it reports attempts with POST /tasks/<id>/finish and cannot change %s"
                 % ", ".join(sorted(extra or {"state"}))))
-        _require_own_worker(updates.get("worker"))
+        _require_claiming_worker(updates.get("worker"))
         return
     if updates.get("state") == "running" or "worker" in updates:
         abort(403, description="only workers claim tasks (state 'running', 'worker')")
@@ -299,8 +301,9 @@ def authorize_task_update(updates):
         abort(403, description="no role may change tasks without a token")
 
 
-def _require_own_worker(worker_id):
-    """A worker token claims only under a worker id it registered."""
+def _require_claiming_worker(worker_id):
+    """The worker a claim names is registered and active, and a worker token
+    claims only under a worker id it registered."""
     from banyan.server import claims  # claims imports this module
 
     if worker_id is None:
@@ -309,10 +312,12 @@ def _require_own_worker(worker_id):
         worker_id = ObjectId(worker_id)
     except (InvalidId, TypeError):
         return  # the validator reports the type
-    worker = current_app.data.driver.db[claims.WORKERS].find_one({"_id": worker_id}, {"token_id": 1})
+    worker = current_app.data.driver.db[claims.WORKERS].find_one({"_id": worker_id}, {"token_id": 1, "state": 1})
     if worker is None:
         abort(422, description="no worker '%s' is registered; register with POST /workers" % worker_id)
     claims.check_worker_access(worker)
+    if worker.get("state") != claims.WorkerState.ACTIVE:
+        abort(404, description="worker '%s' is %s; register again" % (worker_id, worker.get("state")))
 
 
 # -- the admin endpoint -----------------------------------------------------

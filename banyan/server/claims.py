@@ -306,12 +306,19 @@ def claim(worker_id, free, max_tasks=1, wait=0.0):
                 # Unregistered (or marked lost) while its claim waited: a
                 # task claimed now would be held by a worker that is gone.
                 abort(404, description="worker '%s' is no longer active; register again" % worker_id)
-    if items and not registry.is_active(worker_id):
-        # Marked lost while claiming: the reaper may have looked for its
-        # tasks before these were written, so give them back here.
-        abandon_worker(registry, queue, worker_id)
-        abort(404, description="worker '%s' was marked lost; register again" % worker_id)
+    if items:
+        confirm_claimer(worker_id)
     return {"_items": items, "cancel": queue.pending_cancellations(worker_id)}
+
+
+def confirm_claimer(worker_id):
+    """After a claim was written: a worker marked lost (or stopped) while it
+    claimed may have had its tasks swept before this claim landed, so its
+    tasks are ended here and the claim answers 404."""
+    registry = _registry()
+    if not registry.is_active(worker_id):
+        abandon_worker(registry, _queue(), worker_id)
+        abort(404, description="worker '%s' was marked lost; register again" % worker_id)
 
 
 def _touched_lately(worker):

@@ -4,7 +4,7 @@ import logging
 
 from flask import abort, g
 
-from banyan.server import states, virtual
+from banyan.server import claims, states, virtual
 from banyan.server.identity import current_identity
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ def register_hooks(app, queue):
         if change is not None:
             queue.end_continuation_change(original, change[1], change[2])
         queue.after_update(updates, original)
+        if updates.get("state") == states.TaskState.RUNNING.value and "worker" in updates:
+            claims.confirm_claimer(updates["worker"])  # a per-item claim
 
     app.on_pre_POST_tasks += on_pre_POST_tasks
     app.on_insert_tasks += on_insert_tasks

@@ -334,6 +334,11 @@ class TaskQueue:
             # it; without this the "no-op" state change would rewrite `worker`.
             raise Conflict("task '%s' is '%s' (worker '%s'), not 'available'"
                            % (original.get("_id"), original.get("state"), original.get("worker")))
+        if updates.get("state") == S.RUNNING and original.get("pending_dependency_count"):
+            # An available task's count only goes down (continuations are
+            # added to inactive tasks only), so the value read decides.
+            raise Conflict("task '%s' waits for %d unfinished parent(s) and cannot be claimed yet"
+                           % (original.get("_id"), original["pending_dependency_count"]))
         if "worker" in updates and updates.get("state") != S.RUNNING:
             raise TransitionError("'worker' is set only by a claim ({'state': 'running', 'worker': <id>})")
         if "state" not in updates or updates["state"] == original.get("state"):
