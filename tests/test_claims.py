@@ -483,6 +483,8 @@ def test_finish_refusals_change_nothing(api, db):
     unchanged({"attempt": "one", "outcome": SUCCESS}, 422, "attempt")
     unchanged({"attempt": attempt, "outcome": SUCCESS, "stdout": 5}, 422, "stdout")
     unchanged({"attempt": attempt, "outcome": SUCCESS, "colour": 1}, 422, "colour")
+    for name in ("a\u0000", "a.b", "$rss", ""):
+        unchanged({"attempt": attempt, "outcome": SUCCESS, "usage": {name: 1}}, 422, "usage")
     assert api.post("/tasks/%s/finish" % ObjectId(), json={"attempt": 1, "outcome": SUCCESS}).status_code == 404
     finish(api, tid, attempt, SUCCESS, exit_code=0)
     unchanged({"attempt": attempt, "outcome": SUCCESS}, 409, "terminated")  # a repeated report
@@ -530,6 +532,7 @@ def test_heartbeat_records_usage_and_progress(api):
     ({"attempt": 1, "progress": {"fraction": 2}}, "fraction"),
     ({"attempt": 1, "progress": {"fraction": 0.1, "message": 5}}, "message"),
     ({"attempt": 1, "colour": 1}, "colour"),
+    ({"attempt": 1, "usage": {"rss.max": 1}}, "usage"),
 ])
 def test_bad_heartbeats_are_refused(api, db, entry, word):
     tid, = submit(api, {"command": "x", "state": "available"})

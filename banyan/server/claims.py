@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 from datetime import timedelta, timezone
@@ -456,11 +457,20 @@ def _resources(value, field, issues):
     return out
 
 
+#: Names of usage figures: stored as field names, so no `.`, `$` or NUL.
+USAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+
+
 def _usage(value, field, issues):
     if value is None:
         return None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         issues[field] = "must be an object of numbers, not %r" % (value,)
+        return None
+    bad = [k for k in value if not USAGE_NAME.match(k)]
+    if bad:
+        issues[field] = ("names must be letters, digits and '_' (up to 64, not starting with a digit), "
+                         "not %r" % (bad[0],))
         return None
     for key, v in value.items():
         if v is not None and (not _number(v) or v < 0):

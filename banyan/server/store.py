@@ -30,6 +30,7 @@ for serving:
 
 import collections.abc
 import contextlib
+import copy
 import datetime
 import functools
 import itertools
@@ -63,7 +64,7 @@ from mongomock import store as mm_store
 from mongomock.filtering import NOTHING, filter_applies, iter_key_candidates
 from pymongo import ReturnDocument
 from pymongo.errors import (BulkWriteError, ConfigurationError, DuplicateKeyError,
-                            InvalidOperation, OperationFailure)
+                            InvalidOperation, OperationFailure, WriteError)
 from pymongo.results import BulkWriteResult
 from sortedcontainers import SortedList
 
@@ -621,6 +622,7 @@ class _CollectionStore(mm_store.CollectionStore):
         self._sec = {}          # index name -> _SecondaryIndex
         self._reg = {}          # store key -> {index name: (entries, flags)}
         self._pending = []      # store keys touched in place, to re-index
+        self._undo = None       # (document, its copy) for the update under way
         self.recording = None   # None, 'one' or 'multi' while in _update
         self.deferred = False   # while loading: index everything at the end
 
@@ -655,9 +657,22 @@ class _CollectionStore(mm_store.CollectionStore):
                 self._reindex(key)
 
     def touch(self, doc):
+        """`doc` is about to be changed in place by an update."""
         key = _store_key(doc['_id'])
         self._pending.append(key)
         self._engine.note_touch(self, key, doc)
+        self._undo = (doc, copy.deepcopy(doc))
+
+    def undo_touch(self):
+        """Put back the document an update failed on: mongomock applies
+        operators one by one, and MongoDB changes a document all or not at
+        all. Documents finished earlier in an update_many stay changed, as
+        in MongoDB."""
+        if self._undo is not None:
+            doc, before = self._undo
+            doc.clear()
+            doc.update(before)
+        self._undo = None
 
     # -- mongomock store API -----------------------------------------------
     def __setitem__(self, key, val):
@@ -1359,8 +1374,17 @@ class EmbeddedCollection(mm_collection.Collection):
                     spec, document, upsert=upsert, manipulate=manipulate, multi=multi,
                     check_keys=check_keys, hint=hint, session=session, collation=collation,
                     let=let, array_filters=array_filters, **kwargs)
+            except (TypeError, AttributeError) as err:
+                # an operator on a value of the wrong type (`$inc` on a
+                # string, `$push` to a non-array): MongoDB's TypeMismatch
+                store.undo_touch()
+                raise WriteError(str(err), code=14) from err
+            except Exception:
+                store.undo_touch()
+                raise
             finally:
                 store.recording = previous
+                store._undo = None  # pylint: disable=protected-access
                 store.flush_touched()
 
     def _find_and_modify(self, query, projection=None, update=None, upsert=False,
