@@ -280,3 +280,36 @@ def test_malformed_json_is_refused(api, db):
     r = api.post("/tasks", data="{not json", content_type="application/json")
     assert r.status_code == 400
     assert db.tasks.count_documents({}) == before
+
+
+BAD_FILTERS_AND_SORTS = [
+    ("where", '{"name": {"$in": 1}}'),
+    ("where", '{"name": {"$type": "colour"}}'),
+    ("where", '{"$or": []}'),
+    ("where", '{"$and": 1}'),
+    ("where", '{"name": {"$not": 1}}'),
+    ("where", '{"$or": [{"name": "a"}, {"name": {"$mod": [2, 0]}}]}'),
+    ("sort", '{"name": "x"}'),
+    ("sort", '[["$name", 1]]'),
+    ("sort", '[["name"]]'),
+    ("sort", '[1]'),
+]
+BAD_PROJECTIONS = [
+    ("projection", '{"name": 2}'),
+    ("projection", '{"name": "x"}'),
+    ("projection", '{"name": [1]}'),
+    ("projection", '{"name": {"$slice": 1}}'),
+    ("projection", '{"name": 1, "command": 0}'),
+    ("projection", '{"$name": 1}'),
+    ("projection", '{"history.worker": 1, "current_history": 1}'),
+]
+GOOD = {"where": '{"name": "a"}', "sort": '[["name", -1]]', "projection": '{"name": 1}'}
+
+
+@pytest.mark.parametrize("path,param,value", [("/tasks",) + case for case in BAD_FILTERS_AND_SORTS + BAD_PROJECTIONS]
+                         + [("/tasks/current_history",) + case for case in BAD_FILTERS_AND_SORTS])
+def test_bad_query_parameters_are_a_400_that_names_them(api, path, param, value):
+    post(api, [{"name": "a", "command": "x"}, {"name": "b", "command": "y"}])
+    r = api.get(path, query_string={param: value})
+    assert r.status_code == 400 and param in r.json["_error"]["message"], (r.status_code, r.json)
+    assert api.get(path, query_string={param: GOOD[param]}).status_code == 200

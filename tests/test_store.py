@@ -316,14 +316,14 @@ def test_results_and_errors_like_pymongo(client):
 
 
 AGGREGATE_DOCS = [
-    {"_id": 1, "k": 1, "n": 3, "tags": ["a", "b"], "h": [{"s": 1, "e": 4}, {"s": 2, "e": None}]},
+    {"_id": 1, "k": 1, "n": 3, "tags": ["a", "b"], "h": [{"s": 1, "e": 4}, {"s": 2, "e": None}], "r": {"x": 0}},
     {"_id": 2, "k": 1.0, "n": 1.5, "tags": [], "h": [{"s": 5, "e": 9}]},
     {"_id": 3, "k": True, "n": -2, "tags": None, "h": []},
     {"_id": 4, "k": "x", "n": 7, "tags": "solo", "h": [{"s": 0, "e": 1}]},
     {"_id": 5, "k": {"a": 1, "b": [1, 2]}, "n": 0, "h": [{"s": 3, "e": 3}]},
     {"_id": 6, "n": 2, "tags": ["c"], "h": [{"s": 1, "e": 2}]},
     {"_id": 7, "k": {"a": 1, "b": [1, 2]}, "n": "text", "tags": ["a"]},
-    {"_id": 8, "k": T0, "n": 4, "tags": ["d", "a"], "h": [{"s": 4, "e": 8}]},
+    {"_id": 8, "k": T0, "n": 4, "tags": ["d", "a"], "h": [{"s": 4, "e": 8}], "r": {"x": 0}},
 ]
 
 
@@ -338,6 +338,9 @@ AGGREGATE_DOCS = [
      {"$match": {"h.e": {"$ne": None}}},
      {"$project": {"_id": 0, "d": {"$subtract": ["$h.e", "$h.s"]}}}, {"$sort": {"d": 1}}, {"$skip": 1}],
     [{"$unwind": {"path": "$tags", "preserveNullAndEmptyArrays": True}}],
+    # a stage that changes documents in place after `$unwind`: no shared parts
+    [{"$match": {"h.0": {"$exists": True}}}, {"$unwind": "$h"}, {"$addFields": {"r.s": "$h.s"}},
+     {"$project": {"r": 1}}],
 ])
 def test_aggregate_equals_mongomock(client, pipeline):
     """The embedded store runs some stages itself (`$group` by hashed key,

@@ -127,6 +127,31 @@ def test_continuations_added_later_run_after_the_parent(app, api, db):
     assert pending(db, child) == (0, [])
 
 
+def test_continuations_added_to_a_finished_parent(app, api, db, monkeypatch):
+    """Added to a succeeded parent, a child does not wait; to a cancelled
+    one, it is cancelled, but only once the parent's write is done: a write
+    that fails leaves the child as it was."""
+    done, gone = task(api), task(api)
+    patch(api, done, {"state": "available"})
+    from test_server import run_to_end
+    run_to_end(app, done)
+    patch(api, gone, {"state": "cancelled"})
+    free, doomed, spared = task(api), task(api), task(api)
+    by_item(api, "add_continuations", done, [free])
+    assert stored(db, free)["state"] == "inactive" and pending(db, free) == (0, [])
+    by_item(api, "add_continuations", gone, [doomed])
+    assert stored(db, doomed)["state"] == "cancelled"
+    data = app.data
+
+    def lost_race(*args):
+        from flask import abort
+        abort(409, description="changed meanwhile")
+    monkeypatch.setattr(data, "_guarded_change", lost_race)
+    by_patch(api, "add_continuations", gone, [spared], status=409)
+    assert stored(db, spared)["state"] == "inactive"
+    assert spared not in continuations(db, gone)
+
+
 def test_resource_level_form_reports_per_target(api, db):
     p1, p2, child = task(api), task(api), task(api)
     r = api.post("/tasks/add_continuations", json=[{"targets": [p1, p2], "values": [child]}])

@@ -27,6 +27,39 @@ class _Connection:
         self.db = client[dbname]
 
 
+#: What a store raises for a query it cannot run (MongoDB: OperationFailure;
+#: the embedded store also the errors of Python's own comparisons).
+QUERY_ERRORS = (pymongo.errors.PyMongoError, TypeError, ValueError, NotImplementedError)
+
+
+def _field_path(name):
+    return isinstance(name, str) and name != "" and not name.startswith("$") and "" not in name.split(".")
+
+
+def _check_projection(projection):
+    """`?projection=`: field paths to 1 (include) or 0 (exclude), not both
+    kinds but for `_id`; what MongoDB accepts beyond that (`$slice`,
+    expressions) is refused here with a 400 rather than failing later."""
+    bad = [k for k, v in projection.items()
+           if not _field_path(k) or not (isinstance(v, bool) or type(v) is int and v in (0, 1))]
+    if bad:
+        abort(400, description="'projection' maps field names to 1 (include) or 0 (exclude), "
+                               "such as {\"name\": 1}; not %s: %r" % (bad[0], projection[bad[0]]))
+    kinds = {bool(v) for k, v in projection.items() if k != "_id"}
+    if len(kinds) > 1:
+        abort(400, description="'projection' either includes fields (1) or excludes them (0), not both")
+
+
+def _check_sort(sort):
+    """`?sort=`: [[field, 1 or -1], ...] (or {field: 1 or -1}, or "-a,b")."""
+    pairs = list(sort.items()) if isinstance(sort, dict) else sort
+    ok = isinstance(pairs, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and _field_path(p[0])
+        and not isinstance(p[1], bool) and p[1] in (1, -1) for p in pairs)
+    if not ok:
+        abort(400, description="'sort' takes [[\"field\", 1 or -1], ...] or \"-field,other\", not %r" % (sort,))
+
+
 def _integral(value):
     """Eve's serializer truncates 1.5 to 1; keep non-integral numbers so the
     validator refuses them, and so are those beyond the 64 bits the store
@@ -65,7 +98,23 @@ class BanyanMongo(Mongo):
         projection = g.pop("banyan_forced_projection", None)
         if projection is None:
             projection = super()._client_projection(req)
+            _check_projection(projection)
         return projection
+
+    def _convert_sort_request_to_dict(self, req):
+        sort = super()._convert_sort_request_to_dict(req)
+        _check_sort(sort)
+        return sort
+
+    def find(self, resource, req, sub_resource_lookup, perform_count=True):
+        """Eve's find, with a filter the store refuses answered 400: Eve
+        counts first and, when the count fails, falls back to a method
+        pymongo 4 no longer has (a 500 naming `Collection.count`)."""
+        try:
+            return super().find(resource, req, sub_resource_lookup, perform_count)
+        except QUERY_ERRORS as e:
+            cause = e.__context__ if isinstance(e.__context__, QUERY_ERRORS) else e
+            abort(400, description="the store refused the filter in 'where': %s" % cause)
 
     def _datasource_ex(self, resource, query=None, client_projection=None, client_sort=None,
                        check_auth_value=True, force_auth_field_projection=False):

@@ -159,7 +159,7 @@ class TaskQueue:
         """Fill the server fields of tasks about to be inserted and register
         them as parents of their continuations. Raises TransitionError (and
         undoes its links) when a continuation is no longer `inactive`."""
-        linked = []
+        linked, doomed = [], []
         try:
             for doc in docs:
                 doc.setdefault("_id", ObjectId())
@@ -204,16 +204,18 @@ class TaskQueue:
 
     def link(self, parent, child_ids):
         """Add continuations to an existing task: children wait for it unless
-        it already succeeded; a failed or cancelled parent cancels them."""
+        it already finished. Returns the children to cancel once the
+        parent's write is done: those of a failed or cancelled parent."""
         state, status = parent.get("state"), parent.get("exit_status")
+        doomed = []
         for child in child_ids:
-            if state == S.TERMINATED and status == SUCCESS:
+            if state in FINISHED:
                 self._require_inactive(child)
-            elif state in FINISHED:
-                self._require_inactive(child)
-                self.cancel(child)
+                if not (state == S.TERMINATED and status == SUCCESS):
+                    doomed.append(child)
             else:
                 self._link(parent["_id"], child)
+        return doomed
 
     def unlink(self, parent, child_ids, require_inactive=True):
         """Remove continuations; a child left with no pending parent may run.
@@ -270,7 +272,8 @@ class TaskQueue:
         answers 409) and the parent's list and its children's
         `pending_parents` cannot drift apart. Then checks the rules (removed
         children inactive, no cycle) and links the added children. Returns
-        the lease token and the children it linked. Raises Conflict or
+        the lease: its token, the children it linked and those to cancel
+        once the write is done (see `link`). Raises Conflict or
         TransitionError with nothing left changed."""
         add, remove = list(dict.fromkeys(add)), list(dict.fromkeys(remove))
         token, now = str(ObjectId()), utcnow()
@@ -284,7 +287,7 @@ class TaskQueue:
         if not self.tasks.update_one(query, {"$set": {"continuation_lease": lease}}).matched_count:
             raise Conflict("task '%s' changed or is having its continuations changed by another request; "
                            "read it again and retry" % parent["_id"])
-        linked = []
+        linked, doomed = [], []
         try:
             for child in remove:
                 self._require_inactive(child)
@@ -294,26 +297,29 @@ class TaskQueue:
             waiting = {d["_id"] for d in self.tasks.find(
                 {"_id": {"$in": add}, "pending_parents": parent["_id"]}, {"_id": 1})}
             for child in add:
-                self.link(parent, [child])
+                doomed += self.link(parent, [child])
                 if child not in waiting:
                     linked.append(child)
         except TransitionError:
-            self.abort_continuation_change(parent, (token, linked))
+            self.abort_continuation_change(parent, (token, linked, doomed))
             raise
-        return token, linked
+        return token, linked, doomed
 
     def end_continuation_change(self, parent, lease, remove=()):
         """The parent's write succeeded: removed children stop waiting for
-        it (and run if it was their last parent); the lease is released."""
-        token, _ = lease
+        it (and run if it was their last parent), children added to a failed
+        or cancelled parent are cancelled; the lease is released."""
+        token, _, doomed = lease
         try:
             self.unlink(parent, list(dict.fromkeys(remove)), require_inactive=False)
+            for child in doomed:
+                self.cancel(child)
         finally:
             self._release_lease(parent["_id"], token)
 
     def abort_continuation_change(self, parent, lease):
         """The parent's write did not happen: undo the links and release."""
-        token, linked = lease
+        token, linked, _ = lease
         try:
             for child in linked:
                 self._unlink(parent["_id"], child)

@@ -393,10 +393,11 @@ def _where():
 
 
 def _check_filter(query):
-    """Try `query` on the store once, so that a filter it refuses is a 400
-    and a failure while computing is still seen as the bug it would be."""
+    """Try `query` on the store once, over every task (a filter may fail on
+    one task only), so that a filter it refuses is a 400 and a failure while
+    computing is still seen as the bug it would be."""
     try:
-        _db()[TASKS].find_one(query, {"_id": 1})
+        _db()[TASKS].count_documents(query)
     except (pymongo.errors.PyMongoError, NotImplementedError, TypeError, ValueError) as e:
         abort(400, description="the store refused the filter in 'where': %s" % e)
 

@@ -114,7 +114,7 @@ def _hashable(value):
     if isinstance(value, bool):
         return ('bool', value)
     if isinstance(value, (int, float)):
-        return ('number', value)
+        return ('number', 'NaN' if value != value else value)  # MongoDB groups NaNs together
     if value is None or isinstance(value, (str, ObjectId, datetime.datetime)):
         return ('value', value)
     if isinstance(value, dict):
@@ -172,8 +172,9 @@ def _sort_stage(docs, options):
 def _unwind_stage(docs, options):
     """`$unwind` of a top-level field given as a plain `"$field"`, with
     shallow copies (mongomock deep-copies the whole document once per
-    element). The documents are the pipeline's own copies, and no later
-    stage changes one in place. None (use mongomock's) otherwise."""
+    element). The documents are the pipeline's own copies, and `aggregate`
+    takes this path only when no later stage changes one in place. None
+    (use mongomock's) otherwise."""
     if not isinstance(options, str) or not options.startswith('$') or '.' in options:
         return None
     field = options[1:]
@@ -191,6 +192,21 @@ def _unwind_stage(docs, options):
 
 #: Stages the embedded store runs itself when it can (see their docstrings).
 _FAST_STAGES = {'$group': _group_stage, '$sort': _sort_stage, '$unwind': _unwind_stage}
+#: Stages that build new documents and never change their input in place:
+#: after `$unwind`'s shallow copies, only these may follow.
+_READ_ONLY_STAGES = {'$match', '$project', '$group', '$sort', '$skip', '$limit', '$count'}
+
+
+def _stage_name(stage):
+    return next(iter(stage), None) if isinstance(stage, dict) and len(stage) == 1 else None
+
+
+def _fast_stage(pipeline, i):
+    """The embedded store's own runner for stage `i`, or None."""
+    name = _stage_name(pipeline[i])
+    if name == '$unwind' and not all(_stage_name(s) in _READ_ONLY_STAGES for s in pipeline[i + 1:]):
+        return None
+    return _FAST_STAGES.get(name)
 
 
 def one_sync(client):
@@ -1349,8 +1365,8 @@ class EmbeddedCollection(mm_collection.Collection):
             docs = list(self.find(spec, projection))
         if session:
             raise NotImplementedError('the embedded store has no sessions')
-        for stage in pipeline:
-            fast = _FAST_STAGES.get(next(iter(stage), None)) if isinstance(stage, dict) and len(stage) == 1 else None
+        for i, stage in enumerate(pipeline):
+            fast = _fast_stage(pipeline, i)
             result = fast(docs, next(iter(stage.values()))) if fast else None
             if result is None:
                 result = list(mm_aggregate.process_pipeline(docs, self.database, [stage], None))

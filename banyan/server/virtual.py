@@ -291,6 +291,10 @@ def plan_projection(resource, projection):
         show.append(name)
         target = spec["target"]
         if inclusive and not projection.get(target):
+            parts = [k for k in projection if k.startswith(target + ".")]
+            if parts:
+                abort(400, description="'projection' asks for '%s', computed from all of '%s', and for "
+                                       "'%s' alone: ask for one or the other" % (name, target, parts[0]))
             projection[target] = 1
             hide.append(target)
         elif not inclusive and target in projection and not projection[target]:
