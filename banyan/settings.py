@@ -8,6 +8,9 @@ from banyan.server.states import TaskState, EXIT_STATUSES
 
 OBJECTID_LIST = {"type": "list", "schema": {"type": "objectid"}}
 
+#: The longest duration a task may give, in seconds (longer ones overflow dates).
+TEN_YEARS = 10 * 366 * 86400
+
 #: User fields that may change only while a task is `inactive`.
 WRITE_ONCE = {"write_once": True}
 
@@ -39,8 +42,8 @@ task_schema = {
     "working_directory": {"type": "string", "nullable": True, **WRITE_ONCE},
     "max_retries": {"type": "integer", "min": 0, "max": 1000, "default": 0, **WRITE_ONCE},
     "max_shutdown_time": {"type": "number", "min": 0, "max": 86400, "default": 10, **WRITE_ONCE},
-    "time_limit": {"type": "number", "min": 0, "nullable": True, "default": None, **WRITE_ONCE},
-    "estimated_runtime": {"type": "number", "min": 0, "nullable": True, **WRITE_ONCE},
+    "time_limit": {"type": "number", "min": 0, "max": TEN_YEARS, "nullable": True, "default": None, **WRITE_ONCE},
+    "estimated_runtime": {"type": "number", "min": 0, "max": TEN_YEARS, "nullable": True, **WRITE_ONCE},
     "priority": {"type": "integer", "default": 0, **WRITE_ONCE},
     "continuations": {
         "type": "list",

@@ -618,6 +618,35 @@ def test_time_limit_cancels_with_status_timeout(app, api):
     assert done["history"][-1]["exit_status"] == TIMEOUT
 
 
+def test_time_limit_sweep_spares_a_retry_claimed_meanwhile(app, api, db, monkeypatch):
+    """The reaper read attempt 1 as overdue; before it cancels, attempt 1
+    failed and attempt 2 was claimed: attempt 2 keeps running."""
+    tid, = submit(api, {"command": "x", "state": "available", "time_limit": 1, "max_retries": 1})
+    wid = register(api)
+    claim_one(api, wid, tid)
+    queue, cancel = app.queue, app.queue.cancel
+
+    def retried_first(task_id, **kwargs):
+        finish(api, tid, 1, FAILURE, exit_code=1)
+        assert claim_one(api, wid, tid) == 2
+        return cancel(task_id, **kwargs)
+    monkeypatch.setattr(queue, "cancel", retried_first)
+    assert app.reaper.run_once(utcnow() + timedelta(seconds=2))["timed_out"] == []
+    doc = db.tasks.find_one({"_id": ObjectId(tid)})
+    assert doc["state"] == "running" and len(doc["history"]) == 2 and "cancel_reason" not in doc
+
+
+def test_huge_time_limits_are_refused_and_the_reaper_keeps_working(app, api):
+    r = api.post("/tasks", json={"command": "x", "time_limit": 1e12})
+    assert r.status_code == 422 and "time_limit" in r.json["_issues"], r.json
+    long, short = submit(api, {"command": "x", "state": "available", "time_limit": 10 * 365 * 86400},
+                         {"command": "y", "state": "available", "time_limit": 1})
+    wid = register(api)
+    claim(api, wid, max_tasks=2)
+    assert app.reaper.run_once(utcnow() + timedelta(seconds=2))["timed_out"] == [ObjectId(short)]
+    assert task(api, long)["state"] == "running"
+
+
 # -- cancellation from every state ------------------------------------------
 
 def assert_cancel_refused(api, db, tid):

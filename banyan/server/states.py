@@ -476,12 +476,13 @@ class TaskQueue:
                 continue  # finished or abandoned meanwhile by someone else
         return ended
 
-    def cancel(self, task_id, exit_status=CANCELLED, cascade=True):
+    def cancel(self, task_id, exit_status=CANCELLED, cascade=True, only_if=None):
         """Cancel a task from any state: at once when it is not running, by
         way of `pending_cancellation` when a worker holds it. Finished tasks
-        are left alone. Returns the state written, or None if nothing was."""
+        are left alone, and so is the task once it no longer matches
+        `only_if` (a filter). Returns the state written, or None if nothing was."""
         while True:
-            doc = self.tasks.find_one({"_id": task_id}, {"state": 1})
+            doc = self.tasks.find_one(dict(only_if or {}, _id=task_id), {"state": 1})
             if doc is None:
                 return None
             state = S(doc["state"])
@@ -493,7 +494,8 @@ class TaskQueue:
                 sets.update(exit_status=exit_status, cascade_pending=True)
             else:
                 sets["cancel_reason"] = exit_status  # what `finish` records when the worker reports
-            if self.tasks.update_one({"_id": task_id, "state": state.value}, {"$set": sets}).modified_count:
+            if self.tasks.update_one(dict(only_if or {}, _id=task_id, state=state.value),
+                                     {"$set": sets}).modified_count:
                 if target == S.CANCELLED and cascade:
                     self._cascade(task_id)
                 return target
@@ -660,7 +662,9 @@ class TaskQueue:
                 continue
             if started.tzinfo is None:
                 started = started.replace(tzinfo=timezone.utc)
-            if started + timedelta(seconds=doc["time_limit"]) <= now:
-                if self.cancel(doc["_id"], exit_status=TIMEOUT) is not None:
+            if (now - started).total_seconds() >= doc["time_limit"]:
+                # only the attempt read here: a retry claimed meanwhile has its own time
+                attempt = doc["history"][-1].get("attempt")
+                if self.cancel(doc["_id"], exit_status=TIMEOUT, only_if={"history": {"$size": attempt}}) is not None:
                     overdue.append(doc["_id"])
         return overdue
