@@ -201,7 +201,9 @@ def test_per_item_claim_by_a_worker_lost_meanwhile_is_given_back(app, api, db, m
     """The worker is marked lost between the check and the claim's write:
     the reaper's sweep came too early, so the claim gives the task back."""
     from banyan.server import auth
-    tid, = submit(api, {"command": "x", "state": "available", "max_retries": 1})
+    tid, = submit(api, {"command": "x", "state": "available", "max_retries": 0})
+    child, = submit(api, {"command": "after"})
+    api.post("/tasks/%s/add_continuations" % tid, json=[child])
     wid = register(api)
     check = auth._require_claiming_worker
 
@@ -213,8 +215,30 @@ def test_per_item_claim_by_a_worker_lost_meanwhile_is_given_back(app, api, db, m
     r = api.patch("/tasks/%s" % tid, json={"state": "running", "worker": wid})
     assert r.status_code == 404, r.json
     doc = db.tasks.find_one({"_id": ObjectId(tid)})
-    assert doc["state"] == "available" and doc["worker"] is None and doc["retry_count"] == 1
-    assert doc["history"][-1]["exit_status"] == ABANDONED
+    # it never ran: back in the queue without using a retry, its child still waiting
+    assert doc["state"] == "available" and doc["worker"] is None and doc.get("retry_count", 0) == 0
+    assert doc["history"][-1]["exit_status"] == ABANDONED and doc["history"][-1]["ended"]
+    assert db.tasks.find_one({"_id": ObjectId(child)})["state"] == "inactive"
+    other = register(api, host="other")
+    assert claim(api, other)["_items"][0]["_id"] == tid
+
+
+def test_batch_claim_by_a_worker_lost_meanwhile_is_given_back(app, api, db, monkeypatch):
+    tids = submit(api, *[{"command": "x%d" % i, "state": "available"} for i in range(3)])
+    wid = register(api)
+    queue = app.queue
+    claim_batch = queue.claim_batch
+
+    def lost_then_claim(*args, **kwargs):
+        # marked lost, and its tasks swept, after the claim's check and before its writes
+        app.workers.mark_silent_lost(0, utcnow() + timedelta(seconds=1))
+        app.reaper.run_once()
+        return claim_batch(*args, **kwargs)
+    monkeypatch.setattr(queue, "claim_batch", lost_then_claim)
+    claim(api, wid, max_tasks=3, status=404)
+    for doc in db.tasks.find({"_id": {"$in": [ObjectId(t) for t in tids]}}):
+        assert doc["state"] == "available" and doc.get("retry_count", 0) == 0, doc
+        assert [a["exit_status"] for a in doc["history"]] == [ABANDONED]
 
 
 def seed_tasks(app, bodies):

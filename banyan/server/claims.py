@@ -308,17 +308,20 @@ def claim(worker_id, free, max_tasks=1, wait=0.0):
                 # task claimed now would be held by a worker that is gone.
                 abort(404, description="worker '%s' is no longer active; register again" % worker_id)
     if items:
-        confirm_claimer(worker_id)
+        confirm_claimer(worker_id, [(t["_id"], t["history"][-1]["attempt"]) for t in items])
     return {"_items": items, "cancel": queue.pending_cancellations(worker_id)}
 
 
-def confirm_claimer(worker_id):
+def confirm_claimer(worker_id, claimed):
     """After a claim was written: a worker marked lost (or stopped) while it
-    claimed may have had its tasks swept before this claim landed, so its
-    tasks are ended here and the claim answers 404."""
-    registry = _registry()
+    claimed may have had its tasks swept before this claim landed. Then the
+    tasks just `claimed` ([(task id, attempt)]) go back to the queue without
+    using a retry, any other it holds is abandoned, and the claim answers 404."""
+    registry, queue = _registry(), _queue()
     if not registry.is_active(worker_id):
-        abandon_worker(registry, _queue(), worker_id)
+        for task_id, attempt in claimed:
+            queue.give_back(task_id, worker_id, attempt)
+        abandon_worker(registry, queue, worker_id)
         abort(404, description="worker '%s' was marked lost; register again" % worker_id)
 
 

@@ -67,7 +67,8 @@ def register_hooks(app, queue):
             queue.end_continuation_change(original, change[1], change[2])
         queue.after_update(updates, original)
         if updates.get("state") == states.TaskState.RUNNING.value and "worker" in updates:
-            claims.confirm_claimer(updates["worker"])  # a per-item claim
+            # a per-item claim
+            claims.confirm_claimer(updates["worker"], [(original["_id"], updates["history"][-1]["attempt"])])
 
     app.on_pre_POST_tasks += on_pre_POST_tasks
     app.on_insert_tasks += on_insert_tasks

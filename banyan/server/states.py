@@ -446,6 +446,21 @@ class TaskQueue:
             self._became_ready(updated)
         return updated
 
+    def give_back(self, task_id, worker_id, attempt):
+        """A claim whose worker was marked lost before the answer reached
+        it: the task returns to `available` and the attempt ends as
+        abandoned, without using a retry (it never ran). False if the task
+        moved on meanwhile."""
+        index, now = attempt - 1, utcnow()
+        updated = self.tasks.find_one_and_update(
+            {"_id": task_id, "state": S.RUNNING.value, "worker": worker_id, "history": {"$size": attempt}},
+            {"$set": {"state": S.AVAILABLE.value, "worker": None, "history.%d.ended" % index: now,
+                      "history.%d.exit_status" % index: ABANDONED, "_updated": now, "_etag": str(ObjectId())}},
+            return_document=ReturnDocument.AFTER)
+        if updated is not None and is_ready(updated):
+            self._became_ready(updated)
+        return updated is not None
+
     @staticmethod
     def _outcome_changes(doc, outcome):
         """The task fields an attempt's outcome leads to (the retry rule)."""
