@@ -313,3 +313,27 @@ def test_bad_query_parameters_are_a_400_that_names_them(api, path, param, value)
     r = api.get(path, query_string={param: value})
     assert r.status_code == 400 and param in r.json["_error"]["message"], (r.status_code, r.json)
     assert api.get(path, query_string={param: GOOD[param]}).status_code == 200
+
+
+def test_a_task_too_large_to_store_is_a_422_and_links_nothing(app, api, db, monkeypatch):
+    """MongoDB keeps documents of up to 16 MiB: a larger task is refused by
+    the validator; one the store still refuses (DocumentTooLarge) leaves its
+    continuations as they were."""
+    child = post(api, {"command": "child"})["_id"]
+    r = api.post("/tasks", json={"command": ["x" * (1 << 20)] * 16, "continuations": [child]})
+    assert r.status_code == 422 and "15 MiB" in r.json["_issues"]["command"], r.json
+    small = post(api, {"command": "x"})["_id"]
+    r = api.patch("/tasks/%s" % small, json={"environment": {"V%d" % i: "y" * (1 << 20) for i in range(16)}})
+    assert r.status_code == 422 and "environment" in r.json["_issues"], r.json
+    assert "environment" not in get(api, small)
+
+    import pymongo.errors
+    from banyan.server.store import EmbeddedCollection
+
+    def too_large(self, *args, **kwargs):
+        raise pymongo.errors.DocumentTooLarge("BSON document too large")
+    monkeypatch.setattr(EmbeddedCollection, "insert_many", too_large)
+    r = api.post("/tasks", json={"command": "x", "continuations": [child]})
+    assert r.status_code == 422 and "too large" in r.json["_error"]["message"], r.json
+    doc = db.tasks.find_one({"_id": ObjectId(child)})
+    assert doc["pending_dependency_count"] == 0 and doc["pending_parents"] == []

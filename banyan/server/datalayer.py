@@ -8,6 +8,7 @@ answers 409 instead of being applied or silently dropped.
 
 import logging
 
+import bson
 import pymongo
 from eve.io.mongo import Mongo
 from eve.utils import config
@@ -90,6 +91,17 @@ class BanyanMongo(Mongo):
             log.debug("virtual write on %s '%s': %s", resource, id_, changes)
         self._guarded_change(resource, id_, changes, original)
 
+    def insert(self, resource, doc_or_docs):
+        """Eve's insert; a document the store refuses as such (MongoDB's
+        DocumentTooLarge) is a 422, and the continuations of the tasks not
+        stored stop waiting for them."""
+        try:
+            return super().insert(resource, doc_or_docs)
+        except bson.errors.InvalidDocument as e:
+            if resource == "tasks":
+                self.app.queue.forget_new(doc_or_docs if isinstance(doc_or_docs, list) else [doc_or_docs])
+            abort(422, description="the store refused the task: %s" % e)
+
     def _client_projection(self, req):
         """The client's projection with virtual fields mapped to the stored
         fields they are computed from (`virtual.plan_projection`);
@@ -156,7 +168,7 @@ class BanyanMongo(Mongo):
             result = coll.update_one(filter_, changes)
         except pymongo.errors.DuplicateKeyError as e:
             abort(409, description="duplicate key: %s" % e)
-        except (pymongo.errors.WriteError, pymongo.errors.OperationFailure) as e:
+        except (pymongo.errors.WriteError, pymongo.errors.OperationFailure, bson.errors.InvalidDocument) as e:
             abort(422, description="the store refused the update: %s" % e)
         if result.matched_count == 0:
             current = coll.find_one({id_field: id_}, {"state": 1}) or {}

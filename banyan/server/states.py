@@ -176,6 +176,14 @@ class TaskQueue:
                 self._unlink(parent, child)
             raise
 
+    def forget_new(self, docs):
+        """Tasks `prepare_new` linked but the store did not take: their
+        continuations stop waiting for them."""
+        for doc in docs:
+            if self.tasks.find_one({"_id": doc["_id"]}, {"_id": 1}) is None:
+                for child in dict.fromkeys(doc.get("continuations") or []):
+                    self._unlink(doc["_id"], child)
+
     def after_insert(self, docs):
         for doc in docs:
             if is_ready(doc):

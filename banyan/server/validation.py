@@ -4,6 +4,7 @@ One `_validate_<rule>` per rule, each docstring the schema of its argument,
 each error naming the offending value (Eve's own style).
 """
 
+import bson
 from bson import ObjectId
 from cerberus.schema import DefinitionSchema
 from eve.io.mongo import Validator
@@ -13,6 +14,10 @@ from banyan.server import auth, states, virtual
 from banyan.server.identity import current_identity
 from banyan.units import parse_size
 
+
+#: The largest task a client may store, in BSON bytes: MongoDB refuses
+#: documents over 16 MiB, and a task keeps growing by its attempts.
+MAX_DOCUMENT_BYTES = 15 * 1024 * 1024
 
 # Checked schemas by the id of the dict Eve passes (the dict is kept, so its
 # id cannot be reused): Eve builds a validator per request, and Cerberus
@@ -57,13 +62,33 @@ class BanyanValidator(Validator):
         self._is_normalized = True
         return mapping
 
+    def validate(self, document, schema=None, update=False, normalize=True):
+        return self._fits(super().validate(document, schema, update, normalize), update)
+
+    def _fits(self, ok, update):
+        """After Cerberus' validation: the size of the document as it would
+        be stored (for a PATCH, merged with the stored one)."""
+        if ok and not self.is_child and isinstance(self.document, dict):
+            stored = dict(self.persisted_document or {}, **self.document) if update else self.document
+            try:
+                size = len(bson.encode(stored))
+            except (bson.errors.InvalidDocument, TypeError, OverflowError):
+                return ok  # not BSON as it stands: Eve's own checks and the store answer for it
+            if size > MAX_DOCUMENT_BYTES:
+                largest = max(self.document, key=lambda k: len(repr(self.document[k])))
+                self._error(largest, "makes the task %d bytes; a task may take at most %d (15 MiB)"
+                            % (size, MAX_DOCUMENT_BYTES))
+                return False
+        return ok
+
     def validate_update(self, document, document_id, persisted_document=None, normalize_document=True):
         # Virtual fields: their roles (403), read-write aliases renamed to their targets.
         document = virtual.prepare_update(self.resource, document)
         # Role rules first, so a forbidden change answers 403 (also for internal PATCHes).
         if self.resource == "tasks":
             auth.authorize_task_update(document)
-        return super().validate_update(document, document_id, persisted_document, normalize_document)
+        return self._fits(super().validate_update(document, document_id, persisted_document, normalize_document),
+                          update=True)
 
     def _validate_maxlength(self, max_length, field, value):
         """{'type': 'integer'}"""
