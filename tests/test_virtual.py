@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import threading
+import time
 
 import pytest
 from bson import ObjectId
@@ -150,6 +151,31 @@ def test_continuations_added_to_a_finished_parent(app, api, db, monkeypatch):
     by_patch(api, "add_continuations", gone, [spared], status=409)
     assert stored(db, spared)["state"] == "inactive"
     assert spared not in continuations(db, gone)
+
+
+def test_two_requests_closing_a_cycle_together_do_not_both_pass(app, api, db, monkeypatch):
+    """A -> B and B -> A at once: each cycle check alone sees no cycle; the
+    second must see the first's edge."""
+    a, b = task(api), task(api)
+    queue, find_cycle = app.queue, app.queue.find_cycle
+
+    def slow_find_cycle(*args, **kwargs):
+        found = find_cycle(*args, **kwargs)
+        time.sleep(0.3)  # widen the window between the check and the write
+        return found
+    monkeypatch.setattr(queue, "find_cycle", slow_find_cycle)
+    codes = {}
+
+    def add(parent, child):
+        codes[parent] = api.post("/tasks/%s/add_continuations" % parent, json=[child]).status_code
+    threads = [threading.Thread(target=add, args=pair) for pair in ((a, b), (b, a))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes.values()) == [200, 422], codes
+    assert (continuations(db, a), continuations(db, b)) in (([b], []), ([], [a]))
+    assert sorted([pending(db, a)[0], pending(db, b)[0]]) == [0, 1]
 
 
 def test_resource_level_form_reports_per_target(api, db):

@@ -17,10 +17,12 @@ completes it.
 
 import enum
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 
 from bson import ObjectId
 from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +151,14 @@ class TaskQueue:
     waiting claims can wake at once.
     """
 
+    #: How long an addition of continuations waits for another one to end,
+    #: and how long a dead holder keeps others waiting.
+    GRAPH_LEASE_WAIT = 5.0
+    GRAPH_LEASE_SECONDS = 30
+
     def __init__(self, db, on_ready=None):
         self.tasks = db["tasks"]
+        self.leases = db["leases"]
         self.on_ready = on_ready or (lambda doc: None)
 
     # -- creation ---------------------------------------------------------
@@ -295,8 +303,10 @@ class TaskQueue:
         if not self.tasks.update_one(query, {"$set": {"continuation_lease": lease}}).matched_count:
             raise Conflict("task '%s' changed or is having its continuations changed by another request; "
                            "read it again and retry" % parent["_id"])
-        linked, doomed = [], []
+        linked, doomed, graph = [], [], False
         try:
+            if add:
+                graph = self._take_graph_lease(token)
             for child in remove:
                 self._require_inactive(child)
             if add and self.find_cycle(parent["_id"], add):
@@ -309,34 +319,58 @@ class TaskQueue:
                 if child not in waiting:
                     linked.append(child)
         except TransitionError:
-            self.abort_continuation_change(parent, (token, linked, doomed))
+            self.abort_continuation_change(parent, (token, linked, doomed, graph))
             raise
-        return token, linked, doomed
+        return token, linked, doomed, graph
 
     def end_continuation_change(self, parent, lease, remove=()):
         """The parent's write succeeded: removed children stop waiting for
         it (and run if it was their last parent), children added to a failed
         or cancelled parent are cancelled; the lease is released."""
-        token, _, doomed = lease
+        token, _, doomed, graph = lease
         try:
             self.unlink(parent, list(dict.fromkeys(remove)), require_inactive=False)
             for child in doomed:
                 self.cancel(child)
         finally:
-            self._release_lease(parent["_id"], token)
+            self._release_lease(parent["_id"], token, graph)
 
     def abort_continuation_change(self, parent, lease):
         """The parent's write did not happen: undo the links and release."""
-        token, linked, _ = lease
+        token, linked, _, graph = lease
         try:
             for child in linked:
                 self._unlink(parent["_id"], child)
         finally:
-            self._release_lease(parent["_id"], token)
+            self._release_lease(parent["_id"], token, graph)
 
-    def _release_lease(self, parent_id, token):
-        self.tasks.update_one({"_id": parent_id, "continuation_lease.token": token},
-                              {"$unset": {"continuation_lease": ""}})
+    def _take_graph_lease(self, token):
+        """Additions of continuations run one at a time across the queue (and
+        server processes): two requests each adding one edge of a cycle
+        (A -> B, B -> A) would each walk a graph without the other's edge and
+        both pass. One document, taken by a conditional upsert; a holder
+        that died loses it when it expires. Waits up to GRAPH_LEASE_WAIT."""
+        deadline = time.monotonic() + self.GRAPH_LEASE_WAIT
+        while True:
+            now = utcnow()
+            try:
+                self.leases.update_one(
+                    {"_id": "continuation_graph", "$or": [{"token": None}, {"expires": {"$lt": now}}]},
+                    {"$set": {"token": token, "expires": now + timedelta(seconds=self.GRAPH_LEASE_SECONDS)}},
+                    upsert=True)
+                return True
+            except DuplicateKeyError:  # held by another request
+                if time.monotonic() > deadline:
+                    raise Conflict("other requests are changing continuations; retry")
+                time.sleep(0.002)
+
+    def _release_lease(self, parent_id, token, graph=False):
+        try:
+            self.tasks.update_one({"_id": parent_id, "continuation_lease.token": token},
+                                  {"$unset": {"continuation_lease": ""}})
+        finally:
+            if graph:
+                self.leases.update_one({"_id": "continuation_graph", "token": token}, {"$set": {"token": None}})
 
     # -- user changes through PATCH --------------------------------------
 
