@@ -90,11 +90,17 @@ def wait_for(client, task_ids=None, where=None, interval=1.0, timeout=None, on_p
         delay = min(interval, delay * 2)
         still = _unfinished_states(client, list(running), where if task_ids is None else None)
         done = [task_id for task_id in running if task_id not in still]
-        if done:
-            for task_id, doc in client.tasks_by_id(done, OUTCOME_PROJECTION).items():
-                tasks[task_id] = doc
+        fetched = client.tasks_by_id(done, OUTCOME_PROJECTION) if done else {}
         for task_id in done:
-            running.pop(task_id, None)
+            # A task the filter no longer matches (`{"state": "available"}`
+            # once it is claimed) may still run: finished means its state says so.
+            doc = fetched.get(task_id)
+            if doc is None or doc.get("state") in FINISHED:
+                running.pop(task_id, None)
+                if doc is not None:
+                    tasks[task_id] = doc
+            else:
+                running[task_id] = tasks[task_id]["state"] = doc["state"]
         for task_id, state in still.items():
             if task_id in running:
                 running[task_id] = tasks[task_id]["state"] = state

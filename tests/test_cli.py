@@ -478,3 +478,24 @@ def test_up_with_auth_gives_its_worker_a_token(tmp_path):
     finally:
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=30) == 0
+
+
+def test_wait_on_a_filter_keeps_waiting_for_tasks_that_left_it(live_server):
+    """`wait --where '{"state": "available"}'` over more than 200 tasks asks
+    the filter again each round; tasks claimed meanwhile no longer match it
+    but have not finished, and `wait` must not call them done."""
+    from banyan.client import Client
+    from banyan.waiting import wait_for
+
+    client = Client(live_server.url)
+    ids = client.create_tasks([{"command": "x", "state": "available", "name": "w"} for _ in range(250)])
+    wid = client.register_worker("claimer", {"cores": 1000, "memory": 1 << 40, "gpus": 0})
+    claimed = []
+
+    def claim_all(progress):
+        if not claimed:
+            claimed.extend(client.claim(wid, {"cores": 1000, "memory": 1 << 40, "gpus": 0}, 1000)["_items"])
+
+    result = wait_for(client, where={"state": "available"}, interval=0.05, timeout=1.5, on_progress=claim_all)
+    assert len(claimed) == 250 and len(ids) == 250
+    assert result.timed_out and not result.ok
