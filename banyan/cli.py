@@ -104,6 +104,12 @@ def main(argv=None):
         except Exception:
             pass
         return EXIT_FAILED
+    except Exception as exc:  # pylint: disable=broad-except
+        # Whatever else went wrong (a port in use, a data directory that
+        # cannot be made, a file that is not text): one line, not a
+        # traceback; --log-level DEBUG shows the traceback.
+        _fail(prog, "%s (%s)" % (exc, type(exc).__name__), exc)
+        return EXIT_FAILED
 
 
 def _refusal(exc):

@@ -73,8 +73,8 @@ def _number(value, what, integer=False):
             from None
     if integer and isinstance(value, float) and not value.is_integer():
         raise GraphError("%s must be a whole number, not %r" % (what, value))
-    if number != number:
-        raise GraphError("%s must be a number, not %r" % (what, value))
+    if number != number or number in (float("inf"), float("-inf")):
+        raise GraphError("%s must be a finite number, not %r" % (what, value))
     return number
 
 
@@ -266,6 +266,8 @@ def load_graph(path, defaults=None):
         raise GraphError("cannot read %s: %s" % (path, exc.strerror or exc)) from None
     except yaml.YAMLError as exc:
         raise GraphError("%s is not valid YAML: %s" % (path, " ".join(str(exc).split()))) from None
+    except UnicodeDecodeError:
+        raise GraphError("%s is not UTF-8 text" % path) from None
     return graph_from_data(data, source=os.path.basename(path), defaults=defaults)
 
 

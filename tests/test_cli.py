@@ -187,6 +187,23 @@ def test_refused_input_gives_one_line(cluster, tmp_path):
     assert result.returncode == 2
     assert "--no-such-flag" in one_line(result.stderr)
 
+    result = cluster.run("submit", "--name", name, "--cores", "inf", "--", "true")
+    assert result.returncode == 2
+    assert "'inf'" in one_line(result.stderr)
+
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"tasks:\n  - {name: \xff\xfe}\n")
+    result = cluster.run("submit", "--file", binary)
+    assert result.returncode == 2
+    assert "UTF-8" in one_line(result.stderr)
+
+    with socket.socket() as taken:  # a port in use: one line, no traceback
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = cluster.run("server", "--port", str(taken.getsockname()[1]), "--data-dir", tmp_path / "other")
+    assert result.returncode != 0
+    assert "in use" in one_line(result.stderr).lower() or "address" in one_line(result.stderr).lower()
+
     assert cluster.tasks({"name": name}) == []  # nothing of it reached the queue
 
 
