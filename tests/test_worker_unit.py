@@ -501,3 +501,48 @@ def test_a_late_unknown_kills_only_the_attempt_it_was_about(tmp_path):
         wait_for(lambda: proc.poll() is not None, what="attempt 2 to be killed")
     finally:
         proc.kill()
+
+
+class ClaimStub:
+    """Answers claims with whatever `reply` holds."""
+
+    def __init__(self, **unused):
+        self.reply = None
+
+    def claim(self, wid, free, max_tasks, wait):
+        return self.reply
+
+    def close(self):
+        pass
+
+
+def test_a_dying_attempt_frees_only_its_own_resources(tmp_path):
+    """Attempt 1 is being killed (the server requeued it) when the same task
+    comes back as attempt 2: attempt 1's end must not free what attempt 2
+    holds, or the worker would take more than it has."""
+    worker = Worker(WorkerConfig(server="http://127.0.0.1:9", cores=4, memory=0, gpus=2,
+                                 work_dir=str(tmp_path / "work")), client_factory=ClaimStub)
+    worker.worker_id = "w1"
+    task = {"_id": "t" * 24, "command": "sleep 30", "max_shutdown_time": 1,
+            "requested_resources": {"cores": 2, "gpus": 1}, "history": [{"attempt": 1}]}
+    worker.claim_client.reply = {"_items": [task], "cancel": []}
+    worker.claim_once(wait=0)
+    worker.start_claimed()
+    first = worker._tasks[task["_id"]]
+    try:
+        worker._control.append(("unknown", task["_id"], 1))
+        worker.apply_control()
+        worker.claim_client.reply = {"_items": [dict(task, history=[{"attempt": 1}, {"attempt": 2}])],
+                                     "cancel": []}
+        worker.claim_once(wait=0)
+        worker.start_claimed()
+        second = worker._tasks[task["_id"]]
+        assert second is not first and worker.free()["cores"] == 2
+        wait_for(lambda: (worker.supervise(time.monotonic()), first.poll() is not None)[1],
+                 what="attempt 1 to be killed")
+        worker.supervise(time.monotonic())
+        assert task["_id"] not in worker._doomed and second.poll() is None
+        assert worker.free() == {"cores": 2, "memory": 0, "gpus": 1}
+    finally:
+        first.kill()
+        worker._tasks[task["_id"]].kill()

@@ -60,6 +60,7 @@ class TaskProcess:
         self.stop_reason = None        # outcome to report if we stopped it
         self.kill_deadline = None      # monotonic time for SIGKILL after SIGTERM
         self.start_error = None        # why the attempt could not even get its files
+        self.reservation = None        # the worker's record of what this attempt holds
         self._outcome = None
 
     # -- starting ---------------------------------------------------------
@@ -90,16 +91,27 @@ class TaskProcess:
         try:
             os.makedirs(self.attempt_dir, exist_ok=True)
             open(self.progress_path, "a").close()
-        except OSError as exc:  # disk full, permissions: this attempt fails, the worker goes on
-            self.start_error = f"banyan-worker: cannot prepare {self.attempt_dir} for task {self.task_id}: {exc}\n"
-            log.error("task %s attempt %s: %s", self.task_id, self.attempt, self.start_error.strip())
-            self._outcome = Outcome(None, "failure")
-            return
+            out = open(self.stdout_path, "wb")  # pylint: disable=consider-using-with
+        except OSError as exc:  # disk full, permissions, no file descriptors left
+            return self._cannot_prepare(exc)
+        try:
+            err = open(self.stderr_path, "wb")  # pylint: disable=consider-using-with
+        except OSError as exc:
+            out.close()
+            return self._cannot_prepare(exc)
+        with out, err:
+            self._start_command(out, err)
+
+    def _cannot_prepare(self, exc):
+        """This attempt fails with a message; the worker goes on."""
+        self.start_error = f"banyan-worker: cannot prepare {self.attempt_dir} for task {self.task_id}: {exc}\n"
+        log.error("task %s attempt %s: %s", self.task_id, self.attempt, self.start_error.strip())
+        self._outcome = Outcome(None, "failure")
+
+    def _start_command(self, out, err):
         command = self.task.get("command")
         if command is None or command == [] or command == "":
             # A barrier; the server normally finishes these itself.
-            open(self.stdout_path, "wb").close()
-            open(self.stderr_path, "wb").close()
             self._outcome = Outcome(0, "success")
             return
         if isinstance(command, str):
@@ -109,17 +121,16 @@ class TaskProcess:
         cwd = self.task.get("working_directory") or None
         if cwd:
             cwd = os.path.expanduser(cwd)
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            try:
-                self.popen = subprocess.Popen(
-                    args, cwd=cwd, env=self.environment(),
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                    start_new_session=True, close_fds=True)
-            except (OSError, ValueError) as exc:
-                err.write(f"banyan-worker: cannot start task {self.task_id}: {exc}\n".encode())
-                log.warning("task %s attempt %s failed to start: %s", self.task_id, self.attempt, exc)
-                self._outcome = Outcome(None, "failure")
-                return
+        try:
+            self.popen = subprocess.Popen(
+                args, cwd=cwd, env=self.environment(),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                start_new_session=True, close_fds=True)
+        except (OSError, ValueError) as exc:
+            err.write(f"banyan-worker: cannot start task {self.task_id}: {exc}\n".encode())
+            log.warning("task %s attempt %s failed to start: %s", self.task_id, self.attempt, exc)
+            self._outcome = Outcome(None, "failure")
+            return
         # With start_new_session the child is the leader of its own group.
         self.pgid = self.popen.pid
         self.sampler = ProcessTreeSampler(self.popen.pid)

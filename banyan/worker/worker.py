@@ -495,11 +495,14 @@ class Worker:
                 task = self._inbox.pop(0)
                 task_id = str(task["_id"])
                 gpu_ids = self._assign_gpus(task_id, requested(task)["gpus"])
+                # this attempt's own: the task may be claimed again while it dies
+                reservation = self._reserved.get(task_id)
             attempt = attempt_of(task)
             extra_env = {}
             if self.total["gpus"] > 0:
                 extra_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
             proc = TaskProcess(task, attempt, self._attempt_dir(task_id, attempt), extra_env)
+            proc.reservation = reservation
             run_hooks(self.hooks, "before_start", proc)
             proc.start()
             proc.sample()
@@ -542,7 +545,7 @@ class Worker:
                 log.info("task %s killed and dropped", task_id)
                 with self._lock:
                     self._doomed.pop(task_id, None)
-                    self._release(task_id)
+                    self._release(task_id, proc.reservation)
                 self._remove_attempt_dir(proc)
 
     def reap_orphans(self, now):
@@ -566,7 +569,7 @@ class Worker:
             # The task keeps its resources until the server has the report:
             # until then the server counts it as running here, and a claim
             # made now would put more on this worker than it has.
-            reservation = self._reserved.get(task_id)
+            reservation = proc.reservation
         self._queue_report(proc.task, proc.attempt, outcome,
                            proc.tail("stdout", OUTPUT_LIMIT), proc.tail("stderr", OUTPUT_LIMIT),
                            usage, proc, reservation)
