@@ -108,7 +108,9 @@ def run(args):
     if refusal:
         print(refusal, file=sys.stderr, flush=True)
         return 2
-    server = subprocess.Popen(server_command(args), stdout=subprocess.PIPE)
+    # Own sessions: Ctrl-C in the terminal reaches `up` alone, which stops the
+    # worker first (its tasks drain and it reports them), then the server.
+    server = subprocess.Popen(server_command(args), stdout=subprocess.PIPE, start_new_session=True)
     line = server.stdout.readline().decode()
     sys.stdout.write(line)
     sys.stdout.flush()
@@ -132,7 +134,7 @@ def run(args):
     for flag in ("cores", "memory", "gpus"):
         if getattr(args, flag):
             worker_cmd += ["--" + flag, str(getattr(args, flag))]
-    worker = subprocess.Popen(worker_cmd, env=worker_env)
+    worker = subprocess.Popen(worker_cmd, env=worker_env, start_new_session=True)
     stopping = []
 
     def stop(signum, frame):

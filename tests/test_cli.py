@@ -516,3 +516,43 @@ def test_wait_on_a_filter_keeps_waiting_for_tasks_that_left_it(live_server):
     result = wait_for(client, where={"state": "available"}, interval=0.05, timeout=1.5, on_progress=claim_all)
     assert len(claimed) == 250 and len(ids) == 250
     assert result.timed_out and not result.ok
+
+
+def test_ctrl_c_on_up_lets_running_tasks_finish_and_report(tmp_path):
+    """Ctrl-C reaches the whole foreground group. `up` alone must act on
+    it: the worker drains (its task ends and is reported) and unregisters,
+    then the server stops."""
+    data = tmp_path / "up-data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+    env["HOME"] = str(tmp_path)
+    up = subprocess.Popen(BANYAN + ["up", "--port", "0", "--data-dir", str(data), "--cores", "1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                          start_new_session=True)
+    try:
+        url = up.stdout.readline().split("listening on ")[1].split()[0]
+        marker = tmp_path / "started"
+        submitted = subprocess.run(BANYAN + ["submit", "--server", url, "--", "sh", "-c",
+                                             "touch %s; sleep 2; echo finished" % marker],
+                                   capture_output=True, text=True, env=env, timeout=30)
+        assert submitted.returncode == 0, submitted.stderr
+        task_id = submitted.stdout.split()[0]
+        deadline = time.monotonic() + 20
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists()
+        os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C does
+        assert up.wait(timeout=60) == 0
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    server = LiveServer(data).start()
+    try:
+        http = CheckedSession()
+        task = http.get(server.url + "/tasks/" + task_id).json()
+        assert task["state"] == "terminated" and task["exit_status"] == "success", task
+        logs = http.get(server.url + "/tasks/%s/logs" % task_id).json()
+        assert logs["stdout"] == "finished\n"
+        workers = http.get(server.url + "/workers").json()["_items"]
+        assert [w["state"] for w in workers] == ["stopped"]
+    finally:
+        server.stop()

@@ -177,6 +177,7 @@ class Worker:
         self._register_at = 0.0
         self._register_delay = BACKOFF_START
         self._signum = None
+        self._signals = collections.deque()   # signals received, for the main loop to act on
         self._threads = []
         self._last_reap = 0.0
 
@@ -190,6 +191,7 @@ class Worker:
         try:
             while not self._finished():
                 now = time.monotonic()
+                self._take_signals()
                 try:
                     self.check_liveness(now)
                     self.maybe_register(now)
@@ -249,12 +251,6 @@ class Worker:
         self._drain_deadline = time.monotonic() + self.config.drain
         self._stop_event.set()
         self._nudge()
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                try:
-                    signal.signal(sig, self.request_force_stop)
-                except ValueError:
-                    pass
 
     def request_force_stop(self, signum=None, frame=None):
         """Cold stop: kill every task's process group and exit."""
@@ -271,8 +267,19 @@ class Worker:
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
             return  # embedded (tests): the owner calls request_stop itself
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        """Only note the signal: a handler runs between two bytecodes of the
+        main thread, which may hold the very lock that setting an Event or
+        logging takes. The main loop acts on it within a tick."""
+        self._signals.append(signum)
+
+    def _take_signals(self):
+        """A first signal stops warmly (`request_stop`), the next one coldly."""
+        while self._signals:
+            self.request_stop(self._signals.popleft())
 
     def _finished(self):
         """Stopping, nothing running, and every result delivered (or the server is gone)."""
@@ -767,6 +774,7 @@ class Worker:
             while self._reports.unfinished_tasks and self.worker_id is not None \
                     and time.monotonic() < deadline and not self._force_event.is_set():
                 self._force_event.wait(TICK)
+                self._take_signals()  # a signal now: stop waiting for the server
             self._done_event.set()
         claimer = self._threads[0] if self._threads else None
         for thread in self._threads[1:]:  # heartbeat and reporter
