@@ -13,6 +13,7 @@ import time
 from urllib.parse import quote
 
 import requests
+import urllib3
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,16 @@ def _flatten_issues(issues, prefix=""):
         yield prefix.rstrip("."), issues
 
 
+def _never_sent(exc):
+    """The connection was never made (refused, or no answer to connect), so
+    the server cannot have acted on the request."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError carries the cause
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
+
+
 class Client:
     """A ``requests.Session`` bound to one server and token.
 
@@ -151,12 +162,14 @@ class Client:
                 log.info("%s %s timed out (attempt %d/%d)", method, url, attempt, attempts)
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
-                if last:
+                if last or not (idempotent or _never_sent(exc)):
+                    # a POST the server may have taken is not sent twice
                     raise ServerUnreachable(None, f"cannot reach {self.url}: {exc}", url=self.url,
                                             reason=_short_reason(exc) or type(exc).__name__) from exc
                 log.info("%s %s failed (attempt %d/%d): %s", method, url, attempt, attempts, exc)
             else:
-                if response.status_code in _RETRY_STATUSES:
+                if response.status_code in _RETRY_STATUSES and (idempotent or response.status_code == 503):
+                    # 502 and 504 come from a proxy that may have passed the request on
                     if last:
                         message = _error_message(response)[0]
                         raise ServerUnreachable(response.status_code, message, url=self.url,

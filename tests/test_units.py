@@ -52,3 +52,53 @@ def test_format_size_round_trips_roughly():
     assert format_size(512) == "512 B"
     assert format_size(1024 ** 3) == "1.0 GiB"
     assert parse_size(format_size(3 * 1024 ** 2)) == 3 * 1024 ** 2
+
+
+def _resetting_server():
+    """A socket that reads each request and closes without answering, as a
+    server killed mid-request does; returns it and its list of requests."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    seen = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                seen.append(conn.recv(65536).split(b" ", 1)[0])
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, seen
+
+
+def test_client_sends_a_post_the_server_may_have_taken_only_once():
+    from banyan.client import Client, ServerUnreachable
+
+    listener, seen = _resetting_server()
+    url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+    try:
+        client = Client(url, attempts=3, backoff=0.01)
+        with pytest.raises(ServerUnreachable):
+            client.create_tasks([{"command": "true"}])
+        assert seen == [b"POST"]  # sent once: the server may have created the task
+        with pytest.raises(ServerUnreachable):
+            client.get("tasks")
+        assert seen == [b"POST", b"GET", b"GET", b"GET"]  # a read is safe to repeat
+    finally:
+        listener.close()
+    # nobody listening: the POST never reached a server, so it is tried again
+    import socket
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        url = "http://127.0.0.1:%d" % unused.getsockname()[1]
+    sleeps = []
+    client = Client(url, attempts=3, backoff=0.01, sleep=sleeps.append)
+    with pytest.raises(ServerUnreachable):
+        client.create_tasks([{"command": "true"}])
+    assert len(sleeps) == 2
