@@ -76,6 +76,11 @@ class _DirectTokens:
         data_dir = None
         if not mongo_uri:
             data_dir = os.path.expanduser(args.data_dir or os.environ.get("BANYAN_DATA_DIR", DEFAULT_DATA_DIR))
+            if not args.data_dir and not os.path.isdir(data_dir):
+                # A token made in a store no server uses would be refused everywhere.
+                raise _Failure("no server given (--server, BANYAN_SERVER or the config file) and no store "
+                               "in %s: give --server URL --token ADMIN_TOKEN, or --data-dir of the "
+                               "server's store" % data_dir)
         try:
             self.client = connect(mongo_uri=mongo_uri, data_dir=data_dir)
         except RuntimeError as e:
@@ -144,6 +149,12 @@ class _HttpTokens:
 
 
 def _open(args):
+    if not (args.data_dir or args.mongo_uri or args.server):
+        # no place given: the server (and token) of the config file, if it names one
+        from banyan.config import resolve
+        found = resolve(token=args.token)
+        if found.server_source != "default":
+            args.server, args.token = found.server, found.token
     direct = args.data_dir or args.mongo_uri or not args.server
     return _DirectTokens(args) if direct else _HttpTokens(args)
 

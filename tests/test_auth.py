@@ -413,9 +413,9 @@ def test_open_mode_lets_everyone_act_as_admin(api, db):
 
 # -- the server and the CLI -----------------------------------------------------
 
-def banyan(*args, timeout=60):
+def banyan(*args, timeout=60, env=None):
     return subprocess.run([sys.executable, "-m", "banyan.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def test_server_beyond_loopback_without_auth_refuses_to_start(tmp_path):
@@ -497,6 +497,19 @@ def test_token_cli_direct_then_through_the_server(tmp_path):
         assert out.returncode == 1 and "401" in out.stderr
         out = banyan("token", "list", "--server", url, "--token", worker)
         assert out.returncode == 1 and "403" in out.stderr
+
+        # no place given: the config file's server and token, else a refusal
+        home = tmp_path / "home"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+        env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
+        out = banyan("token", "create", "--role", "user", "--name", "bob", env=env)
+        assert out.returncode == 1 and "no server given" in out.stderr, out
+        assert not (home / ".banyan").exists()
+        (home / ".config" / "banyan").mkdir(parents=True)
+        (home / ".config" / "banyan" / "config.toml").write_text('server = "%s"\ntoken = "%s"\n' % (url, admin))
+        out = banyan("token", "create", "--role", "user", "--name", "bob", env=env)
+        assert out.returncode == 0, out.stderr
+        assert requests.get(url + "/tasks", headers=bearer(out.stdout.strip())).status_code == 200
     finally:
         server.stop()
     assert server.server_errors() == []
