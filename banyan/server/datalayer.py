@@ -29,8 +29,9 @@ class _Connection:
 
 
 #: What a store raises for a query it cannot run (MongoDB: OperationFailure;
-#: the embedded store also the errors of Python's own comparisons).
-QUERY_ERRORS = (pymongo.errors.PyMongoError, TypeError, ValueError, NotImplementedError)
+#: the embedded store also the errors of Python's own comparisons). A store
+#: that cannot be reached is not the client's fault and stays a 5xx.
+QUERY_ERRORS = (pymongo.errors.OperationFailure, TypeError, ValueError, NotImplementedError)
 
 
 def _field_path(name):

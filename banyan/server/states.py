@@ -167,7 +167,7 @@ class TaskQueue:
         """Fill the server fields of tasks about to be inserted and register
         them as parents of their continuations. Raises TransitionError (and
         undoes its links) when a continuation is no longer `inactive`."""
-        linked, doomed = [], []
+        linked = []
         try:
             for doc in docs:
                 doc.setdefault("_id", ObjectId())
@@ -318,7 +318,7 @@ class TaskQueue:
                 doomed += self.link(parent, [child])
                 if child not in waiting:
                     linked.append(child)
-        except TransitionError:
+        except Exception:  # a refusal, or the store failing: leave nothing held
             self.abort_continuation_change(parent, (token, linked, doomed, graph))
             raise
         return token, linked, doomed, graph

@@ -398,7 +398,7 @@ def _check_filter(query):
     computing is still seen as the bug it would be."""
     try:
         _db()[TASKS].count_documents(query)
-    except (pymongo.errors.PyMongoError, NotImplementedError, TypeError, ValueError) as e:
+    except (pymongo.errors.OperationFailure, NotImplementedError, TypeError, ValueError) as e:
         abort(400, description="the store refused the filter in 'where': %s" % e)
 
 
