@@ -99,7 +99,7 @@ def connect(mongo_uri=None, data_dir=None):
 def _inclusion_projection(stage):
     """True for `{"$project": {field: 1, ...}}` naming plain fields only,
     which a find projection gives exactly."""
-    if not isinstance(stage, dict) or list(stage) != ['$project']:
+    if _stage_name(stage) != '$project':
         return False
     spec = stage['$project']
     return (isinstance(spec, dict) and bool(spec)
@@ -1355,16 +1355,16 @@ class EmbeddedCollection(mm_collection.Collection):
         leading `$match` uses the indexes, a following inclusion `$project`
         copies only its fields, and the stages after it run outside the
         lock (they only see those copies)."""
+        if session:
+            raise NotImplementedError('the embedded store has no sessions')
         pipeline = list(pipeline)
         spec, projection = {}, None
-        if pipeline and isinstance(pipeline[0], dict) and list(pipeline[0]) == ['$match']:
+        if pipeline and _stage_name(pipeline[0]) == '$match':
             spec = pipeline.pop(0)['$match']
         if pipeline and _inclusion_projection(pipeline[0]):
             projection = pipeline.pop(0)['$project']
         with self._engine.op():
             docs = list(self.find(spec, projection))
-        if session:
-            raise NotImplementedError('the embedded store has no sessions')
         for i, stage in enumerate(pipeline):
             fast = _fast_stage(pipeline, i)
             result = fast(docs, next(iter(stage.values()))) if fast else None

@@ -6,6 +6,7 @@ shell. Output goes to files in a per-attempt directory, never to pipes, so a
 chatty task cannot block on a full pipe while the worker is busy elsewhere.
 """
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -88,25 +89,19 @@ class TaskProcess:
     def start(self):
         """Start the command; a command that cannot start becomes a failed outcome, not an exception."""
         self.started = time.monotonic()
-        try:
-            os.makedirs(self.attempt_dir, exist_ok=True)
-            open(self.progress_path, "a").close()
-            out = open(self.stdout_path, "wb")  # pylint: disable=consider-using-with
-        except OSError as exc:  # disk full, permissions, no file descriptors left
-            return self._cannot_prepare(exc)
-        try:
-            err = open(self.stderr_path, "wb")  # pylint: disable=consider-using-with
-        except OSError as exc:
-            out.close()
-            return self._cannot_prepare(exc)
-        with out, err:
+        with contextlib.ExitStack() as files:
+            try:
+                os.makedirs(self.attempt_dir, exist_ok=True)
+                open(self.progress_path, "a").close()
+                out = files.enter_context(open(self.stdout_path, "wb"))
+                err = files.enter_context(open(self.stderr_path, "wb"))
+            except OSError as exc:  # disk full, permissions, no file descriptors left
+                self.start_error = (f"banyan-worker: cannot prepare {self.attempt_dir} "
+                                    f"for task {self.task_id}: {exc}\n")
+                log.error("task %s attempt %s: %s", self.task_id, self.attempt, self.start_error.strip())
+                self._outcome = Outcome(None, "failure")
+                return
             self._start_command(out, err)
-
-    def _cannot_prepare(self, exc):
-        """This attempt fails with a message; the worker goes on."""
-        self.start_error = f"banyan-worker: cannot prepare {self.attempt_dir} for task {self.task_id}: {exc}\n"
-        log.error("task %s attempt %s: %s", self.task_id, self.attempt, self.start_error.strip())
-        self._outcome = Outcome(None, "failure")
 
     def _start_command(self, out, err):
         command = self.task.get("command")
