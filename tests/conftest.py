@@ -18,9 +18,49 @@ import requests
 from flask.testing import FlaskClient
 
 from banyan.server.app import create_app
+from banyan.server.auth import TokenStore
 from banyan.server.store import connect
 
 MONGO_URI = os.environ.get("BANYAN_TEST_MONGO_URI")
+
+#: On a database, servers refuse to run without authentication, so every
+#: live server of the suite has this admin token in its database, and every
+#: process the suite starts (workers, the CLI) finds it in BANYAN_TOKEN, as
+#: a user's would. On the embedded store the servers run open: no token.
+TEST_TOKEN = "byn_suite-" + uuid.uuid4().hex if MONGO_URI else None
+if TEST_TOKEN:
+    os.environ["BANYAN_TOKEN"] = TEST_TOKEN
+
+#: Databases this run made on the server at MONGO_URI, dropped at its end.
+_DATABASES = set()
+
+
+def mongo_uri_for(dbname):
+    """MONGO_URI naming database `dbname` (the URI's options kept)."""
+    base, _, query = MONGO_URI.partition("?")
+    scheme, _, rest = base.partition("://")
+    hosts = rest.split("/", 1)[0]
+    _DATABASES.add(dbname)
+    return "%s://%s/%s%s" % (scheme, hosts, dbname, "?" + query if query else "")
+
+
+def live_mongo_uri(data_dir):
+    """The database URI a LiveServer on `data_dir` serves from (the same
+    across restarts of that server)."""
+    return mongo_uri_for("banyan_live_%s" % uuid.uuid5(uuid.NAMESPACE_URL, str(data_dir)).hex[:12])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def drop_test_databases():
+    """Leave the database server as the run found it."""
+    yield
+    if MONGO_URI and _DATABASES:
+        client = connect(mongo_uri=MONGO_URI)
+        try:
+            for name in sorted(_DATABASES):
+                client.drop_database(name)
+        finally:
+            client.close()
 
 
 def assert_not_500(response, what):
@@ -45,6 +85,18 @@ def store(tmp_path):
     client.close()
 
 
+def provision_test_token(mongo_uri):
+    """Put TEST_TOKEN, as an admin token, in the database at `mongo_uri`
+    (unless it is there already)."""
+    client = connect(mongo_uri=mongo_uri)
+    try:
+        tokens = TokenStore(client.get_default_database())
+        if not tokens.lookup(TEST_TOKEN):
+            tokens.create("admin", "suite", token=TEST_TOKEN)
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def app(store):
     client, dbname = store
@@ -67,22 +119,25 @@ def db(app, store):
 class LiveServer:
     """A `banyan server` process on a free loopback port."""
 
-    def __init__(self, data_dir, extra_args=(), env=None):
+    def __init__(self, data_dir, extra_args=(), env=None, mongo_uri=None):
         self.data_dir = str(data_dir)
         self.extra_args = list(extra_args)
         self.env = dict(os.environ, **(env or {}))
         self.proc = None
         self.url = None
         self.port = 0
+        # On a database: its own one, unless given (several servers, one database).
+        self.mongo_uri = (mongo_uri or live_mongo_uri(self.data_dir)) if MONGO_URI else None
 
     def start(self, timeout=30):
         args = [sys.executable, "-m", "banyan.cli", "server", "--port", str(self.port),
                 "--data-dir", self.data_dir] + self.extra_args
-        if MONGO_URI:
-            # one database per server under test (same name across restarts)
-            base, _, query = MONGO_URI.partition("?")
-            uri = "%s/banyan_live_%s" % (base.rstrip("/"), uuid.uuid5(uuid.NAMESPACE_URL, self.data_dir).hex[:12])
-            args += ["--mongo-uri", uri + ("?" + query if query else "")]
+        if self.mongo_uri:
+            args += ["--mongo-uri", self.mongo_uri]
+            if "--auth" not in self.extra_args and "--host" not in self.extra_args:
+                # A test that asks for --auth (or a host beyond loopback, which
+                # implies it) makes its own tokens; the others get the suite's.
+                provision_test_token(self.mongo_uri)
         self.log = open(os.path.join(self.data_dir + ".log"), "ab")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, env=self.env)
         deadline = time.monotonic() + timeout
@@ -114,7 +169,17 @@ class LiveServer:
             return [l for l in f.read().decode(errors="replace").splitlines() if "unhandled error" in l]
 
 
-class CheckedSession(requests.Session):
+class TestSession(requests.Session):
+    """A requests session of the suite's user: TEST_TOKEN when the servers
+    want one."""
+
+    def __init__(self):
+        super().__init__()
+        if TEST_TOKEN:
+            self.headers["Authorization"] = "Bearer " + TEST_TOKEN
+
+
+class CheckedSession(TestSession):
     """A requests session that fails the test on any 5xx."""
 
     def request(self, method, url, *args, **kwargs):

@@ -15,7 +15,7 @@ from flask import Blueprint, jsonify
 from banyan.server.app import create_app
 from banyan.server.auth import TOKEN_PREFIX, TokenStore, hash_token, owner_filter, require_role
 from banyan.server.identity import current_identity
-from conftest import MONGO_URI, LiveServer, NoServerErrorClient
+from conftest import MONGO_URI, LiveServer, NoServerErrorClient, live_mongo_uri
 
 # -- an app with authentication on ------------------------------------------
 
@@ -465,13 +465,15 @@ def test_loopback_server_runs_open_only_on_the_embedded_store_and_says_so(live_s
 
 def test_token_cli_direct_then_through_the_server(tmp_path):
     data = str(tmp_path / "data")
-    out = banyan("token", "create", "--role", "admin", "--name", "boss", "--data-dir", data)
+    # directly in the store the server will serve from
+    store = ["--mongo-uri", live_mongo_uri(data)] if MONGO_URI else ["--data-dir", data]
+    out = banyan("token", "create", "--role", "admin", "--name", "boss", *store)
     assert out.returncode == 0, out.stderr
     admin = out.stdout.strip()
     assert admin.startswith(TOKEN_PREFIX) and "shown only now" in out.stderr
-    out = banyan("token", "create", "--role", "user", "--name", "alice", "--data-dir", data)
+    out = banyan("token", "create", "--role", "user", "--name", "alice", *store)
     alice = out.stdout.strip()
-    out = banyan("token", "list", "--data-dir", data)
+    out = banyan("token", "list", *store)
     assert out.returncode == 0 and "boss" in out.stdout and "alice" in out.stdout
     assert admin not in out.stdout and alice not in out.stdout
 

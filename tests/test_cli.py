@@ -14,7 +14,7 @@ from datetime import datetime
 
 import pytest
 
-from conftest import CheckedSession, LiveServer
+from conftest import TEST_TOKEN, CheckedSession, LiveServer
 
 BIN = os.path.dirname(sys.executable)
 BANYAN = [os.path.join(BIN, "banyan")] if os.path.exists(os.path.join(BIN, "banyan")) else \
@@ -53,7 +53,7 @@ class Cluster:
         """The environment of a user of this cluster (no config of the real user's)."""
         env = {k: v for k, v in os.environ.items()
                if k not in ("BANYAN_TOKEN", "BANYAN_CONFIG", "XDG_CONFIG_HOME")}
-        env.update(HOME=str(self.home), BANYAN_SERVER=self.url)
+        env.update(HOME=str(self.home), BANYAN_SERVER=self.url, BANYAN_TOKEN=TEST_TOKEN)
         env.update(extra)
         return {k: v for k, v in env.items() if v is not None}
 

@@ -7,6 +7,7 @@ import pytest
 from bson import ObjectId
 
 from banyan.server.states import SUCCESS, FAILURE
+from conftest import TEST_TOKEN
 
 GiB = 1024 ** 3
 
@@ -42,7 +43,9 @@ def run_to_end(app, tid, outcome=SUCCESS, worker=None):
 # -- the seed's examples -------------------------------------------------
 
 def curl(*args):
-    out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *args], capture_output=True, text=True, check=True)
+    """curl as a user runs it (with the suite's token when the server wants one)."""
+    auth = ["-u", TEST_TOKEN + ":"] if TEST_TOKEN else []
+    out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *auth, *args], capture_output=True, text=True, check=True)
     body, code = out.stdout.rsplit("\n", 1)
     return int(code), json.loads(body)
 
@@ -288,7 +291,7 @@ BAD_FILTERS_AND_SORTS = [
     ("where", '{"$or": []}'),
     ("where", '{"$and": 1}'),
     ("where", '{"name": {"$not": 1}}'),
-    ("where", '{"$or": [{"name": "a"}, {"name": {"$mod": [2, 0]}}]}'),
+    ("where", '{"$or": [{"name": "a"}, {"name": {"$mod": [0, 0]}}]}'),
     ("sort", '{"name": "x"}'),
     ("sort", '[["$name", 1]]'),
     ("sort", '[["name"]]'),
@@ -328,11 +331,10 @@ def test_a_task_too_large_to_store_is_a_422_and_links_nothing(app, api, db, monk
     assert "environment" not in get(api, small)
 
     import pymongo.errors
-    from banyan.server.store import EmbeddedCollection
 
     def too_large(self, *args, **kwargs):
         raise pymongo.errors.DocumentTooLarge("BSON document too large")
-    monkeypatch.setattr(EmbeddedCollection, "insert_many", too_large)
+    monkeypatch.setattr(type(db.tasks), "insert_many", too_large)  # whichever store serves
     r = api.post("/tasks", json={"command": "x", "continuations": [child]})
     assert r.status_code == 422 and "too large" in r.json["_error"]["message"], r.json
     doc = db.tasks.find_one({"_id": ObjectId(child)})

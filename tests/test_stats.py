@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from banyan.server import stats
 from banyan.server.app import create_app
 from banyan.server.auth import TokenStore
-from banyan.server.states import ABANDONED, CANCELLED, FAILURE, SUCCESS
+from banyan.server.states import ABANDONED, CANCELLED, FAILURE, SUCCESS, TaskQueue
 
 GiB = 1024 ** 3
 NOW = datetime(2026, 3, 1, 12, 30, 30, tzinfo=timezone.utc)
@@ -79,8 +79,11 @@ def known_workers(now):
 
 @pytest.fixture
 def known(db):
+    """The known tasks as an earlier version stored them, with the figures
+    the server now keeps (`queue_wait`, `runtime`) filled in as at start."""
     db["tasks"].insert_many(known_tasks(NOW))
     db["workers"].insert_many(known_workers(NOW))
+    TaskQueue(db).fill_stored_figures()
     return db
 
 
@@ -115,6 +118,7 @@ def test_even_count_median_is_the_mean_of_the_middle_two(db):
     start = NOW - timedelta(hours=3)
     db["tasks"].insert_many([
         task("t%d" % r, "terminated", start, [attempt(1, start, r, SUCCESS)], SUCCESS) for r in (1, 2, 3, 10)])
+    TaskQueue(db).fill_stored_figures()
     runtime = stats.task_stats(db, {}, now=NOW)["attempts"]["runtime"]
     assert runtime == {"count": 4, "mean": 4.0, "median": 2.5, "p95": 10.0, "max": 10.0}
 
@@ -186,7 +190,7 @@ def test_http_where_filter(api, known):
 @pytest.mark.parametrize("where", ['[1]', 'null', '{"$where": "1"}', '{"name": {"$regex": "A"}}', 'garbage((',
                                    '{"x": {"$foo": 1}}', '{"state": {"$in": 5}}', '{"$and": []}', '{"$or": 3}',
                                    # refused by the store only for a task that is not the first one
-                                   '{"$or": [{"name": "A"}, {"name": {"$mod": [2, 0]}}]}'])
+                                   '{"$or": [{"name": "A"}, {"name": {"$mod": [0, 0]}}]}'])
 def test_http_bad_where_is_a_400(api, known, where):
     r = api.get("/stats", query_string={"where": where})
     assert r.status_code == 400, r.json
@@ -240,6 +244,7 @@ def auth_api(store):
         doc["owner"] = "alice" if doc["name"] in ("A", "D", "F") else "bob"
     db["tasks"].insert_many(docs)
     db["workers"].insert_many(known_workers(NOW))
+    TaskQueue(db).fill_stored_figures()
     return application.test_client(), {"admin": admin, "alice": alice, "worker": worker}
 
 

@@ -52,6 +52,7 @@ def create_app(client, config=None):
     _register_error_handlers(app)
     app.wsgi_app = _durable_answers(app.wsgi_app, client)
     app.queue.resume_cascades()
+    app.queue.fill_stored_figures()
     return app
 
 

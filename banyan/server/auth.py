@@ -89,9 +89,11 @@ class TokenStore:
         self.tokens = db[TOKENS]
         self.tokens.create_index("hash", unique=True)
 
-    def create(self, role, name=None):
+    def create(self, role, name=None, token=None):
         """Make a token; returns (its public document, the token). The token
-        itself is returned only here and stored nowhere."""
+        itself is returned only here and stored nowhere. `token` provisions a
+        secret made elsewhere (a site's secret store, a test suite) instead
+        of a new one."""
         if role not in ROLES:
             raise TokenError("role must be one of %s, not %r" % (", ".join(ROLES), role))
         _id = ObjectId()
@@ -104,7 +106,10 @@ class TokenStore:
         if other is not None:
             raise TokenError("the name %r already belongs to a %s; pick another name" % (name, other["role"]),
                              status=409)
-        token = new_token()
+        if token is None:
+            token = new_token()
+        elif not (isinstance(token, str) and token.startswith(TOKEN_PREFIX) and 16 <= len(token) <= 512):
+            raise TokenError("a provisioned token starts with %r and is 16 to 512 characters" % TOKEN_PREFIX)
         doc = {"_id": _id, "hash": hash_token(token), "role": role, "name": name,
                "created": utcnow(), "revoked": None}
         self.tokens.insert_one(doc)

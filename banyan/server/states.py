@@ -136,6 +136,27 @@ def new_attempt(number, worker_id, host=None):
     }
 
 
+def seconds_between(start, end):
+    """`end - start` in seconds (stored figures such as an attempt's
+    `runtime`, kept so statistics need no date arithmetic in the database);
+    None when either is unknown."""
+    if start is None or end is None:
+        return None
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=timezone.utc)
+    if end.tzinfo is None:
+        end = end.replace(tzinfo=timezone.utc)
+    return (end - start).total_seconds()
+
+
+def claim_changes(doc, attempt):
+    """Fields a claim of `doc` sets besides its new attempt: `queue_wait`,
+    seconds from creation to the first start."""
+    if attempt["attempt"] != 1:
+        return {}
+    return {"queue_wait": seconds_between(doc.get("_created"), attempt["started"])}
+
+
 def is_ready(doc):
     return doc.get("state") == S.AVAILABLE and not doc.get("pending_dependency_count")
 
@@ -403,6 +424,7 @@ class TaskQueue:
             history = list(original.get("history") or [])
             history.append(new_attempt(len(history) + 1, worker, identity.host))
             updates["history"] = history
+            updates.update(claim_changes(original, history[-1]))
         elif target == S.CANCELLED:
             updates["exit_status"] = CANCELLED
             updates["cascade_pending"] = True
@@ -429,19 +451,20 @@ class TaskQueue:
         for key in ("cores", "memory", "gpus"):
             query["requested_resources.%s" % key] = {"$lte": free.get(key, 0)}
         now = utcnow()
-        doc = self.tasks.find_one(query, {"history.attempt": 1}, sort=CLAIM_ORDER)
+        projection = {"history.attempt": 1, "_created": 1}
+        doc = self.tasks.find_one(query, projection, sort=CLAIM_ORDER)
         while doc is not None:
             attempt = new_attempt(len(doc.get("history") or []) + 1, worker_id, host)
             claimed = self.tasks.find_one_and_update(
                 {"_id": doc["_id"], "state": S.AVAILABLE.value, "pending_dependency_count": 0,
                  "history": {"$size": attempt["attempt"] - 1}},
                 {"$set": {"state": S.RUNNING.value, "worker": worker_id, "_updated": now,
-                          "_etag": str(ObjectId())},
+                          "_etag": str(ObjectId()), **claim_changes(doc, attempt)},
                  "$push": {"history": attempt}},
                 return_document=ReturnDocument.AFTER)
             if claimed is not None:
                 return claimed
-            doc = self.tasks.find_one(query, {"history.attempt": 1}, sort=CLAIM_ORDER)
+            doc = self.tasks.find_one(query, projection, sort=CLAIM_ORDER)
         return None
 
     def finish(self, task_id, worker_id, attempt, outcome, exit_code=None, usage=None):
@@ -466,6 +489,7 @@ class TaskQueue:
             index = len(history) - 1
             now = utcnow()
             sets = {"history.%d.ended" % index: now,
+                    "history.%d.runtime" % index: seconds_between(history[-1].get("started"), now),
                     "history.%d.exit_status" % index: outcome,
                     "history.%d.exit_code" % index: exit_code,
                     "_updated": now, "_etag": str(ObjectId()), **changes}
@@ -494,9 +518,15 @@ class TaskQueue:
         abandoned, without using a retry (it never ran). False if the task
         moved on meanwhile."""
         index, now = attempt - 1, utcnow()
+        held = {"_id": task_id, "state": S.RUNNING.value, "worker": worker_id, "history": {"$size": attempt}}
+        doc = self.tasks.find_one(held, {"history.started": 1})
+        if doc is None:
+            return False
+        started = doc["history"][index].get("started")
         updated = self.tasks.find_one_and_update(
-            {"_id": task_id, "state": S.RUNNING.value, "worker": worker_id, "history": {"$size": attempt}},
+            held,
             {"$set": {"state": S.AVAILABLE.value, "worker": None, "history.%d.ended" % index: now,
+                      "history.%d.runtime" % index: seconds_between(started, now),
                       "history.%d.exit_status" % index: ABANDONED, "_updated": now, "_etag": str(ObjectId())}},
             return_document=ReturnDocument.AFTER)
         if updated is not None and is_ready(updated):
@@ -525,7 +555,7 @@ class TaskQueue:
         the retry rules, exactly as if the worker had reported a failure."""
         ended = []
         for doc in self.tasks.find({"worker": worker_id, "state": {"$in": [s.value for s in HELD]}},
-                                   {"history": {"$slice": -1}}):
+                                   {"history": 1}):
             attempt = doc["history"][-1]["attempt"] if doc.get("history") else None
             try:
                 ended.append(self.finish(doc["_id"], worker_id, attempt, ABANDONED))
@@ -622,6 +652,19 @@ class TaskQueue:
         for doc in self.tasks.find({"cascade_pending": True}, {"_id": 1}):
             self._cascade(doc["_id"])
 
+    def fill_stored_figures(self):
+        """Tasks stored by an earlier version lack the figures claims and
+        finishes now keep (`queue_wait`, each ended attempt's `runtime`):
+        compute them once, at start."""
+        for doc in self.tasks.find({"history.0": {"$exists": True}, "queue_wait": {"$exists": False}},
+                                   {"history": 1, "_created": 1}):
+            history = doc["history"]
+            sets = {"queue_wait": seconds_between(doc.get("_created"), history[0].get("started"))}
+            for index, entry in enumerate(history):
+                if entry.get("ended") is not None and "runtime" not in entry:
+                    sets["history.%d.runtime" % index] = seconds_between(entry.get("started"), entry["ended"])
+            self.tasks.update_one({"_id": doc["_id"], "queue_wait": {"$exists": False}}, {"$set": sets})
+
     # -- workers: batch claims, heartbeats, time limits --------------------
 
     def claim_batch(self, worker_id, free, max_tasks, host=None):
@@ -670,7 +713,7 @@ class TaskQueue:
         a lost worker. Returns the tasks as stored after the change."""
         ended = []
         for doc in self.tasks.find({"worker": worker_id, "state": {"$in": [s.value for s in HELD]}},
-                                   {"history": {"$slice": -1}}):
+                                   {"history": 1}):
             last = (doc.get("history") or [None])[-1]
             if doc["_id"] in reported or not last or last.get("seen") is not None:
                 continue
@@ -713,7 +756,7 @@ class TaskQueue:
         overdue = []
         for doc in self.tasks.find({"worker": {"$in": list(worker_ids)}, "state": S.RUNNING.value,
                                     "time_limit": {"$gt": 0}},
-                                   {"time_limit": 1, "history": {"$slice": -1}}):
+                                   {"time_limit": 1, "history": 1}):
             started = (doc.get("history") or [{}])[-1].get("started")
             if started is None:
                 continue

@@ -1,29 +1,29 @@
 """Statistics, `/metrics` and the dashboard.
 
-Statistics are virtual, read-only resources: nothing is stored for them,
-every request computes them from `tasks` and `workers` with aggregation
-pipelines that both MongoDB (>= 5.0) and the embedded store run (only
-`$match`, `$unwind`, `$project`, `$group`, `$sort`, `$skip`, `$limit`, with
-`$subtract`, `$divide`, `$floor`, `$arrayElemAt`, `$cond`, `$eq`, `$sum`,
-`$avg`, `$max`). So they are right with several server processes sharing one
-database, and they cost nothing while nobody looks.
+Statistics are virtual, read-only resources computed by every request from
+`tasks` and `workers`, so they are right with several server processes
+sharing one database, and cost nothing while nobody looks. The pipelines use
+only what MongoDB (>= 5.0), FerretDB 1.24 and the embedded store all run
+alike: `$match`, `$project` of plain fields, `$unwind`, `$sort`, `$skip`,
+`$limit`, and `$group` with a single `$sum` (docs/DATABASES.md lists the
+gaps). Durations are not computed in the database: claims and finishes
+store them (`queue_wait` on a task, `runtime` on each ended attempt).
 
 How each figure is computed:
 
 - counts per state, and finished tasks by final `exit_status`: one `$group`
   on `(state, exit_status)`.
-- runtimes of finished attempts (`history[i].ended - history[i].started`) and
-  queue waits (first attempt's `started` - `_created`): count, sum and max
-  come from a `$group`; the median and p95 come from one more pipeline that
-  `$sort`s the projected durations and `$skip`s to the ranks needed, so only
-  the few values at those ranks leave the store (`$percentile` is MongoDB 7
-  only). The median of an even count is the mean of the two middle values;
+- runtimes of finished attempts and queue waits: count and sum from one
+  `$group` each; the median and p95 from one pipeline that `$sort`s the
+  durations and `$skip`s to the ranks needed, and the max from one that
+  sorts them the other way, so only the few values at those ranks leave the
+  store. The median of an even count is the mean of the two middle values;
   p95 is the nearest rank, the value at rank ceil(0.95 n).
 - throughput: finished attempts of the last 60 clock minutes (the current one
-  included), `$group`ed by minute index `floor((ended - start) / 60000)`.
-- per-worker load: `$group` of held tasks (`running`,
-  `pending_cancellation`) by `worker`, summing their `requested_resources`,
-  joined in Python with the `workers` collection.
+  included), bucketed by minute here from their end times.
+- per-worker load: held tasks (`running`, `pending_cancellation`, as many as
+  the workers' slots) summed per `worker`, joined with the `workers`
+  collection.
 
 Who sees what: any valid token may read statistics (`auth.require_role`); a
 user's count only the tasks they own, admins' and workers' every task
@@ -48,7 +48,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from werkzeug.exceptions import BadRequest
 
 from banyan.server import auth
-from banyan.server.states import ABANDONED, EXIT_STATUSES, FAILURE, FINISHED, HELD, SUCCESS, TIMEOUT, TaskState, utcnow
+from banyan.server.states import (ABANDONED, EXIT_STATUSES, FAILURE, FINISHED, HELD, SUCCESS, TIMEOUT, TaskState,
+                                  seconds_between, utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -114,54 +115,63 @@ def state_counts(tasks, query):
     }
 
 
-#: Finished attempts, one document each, with `runtime` in milliseconds.
+#: Finished attempts, one document each (`history` is the attempt), with
+#: the `runtime` in seconds their finish stored.
 def _finished_attempts(query):
     return [
-        _match(query, {"history.ended": {"$ne": None}}),
+        _match(query, {"history.runtime": {"$ne": None}}),
         _only("history"),
         {"$unwind": "$history"},
-        {"$match": {"history.ended": {"$ne": None}, "history.started": {"$ne": None}}},
-        {"$project": {"_id": 0, "exit_status": "$history.exit_status",
-                      "runtime": {"$subtract": ["$history.ended", "$history.started"]}}},
+        {"$match": {"history.runtime": {"$ne": None}}},
     ]
+
+
+def _path(doc, dotted):
+    """The value at a dotted path of a document (None if absent)."""
+    for key in dotted.split("."):
+        doc = doc.get(key) if isinstance(doc, dict) else None
+    return doc
+
+
+def _group(tasks, prefix, key, accumulator):
+    """{group: value} of one accumulator. One `$group` per figure: FerretDB
+    1.24 computes only the first accumulator of a `$group` (see
+    docs/DATABASES.md)."""
+    return {row["_id"]: row["v"] for row in tasks.aggregate(prefix + [{"$group": {"_id": key, "v": accumulator}}])}
+
+
+def _largest(tasks, prefix, field):
+    """The largest value of `field` in what `prefix` yields (a sort, not
+    `$max`, which FerretDB 1.24 lacks)."""
+    for row in tasks.aggregate(prefix + [{"$sort": {field: -1}}, {"$limit": 1}, {"$project": {field: 1}}]):
+        return _path(row, field)
+    return None
 
 
 def attempt_stats(tasks, query):
     """Finished attempts: `count`, `by_exit_status`, and `runtime` (seconds:
     count, mean, median, p95, max)."""
     by_status = {status: 0 for status in EXIT_STATUSES}
-    count = total = 0
-    longest = None
-    pipeline = _finished_attempts(query) + [
-        {"$group": {"_id": "$exit_status", "n": {"$sum": 1},
-                    "sum": {"$sum": "$runtime"}, "max": {"$max": "$runtime"}}}]
-    for row in tasks.aggregate(pipeline):
-        by_status[row["_id"] or "unknown"] = by_status.get(row["_id"] or "unknown", 0) + row["n"]
-        count += row["n"]
-        total += row["sum"] or 0
-        if row["max"] is not None and (longest is None or row["max"] > longest):
-            longest = row["max"]
+    prefix = _finished_attempts(query)
+    for status, n in _group(tasks, prefix, "$history.exit_status", {"$sum": 1}).items():
+        by_status[status or "unknown"] = by_status.get(status or "unknown", 0) + n
+    count = sum(by_status.values())
+    total = sum(_group(tasks, prefix, None, {"$sum": "$history.runtime"}).values()) if count else 0
     return {
         "count": count,
         "by_exit_status": by_status,
-        "runtime": _distribution(tasks, _finished_attempts(query), "runtime", count, total, longest),
+        "runtime": _distribution(tasks, prefix, "history.runtime", count, total),
     }
 
 
 def queue_wait_stats(tasks, query):
-    """Time from creation to the first attempt's start, over the tasks that
-    started at least once (seconds: count, mean, median, p95, max)."""
-    prefix = [
-        _match(query, {"history.0": {"$exists": True}}),
-        _only("history", "_created"),
-        {"$project": {"_id": 0, "wait": {"$subtract": [{"$arrayElemAt": ["$history.started", 0]}, "$_created"]}}},
-        {"$match": {"wait": {"$ne": None}}},
-    ]
-    rows = list(tasks.aggregate(prefix + [
-        {"$group": {"_id": None, "n": {"$sum": 1}, "sum": {"$sum": "$wait"}, "max": {"$max": "$wait"}}}]))
-    if not rows:
-        return _distribution(tasks, prefix, "wait", 0, 0, None)
-    return _distribution(tasks, prefix, "wait", rows[0]["n"], rows[0]["sum"], rows[0]["max"])
+    """Time from creation to the first attempt's start (`queue_wait`, stored
+    by the first claim), over the tasks that started at least once (seconds:
+    count, mean, median, p95, max)."""
+    prefix = [_match(query, {"queue_wait": {"$ne": None}}), _only("queue_wait")]
+    count = sum(_group(tasks, prefix, None, {"$sum": 1}).values())
+    total = sum(_group(tasks, prefix, None, {"$sum": "$queue_wait"}).values()) if count else 0
+    return _distribution(tasks, prefix, "queue_wait", count, total)
 
 
 def _ranks(n):
@@ -171,49 +181,48 @@ def _ranks(n):
     return median, p95
 
 
-def _distribution(tasks, prefix, field, count, total_ms, max_ms):
-    """count, mean, median, p95 and max in seconds of `field` (milliseconds)
-    in the documents `prefix` yields. The median and p95 are read from the
-    sorted values by one `$skip`/`$limit` pipeline."""
+def _distribution(tasks, prefix, field, count, total):
+    """count, mean, median, p95 and max (seconds) of `field` in the
+    documents `prefix` yields. The median and p95 are read from the sorted
+    values by one `$skip`/`$limit` pipeline, the max by one more."""
     if not count:
         return {"count": 0, "mean": None, "median": None, "p95": None, "max": None}
     (low, high), p95 = _ranks(count)
     first, last = min(low, p95), max(high, p95)
-    values = [row[field] for row in tasks.aggregate(prefix + [
-        {"$project": {field: 1}}, {"$sort": {field: 1}},
-        {"$skip": first}, {"$limit": last - first + 1}])]
-    if len(values) < last - first + 1:  # tasks changed between the two pipelines
+    values = [_path(row, field) for row in tasks.aggregate(prefix + [
+        {"$sort": {field: 1}}, {"$skip": first}, {"$limit": last - first + 1}, {"$project": {field: 1}}])]
+    if len(values) < last - first + 1:  # tasks changed between the pipelines
         values += [values[-1] if values else 0] * (last - first + 1 - len(values))
+    largest = _largest(tasks, prefix, field)
     return {
         "count": count,
-        "mean": total_ms / count / 1000.0,
-        "median": (values[low - first] + values[high - first]) / 2000.0,
-        "p95": values[p95 - first] / 1000.0,
-        "max": max_ms / 1000.0 if max_ms is not None else None,
+        "mean": total / count,
+        "median": (values[low - first] + values[high - first]) / 2.0,
+        "p95": values[p95 - first],
+        "max": largest if largest is not None else values[-1],
     }
 
 
 def throughput(tasks, query, now):
     """Finished attempts per minute over the last 60 clock minutes, oldest
-    first; the last bucket is the current, partial, minute."""
+    first; the last bucket is the current, partial, minute. The attempts'
+    end times are bucketed here (date arithmetic in a pipeline is beyond
+    FerretDB 1.24); an hour's worth is small."""
     start = now.replace(second=0, microsecond=0) - timedelta(minutes=THROUGHPUT_MINUTES - 1)
     pipeline = [
         _match(query, {"history.ended": {"$gte": start}}),
         _only("history"),
         {"$unwind": "$history"},
         {"$match": {"history.ended": {"$gte": start}}},
-        {"$project": {"_id": 0,
-                      "minute": {"$floor": {"$divide": [{"$subtract": ["$history.ended", start]}, 60000]}},
-                      "ok": {"$cond": [{"$eq": ["$history.exit_status", SUCCESS]}, 1, 0]}}},
-        {"$group": {"_id": "$minute", "finished": {"$sum": 1}, "succeeded": {"$sum": "$ok"}}},
+        {"$project": {"_id": 0, "history.ended": 1, "history.exit_status": 1}},
     ]
     buckets = [{"minute": start + timedelta(minutes=i), "finished": 0, "succeeded": 0}
                for i in range(THROUGHPUT_MINUTES)]
     for row in tasks.aggregate(pipeline):
-        index = int(row["_id"])
+        index = int(seconds_between(start, row["history"]["ended"]) // 60)
         if 0 <= index < THROUGHPUT_MINUTES:  # an `ended` in the future (clock skew) is left out
-            buckets[index]["finished"] += row["finished"]
-            buckets[index]["succeeded"] += row["succeeded"]
+            buckets[index]["finished"] += 1
+            buckets[index]["succeeded"] += row["history"].get("exit_status") == SUCCESS
     finished = sum(b["finished"] for b in buckets)
     return {
         "since": start,
@@ -230,14 +239,13 @@ def worker_load(db):
     workers. Tasks held under an id no worker document has are listed as
     workers in state `unknown`."""
     held = {}
-    pipeline = [
-        {"$match": {"state": {"$in": [s.value for s in HELD]}, "worker": {"$ne": None}}},
-        _only("worker", "requested_resources"),
-        {"$group": {"_id": "$worker", "running": {"$sum": 1},
-                    **{key: {"$sum": "$requested_resources.%s" % key} for key in RESOURCE_KEYS}}},
-    ]
-    for row in db[TASKS].aggregate(pipeline):
-        held[row["_id"]] = row
+    # Held tasks are as many as the workers' slots: summed here, in one read.
+    for doc in db[TASKS].find({"state": {"$in": [s.value for s in HELD]}, "worker": {"$ne": None}},
+                              {"worker": 1, "requested_resources": 1}):
+        row = held.setdefault(doc["worker"], dict({key: 0 for key in RESOURCE_KEYS}, running=0))
+        row["running"] += 1
+        for key in RESOURCE_KEYS:
+            row[key] += (doc.get("requested_resources") or {}).get(key) or 0
     items = []
     projection = {"host": 1, "state": 1, "resources": 1, "last_heartbeat": 1, "_created": 1}
     for doc in db[WORKERS].find({}, projection):

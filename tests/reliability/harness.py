@@ -20,7 +20,7 @@ import time
 
 import requests
 
-from conftest import LiveServer
+from conftest import LiveServer, TestSession
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUTPUT = os.path.join(ROOT, "test-output")
@@ -109,7 +109,7 @@ class Cluster:
         self.worker_args = dict(worker_args or {})
         self.workers = []
         self.n_workers = workers
-        self.http = requests.Session()
+        self.http = TestSession()
         if token:
             self.http.headers["Authorization"] = "Bearer " + token
 

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 import requests
-
+from conftest import TestSession
 from harness import (Cluster, check_against_rules, graph_bodies, parents_by_id, read_markers, record,
                      submit_graph, task_body)
 
@@ -37,7 +37,7 @@ class Submitter(threading.Thread):
         self.error = None
 
     def run(self):
-        session = requests.Session()
+        session = TestSession()
         try:
             i = 0
             while i < len(self.bodies):

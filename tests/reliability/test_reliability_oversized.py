@@ -10,7 +10,7 @@ import requests
 from bson import ObjectId
 
 from banyan import settings
-from conftest import LiveServer
+from conftest import LiveServer, TestSession
 from harness import record
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def test_oversized_input_is_refused_and_the_server_keeps_serving(tmp_path):
     server = LiveServer(tmp_path / "server-data").start()
     refused = []
     try:
-        http = requests.Session()
+        http = TestSession()
         task = http.post(server.url + "/tasks", json={"name": "keep", "command": "true"}).json()
         for label, method, path, body, expected in oversized_requests(task["_id"]):
             r = http.request(method, server.url + path, data=body, timeout=TIMEOUT,
