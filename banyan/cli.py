@@ -73,7 +73,7 @@ def _one_line(text):
 
 
 def main(argv=None):
-    from banyan.client import BanyanError, ServerUnreachable
+    from banyan.errors import BanyanError, ServerUnreachable
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -15,43 +15,14 @@ from urllib.parse import quote
 import requests
 import urllib3
 
+from banyan.errors import BanyanError, ServerUnreachable, describe_result
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Client", "BanyanError", "ServerUnreachable", "describe_result"]
 
 _RETRY_STATUSES = frozenset({502, 503, 504})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
-
-
-class BanyanError(Exception):
-    """The server refused a request: ``status`` (HTTP code), ``message`` and Eve's ``issues``."""
-
-    def __init__(self, status, message, issues=None, payload=None):
-        self.status = status
-        self.message = message
-        self.issues = issues or {}
-        self.payload = payload
-        super().__init__(self.describe())
-
-    def describe(self):
-        text = f"{self.status}: {self.message}" if self.status is not None else str(self.message)
-        if self.issues:
-            text += " (" + "; ".join(f"{field}: {issue}" for field, issue in _flatten_issues(self.issues)) + ")"
-        return text
-
-
-class ServerUnreachable(BanyanError):
-    """No usable answer after all retries: connection failures, timeouts or 502/503/504.
-
-    ``status`` is None for connection failures, else the last gateway status.
-    ``url`` is the server's base URL and ``reason`` a short cause
-    (``"connection refused"``, ``"no answer within 30s"``, ``"503 ..."``).
-    """
-
-    def __init__(self, status, message, issues=None, payload=None, url=None, reason=None):
-        self.url = url
-        self.reason = reason or message
-        super().__init__(status, message, issues, payload)
 
 
 def _short_reason(exc):
@@ -74,17 +45,6 @@ def _short_reason(exc):
         match = re.search(r"\[Errno -?\d+\] ([^')\]]+)", text)
         reason = match.group(1) if match else None
     return reason.lower() if reason else None
-
-
-def _flatten_issues(issues, prefix=""):
-    if isinstance(issues, dict):
-        for key, value in issues.items():
-            yield from _flatten_issues(value, f"{prefix}{key}.")
-    elif isinstance(issues, list):
-        for value in issues:
-            yield from _flatten_issues(value, prefix)
-    else:
-        yield prefix.rstrip("."), issues
 
 
 def _never_sent(exc):
@@ -349,20 +309,6 @@ class Client:
         """Block until every task has finished; a ``banyan.waiting.WaitResult``."""
         from banyan.waiting import wait_for
         return wait_for(self, task_ids, **kwargs)
-
-
-def describe_result(result):
-    """One line for a refused item of a bulk answer (None if it was accepted)."""
-    if not isinstance(result, dict) or result.get("_status") != "ERR":
-        return None
-    error = result.get("_error")
-    message = error.get("message") if isinstance(error, dict) else error
-    issues = result.get("_issues")
-    if issues:
-        details = "; ".join(str(issue) if not field else f"{field}: {issue}"
-                            for field, issue in _flatten_issues(issues))
-        message = f"{message} ({details})" if message else details
-    return message or "refused"
 
 
 def _error_message(response):

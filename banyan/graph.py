@@ -38,7 +38,7 @@ import os
 import re
 import time
 
-from banyan.client import BanyanError, describe_result
+from banyan.errors import BanyanError, describe_result
 from banyan.units import parse_duration, parse_size
 
 __all__ = ["GraphError", "TaskGraph", "task_document", "load_graph", "graph_from_data", "submit_graph",

@@ -122,7 +122,7 @@ class _HttpTokens:
         self.client = Client(args.server, token=args.token, attempts=2)
 
     def _call(self, method, *path, **kw):
-        from banyan.client import BanyanError
+        from banyan.errors import BanyanError
         try:
             return self.client.request(method, path, **kw)
         except BanyanError as e:

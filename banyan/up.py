@@ -21,7 +21,6 @@ import sys
 import time
 
 from banyan.server import serve
-from banyan.server.auth import write_secret
 
 
 def add_arguments(parser):
@@ -72,6 +71,7 @@ def worker_token(args, url):
     --worker-token, else the one an earlier `up` kept in DATA_DIR/worker.token
     while the server still accepts it, else a new one made with the admin token."""
     from banyan.client import BanyanError, Client
+    from banyan.server.auth import write_secret  # Eve: only when `up` runs, not for `banyan --help`
 
     if args.worker_token:
         return args.worker_token

@@ -137,6 +137,18 @@ def test_every_command_answers_help():
                 assert "\n    %s " % command in out, command
 
 
+def test_the_command_loads_nothing_of_the_server():
+    # `banyan --help` and the parser of every command: no server library,
+    # no HTTP library (a command that talks to a server loads `requests` then).
+    probe = ("import sys, banyan.cli\n"
+             "banyan.cli.build_parser()\n"
+             "print(' '.join(m for m in ('eve', 'flask', 'werkzeug', 'pymongo', 'mongomock', 'cerberus', "
+             "'waitress', 'requests', 'banyan.server.auth', 'banyan.server.app') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
 def test_unreachable_server_gives_one_line_and_a_nonzero_exit(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

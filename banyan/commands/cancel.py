@@ -4,7 +4,7 @@ import sys
 
 from banyan.commands.base import (EXIT_FAILED, EXIT_USAGE, CommandError, add_command, connect, label, outcome,
                                   parse_json_arg, task_ids)
-from banyan.client import describe_result
+from banyan.errors import describe_result
 
 EPILOG = """
 A task that has not started is cancelled at once; a running one is stopped

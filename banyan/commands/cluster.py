@@ -2,7 +2,7 @@
 
 import sys
 
-from banyan.client import BanyanError
+from banyan.errors import BanyanError
 from banyan.commands.base import (add_command, connect, format_bytes, format_duration, format_number, format_time,
                                   print_json, print_table)
 

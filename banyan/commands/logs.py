@@ -3,7 +3,7 @@
 import sys
 import time
 
-from banyan.client import BanyanError
+from banyan.errors import BanyanError
 from banyan.commands.base import EXIT_USAGE, CommandError, add_command, connect, task_ids
 
 EPILOG = """

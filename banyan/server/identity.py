@@ -1,13 +1,13 @@
 """Who is making the current request, as the auth layer established it.
 
 Kept apart from `auth.py` so that the validator and the state machine can ask
-"who is this?" without depending on how tokens are checked.
+"who is this?" without depending on how tokens are checked. Flask is imported
+where a request is looked at, so that the `banyan` command can read `ROLES`
+without loading the server's framework.
 """
 
 from dataclasses import dataclass
 from typing import Optional
-
-from flask import g, has_request_context
 
 ROLES = ("admin", "user", "worker")
 
@@ -28,10 +28,14 @@ OPEN = Identity(role="admin", name="open")
 
 
 def current_identity():
+    from flask import g, has_request_context
+
     if has_request_context():
         return g.get("banyan_identity", OPEN)
     return OPEN
 
 
 def set_identity(identity):
+    from flask import g
+
     g.banyan_identity = identity

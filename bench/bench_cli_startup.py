@@ -1,0 +1,84 @@
+"""Start-up time of the `banyan` command, as a user meets it.
+
+    .venv/bin/python bench/bench_cli_startup.py [--runs 10]
+
+Times, as wall clock of the whole process (median, min, max of --runs):
+`banyan --help`; `banyan ls` and `banyan wait ID` (a cancelled task: exit code 1) against a
+real `banyan server` (embedded store, fresh data directory) on this machine.
+Also prints what `import banyan.cli` costs and whether it loads any of the
+server's libraries (it should load none). Asserts nothing.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import requests
+
+BIN = os.path.dirname(sys.executable)
+BANYAN = os.path.join(BIN, "banyan")
+SERVER_MODULES = ("eve", "flask", "pymongo", "mongomock", "cerberus", "waitress", "requests")
+
+
+def timed(cmd, runs, env, ok=()):
+    """Wall-clock seconds of `runs` runs of `cmd`; exit codes other than 0 and `ok` stop the bench."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        times.append(time.perf_counter() - start)
+        if result.returncode not in (0,) + tuple(ok):
+            raise SystemExit("%s failed: %s" % (" ".join(cmd), result.stderr.decode()))
+    return times
+
+
+def show(label, times):
+    print("%-28s median %6.1f ms  (min %6.1f, max %6.1f, %d runs)" % (
+        label, 1000 * statistics.median(times), 1000 * min(times), 1000 * max(times), len(times)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+
+    probe = ("import sys, time; t = time.perf_counter(); import banyan.cli; "
+             "print('%.1f' % (1000 * (time.perf_counter() - t))); "
+             "print(' '.join(m for m in " + repr(SERVER_MODULES) + " if m in sys.modules) or '-')")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+    print("import banyan.cli: %s ms; server libraries loaded: %s" % (out[0], out[1]))
+    base = [sys.executable, "-c", "pass"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+    show("python -c pass", timed(base, args.runs, env))
+    show("banyan --help", timed([BANYAN, "--help"], args.runs, env))
+
+    tmp = tempfile.mkdtemp(prefix="bench-cli-")
+    server = subprocess.Popen([BANYAN, "server", "--port", "0", "--data-dir", os.path.join(tmp, "data")],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        line = server.stdout.readline().decode()
+        match = re.search(r"(http://\S+)", line)
+        if not match:
+            raise SystemExit("server did not start: %r" % line)
+        url = match.group(1)
+        env = dict(env, BANYAN_SERVER=url, HOME=tmp)
+        http = requests.Session()
+        task = http.post(url + "/tasks", json=[{"name": "t%d" % i} for i in range(20)]).json()["_items"][0]["_id"]
+        http.patch(url + "/tasks/" + task, json={"state": "cancelled"}).raise_for_status()
+        show("banyan ls (20 tasks)", timed([BANYAN, "ls"], args.runs, env))
+        show("banyan wait ID (finished)", timed([BANYAN, "wait", task], args.runs, env, ok=(1,)))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
