@@ -292,6 +292,13 @@ class Client:
                 found[doc["_id"]] = doc
         return found
 
+    def wait_unfinished(self, task_ids, timeout):
+        """Hold until none of ``task_ids`` is unfinished, or ``timeout`` seconds;
+        ``{"unfinished": {id: state}, "waited": bool}`` (``POST /tasks/wait``).
+        ``waited`` is false when the server was too busy to hold the request."""
+        return self.request("POST", ("tasks", "wait"), json_body={"ids": list(task_ids), "timeout": timeout},
+                            timeout=self.timeout + float(timeout), idempotent=True)
+
     def stats(self):
         """Task statistics (``GET /stats``)."""
         return self.get("stats")

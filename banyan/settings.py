@@ -170,3 +170,14 @@ CLAIM_RECHECK_INTERVAL = 0.5
 CLAIM_MAX_WAITERS = 8
 #: Most tasks one claim may ask for.
 CLAIM_MAX_TASKS = 1000
+
+# Waits on tasks to finish (banyan.server.waits, POST /tasks/wait).
+#: Longest a wait is held open, in seconds.
+WAIT_MAX_TIMEOUT = 30
+#: Seconds between re-checks of a held wait (another server process may have
+#: finished its tasks without waking this one).
+WAIT_RECHECK_INTERVAL = 0.5
+#: Waits held open at once per server process; more answer at once.
+WAIT_MAX_WAITERS = 4
+#: Most task ids one wait may name.
+WAIT_MAX_IDS = 10000

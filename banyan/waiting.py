@@ -1,13 +1,18 @@
 """Waiting for tasks to finish (`banyan wait`, `banyan submit --wait`, `Client.wait`).
 
 The set of tasks is fixed when the wait starts (ids, or a `where` filter
-evaluated then). Each round asks the server only about the tasks not yet
-finished, with a small projection, so a long wait over many tasks stays
-cheap; a task's details are fetched once, when it finishes.
+evaluated then). Each round is one `POST /tasks/wait` on the tasks not yet
+finished: the server holds it until they have all finished or `interval`
+seconds passed (so progress is drawn that often), and answers the moment
+the last one ends. A server too busy to hold it (or one without that
+endpoint) is polled instead, with a small projection, every 0.2 s growing
+to `interval`. A task's details are fetched once, when it finishes.
 """
 
 import time
 from dataclasses import dataclass, field
+
+from banyan.errors import BanyanError
 
 __all__ = ["FINISHED", "MissingTasks", "Progress", "WaitResult", "wait_for", "succeeded"]
 
@@ -15,6 +20,8 @@ FINISHED = ("cancelled", "terminated")
 #: What is read of a finished task: enough to say how it ended.
 OUTCOME_PROJECTION = {"name": 1, "state": 1, "exit_status": 1, "current_history": 1}
 _CHUNK = 200
+#: The most ids one held wait names (the server's WAIT_MAX_IDS).
+_WAIT_CHUNK = 10000
 
 
 class MissingTasks(LookupError):
@@ -77,7 +84,8 @@ def wait_for(client, task_ids=None, where=None, interval=1.0, timeout=None, on_p
                                                                 max_results=10000)}
     result = WaitResult(tasks)
     running = {task_id: doc["state"] for task_id, doc in tasks.items() if doc.get("state") not in FINISHED}
-    delay = min(interval, 0.2)  # short tasks are seen soon; then every `interval`
+    delay = min(interval, 0.2)  # polled: short tasks are seen soon; then every `interval`
+    held = True  # the server holds waits (False once it says it has no such endpoint)
     while True:
         if on_progress is not None:
             on_progress(_progress(result, running, clock() - start))
@@ -86,10 +94,24 @@ def wait_for(client, task_ids=None, where=None, interval=1.0, timeout=None, on_p
         if timeout is not None and clock() - start >= timeout:
             result.timed_out = True
             return result
-        sleep(delay)
-        delay = min(interval, delay * 2)
-        still = _unfinished_states(client, list(running), where if task_ids is None else None)
-        done = [task_id for task_id in running if task_id not in still]
+        still = None
+        if held:
+            asked = list(running)[:_WAIT_CHUNK]
+            seconds = interval if timeout is None else max(0.0, min(interval, timeout - (clock() - start)))
+            reply = _held_round(client, asked, seconds)
+            if reply is None:
+                held = False
+            else:
+                still = reply["unfinished"]
+                if not reply.get("waited"):  # too busy to hold it: pace the rounds ourselves
+                    sleep(delay)
+                    delay = min(interval, delay * 2)
+        if still is None:
+            sleep(delay)
+            delay = min(interval, delay * 2)
+            asked = list(running)
+            still = _unfinished_states(client, asked, where if task_ids is None else None)
+        done = [task_id for task_id in asked if task_id not in still]
         fetched = client.tasks_by_id(done, OUTCOME_PROJECTION) if done else {}
         for task_id in done:
             # A task the filter no longer matches (`{"state": "available"}`
@@ -104,6 +126,17 @@ def wait_for(client, task_ids=None, where=None, interval=1.0, timeout=None, on_p
         for task_id, state in still.items():
             if task_id in running:
                 running[task_id] = tasks[task_id]["state"] = state
+
+
+def _held_round(client, task_ids, seconds):
+    """The server's answer to a held wait on `task_ids`; None from a server
+    without `POST /tasks/wait`."""
+    try:
+        return client.wait_unfinished(task_ids, seconds)
+    except BanyanError as exc:
+        if exc.status in (404, 405):
+            return None
+        raise
 
 
 def _unfinished_states(client, task_ids, where):

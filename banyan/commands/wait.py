@@ -37,7 +37,8 @@ def register(sub):
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="give up after this long (exit code 4)")
     parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
-                        help="how often to ask the server (default 1)")
+                        help="how often the progress is redrawn (default 1); the wait itself ends "
+                             "the moment the last task does")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
     return parser
 

@@ -13,7 +13,7 @@ from flask import jsonify
 from werkzeug.exceptions import HTTPException
 
 from banyan import settings as default_settings
-from banyan.server import auth, claims, limits, stats, store
+from banyan.server import auth, claims, limits, stats, store, waits
 from banyan.server.datalayer import BanyanMongo
 from banyan.server.hooks import register_hooks
 from banyan.server.reaper import Reaper
@@ -42,11 +42,13 @@ def create_app(client, config=None):
     auth.init_app(app, auth_on)
     db = client[app.config["MONGO_DBNAME"]]
     app.claim_waiters = claims.ClaimWaiters()
-    app.queue = TaskQueue(db, on_ready=app.claim_waiters.notify)
+    app.finish_waiters = waits.FinishWaiters()
+    app.queue = TaskQueue(db, on_ready=app.claim_waiters.notify, on_finished=app.finish_waiters.notify)
     register_hooks(app, app.queue)
     app.register_blueprint(stats.blueprint)
     register_virtual_resources(app)  # VIRTUAL_RESOURCES endpoints and bulk PATCH /tasks
     claims.init_app(app, db)
+    waits.init_app(app)
     # Started by `banyan server` (serve.py); tests call `app.reaper.run_once()`.
     app.reaper = Reaper.for_app(app)
     _register_error_handlers(app)

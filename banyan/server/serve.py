@@ -95,7 +95,8 @@ def run(args):
     app = create_app(client, dict(database_config(args.mongo_uri), AUTH=auth_on,
                                   HEARTBEAT_TIMEOUT=args.heartbeat_timeout,
                                   # long polls may hold at most half the request threads
-                                  CLAIM_MAX_WAITERS=max(1, args.threads // 2)))
+                                  CLAIM_MAX_WAITERS=max(1, args.threads // 2),
+                                  WAIT_MAX_WAITERS=max(1, args.threads // 4)))
     if auth_on:
         _bootstrap_admin(app, args)
     server = create_server(app, host=args.host, port=args.port, threads=args.threads,

@@ -169,7 +169,9 @@ class TaskQueue:
     """The task graph's rules applied to a `tasks` collection.
 
     `on_ready` is called with each task that becomes claimable, so that
-    waiting claims can wake at once.
+    waiting claims can wake at once; `on_finished` with the id of each task
+    that reaches a finished state (`cancelled`, `terminated`), so that
+    waits on it (`banyan.server.waits`) can answer at once.
     """
 
     #: How long an addition of continuations waits for another one to end,
@@ -177,10 +179,11 @@ class TaskQueue:
     GRAPH_LEASE_WAIT = 5.0
     GRAPH_LEASE_SECONDS = 30
 
-    def __init__(self, db, on_ready=None):
+    def __init__(self, db, on_ready=None, on_finished=None):
         self.tasks = db["tasks"]
         self.leases = db["leases"]
         self.on_ready = on_ready or (lambda doc: None)
+        self.on_finished = on_finished or (lambda task_id: None)
 
     # -- creation ---------------------------------------------------------
 
@@ -436,6 +439,7 @@ class TaskQueue:
         if state is None or state == original.get("state"):
             return
         if state == S.CANCELLED:
+            self.on_finished(original["_id"])
             self._cascade(original["_id"])
         elif state == S.AVAILABLE:
             doc = self.tasks.find_one({"_id": original["_id"]})
@@ -506,6 +510,8 @@ class TaskQueue:
             updated = self.tasks.find_one_and_update(held, {"$set": sets}, return_document=ReturnDocument.AFTER)
             if updated is not None:
                 break
+        if updated["state"] in FINISHED:
+            self.on_finished(task_id)
         if updated.get("cascade_pending"):
             self._cascade(task_id)
         elif is_ready(updated):
@@ -583,8 +589,10 @@ class TaskQueue:
                 sets["cancel_reason"] = exit_status  # what `finish` records when the worker reports
             if self.tasks.update_one(dict(only_if or {}, _id=task_id, state=state.value),
                                      {"$set": sets}).modified_count:
-                if target == S.CANCELLED and cascade:
-                    self._cascade(task_id)
+                if target == S.CANCELLED:
+                    self.on_finished(task_id)
+                    if cascade:
+                        self._cascade(task_id)
                 return target
 
     # -- cascades ---------------------------------------------------------
@@ -643,6 +651,7 @@ class TaskQueue:
                       "_updated": utcnow(), "_etag": str(ObjectId())}})
         if not done.modified_count:
             return False
+        self.on_finished(doc["_id"])
         if cascade:
             self._cascade(doc["_id"])
         return True
@@ -745,6 +754,12 @@ class TaskQueue:
                                        {"worker": 1}):
                 held.setdefault(doc["worker"], []).append(doc["_id"])
         return held
+
+    def unfinished(self, task_ids, visible=None):
+        """{id: state} of those of `task_ids` (that match `visible`, the
+        caller's view) that have not finished."""
+        query = dict(visible or {}, _id={"$in": list(task_ids)}, state={"$nin": [s.value for s in FINISHED]})
+        return {doc["_id"]: doc["state"] for doc in self.tasks.find(query, {"state": 1})}
 
     def cancel_overdue(self, worker_ids, now=None):
         """Running tasks of `worker_ids` past their `time_limit` go to

@@ -217,6 +217,16 @@ def one_sync(client):
     return engine.one_sync() if engine is not None else contextlib.nullcontext()
 
 
+def sync_visible(client):
+    """Make durable every write other threads have already made visible, so
+    that an answer built from what was read reports nothing a crash could
+    still undo (the writer's own sync would come a moment later; they share
+    it). With MongoDB, whose write concern acknowledges each write, nothing."""
+    engine = getattr(client, '_engine', None) if isinstance(client, EmbeddedClient) else None
+    if engine is not None:
+        engine._sync(engine.written_seq)  # pylint: disable=protected-access
+
+
 # ---------------------------------------------------------------------------
 # Index keys: a type-ranked, natively comparable form of BSON values.
 # ---------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""Waits on tasks to finish, pushed rather than polled: `POST /tasks/wait`.
+
+    POST /tasks/wait  {"ids": [task ids], "timeout": 20}
+        -> 200 {"unfinished": {id: state}, "waited": true}
+
+The answer comes as soon as none of `ids` is unfinished, or when `timeout`
+seconds (at most `WAIT_MAX_TIMEOUT`) have passed; `unfinished` then lists
+those still running, waiting or queued, with their states. Ids of tasks
+that do not exist, or that the caller may not see, count as not unfinished
+(the caller finds out when it reads them).
+
+A held wait costs nothing while nothing changes: it sleeps on an `Event`
+registered with `FinishWaiters`, which `TaskQueue.on_finished` wakes when
+the last of its tasks finishes in this process. It also looks again every
+`WAIT_RECHECK_INTERVAL` seconds, since in Mongo mode another server
+process may have finished them. When `WAIT_MAX_WAITERS` waits are already
+held in this process, a wait answers at once with `"waited": false` (the
+client then polls), so that waits never take every request thread.
+"""
+
+import contextlib
+import threading
+import time
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from flask import Blueprint, abort, current_app
+
+from banyan.server import claims, store
+from banyan.server.auth import check_role, owner_filter
+
+
+class FinishWaiters:
+    """Waits held open in this process, each with the ids it still waits for.
+
+    `notify(task_id)` (the queue's `on_finished`) crosses the task off every
+    wait that has it and wakes those left with nothing. The lock guards only
+    this in-process table; what a wait answers is always read from the store.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting = {}  # Event -> set of ids not yet known finished
+
+    def __len__(self):
+        with self._lock:
+            return len(self._waiting)
+
+    @contextlib.contextmanager
+    def waiting(self, task_ids, limit):
+        """An Event set once every one of `task_ids` has been reported
+        finished; None (do not wait) when `limit` waits are already held."""
+        event = threading.Event()
+        with self._lock:
+            if len(self._waiting) >= limit:
+                event = None
+            else:
+                self._waiting[event] = set(task_ids)
+        try:
+            yield event
+        finally:
+            if event is not None:
+                with self._lock:
+                    self._waiting.pop(event, None)
+
+    def narrow(self, event, task_ids):
+        """The store says only `task_ids` are unfinished: wait for those alone.
+        Only ever removes ids, so a finish reported meanwhile is not undone."""
+        with self._lock:
+            left = self._waiting.get(event)
+            if left is not None:
+                left.intersection_update(task_ids)
+                if not left:
+                    event.set()
+
+    def notify(self, task_id):
+        with self._lock:
+            for event, left in self._waiting.items():
+                if task_id in left:
+                    left.discard(task_id)
+                    if not left:
+                        event.set()
+
+
+def wait_finished(task_ids, timeout):
+    """`{"unfinished": {id: state}, "waited": bool}` once none of `task_ids`
+    (that the caller may see) is unfinished, or after `timeout` seconds."""
+    queue, waiters, config = current_app.queue, current_app.finish_waiters, current_app.config
+    visible = owner_filter()
+    timeout = min(max(0.0, timeout), config["WAIT_MAX_TIMEOUT"])
+    deadline = time.monotonic() + timeout
+    recheck = config["WAIT_RECHECK_INTERVAL"]
+    left = list(task_ids)
+    with (waiters.waiting(left, config["WAIT_MAX_WAITERS"]) if timeout > 0
+          else contextlib.nullcontext()) as event:
+        while True:
+            if event is not None:
+                event.clear()
+            unfinished = queue.unfinished(left, visible) if left else {}
+            remaining = deadline - time.monotonic()
+            if not unfinished or event is None or remaining <= 0:
+                break
+            left = list(unfinished)
+            waiters.narrow(event, left)
+            event.wait(min(remaining, recheck))
+    # What was read may be writes another request has made visible and not
+    # yet synced: an answer never reports what a crash could still undo.
+    store.sync_visible(queue.tasks.database.client)
+    return {"unfinished": {str(task_id): state for task_id, state in unfinished.items()},
+            "waited": event is not None or timeout == 0}
+
+
+blueprint = Blueprint("waits", __name__)
+
+
+@blueprint.route("/tasks/wait", methods=["POST"])
+def wait_view():
+    check_role(())
+    body, issues = claims._body(), claims._Issues()
+    claims._unknown(body, ("ids", "timeout"), issues)
+    ids = body.get("ids")
+    task_ids = []
+    limit = current_app.config["WAIT_MAX_IDS"]
+    if not isinstance(ids, list) or not 0 < len(ids) <= limit:
+        issues["ids"] = "must be a list of 1 to %d task ids, not %s" % (
+            limit, "%d ids" % len(ids) if isinstance(ids, list) else repr(ids)[:100])
+    else:
+        for value in ids:
+            try:
+                task_ids.append(ObjectId(value))
+            except (InvalidId, TypeError):
+                issues["ids"] = "'%s' is not a task id" % (value,)
+                break
+    timeout = body.get("timeout", current_app.config["WAIT_MAX_TIMEOUT"])
+    if not claims._number(timeout) or timeout < 0:
+        issues["timeout"] = "must be a number of seconds >= 0, not %r" % (timeout,)
+    issues.refuse()
+    return claims._reply(wait_finished(list(dict.fromkeys(task_ids)), float(timeout)))
+
+
+def init_app(app):
+    """Wire the wait endpoint into `app`; `app.finish_waiters` must exist
+    before the queue is made (it is the queue's `on_finished`)."""
+    app.register_blueprint(blueprint)

@@ -1,0 +1,152 @@
+"""`POST /tasks/wait`: a wait on tasks answered as soon as they have all
+finished (woken by the finish itself, not by a poll), and `Client.wait` on
+top of it."""
+
+import threading
+import time
+
+import pytest
+
+from banyan.server.states import utcnow
+from test_claims import PLENTY, claim, finish, make_app, patch, register, submit
+
+
+def wait(api, body, status=200):
+    r = api.post("/tasks/wait", json=body)
+    assert r.status_code == status, r.json
+    return r.json
+
+
+def held(app, api, body):
+    """Start a wait in a thread; returns (thread, result) once the server holds it."""
+    result = {}
+
+    def run():
+        started = time.monotonic()
+        result["reply"] = wait(api, body)
+        result["took"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while len(app.finish_waiters) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(app.finish_waiters) == 1
+    return thread, result
+
+
+def running(api, count=1):
+    """`count` tasks claimed by a new worker: [(task id, attempt)]."""
+    wid = register(api)
+    ids = submit(api, *[{"command": "x", "state": "available"} for _ in range(count)])
+    items = claim(api, wid, free=PLENTY, max_tasks=count)["_items"]
+    assert sorted(t["_id"] for t in items) == sorted(ids)
+    return [(t["_id"], t["history"][-1]["attempt"]) for t in sorted(items, key=lambda t: ids.index(t["_id"]))]
+
+
+def test_finished_and_unknown_tasks_answer_at_once_with_what_is_unfinished(api):
+    (done, attempt), (busy, _) = running(api, 2)
+    finish(api, done, attempt, "success", 0)
+    inactive, = submit(api, {"command": "x"})
+    reply = wait(api, {"ids": [done, busy, inactive, "0" * 24], "timeout": 0})
+    assert reply == {"unfinished": {busy: "running", inactive: "inactive"}, "waited": True}
+    assert wait(api, {"ids": [done, "0" * 24]}) == {"unfinished": {}, "waited": True}
+
+
+def test_a_held_wait_answers_when_the_last_task_ends(store):
+    # a re-check longer than the wait: only the finishes can wake it in time
+    app = make_app(store, WAIT_RECHECK_INTERVAL=60)
+    api = app.test_client()
+    (first, attempt), (second, _) = running(api, 2)
+    thread, result = held(app, api, {"ids": [first, second], "timeout": 20})
+    finish(api, first, attempt, "failure", 1)
+    assert thread.is_alive() and len(app.finish_waiters) == 1  # one of two: still held
+    patch(api, second, {"state": "cancelled"})  # pending_cancellation: not finished yet
+    assert thread.is_alive() and len(app.finish_waiters) == 1
+    finish(api, second, 1, "cancelled", -15)
+    thread.join()
+    assert result["reply"] == {"unfinished": {}, "waited": True}
+    assert result["took"] < 20
+    assert len(app.finish_waiters) == 0
+
+
+def test_a_held_wait_is_woken_by_a_cascade_and_by_a_barrier(store):
+    app = make_app(store, WAIT_RECHECK_INTERVAL=60)
+    api = app.test_client()
+    barrier, = submit(api, {"name": "barrier"})
+    child, = submit(api, {"command": "x"})
+    parent, = submit(api, {"command": "x", "continuations": [child]})
+    thread, result = held(app, api, {"ids": [barrier, child], "timeout": 20})
+    patch(api, barrier, {"state": "available"})  # no command: succeeds at once
+    patch(api, parent, {"state": "cancelled"})  # cancels its continuation
+    thread.join()
+    assert result["reply"] == {"unfinished": {}, "waited": True}
+    assert result["took"] < 20
+
+
+def test_a_held_wait_ends_at_its_timeout_with_the_states(api):
+    (busy, _), = running(api)
+    started = time.monotonic()
+    reply = wait(api, {"ids": [busy], "timeout": 0.3})
+    assert time.monotonic() - started >= 0.3
+    assert reply == {"unfinished": {busy: "running"}, "waited": True}
+
+
+def test_a_wait_sees_tasks_finished_by_another_server(store):
+    """In Mongo mode another process may finish the tasks without waking
+    this one: the periodic re-check sees it."""
+    app = make_app(store, WAIT_RECHECK_INTERVAL=0.1)
+    api = app.test_client()
+    (busy, _), = running(api)
+    thread, result = held(app, api, {"ids": [busy], "timeout": 20})
+    app.queue.tasks.update_one({"_id": app.queue.tasks.find_one()["_id"]},
+                               {"$set": {"state": "terminated", "exit_status": "success", "_updated": utcnow()}})
+    thread.join()
+    assert result["reply"] == {"unfinished": {}, "waited": True}
+
+
+def test_too_many_held_waits_answer_at_once(store):
+    app = make_app(store, WAIT_MAX_WAITERS=1)
+    api = app.test_client()
+    (busy, attempt), = running(api)
+    thread, result = held(app, api, {"ids": [busy], "timeout": 20})
+    assert wait(api, {"ids": [busy], "timeout": 20}) == {"unfinished": {busy: "running"}, "waited": False}
+    finish(api, busy, attempt, "success", 0)
+    thread.join()
+    assert result["reply"] == {"unfinished": {}, "waited": True}
+
+
+@pytest.mark.parametrize("body, word", [
+    ({"ids": "abc"}, "ids"),
+    ({"ids": []}, "ids"),
+    ({"ids": ["nope"]}, "not a task id"),
+    ({"ids": ["0" * 24] * 10001}, "10000"),
+    ({"ids": ["0" * 24], "timeout": -1}, "timeout"),
+    ({"ids": ["0" * 24], "timeout": "soon"}, "timeout"),
+    ({"ids": ["0" * 24], "every": 1}, "unknown field"),
+])
+def test_bad_waits_are_refused(api, body, word):
+    reply = wait(api, body, status=422)
+    assert word in reply["_error"]["message"]
+
+
+def test_client_wait_returns_when_the_task_ends_not_at_the_next_round(live_server):
+    from banyan.client import Client
+    from banyan.waiting import wait_for
+
+    client = Client(live_server.url)
+    wid = client.register_worker("w", PLENTY)
+    task_id, = client.create_tasks([{"command": "x", "state": "available", "name": "quick"}])
+    item, = client.claim(wid, PLENTY, 1)["_items"]
+    rounds = []
+
+    def end_it(progress):
+        rounds.append(progress)
+        if len(rounds) == 1:  # after the first look: it is running
+            threading.Timer(0.2, client.finish, (task_id, item["history"][-1]["attempt"], "success", 0)).start()
+
+    started = time.monotonic()
+    result = wait_for(client, [task_id], interval=30, on_progress=end_it)
+    assert time.monotonic() - started < 30  # the finish ended the round, not the interval
+    assert result.ok and result.tasks[task_id]["exit_status"] == "success"
+    assert [p.finished for p in rounds] == [0, 1]
