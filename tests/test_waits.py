@@ -133,8 +133,9 @@ def test_bad_waits_are_refused(api, body, word):
 def test_client_wait_returns_when_the_task_ends_not_at_the_next_round(live_server):
     from banyan.client import Client
     from banyan.waiting import wait_for
+    from conftest import TEST_TOKEN
 
-    client = Client(live_server.url)
+    client = Client(live_server.url, TEST_TOKEN)
     wid = client.register_worker("w", PLENTY)
     task_id, = client.create_tasks([{"command": "x", "state": "available", "name": "quick"}])
     item, = client.claim(wid, PLENTY, 1)["_items"]
