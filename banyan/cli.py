@@ -13,6 +13,7 @@ from banyan import up
 from banyan.commands import register_all
 from banyan.commands.base import EXIT_CODES_HELP, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CommandError
 from banyan.server import serve
+from banyan.store.cli import add_store_parser
 from banyan.tokens_cli import add_token_parser
 
 log = logging.getLogger("banyan.cli")
@@ -61,6 +62,7 @@ def build_parser():
     both.set_defaults(func=up.run)
 
     add_token_parser(sub)
+    add_store_parser(sub)
     return parser
 
 

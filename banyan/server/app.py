@@ -6,20 +6,23 @@ and settings, then registers hooks and blueprints.
 
 import copy
 import functools
+import json
 import logging
 
 from eve import Eve
 from flask import jsonify
 from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
 
 from banyan import settings as default_settings
 from banyan.server import auth, claims, limits, stats, store, waits
-from banyan.server.datalayer import BanyanMongo
+from banyan.server.datalayer import BanyanMongo, StoreDown, StoreFull, store_failure
 from banyan.server.hooks import register_hooks
 from banyan.server.reaper import Reaper
 from banyan.server.states import TaskQueue
 from banyan.server.validation import BanyanValidator
 from banyan.server.virtual import register_virtual_resources
+from banyan.store.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +64,30 @@ def create_app(client, config=None):
 def _durable_answers(wsgi_app, client):
     """Each request's writes reach the disk together, before its answer
     leaves (one sync per request on the embedded store; Flask has built the
-    whole body by the time `wsgi_app` returns)."""
+    whole body by the time `wsgi_app` returns). The status line waits for
+    the sync, so a failed sync answers 507/503 instead of what was built."""
 
     @functools.wraps(wsgi_app)
     def durable(environ, start_response):
-        with store.one_sync(client):
-            return wsgi_app(environ, start_response)
+        held = []
+
+        def hold(status, headers, exc_info=None):
+            held[:] = [status, headers, exc_info]
+        try:
+            with store.one_sync(client):
+                body = wsgi_app(environ, hold)
+        except StoreUnavailable as e:
+            log.error("%s", e)
+            return _error_response(store_failure(e))(environ, start_response)
+        start_response(*held)
+        return body
     return durable
+
+
+def _error_response(error):
+    """Eve's error shape, built without an app context (also after the request)."""
+    body = json.dumps({"_status": "ERR", "_error": {"code": error.code, "message": error.description}})
+    return Response(body, status=error.code, mimetype="application/json")
 
 
 def _register_error_handlers(app):
@@ -76,6 +96,11 @@ def _register_error_handlers(app):
 
     @app.errorhandler(Exception)
     def unexpected(error):
+        if isinstance(error, StoreUnavailable):
+            error = store_failure(error)
+        if isinstance(error, (StoreFull, StoreDown)):
+            log.error("%s", error.description)
+            return _error_response(error)
         if isinstance(error, HTTPException):
             return error
         log.exception("unhandled error")

@@ -6,6 +6,7 @@ from as a precondition next to `_etag`, so a lost race matches nothing and
 answers 409 instead of being applied or silently dropped.
 """
 
+import functools
 import logging
 
 import bson
@@ -14,8 +15,10 @@ from eve.io.mongo import Mongo
 from eve.utils import config
 from eve.auth import auth_field_and_value
 from flask import abort, g, has_request_context, request
+from werkzeug.exceptions import HTTPException
 
 from banyan.server import virtual
+from banyan.store.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,34 @@ class _Connection:
 #: the embedded store also the errors of Python's own comparisons). A store
 #: that cannot be reached is not the client's fault and stays a 5xx.
 QUERY_ERRORS = (pymongo.errors.OperationFailure, TypeError, ValueError, NotImplementedError)
+
+
+class StoreFull(HTTPException):
+    """507: the store's disk is full; the write changed nothing."""
+    code = 507
+
+
+class StoreDown(HTTPException):
+    """503: the store could not write to its disk; the write changed nothing."""
+    code = 503
+
+
+def store_failure(error):
+    """The HTTP answer to a StoreUnavailable, naming its cause."""
+    return (StoreFull if error.status == 507 else StoreDown)(description=str(error))
+
+
+def _answers_store_failures(method):
+    """Eve turns any exception of a PATCH or PUT into a 400; a store that
+    cannot write is not the client's fault."""
+
+    @functools.wraps(method)
+    def guarded(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except StoreUnavailable as e:
+            raise store_failure(e) from e
+    return guarded
 
 
 def _field_path(name):
@@ -86,12 +117,22 @@ class BanyanMongo(Mongo):
         self.mongo_prefix = None
         return self.connection
 
+    @_answers_store_failures
+    def replace(self, resource, id_, document, original):
+        return super().replace(resource, id_, document, original)
+
+    @_answers_store_failures
+    def remove(self, resource, lookup):
+        return super().remove(resource, lookup)
+
+    @_answers_store_failures
     def update(self, resource, id_, updates, original):
         changes, has_virtual = virtual.update_operators(resource, updates)
         if has_virtual:
             log.debug("virtual write on %s '%s': %s", resource, id_, changes)
         self._guarded_change(resource, id_, changes, original)
 
+    @_answers_store_failures
     def insert(self, resource, doc_or_docs):
         """Eve's insert; a document the store refuses as such (MongoDB's
         DocumentTooLarge) is a 422, and the continuations of the tasks not

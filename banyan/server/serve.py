@@ -82,6 +82,7 @@ def run(args):
 
     from banyan.server.app import create_app
     from banyan.server.store import connect
+    from banyan.store.errors import StoreCorrupt
 
     auth_on, refusal = auth_decision(args)
     if refusal:
@@ -91,7 +92,11 @@ def run(args):
         print("banyan server: --heartbeat-timeout must be > 0 seconds", file=sys.stderr, flush=True)
         return 2
     data_dir = None if args.mongo_uri else os.path.expanduser(args.data_dir)
-    client = connect(mongo_uri=args.mongo_uri, data_dir=data_dir)
+    try:
+        client = connect(mongo_uri=args.mongo_uri, data_dir=data_dir)
+    except StoreCorrupt as e:
+        print("banyan server: %s" % e, file=sys.stderr, flush=True)
+        return 1
     app = create_app(client, dict(database_config(args.mongo_uri), AUTH=auth_on,
                                   HEARTBEAT_TIMEOUT=args.heartbeat_timeout,
                                   # long polls may hold at most half the request threads

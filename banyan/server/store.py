@@ -37,9 +37,7 @@ import itertools
 import logging
 import operator
 import os
-import struct
 import threading
-import zlib
 
 try:
     import fcntl
@@ -49,7 +47,6 @@ except ImportError:  # pragma: no cover - non-POSIX
 import bson
 import mongomock
 import pymongo
-from bson.codec_options import CodecOptions
 from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 from mongomock import aggregate as mm_aggregate
@@ -68,17 +65,16 @@ from pymongo.errors import (BulkWriteError, ConfigurationError, DuplicateKeyErro
 from pymongo.results import BulkWriteResult
 from sortedcontainers import SortedList
 
+from banyan.store import journal
+from banyan.store.errors import StoreCorrupt, StoreUnavailable
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
 DEFAULT_DATABASE = 'banyan'
 
-_SNAPSHOT = 'snapshot.bnj'
-_JOURNAL = 'journal.bnj'
-_LOCKFILE = 'LOCK'
-_MAGIC = b'BJ'
-_HDR = struct.Struct('<2sII')  # magic, payload length, crc32(payload)
-_CODEC = CodecOptions(document_class=dict, tz_aware=False)
+_SNAPSHOT = journal.SNAPSHOT
+_JOURNAL = journal.JOURNAL
 _SNAPSHOT_CHUNK = 1000
 _MAX_RANGES = 256
 
@@ -93,7 +89,8 @@ def connect(mongo_uri=None, data_dir=None):
         return pymongo.MongoClient(mongo_uri, tz_aware=True)
     if data_dir is None:
         data_dir = os.path.join(os.path.expanduser('~'), '.banyan')
-    return EmbeddedClient(data_dir)
+    compact_bytes = int(os.environ.get('BANYAN_STORE_COMPACT_BYTES') or DEFAULT_COMPACT_BYTES)
+    return EmbeddedClient(data_dir, compact_bytes=compact_bytes)
 
 
 def _inclusion_projection(stage):
@@ -688,6 +685,7 @@ class _CollectionStore(mm_store.CollectionStore):
         self._pending.append(key)
         self._engine.note_touch(self, key, doc)
         self._undo = (doc, copy.deepcopy(doc))
+        self._engine.note_undo(self, key, self._undo[1])
 
     def undo_touch(self):
         """Put back the document an update failed on: mongomock applies
@@ -697,11 +695,21 @@ class _CollectionStore(mm_store.CollectionStore):
         if self._undo is not None:
             doc, before = self._undo
             doc.clear()
-            doc.update(before)
+            doc.update(copy.deepcopy(before))  # `before` stays the engine's undo image
         self._undo = None
 
     # -- mongomock store API -----------------------------------------------
+    def restore(self, key, doc):
+        """Put back `doc` (None: no document) under `key`, journaling nothing:
+        undoes a change whose journal record could not be written."""
+        if doc is None:
+            if key in self._documents:
+                del self[key]
+        else:
+            self[key] = doc
+
     def __setitem__(self, key, val):
+        self._engine.note_undo(self, key, self._documents.get(key))
         if key not in self._key_seq:
             seq = next(self._seq_counter)
             self._key_seq[key] = seq
@@ -711,6 +719,7 @@ class _CollectionStore(mm_store.CollectionStore):
         self._engine.note_doc(self, key, val['_id'], forced=True)
 
     def __delitem__(self, key):
+        self._engine.note_undo(self, key, self._documents[key])
         doc_id = self._documents[key]['_id']
         self._unindex_doc(key)
         super().__delitem__(key)
@@ -893,34 +902,11 @@ class _ServerStore(mm_store.ServerStore):
 
 
 # ---------------------------------------------------------------------------
-# Journal, snapshot and the per-client lock.
+# Journal, snapshot and the per-client lock (the file format and its reading
+# live in banyan.store.journal).
 # ---------------------------------------------------------------------------
 
-def _frame(actions):
-    payload = bson.encode({'a': actions})
-    return _HDR.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
-def _read_frames(data):
-    """Yield (end offset, actions); stop at the first torn / corrupt frame."""
-    pos = 0
-    size = len(data)
-    while pos < size:
-        if size - pos < _HDR.size:
-            return
-        magic, length, crc = _HDR.unpack_from(data, pos)
-        start = pos + _HDR.size
-        if magic != _MAGIC or start + length > size:
-            return
-        payload = data[start:start + length]
-        if zlib.crc32(payload) != crc:
-            return
-        try:
-            actions = bson.decode(payload, codec_options=_CODEC)['a']
-        except Exception:  # pylint: disable=broad-except
-            return
-        pos = start + length
-        yield pos, actions
+_frame = journal.frame
 
 
 def _write_all(fd, data):
@@ -930,32 +916,36 @@ def _write_all(fd, data):
         view = view[n:]
 
 
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without dir fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _fdatasync = getattr(os, 'fdatasync', os.fsync)
 
 
 class _Engine:
-    """Lock, change tracking, journal and snapshots of one EmbeddedClient."""
+    """Lock, change tracking, journal and snapshots of one EmbeddedClient.
+
+    A call's changes are applied in memory under the lock and its journal
+    record is appended before the lock is released; when the record cannot
+    be written (ENOSPC, EIO, EROFS) the changes are rolled back, still under
+    the lock, so no other call ever saw them, and the call raises
+    StoreUnavailable. The next call simply tries again: the store serves
+    again by itself once space is back.
+    """
 
     def __init__(self, data_dir, compact_bytes):
         self.data_dir = os.path.abspath(data_dir)
+        self.journal_path = os.path.join(self.data_dir, _JOURNAL)
+        self.snapshot_path = os.path.join(self.data_dir, _SNAPSHOT)
         self.compact_bytes = compact_bytes
+        self.next_compact = compact_bytes
         self.lock = threading.RLock()
         self.sync_lock = threading.Lock()
         self.batch = threading.local()
         self.depth = 0
         self.events = []
         self.docinfo = {}
+        self.undo = {}          # (id(store), key) -> (store, key, document before the call or None)
+        self.carried = []       # schema actions of a rolled-back call, journaled with the next record
+        self.tail_dirty = False  # a failed append may have left part of a record at the end
+        self.broken = None      # why every call is refused (a failed sync), or None
         self.replaying = False
         self.closed = False
         self.server_store = None
@@ -969,6 +959,15 @@ class _Engine:
     def note(self, action):
         if not self.replaying:
             self.events.append(('raw', action))
+
+    def note_undo(self, store, key, before):
+        """`store[key]` is about to change; `before` is what to put back
+        (None: nothing) if the call's record cannot be written."""
+        if self.replaying:
+            return
+        k = (id(store), key)
+        if k not in self.undo:
+            self.undo[k] = (store, key, before)
 
     def note_doc(self, store, key, doc_id, forced=False, before=None):
         if self.replaying:
@@ -999,13 +998,17 @@ class _Engine:
         try:
             if self.closed:
                 raise InvalidOperation('Cannot use the embedded store after close()')
+            if self.broken:
+                raise StoreUnavailable(self.broken)
             self.depth += 1
             try:
                 yield
             finally:
                 self.depth -= 1
-                if self.depth == 0 and self.events:
-                    seq = self._commit()
+                if self.depth == 0:
+                    if self.events:
+                        seq = self._commit()
+                    self.undo = {}
         finally:
             self.lock.release()
         if seq is not None:
@@ -1032,8 +1035,30 @@ class _Engine:
                 self._sync(seq)
 
     def _commit(self):
-        events, docinfo = self.events, self.docinfo
-        self.events, self.docinfo = [], {}
+        """Append the call's record, or roll its changes back and raise."""
+        events, docinfo, undo = self.events, self.docinfo, self.undo
+        self.events, self.docinfo, self.undo = [], {}, {}
+        carried, self.carried = self.carried, []
+        try:
+            actions = carried + self._actions(events, docinfo)
+            if not actions:
+                return None
+            self._append(_frame(actions))
+        except BaseException as err:
+            self._roll_back(undo)
+            # creations, drops and indexes stay in memory: journal them next time
+            self.carried = carried + [payload for kind, payload in events if kind == 'raw']
+            if isinstance(err, OSError):
+                raise StoreUnavailable.from_os_error(err, 'writing the journal', self.journal_path) from err
+            raise
+        self.written_seq += 1
+        seq = self.written_seq
+        if self.journal_size > self.next_compact:
+            self.compact()
+        return seq
+
+    @staticmethod
+    def _actions(events, docinfo):
         last = {}
         for i, (kind, k) in enumerate(events):
             if kind == 'doc':
@@ -1054,26 +1079,54 @@ class _Engine:
             if forced or raw != before:
                 actions.append({'o': 'p', 'd': store.db_name, 'c': store.name,
                                 'docs': [RawBSONDocument(raw)]})
-        if not actions:
-            return None
-        frame = _frame(actions)
-        _write_all(self.fd, frame)
-        self.journal_size += len(frame)
-        self.written_seq += 1
-        seq = self.written_seq
-        if self.journal_size > self.compact_bytes:
-            self.compact()
-        return seq
+        return actions
+
+    def _append(self, record):
+        """Write `record` at the end of the journal, whole or not at all."""
+        if self.tail_dirty:  # what a failed append left, cut before anything follows it
+            os.ftruncate(self.fd, self.journal_size)
+            self.tail_dirty = False
+        if self.journal_size == 0:
+            record = journal.format_record() + record
+        try:
+            _write_all(self.fd, record)
+        except BaseException:
+            self.tail_dirty = True
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.journal_size)
+                self.tail_dirty = False
+            raise
+        self.journal_size += len(record)
+
+    def _roll_back(self, undo):
+        self.replaying = True  # nothing of the undoing is journaled
+        try:
+            for store, key, before in undo.values():
+                store.restore(key, before)
+        finally:
+            self.replaying = False
 
     def _sync(self, seq):
-        """Group commit: one fdatasync covers every record written so far."""
+        """Group commit: one fdatasync covers every record written so far.
+        A failed sync leaves records in memory that may not be on disk, so
+        the store then refuses every call until it is opened again."""
         if self.synced_seq >= seq:
             return
         with self.sync_lock:
             if self.synced_seq >= seq or self.fd is None:
                 return
+            if self.broken:
+                raise StoreUnavailable(self.broken)
             target = self.written_seq
-            _fdatasync(self.fd)
+            try:
+                _fdatasync(self.fd)
+            except OSError as err:
+                failure = StoreUnavailable.from_os_error(err, 'syncing the journal', self.journal_path)
+                self.broken = ('the embedded store stopped after a failed journal sync (%s): the last '
+                               'changes may not be on disk, so it refuses every request until the '
+                               'server is restarted' % (err.strerror or err))
+                logger.error('%s', self.broken)
+                raise failure from err
             if target > self.synced_seq:
                 self.synced_seq = target
 
@@ -1082,7 +1135,7 @@ class _Engine:
         self.server_store = server_store
         os.makedirs(self.data_dir, exist_ok=True)
         if fcntl is not None:
-            self.lock_fd = os.open(os.path.join(self.data_dir, _LOCKFILE),
+            self.lock_fd = os.open(os.path.join(self.data_dir, journal.LOCKFILE),
                                    os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1091,53 +1144,68 @@ class _Engine:
                 self.lock_fd = None
                 raise RuntimeError(
                     f'{self.data_dir} is in use by another Banyan process') from err
-        snap_path = os.path.join(self.data_dir, _SNAPSHOT)
-        journal_path = os.path.join(self.data_dir, _JOURNAL)
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.snapshot_path + '.tmp')  # a compaction cut short
+        snapshot = journal.read(self.snapshot_path)
+        if snapshot is not None:
+            self._check_snapshot(snapshot)
+        log = journal.read(self.journal_path)
+        if log is not None and log.damage:
+            raise StoreCorrupt(log.refusal(self.data_dir))
         self.replaying = True
         try:
-            have_snapshot = os.path.exists(snap_path)
-            if have_snapshot:
-                self._load_snapshot(snap_path)
-            replayed = self._replay_journal(journal_path)
+            for scan in (snapshot, log):
+                for offset, _, actions in scan.records if scan else ():
+                    self._replay(scan.path, offset, actions)
         finally:
             self.replaying = False
-        for db_store in server_store._databases.values():  # pylint: disable=protected-access
+        for db_store in self.server_store._databases.values():  # pylint: disable=protected-access
             for store in db_store._collections.values():  # pylint: disable=protected-access
                 store.finish_loading()
-        self.fd = os.open(journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        _fsync_dir(self.data_dir)
-        if replayed or not have_snapshot or os.fstat(self.fd).st_size:
+        self.fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if log is not None and log.tail is not None:
+            logger.warning('journal %s: dropped a torn last record, %d bytes at offset %d (%s): '
+                           'a write cut short by a crash, never acknowledged',
+                           log.path, log.tail.length, log.tail.offset, log.tail.reason)
+            os.ftruncate(self.fd, log.valid_end)
+            os.fsync(self.fd)
+        self.journal_size = log.valid_end if log is not None else 0
+        journal.fsync_dir(self.data_dir)
+        replayed = log is not None and any(True for _ in log.actions())
+        if replayed:
+            logger.info('replayed %d journal records from %s', len(log.records), log.path)
+        if replayed or snapshot is None or snapshot.version < journal.FORMAT_VERSION:
             self.compact()
 
-    def _load_snapshot(self, path):
-        with open(path, 'rb') as f:
-            data = f.read()
-        complete = False
-        for _, actions in _read_frames(data):
-            for action in actions:
-                if action['o'] == 'end':
-                    complete = True
-                else:
-                    self._apply(action)
-        if not complete:
-            raise RuntimeError(f'snapshot {path} is incomplete or corrupt')
+    def _check_snapshot(self, scan):
+        """A snapshot is written whole and renamed into place: any damage,
+        even at its end, is corruption."""
+        bad = scan.damage + ([scan.tail] if scan.tail is not None else [])
+        complete = any(a.get('o') == 'end' for a in scan.actions())
+        if bad or not complete:
+            what = bad[0].describe() if bad else 'it has no end record'
+            raise StoreCorrupt(
+                '%s is damaged: %s. The store refuses to start rather than lose what it holds. See '
+                'the damage with `banyan store check %s`, then salvage every valid record with '
+                '`banyan store repair %s` (it keeps the original file).'
+                % (scan.path, what, self.data_dir, self.data_dir))
 
-    def _replay_journal(self, path):
-        if not os.path.exists(path):
-            return 0
-        with open(path, 'rb') as f:
-            data = f.read()
-        end = 0
-        count = 0
-        for end, actions in _read_frames(data):
-            for action in actions:
+    def _replay(self, path, offset, actions):
+        for action in actions:
+            if action.get('o') in ('format', 'end'):
+                continue
+            try:
                 self._apply(action)
-            count += 1
-        if end != len(data):
-            logger.warning('journal %s: dropped %d bytes of torn record(s) at offset %d',
-                           path, len(data) - end, end)
-        logger.info('replayed %d journal records from %s', count, path)
-        return count
+            except Exception as err:  # pylint: disable=broad-except
+                raise StoreCorrupt('%s: the record at offset %d cannot be applied (%s); see '
+                                   '`banyan store check %s`' % (path, offset, err, self.data_dir)) from err
 
     def _apply(self, action):
         """Apply one journal action (idempotent)."""
@@ -1165,6 +1233,7 @@ class _Engine:
             raise RuntimeError(f'unknown journal action {op!r}')
 
     def _snapshot_frames(self):
+        yield journal.format_record()
         for db_name, db_store in list(self.server_store._databases.items()):  # pylint: disable=protected-access
             for col_name, store in list(db_store._collections.items()):  # pylint: disable=protected-access
                 if not store.is_created:
@@ -1180,21 +1249,38 @@ class _Engine:
         yield _frame([{'o': 'end'}])
 
     def compact(self):
-        """Write a snapshot atomically, then empty the journal."""
-        path = os.path.join(self.data_dir, _SNAPSHOT)
-        tmp = path + '.tmp'
-        with open(tmp, 'wb') as f:
-            for frame in self._snapshot_frames():
-                f.write(frame)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.data_dir)
-        os.ftruncate(self.fd, 0)
-        os.fsync(self.fd)
-        self.journal_size = 0
+        """Write a snapshot atomically, then empty the journal. Fails safe:
+        when the snapshot cannot be written (no space) the journal is kept
+        as it is, and compaction is tried again after more writes."""
+        tmp = self.snapshot_path + '.tmp'
+        try:
+            with open(tmp, 'wb') as f:
+                for frame in self._snapshot_frames():
+                    f.write(frame)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.snapshot_path)
+            journal.fsync_dir(self.data_dir)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            self.next_compact = self.journal_size + max(self.compact_bytes // 4, 1 << 20)
+            logger.warning('could not compact the embedded store in %s (%s); the journal is kept '
+                           'as it is and compaction is tried again later', self.data_dir, err)
+            return False
+        # The snapshot holds everything the journal does; replaying the
+        # journal over it is harmless, so a crash before this is too.
+        try:
+            os.ftruncate(self.fd, 0)
+            self.journal_size = 0
+            self.tail_dirty = False
+            os.fsync(self.fd)
+        except OSError as err:
+            logger.warning('could not empty the journal %s after compaction (%s)', self.journal_path, err)
+        self.next_compact = self.compact_bytes
         self.synced_seq = self.written_seq
         logger.debug('compacted embedded store in %s', self.data_dir)
+        return True
 
     def close(self):
         with self.lock:
@@ -1203,7 +1289,8 @@ class _Engine:
             self.closed = True
             with self.sync_lock:
                 if self.fd is not None:
-                    os.fsync(self.fd)
+                    with contextlib.suppress(OSError):
+                        os.fsync(self.fd)
                     os.close(self.fd)
                     self.fd = None
                     self.synced_seq = self.written_seq
