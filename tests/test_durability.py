@@ -1,8 +1,33 @@
-"""The embedded store keeps every acknowledged write across kill -9."""
+"""The embedded store keeps every acknowledged write: across kill -9 (also
+in the middle of compaction or of a bulk write), on a full disk, and a
+damaged journal refuses to start until `banyan store repair` salvages it."""
 
+import json
+import os
+import random
 import signal
+import subprocess
+import sys
+import threading
+import time
 
-from conftest import LiveServer
+import pytest
+import requests
+
+from conftest import MONGO_URI, LiveServer
+from test_store_files import fill, small_tmpfs
+
+from banyan.store import journal
+
+embedded_only = pytest.mark.skipif(bool(MONGO_URI), reason="about the embedded store's files")
+BANYAN = [sys.executable, "-m", "banyan.cli"]
+
+
+def _names(server, session=requests):
+    """{name: _id} of every stored task."""
+    r = session.get(server.url + "/tasks", params={"max_results": 10000, "projection": json.dumps({"name": 1})})
+    assert r.status_code == 200, r.text
+    return {t["name"]: t["_id"] for t in r.json()["_items"]}
 
 
 def test_acknowledged_posts_survive_sigkill(tmp_path, http):
@@ -33,6 +58,162 @@ def test_acknowledged_posts_survive_sigkill(tmp_path, http):
             assert task["state"] == body["state"]
         total = http.get(server.url + "/tasks", params={"max_results": 1}).json()["_meta"]["total"]
         assert total == 200
+    finally:
+        server.stop()
+    assert server.server_errors() == []
+
+
+@embedded_only
+@pytest.mark.slow
+def test_disk_full_answers_507_changes_nothing_and_service_resumes(tmp_path):
+    with small_tmpfs(tmp_path / "fs", "8m") as fs:
+        server = LiveServer(fs).start()  # its log is beside the tmpfs, not in it
+        s = requests.Session()
+        try:
+            kept = s.post(server.url + "/tasks", json={"name": "kept", "command": ["true"], "state": "inactive"})
+            assert kept.status_code == 201, kept.text
+            kept = kept.json()["_id"]
+            filler = fill(fs, 256 * 1024)
+            acked, refused = {"kept"}, None
+            for i in range(3000):
+                r = s.post(server.url + "/tasks", json={"name": "t%d" % i, "command": ["echo", "x" * 2000],
+                                                         "state": "inactive"})
+                if r.status_code != 201:
+                    refused = ("t%d" % i, r)
+                    break
+                acked.add("t%d" % i)
+            assert refused is not None, "the disk never filled"
+            name, r = refused
+            assert r.status_code == 507, r.text
+            assert "out of disk space" in r.json()["_error"]["message"] and "ENOSPC" in r.json()["_error"]["message"]
+            assert set(_names(server, s)) == acked  # the refused task is nowhere
+            big = s.patch(server.url + "/tasks/" + kept, json={"environment": {"BIG": "y" * 400000}})
+            assert big.status_code == 507, big.text
+            assert s.get(server.url + "/tasks/" + kept).json().get("environment", {}) == {}
+            # space back: the server serves again by itself
+            os.remove(filler)
+            r = s.post(server.url + "/tasks", json={"name": "after", "command": ["true"], "state": "inactive"})
+            assert r.status_code == 201, r.text
+            acked.add("after")
+            # restart on a full disk: start-up compaction has no room, and the server starts anyway
+            fill(fs, 16 * 1024)
+            server.kill(signal.SIGKILL)
+            server.start()
+            assert set(_names(server, s)) == acked
+        finally:
+            server.stop()
+        assert server.server_errors() == []
+
+
+def _damage_middle_record(path):
+    """Flip one byte in the middle record of a journal; returns (offset,
+    ids of documents that no other record holds)."""
+    scan = journal.read(path)
+    start, end, actions = scan.records[len(scan.records) // 2]
+    with open(path, "r+b") as f:
+        f.seek((start + end) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    ids = lambda acts: {str(d["_id"]) for a in acts if a.get("o") == "p" for d in a["docs"]}
+    elsewhere = set().union(*(ids(a) for s, _, a in scan.records if s != start))
+    return start, ids(actions) - elsewhere
+
+
+@embedded_only
+@pytest.mark.slow
+def test_a_flipped_byte_refuses_start_and_repair_salvages_the_rest(tmp_path, http):
+    data = tmp_path / "data"
+    server = LiveServer(data).start()
+    posted = []
+    try:
+        for i in range(60):
+            r = http.post(server.url + "/tasks", json={"name": "t%d" % i, "command": ["true"]})
+            posted.append(r.json()["_id"])
+    finally:
+        server.kill(signal.SIGKILL)
+    path = os.path.join(str(data), journal.JOURNAL)
+    offset, lost = _damage_middle_record(path)
+    refused = subprocess.run(BANYAN + ["server", "--port", "0", "--data-dir", str(data)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert path in refused.stderr and "offset %d" % offset in refused.stderr
+    assert "banyan store repair %s" % data in refused.stderr
+    repair = subprocess.run(BANYAN + ["store", "repair", str(data)], capture_output=True, text=True, timeout=120)
+    assert repair.returncode == 0, repair.stderr
+    assert "could not salvage" in repair.stdout and "offset %d" % offset in repair.stdout
+    server.start()
+    try:
+        stored = set(_names(server, http).values())
+        assert stored == set(posted) - lost and len(lost) <= 1
+    finally:
+        server.stop()
+    assert server.server_errors() == []
+
+
+class _BulkWriter(threading.Thread):
+    """POSTs batches of tasks until the server goes away; keeps the batches
+    it got a 201 for."""
+
+    def __init__(self, url, tag, size=20):
+        super().__init__(daemon=True)
+        self.url, self.tag, self.size = url, tag, size
+        self.acked, self.sent = [], []
+
+    def run(self):
+        s = requests.Session()
+        n = 0
+        while True:
+            batch = ["%s-%d-%d" % (self.tag, n, i) for i in range(self.size)]
+            self.sent.append(batch)
+            try:
+                r = s.post(self.url + "/tasks", json=[{"name": b, "command": ["echo", b * 20]} for b in batch],
+                           timeout=60)
+            except requests.RequestException:
+                return
+            if r.status_code != 201:
+                return
+            self.acked.append(batch)
+            n += 1
+
+
+@embedded_only
+@pytest.mark.slow
+def test_kill_9_during_compaction_and_bulk_writes_loses_no_acknowledged_write(tmp_path):
+    """Compaction runs every 64 KiB of journal here; round 0 is killed the
+    moment a compaction's snapshot file appears, the others at random."""
+    data = tmp_path / "data"
+    server = LiveServer(data, env={"BANYAN_STORE_COMPACT_BYTES": str(64 * 1024)})
+    rng = random.Random(os.environ.get("BANYAN_TEST_SEED", 7))
+    tmp_snapshot = os.path.join(str(data), journal.SNAPSHOT + ".tmp")
+    acked, sent = [], []
+    for round_ in range(4):
+        server.start()
+        writers = [_BulkWriter(server.url, "r%dw%d" % (round_, w)) for w in range(2)]
+        for w in writers:
+            w.start()
+        deadline = time.monotonic() + 30
+        if round_ == 0:
+            while not os.path.exists(tmp_snapshot) and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            assert os.path.exists(tmp_snapshot), "no compaction seen"
+        else:
+            until = time.monotonic() + rng.uniform(0.3, 2.0)
+            while time.monotonic() < until:
+                time.sleep(0.01)
+        server.kill(signal.SIGKILL)
+        for w in writers:
+            w.join(timeout=60)
+            acked += w.acked
+            sent += w.sent
+    server.start()
+    try:
+        stored = _names(server)
+        for batch in acked:
+            assert all(name in stored for name in batch), batch
+        for batch in sent:  # a batch is all there or not at all
+            assert sum(name in stored for name in batch) in (0, len(batch)), batch
+        assert len(acked) >= 8
     finally:
         server.stop()
     assert server.server_errors() == []
