@@ -20,6 +20,7 @@ from pymongo.errors import DuplicateKeyError, InvalidOperation, OperationFailure
 from pymongo.write_concern import WriteConcern
 
 from banyan.server import store as store_mod
+from banyan.store import engine, journal
 from banyan.server.store import EmbeddedClient, EmbeddedCollection, connect
 
 CLAIM_INDEX = [("state", 1), ("pending_dependency_count", 1), ("priority", -1), ("_created", 1)]
@@ -448,9 +449,9 @@ def test_torn_journal_tail_is_ignored(tmp_path):
     _coll(c).insert_one({"_id": "b", "v": 2})
     _coll(c).update_one({"_id": "a"}, {"$set": {"v": 10}})
     c.close()
-    journal = os.path.join(path, store_mod._JOURNAL)
-    frame = store_mod._frame([{"o": "p", "d": "banyan", "c": "tasks", "docs": [{"_id": "c"}]}])
-    with open(journal, "ab") as f:
+    journal_path = os.path.join(path, journal.JOURNAL)
+    frame = journal.frame([{"o": "p", "d": "banyan", "c": "tasks", "docs": [{"_id": "c"}]}])
+    with open(journal_path, "ab") as f:
         f.write(frame[:len(frame) // 2])  # a half-written record, as after a crash
     c = EmbeddedClient(path)
     coll = _coll(c)
@@ -459,7 +460,7 @@ def test_torn_journal_tail_is_ignored(tmp_path):
     assert coll.find_one({"_id": "c"}) is None
     coll.insert_one({"_id": "d"})
     c.close()
-    with open(journal, "ab") as f:
+    with open(journal_path, "ab") as f:
         f.write(b"\x00garbage that is not a record")
     c = EmbeddedClient(path)
     assert sorted(d["_id"] for d in _coll(c).find()) == ["a", "b", "d"]
@@ -473,7 +474,7 @@ def test_journal_compacts_past_limit(tmp_path):
     for i in range(300):
         coll.insert_one({"_id": i, "pad": "x" * 200})
     coll.delete_many({"_id": {"$lt": 100}})
-    assert os.path.getsize(os.path.join(path, store_mod._JOURNAL)) <= 20000 + 1000
+    assert os.path.getsize(os.path.join(path, journal.JOURNAL)) <= 20000 + 1000
     c.close()
     c = EmbeddedClient(path)
     assert c["banyan"]["tasks"].count_documents({}) == 200
@@ -537,8 +538,8 @@ def test_acknowledged_writes_survive_sigkill(tmp_path, mode):
 def test_writes_in_one_sync_share_one_fdatasync(tmp_path, monkeypatch):
     c = EmbeddedClient(str(tmp_path / "data"))
     syncs = []
-    real = store_mod._fdatasync
-    monkeypatch.setattr(store_mod, "_fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    real = engine._fdatasync
+    monkeypatch.setattr(engine, "_fdatasync", lambda fd: (syncs.append(fd), real(fd)))
     coll = _coll(c)
     with store_mod.one_sync(c):
         with store_mod.one_sync(c):  # nested: still one
@@ -578,3 +579,12 @@ def test_concurrent_claims_are_exclusive(client):
             assert coll.find_one({"_id": i})["worker"] == wid
     assert coll.count_documents({"state": "running"}) == 2000
     assert coll.find_one({"state": "available"}) is None
+
+
+def test_an_untested_mongomock_is_refused(tmp_path, monkeypatch):
+    from banyan.store import adapter
+    adapter.check_mongomock("4.3.0")
+    monkeypatch.setattr(mongomock, "__version__", "4.4.1")
+    with pytest.raises(RuntimeError, match=r"tested with mongomock >=4\.3,<4\.4, and mongomock 4\.4\.1 is installed"):
+        EmbeddedClient(str(tmp_path / "data"))
+    assert not os.path.exists(tmp_path / "data")  # refused before touching anything

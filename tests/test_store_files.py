@@ -11,9 +11,8 @@ import sys
 
 import pytest
 
-from banyan.server import store as store_mod
 from banyan.server.store import EmbeddedClient
-from banyan.store import journal
+from banyan.store import engine, journal
 from banyan.store.errors import StoreCorrupt, StoreUnavailable
 
 
@@ -131,18 +130,18 @@ def test_a_write_cut_short_is_cut_from_the_journal(tmp_path, monkeypatch, code, 
     coll = _coll(c)
     coll.insert_one({"_id": 1})
     size = os.path.getsize(os.path.join(data, journal.JOURNAL))
-    real = store_mod._write_all
+    real = engine._write_all
 
     def half_then_fail(fd, record):
         os.write(fd, record[:len(record) // 2])
         raise OSError(code, os.strerror(code))
-    monkeypatch.setattr(store_mod, "_write_all", half_then_fail)
+    monkeypatch.setattr(engine, "_write_all", half_then_fail)
     with pytest.raises(StoreUnavailable) as failed:
         coll.insert_one({"_id": 2})
     assert failed.value.status == status and errno.errorcode[code] in str(failed.value)
     assert os.path.getsize(os.path.join(data, journal.JOURNAL)) == size
     assert coll.find_one({"_id": 2}) is None
-    monkeypatch.setattr(store_mod, "_write_all", real)
+    monkeypatch.setattr(engine, "_write_all", real)
     coll.insert_one({"_id": 3})
     c.close()
     c = EmbeddedClient(data)
@@ -158,7 +157,7 @@ def test_a_failed_sync_refuses_every_call_until_reopened(tmp_path, monkeypatch):
 
     def eio(fd):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
-    monkeypatch.setattr(store_mod, "_fdatasync", eio)
+    monkeypatch.setattr(engine, "_fdatasync", eio)
     with pytest.raises(StoreUnavailable) as failed:
         coll.insert_one({"_id": 2})
     assert failed.value.status == 503 and "EIO" in str(failed.value)

@@ -1,0 +1,780 @@
+"""The mongomock adapter: pymongo-shaped client, database and collection
+classes over mongomock, made fit for serving.
+
+* Atomic and thread-safe: every call runs under the engine's lock, so
+  single-document operations (find_one_and_update with a state
+  precondition, ...) are atomic like in MongoDB.
+* Durable: every write call is journaled by the engine (`engine.Engine`)
+  before its lock is released, and rolled back if that fails.
+* Fast: mongomock answers every query by scanning every document.  Here
+  `_id` equality / `$in` are dict lookups, and equality on the leading fields
+  of a declared index (including multikey array fields) reads candidates from
+  a SortedList per index.  When the sort equals the remaining index fields,
+  candidates come out already in order and the scan stops at the first match
+  for find_one / find_one_and_update / limit.  Every candidate is still
+  checked with mongomock's own filter, and results (including order of ties)
+  are exactly those of a mongomock full scan.
+"""
+
+import collections.abc
+import copy
+import functools
+import itertools
+import re
+
+import mongomock
+import pymongo
+from mongomock import aggregate as mm_aggregate
+from mongomock import codec_options as mm_codec_options
+from mongomock import collection as mm_collection
+from mongomock import command_cursor as mm_command_cursor
+from mongomock import database as mm_database
+from mongomock import helpers
+from mongomock import read_preferences as mm_read_preferences
+from mongomock import store as mm_store
+from mongomock.filtering import filter_applies
+from pymongo import ReturnDocument
+from pymongo.errors import (BulkWriteError, ConfigurationError, DuplicateKeyError,
+                            OperationFailure, WriteError)
+from pymongo.results import BulkWriteResult
+
+from banyan.store.aggregation import fast_stage, inclusion_projection, stage_name
+from banyan.store.engine import Engine
+from banyan.store.indexes import TOP, SecondaryIndex, indexable_spec
+from banyan.store.planning import eq_conditions, matcher, mongomock_sort, norm_sort, store_key
+
+#: The mongomock versions this adapter is tested with (it subclasses
+#: mongomock's classes and calls a few of their internals); pyproject.toml
+#: pins the same range.
+TESTED_MONGOMOCK = ((4, 3), (4, 4))  # >= 4.3, < 4.4
+DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
+DEFAULT_DATABASE = 'banyan'
+_MAX_RANGES = 256
+
+
+# ---------------------------------------------------------------------------
+# Stores: mongomock's in-memory stores, with secondary indexes and journaling
+# hooks on every change.
+# ---------------------------------------------------------------------------
+
+class _CollectionStore(mm_store.CollectionStore):
+    """mongomock CollectionStore keeping secondary indexes in sync.
+
+    Inserts, replacements and deletes arrive through __setitem__ /
+    __delitem__; in-place updates by mongomock's _update are reported via
+    touch() and re-indexed by flush_touched().
+    """
+
+    def __init__(self, name, engine, db_name):
+        super().__init__(name)
+        self._engine = engine
+        self.db_name = db_name
+        self._seq_counter = itertools.count()
+        self._key_seq = {}
+        self._seq_key = {}
+        self._sec = {}          # index name -> SecondaryIndex
+        self._reg = {}          # store key -> {index name: (entries, flags)}
+        self._pending = []      # store keys touched in place, to re-index
+        self._undo = None       # (document, its copy) for the update under way
+        self.recording = None   # None, 'one' or 'multi' while in _update
+        self.deferred = False   # while loading: index everything at the end
+
+    # -- index maintenance -------------------------------------------------
+    def _index_doc(self, key):
+        doc = self._documents[key]
+        seq = self._key_seq[key]
+        reg = {}
+        for name, idx in self._sec.items():
+            entries, flags = idx.doc_entries(doc, seq)
+            idx.add(entries, flags)
+            reg[name] = (entries, flags)
+        self._reg[key] = reg
+
+    def _unindex_doc(self, key):
+        reg = self._reg.pop(key, None)
+        if reg:
+            for name, (entries, flags) in reg.items():
+                self._sec[name].remove(entries, flags)
+
+    def _reindex(self, key):
+        if self.deferred:
+            return
+        self._unindex_doc(key)
+        if key in self._documents:
+            self._index_doc(key)
+
+    def flush_touched(self):
+        while self._pending:
+            pending, self._pending = self._pending, []
+            for key in set(pending):
+                self._reindex(key)
+
+    def touch(self, doc):
+        """`doc` is about to be changed in place by an update."""
+        key = store_key(doc['_id'])
+        self._pending.append(key)
+        self._engine.note_touch(self, key, doc)
+        self._undo = (doc, copy.deepcopy(doc))
+        self._engine.note_undo(self, key, self._undo[1])
+
+    def undo_touch(self):
+        """Put back the document an update failed on: mongomock applies
+        operators one by one, and MongoDB changes a document all or not at
+        all. Documents finished earlier in an update_many stay changed, as
+        in MongoDB."""
+        if self._undo is not None:
+            doc, before = self._undo
+            doc.clear()
+            doc.update(copy.deepcopy(before))  # `before` stays the engine's undo image
+        self._undo = None
+
+    # -- mongomock store API -----------------------------------------------
+    def restore(self, key, doc):
+        """Put back `doc` (None: no document) under `key`, journaling nothing:
+        undoes a change whose journal record could not be written."""
+        if doc is None:
+            if key in self._documents:
+                del self[key]
+        else:
+            self[key] = doc
+
+    def __setitem__(self, key, val):
+        self._engine.note_undo(self, key, self._documents.get(key))
+        if key not in self._key_seq:
+            seq = next(self._seq_counter)
+            self._key_seq[key] = seq
+            self._seq_key[seq] = key
+        super().__setitem__(key, val)
+        self._reindex(key)
+        self._engine.note_doc(self, key, val['_id'], forced=True)
+
+    def __delitem__(self, key):
+        self._engine.note_undo(self, key, self._documents[key])
+        doc_id = self._documents[key]['_id']
+        self._unindex_doc(key)
+        super().__delitem__(key)
+        seq = self._key_seq.pop(key, None)
+        self._seq_key.pop(seq, None)
+        self._engine.note_doc(self, key, doc_id, forced=True)
+
+    def create(self):
+        super().create()
+        self._engine.note({'o': 'mk', 'd': self.db_name, 'c': self.name})
+
+    def drop(self):
+        super().drop()
+        self._key_seq.clear()
+        self._seq_key.clear()
+        self._sec.clear()
+        self._reg.clear()
+        self._pending = []
+        self._engine.note({'o': 'drop', 'd': self.db_name, 'c': self.name})
+
+    def create_index(self, index_name, index_dict):
+        unchanged = self.indexes.get(index_name) == index_dict
+        super().create_index(index_name, index_dict)
+        if unchanged and (index_name in self._sec or not indexable_spec(index_dict)):
+            return
+        self._engine.note({'o': 'ix', 'd': self.db_name, 'c': self.name,
+                           'n': index_name, 's': index_dict})
+        self._sec.pop(index_name, None)
+        for reg in self._reg.values():
+            reg.pop(index_name, None)
+        if not indexable_spec(index_dict):
+            return
+        if self.deferred:
+            self._sec[index_name] = SecondaryIndex(index_dict['key'])
+            return
+        self.flush_touched()
+        self._build_index(index_name, SecondaryIndex(index_dict['key']))
+
+    def _build_index(self, index_name, idx):
+        all_entries = []
+        all_flags = []
+        key_seq = self._key_seq
+        for key, doc in self._documents.items():
+            entries, flags = idx.doc_entries(doc, key_seq[key])
+            all_entries.extend(entries)
+            all_flags.append(flags)
+            if not self.deferred:
+                self._reg.setdefault(key, {})[index_name] = (entries, flags)
+        for flags in all_flags:
+            idx.add((), flags)
+        idx.add(all_entries, (), bulk=True)
+        self._sec[index_name] = idx
+
+    def finish_loading(self):
+        """Index all documents at once after a bulk load (much faster than
+        one SortedList insertion at a time)."""
+        self.deferred = False
+        self._reg = {key: {} for key in self._documents}
+        for name, idx in list(self._sec.items()):
+            self._build_index(name, SecondaryIndex(idx.fields))
+
+    def drop_index(self, index_name):
+        super().drop_index(index_name)
+        self._sec.pop(index_name, None)
+        for reg in self._reg.values():
+            reg.pop(index_name, None)
+        self._engine.note({'o': 'dx', 'd': self.db_name, 'c': self.name,
+                           'n': index_name})
+
+    # -- query planning ----------------------------------------------------
+    def _ordered_by_seq(self, keys):
+        seqs = sorted(self._key_seq[k] for k in keys)
+        docs = self._documents
+        seq_key = self._seq_key
+        return [docs[seq_key[s]] for s in seqs]
+
+    def plan(self, spec, sort):
+        """Candidate documents for spec, or None for a full scan.
+
+        Returns (iterable of stored docs, ordered): `ordered` means the
+        candidates already come in the order mongomock's sort would give
+        (or store order when there is no sort).  Candidates are a superset
+        of the matches; the caller applies the full filter.
+        """
+        self.flush_touched()
+        conds = eq_conditions(spec, {})
+        if not conds:
+            return None
+        if '_id' in conds:
+            keys = set()
+            for v in conds['_id']:
+                if isinstance(v, dict):
+                    return None
+                try:
+                    if v in self._documents:
+                        keys.add(v)
+                except TypeError:
+                    return None
+            return self._ordered_by_seq(keys), not sort
+        sort_fields = norm_sort(sort)
+        best = None
+        for name, idx in self._sec.items():
+            prefix = []
+            nranges = 1
+            for field, _ in idx.fields:
+                vals = conds.get(field)
+                if vals is None:
+                    break
+                n = nranges * max(1, len(vals))
+                if n > _MAX_RANGES:
+                    break
+                prefix.append(field)
+                nranges = n
+            if not prefix:
+                continue
+            aligned = False
+            if (sort_fields is not None and nranges == 1 and all(
+                    isinstance(d, (int, float)) and d for _, d in sort_fields)):
+                j = len(prefix)
+                fixed = {f for (f, _), st in zip(idx.fields[:j], idx.stats) if not st[0]}
+                wanted = [(f, 1 if d > 0 else -1) for f, d in sort_fields if f not in fixed]
+                aligned = (wanted == idx.fields[j:]
+                           and not any(st[0] for st in idx.stats[j:]))
+            score = (len(prefix), aligned, -len(idx.fields))
+            if best is None or score > best[0]:
+                best = (score, name, idx, prefix, aligned)
+        if best is None:
+            return None
+        _, _, idx, prefix, aligned = best
+        per_field = [
+            [k for v in conds[field] for k in idx.lookup_keys(pos, v)]
+            for pos, field in enumerate(prefix)]
+        ranges = list(itertools.product(*per_field))
+        if aligned and len(ranges) == 1:
+            return self._iter_range(idx, ranges[0]), True
+        keys = set()
+        seq_key = self._seq_key
+        for lo in ranges:
+            for e in idx.entries.irange(lo, lo + (TOP,)):
+                keys.add(seq_key[e[-1]])
+        return self._ordered_by_seq(keys), not sort
+
+    def _iter_range(self, idx, lo):
+        docs = self._documents
+        seq_key = self._seq_key
+        for e in idx.entries.irange(lo, lo + (TOP,)):
+            yield docs[seq_key[e[-1]]]
+
+
+class _DatabaseStore(mm_store.DatabaseStore):
+    def __init__(self, engine, db_name):
+        super().__init__()
+        self._engine = engine
+        self._db_name = db_name
+
+    def __getitem__(self, col_name):
+        try:
+            return self._collections[col_name]
+        except KeyError:
+            col = self._collections[col_name] = _CollectionStore(
+                col_name, self._engine, self._db_name)
+            col.deferred = self._engine.replaying
+            return col
+
+    def rename(self, name, new_name):
+        raise NotImplementedError('rename is not supported by the embedded store')
+
+
+class _ServerStore(mm_store.ServerStore):
+    def __init__(self, engine):
+        super().__init__()
+        self._engine = engine
+
+    def __getitem__(self, db_name):
+        try:
+            return self._databases[db_name]
+        except KeyError:
+            db = self._databases[db_name] = _DatabaseStore(self._engine, db_name)
+            return db
+
+
+# ---------------------------------------------------------------------------
+# pymongo-shaped classes
+# ---------------------------------------------------------------------------
+
+class _Cursor(mm_collection.Cursor):
+    """mongomock Cursor that only materializes skip+limit documents."""
+
+    def __init__(self, *args, **kwargs):
+        self._cache_key = None
+        self._window = self._window_key = None
+        super().__init__(*args, **kwargs)
+
+    def _compute_results(self, with_limit_and_skip=False):
+        stop = None
+        if with_limit_and_skip and self._limit:
+            stop = self._skip + abs(self._limit)
+        wanted = (self._factory, stop)
+        full = (self._factory, None)
+        if self._results is None or self._cache_key not in (wanted, full):
+            results = self._factory(stop=stop)
+            if self.collection.codec_options.tz_aware:
+                results = [helpers.make_datetime_timezone_aware_in_document(x)
+                           for x in results]
+            self._results = results
+            self._cache_key = wanted
+            self._window_key = None
+        results = self._results
+        if with_limit_and_skip:
+            # `__next__` asks for the window once per document: slicing it
+            # anew each time made iterating n documents cost n squared.
+            key = (self._skip, self._limit)
+            if self._window_key != key:
+                window = results[self._skip:]
+                if self._limit:
+                    window = window[:abs(self._limit)]
+                self._window, self._window_key = window, key
+            results = self._window
+        return results
+
+    def clone(self):
+        cursor = _Cursor(self.collection, self._spec, self._sort, self._projection,
+                         self._skip, self._limit)
+        cursor._factory = self._factory
+        return cursor
+
+
+def _locked(name):
+    base = getattr(mm_collection.Collection, name)
+
+    @functools.wraps(base)
+    def method(self, *args, **kwargs):
+        with self._engine.op():
+            return base(self, *args, **kwargs)
+    return method
+
+
+class EmbeddedCollection(mm_collection.Collection):
+    """mongomock Collection: locked, journaled, index-accelerated."""
+
+    @property
+    def _engine(self):
+        return self.database.client._engine  # pylint: disable=protected-access
+
+    def __reduce__(self):  # pragma: no cover - defensive
+        raise TypeError('EmbeddedCollection cannot be pickled')
+
+    # -- reads ---------------------------------------------------------------
+    def find(self, filter=None, projection=None, skip=0, limit=0,  # pylint: disable=redefined-builtin
+             no_cursor_timeout=False, cursor_type=None, sort=None,
+             allow_partial_results=False, oplog_replay=False, modifiers=None,
+             batch_size=0, manipulate=True, collation=None, session=None,
+             max_time_ms=None, allow_disk_use=False, **kwargs):
+        spec = {} if filter is None else filter
+        mm_collection.validate_is_mapping('filter', spec)
+        for kwarg, value in kwargs.items():
+            if value:
+                raise OperationFailure("Unrecognized field '%s'" % kwarg)
+        return _Cursor(self, spec, sort, projection, skip, limit,
+                       collation=collation).max_time_ms(max_time_ms).allow_disk_use(allow_disk_use)
+
+    def find_one(self, filter=None, *args, **kwargs):  # pylint: disable=keyword-arg-before-vararg,redefined-builtin
+        if filter is None:
+            filter = {}
+        if not isinstance(filter, collections.abc.Mapping):
+            filter = {'_id': filter}
+        with self._engine.op():
+            for doc in self.find(filter, *args, **kwargs).limit(-1):
+                return doc
+        return None
+
+    def _get_dataset(self, spec, sort, fields, as_class, stop=None):
+        """Matching documents, sorted and projected, computed under the lock."""
+        with self._engine.op():
+            store = self._store
+            plan = store.plan(spec, sort)
+            if store.is_empty:
+                filter_applies(spec, {})  # validate the filter like mongomock
+            if plan is None:
+                docs, ordered = list(store._documents.values()), not sort  # pylint: disable=protected-access
+            else:
+                docs, ordered = plan
+            match = matcher(spec)
+            matched = (d for d in docs if match(d))
+            if sort and not ordered:
+                matched = mongomock_sort(list(matched), sort)
+            out = []
+            if stop is not None and stop <= 0:
+                return out
+            for doc in matched:
+                out.append(self._copy_only_fields(doc, fields, as_class))
+                if stop is not None and len(out) >= stop:
+                    break
+            return out
+
+    def _iter_documents(self, filter):  # pylint: disable=redefined-builtin
+        store = self._store
+        if store.is_empty:
+            filter_applies(filter, {})
+        recording = store.recording
+        plan = store.plan(filter, None)
+        if plan is None:
+            docs = list(store._documents.values())  # pylint: disable=protected-access
+        else:
+            docs = plan[0]
+            if recording == 'multi':
+                docs = list(docs)
+        return self._yield_matching(matcher(filter), docs, store, recording)
+
+    @staticmethod
+    def _yield_matching(match, docs, store, recording):
+        for doc in docs:
+            if match(doc):
+                if recording:
+                    store.touch(doc)
+                yield doc
+
+    def count_documents(self, filter, **kwargs):  # pylint: disable=redefined-builtin
+        with self._engine.op():
+            if filter == {} and not kwargs:
+                return len(self._store._documents)  # pylint: disable=protected-access
+            return super().count_documents(filter, **kwargs)
+
+    def estimated_document_count(self, **kwargs):
+        with self._engine.op():
+            if not kwargs:
+                return len(self._store._documents)  # pylint: disable=protected-access
+            return super().estimated_document_count(**kwargs)
+
+    def aggregate(self, pipeline, session=None, **unused_kwargs):
+        """mongomock's pipeline over copies of the matching documents. A
+        leading `$match` uses the indexes, a following inclusion `$project`
+        copies only its fields, and the stages after it run outside the
+        lock (they only see those copies)."""
+        if session:
+            raise NotImplementedError('the embedded store has no sessions')
+        pipeline = list(pipeline)
+        spec, projection = {}, None
+        if pipeline and stage_name(pipeline[0]) == '$match':
+            spec = pipeline.pop(0)['$match']
+        if pipeline and inclusion_projection(pipeline[0]):
+            projection = pipeline.pop(0)['$project']
+        with self._engine.op():
+            docs = list(self.find(spec, projection))
+        for i, stage in enumerate(pipeline):
+            fast = fast_stage(pipeline, i)
+            result = fast(docs, next(iter(stage.values()))) if fast else None
+            if result is None:
+                result = list(mm_aggregate.process_pipeline(docs, self.database, [stage], None))
+            docs = result
+        return mm_command_cursor.CommandCursor(docs)
+
+    def list_indexes(self, session=None):
+        with self._engine.op():
+            return iter(list(super().list_indexes(session=session)))
+
+    # -- writes --------------------------------------------------------------
+    def _update(self, spec, document, upsert=False, manipulate=False, multi=False,
+                check_keys=False, hint=None, session=None, collation=None, let=None,
+                array_filters=None, **kwargs):
+        with self._engine.op():
+            store = self._store
+            previous = store.recording
+            store.recording = 'multi' if multi else 'one'
+            try:
+                return super()._update(
+                    spec, document, upsert=upsert, manipulate=manipulate, multi=multi,
+                    check_keys=check_keys, hint=hint, session=session, collation=collation,
+                    let=let, array_filters=array_filters, **kwargs)
+            except (TypeError, AttributeError) as err:
+                # an operator on a value of the wrong type (`$inc` on a
+                # string, `$push` to a non-array): MongoDB's TypeMismatch
+                store.undo_touch()
+                raise WriteError(str(err), code=14) from err
+            except Exception:
+                store.undo_touch()
+                raise
+            finally:
+                store.recording = previous
+                store._undo = None  # pylint: disable=protected-access
+                store.flush_touched()
+
+    def _find_and_modify(self, query, projection=None, update=None, upsert=False,
+                         sort=None, return_document=ReturnDocument.BEFORE, session=None,
+                         **kwargs):
+        with self._engine.op():
+            if session:
+                mm_collection.raise_not_implemented(
+                    'session', 'Mongomock does not handle sessions yet')
+            remove = kwargs.get('remove', False)
+            if kwargs.get('new', False) and remove:
+                raise OperationFailure("remove and returnNew can't co-exist")
+            if not (remove or update):
+                raise ValueError('Must either update or remove')
+            if remove and update:
+                raise ValueError("Can't do both update and remove")
+            old = self.find_one(query, projection=projection, sort=sort)
+            if old is None and not upsert:
+                return None
+            target = query
+            if old is not None:
+                if '_id' in old:
+                    target = {'_id': old['_id']}
+                else:
+                    target = {'_id': self.find_one(query, projection={'_id': 1}, sort=sort)['_id']}
+            if remove:
+                self.delete_one(target)
+            else:
+                updated = self._update(target, update, upsert)
+                if updated['upserted'] is not None:
+                    target = {'_id': updated['upserted']}
+            if return_document is ReturnDocument.AFTER or kwargs.get('new'):
+                return self.find_one(target, projection)
+            return old
+
+    def create_index(self, key_or_list, cache_for=300, session=None, **kwargs):
+        with self._engine.op():
+            try:
+                return super().create_index(key_or_list, cache_for, session=session, **kwargs)
+            except OperationFailure as err:
+                if err.code is None and 'already exists with different options' in str(err):
+                    raise OperationFailure(str(err), code=85) from err
+                raise
+
+    def bulk_write(self, requests, ordered=True, bypass_document_validation=False,
+                   session=None, **unused_kwargs):
+        """pymongo bulk_write, run as one atomic call with one journal record.
+
+        (mongomock 4.3's own bulk_write breaks on pymongo >= 4.9 operations.)
+        """
+        with self._engine.op():
+            result = {'writeErrors': [], 'writeConcernErrors': [], 'nInserted': 0,
+                      'nUpserted': 0, 'nMatched': 0, 'nModified': 0, 'nRemoved': 0,
+                      'upserted': []}
+            for index, request in enumerate(requests):
+                try:
+                    self._bulk_one(index, request, result)
+                except (DuplicateKeyError, OperationFailure) as err:
+                    result['writeErrors'].append({
+                        'index': index, 'code': getattr(err, 'code', None) or 2,
+                        'errmsg': str(err), 'op': request})
+                    if ordered:
+                        break
+            if result['writeErrors']:
+                raise BulkWriteError(result)
+            return BulkWriteResult(result, True)
+
+    def _bulk_one(self, index, request, result):
+        if isinstance(request, pymongo.InsertOne):
+            self.insert_one(request._doc)  # pylint: disable=protected-access
+            result['nInserted'] += 1
+        elif isinstance(request, (pymongo.UpdateOne, pymongo.UpdateMany, pymongo.ReplaceOne)):
+            flt, doc = request._filter, request._doc  # pylint: disable=protected-access
+            upsert = bool(request._upsert)  # pylint: disable=protected-access
+            if isinstance(request, pymongo.ReplaceOne):
+                res = self.replace_one(flt, doc, upsert=upsert)
+            elif isinstance(request, pymongo.UpdateOne):
+                res = self.update_one(flt, doc, upsert=upsert)
+            else:
+                res = self.update_many(flt, doc, upsert=upsert)
+            if res.upserted_id is not None:
+                result['nUpserted'] += 1
+                result['upserted'].append({'index': index, '_id': res.upserted_id})
+            else:
+                result['nMatched'] += res.matched_count
+                result['nModified'] += res.modified_count
+        elif isinstance(request, (pymongo.DeleteOne, pymongo.DeleteMany)):
+            flt = request._filter  # pylint: disable=protected-access
+            if isinstance(request, pymongo.DeleteOne):
+                result['nRemoved'] += self.delete_one(flt).deleted_count
+            else:
+                result['nRemoved'] += self.delete_many(flt).deleted_count
+        else:
+            raise TypeError(f'{request!r} is not a valid request')
+
+    def drop_indexes(self, session=None):
+        with self._engine.op():
+            if session:
+                mm_collection.raise_not_implemented(
+                    'session', 'Mongomock does not handle sessions yet')
+            for name in list(self._store.indexes):
+                self._store.drop_index(name)
+
+    def rename(self, new_name, session=None, **kwargs):
+        raise NotImplementedError('rename is not supported by the embedded store')
+
+    def with_options(self, codec_options=None, read_preference=None, write_concern=None,
+                     read_concern=None):
+        base = super().with_options(codec_options=codec_options,
+                                    read_preference=read_preference,
+                                    write_concern=write_concern, read_concern=read_concern)
+        if base is self:
+            return self
+        return EmbeddedCollection(
+            self.database, self.name, _db_store=self._db_store,
+            write_concern=base.write_concern, read_concern=base.read_concern,
+            read_preference=base.read_preference, codec_options=base.codec_options)
+
+
+for _name in ('insert_one', 'insert_many', 'update_one', 'update_many', 'replace_one',
+              'delete_one', 'delete_many', 'distinct', 'create_indexes',
+              'drop_index', 'drop', 'index_information', 'find_one_and_delete',
+              'find_one_and_replace', 'find_one_and_update'):
+    setattr(EmbeddedCollection, _name, _locked(_name))
+del _name
+
+
+class EmbeddedDatabase(mm_database.Database):
+    """mongomock Database handing out EmbeddedCollections."""
+
+    def get_collection(self, name, codec_options=None, read_preference=None,
+                       write_concern=None, read_concern=None):
+        with self._client._engine.op():  # pylint: disable=protected-access
+            if read_preference is not None:
+                mm_read_preferences.ensure_read_preference_type('read_preference', read_preference)
+            mm_codec_options.is_supported(codec_options)
+            try:
+                return self._collection_accesses[name].with_options(
+                    codec_options=codec_options or self._codec_options,
+                    read_preference=read_preference or self.read_preference,
+                    read_concern=read_concern, write_concern=write_concern)
+            except KeyError:
+                self._ensure_valid_collection_name(name)
+                collection = self._collection_accesses[name] = EmbeddedCollection(
+                    self, name=name, read_concern=read_concern, write_concern=write_concern,
+                    read_preference=read_preference or self.read_preference,
+                    codec_options=codec_options or self._codec_options, _db_store=self._store)
+                return collection
+
+    def drop_collection(self, name_or_collection, session=None):
+        with self._client._engine.op():  # pylint: disable=protected-access
+            return super().drop_collection(name_or_collection, session=session)
+
+    def create_collection(self, name, **kwargs):
+        with self._client._engine.op():  # pylint: disable=protected-access
+            return super().create_collection(name, **kwargs)
+
+    def list_collection_names(self, filter=None, session=None):  # pylint: disable=redefined-builtin
+        with self._client._engine.op():  # pylint: disable=protected-access
+            return super().list_collection_names(filter=filter, session=session)
+
+    def rename_collection(self, name, new_name, dropTarget=False):
+        raise NotImplementedError('rename is not supported by the embedded store')
+
+    def with_options(self, codec_options=None, read_preference=None, write_concern=None,
+                     read_concern=None):
+        """write_concern is accepted and ignored: every write is fsynced."""
+        mm_codec_options.is_supported(codec_options)
+        if (read_preference is None or read_preference == self._read_preference) \
+                and codec_options is None:
+            return self
+        return EmbeddedDatabase(
+            self._client, self.name, self._store,
+            read_preference=read_preference or self._read_preference,
+            codec_options=codec_options or self._codec_options,
+            read_concern=read_concern or self._read_concern)
+
+
+def check_mongomock(version=None):
+    """Refuse to run on a mongomock this adapter was not tested with: its
+    internals change between versions, and a silent difference would be a
+    wrong answer rather than an error."""
+    version = version or mongomock.__version__
+    low, high = TESTED_MONGOMOCK
+    tested = '>=%d.%d,<%d.%d' % (low + high)
+    found = tuple(int(p) for p in re.findall(r'\d+', version)[:2])
+    if not low <= found < high:
+        raise RuntimeError(
+            "the embedded store is tested with mongomock %s, and mongomock %s is installed: "
+            "install a tested version (pip install 'mongomock%s'), or use MongoDB with --mongo-uri"
+            % (tested, version, tested))
+
+
+class EmbeddedClient(mongomock.MongoClient):
+    """MongoClient-shaped embedded store persisted under data_dir.
+
+    Opening loads the snapshot and replays the journal; only one process may
+    open a data_dir at a time.  get_database(None) returns 'banyan'.
+    """
+
+    def __init__(self, data_dir, *, compact_bytes=DEFAULT_COMPACT_BYTES):
+        check_mongomock()
+        # Set before mongomock's __init__: its __getattr__ maps unknown
+        # attributes to databases.
+        self._engine = Engine(data_dir, compact_bytes)
+        super().__init__(tz_aware=True, _store=_ServerStore(self._engine))
+        self._engine.open(self._store)
+        self.data_dir = self._engine.data_dir
+
+    def __repr__(self):
+        return f'EmbeddedClient({self._engine.data_dir!r})'
+
+    def __eq__(self, other):
+        return self is other
+
+    def __hash__(self):
+        return id(self)
+
+    def get_database(self, name=None, codec_options=None, read_preference=None,
+                     write_concern=None, read_concern=None):
+        if name is None:
+            name = DEFAULT_DATABASE
+        with self._engine.op():
+            db = self._database_accesses.get(name)
+            if db is None:
+                db = self._database_accesses[name] = EmbeddedDatabase(
+                    self, name, read_preference=read_preference or self.read_preference,
+                    codec_options=codec_options or self._codec_options,
+                    _store=self._store[name], read_concern=read_concern)
+            return db
+
+    def get_default_database(self, default=None, **kwargs):
+        return self.get_database(default or DEFAULT_DATABASE, **kwargs)
+
+    def list_database_names(self):
+        with self._engine.op():
+            return super().list_database_names()
+
+    def drop_database(self, name_or_db):
+        with self._engine.op():
+            return super().drop_database(name_or_db)
+
+    def start_session(self, causal_consistency=True, default_transaction_options=None):
+        raise ConfigurationError('the embedded store does not support sessions')
+
+    def close(self):
+        """Flush and close the journal; the client is unusable afterwards."""
+        self._engine.close()

@@ -1,0 +1,433 @@
+"""The embedded store's engine: one lock, change tracking, the journal and
+snapshots (their format: `banyan.store.journal`).
+
+A call's changes are applied in memory under the lock and its journal
+record is appended before the lock is released; a record that cannot be
+written rolls the changes back. `one_sync` lets a request's writes share one
+fdatasync (group commit: the sync runs outside the lock).
+"""
+
+import contextlib
+import logging
+import os
+import threading
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None
+
+import bson
+from bson.raw_bson import RawBSONDocument
+from pymongo.errors import InvalidOperation
+
+from banyan.store import journal
+from banyan.store.errors import StoreCorrupt, StoreUnavailable
+from banyan.store.planning import store_key
+
+logger = logging.getLogger(__name__)
+
+_SNAPSHOT = journal.SNAPSHOT
+_JOURNAL = journal.JOURNAL
+_SNAPSHOT_CHUNK = 1000
+
+# ---------------------------------------------------------------------------
+# Journal, snapshot and the per-client lock (the file format and its reading
+# live in banyan.store.journal).
+# ---------------------------------------------------------------------------
+
+_frame = journal.frame
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+_fdatasync = getattr(os, 'fdatasync', os.fsync)
+
+
+class Engine:
+    """Lock, change tracking, journal and snapshots of one EmbeddedClient.
+
+    A call's changes are applied in memory under the lock and its journal
+    record is appended before the lock is released; when the record cannot
+    be written (ENOSPC, EIO, EROFS) the changes are rolled back, still under
+    the lock, so no other call ever saw them, and the call raises
+    StoreUnavailable. The next call simply tries again: the store serves
+    again by itself once space is back.
+    """
+
+    def __init__(self, data_dir, compact_bytes):
+        self.data_dir = os.path.abspath(data_dir)
+        self.journal_path = os.path.join(self.data_dir, _JOURNAL)
+        self.snapshot_path = os.path.join(self.data_dir, _SNAPSHOT)
+        self.compact_bytes = compact_bytes
+        self.next_compact = compact_bytes
+        self.lock = threading.RLock()
+        self.sync_lock = threading.Lock()
+        self.batch = threading.local()
+        self.depth = 0
+        self.events = []
+        self.docinfo = {}
+        self.undo = {}          # (id(store), key) -> (store, key, document before the call or None)
+        self.carried = []       # schema actions of a rolled-back call, journaled with the next record
+        self.tail_dirty = False  # a failed append may have left part of a record at the end
+        self.broken = None      # why every call is refused (a failed sync), or None
+        self.replaying = False
+        self.closed = False
+        self.server_store = None
+        self.fd = None
+        self.lock_fd = None
+        self.journal_size = 0
+        self.written_seq = 0
+        self.synced_seq = 0
+
+    # -- change tracking ---------------------------------------------------
+    def note(self, action):
+        if not self.replaying:
+            self.events.append(('raw', action))
+
+    def note_undo(self, store, key, before):
+        """`store[key]` is about to change; `before` is what to put back
+        (None: nothing) if the call's record cannot be written."""
+        if self.replaying:
+            return
+        k = (id(store), key)
+        if k not in self.undo:
+            self.undo[k] = (store, key, before)
+
+    def note_doc(self, store, key, doc_id, forced=False, before=None):
+        if self.replaying:
+            return
+        k = (id(store), key)
+        info = self.docinfo.get(k)
+        if info is None:
+            self.docinfo[k] = [store, key, doc_id, before, forced]
+        elif forced:
+            info[4] = True
+        self.events.append(('doc', k))
+
+    def note_touch(self, store, key, doc):
+        if self.replaying:
+            return
+        k = (id(store), key)
+        if k in self.docinfo:
+            self.events.append(('doc', k))
+        else:
+            self.note_doc(store, key, doc['_id'], before=bson.encode(doc))
+
+    # -- operations --------------------------------------------------------
+    @contextlib.contextmanager
+    def op(self):
+        """Run one client call atomically; journal its changes durably."""
+        self.lock.acquire()
+        seq = None
+        try:
+            if self.closed:
+                raise InvalidOperation('Cannot use the embedded store after close()')
+            if self.broken:
+                raise StoreUnavailable(self.broken)
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+                if self.depth == 0:
+                    if self.events:
+                        seq = self._commit()
+                    self.undo = {}
+        finally:
+            self.lock.release()
+        if seq is not None:
+            if getattr(self.batch, 'seq', None) is not None:
+                self.batch.seq = max(self.batch.seq, seq)
+            else:
+                self._sync(seq)
+
+    @contextlib.contextmanager
+    def one_sync(self):
+        """Writes of this thread inside share one fdatasync, done on exit:
+        a request's writes are durable before its answer, for one sync
+        instead of one per write. The journal is sequential, so any later
+        sync (another thread's) covers them too."""
+        if getattr(self.batch, 'seq', None) is not None:  # nested: the outer one syncs
+            yield
+            return
+        self.batch.seq = 0
+        try:
+            yield
+        finally:
+            seq, self.batch.seq = self.batch.seq, None
+            if seq:
+                self._sync(seq)
+
+    def _commit(self):
+        """Append the call's record, or roll its changes back and raise."""
+        events, docinfo, undo = self.events, self.docinfo, self.undo
+        self.events, self.docinfo, self.undo = [], {}, {}
+        carried, self.carried = self.carried, []
+        try:
+            actions = carried + self._actions(events, docinfo)
+            if not actions:
+                return None
+            self._append(_frame(actions))
+        except BaseException as err:
+            self._roll_back(undo)
+            # creations, drops and indexes stay in memory: journal them next time
+            self.carried = carried + [payload for kind, payload in events if kind == 'raw']
+            if isinstance(err, OSError):
+                raise StoreUnavailable.from_os_error(err, 'writing the journal', self.journal_path) from err
+            raise
+        self.written_seq += 1
+        seq = self.written_seq
+        if self.journal_size > self.next_compact:
+            self.compact()
+        return seq
+
+    @staticmethod
+    def _actions(events, docinfo):
+        last = {}
+        for i, (kind, k) in enumerate(events):
+            if kind == 'doc':
+                last[k] = i
+        actions = []
+        for i, (kind, payload) in enumerate(events):
+            if kind == 'raw':
+                actions.append(payload)
+                continue
+            if last[payload] != i:
+                continue
+            store, key, doc_id, before, forced = docinfo[payload]
+            doc = store._documents.get(key)  # pylint: disable=protected-access
+            if doc is None:
+                actions.append({'o': 'x', 'd': store.db_name, 'c': store.name, 'id': doc_id})
+                continue
+            raw = bson.encode(doc)
+            if forced or raw != before:
+                actions.append({'o': 'p', 'd': store.db_name, 'c': store.name,
+                                'docs': [RawBSONDocument(raw)]})
+        return actions
+
+    def _append(self, record):
+        """Write `record` at the end of the journal, whole or not at all."""
+        if self.tail_dirty:  # what a failed append left, cut before anything follows it
+            os.ftruncate(self.fd, self.journal_size)
+            self.tail_dirty = False
+        if self.journal_size == 0:
+            record = journal.format_record() + record
+        try:
+            _write_all(self.fd, record)
+        except BaseException:
+            self.tail_dirty = True
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.journal_size)
+                self.tail_dirty = False
+            raise
+        self.journal_size += len(record)
+
+    def _roll_back(self, undo):
+        self.replaying = True  # nothing of the undoing is journaled
+        try:
+            for store, key, before in undo.values():
+                store.restore(key, before)
+        finally:
+            self.replaying = False
+
+    def sync_written(self):
+        """Make every record written so far durable."""
+        self._sync(self.written_seq)
+
+    def _sync(self, seq):
+        """Group commit: one fdatasync covers every record written so far.
+        A failed sync leaves records in memory that may not be on disk, so
+        the store then refuses every call until it is opened again."""
+        if self.synced_seq >= seq:
+            return
+        with self.sync_lock:
+            if self.synced_seq >= seq or self.fd is None:
+                return
+            if self.broken:
+                raise StoreUnavailable(self.broken)
+            target = self.written_seq
+            try:
+                _fdatasync(self.fd)
+            except OSError as err:
+                failure = StoreUnavailable.from_os_error(err, 'syncing the journal', self.journal_path)
+                self.broken = ('the embedded store stopped after a failed journal sync (%s): the last '
+                               'changes may not be on disk, so it refuses every request until the '
+                               'server is restarted' % (err.strerror or err))
+                logger.error('%s', self.broken)
+                raise failure from err
+            if target > self.synced_seq:
+                self.synced_seq = target
+
+    # -- files -------------------------------------------------------------
+    def open(self, server_store):
+        self.server_store = server_store
+        os.makedirs(self.data_dir, exist_ok=True)
+        if fcntl is not None:
+            self.lock_fd = os.open(os.path.join(self.data_dir, journal.LOCKFILE),
+                                   os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(self.lock_fd)
+                self.lock_fd = None
+                raise RuntimeError(
+                    f'{self.data_dir} is in use by another Banyan process') from err
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.snapshot_path + '.tmp')  # a compaction cut short
+        snapshot = journal.read(self.snapshot_path)
+        if snapshot is not None:
+            self._check_snapshot(snapshot)
+        log = journal.read(self.journal_path)
+        if log is not None and log.damage:
+            raise StoreCorrupt(log.refusal(self.data_dir))
+        self.replaying = True
+        try:
+            for scan in (snapshot, log):
+                for offset, _, actions in scan.records if scan else ():
+                    self._replay(scan.path, offset, actions)
+        finally:
+            self.replaying = False
+        for db_store in self.server_store._databases.values():  # pylint: disable=protected-access
+            for store in db_store._collections.values():  # pylint: disable=protected-access
+                store.finish_loading()
+        self.fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if log is not None and log.tail is not None:
+            logger.warning('journal %s: dropped a torn last record, %d bytes at offset %d (%s): '
+                           'a write cut short by a crash, never acknowledged',
+                           log.path, log.tail.length, log.tail.offset, log.tail.reason)
+            os.ftruncate(self.fd, log.valid_end)
+            os.fsync(self.fd)
+        self.journal_size = log.valid_end if log is not None else 0
+        journal.fsync_dir(self.data_dir)
+        replayed = log is not None and any(True for _ in log.actions())
+        if replayed:
+            logger.info('replayed %d journal records from %s', len(log.records), log.path)
+        if replayed or snapshot is None or snapshot.version < journal.FORMAT_VERSION:
+            self.compact()
+
+    def _check_snapshot(self, scan):
+        """A snapshot is written whole and renamed into place: any damage,
+        even at its end, is corruption."""
+        bad = scan.damage + ([scan.tail] if scan.tail is not None else [])
+        complete = any(a.get('o') == 'end' for a in scan.actions())
+        if bad or not complete:
+            what = bad[0].describe() if bad else 'it has no end record'
+            raise StoreCorrupt(
+                '%s is damaged: %s. The store refuses to start rather than lose what it holds. See '
+                'the damage with `banyan store check %s`, then salvage every valid record with '
+                '`banyan store repair %s` (it keeps the original file).'
+                % (scan.path, what, self.data_dir, self.data_dir))
+
+    def _replay(self, path, offset, actions):
+        for action in actions:
+            if action.get('o') in ('format', 'end'):
+                continue
+            try:
+                self._apply(action)
+            except Exception as err:  # pylint: disable=broad-except
+                raise StoreCorrupt('%s: the record at offset %d cannot be applied (%s); see '
+                                   '`banyan store check %s`' % (path, offset, err, self.data_dir)) from err
+
+    def _apply(self, action):
+        """Apply one journal action (idempotent)."""
+        store = self.server_store[action['d']][action['c']]
+        op = action['o']
+        if op == 'p':
+            for doc in action['docs']:
+                store[store_key(doc['_id'])] = doc
+        elif op == 'x':
+            key = store_key(action['id'])
+            if key in store._documents:  # pylint: disable=protected-access
+                del store[key]
+        elif op == 'drop':
+            store.drop()
+        elif op == 'mk':
+            store.create()
+        elif op == 'ix':
+            spec = dict(action['s'])
+            spec['key'] = [tuple(k) for k in spec['key']]
+            store.create_index(action['n'], spec)
+        elif op == 'dx':
+            if action['n'] in store.indexes:
+                store.drop_index(action['n'])
+        else:
+            raise RuntimeError(f'unknown journal action {op!r}')
+
+    def _snapshot_frames(self):
+        yield journal.format_record()
+        for db_name, db_store in list(self.server_store._databases.items()):  # pylint: disable=protected-access
+            for col_name, store in list(db_store._collections.items()):  # pylint: disable=protected-access
+                if not store.is_created:
+                    continue
+                head = [{'o': 'mk', 'd': db_name, 'c': col_name}]
+                for name, spec in store.indexes.items():
+                    head.append({'o': 'ix', 'd': db_name, 'c': col_name, 'n': name, 's': spec})
+                yield _frame(head)
+                docs = list(store._documents.values())  # pylint: disable=protected-access
+                for i in range(0, len(docs), _SNAPSHOT_CHUNK):
+                    yield _frame([{'o': 'p', 'd': db_name, 'c': col_name,
+                                   'docs': docs[i:i + _SNAPSHOT_CHUNK]}])
+        yield _frame([{'o': 'end'}])
+
+    def compact(self):
+        """Write a snapshot atomically, then empty the journal. Fails safe:
+        when the snapshot cannot be written (no space) the journal is kept
+        as it is, and compaction is tried again after more writes."""
+        tmp = self.snapshot_path + '.tmp'
+        try:
+            with open(tmp, 'wb') as f:
+                for frame in self._snapshot_frames():
+                    f.write(frame)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.snapshot_path)
+            journal.fsync_dir(self.data_dir)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            self.next_compact = self.journal_size + max(self.compact_bytes // 4, 1 << 20)
+            logger.warning('could not compact the embedded store in %s (%s); the journal is kept '
+                           'as it is and compaction is tried again later', self.data_dir, err)
+            return False
+        # The snapshot holds everything the journal does; replaying the
+        # journal over it is harmless, so a crash before this is too.
+        try:
+            os.ftruncate(self.fd, 0)
+            self.journal_size = 0
+            self.tail_dirty = False
+            os.fsync(self.fd)
+        except OSError as err:
+            logger.warning('could not empty the journal %s after compaction (%s)', self.journal_path, err)
+        self.next_compact = self.compact_bytes
+        self.synced_seq = self.written_seq
+        logger.debug('compacted embedded store in %s', self.data_dir)
+        return True
+
+    def close(self):
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            with self.sync_lock:
+                if self.fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.fsync(self.fd)
+                    os.close(self.fd)
+                    self.fd = None
+                    self.synced_seq = self.written_seq
+            if self.lock_fd is not None:
+                os.close(self.lock_fd)  # releases the flock
+                self.lock_fd = None

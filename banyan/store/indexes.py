@@ -1,0 +1,260 @@
+"""Secondary indexes: documents' keys in index order, in SortedLists.
+
+Index keys are a type-ranked, natively comparable form of BSON values,
+ordered like mongomock's sort; `SecondaryIndex` keeps one entry per
+(key combination, document sequence number).
+"""
+
+import datetime
+import itertools
+import operator
+
+from bson.objectid import ObjectId
+from mongomock import filtering
+from mongomock.filtering import NOTHING, iter_key_candidates
+from sortedcontainers import SortedList
+
+
+class _Top:
+    """Greater than every index key component; closes prefix ranges."""
+
+    __slots__ = ()
+
+    def __lt__(self, other):
+        return False
+
+    def __le__(self, other):
+        return self is other
+
+    def __gt__(self, other):
+        return other is not self
+
+    def __ge__(self, other):
+        return True
+
+    def __eq__(self, other):
+        return self is other
+
+    __hash__ = object.__hash__
+
+
+TOP = _Top()
+
+
+def _bson_cmp(op, a, b):
+    try:
+        return filtering.bson_compare(op, a, b)
+    except (TypeError, NotImplementedError):
+        return op((type(a).__name__, repr(a)), (type(b).__name__, repr(b)))
+
+
+class _Bson:
+    """Wraps values without a native order (dicts, lists, binary...)."""
+
+    __slots__ = ('v',)
+
+    def __init__(self, v):
+        self.v = v
+
+    def _cmp(self, op, other):
+        if isinstance(other, _Bson):
+            return _bson_cmp(op, self.v, other.v)
+        if isinstance(other, _Top):
+            return NotImplemented
+        return _bson_cmp(op, self.v, other)
+
+    def __lt__(self, other):
+        return self._cmp(operator.lt, other)
+
+    def __le__(self, other):
+        return self._cmp(operator.le, other)
+
+    def __gt__(self, other):
+        return self._cmp(operator.gt, other)
+
+    def __ge__(self, other):
+        return self._cmp(operator.ge, other)
+
+    def __eq__(self, other):
+        return self._cmp(operator.eq, other)
+
+    __hash__ = None
+
+
+class _Rev:
+    """Reverses the order of a value, for descending index fields."""
+
+    __slots__ = ('v',)
+
+    def __init__(self, v):
+        self.v = v
+
+    def __lt__(self, other):
+        return other.v < self.v if isinstance(other, _Rev) else NotImplemented
+
+    def __le__(self, other):
+        return other.v <= self.v if isinstance(other, _Rev) else NotImplemented
+
+    def __gt__(self, other):
+        return other.v > self.v if isinstance(other, _Rev) else NotImplemented
+
+    def __ge__(self, other):
+        return other.v >= self.v if isinstance(other, _Rev) else NotImplemented
+
+    def __eq__(self, other):
+        return isinstance(other, _Rev) and self.v == other.v
+
+    __hash__ = None
+
+
+def _rank(v):
+    try:
+        return filtering._get_compare_type(v)  # pylint: disable=protected-access
+    except NotImplementedError:
+        return 99
+
+
+def _asc_key(v):
+    """(1, bson type rank, value) ordered like mongomock's resolve_sort_key.
+
+    Python-equal values of the same rank get equal keys, which is what
+    mongomock's equality matching uses.
+    """
+    t = type(v)
+    if t is str:
+        return (1, 15, v)
+    if t is bool:
+        return (1, 40, v)
+    if t is ObjectId:
+        return (1, 35, v)
+    if v is None or v is NOTHING:
+        return (1, 5, 0)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if v != v:  # NaN: keep the SortedList's order total
+            return (1, 9, 0)
+        return (1, 10, v)
+    if isinstance(v, datetime.datetime):
+        if v.tzinfo is not None:
+            v = (v - v.utcoffset()).replace(tzinfo=None)
+        return (1, 45, v)
+    return (1, _rank(v), _Bson(v))
+
+
+_EMPTY = (0, 0, 0)  # an empty array: sorts first, equals no query value
+
+
+def _component(key, desc):
+    if not desc:
+        return key
+    v = key[2]
+    if type(v) in (int, float, bool):
+        v = -v
+    else:
+        v = _Rev(v)
+    return (-key[0], -key[1], v)
+
+
+def _field_elements(field, doc):
+    """Values of `field` that mongomock equality can match, and whether the
+    field is multikey (array / several candidates) for this document."""
+    cands = iter_key_candidates(field, doc)
+    if len(cands) == 1 and not isinstance(cands[0], (list, tuple)):
+        return cands, False
+    elems = []
+    for c in cands:
+        if isinstance(c, (list, tuple)):
+            elems.extend(c)
+        else:
+            elems.append(c)
+    return elems, True
+
+
+def _is_num01(v):
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (v == 0 or v == 1))
+
+
+class SecondaryIndex:
+    """Entries `(component per field..., seq)` in index order.
+
+    stats[i] = [docs multikey on field i, docs with a bool in field i,
+    docs with a number equal to 0 or 1 in field i]; they decide whether
+    the index can serve a sort and which bool/number keys an equality
+    lookup must also visit (Python, hence mongomock, has True == 1).
+    """
+
+    def __init__(self, fields):
+        self.fields = [(f, int(d)) for f, d in fields]
+        self._plan = [(f, d < 0, '.' in f) for f, d in self.fields]
+        self.entries = SortedList()
+        self.stats = [[0, 0, 0] for _ in self.fields]
+
+    def doc_entries(self, doc, seq):
+        per_field = []
+        flags = []
+        for field, desc, dotted in self._plan:
+            if not dotted:
+                v = doc.get(field, NOTHING)
+                if not isinstance(v, (list, tuple)):  # fast path: a plain scalar
+                    per_field.append((_component(_asc_key(v), desc),))
+                    flags.append((False, type(v) is bool, _is_num01(v)))
+                    continue
+            elems, multi = _field_elements(field, doc)
+            keys = []
+            has_bool = has_num = False
+            for e in elems:
+                if type(e) is bool:
+                    has_bool = True
+                elif _is_num01(e):
+                    has_num = True
+                k = _component(_asc_key(e), desc)
+                if k not in keys:
+                    keys.append(k)
+            if not keys:
+                keys.append(_component(_EMPTY, desc))
+                multi = True
+            per_field.append(keys)
+            flags.append((multi, has_bool, has_num))
+        entries = [combo + (seq,) for combo in itertools.product(*per_field)]
+        return entries, flags
+
+    def add(self, entries, flags, bulk=False):
+        if bulk:
+            self.entries.update(entries)
+        else:
+            for e in entries:
+                self.entries.add(e)
+        if not any(any(fl) for fl in flags):
+            return
+        for st, fl in zip(self.stats, flags):
+            for i in range(3):
+                st[i] += fl[i]
+
+    def remove(self, entries, flags):
+        for e in entries:
+            self.entries.discard(e)
+        if not any(any(fl) for fl in flags):
+            return
+        for st, fl in zip(self.stats, flags):
+            for i in range(3):
+                st[i] -= fl[i]
+
+    def lookup_keys(self, pos, value):
+        """Keys an equality on field `pos` with `value` must visit."""
+        desc = self.fields[pos][1] < 0
+        keys = [_component(_asc_key(value), desc)]
+        st = self.stats[pos]
+        if type(value) is bool and st[2]:
+            keys.append(_component(_asc_key(int(value)), desc))
+        elif _is_num01(value) and st[1]:
+            keys.append(_component(_asc_key(bool(value)), desc))
+        return keys
+
+
+def indexable_spec(index_dict):
+    key = index_dict.get('key') or []
+    try:
+        return all(int(d) in (1, -1) and not isinstance(d, bool)
+                   for _, d in key) and bool(key)
+    except (TypeError, ValueError):
+        return False
