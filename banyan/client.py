@@ -158,8 +158,12 @@ class Client:
 
     def register_worker(self, host, resources):
         """Register this machine; returns the new worker id."""
-        reply = self.post("workers", json_body={"host": host, "resources": resources})
-        return reply["_id"]
+        return self.register(host, resources)["_id"]
+
+    def register(self, host, resources):
+        """Register this machine; returns the server's answer (the worker, with
+        its ``_id`` and the server's ``heartbeat_timeout`` in seconds)."""
+        return self.post("workers", json_body={"host": host, "resources": resources})
 
     def unregister_worker(self, wid):
         return self.delete("workers", wid)

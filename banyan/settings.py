@@ -41,6 +41,10 @@ task_schema = {
     },
     "working_directory": {"type": "string", "nullable": True, **WRITE_ONCE},
     "max_retries": {"type": "integer", "min": 0, "max": 1000, "default": 0, **WRITE_ONCE},
+    # An attempt killed for exceeding its memory (outcome `oom`) is retried with
+    # this many times more memory, up to states.MAX_MEMORY_RETRIES times; null or 1: not retried so.
+    "retry_memory_factor": {"type": "number", "min": 1, "max": 1024, "nullable": True, "default": None,
+                            **WRITE_ONCE},
     "max_shutdown_time": {"type": "number", "min": 0, "max": 86400, "default": 10, **WRITE_ONCE},
     "time_limit": {"type": "number", "min": 0, "max": TEN_YEARS, "nullable": True, "default": None, **WRITE_ONCE},
     "estimated_runtime": {"type": "number", "min": 0, "max": TEN_YEARS, "nullable": True, **WRITE_ONCE},
@@ -64,6 +68,7 @@ task_schema = {
     "pending_dependency_count": {"type": "integer", "readonly": True},
     "pending_parents": {**OBJECTID_LIST, "readonly": True},
     "retry_count": {"type": "integer", "readonly": True},
+    "memory_retry_count": {"type": "integer", "readonly": True},
     "exit_status": {"type": "string", "nullable": True, "readonly": True,
                     "allowed": list(EXIT_STATUSES)},
     "owner": {"type": "string", "nullable": True, "readonly": True},

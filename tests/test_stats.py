@@ -92,12 +92,12 @@ def test_figures_of_known_tasks(known):
     assert s["total"] == 8
     assert s["states"] == {"inactive": 1, "available": 1, "running": 1, "pending_cancellation": 1,
                            "cancelled": 1, "terminated": 3}
-    assert s["outcomes"] == {SUCCESS: 2, FAILURE: 1, CANCELLED: 1, "timeout": 0, ABANDONED: 0}
+    assert s["outcomes"] == {SUCCESS: 2, FAILURE: 1, CANCELLED: 1, "timeout": 0, ABANDONED: 0, "oom": 0}
     assert (s["succeeded"], s["failed"]) == (2, 1)
 
     attempts = s["attempts"]
     assert attempts["count"] == 5
-    assert attempts["by_exit_status"] == {SUCCESS: 2, FAILURE: 2, ABANDONED: 1, CANCELLED: 0, "timeout": 0}
+    assert attempts["by_exit_status"] == {SUCCESS: 2, FAILURE: 2, ABANDONED: 1, CANCELLED: 0, "timeout": 0, "oom": 0}
     # 10, 20, 30, 40, 100: p95 is the 5th of 5 (nearest rank ceil(4.75)).
     assert attempts["runtime"] == {"count": 5, "mean": 40.0, "median": 30.0, "p95": 100.0, "max": 100.0}
 

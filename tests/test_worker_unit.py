@@ -268,7 +268,10 @@ def test_claims_runs_and_reports_output(fake, start_worker):
     assert fake.tasks["big"]["state"] == "available"  # 4 cores never fit on 2
     assert runner.stop() == 0
     assert fake.workers["w1"]["state"] == "stopped"  # unregistered
-    assert not os.listdir(runner.worker.config.work_dir)  # attempt dirs removed once reported
+    work_dir = runner.worker.config.work_dir
+    # attempt dirs removed once reported; the lock and the (empty) supervisors' records stay
+    assert sorted(os.listdir(work_dir)) == [".lock", ".supervisors"]
+    assert not os.listdir(os.path.join(work_dir, ".supervisors"))
 
 
 def test_claims_only_what_fits_beside_running_tasks(fake, start_worker, tmp_path):

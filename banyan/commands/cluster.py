@@ -37,7 +37,7 @@ def register(sub):
 
 
 STATE_ORDER = ("inactive", "available", "running", "pending_cancellation", "cancelled", "terminated")
-OUTCOME_ORDER = ("success", "failure", "timeout", "cancelled", "abandoned (worker unreachable)")
+OUTCOME_ORDER = ("success", "failure", "oom", "timeout", "cancelled", "abandoned (worker unreachable)")
 
 
 def _ordered(counts, order):

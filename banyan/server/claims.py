@@ -533,7 +533,8 @@ def register_view():
     resources = _resources(body.get("resources", {}), "resources", issues)
     issues.refuse()
     doc = register_worker(host, resources)
-    return _reply(dict(public_worker(doc, []), _status="OK"), 201)
+    # The worker's lease on its tasks is shorter than this (see docs/API.md).
+    return _reply(dict(public_worker(doc, []), _status="OK", heartbeat_timeout=_config("HEARTBEAT_TIMEOUT")), 201)
 
 
 @blueprint.route("/workers", methods=["GET"])

@@ -17,6 +17,7 @@ completes it.
 
 import enum
 import logging
+import math
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -44,11 +45,18 @@ S = TaskState
 SUCCESS = "success"
 FAILURE = "failure"
 TIMEOUT = "timeout"
+#: Killed by the kernel for using more than its memory (a worker with --enforce-memory).
+OOM = "oom"
 CANCELLED = "cancelled"
 ABANDONED = "abandoned (worker unreachable)"
-EXIT_STATUSES = (SUCCESS, FAILURE, TIMEOUT, CANCELLED, ABANDONED)
+EXIT_STATUSES = (SUCCESS, FAILURE, TIMEOUT, CANCELLED, ABANDONED, OOM)
 #: Outcomes a worker may report for an attempt.
-WORKER_OUTCOMES = (SUCCESS, FAILURE, TIMEOUT, CANCELLED)
+WORKER_OUTCOMES = (SUCCESS, FAILURE, TIMEOUT, CANCELLED, OOM)
+#: How many times an `oom` attempt is retried with `retry_memory_factor` times
+#: more memory (these retries do not use `max_retries`).
+MAX_MEMORY_RETRIES = 3
+#: The largest memory request a retry may grow to (MongoDB's 64-bit integers).
+MAX_MEMORY = (1 << 63) - 1
 
 FINISHED = (S.CANCELLED, S.TERMINATED)
 #: Resources a task requests and a worker offers.
@@ -199,7 +207,8 @@ class TaskQueue:
                 if state not in INITIAL_STATES:
                     raise TransitionError("a task is created 'inactive' or 'available', not '%s'" % state)
                 doc.update(state=state.value, pending_dependency_count=0, pending_parents=[],
-                           retry_count=0, exit_status=None, worker=None, owner=owner, history=[])
+                           retry_count=0, memory_retry_count=0, exit_status=None, worker=None, owner=owner,
+                           history=[])
                 for child in dict.fromkeys(doc.get("continuations") or []):
                     self._link(doc["_id"], child)
                     linked.append((doc["_id"], child))
@@ -550,11 +559,26 @@ class TaskQueue:
             # Its cancellation was asked for; the lost worker cannot report it.
             return {"state": S.CANCELLED.value, "exit_status": doc.get("cancel_reason") or CANCELLED,
                     "worker": None, "cascade_pending": True}
+        grown = TaskQueue._grown_memory(doc) if outcome == OOM and doc["state"] == S.RUNNING else None
+        if grown is not None:
+            return {"state": S.AVAILABLE.value, "memory_retry_count": doc.get("memory_retry_count", 0) + 1,
+                    "requested_resources.memory": grown, "exit_status": outcome, "worker": None}
         retries_left = doc.get("retry_count", 0) < doc.get("max_retries", 0)
         if retries_left and doc["state"] == S.RUNNING:
             return {"state": S.AVAILABLE.value, "retry_count": doc.get("retry_count", 0) + 1,
                     "exit_status": outcome, "worker": None}
         return {"state": S.TERMINATED.value, "exit_status": outcome, "worker": None, "cascade_pending": True}
+
+    @staticmethod
+    def _grown_memory(doc):
+        """The memory an `oom` attempt is retried with (`retry_memory_factor`
+        times more, at most `MAX_MEMORY_RETRIES` times), or None: no retry."""
+        factor = doc.get("retry_memory_factor")
+        memory = (doc.get("requested_resources") or {}).get("memory") or 0
+        if not factor or factor <= 1 or memory <= 0 or doc.get("memory_retry_count", 0) >= MAX_MEMORY_RETRIES:
+            return None
+        grown = int(math.ceil(memory * factor))
+        return grown if grown <= MAX_MEMORY else None
 
     def abandon(self, worker_id):
         """A lost worker's tasks: end their attempts as abandoned and apply

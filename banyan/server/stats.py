@@ -48,8 +48,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from werkzeug.exceptions import BadRequest
 
 from banyan.server import auth
-from banyan.server.states import (ABANDONED, EXIT_STATUSES, FAILURE, FINISHED, HELD, SUCCESS, TIMEOUT, TaskState,
-                                  seconds_between, utcnow)
+from banyan.server.states import (ABANDONED, EXIT_STATUSES, FAILURE, FINISHED, HELD, OOM, SUCCESS, TIMEOUT,
+                                  TaskState, seconds_between, utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ WORKERS = "workers"
 RESOURCE_KEYS = ("cores", "memory", "gpus")
 WORKER_STATES = ("active", "lost", "stopped")
 #: Final exit statuses that count as a failed task (a cancelled one did not fail).
-FAILED = (FAILURE, TIMEOUT, ABANDONED)
+FAILED = (FAILURE, TIMEOUT, ABANDONED, OOM)
 THROUGHPUT_MINUTES = 60
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 

@@ -10,6 +10,7 @@ import os
 import sys
 
 from ..units import parse_size
+from .containment import MODES
 from .worker import HEARTBEAT_INTERVAL, StartupError, Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,15 @@ def build_parser():
     parser.add_argument("--claim-wait", type=_non_negative(float), default=20.0, metavar="SECONDS",
                         help="long-poll time of a claim (default %(default)s)")
     parser.add_argument("--host", default=None, help="host name to register (default: this machine's)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin each task to its own CPUs (as many as the cores it asked for)")
+    parser.add_argument("--enforce-memory", action="store_true",
+                        help="limit each task to the memory it asked for, in a cgroup (v2 memory "
+                             "controller, else v1); a task over it is killed with outcome 'oom'")
+    parser.add_argument("--containment", choices=MODES, default="auto",
+                        help="keep each task's processes in a cgroup v2 ('cgroup': required; 'auto': "
+                             "when one can be made), or only track them as a subreaper ('subreaper'). "
+                             "Either way every process a task starts ends with it (default auto)")
     parser.add_argument("--log-level", default=os.environ.get("BANYAN_LOG_LEVEL", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
                         type=str.upper, help="default INFO")
@@ -71,7 +81,8 @@ def config_from_args(args):
     """A validated WorkerConfig; ValueError names the bad setting."""
     kwargs = dict(server=args.server, token=args.token, cores=args.cores, memory=args.memory,
                   gpus=args.gpus, drain=args.drain, heartbeat=args.heartbeat, timeout=args.timeout,
-                  max_tasks=args.max_tasks, claim_wait=args.claim_wait)
+                  max_tasks=args.max_tasks, claim_wait=args.claim_wait, pin=args.pin,
+                  enforce_memory=args.enforce_memory, containment=args.containment)
     if args.work_dir:
         kwargs["work_dir"] = os.path.abspath(os.path.expanduser(args.work_dir))
     if args.host:

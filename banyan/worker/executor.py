@@ -1,23 +1,27 @@
-"""Running one attempt of a task as a process group.
+"""Running one attempt of a task under its supervisor.
 
-Each attempt gets its own session (``start_new_session=True``) so that
-SIGTERM/SIGKILL reach every process the command spawned, not just the
-shell. Output goes to files in a per-attempt directory, never to pipes, so a
-chatty task cannot block on a full pipe while the worker is busy elsewhere.
+Each attempt runs under a supervisor process of its own (see
+``supervisor.py``): the task gets its own session, and the supervisor, a
+child subreaper, ends every process the task started when the task ends, is
+cancelled, or when the worker is gone, and kills the task on its own when the
+worker's lease on it runs out. Output goes to files in a per-attempt
+directory, never to pipes, so a chatty task cannot block on a full pipe
+while the worker is busy elsewhere.
 """
 
 import contextlib
-import ctypes
-import errno
+import json
 import logging
 import os
-import signal
+import select
 import subprocess
+import sys
 import time
 from collections import namedtuple
 
 import psutil
 
+from . import supervisor as sup
 from .progress import PROGRESS_ENV, read_last_progress
 from .resources import ProcessTreeSampler
 
@@ -28,12 +32,14 @@ __all__ = ["Outcome", "TaskProcess", "OUTPUT_LIMIT", "become_subreaper", "reap_o
 #: How much of each stream is sent to the server (the server keeps the same cap).
 OUTPUT_LIMIT = 1024 * 1024
 
-#: prctl(2) option: orphaned descendants are re-parented to us, not to init.
-PR_SET_CHILD_SUBREAPER = 36
+#: How the supervisor is started: the standard library only, no site packages.
+SUPERVISOR = [sys.executable, "-I", "-S", sup.__file__]
+#: Longest wait for a supervisor to say it started the task (a loaded machine).
+START_TIMEOUT = 60.0
 
 #: ``exit_code`` is the process's return code (negative: killed by signal -N),
 #: or None when the command could not be started at all. ``outcome`` is one of
-#: "success", "failure", "timeout", "cancelled".
+#: "success", "failure", "timeout", "cancelled", "oom".
 Outcome = namedtuple("Outcome", "exit_code outcome")
 
 
@@ -42,19 +48,28 @@ class TaskProcess:
 
     ``task`` is the task document as returned by a claim. ``extra_env`` is
     added after the task's own environment (the worker uses it for
-    CUDA_VISIBLE_DEVICES).
+    CUDA_VISIBLE_DEVICES); ``thread_env`` before it (thread counts a task may
+    override). ``lease`` is the monotonic deadline the supervisor kills the
+    task at unless ``renew`` moves it (None: no lease). ``containment``: the
+    supervisor spec's cgroup and record fields (``Containment.spec_for``);
+    ``cpus``: CPU ids for the task's affinity.
     """
 
-    def __init__(self, task, attempt, attempt_dir, extra_env=None):
+    def __init__(self, task, attempt, attempt_dir, extra_env=None, thread_env=None,
+                 lease=None, containment=None, cpus=None):
         self.task = task
         self.task_id = str(task.get("_id"))
         self.attempt = attempt
         self.attempt_dir = os.fspath(attempt_dir)
         self.extra_env = dict(extra_env or {})
+        self.thread_env = dict(thread_env or {})
+        self.lease = lease
+        self.containment = dict(containment or {})
+        self.cpus = list(cpus) if cpus else None
         self.stdout_path = os.path.join(self.attempt_dir, "stdout")
         self.stderr_path = os.path.join(self.attempt_dir, "stderr")
         self.progress_path = os.path.join(self.attempt_dir, "progress")
-        self.popen = None
+        self.popen = None              # the supervisor
         self.pgid = None
         self.sampler = None
         self.started = None            # time.monotonic() at start
@@ -62,12 +77,22 @@ class TaskProcess:
         self.kill_deadline = None      # monotonic time for SIGKILL after SIGTERM
         self.start_error = None        # why the attempt could not even get its files
         self.reservation = None        # the worker's record of what this attempt holds
+        self.result = None             # the supervisor's last word (see supervisor.py)
+        self._task_pid = None
+        self._task_start = None
+        self._kill_sent = None
+        self._status = b""
         self._outcome = None
 
     # -- starting ---------------------------------------------------------
 
     @property
     def pid(self):
+        """The task's own process (the supervisor's child)."""
+        return self._task_pid
+
+    @property
+    def supervisor_pid(self):
         return self.popen.pid if self.popen is not None else None
 
     @property
@@ -76,8 +101,9 @@ class TaskProcess:
         return 10.0 if value is None else float(value)
 
     def environment(self):
-        """os.environ + the task's ``environment`` + Banyan's own variables."""
+        """os.environ + thread counts + the task's ``environment`` + Banyan's own variables."""
         env = dict(os.environ)
+        env.update(self.thread_env)
         for name, value in (self.task.get("environment") or {}).items():
             env[str(name)] = "" if value is None else str(value)
         env.update(self.extra_env)
@@ -116,20 +142,100 @@ class TaskProcess:
         cwd = self.task.get("working_directory") or None
         if cwd:
             cwd = os.path.expanduser(cwd)
+        spec = dict(self.containment, args=args, cwd=cwd, env=self.environment(),
+                    stdout_fd=out.fileno(), stderr_fd=err.fileno(), lease=self.lease, cpus=self.cpus)
         try:
             self.popen = subprocess.Popen(
-                args, cwd=cwd, env=self.environment(),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True, close_fds=True)
-        except (OSError, ValueError) as exc:
-            err.write(f"banyan-worker: cannot start task {self.task_id}: {exc}\n".encode())
-            log.warning("task %s attempt %s failed to start: %s", self.task_id, self.attempt, exc)
-            self._outcome = Outcome(None, "failure")
+                SUPERVISOR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                pass_fds=(out.fileno(), err.fileno()), start_new_session=True, close_fds=True)
+            os.set_blocking(self.popen.stdin.fileno(), False)
+            self._send(json.dumps(spec))
+        except (OSError, ValueError, TypeError) as exc:
+            self._cannot_start(err, exc)
             return
-        # With start_new_session the child is the leader of its own group.
-        self.pgid = self.popen.pid
-        self.sampler = ProcessTreeSampler(self.popen.pid)
-        log.info("task %s attempt %s started as pid %s", self.task_id, self.attempt, self.pgid)
+        line = self._read_line(START_TIMEOUT)
+        if line is not None and line.startswith("started "):
+            self._task_pid = self.pgid = int(line.split()[1])
+            self._task_start = sup.start_time(self._task_pid)
+            self.sampler = ProcessTreeSampler(self.popen.pid, include_root=False)
+            log.info("task %s attempt %s started as pid %s", self.task_id, self.attempt, self.pgid)
+            return
+        reason = line[len("error "):] if line and line.startswith("error ") else "its supervisor did not start it"
+        self._cannot_start(err, reason)
+        self._send("kill")
+        self._wait_supervisor()
+
+    def _cannot_start(self, err, reason):
+        err.write(f"banyan-worker: cannot start task {self.task_id}: {reason}\n".encode())
+        err.flush()
+        log.warning("task %s attempt %s failed to start: %s", self.task_id, self.attempt, reason)
+        self._outcome = Outcome(None, "failure")
+
+    # -- talking to the supervisor ----------------------------------------
+
+    def _send(self, line):
+        """One command to the supervisor; False if it could not take it (gone, or its pipe full)."""
+        if self.popen is None or self.popen.stdin is None:
+            return False
+        data = (line + "\n").encode()
+        try:
+            while data:
+                written = os.write(self.popen.stdin.fileno(), data)
+                data = data[written:]
+        except (BlockingIOError, BrokenPipeError, OSError):
+            return False
+        return True
+
+    def _read_line(self, timeout):
+        """The next line the supervisor says, or None (nothing within ``timeout``, or it is gone)."""
+        deadline = time.monotonic() + timeout
+        fd = self.popen.stdout.fileno()
+        while b"\n" not in self._status:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._status += chunk
+        line, _, self._status = self._status.partition(b"\n")
+        return line.decode(errors="replace")
+
+    def _wait_supervisor(self):
+        try:
+            self.popen.wait(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def renew(self, deadline):
+        """Move the lease to ``deadline`` (monotonic); the supervisor kills the task past it."""
+        self.lease = deadline
+        if self._outcome is None and self.popen is not None:
+            self._send("lease %r" % deadline)
+
+    def _read_result(self):
+        """The supervisor's ``result`` once it has exited (None if it died without one)."""
+        fd = self.popen.stdout.fileno()
+        os.set_blocking(fd, False)
+        try:
+            while True:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                self._status += chunk
+        except BlockingIOError:
+            pass
+        for line in self._status.decode(errors="replace").splitlines():
+            if line.startswith("result "):
+                try:
+                    return json.loads(line[len("result "):])
+                except ValueError:
+                    return None
+        return None
 
     # -- watching ---------------------------------------------------------
 
@@ -142,22 +248,52 @@ class TaskProcess:
         if self._outcome is not None:
             return self._outcome
         now = time.monotonic() if now is None else now
-        code = self.popen.poll()
-        if code is None:
+        if self.popen.poll() is None:
             if self.kill_deadline is not None and now >= self.kill_deadline:
                 self.kill()
+            if self._kill_sent is not None and now - self._kill_sent > sup.KILL_WAIT + 5:
+                log.error("task %s: supervisor %s does not end; killing it", self.task_id, self.popen.pid)
+                self.popen.kill()
             return None
-        # The leader is gone; don't leave its children running without accounting.
-        if self._group_alive():
-            log.info("task %s: leader exited, killing leftover processes of group %s", self.task_id, self.pgid)
-            self._signal_group(signal.SIGKILL)
-        if self.stop_reason is not None:
-            outcome = self.stop_reason
+        self.result = self._read_result()
+        if self.result is None:
+            log.error("task %s: supervisor %s died (exit code %s); killing what it left",
+                      self.task_id, self.popen.pid, self.popen.returncode)
+            self._kill_leftovers()
+            code, outcome = None, self.stop_reason or "failure"
         else:
-            outcome = "success" if code == 0 else "failure"
+            code = self.result.get("exit_code")
+            if self.stop_reason is not None and self.result.get("stopped", True):
+                outcome = self.stop_reason
+            elif self.result.get("oom") and code != 0:
+                outcome = "oom"
+            else:
+                outcome = "success" if code == 0 and not self.result.get("lease_expired") else "failure"
+            if self.result.get("lease_expired"):
+                log.error("task %s attempt %s: its lease ran out; the supervisor killed it",
+                          self.task_id, self.attempt)
         self._outcome = Outcome(code, outcome)
         log.info("task %s attempt %s exited with %s (%s)", self.task_id, self.attempt, code, outcome)
         return self._outcome
+
+    def _kill_leftovers(self):
+        """What a supervisor that died left: its record's processes, the task, its cgroups."""
+        record, processes = self.containment.get("record"), []
+        if record:
+            try:
+                with open(record) as fh:
+                    processes = json.load(fh).get("processes") or []
+            except (OSError, ValueError):
+                pass
+        if self._task_pid is not None:
+            processes.append([self._task_pid, self._task_start])
+        cgroups = [c for c in (self.containment.get("cgroup"), self.containment.get("memory_cgroup")) if c]
+        sup.kill_recorded(processes, cgroups)
+        for path in cgroups:
+            sup.cgroup_remove(path)
+        if record:
+            with contextlib.suppress(OSError):
+                os.unlink(record)
 
     def running(self):
         return self.poll() is None
@@ -175,7 +311,13 @@ class TaskProcess:
         if self.sampler is None:
             return {"max_rss": 0, "cpu_percent": 0.0}
         usage = self.sampler.usage()
-        return {"max_rss": usage["max_rss"], "cpu_percent": usage["cpu_percent"]}
+        figures = {"max_rss": usage["max_rss"], "cpu_percent": usage["cpu_percent"]}
+        peak = (self.result or {}).get("peak_memory")
+        if peak is not None:
+            # The memory cgroup's peak: it also sees what lived between two samples.
+            figures["peak_memory"] = int(peak)
+            figures["memory_limit"] = int(self.containment.get("memory_limit") or 0)
+        return figures
 
     def read_progress(self):
         """The task's latest ``{"fraction", "message"}``, or None."""
@@ -197,10 +339,10 @@ class TaskProcess:
     # -- stopping ---------------------------------------------------------
 
     def terminate(self, grace, reason=None, wait=True):
-        """SIGTERM the group, SIGKILL it after ``grace`` seconds if anything is left.
+        """SIGTERM every process of the task, SIGKILL them after ``grace`` seconds.
 
         ``reason`` ("cancelled", "timeout") becomes the outcome unless the
-        process had already exited. With ``wait=False`` it returns at once
+        task had already exited. With ``wait=False`` it returns at once
         and ``poll()`` does the SIGKILL when the grace period is over. A
         second call never extends an earlier deadline.
         """
@@ -210,67 +352,25 @@ class TaskProcess:
             self.stop_reason = reason or "failure"
         if self.kill_deadline is None:
             grace = max(0.0, float(grace))
-            log.info("task %s: SIGTERM to group %s (SIGKILL in %gs)", self.task_id, self.pgid, grace)
+            log.info("task %s: SIGTERM to its processes (SIGKILL in %gs)", self.task_id, grace)
             self.kill_deadline = time.monotonic() + grace
-            self._signal_group(signal.SIGTERM)
+            self._send("term")
         if not wait:
             return
-        while self.poll() is None or self._group_alive():
-            self._reap_group_zombies()
-            if not self._group_alive() and self.poll() is not None:
-                break
-            if time.monotonic() >= self.kill_deadline:
-                self.kill()
-                self.popen.wait()
-                self.poll()
-                break
-            time.sleep(0.05)
+        while self.poll() is None:
+            time.sleep(0.02)
 
     def kill(self):
-        """SIGKILL the whole group now."""
-        if self.popen is None:
+        """SIGKILL every process of the task now."""
+        if self.popen is None or self._outcome is not None:
             return
-        log.info("task %s: SIGKILL to group %s", self.task_id, self.pgid)
         if self.stop_reason is None and self.popen.poll() is None:
             self.stop_reason = "failure"
-        self._signal_group(signal.SIGKILL)
-
-    def _signal_group(self, signum):
-        try:
-            os.killpg(self.pgid, signum)
-        except ProcessLookupError:
-            pass  # ESRCH: everything is already gone
-        except PermissionError as exc:  # EPERM: pgid reused by someone else's group
-            log.warning("cannot signal group %s: %s", self.pgid, exc)
-
-    def _reap_group_zombies(self):
-        """Reap dead members of the group that were re-parented to us (see ``become_subreaper``)."""
-        try:
-            children = psutil.Process().children()
-        except psutil.Error:
-            return
-        for child in children:
-            if child.pid == self.pid:
-                continue  # the leader is the Popen's to reap
-            try:
-                if child.status() == psutil.STATUS_ZOMBIE and os.getpgid(child.pid) == self.pgid:
-                    os.waitpid(child.pid, os.WNOHANG)
-            except (psutil.Error, OSError):
-                continue
-
-    def _group_alive(self):
-        """True while any process (other than an unreaped leader) is left in the group."""
-        if self.pgid is None:
-            return False
-        try:
-            os.killpg(self.pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        except OSError as exc:  # pragma: no cover
-            return exc.errno != errno.ESRCH
-        return True
+        if self._kill_sent is None:
+            log.info("task %s: SIGKILL to its processes", self.task_id)
+            self._kill_sent = time.monotonic()
+        if not self._send("kill") and self.popen.poll() is None:
+            self.popen.kill()  # it cannot hear us: poll() kills what it leaves
 
 
 # -- orphans ---------------------------------------------------------------
@@ -286,11 +386,7 @@ def become_subreaper():
     ``banyan-worker`` process does this: a process that embeds a Worker may
     have children of its own. Returns True when it worked.
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    return sup.become_subreaper()
 
 
 def reap_orphans(keep=()):

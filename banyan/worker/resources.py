@@ -6,6 +6,7 @@ usually does its work in children.
 """
 
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -13,10 +14,66 @@ import time
 
 import psutil
 
+from . import supervisor
+
 log = logging.getLogger(__name__)
 
-__all__ = ["total_cores", "total_memory", "free_memory", "cpu_load",
-           "gpu_count", "detect_resources", "ProcessTreeSampler", "Usage"]
+__all__ = ["total_cores", "total_memory", "free_memory", "cpu_load", "gpu_count", "detect_resources",
+           "ProcessTreeSampler", "Usage", "THREAD_VARIABLES", "thread_environment", "usable_cpus",
+           "CpuAllocator"]
+
+#: Variables that tell multithreaded libraries (OpenMP, BLAS, MKL, numexpr,
+#: numba, Julia, Rayon, TensorFlow, Go) how many threads to use. A task's own
+#: ``environment`` overrides them.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
+                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
+                    "NUMEXPR_MAX_THREADS", "NUMBA_NUM_THREADS", "JULIA_NUM_THREADS", "RAYON_NUM_THREADS",
+                    "TF_NUM_INTRAOP_THREADS", "GOMAXPROCS")
+
+
+def threads_for(cores):
+    """Whole threads for a grant of ``cores`` (at least one)."""
+    return max(1, math.ceil(float(cores) - 1e-9))
+
+
+def thread_environment(cores):
+    """The thread-count variables for a task granted ``cores``."""
+    count = str(threads_for(cores))
+    return {name: count for name in THREAD_VARIABLES}
+
+
+def usable_cpus():
+    """CPU ids this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(psutil.cpu_count(logical=True) or 1))
+
+
+class CpuAllocator:
+    """Hands out CPU ids for tasks' affinity (``--pin``): distinct ones while
+    there are enough, else the least used, so oversubscribed cores are shared
+    evenly. Tasks that ask for no core are not pinned."""
+
+    def __init__(self, cpus):
+        self.users = {cpu: 0 for cpu in cpus}
+        self.held = {}
+
+    def take(self, key, cores):
+        """CPU ids for ``key`` (a task), or None for a task asking for no core."""
+        self.give_back(key)
+        if not cores or cores <= 0 or not self.users:
+            return None
+        count = min(threads_for(cores), len(self.users))
+        chosen = sorted(self.users, key=lambda cpu: (self.users[cpu], cpu))[:count]
+        for cpu in chosen:
+            self.users[cpu] += 1
+        self.held[key] = sorted(chosen)
+        return self.held[key]
+
+    def give_back(self, key):
+        for cpu in self.held.pop(key, ()):
+            self.users[cpu] -= 1
 
 
 def total_cores():
@@ -88,22 +145,7 @@ def descendant_pids(pid):
     """Pids of ``pid``'s live descendants, from /proc (None where /proc cannot tell)."""
     if not _PROC_CHILDREN:
         return None
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue  # gone meanwhile
-        for tid in tids:
-            try:
-                with open(f"/proc/{parent}/task/{tid}/children") as fh:
-                    kids = [int(k) for k in fh.read().split()]
-            except (OSError, ValueError):
-                continue
-            found += kids
-            todo += kids
-    return found
+    return supervisor.descendants(pid)
 
 
 def detect_resources():
@@ -124,8 +166,10 @@ class ProcessTreeSampler:
     ``max_rss`` is the highest resident-set total seen so far.
     """
 
-    def __init__(self, pid):
+    def __init__(self, pid, include_root=True):
+        """``include_root=False``: only the descendants of ``pid`` (a supervisor's task tree)."""
         self.pid = pid
+        self.include_root = include_root
         self.max_rss = 0
         self.rss = 0
         self.cpu_percent = 0.0
@@ -141,10 +185,10 @@ class ProcessTreeSampler:
             root = psutil.Process(self.pid)
             pids = descendant_pids(self.pid)
             if pids is None:
-                return [root] + root.children(recursive=True)
+                return [root][:self.include_root] + root.children(recursive=True)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return []
-        found = [root]
+        found = [root][:self.include_root]
         for pid in pids:
             try:
                 found.append(psutil.Process(pid))

@@ -34,13 +34,13 @@ from typing import Optional
 
 from ..client import BanyanError, Client, ServerUnreachable
 from ..units import parse_size
-from . import resources
+from . import containment, resources
 from .executor import OUTPUT_LIMIT, Outcome, TaskProcess, become_subreaper, reap_orphans
 from .hooks import TimeLimit, run_hooks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WorkerConfig", "Worker", "StartupError", "HEARTBEAT_INTERVAL"]
+__all__ = ["WorkerConfig", "Worker", "StartupError", "HEARTBEAT_INTERVAL", "lease_duration"]
 
 #: Default seconds between heartbeats (the server's HEARTBEAT_TIMEOUT / 3).
 HEARTBEAT_INTERVAL = 10.0
@@ -57,6 +57,19 @@ BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 BUSY_CLAIM_WAIT = 2.0
 #: Tries to reach the server at start before giving up (exit code 3).
 STARTUP_ATTEMPTS = 4
+#: The lease on running tasks is shorter than the server's heartbeat timeout
+#: by this margin: max(LEASE_MARGIN_MIN seconds, LEASE_MARGIN_FRACTION of
+#: the timeout), the time a supervisor has to kill its task's tree before the
+#: server may mark the worker lost and give the task to another one.
+LEASE_MARGIN_MIN, LEASE_MARGIN_FRACTION = 1.0, 0.2
+
+
+def lease_duration(server_timeout):
+    """How long a lease lasts, counted from the moment a heartbeat the server
+    then acknowledged was sent: the server marks the worker lost no earlier
+    than ``server_timeout`` after it received that heartbeat, which is later."""
+    margin = max(min(LEASE_MARGIN_MIN, server_timeout / 2), LEASE_MARGIN_FRACTION * server_timeout)
+    return server_timeout - margin
 
 
 class StartupError(Exception):
@@ -80,6 +93,9 @@ class WorkerConfig:
     claim_wait: float = 20.0              # long-poll seconds per claim
     claim_batch: int = 32                 # most tasks asked for in one claim
     host: str = field(default_factory=socket.gethostname)
+    pin: bool = False                     # CPU affinity: distinct CPUs per task
+    enforce_memory: bool = False          # memory limits in a cgroup, where one can be made
+    containment: str = "auto"             # see containment.MODES
 
     def __post_init__(self):
         if not self.server:
@@ -103,6 +119,9 @@ class WorkerConfig:
             raise ValueError(f"max_tasks must be >= 1, got {self.max_tasks!r}")
         if self.claim_batch < 1:
             raise ValueError(f"claim_batch must be >= 1, got {self.claim_batch!r}")
+        if self.containment not in containment.MODES:
+            raise ValueError(f"containment must be one of {', '.join(containment.MODES)}, "
+                             f"not {self.containment!r}")
 
 
 def requested(task):
@@ -163,6 +182,14 @@ class Worker:
         self._control = collections.deque()  # ("cancel"|"unknown", task id, attempt or None)
         self._reserved = {}     # task id -> requested resources (inbox, tasks, doomed)
         self._gpus = {}         # task id -> GPU indices handed to it
+        self._cpus = resources.CpuAllocator(resources.usable_cpus()) if config.pin else None
+        self.containment = None  # what keeps tasks' processes together (bootstrap)
+        self._work_dir_lock = None
+        # The lease on running tasks (see `lease_duration`): until the server
+        # tells its heartbeat timeout, the worker's own `timeout`.
+        self.lease = config.timeout
+        self.heartbeat_interval = config.heartbeat
+        self._lease_deadline = None  # monotonic; None before registering
         self._reports = queue.Queue()
         self._last_sample = {}
 
@@ -212,8 +239,9 @@ class Worker:
         return 1 if self._force_event.is_set() else 0
 
     def bootstrap(self):
-        """Create the work directory and register; StartupError if the server says no."""
-        os.makedirs(self.config.work_dir, exist_ok=True)
+        """Take the work directory, kill what a crashed predecessor on it left,
+        and register; StartupError if that cannot be done or the server says no."""
+        self.contain()
         if self.subreaper and not become_subreaper():
             log.info("cannot become a child subreaper; orphans of tasks go to init")
             self.subreaper = False
@@ -233,11 +261,52 @@ class Worker:
                     raise StartupError("stopped before registering") from exc
                 delay = min(BACKOFF_MAX, delay * 2)
 
+    def contain(self):
+        """Lock the work directory, find the cgroups this worker can use and
+        kill what the tasks of a previous worker on this directory left."""
+        try:
+            self._work_dir_lock = containment.lock_work_dir(self.config.work_dir)
+            self.containment = containment.detect(self.config.work_dir, self.config.containment,
+                                                  memory=self.config.enforce_memory)
+        except (containment.WorkDirBusy, RuntimeError, OSError) as exc:
+            raise StartupError(str(exc)) from exc
+        if self.config.enforce_memory and self.containment.memory_cgroup is None:
+            log.error("--enforce-memory: no memory cgroup can be made here; memory is not enforced")
+        log.info("tasks contained by %s", self.containment.describe())
+        containment.kill_leftovers(self.containment)
+
     def register(self):
-        self.worker_id = self.client.register_worker(self.config.host, dict(self.total))
-        self._last_contact = time.monotonic()
+        self.worker_id = self._register()
         self._lost.clear()
         log.info("registered as worker %s", self.worker_id)
+
+    def _register(self):
+        """One registration; learns the server's heartbeat timeout, which sets the lease."""
+        sent = time.monotonic()
+        reply = self.client.register(self.config.host, dict(self.total))
+        timeout = reply.get("heartbeat_timeout")
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            lease = min(lease_duration(float(timeout)), self.config.timeout)
+            if lease != self.lease:
+                self.lease = lease
+                self.heartbeat_interval = min(self.config.heartbeat, lease / 3)
+                log.info("server heartbeat timeout %gs: tasks are killed %.1fs after the last "
+                         "acknowledged heartbeat; heartbeats every %.1fs",
+                         timeout, lease, self.heartbeat_interval)
+        self._renew(sent)
+        self._contact()
+        return reply["_id"]
+
+    def _renew(self, sent):
+        """The server heard from us after ``sent`` (monotonic): extend every running task's lease."""
+        deadline = sent + self.lease
+        with self._lock:
+            if self._lease_deadline is not None and deadline <= self._lease_deadline:
+                return
+            self._lease_deadline = deadline
+            running = list(self._tasks.values())
+        for proc in running:
+            proc.renew(deadline)
 
     # == stopping ===========================================================
 
@@ -337,7 +406,7 @@ class Worker:
         if self.worker_id is not None or self._stop_event.is_set() or now < self._register_at:
             return
         try:
-            self.worker_id = self.client.register_worker(self.config.host, dict(self.total))
+            self.worker_id = self._register()
         except BanyanError as exc:
             log.warning("cannot register again (retrying in %.1fs): %s", self._register_delay, exc)
             self._register_at = now + self._register_delay
@@ -501,29 +570,42 @@ class Worker:
                     return
                 task = self._inbox.pop(0)
                 task_id = str(task["_id"])
-                gpu_ids = self._assign_gpus(task_id, requested(task)["gpus"])
+                wanted = requested(task)
+                gpu_ids = self._assign_gpus(task_id, wanted["gpus"])
+                cpus = self._cpus.take(task_id, wanted["cores"]) if self._cpus is not None else None
                 # this attempt's own: the task may be claimed again while it dies
                 reservation = self._reserved.get(task_id)
+                lease = self._lease_deadline
             attempt = attempt_of(task)
-            extra_env = {}
+            extra_env = {"BANYAN_CORES": "%g" % wanted["cores"]}
+            if cpus:
+                extra_env["BANYAN_CPUS"] = ",".join(map(str, cpus))
             if self.total["gpus"] > 0:
                 extra_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
-            proc = TaskProcess(task, attempt, self._attempt_dir(task_id, attempt), extra_env)
+            limit = wanted["memory"] if self.config.enforce_memory else None
+            proc = TaskProcess(task, attempt, self._attempt_dir(task_id, attempt), extra_env,
+                               thread_env=resources.thread_environment(wanted["cores"]), lease=lease,
+                               containment=self.containment.spec_for(f"{task_id}-{attempt}", limit)
+                               if self.containment is not None else None,
+                               cpus=cpus)
             proc.reservation = reservation
             run_hooks(self.hooks, "before_start", proc)
             proc.start()
             proc.sample()
             with self._lock:
                 self._tasks[task_id] = proc
+                latest = self._lease_deadline
+            if latest is not None and latest != lease:
+                proc.renew(latest)  # a heartbeat was acknowledged while it started
             self._watch_exit(proc)
 
     def _watch_exit(self, proc):
         """Wake the main loop as soon as the attempt's process exits (it is reaped there)."""
-        if proc.popen is None:
+        if proc.popen is None or proc.poll() is not None:
             self._wake.set()  # never started: its outcome is ready now
             return
 
-        def watch(pid=proc.pid):
+        def watch(pid=proc.supervisor_pid):
             try:
                 os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
             except ChildProcessError:
@@ -561,8 +643,8 @@ class Worker:
             return
         self._last_reap = now
         with self._lock:
-            keep = {p.pid for p in list(self._tasks.values()) + list(self._doomed.values())
-                    if p.pid is not None}
+            keep = {p.supervisor_pid for p in list(self._tasks.values()) + list(self._doomed.values())
+                    if p.supervisor_pid is not None}
         reap_orphans(keep)
 
     def _finish_attempt(self, task_id, proc, outcome):
@@ -602,6 +684,8 @@ class Worker:
         if self._reserved.pop(task_id, None) is not None:
             self._released.set()
         self._gpus.pop(task_id, None)
+        if self._cpus is not None:
+            self._cpus.give_back(task_id)
 
     def _assign_gpus(self, task_id, count):
         taken = {i for ids in self._gpus.values() for i in ids}
@@ -649,6 +733,7 @@ class Worker:
         if wid is None:
             return
         payload = self.heartbeat_payload()
+        sent = time.monotonic()
         try:
             reply = self.heartbeat_client.heartbeat(wid, payload)
         except BanyanError as exc:
@@ -665,10 +750,11 @@ class Worker:
                                  for t in reply.get("unknown") or [])
             if self._control:
                 self._wake.set()
+            self._renew(sent)
 
     def _heartbeat_loop(self):
-        interval = self.config.heartbeat
         while not self._done_event.is_set():
+            interval = self.heartbeat_interval
             started = time.monotonic()
             try:
                 self.heartbeat()
@@ -801,3 +887,8 @@ class Worker:
             claimer.join(timeout=2.0 if not forced else 0.5)
         for client in (self.client, self.claim_client, self.heartbeat_client, self.report_client):
             client.close()
+        if self.containment is not None:
+            self.containment.release()
+        if self._work_dir_lock is not None:
+            self._work_dir_lock.close()
+            self._work_dir_lock = None

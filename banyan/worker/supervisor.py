@@ -1,0 +1,512 @@
+"""The supervisor of one attempt: a small process between the worker and the task.
+
+The worker starts one per attempt (``python -I -S supervisor.py``, standard
+library only, so it starts in ~30 ms) and talks to it through a pipe on the
+supervisor's stdin. The supervisor:
+
+- becomes a child subreaper, so every process the task starts stays in its
+  subtree, even ``setsid`` and double-fork daemons, whose parents exit;
+- starts the task in a session of its own, inside the attempt's cgroups when
+  the worker gave some (v2 for containment, v1/v2 memory for the limit), with
+  the CPU affinity it was given;
+- holds a lease: a deadline on the machine's monotonic clock that the worker
+  moves forward after every heartbeat the server acknowledged. When the lease
+  runs out (the worker is frozen, or cut off from the server) it kills the
+  task's whole tree on its own, before the server may give the task to
+  another worker. No clocks of two machines are ever compared;
+- ends the task's whole tree when the task's main process exits, when the
+  worker says ``kill``, and when the worker is gone (end of file on stdin:
+  the worker exited or was killed with SIGKILL);
+- records the pids of the tree with their start times (``record``), so a
+  worker started after a crash of this one and of its worker kills what is
+  left, and never a process that merely got a recycled pid.
+
+Protocol. Worker -> supervisor, one line each: first the JSON spec (see
+``Supervisor.__init__``), then ``lease <monotonic deadline>``, ``term``
+(SIGTERM to every process of the tree) or ``kill``. Supervisor -> worker, on
+stdout: ``started <pid>`` or ``error <message>``, and at the end ``result
+<json>`` with ``exit_code`` (negative: killed by signal), ``oom``,
+``peak_memory`` and ``lease_expired``.
+
+The helpers at module level (``start_time``, ``descendants``, ``kill_tree``,
+``kill_recorded``, cgroup helpers) are also what the worker uses to clean up.
+"""
+
+import ctypes
+import errno
+import json
+import os
+import select
+import signal
+import sys
+import time
+
+#: prctl(2): orphaned descendants are re-parented to us, not to init.
+PR_SET_CHILD_SUBREAPER = 36
+#: Seconds between scans of the tree for new processes to record (no cgroup).
+SCAN_INTERVAL = 0.5
+#: Longest the supervisor waits for a killed tree to disappear before it
+#: reports anyway (a process stuck in uninterruptible sleep).
+KILL_WAIT = 10.0
+#: Signals the task gets back to their default disposition.
+RESET_SIGNALS = ("SIGPIPE", "SIGXFZ", "SIGXFSZ", "SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP")
+
+
+# == processes ================================================================
+
+def start_time(pid):
+    """The process's start time in clock ticks since boot, or None if it is gone.
+
+    A pid with its start time names one process for good: a recycled pid has
+    another start time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses.
+    fields = data[data.rfind(b")") + 2:].split()
+    if fields[0] == b"Z":
+        return None  # a zombie is already dead
+    return int(fields[19])
+
+
+def children(pid):
+    """Direct children of ``pid`` (every thread's), from /proc."""
+    found = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                found += [int(k) for k in fh.read().split()]
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def descendants(pid):
+    """Every live descendant of ``pid``, parents before children."""
+    found, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop(0))
+        found += kids
+        todo += kids
+    return found
+
+
+def become_subreaper():
+    """Make this process the child subreaper of its descendants; True if it worked."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def signal_pids(pids, signum):
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def kill_recorded(processes, cgroups=(), attempts=20):
+    """SIGKILL the recorded ``[[pid, start time], ...]`` that are still the
+    same processes, their descendants, and everything in ``cgroups``; True
+    when nothing is left. Used by a worker for what a dead supervisor left."""
+    for _ in range(attempts):
+        live = [pid for pid, started in processes if started is not None and start_time(pid) == started]
+        victims = set(live)
+        for pid in live:
+            victims.update(descendants(pid))
+        for path in cgroups:
+            victims.update(cgroup_pids(path))
+            cgroup_kill(path)
+        victims.discard(os.getpid())
+        victims = {pid for pid in victims if start_time(pid) is not None}
+        if not victims:
+            return True
+        signal_pids(victims, signal.SIGKILL)
+        time.sleep(0.05)
+    return False
+
+
+# == cgroups ==================================================================
+
+def cgroup_pids(path):
+    """Pids in a cgroup (v1 or v2), empty when it is gone."""
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as fh:
+            return [int(line) for line in fh.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def cgroup_kill(path):
+    """Kill everything in a cgroup: ``cgroup.kill`` (v2, Linux >= 5.14) takes
+    forks in flight too; elsewhere SIGKILL each member."""
+    try:
+        with open(os.path.join(path, "cgroup.kill"), "w") as fh:
+            fh.write("1")
+        return
+    except OSError:
+        pass
+    signal_pids(cgroup_pids(path), signal.SIGKILL)
+
+
+def cgroup_remove(path):
+    """Remove an empty cgroup; True once it is gone."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def read_int(path, key=None):
+    """An integer file, or the ``key value`` line of a flat-keyed file; None if unreadable."""
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    try:
+        if key is None:
+            text = text.strip()
+            return None if text == "max" else int(text)
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except ValueError:
+        return None
+    return None
+
+
+def write_file(path, text):
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+# == the supervisor ===========================================================
+
+class Supervisor:
+    """One attempt. ``spec`` (from the worker):
+
+    - ``args``, ``env``, ``cwd``: the command, exec'd in a new session;
+    - ``stdout_fd``, ``stderr_fd``: inherited descriptors of the output files;
+    - ``lease``: monotonic deadline, or None for no lease;
+    - ``cgroup``: a v2 cgroup directory to create and run the task in, or None;
+    - ``memory_cgroup``: a memory cgroup directory (v1 or v2), or None;
+      ``memory_version`` 1 or 2; ``memory_limit`` bytes, or None;
+    - ``cpus``: CPU ids for the task's affinity, or None;
+    - ``record``: file to keep the tree's pids and start times in, or None.
+    """
+
+    def __init__(self, spec, control_fd=0, status_fd=1):
+        self.spec = spec
+        self.control_fd = control_fd
+        self.status_fd = status_fd
+        self.lease = spec.get("lease")
+        self.cgroups = list(dict.fromkeys(p for p in (spec.get("cgroup"), spec.get("memory_cgroup")) if p))
+        self.pid = None
+        self.exit_code = None
+        self.lease_expired = False
+        self.killing = False
+        self.asked = False         # the worker asked to stop the task ("term"/"kill")
+        self.stopped = False       # ... before the task exited on its own
+        self.buffer = b""
+        self.recorded = {}
+        self.worker_gone = False
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+
+    # -- talking to the worker --------------------------------------------
+
+    def say(self, line):
+        try:
+            os.write(self.status_fd, (line + "\n").encode())
+        except OSError:
+            pass  # the worker is gone; the result is still in `record`'s absence
+
+    def read_commands(self):
+        """Commands waiting on stdin; end of file means the worker is gone."""
+        try:
+            data = os.read(self.control_fd, 65536)
+        except BlockingIOError:
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            self.worker_gone = True
+            return ["kill"]
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [line.decode() for line in lines if line.strip()]
+
+    def apply(self, command):
+        name, _, arg = command.partition(" ")
+        if name == "lease":
+            self.lease = float(arg)
+        elif name == "term":
+            self.asked = True
+            self.signal_tree(signal.SIGTERM)
+        elif name == "kill":
+            self.asked = True
+            self.kill_tree()
+
+    # -- the tree ---------------------------------------------------------
+
+    def tree(self):
+        """Every live process of the task: our descendants, and the cgroups' members."""
+        pids = set(descendants(os.getpid()))
+        for path in self.cgroups:
+            pids.update(cgroup_pids(path))
+        pids.discard(os.getpid())
+        return {pid for pid in pids if start_time(pid) is not None}
+
+    def signal_tree(self, signum):
+        if self.pid is not None and self.exit_code is None:  # unreaped: its pgid cannot be reused
+            try:
+                os.killpg(self.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+        signal_pids(self.tree(), signum)
+
+    def kill_tree(self):
+        self.killing = True
+        if self.spec.get("cgroup"):
+            cgroup_kill(self.spec["cgroup"])
+        self.signal_tree(signal.SIGKILL)
+
+    def reap(self):
+        """Reap every dead child (ours and adopted orphans); note the task's exit."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.pid:
+                self.exit_code = os.waitstatus_to_exitcode(status)
+                self.stopped = self.asked
+
+    def record(self):
+        """Keep the tree's pids and start times on disk (atomically), when it grew."""
+        path = self.spec.get("record")
+        if not path:
+            return
+        changed = False
+        for pid in self.tree():
+            if pid not in self.recorded:
+                started = start_time(pid)
+                if started is not None:
+                    self.recorded[pid] = started
+                    changed = True
+        if not changed and os.path.exists(path):
+            return
+        doc = {"supervisor": [os.getpid(), start_time(os.getpid())],
+               "processes": [[pid, started] for pid, started in self.recorded.items()],
+               "cgroups": self.cgroups}
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh)
+        os.replace(tmp, path)
+
+    # -- cgroups ----------------------------------------------------------
+
+    def make_cgroups(self):
+        for path in self.cgroups:
+            os.makedirs(path, exist_ok=True)
+        limit = self.spec.get("memory_limit")
+        memory = self.spec.get("memory_cgroup")
+        if memory and limit:
+            if self.spec.get("memory_version") == 2:
+                write_file(os.path.join(memory, "memory.max"), str(int(limit)))
+                try:  # no swap: over its memory, the task is killed, not swapped out
+                    write_file(os.path.join(memory, "memory.swap.max"), "0")
+                except OSError:
+                    pass
+            else:
+                write_file(os.path.join(memory, "memory.limit_in_bytes"), str(int(limit)))
+                try:
+                    write_file(os.path.join(memory, "memory.memsw.limit_in_bytes"), str(int(limit)))
+                except OSError:
+                    pass  # no swap accounting on this kernel
+
+    def memory_figures(self):
+        """``(oom kills, peak bytes)`` of the memory cgroup, or (0, None)."""
+        memory = self.spec.get("memory_cgroup")
+        if not memory:
+            return 0, None
+        if self.spec.get("memory_version") == 2:
+            kills = read_int(os.path.join(memory, "memory.events"), "oom_kill") or 0
+            peak = read_int(os.path.join(memory, "memory.peak"))
+        else:
+            kills = read_int(os.path.join(memory, "memory.oom_control"), "oom_kill") or 0
+            peak = read_int(os.path.join(memory, "memory.max_usage_in_bytes"))
+        return kills, peak
+
+    # -- starting the task ------------------------------------------------
+
+    def start(self):
+        """Fork and exec the task; the message of a failure, or None."""
+        err_r, err_w = os.pipe()  # close-on-exec: empty at EOF means exec worked
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (child)
+            try:
+                self._become_task(err_w)
+            except BaseException as exc:  # noqa: BLE001 - anything is reported, then exit
+                try:
+                    os.write(err_w, str(exc).encode() or type(exc).__name__.encode())
+                finally:
+                    os._exit(127)
+        os.close(err_w)
+        self.pid = pid
+        message = b""
+        while True:
+            chunk = os.read(err_r, 4096)
+            if not chunk:
+                break
+            message += chunk
+        os.close(err_r)
+        if message:
+            os.waitpid(pid, 0)
+            self.pid = None
+            return message.decode(errors="replace")
+        return None
+
+    def _become_task(self, err_w):
+        spec = self.spec
+        os.setsid()
+        for path in self.cgroups:
+            write_file(os.path.join(path, "cgroup.procs"), "0")
+        if spec.get("cpus"):
+            os.sched_setaffinity(0, spec["cpus"])
+        signal.set_wakeup_fd(-1)
+        for name in RESET_SIGNALS:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(spec["stdout_fd"], 1)
+        os.dup2(spec["stderr_fd"], 2)
+        if spec.get("cwd"):
+            os.chdir(spec["cwd"])
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2 and fd != err_w:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        args = spec["args"]
+        os.execvpe(args[0], args, spec["env"])
+
+    # -- the loop ---------------------------------------------------------
+
+    def run(self):
+        become_subreaper()
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
+        # The worker's own stop signals come as commands; a signal sent to us
+        # (the machine shutting down) ends the task as the worker's exit would.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda *a: self.kill_tree())
+        try:
+            self.make_cgroups()
+            failure = self.start()
+        except OSError as exc:
+            failure = f"cannot prepare the task's cgroup: {exc}"
+        if failure is not None:
+            self.say("error " + failure.replace("\n", " "))
+            self.cleanup()
+            return 127
+        self.say(f"started {self.pid}")
+        self.record()
+        os.set_blocking(self.control_fd, False)
+        next_scan = time.monotonic() + SCAN_INTERVAL
+        kill_started = None
+        while True:
+            self.reap()
+            now = time.monotonic()
+            if self.exit_code is not None and not self.killing:
+                self.kill_tree()  # the task is over: so is everything it started
+            if self.lease is not None and now >= self.lease and not self.lease_expired:
+                self.lease_expired = True
+                self.kill_tree()
+            if self.killing:
+                kill_started = kill_started or now
+                if self.exit_code is not None and not self.tree():
+                    break
+                if now - kill_started > KILL_WAIT:
+                    break
+                self.kill_tree()  # what forked meanwhile
+            if now >= next_scan:
+                self.record()
+                next_scan = now + SCAN_INTERVAL
+            timeout = next_scan - now
+            if self.killing:
+                timeout = 0.02
+            elif self.lease is not None:
+                timeout = min(timeout, max(0.0, self.lease - now))
+            try:
+                ready, _, _ = select.select([self.control_fd, self.wake_r], [], [], max(0.0, timeout))
+            except InterruptedError:
+                continue
+            if self.wake_r in ready:
+                try:
+                    os.read(self.wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            if self.control_fd in ready and not self.worker_gone:
+                for command in self.read_commands():
+                    self.apply(command)
+        kills, peak = self.memory_figures()
+        result = {"exit_code": self.exit_code, "oom": kills > 0, "peak_memory": peak,
+                  "lease_expired": self.lease_expired, "worker_gone": self.worker_gone,
+                  "stopped": self.stopped}
+        self.say("result " + json.dumps(result))
+        self.cleanup()
+        return 0
+
+    def cleanup(self):
+        for path in self.cgroups:
+            cgroup_remove(path)
+        if self.spec.get("record"):
+            try:
+                os.unlink(self.spec["record"])
+            except OSError:
+                pass
+
+
+def read_spec(fd):
+    """The first line on ``fd`` (the spec), and whatever came after it."""
+    data = b""
+    while b"\n" not in data:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise SystemExit("banyan supervisor: no task spec on stdin")
+        data += chunk
+    line, _, rest = data.partition(b"\n")
+    return json.loads(line), rest
+
+
+def main():
+    spec, rest = read_spec(0)
+    supervisor = Supervisor(spec)
+    supervisor.buffer = rest  # the worker sends nothing more before "started"
+    return supervisor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
