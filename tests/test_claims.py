@@ -785,3 +785,39 @@ def task_state(api, tid, headers):
     r = api.get("/tasks/%s" % tid, headers=headers)
     assert r.status_code == 200, r.json
     return r.json["state"]
+
+
+# -- memory: outcome oom and retry_memory_factor -----------------------------
+
+def test_registration_tells_the_worker_the_heartbeat_timeout(store):
+    api = make_app(store, HEARTBEAT_TIMEOUT=7).test_client()
+    r = api.post("/workers", json={"host": "n1", "resources": {"cores": 1, "memory": GiB, "gpus": 0}})
+    assert r.status_code == 201 and r.json["heartbeat_timeout"] == 7
+
+
+def test_an_oom_attempt_is_retried_with_more_memory_only_with_retry_memory_factor(api):
+    wid = register(api)
+    plain, grows = submit(api, {"command": "x", "state": "available", "requested_resources": {"memory": "100 MiB"}},
+                          {"command": "x", "state": "available", "requested_resources": {"memory": "100 MiB"},
+                           "retry_memory_factor": 2})
+    attempt = claim_one(api, wid, plain)
+    finish(api, plain, attempt, "oom", -9, usage={"max_rss": 90 * MiB, "peak_memory": 100 * MiB,
+                                                  "memory_limit": 100 * MiB})
+    doc = task(api, plain)
+    assert (doc["state"], doc["exit_status"], doc["retry_count"]) == ("terminated", "oom", 0)
+    assert doc["history"][0]["usage"]["peak_memory"] == 100 * MiB
+    sizes = []
+    for round_ in range(1, 5):  # MAX_MEMORY_RETRIES (3) retries, then the oom is final
+        attempt = claim_one(api, wid, grows)
+        sizes.append(task(api, grows)["requested_resources"]["memory"])
+        finish(api, grows, attempt, "oom", -9)
+        doc = task(api, grows)
+        assert doc["exit_status"] == "oom" and doc["retry_count"] == 0
+        assert doc["state"] == ("available" if round_ <= 3 else "terminated"), round_
+    assert sizes == [100 * MiB, 200 * MiB, 400 * MiB, 800 * MiB]
+    assert doc["memory_retry_count"] == 3
+
+
+def test_retry_memory_factor_below_one_is_refused(api):
+    r = api.post("/tasks", json={"command": "x", "retry_memory_factor": 0.5})
+    assert r.status_code == 422 and "retry_memory_factor" in r.json["_issues"], r.json
