@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import psutil
 import pytest
 
+from banyan.worker import resources
 from banyan.worker.worker import Worker, WorkerConfig
 
 
@@ -549,3 +550,39 @@ def test_a_dying_attempt_frees_only_its_own_resources(tmp_path):
     finally:
         first.kill()
         worker._tasks[task["_id"]].kill()
+
+
+def test_tasks_are_told_their_cores_and_pinned_to_cpus_of_their_own(fake, start_worker, tmp_path):
+    """With --pin, two one-core tasks running together get distinct CPUs; the
+    thread-count variables follow the cores granted unless the task sets them."""
+    cpus = resources.usable_cpus()
+    if len(cpus) < 2:
+        pytest.skip("this machine lets us use only one CPU")
+    script = ("import json, os, sys, time; here = sys.argv[1]; me, other = sys.argv[2:4]; "
+              "env = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', "
+              "'OPENBLAS_NUM_THREADS', 'NUMEXPR_NUM_THREADS', 'BANYAN_CORES', 'BANYAN_CPUS')}; "
+              "json.dump({'cpus': sorted(os.sched_getaffinity(0)), 'env': env}, open(os.path.join(here, me), 'w')); "
+              "deadline = time.time() + 20\n"
+              "while not os.path.exists(os.path.join(here, other)) and time.time() < deadline: time.sleep(0.02)")
+    for me, other in (("a", "b"), ("b", "a")):
+        fake.submit(me, [sys.executable, "-c", script, str(tmp_path), me, other])
+    fake.submit("half", [sys.executable, "-c", script, str(tmp_path), "half", "half"],
+                requested_resources={"cores": 0.5, "memory": 0, "gpus": 0}, environment={"MKL_NUM_THREADS": "7"})
+    start_worker(pin=True, cores=2)
+    wait_for(lambda: all(fake.finish_of(t) for t in ("a", "b", "half")), what="three reports")
+    assert all(fake.finish_of(t)["outcome"] == "success" for t in ("a", "b", "half"))
+    a, b, half = (json.loads((tmp_path / name).read_text()) for name in ("a", "b", "half"))
+    assert len(a["cpus"]) == len(b["cpus"]) == 1 and not set(a["cpus"]) & set(b["cpus"])
+    assert a["env"] == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                        "NUMEXPR_NUM_THREADS": "1", "BANYAN_CORES": "1", "BANYAN_CPUS": str(a["cpus"][0])}
+    assert (half["env"]["OMP_NUM_THREADS"], half["env"]["MKL_NUM_THREADS"], half["env"]["BANYAN_CORES"]) == \
+        ("1", "7", "0.5")
+
+
+def test_cpu_allocator_hands_out_distinct_cpus_then_shares_the_least_used():
+    cpus = resources.CpuAllocator([0, 1, 2, 3])
+    assert cpus.take("a", 2) == [0, 1] and cpus.take("b", 1.5) == [2, 3]
+    assert cpus.take("c", 1) == [0] and cpus.take("zero", 0) is None
+    cpus.give_back("b")
+    assert cpus.take("d", 3) == [1, 2, 3]
+    assert cpus.take("e", 64) == [0, 1, 2, 3]  # never more than there are

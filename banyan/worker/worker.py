@@ -627,7 +627,9 @@ class Worker:
                 self._last_sample[task_id] = now
             run_hooks(self.hooks, "on_sample", proc, now)
             outcome = proc.poll(now)
-            if outcome is not None:
+            if outcome is not None and (proc.result or {}).get("lease_expired"):
+                self._lease_ran_out(task_id, proc)
+            elif outcome is not None:
                 self._finish_attempt(task_id, proc, outcome)
         for task_id, proc in doomed:
             if proc.poll(now) is not None:
@@ -636,6 +638,20 @@ class Worker:
                     self._doomed.pop(task_id, None)
                     self._release(task_id, proc.reservation)
                 self._remove_attempt_dir(proc)
+
+    def _lease_ran_out(self, task_id, proc):
+        """The supervisor killed the task: no heartbeat was acknowledged for a
+        lease. The server may have given the task to another worker, so the
+        attempt is not ours to report: as when the server is unreachable past
+        the timeout, drop every task and register again."""
+        with self._lock:
+            if self._tasks.get(task_id) is proc:
+                del self._tasks[task_id]
+                self._doomed[task_id] = proc
+            registered = self.worker_id is not None
+        if registered:
+            self.reset("no heartbeat acknowledged for %.1fs (the lease on task %s ran out)"
+                       % (self.lease, task_id))
 
     def reap_orphans(self, now):
         """As subreaper, reap the dead leftovers of task trees now and then."""
