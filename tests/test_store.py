@@ -191,7 +191,11 @@ def _run_equivalence(tmp_path, seed, ndocs=250, nops=400):
             ids = [d["_id"] for d in rng.sample(docs, 3)]
             both(lambda c: list(c.find({"_id": {"$in": ids}}, sort=sort)))
             both(lambda c: c.find_one({"_id": ids[0]}))
-            queries += 2
+            # many ids (decided by a set lookup), some unknown, with another condition
+            many = [d["_id"] for d in rng.sample(docs, min(len(docs), 12))] + [ObjectId(), ObjectId()]
+            both(lambda c: list(c.find({"_id": {"$in": many}, "state": {"$nin": ["cancelled", "terminated"]}},
+                                       sort=sort)))
+            queries += 3
         else:
             doc = _random_doc(rng, next_n)
             next_n += 1
