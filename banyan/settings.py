@@ -96,6 +96,9 @@ tasks = {
     "mongo_indexes": {
         # The claim: ready tasks, highest priority first, then oldest.
         "ready": [("state", 1), ("pending_dependency_count", 1), ("priority", -1), ("_created", 1)],
+        # The claim once no core is left: ready tasks of no core.
+        "ready_coreless": [("state", 1), ("pending_dependency_count", 1), ("requested_resources.cores", 1),
+                           ("priority", -1), ("_created", 1)],
         # A task's parents (who lists it among its continuations).
         "parents": [("continuations", 1)],
         "owner": [("owner", 1), ("state", 1)],

@@ -463,6 +463,11 @@ class TaskQueue:
         query = dict(READY_FILTER)
         for key in ("cores", "memory", "gpus"):
             query["requested_resources.%s" % key] = {"$lte": free.get(key, 0)}
+        if free.get("cores", 0) <= 0:
+            # Only tasks of no core fit (cores are >= 0): an equality the
+            # `ready_coreless` index answers, rather than a walk over every
+            # ready task (each claim that fills a worker ends with this one).
+            query["requested_resources.cores"] = 0
         now = utcnow()
         projection = {"history.attempt": 1, "_created": 1}
         doc = self.tasks.find_one(query, projection, sort=CLAIM_ORDER)
