@@ -168,13 +168,19 @@ class Client:
     def unregister_worker(self, wid):
         return self.delete("workers", wid)
 
-    def claim(self, wid, free, max_tasks, wait=0):
+    def claim(self, wid, free, max_tasks, wait=0, finished=None):
         """Claim up to ``max_tasks`` ready tasks fitting ``free``; ``{"_items": [...], "cancel": [...]}``.
 
+        ``finished``: reports of ended attempts to deliver first, in the same
+        request (``[{"task": id, "attempt": n, "outcome": ..., ...}]``, as
+        ``finish`` takes them); the answer's ``finished`` has a result for
+        each, and ``max_tasks`` may then be 0 (report only).
         Not retried after a read timeout: the server may have claimed tasks
         for us already.
         """
         body = {"free": free, "max_tasks": int(max_tasks), "wait": wait}
+        if finished:
+            body["finished"] = list(finished)
         reply = self.request("POST", ("workers", wid, "claim"), json_body=body,
                              timeout=self.timeout + float(wait or 0), idempotent=False) or {}
         reply.setdefault("_items", [])

@@ -514,6 +514,57 @@ def test_finish_refusals_change_nothing(api, db):
     unchanged({"attempt": attempt, "outcome": SUCCESS}, 409, "terminated")  # a repeated report
 
 
+def test_a_claim_delivers_reports_first_and_claims_what_they_free(api, db):
+    first, second, later = submit(api, *[{"command": "x", "state": "available"} for _ in range(3)])
+    child, = submit(api, {"command": "c"})
+    db.tasks.update_one({"_id": ObjectId(second)}, {"$set": {"continuations": [ObjectId(child)]}})
+    db.tasks.update_one({"_id": ObjectId(child)}, {"$set": {"pending_parents": [ObjectId(second)],
+                                                             "pending_dependency_count": 1}})
+    wid = register(api)
+    one = {"cores": 1, "memory": GiB, "gpus": 0}
+    items = claim(api, wid, free={"cores": 2, "memory": GiB, "gpus": 0}, max_tasks=2)["_items"]
+    assert [t["_id"] for t in items] == [first, second]
+    reply = api.post("/workers/%s/claim" % wid, json={"free": one, "max_tasks": 1, "finished": [
+        {"task": first, "attempt": 1, "outcome": FAILURE, "exit_code": 3, "stdout": "out", "stderr": "err"},
+        {"task": second, "attempt": 2, "outcome": SUCCESS, "exit_code": 0},  # not its attempt
+        {"task": second, "attempt": 1, "outcome": SUCCESS, "exit_code": 0, "usage": {"max_rss": 5}},
+    ]})
+    assert reply.status_code == 200, reply.json
+    assert [r["_status"] for r in reply.json["finished"]] == ["OK", "ERR", "OK"]
+    assert reply.json["finished"][1]["_error"]["code"] == 409
+    assert [t["_id"] for t in reply.json["_items"]] == [later]  # then the claim: oldest first
+    assert task(api, first)["state"] == "terminated" and task(api, first)["exit_status"] == FAILURE
+    assert api.get("/tasks/%s/logs" % first).json["stdout"] == "out"
+    done = task(api, second)
+    assert done["exit_status"] == SUCCESS and done["history"][-1]["usage"] == {"max_rss": 5}
+    assert task(api, child)["state"] == "available"  # released by the report in the claim
+    # reporting alone: max_tasks 0
+    reply = claim(api, wid, free=one, max_tasks=0, status=422)
+    assert "max_tasks" in reply["_error"]["message"]
+    r = api.post("/workers/%s/claim" % wid, json={"free": one, "max_tasks": 0, "finished": [
+        {"task": later, "attempt": 1, "outcome": SUCCESS}]})
+    assert r.status_code == 200 and r.json == {"_items": [], "cancel": [], "finished": [
+        {"_id": later, "_status": "OK"}]}
+    assert task(api, child)["state"] == "available"  # not claimed by a report-only request
+
+
+@pytest.mark.parametrize("finished, word", [
+    ("all", "finished"),
+    ([{"task": "nope", "attempt": 1, "outcome": SUCCESS}], "not a task id"),
+    ([{"attempt": 1, "outcome": SUCCESS}], "task"),
+    ([{"task": "0" * 24, "attempt": 1, "outcome": "fine"}], "outcome"),
+    ([{"task": "0" * 24, "attempt": 1, "outcome": SUCCESS, "colour": 1}], "colour"),
+    ([5], "finished.0"),
+])
+def test_claims_with_bad_reports_are_refused_whole(api, db, finished, word):
+    tid, = submit(api, {"command": "x", "state": "available"})
+    wid = register(api)
+    before = list(db.tasks.find())
+    r = api.post("/workers/%s/claim" % wid, json={"free": PLENTY, "max_tasks": 1, "finished": finished})
+    assert r.status_code == 422 and word in r.json["_error"]["message"], r.json
+    assert list(db.tasks.find()) == before  # nothing claimed, nothing finished
+
+
 def test_logs_are_kept_per_attempt_and_capped(store):
     app = make_app(store, LOG_CAP=16)
     api = app.test_client()

@@ -144,6 +144,12 @@ class FakeBanyan:
         return self.error(404, f"no route {method} {path}")
 
     def claim(self, wid, body):
+        # reports of ended attempts come first, each answered as /finish would
+        finished = []
+        for report in body.get("finished") or []:
+            status, reply = self.finish(report["task"], {k: v for k, v in report.items() if k != "task"})
+            finished.append({"_id": report["task"], "_status": "OK"} if status == 200 else
+                            dict(reply, _id=report["task"]))
         deadline = time.monotonic() + min(float(body.get("wait") or 0), 5)
         with self.lock:
             self.claims.append(body)
@@ -171,7 +177,10 @@ class FakeBanyan:
                 self.lock.wait(min(remaining, 0.1))
             cancel = [t["_id"] for t in self.tasks.values()
                       if t.get("worker") == wid and t["state"] == "pending_cancellation"]
-        return {"_items": items, "cancel": cancel}
+        reply = {"_items": items, "cancel": cancel}
+        if body.get("finished"):
+            reply["finished"] = finished
+        return reply
 
     def heartbeat(self, wid, body):
         with self.lock:

@@ -37,6 +37,7 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from flask import Blueprint, abort, current_app, make_response, request
 from pymongo import ReturnDocument
+from werkzeug.exceptions import HTTPException
 
 from banyan.server import states
 from banyan.server.auth import check_role, owner_filter
@@ -379,6 +380,24 @@ def finish(task_id, attempt, outcome, exit_code=None, stdout="", stderr="", usag
     return doc
 
 
+def finish_many(reports):
+    """Several reports ([(task id, finish arguments)]) in one request, each
+    as `finish` takes it: one result per report, in order, `{"_id": id,
+    "_status": "OK"}` or, for a report refused (4xx), `"_status": "ERR"`
+    with `_error` {code, message}. A refusal does not stop the others."""
+    results = []
+    for task_id, report in reports:
+        try:
+            finish(task_id, **report)
+        except HTTPException as e:
+            if e.code is None or e.code >= 500:
+                raise
+            results.append({"_id": task_id, "_status": "ERR", "_error": {"code": e.code, "message": e.description}})
+        else:
+            results.append({"_id": task_id, "_status": "OK"})
+    return results
+
+
 def task_logs(task_id, attempt=None):
     task = _queue().tasks.find_one(dict(owner_filter(), _id=task_id), {"history.attempt": 1})
     if task is None:
@@ -565,14 +584,21 @@ def claim_view(worker_id):
     check_role(("worker", "admin"))
     worker_id = _object_id(worker_id, "worker")
     body, issues = _body(), _Issues()
-    _unknown(body, ("free", "max_tasks", "wait"), issues)
+    _unknown(body, ("free", "max_tasks", "wait", "finished"), issues)
+    reports = _finish_reports(body.get("finished"), issues)
     free = _resources(body.get("free"), "free", issues)
-    max_tasks = _integer(body.get("max_tasks", 1), "max_tasks", issues, 1, _config("CLAIM_MAX_TASKS"))
+    # reporting alone (max_tasks 0) is allowed only with reports
+    max_tasks = _integer(body.get("max_tasks", 1), "max_tasks", issues, 0 if reports else 1,
+                         _config("CLAIM_MAX_TASKS"))
     wait = body.get("wait") or 0
     if not _number(wait) or wait < 0:
         issues["wait"] = "must be a number of seconds >= 0, not %r" % (wait,)
     issues.refuse()
-    return _reply(claim(worker_id, free, max_tasks, float(wait)))
+    finished = finish_many(reports) if reports else None
+    reply = claim(worker_id, free, max_tasks, float(wait) if max_tasks else 0.0)
+    if finished is not None:
+        reply["finished"] = finished
+    return _reply(reply)
 
 
 @blueprint.route("/workers/<worker_id>/heartbeat", methods=["POST"])
@@ -609,20 +635,50 @@ def finish_view(task_id):
     check_role(("worker", "admin"))
     task_id = _object_id(task_id, "task")
     body, issues = _body(), _Issues()
-    _unknown(body, ("attempt", "outcome", "exit_code", "stdout", "stderr", "usage"), issues)
-    attempt = _integer(body.get("attempt"), "attempt", issues, 1)
+    report = _finish_report(body, "", issues)
+    issues.refuse()
+    return _reply(finish(task_id, **report))
+
+
+REPORT_FIELDS = ("attempt", "outcome", "exit_code", "stdout", "stderr", "usage")
+
+
+def _finish_report(body, prefix, issues):
+    """The arguments of `finish` from a report's JSON (issues under `prefix`)."""
+    _unknown(body, REPORT_FIELDS, issues, prefix)
+    attempt = _integer(body.get("attempt"), prefix + "attempt", issues, 1)
     outcome = body.get("outcome")
     if outcome not in states.WORKER_OUTCOMES:
-        issues["outcome"] = "must be one of %s, not %r" % (", ".join(states.WORKER_OUTCOMES), outcome)
-    exit_code = _integer(body.get("exit_code"), "exit_code", issues, nullable=True)
+        issues[prefix + "outcome"] = "must be one of %s, not %r" % (", ".join(states.WORKER_OUTCOMES), outcome)
+    exit_code = _integer(body.get("exit_code"), prefix + "exit_code", issues, nullable=True)
     for name in ("stdout", "stderr"):
         if not isinstance(body.get(name) or "", str):
-            issues[name] = "must be a string"
-    usage = _usage(body.get("usage") or None, "usage", issues)
-    issues.refuse()
-    doc = finish(task_id, attempt, outcome, exit_code, body.get("stdout") or "", body.get("stderr") or "",
-                 usage)
-    return _reply(doc)
+            issues[prefix + name] = "must be a string"
+    usage = _usage(body.get("usage") or None, prefix + "usage", issues)
+    return {"attempt": attempt, "outcome": outcome, "exit_code": exit_code,
+            "stdout": body.get("stdout") or "", "stderr": body.get("stderr") or "", "usage": usage}
+
+
+def _finish_reports(value, issues):
+    """`finished` of a claim: [{"task": id, <a finish report>}, ...] -> [(task id, finish arguments)]."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > _config("CLAIM_MAX_TASKS"):
+        issues["finished"] = "must be a list of at most %d reports {task, attempt, outcome, ...}, not %s" % (
+            _config("CLAIM_MAX_TASKS"), "%d" % len(value) if isinstance(value, list) else repr(value)[:100])
+        return []
+    reports = []
+    for i, entry in enumerate(value):
+        prefix = "finished.%d." % i
+        if not isinstance(entry, dict):
+            issues["finished.%d" % i] = "must be {task, attempt, outcome, ...}, not %r" % (entry,)
+            continue
+        task = entry.get("task")
+        if not isinstance(task, str) or not ObjectId.is_valid(task):
+            issues[prefix + "task"] = "'%s' is not a task id" % (task,)
+            continue
+        reports.append((ObjectId(task), _finish_report({k: v for k, v in entry.items() if k != "task"}, prefix, issues)))
+    return reports
 
 
 @blueprint.route("/tasks/<task_id>/logs", methods=["GET"])

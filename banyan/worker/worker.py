@@ -55,6 +55,8 @@ BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 #: With no core free the claimer does not poll at all; it waits for a task to
 #: end, probing (without waiting) this often for tasks that need no core.
 BUSY_CLAIM_WAIT = 2.0
+#: Most finished attempts delivered in one request.
+REPORT_BATCH = 32
 #: Tries to reach the server at start before giving up (exit code 3).
 STARTUP_ATTEMPTS = 4
 #: The lease on running tasks is shorter than the server's heartbeat timeout
@@ -192,6 +194,10 @@ class Worker:
         self._lease_deadline = None  # monotonic; None before registering
         self._reports = queue.Queue()
         self._last_sample = {}
+        # One claim at a time (the claimer's, or the one a report carries):
+        # each is sized by what is free, and two at once would both count
+        # the same free cores.
+        self._claim_lock = threading.Lock()
 
         self._stop_event = threading.Event()     # warm stop: no more claims, drain
         self._force_event = threading.Event()    # cold stop: kill and exit
@@ -456,6 +462,11 @@ class Worker:
             exc.worker_id = wid
             raise
         self._contact()
+        return self._take_claimed(wid, reply)
+
+    def _take_claimed(self, wid, reply):
+        """Reserve and queue the tasks a claim answer brought (and note its
+        cancellations); returns how many."""
         items = reply.get("_items") or []
         with self._lock:
             if self.worker_id != wid:   # reset while the claim was in flight
@@ -484,6 +495,14 @@ class Worker:
             return None
         return min(self.config.claim_wait, BUSY_CLAIM_WAIT), free
 
+    def _planned_claim(self, probe=False):
+        """``(plan, tasks claimed)``: a claim as ``_next_claim`` plans it (or,
+        for a ``probe``, one that does not wait), sized and sent under the
+        claim lock; no request when the plan is None."""
+        with self._claim_lock:
+            plan = (0, self.free()) if probe else self._next_claim()
+            return plan, (self.claim_once(*plan) if plan is not None else 0)
+
     def _claim_loop(self):
         delay = BACKOFF_START
         idle = TICK
@@ -492,16 +511,16 @@ class Worker:
             if self.worker_id is None or self.claim_capacity() <= 0:
                 self._released.wait(TICK)
                 continue
-            plan = self._next_claim()
-            if plan is None:
-                # Every core is taken: wait for one to come back, probing now
-                # and then (without waiting) for tasks that need no core.
-                if self._released.wait(BUSY_CLAIM_WAIT) or self._stop_event.is_set():
-                    continue
-                plan = (0, self.free())
             started = time.monotonic()
             try:
-                got = self.claim_once(*plan)
+                plan, got = self._planned_claim()
+                if plan is None:
+                    # Every core is taken: wait for one to come back, probing now
+                    # and then (without waiting) for tasks that need no core.
+                    if self._released.wait(BUSY_CLAIM_WAIT) or self._stop_event.is_set():
+                        continue
+                    started = time.monotonic()
+                    plan, got = self._planned_claim(probe=True)
             except BanyanError as exc:
                 if self._stop_event.is_set():
                     break  # unregistered while the claim waited: the server let go of it
@@ -816,6 +835,74 @@ class Worker:
                  report["outcome"], report["exit_code"])
         return True
 
+    def deliver(self, batch):
+        """Deliver the results in ``batch`` (a list, emptied of those done
+        with: delivered, or refused for good); True when none is left.
+
+        One request: the claim endpoint takes the reports first and, unless
+        the claimer has a claim under way, claims in the same request what
+        their end frees, so a busy worker needs one round trip per task.
+        Without a registration, each goes alone to ``/tasks/<id>/finish``."""
+        wid = self.worker_id
+        if wid is None:
+            batch[:] = [item for item in batch if not self.report(item)]
+            return not batch
+        claiming = not self._stop_event.is_set() and self._claim_lock.acquire(blocking=False)
+        try:
+            free, count = (self._free_after(batch), self.claim_capacity()) if claiming else (self.free(), 0)
+            reports = [{"task": item["task_id"], "attempt": item["attempt"], "outcome": item["outcome"],
+                        "exit_code": item["exit_code"], "stdout": item["stdout"], "stderr": item["stderr"],
+                        "usage": item["usage"]} for item in batch]
+            try:
+                reply = self.report_client.claim(wid, free, max(0, count), 0, finished=reports)
+            except BanyanError as exc:
+                if _transient(exc):
+                    log.warning("cannot report %d task(s) yet: %s", len(batch), exc)
+                    return False
+                if exc.status == 404 and self.worker_id == wid:
+                    self._lost.set()  # registration gone: the reports go one by one once reset
+                    return False
+                # refused whole (an odd report?): each one alone, for its own answer
+                log.warning("reports of %d task(s) refused together (%s); sending each alone", len(batch), exc)
+                batch[:] = [item for item in batch if not self.report(item)]
+                return not batch
+            self._contact()
+            self._take_claimed(wid, reply)
+        finally:
+            if claiming:
+                self._claim_lock.release()
+        for item, result in zip(batch, reply.get("finished") or []):
+            self._log_report(item, result)
+        batch.clear()
+        return True
+
+    def _free_after(self, batch):
+        """What is free once the attempts in ``batch`` are reported (their
+        reservations, if still theirs, come back)."""
+        with self._lock:
+            free = self.free()
+            for item in batch:
+                reservation = item.get("reservation")
+                if reservation is not None and self._reserved.get(item["task_id"]) is reservation:
+                    for key in free:
+                        free[key] += reservation[key]
+        free["cores"] = min(self.total["cores"], round(free["cores"], 6))
+        free["memory"] = min(self.total["memory"], free["memory"])
+        free["gpus"] = min(self.total["gpus"], free["gpus"])
+        return free
+
+    def _log_report(self, item, result):
+        error = result.get("_error") if isinstance(result, dict) else None
+        if not error:
+            log.info("reported task %s attempt %s: %s (exit code %s)", item["task_id"], item["attempt"],
+                     item["outcome"], item["exit_code"])
+        elif error.get("code") in (404, 409):
+            log.warning("report of task %s attempt %s refused (%s): dropping it",
+                        item["task_id"], item["attempt"], error.get("message"))
+        else:
+            log.error("report of task %s attempt %s rejected, dropping it: %s",
+                      item["task_id"], item["attempt"], error.get("message"))
+
     def _report_loop(self):
         while True:
             try:
@@ -824,21 +911,32 @@ class Worker:
                 if self._done_event.is_set():
                     return
                 continue
+            taken = [item]
+            while len(taken) < REPORT_BATCH:
+                try:
+                    taken.append(self._reports.get_nowait())
+                except queue.Empty:
+                    break
+            batch = list(taken)
             delay = BACKOFF_START
             try:
-                while not self.report(item):
+                while not self.deliver(batch):
                     if self._done_event.wait(delay):
-                        log.error("giving up on the report of task %s", item["task_id"])
+                        log.error("giving up on the reports of task(s) %s",
+                                  ", ".join(item["task_id"] for item in batch))
                         break
                     delay = min(BACKOFF_MAX, delay * 2)
-                else:
-                    if item["proc"] is not None:
+                left = {id(item) for item in batch}
+                for item in taken:
+                    if id(item) not in left and item["proc"] is not None:
                         self._remove_attempt_dir(item["proc"], item["reservation"])
             except Exception:
-                log.exception("unexpected error while reporting task %s", item["task_id"])
+                log.exception("unexpected error while reporting task(s) %s",
+                              ", ".join(item["task_id"] for item in taken))
             finally:
-                self._settle(item)
-                self._reports.task_done()
+                for item in taken:
+                    self._settle(item)
+                    self._reports.task_done()
 
     # == threads and teardown ===============================================
 
