@@ -23,9 +23,9 @@ import functools
 import itertools
 import re
 
-from bson import ObjectId
 import mongomock
 import pymongo
+from bson import ObjectId
 from mongomock import aggregate as mm_aggregate
 from mongomock import codec_options as mm_codec_options
 from mongomock import collection as mm_collection
