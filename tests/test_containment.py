@@ -144,7 +144,7 @@ while True:
 
 
 def worker_supervisors(worker):
-    return [p for p in psutil.Process(worker.pid).children() if "supervisor.py" in " ".join(p.cmdline())]
+    return [p for p in psutil.Process(worker.pid).children() if "import supervisor" in " ".join(p.cmdline())]
 
 
 @pytest.mark.slow
