@@ -111,8 +111,13 @@ tasks = {
 # URL of their own (banyan.server.claims serves them).
 workers = {
     "internal_resource": True,
-    "schema": {"host": {"type": "string"}, "resources": {"type": "dict"}, "state": {"type": "string"},
-               "last_heartbeat": {"type": "datetime"}, "token_id": {"type": "string", "nullable": True}},
+    "schema": {"host": {"type": "string"}, "resources": {"type": "dict"},
+               "state": {"type": "string", "allowed": ["active", "lost", "stopped"]},
+               "registered": {"type": "datetime"}, "last_heartbeat": {"type": "datetime"},
+               "stopped": {"type": "datetime", "nullable": True}, "lost": {"type": "datetime", "nullable": True},
+               "token_id": {"type": "string", "nullable": True}},
+    # `GET /workers?where=` may filter on these (not on the token that registered a worker).
+    "allowed_filters": ["_id", "host", "resources", "state", "registered", "last_heartbeat", "stopped", "lost"],
     "mongo_indexes": {
         # The reaper: active workers silent since before the cutoff.
         "liveness": [("state", 1), ("last_heartbeat", 1)],

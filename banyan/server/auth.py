@@ -25,6 +25,7 @@ user's task; admins and workers are not restricted. Blueprint views use
 """
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -34,7 +35,7 @@ from functools import wraps
 from bson import ObjectId
 from bson.errors import InvalidId
 from eve.auth import TokenAuth
-from flask import Blueprint, abort, current_app, g, jsonify, request
+from flask import Blueprint, abort, current_app, g, request
 from pymongo import ReturnDocument
 
 from banyan.server.identity import ROLES, Identity, current_identity, set_identity
@@ -331,8 +332,10 @@ blueprint = Blueprint("tokens", __name__)
 
 
 def _reply(body, status=200):
-    response = jsonify(body)
-    response.status_code = status
+    """JSON with dates in the server's DATE_FORMAT (ISO 8601), as every other
+    answer has them (Flask's `jsonify` would write RFC 1123)."""
+    response = current_app.response_class(json.dumps(body, cls=current_app.data.json_encoder_class),
+                                          status=status, mimetype="application/json")
     return response
 
 

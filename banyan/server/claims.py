@@ -131,8 +131,10 @@ class WorkerRegistry:
     def get(self, worker_id):
         return self.workers.find_one({"_id": worker_id})
 
-    def list(self, state=None):
-        query = {"state": state} if state else {}
+    def list(self, state=None, query=None):
+        query = dict(query or {})
+        if state:
+            query = {"$and": [query, {"state": state}]} if query else {"state": state}
         return list(self.workers.find(query).sort("registered", 1))
 
     def touch(self, worker_id, now=None):
@@ -259,10 +261,12 @@ def register_worker(host, resources):
     return _registry().register(host, resources, token_id=identity.token_id)
 
 
-def list_workers(state=None):
+def list_workers(state=None, query=None):
+    """Workers (those `query` selects), each with the tasks it holds that
+    the caller may see: a user sees only their own tasks' ids there."""
     registry = _registry()
-    docs = registry.list(state)
-    held = _queue().held_by([d["_id"] for d in docs])
+    docs = registry.list(state, query)
+    held = _queue().held_by([d["_id"] for d in docs], owner_filter())
     return [public_worker(d, held.get(d["_id"], [])) for d in docs]
 
 
@@ -270,7 +274,7 @@ def get_worker(worker_id):
     doc = _registry().get(worker_id)
     if doc is None:
         abort(404, description="no worker '%s'" % worker_id)
-    return public_worker(doc, _queue().held_by([worker_id])[worker_id])
+    return public_worker(doc, _queue().held_by([worker_id], owner_filter())[worker_id])
 
 
 def unregister_worker(worker_id):
@@ -562,7 +566,7 @@ def list_view():
     state = request.args.get("state")
     if state is not None and state not in (WorkerState.ACTIVE, WorkerState.LOST, WorkerState.STOPPED):
         abort(400, description="state must be active, lost or stopped, not %r" % state)
-    items = list_workers(state)
+    items = list_workers(state, current_app.data.where_filter(WORKERS, request.args.get("where")))
     return _reply({"_items": items, "_meta": {"total": len(items)}})
 
 

@@ -775,12 +775,15 @@ class TaskQueue:
         return [doc["_id"] for doc in self.tasks.find(
             {"worker": worker_id, "state": S.PENDING_CANCELLATION.value}, {"_id": 1})]
 
-    def held_by(self, worker_ids):
-        """Ids of the tasks held (running or being cancelled) by each of `worker_ids`."""
+    def held_by(self, worker_ids, visible=None):
+        """Ids of the tasks held (running or being cancelled) by each of
+        `worker_ids`, of those `visible` (a filter, such as a user's own) selects."""
         held = {wid: [] for wid in worker_ids}
         if held:
-            for doc in self.tasks.find({"worker": {"$in": list(held)}, "state": {"$in": [s.value for s in HELD]}},
-                                       {"worker": 1}):
+            query = {"worker": {"$in": list(held)}, "state": {"$in": [s.value for s in HELD]}}
+            if visible:
+                query = {"$and": [query, visible]}
+            for doc in self.tasks.find(query, {"worker": 1}):
                 held.setdefault(doc["worker"], []).append(doc["_id"])
         return held
 

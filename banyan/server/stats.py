@@ -41,11 +41,10 @@ import os
 from datetime import timedelta
 
 import pymongo.errors
-from eve.utils import ParsedRequest, date_to_str, validate_filters
+from eve.utils import date_to_str
 from flask import Blueprint, Response, abort, current_app, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from werkzeug.exceptions import BadRequest
 
 from banyan.server import auth
 from banyan.server.states import (ABANDONED, EXIT_STATUSES, FAILURE, FINISHED, HELD, OOM, SUCCESS, TIMEOUT,
@@ -377,26 +376,9 @@ def _db():
 
 def _where():
     """`?where=` parsed and checked as Eve does for `GET /tasks`."""
-    where = request.args.get("where")
-    if not where:
-        return {}
-    req = ParsedRequest()
-    req.where = where
-    try:
-        query = current_app.data._convert_where_request_to_dict(TASKS, req)
-    except BadRequest as e:
-        if e.description != BadRequest.description:
-            raise
-        abort(400, description="'where' is not a filter this server accepts: a JSON object with "
-                               "MongoDB query operators ($where and $regex are refused), or "
-                               "Eve's python syntax (name==\"x\")")
-    if not isinstance(query, dict):
-        abort(400, description="'where' must be a JSON object, such as {\"name\": \"x\"}")
-    bad = validate_filters(query, TASKS)
-    if bad:
-        abort(400, description=bad)
-    query = current_app.data._mongotize(query, TASKS)
-    _check_filter(query)
+    query = current_app.data.where_filter(TASKS, request.args.get("where"))
+    if query:
+        _check_filter(query)
     return query
 
 

@@ -1,0 +1,75 @@
+"""The query operators a client's `where` may use: one allow-list for every
+endpoint that takes a filter (`GET /tasks` and the virtual resources built
+on it, bulk endpoints, `/stats`, `/metrics`, `GET /workers`, and so every
+client-side filter such as `banyan wait --where`).
+
+Allowed: comparisons, logic, and element and array tests that both MongoDB
+and FerretDB run from indexes or a plain scan. Refused, with a 400 naming
+the operator:
+
+- `$where`, `$function`, `$accumulator`, `$expr`: run code or aggregation
+  expressions on every document (a client could make the server compute
+  without bound, and `$expr` reaches fields through paths the owner
+  restriction does not see);
+- `$regex` (and its `$options`): a pattern can take exponential time on
+  the server; match exact values, or `$in` a list of them;
+- `$text`, geo operators, `$jsonSchema`, `$comment`, `$bits*`: no index
+  for them here, or nothing a task's fields need.
+
+Eve calls `check_filter` (through `BanyanMongo._sanitize`) on each parsed
+`where`, so the rule lives here and nowhere else.
+"""
+
+from flask import abort
+
+#: Operators a `where` may contain.
+ALLOWED_OPERATORS = frozenset({
+    "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin",
+    "$and", "$or", "$nor", "$not",
+    "$exists", "$type",
+    "$all", "$elemMatch", "$size",
+    "$mod",
+})
+
+#: Why some well-known operators are refused (the message names the reason).
+REASONS = {
+    "$where": "it runs JavaScript on the server",
+    "$function": "it runs JavaScript on the server",
+    "$accumulator": "it runs JavaScript on the server",
+    "$expr": "it evaluates aggregation expressions on every task",
+    "$regex": "a pattern can take the server unbounded time; match exact values or use $in",
+    "$options": "it belongs to $regex, which is refused",
+}
+
+
+def refused(operator):
+    """The 400 message for a refused `operator`."""
+    reason = REASONS.get(operator, "it is not one this server runs")
+    return ("'where' may not use %s: %s. Allowed operators: %s"
+            % (operator, reason, ", ".join(sorted(ALLOWED_OPERATORS))))
+
+
+def first_refused(spec):
+    """The first operator of `spec` (a parsed filter, at any depth) that is
+    not allowed, or None."""
+    if isinstance(spec, dict):
+        for key, value in spec.items():
+            if isinstance(key, str) and key.startswith("$") and key not in ALLOWED_OPERATORS:
+                return key
+            found = first_refused(value)
+            if found:
+                return found
+    elif isinstance(spec, (list, tuple)):
+        for value in spec:
+            found = first_refused(value)
+            if found:
+                return found
+    return None
+
+
+def check_filter(spec):
+    """Abort 400 naming the first operator of `spec` that is refused."""
+    operator = first_refused(spec)
+    if operator is not None:
+        abort(400, description=refused(operator))
+    return spec

@@ -1,0 +1,103 @@
+"""Bad input and small leaks (issue 21): refused query operators on every
+endpoint that takes `where`, other users' tasks hidden in `/workers`, dates
+in ISO 8601, sizes and durations refused with a message."""
+
+import json
+import re
+
+import pytest
+
+from banyan.server.query import ALLOWED_OPERATORS
+from test_auth import bearer, sapi, sdb, secure_app, snapshot, tokens  # noqa: F401 (fixtures)
+
+FREE = {"cores": 8, "memory": 1 << 34, "gpus": 0}
+
+#: Every GET endpoint that takes `where`.
+WHERE_ENDPOINTS = ["/tasks", "/tasks/current_history", "/tasks/rank", "/stats", "/metrics", "/workers"]
+
+REFUSED = [
+    ({"$expr": {"$eq": ["$state", "running"]}}, "$expr"),
+    ({"name": {"$regex": "^a"}}, "$regex"),
+    ({"$where": "this.name == 'a'"}, "$where"),
+    ({"name": {"$not": {"$regex": "a"}}}, "$regex"),
+    ({"$and": [{"state": "running"}, {"$function": {"body": "x", "args": [], "lang": "js"}}]}, "$function"),
+    ({"$text": {"$search": "a"}}, "$text"),
+    ({"history": {"$elemMatch": {"$expr": True}}}, "$expr"),
+]
+
+
+@pytest.mark.parametrize("role", ["admin", "user", "worker"])
+@pytest.mark.parametrize("endpoint", WHERE_ENDPOINTS)
+def test_refused_operators_answer_400_naming_them(sapi, sdb, tokens, endpoint, role):
+    before = snapshot(sdb)
+    for where, operator in REFUSED:
+        r = sapi.get(endpoint, query_string={"where": json.dumps(where)}, headers=bearer(tokens[role]))
+        assert r.status_code == 400, (endpoint, where, r.status_code, r.data[:300])
+        message = r.json["_error"]["message"]
+        assert "may not use %s" % operator in message, message
+        assert "$in" in message  # and says what is allowed
+    assert snapshot(sdb) == before
+
+
+def test_allowed_operators_work_on_every_endpoint(sapi, tokens):
+    admin = bearer(tokens["admin"])
+    r = sapi.post("/tasks", json={"command": "true", "name": "a", "priority": 3}, headers=admin)
+    assert r.status_code == 201
+    where = {"$or": [{"name": {"$in": ["a", "b"]}}, {"priority": {"$gte": 5}}],
+             "history": {"$size": 0}, "name": {"$exists": True, "$not": {"$eq": "c"}}}
+    for endpoint in WHERE_ENDPOINTS:
+        if endpoint == "/workers":
+            where = {"$or": [{"host": {"$in": ["a", "b"]}}, {"resources.cores": {"$gte": 5}}]}
+        r = sapi.get(endpoint, query_string={"where": json.dumps(where)}, headers=admin)
+        assert r.status_code == 200, (endpoint, r.data[:300])
+    where = {"name": {"$in": ["a", "b"]}, "history": {"$size": 0}}
+    assert sapi.get("/tasks", query_string={"where": json.dumps(where)}, headers=admin).json["_meta"]["total"] == 1
+    assert sapi.get("/stats", query_string={"where": json.dumps(where)}, headers=admin).json["total"] == 1
+    assert {"$eq", "$in", "$and", "$or", "$not", "$exists", "$size", "$elemMatch"} <= ALLOWED_OPERATORS
+
+
+@pytest.mark.parametrize("endpoint", WHERE_ENDPOINTS)
+def test_unparsable_where_says_what_is_accepted(sapi, tokens, endpoint):
+    for where in ("{not json", "[1, 2]", "42"):
+        r = sapi.get(endpoint, query_string={"where": where}, headers=bearer(tokens["admin"]))
+        assert r.status_code == 400, (endpoint, where)
+        assert "'where'" in r.json["_error"]["message"]
+
+
+def test_workers_can_be_filtered(sapi, tokens):
+    worker = bearer(tokens["worker"])
+    for host in ("n1", "n2"):
+        assert sapi.post("/workers", json={"host": host, "resources": FREE}, headers=worker).status_code == 201
+    r = sapi.get("/workers", query_string={"where": json.dumps({"host": "n2"})}, headers=worker)
+    assert [w["host"] for w in r.json["_items"]] == ["n2"]
+    r = sapi.get("/workers", query_string={"where": json.dumps({"token_id": "x"})}, headers=worker)
+    assert r.status_code == 400 and "token_id" in r.json["_error"]["message"]
+
+
+def test_workers_show_a_user_only_their_own_running_tasks(sapi, tokens):
+    worker, alice, bob = bearer(tokens["worker"]), bearer(tokens["user"]), bearer(tokens["other-user"])
+    wid = sapi.post("/workers", json={"host": "n1", "resources": FREE}, headers=worker).json["_id"]
+    mine = sapi.post("/tasks", json={"command": "sleep 9", "state": "available"}, headers=alice).json["_id"]
+    theirs = sapi.post("/tasks", json={"command": "sleep 9", "state": "available"}, headers=bob).json["_id"]
+    claimed = sapi.post("/workers/%s/claim" % wid, json={"free": FREE, "max_tasks": 2}, headers=worker).json
+    assert {t["_id"] for t in claimed["_items"]} == {mine, theirs}
+    for path in ("/workers", "/workers/%s" % wid):
+        for who, expected in ((alice, [mine]), (bob, [theirs]), (worker, sorted([mine, theirs])),
+                              (bearer(tokens["admin"]), sorted([mine, theirs]))):
+            r = sapi.get(path, headers=who)
+            doc = r.json["_items"][0] if "_items" in r.json else r.json
+            assert sorted(doc["running"]) == expected, (path, doc["running"])
+
+
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+def test_token_dates_are_iso_8601(sapi, tokens):
+    admin = bearer(tokens["admin"])
+    made = sapi.post("/tokens", json={"role": "user", "name": "carol"}, headers=admin)
+    assert made.status_code == 201 and ISO.match(made.json["created"]), made.json
+    items = sapi.get("/tokens", query_string={"revoked": "1"}, headers=admin).json["_items"]
+    assert all(ISO.match(t["created"]) for t in items)
+    assert any(t["revoked"] and ISO.match(t["revoked"]) for t in items)
+    revoked = sapi.delete("/tokens/carol", headers=admin).json["_items"]
+    assert all(ISO.match(t["revoked"]) for t in revoked)
