@@ -90,8 +90,7 @@ def main(argv=None):
         _fail(prog, exc)
         return exc.code
     except ServerUnreachable as exc:
-        _fail(prog, "cannot reach the Banyan server at %s (%s); is it running? Start one with `banyan up`, "
-                    "or point to it with --server or BANYAN_SERVER" % (exc.url or "?", exc.reason), exc)
+        _fail(prog, _unreachable(exc), exc)
         return EXIT_UNREACHABLE
     except BanyanError as exc:
         _fail(prog, _refusal(exc), exc)
@@ -112,6 +111,19 @@ def main(argv=None):
         # traceback; --log-level DEBUG shows the traceback.
         _fail(prog, "%s (%s)" % (exc, type(exc).__name__), exc)
         return EXIT_FAILED
+
+
+def _unreachable(exc):
+    from banyan.client import WrongScheme
+
+    if isinstance(exc, WrongScheme):
+        return "cannot talk to %s: %s" % (exc.url, exc.reason)
+    if exc.maybe_done:
+        return ("no answer from the Banyan server at %s (%s) after it received the request: it may have been "
+                "accepted. Check before trying again: `banyan ls --last 20` lists your latest tasks "
+                "(`banyan ls --where` and `banyan show ID` say more)" % (exc.url or "?", exc.reason))
+    return ("cannot reach the Banyan server at %s (%s); is it running? Start one with `banyan up`, "
+            "or point to it with --server or BANYAN_SERVER" % (exc.url or "?", exc.reason))
 
 
 def _refusal(exc):

@@ -9,17 +9,20 @@ failures, 502/503/504); anything longer-lived is the caller's business
 import json
 import logging
 import re
+import socket
+import ssl
 import time
-from urllib.parse import quote
+import uuid
+from urllib.parse import quote, urlsplit
 
 import requests
 import urllib3
 
-from banyan.errors import BanyanError, ServerUnreachable, describe_result
+from banyan.errors import BanyanError, ServerUnreachable, WrongScheme, describe_result
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Client", "BanyanError", "ServerUnreachable", "describe_result"]
+__all__ = ["Client", "BanyanError", "ServerUnreachable", "WrongScheme", "check_server_url", "describe_result"]
 
 _RETRY_STATUSES = frozenset({502, 503, 504})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
@@ -57,6 +60,56 @@ def _never_sent(exc):
     return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
+#: First path segments of the API: a server URL that ends in one is a mistake.
+_API_PATHS = frozenset({"tasks", "workers", "stats", "metrics", "tokens", "dashboard", "openapi.json"})
+#: Seconds the TLS handshake of an ``https://`` URL may take before the
+#: server is asked, in plain HTTP, whether it speaks that instead.
+TLS_PROBE_TIMEOUT = 1.0
+
+
+def check_server_url(url):
+    """``url`` as the client uses it (``http://`` added when no scheme is
+    given); ValueError explaining a URL that names an endpoint."""
+    if not url:
+        raise ValueError("a server URL is required")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"server URL {url!r}: use http:// or https://, not {parts.scheme}://")
+    if not parts.hostname:
+        raise ValueError(f"server URL {url!r} names no host; use http://HOST:PORT")
+    segments = [s for s in parts.path.split("/") if s]
+    if segments and segments[0] in _API_PATHS or parts.query:
+        raise ValueError(f"server URL {url!r} names an endpoint; give only the server's address, "
+                         f"{parts.scheme}://{parts.netloc} (the client adds /tasks, /workers, ...)")
+    return url.rstrip("/")
+
+
+def _speaks_plain_http(host, port, timeout=TLS_PROBE_TIMEOUT):
+    """True when ``host:port`` does not complete a TLS handshake within
+    ``timeout`` but answers a plain HTTP request: an ``https://`` URL for an
+    ``http://`` server (whose waitress would otherwise wait for the rest of
+    a request that never comes)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            with context.wrap_socket(raw, server_hostname=host):
+                return False  # it speaks TLS
+    except (ssl.SSLError, socket.timeout):
+        pass
+    except OSError:
+        return False  # refused, unreachable: the request itself will say so
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            raw.sendall(b"HEAD / HTTP/1.0\r\nHost: %s\r\n\r\n" % host.encode("idna"))
+            return raw.recv(5) == b"HTTP/"
+    except OSError:
+        return False
+
+
 class Client:
     """A ``requests.Session`` bound to one server and token.
 
@@ -68,11 +121,8 @@ class Client:
 
     def __init__(self, url, token=None, timeout=30.0, attempts=4, backoff=0.5,
                  max_backoff=8.0, sleep=time.sleep):
-        if not url:
-            raise ValueError("a server URL is required")
-        if "://" not in url:
-            url = "http://" + url
-        self.url = url.rstrip("/")
+        self.url = check_server_url(url)
+        self._scheme_checked = not self.url.startswith("https://")
         self.timeout = timeout
         self.attempts = max(1, int(attempts))
         self.backoff = backoff
@@ -103,29 +153,38 @@ class Client:
         """Send one request, retrying transient failures; returns the decoded JSON (None if empty).
 
         ``path`` is a tuple of URL segments. A read timeout is retried only
-        for idempotent requests, since the server may have acted on it.
+        for idempotent requests, since the server may have acted on it. Every
+        POST carries an ``Idempotency-Key`` (the same on each retry), so that
+        a server that honours it (``POST /tasks``) does a retried POST once;
+        callers pass ``idempotent=True`` for those.
         """
         url = self._url(*path) if isinstance(path, (tuple, list)) else self.url + path
         attempts = self.attempts if attempts is None else max(1, int(attempts))
         if idempotent is None:
             idempotent = method in _IDEMPOTENT
+        changes = method not in _IDEMPOTENT
+        headers = {"Idempotency-Key": str(uuid.uuid4())} if method == "POST" else None
         timeout = self.timeout if timeout is None else timeout
+        self._check_scheme()
         delay = self.backoff
         for attempt in range(1, attempts + 1):
             last = attempt == attempts
             try:
-                response = self.session.request(method, url, json=json_body, params=params, timeout=timeout)
+                response = self.session.request(method, url, json=json_body, params=params, timeout=timeout,
+                                                headers=headers)
             except requests.exceptions.ReadTimeout as exc:
                 if not idempotent or last:
                     raise ServerUnreachable(None, f"{method} {url}: no answer within {timeout}s",
-                                            url=self.url, reason=f"no answer within {timeout:g}s") from exc
+                                            url=self.url, reason=f"no answer within {timeout:g}s",
+                                            maybe_done=changes) from exc
                 log.info("%s %s timed out (attempt %d/%d)", method, url, attempt, attempts)
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 if last or not (idempotent or _never_sent(exc)):
                     # a POST the server may have taken is not sent twice
                     raise ServerUnreachable(None, f"cannot reach {self.url}: {exc}", url=self.url,
-                                            reason=_short_reason(exc) or type(exc).__name__) from exc
+                                            reason=_short_reason(exc) or type(exc).__name__,
+                                            maybe_done=changes and not _never_sent(exc)) from exc
                 log.info("%s %s failed (attempt %d/%d): %s", method, url, attempt, attempts, exc)
             else:
                 if response.status_code in _RETRY_STATUSES and (idempotent or response.status_code == 503):
@@ -141,6 +200,18 @@ class Client:
             self.sleep(delay)
             delay = min(self.max_backoff, delay * 2)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check_scheme(self):
+        """Once per client, for an ``https://`` URL: fail at once, with the
+        fix, when the server speaks plain HTTP."""
+        if self._scheme_checked:
+            return
+        parts = urlsplit(self.url)
+        if _speaks_plain_http(parts.hostname, parts.port or 443):
+            plain = "http://" + parts.netloc
+            raise WrongScheme(None, f"{self.url} speaks plain HTTP, not HTTPS: use {plain}", url=self.url,
+                              reason=f"it speaks http, not https: use --server {plain}")
+        self._scheme_checked = True
 
     def get(self, *path, params=None, **kw):
         return self.request("GET", path, params=params, **kw)
@@ -210,8 +281,9 @@ class Client:
     # -- tasks ------------------------------------------------------------
 
     def submit(self, tasks):
-        """POST one task (a dict) or several (a list); returns Eve's answer."""
-        return self.post("tasks", json_body=tasks)
+        """POST one task (a dict) or several (a list); returns Eve's answer.
+        Retried after a lost answer: the server does a keyed POST once."""
+        return self.post("tasks", json_body=tasks, idempotent=True)
 
     def get_task(self, task_id, projection=None):
         params = {"projection": json.dumps(projection)} if projection else None
@@ -257,7 +329,7 @@ class Client:
     def create_tasks(self, docs):
         """POST tasks in one request (the server takes all or none); their ids, in order."""
         docs = list(docs)
-        reply = self.post("tasks", json_body=docs) or {}
+        reply = self.post("tasks", json_body=docs, idempotent=True) or {}
         items = reply["_items"] if "_items" in reply else [reply]
         return [item["_id"] for item in items]
 

@@ -4,7 +4,7 @@ Apart from `banyan.client` so that the `banyan` command can name them (and
 answer `--help`) without importing an HTTP library.
 """
 
-__all__ = ["BanyanError", "ServerUnreachable", "describe_result"]
+__all__ = ["BanyanError", "ServerUnreachable", "WrongScheme", "describe_result"]
 
 
 class BanyanError(Exception):
@@ -32,10 +32,17 @@ class ServerUnreachable(BanyanError):
     (``"connection refused"``, ``"no answer within 30s"``, ``"503 ..."``).
     """
 
-    def __init__(self, status, message, issues=None, payload=None, url=None, reason=None):
+    def __init__(self, status, message, issues=None, payload=None, url=None, reason=None, maybe_done=False):
         self.url = url
         self.reason = reason or message
+        #: the request reached the server, which may have acted on it (a
+        #: change whose answer was lost): look before sending it again
+        self.maybe_done = maybe_done
         super().__init__(status, message, issues, payload)
+
+
+class WrongScheme(ServerUnreachable):
+    """An ``https://`` URL for a server that speaks plain HTTP."""
 
 
 def _flatten_issues(issues, prefix=""):

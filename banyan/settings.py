@@ -168,6 +168,10 @@ MAX_JSON_DEPTH = 32
 EMBEDDING = False
 RENDERERS = ["eve.render.JSONRenderer"]
 
+#: Seconds an `Idempotency-Key` of `POST /tasks` is remembered (at least a
+#: day; see banyan.server.idempotency).
+IDEMPOTENCY_TTL = 2 * 86400
+
 # Workers and claims (banyan.server.claims, banyan.server.reaper).
 #: Seconds of silence after which a worker is marked lost.
 HEARTBEAT_TIMEOUT = 30

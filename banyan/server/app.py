@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from banyan import settings as default_settings
-from banyan.server import auth, claims, limits, stats, store, waits
+from banyan.server import auth, claims, idempotency, limits, stats, store, waits
 from banyan.server.datalayer import BanyanMongo, StoreDown, StoreFull, store_failure
 from banyan.server.hooks import register_hooks
 from banyan.server.reaper import Reaper
@@ -44,6 +44,7 @@ def create_app(client, config=None):
     limits.init_app(app)  # JSON nesting depth
     auth.init_app(app, auth_on)
     db = client[app.config["MONGO_DBNAME"]]
+    idempotency.init_app(app, db)  # after auth: keys belong to the caller
     app.claim_waiters = claims.ClaimWaiters()
     app.finish_waiters = waits.FinishWaiters()
     app.queue = TaskQueue(db, on_ready=app.claim_waiters.notify, on_finished=app.finish_waiters.notify)

@@ -1,0 +1,160 @@
+"""Retried submissions and connection mistakes (issue 21), through a live
+server, a TCP proxy that loses answers, and the real `banyan` command."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from banyan.client import Client, ServerUnreachable
+from conftest import CheckedSession, LiveServer  # noqa: F401
+
+BIN = os.path.dirname(sys.executable)
+BANYAN = [os.path.join(BIN, "banyan")] if os.path.exists(os.path.join(BIN, "banyan")) else \
+    [sys.executable, "-m", "banyan.cli"]
+
+
+class AnswerLosingProxy:
+    """Forwards each connection to `upstream`; for the first `lose`
+    connections, once the server starts answering (so it has acted: its
+    answer is built whole before the first byte leaves) the client's
+    connection is closed instead, as when a server or network dies then."""
+
+    def __init__(self, upstream_port, lose):
+        self.upstream_port = upstream_port
+        self.lose = lose
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            losing = self.connections <= self.lose
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, losing), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, losing):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data or losing:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    live = LiveServer(tmp_path / "server-data").start()
+    yield live
+    live.stop()
+    assert live.server_errors() == []
+
+
+def count(http, url, name):
+    reply = http.get(url + "/tasks", params={"where": json.dumps({"name": name})}).json()
+    return reply["_meta"]["total"]
+
+
+def test_a_keyed_post_is_done_once_and_answered_the_same(server):
+    http = CheckedSession()
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    body = [{"command": "true", "name": "once"}, {"command": "true", "name": "once"}]
+    first = http.post(server.url + "/tasks", json=body, headers=key)
+    assert first.status_code == 201
+    again = http.post(server.url + "/tasks", json=body, headers=key)
+    assert again.status_code == 201 and again.json() == first.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert count(http, server.url, "once") == 2
+    # the same key with another body is a mistake, and creates nothing
+    other = http.post(server.url + "/tasks", json={"command": "false", "name": "once"}, headers=key)
+    assert other.status_code == 422 and "different request body" in other.json()["_error"]["message"]
+    # a refused request leaves its key free for the corrected one
+    key2 = {"Idempotency-Key": str(uuid.uuid4())}
+    bad = http.post(server.url + "/tasks", json={"command": "true", "name": "fixed", "priority": "high"},
+                    headers=key2)
+    assert bad.status_code == 422
+    good = http.post(server.url + "/tasks", json={"command": "true", "name": "fixed"}, headers=key2)
+    assert good.status_code == 201 and "Idempotent-Replayed" not in good.headers
+    assert count(http, server.url, "once") == 2 and count(http, server.url, "fixed") == 1
+    assert http.post(server.url + "/tasks", json={}, headers={"Idempotency-Key": "x" * 300}).status_code == 400
+
+
+def test_a_submission_whose_answer_was_lost_is_retried_and_creates_one_set(server):
+    proxy = AnswerLosingProxy(server.port, lose=1)
+    try:
+        with Client(proxy.url, attempts=3, backoff=0.05) as client:
+            ids = client.create_tasks([{"command": "true", "name": "lost-answer"} for _ in range(3)])
+    finally:
+        proxy.close()
+    assert proxy.connections == 2  # the lost answer, then the retry
+    http = CheckedSession()
+    stored = http.get(server.url + "/tasks", params={"where": json.dumps({"name": "lost-answer"})}).json()
+    assert sorted(t["_id"] for t in stored["_items"]) == sorted(ids)
+    assert len(ids) == 3
+
+
+def test_an_unknown_outcome_is_reported_as_maybe_accepted(server, tmp_path):
+    proxy = AnswerLosingProxy(server.port, lose=100)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+    env.update(HOME=str(tmp_path))
+    try:
+        result = subprocess.run(BANYAN + ["submit", "--server", proxy.url, "--name", "unknown", "--", "true"],
+                                capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        proxy.close()
+    assert result.returncode == 3, result.stderr
+    assert "may have been accepted" in result.stderr and "banyan ls" in result.stderr, result.stderr
+    assert "cannot reach" not in result.stderr
+    assert count(CheckedSession(), server.url, "unknown") == 1  # every retry carried the same key
+
+
+def test_https_to_an_http_server_fails_at_once_with_the_fix(server, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+    env.update(HOME=str(tmp_path))
+    wrong = server.url.replace("http://", "https://")
+    started = time.monotonic()
+    with pytest.raises(ServerUnreachable) as caught:
+        Client(wrong).list_tasks()
+    assert time.monotonic() - started < 2
+    assert server.url in caught.value.reason
+    started = time.monotonic()
+    result = subprocess.run(BANYAN + ["ls", "--server", wrong], capture_output=True, text=True, env=env, timeout=60)
+    # (the 2 s bound is the probe's; starting Python is the rest)
+    assert result.returncode == 3
+    assert "speaks http, not https" in result.stderr and "--server %s" % server.url in result.stderr, result.stderr
+
+
+def test_a_server_url_naming_an_endpoint_is_explained(server, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+    env.update(HOME=str(tmp_path))
+    for url in (server.url + "/tasks", server.url + "/workers/", server.url + "?x=1"):
+        result = subprocess.run(BANYAN + ["ls", "--server", url], capture_output=True, text=True, env=env,
+                                timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert "names an endpoint" in result.stderr and server.url in result.stderr, result.stderr
