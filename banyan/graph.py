@@ -140,6 +140,9 @@ def task_document(fields, where=None):
             doc["priority"] = _number(value, what, integer=True)
         elif key in ("time_limit", "max_shutdown_time", "estimated_runtime"):
             doc[key] = _duration(value, what)
+            if key == "time_limit" and doc[key] == 0:
+                raise GraphError("%s must be more than 0 seconds, not %r (leave it out for no limit)"
+                                 % (what, value))
         elif key == "environment":
             if not isinstance(value, dict):
                 raise GraphError("%s must be a mapping of NAME: value" % what)

@@ -46,7 +46,9 @@ task_schema = {
     "retry_memory_factor": {"type": "number", "min": 1, "max": 1024, "nullable": True, "default": None,
                             **WRITE_ONCE},
     "max_shutdown_time": {"type": "number", "min": 0, "max": 86400, "default": 10, **WRITE_ONCE},
-    "time_limit": {"type": "number", "min": 0, "max": TEN_YEARS, "nullable": True, "default": None, **WRITE_ONCE},
+    # None for no limit; 0 would be a limit nobody could meet, so it is refused.
+    "time_limit": {"type": "number", "above": 0, "max": TEN_YEARS, "nullable": True, "default": None,
+                   **WRITE_ONCE},
     "estimated_runtime": {"type": "number", "min": 0, "max": TEN_YEARS, "nullable": True, **WRITE_ONCE},
     "priority": {"type": "integer", "default": 0, **WRITE_ONCE},
     "continuations": {

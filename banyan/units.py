@@ -8,16 +8,24 @@ import re
 
 __all__ = ["parse_size", "format_size", "parse_duration"]
 
-# Binary units are powers of 1024, decimal units powers of 1000; a bare
-# letter ("2 G") is read as binary, as Slurm and `free -h` do.
+# The units table (documented in README.md and docs/API.md):
+#
+#   written                     means                  example
+#   (none), B                   bytes                  1024, 10B
+#   K M G T, KiB MiB GiB TiB    powers of 1024         2G = 2 GiB = 2,147,483,648
+#   kB KB MB GB TB              powers of 1000         2GB = 2,000,000,000
+#   anything ending in "b"      refused: a lower-case b means bits (2Gb = 2 gigabits)
+#
+# The prefix letter may be either case ("2g", "2 gB"); the "B" must be a
+# capital. A bare letter ("2 G") is binary, as Slurm and `free -h` read it.
 _MULTIPLIERS = {
     "": 1,
-    "b": 1,
-    "k": 1024, "ki": 1024, "kib": 1024,
-    "m": 1024 ** 2, "mi": 1024 ** 2, "mib": 1024 ** 2,
-    "g": 1024 ** 3, "gi": 1024 ** 3, "gib": 1024 ** 3,
-    "t": 1024 ** 4, "ti": 1024 ** 4, "tib": 1024 ** 4,
-    "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+    "B": 1,
+    "K": 1024, "KI": 1024, "KIB": 1024,
+    "M": 1024 ** 2, "MI": 1024 ** 2, "MIB": 1024 ** 2,
+    "G": 1024 ** 3, "GI": 1024 ** 3, "GIB": 1024 ** 3,
+    "T": 1024 ** 4, "TI": 1024 ** 4, "TIB": 1024 ** 4,
+    "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3, "TB": 1000 ** 4,
 }
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
@@ -47,7 +55,9 @@ def parse_size(value):
     if not match:
         raise ValueError(f"invalid size {value!r}: expected a number and an optional unit, such as '512 MiB', '2GB' or '1024'")
     number, unit = match.groups()
-    multiplier = _MULTIPLIERS.get(unit.lower())
+    if unit.endswith("b"):
+        raise ValueError(f"invalid size {value!r}: a lower-case 'b' means bits; {_bytes_hint(number, unit)}")
+    multiplier = _MULTIPLIERS.get(unit[:-1].upper() + "B" if unit.endswith("B") else unit.upper())
     if multiplier is None:
         raise ValueError(f"invalid size {value!r}: unknown unit {unit!r} (use B, KiB, MiB, GiB, TiB, kB, MB, GB or TB)")
     if "." in number:
@@ -57,6 +67,15 @@ def parse_size(value):
         frac = frac or "0"
         return int(whole or "0") * multiplier + (int(frac) * multiplier) // (10 ** len(frac))
     return int(number) * multiplier
+
+
+def _bytes_hint(number, unit):
+    """How to write `number` `unit` (which ends in bits' "b") in bytes."""
+    prefix = unit[:-1].rstrip("iI").upper()
+    if not prefix:
+        return f"write {number} B for bytes"
+    return (f"for bytes write {number} {prefix}B (powers of 1000) or {number} {prefix}iB "
+            f"(powers of 1024)")
 
 
 def format_size(num_bytes):
@@ -86,6 +105,8 @@ def parse_duration(value):
     bad = f"invalid duration {value!r}: expected seconds or a time such as '90s', '5m', '1h30m' or '1:30:00'"
     if isinstance(value, bool):
         raise ValueError(bad)
+    if isinstance(value, (int, float)) and value < 0 or isinstance(value, str) and value.strip().startswith("-"):
+        raise ValueError(f"invalid duration {value!r}: must not be negative")
     if isinstance(value, (int, float)):
         if not value >= 0 or value == float("inf"):
             raise ValueError(bad)

@@ -101,3 +101,36 @@ def test_token_dates_are_iso_8601(sapi, tokens):
     assert any(t["revoked"] and ISO.match(t["revoked"]) for t in items)
     revoked = sapi.delete("/tokens/carol", headers=admin).json["_items"]
     assert all(ISO.match(t["revoked"]) for t in revoked)
+
+
+# -- sizes and durations, through the API -------------------------------------
+
+UNITS = [("2 GiB", 2 << 30), ("2G", 2 << 30), ("2g", 2 << 30), ("2 GB", 2 * 10 ** 9), ("2 kB", 2000),
+         ("512 MiB", 512 << 20), ("10B", 10), (1024, 1024)]
+
+
+@pytest.mark.parametrize("written, stored", UNITS)
+def test_memory_sizes_as_documented(api, written, stored):
+    r = api.post("/tasks", json={"command": "true", "requested_resources": {"memory": written}})
+    assert r.status_code == 201, r.json
+    assert api.get("/tasks/%s" % r.json["_id"]).json["requested_resources"]["memory"] == stored
+
+
+@pytest.mark.parametrize("bits", ["2Gb", "2 gb", "512mb", "8b"])
+def test_sizes_in_bits_are_refused_and_store_nothing(api, db, bits):
+    r = api.post("/tasks", json={"command": "true", "requested_resources": {"memory": bits}})
+    assert r.status_code == 422
+    assert "lower-case 'b' means bits" in json.dumps(r.json["_issues"])
+    assert db.tasks.count_documents({}) == 0
+    wid = api.post("/workers", json={"host": "n", "resources": {"cores": 1, "memory": bits}})
+    assert wid.status_code == 422 and "means bits" in wid.json["_error"]["message"]
+
+
+@pytest.mark.parametrize("limit", [0, -5, 0.0])
+def test_time_limit_must_be_positive(api, db, limit):
+    r = api.post("/tasks", json={"command": "true", "time_limit": limit})
+    assert r.status_code == 422, r.json
+    assert "time_limit" in r.json["_issues"]
+    assert db.tasks.count_documents({}) == 0
+    assert api.post("/tasks", json={"command": "true", "time_limit": None}).status_code == 201
+    assert api.post("/tasks", json={"command": "true", "time_limit": 0.5}).status_code == 201

@@ -15,11 +15,12 @@ from banyan.units import format_size, parse_size
     ("512 MiB", 512 * 1024 ** 2),
     ("512MiB", 512 * 1024 ** 2),
     ("1 GiB", 1024 ** 3),
-    ("4 gib", 4 * 1024 ** 3),
+    ("4 GiB", 4 * 1024 ** 3),
+    ("4g", 4 * 1024 ** 3),
     ("2 TiB", 2 * 1024 ** 4),
     ("3 KiB", 3 * 1024),
     ("2GB", 2 * 1000 ** 3),
-    ("2 gb", 2 * 1000 ** 3),
+    ("2 gB", 2 * 1000 ** 3),
     ("5 kB", 5000),
     ("7MB", 7 * 1000 ** 2),
     ("1 TB", 1000 ** 4),
@@ -41,6 +42,16 @@ def test_parse_size_rejects_with_the_value_in_the_message(bad):
     with pytest.raises(ValueError) as info:
         parse_size(bad)
     assert repr(bad) in str(info.value)
+
+
+@pytest.mark.parametrize("bits, hint", [
+    ("2Gb", "2 GB (powers of 1000) or 2 GiB (powers of 1024)"),
+    ("2 gb", "2 GB"), ("4 gib", "4 GiB"), ("512 Mb", "512 MiB"), ("8b", "8 B"), ("1 kb", "1 KB"),
+])
+def test_a_lower_case_b_means_bits_and_is_refused(bits, hint):
+    with pytest.raises(ValueError) as info:
+        parse_size(bits)
+    assert "lower-case 'b' means bits" in str(info.value) and hint in str(info.value)
 
 
 def test_parse_size_rounds_fractions_down_to_whole_bytes():
@@ -72,33 +83,35 @@ def _resetting_server():
             except OSError:
                 return
             with conn:
-                seen.append(conn.recv(65536).split(b" ", 1)[0])
+                request = conn.recv(65536)
+                key = [line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                       if line.lower().startswith(b"idempotency-key:")]
+                seen.append((request.split(b" ", 1)[0], key[0] if key else None))
     threading.Thread(target=serve, daemon=True).start()
     return listener, seen
 
 
-def test_client_sends_a_post_the_server_may_have_taken_only_once():
+def test_client_repeats_only_the_posts_the_server_does_once():
+    """A submission carries an Idempotency-Key, the same on every try, so it
+    is retried; another POST the server may have taken is sent once."""
     from banyan.client import Client, ServerUnreachable
 
     listener, seen = _resetting_server()
     url = "http://127.0.0.1:%d" % listener.getsockname()[1]
     try:
         client = Client(url, attempts=3, backoff=0.01)
-        with pytest.raises(ServerUnreachable):
+        with pytest.raises(ServerUnreachable) as info:
             client.create_tasks([{"command": "true"}])
-        assert seen == [b"POST"]  # sent once: the server may have created the task
+        assert info.value.maybe_done
+        assert [method for method, _ in seen] == [b"POST"] * 3
+        assert len({key for _, key in seen}) == 1 and seen[0][1]
+        del seen[:]
+        with pytest.raises(ServerUnreachable):
+            client.register_worker("n1", {"cores": 1})
+        assert [method for method, _ in seen] == [b"POST"]  # sent once: the server may have acted
+        del seen[:]
         with pytest.raises(ServerUnreachable):
             client.get("tasks")
-        assert seen == [b"POST", b"GET", b"GET", b"GET"]  # a read is safe to repeat
+        assert seen == [(b"GET", None)] * 3  # a read is safe to repeat
     finally:
         listener.close()
-    # nobody listening: the POST never reached a server, so it is tried again
-    import socket
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        url = "http://127.0.0.1:%d" % unused.getsockname()[1]
-    sleeps = []
-    client = Client(url, attempts=3, backoff=0.01, sleep=sleeps.append)
-    with pytest.raises(ServerUnreachable):
-        client.create_tasks([{"command": "true"}])
-    assert len(sleeps) == 2

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import re
 import shlex
 import sys
 
@@ -57,6 +58,9 @@ def register(sub):
                     "of named tasks and the order they run in. The tasks are ready to run at once "
                     "(or, with --after, once those tasks have succeeded).",
         epilog=EPILOG)
+    # Values such as "-5s" are read as values (then refused with a message),
+    # not as unknown flags ("expected one argument"); no flag here starts "-<digit>".
+    parser._negative_number_matcher = re.compile(r"^-\.?\d")
     what = parser.add_argument_group("the task")
     what.add_argument("--name", help="a name to find it by (default: the command's program name)")
     what.add_argument("--cores", help="cores it needs (default 1; may be fractional, or 0)")

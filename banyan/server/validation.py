@@ -99,6 +99,11 @@ class BanyanValidator(Validator):
             self._error(field, "max length is %d, not %d" % (max_length, len(value)))
             self._drop_remaining_rules()
 
+    def _validate_above(self, bound, field, value):
+        """{'type': 'number'}"""
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > bound:
+            self._error(field, "must be more than %s, not %r" % (bound, value))
+
     def _normalize_coerce_bytes(self, value):
         """'512 MiB', '1 GiB', '2GB' or a number -> integer bytes; a bad
         string becomes a 422 coercion error."""

@@ -1,5 +1,5 @@
-"""Retried submissions and connection mistakes (issue 21), through a live
-server, a TCP proxy that loses answers, and the real `banyan` command."""
+"""Issue 21 through a live server and the real `banyan` command: retried
+submissions (a TCP proxy that loses answers), connection mistakes, units."""
 
 import json
 import os
@@ -158,3 +158,33 @@ def test_a_server_url_naming_an_endpoint_is_explained(server, tmp_path):
                                 timeout=60)
         assert result.returncode == 2, result.stderr
         assert "names an endpoint" in result.stderr and server.url in result.stderr, result.stderr
+
+
+def banyan(*args, home, timeout=60):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+    env.update(HOME=str(home), BANYAN_SERVER="http://127.0.0.1:9")  # never reached: refused first
+    return subprocess.run(BANYAN + [str(a) for a in args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--memory", "2Gb"], "lower-case 'b' means bits; for bytes write 2 GB (powers of 1000) or 2 GiB"),
+    (["--memory", "2 gib"], "lower-case 'b' means bits"),
+    (["--time-limit", "0"], "--time-limit must be more than 0 seconds"),
+    (["--time-limit", "-5s"], "must not be negative"),
+    (["--time-limit", "-1"], "must not be negative"),
+])
+def test_submit_refuses_bits_and_limits_that_are_not_positive(tmp_path, flags, message):
+    result = banyan("submit", *flags, "--", "true", home=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr, result.stderr
+    assert "expected one argument" not in result.stderr
+
+
+def test_graph_files_read_sizes_and_limits_the_same_way(tmp_path):
+    for body, message in (("memory: 2Gb", "means bits"), ("time_limit: 0", "more than 0 seconds"),
+                          ("time_limit: -3", "must not be negative")):
+        path = tmp_path / "graph.yaml"
+        path.write_text("tasks:\n  a:\n    command: 'true'\n    %s\n" % body)
+        result = banyan("submit", "--file", path, home=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, (body, result.stderr)
