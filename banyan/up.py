@@ -103,6 +103,16 @@ def worker_token(args, url):
     return reply["token"]
 
 
+def submit_hint(url):
+    """How to submit to the server at `url`: a bare `banyan submit` reaches
+    only the default address, so any other gets BANYAN_SERVER in the hint."""
+    from banyan.config import DEFAULT_SERVER
+
+    if url.rstrip("/") == DEFAULT_SERVER:
+        return "submit with `banyan submit -- COMMAND`"
+    return "submit with `BANYAN_SERVER=%s banyan submit -- COMMAND` (or `export BANYAN_SERVER=%s`)" % (url, url)
+
+
 def run(args):
     auth_on, refusal = serve.auth_decision(args)
     if refusal:
@@ -146,7 +156,7 @@ def run(args):
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    print("banyan up: worker started; submit with `banyan submit -- COMMAND`, stop with Ctrl-C", flush=True)
+    print("banyan up: worker started; %s, stop with Ctrl-C" % submit_hint(url), flush=True)
     if auth_on:
         print("banyan up: authentication is on; make yourself a user token with `banyan token create "
               "--role user --name NAME --server %s --token $(cat %s)` and set BANYAN_TOKEN to it"

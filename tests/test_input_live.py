@@ -3,6 +3,8 @@ submissions (a TCP proxy that loses answers), connection mistakes, units."""
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -188,3 +190,22 @@ def test_graph_files_read_sizes_and_limits_the_same_way(tmp_path):
         path.write_text("tasks:\n  a:\n    command: 'true'\n    %s\n" % body)
         result = banyan("submit", "--file", path, home=tmp_path)
         assert result.returncode == 2 and message in result.stderr, (body, result.stderr)
+
+
+@pytest.mark.slow
+def test_up_on_another_port_prints_how_to_reach_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+    env.update(HOME=str(tmp_path))
+    up = subprocess.Popen(BANYAN + ["up", "--port", "0", "--data-dir", tmp_path / "data", "--cores", "1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        url = re.search(r"listening on (http://\S+)", up.stdout.readline()).group(1)
+        hint = up.stdout.readline()
+        assert "BANYAN_SERVER=%s banyan submit" % url in hint, hint
+        # the hint works as printed
+        result = subprocess.run(BANYAN + ["ls"], capture_output=True, text=True, timeout=60,
+                                env=dict(env, BANYAN_SERVER=url))
+        assert result.returncode == 0, result.stderr
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=60)
