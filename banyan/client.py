@@ -258,6 +258,13 @@ class Client:
         reply.setdefault("cancel", [])
         return reply
 
+    def release(self, wid, tasks):
+        """Hand back claimed tasks (documents from a claim) that will not be
+        started under registration ``wid``; the ids the server took back."""
+        body = {"tasks": [{"_id": t["_id"], "attempt": t["history"][-1]["attempt"]} for t in tasks]}
+        reply = self.request("POST", ("workers", wid, "release"), json_body=body, idempotent=True) or {}
+        return reply.get("released", [])
+
     def heartbeat(self, wid, tasks):
         """Report liveness, usage and progress; ``{"cancel": [...], "unknown": [...]}``."""
         reply = self.request("POST", ("workers", wid, "heartbeat"), json_body={"tasks": tasks},

@@ -134,3 +134,28 @@ def test_time_limit_must_be_positive(api, db, limit):
     assert db.tasks.count_documents({}) == 0
     assert api.post("/tasks", json={"command": "true", "time_limit": None}).status_code == 201
     assert api.post("/tasks", json={"command": "true", "time_limit": 0.5}).status_code == 201
+
+
+def test_release_hands_back_only_what_the_registration_holds(api, db):
+    wid = api.post("/workers", json={"host": "n", "resources": FREE}).json["_id"]
+    tid = api.post("/tasks", json={"command": "true", "state": "available"}).json["_id"]
+    assert [t["_id"] for t in api.post("/workers/%s/claim" % wid, json={"free": FREE}).json["_items"]] == [tid]
+    before = snapshot(db)
+    for body in ({}, {"tasks": []}, {"tasks": [{"_id": "nope", "attempt": 1}]}, {"tasks": [{"_id": tid}]},
+                 {"tasks": [{"_id": tid, "attempt": 1, "x": 1}]}, {"tasks": "all"}):
+        r = api.post("/workers/%s/release" % wid, json=body)
+        assert r.status_code == 422, (body, r.json)
+    assert api.post("/workers/%s/release" % wid, data="x").status_code == 400
+    assert snapshot(db) == before
+    assert api.post("/workers/%s/release" % wid, json={"tasks": [{"_id": tid, "attempt": 2}]}).json == {"released": []}
+    assert api.post("/workers/%s/release" % wid, json={"tasks": [{"_id": tid, "attempt": 1}]}).json == {"released": [tid]}
+    task = api.get("/tasks/%s" % tid).json
+    assert task["state"] == "available" and task["retry_count"] == 0
+
+
+def test_a_worker_releases_only_under_its_own_registrations(sapi, tokens):
+    worker = bearer(tokens["worker"])
+    wid = sapi.post("/workers", json={"host": "n", "resources": FREE}, headers=worker).json["_id"]
+    body = {"tasks": [{"_id": "0123456789abcdef01234567", "attempt": 1}]}
+    assert sapi.post("/workers/%s/release" % wid, json=body, headers=bearer(tokens["user"])).status_code == 403
+    assert sapi.post("/workers/%s/release" % wid, json=body, headers=worker).status_code == 200

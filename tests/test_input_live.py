@@ -209,3 +209,37 @@ def test_up_on_another_port_prints_how_to_reach_it(tmp_path):
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(timeout=60)
+
+
+def test_a_claim_answer_for_a_registration_given_up_is_handed_back_at_once(server, tmp_path):
+    """The worker gives up its registration (server unreachable, say) while
+    its claim is in flight; the answer then brings a task claimed under the
+    old registration. The task goes back to the queue at once, with no retry
+    used, instead of waiting to be abandoned as unconfirmed."""
+    from banyan.worker.worker import Worker, WorkerConfig
+
+    worker = Worker(WorkerConfig(server=server.url, cores=1, memory=1 << 30, gpus=0,
+                                 work_dir=str(tmp_path / "work"), claim_wait=20))
+    worker.register()
+    old = worker.worker_id
+    http = CheckedSession()
+    task_id = http.post(server.url + "/tasks", json={"command": "true", "state": "available"}).json()["_id"]
+    claim = worker.claim_client.claim
+
+    def claim_then_give_up(*args, **kwargs):
+        answer = claim(*args, **kwargs)
+        assert [t["_id"] for t in answer["_items"]] == [task_id]
+        worker.reset("test: gave up the registration while the claim was in flight")
+        return answer
+
+    worker.claim_client.claim = claim_then_give_up
+    assert worker.claim_once(wait=5) == 0  # nothing kept by the worker
+    task = http.get(server.url + "/tasks/" + task_id).json()
+    assert task["state"] == "available" and task.get("worker") is None, task
+    assert task["retry_count"] == 0
+    assert [h["worker"] for h in task["history"]] == [old]
+    assert task["history"][0]["exit_status"].startswith("abandoned")
+    # and it is claimed again at once, under the new registration
+    worker.register()
+    worker.claim_client.claim = claim
+    assert worker.claim_once(wait=0) == 1

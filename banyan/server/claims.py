@@ -14,6 +14,7 @@ MongoDB.
     DELETE /workers/<wid>                 unregister (state `stopped`)
     POST   /workers/<wid>/claim           batch claim, optional long poll
     POST   /workers/<wid>/heartbeat       liveness, usage, progress
+    POST   /workers/<wid>/release         hand back claimed tasks never started
     POST   /tasks/<id>/finish             end of an attempt, with its output
     GET    /tasks/<id>/logs[?attempt=N]   an attempt's output
 
@@ -330,6 +331,17 @@ def confirm_claimer(worker_id, claimed):
         abort(404, description="worker '%s' was marked lost; register again" % worker_id)
 
 
+def release(worker_id, claimed):
+    """Hand back tasks whose claim answer reached a worker that had already
+    given up `worker_id` (it registered anew meanwhile): each of `claimed`
+    ([(task id, attempt)]) still held under that registration returns to
+    the queue at once, without using a retry (it never ran). Returns the
+    ids handed back; a task that moved on meanwhile is left alone."""
+    _worker_or_404(worker_id)
+    queue = _queue()
+    return [task_id for task_id, attempt in claimed if queue.give_back(task_id, worker_id, attempt)]
+
+
 def _touched_lately(worker):
     """A sign of life was stored less than a tenth of the heartbeat timeout
     (at most a second) ago: a claim need not write another. A busy worker
@@ -632,6 +644,35 @@ def heartbeat_view(worker_id):
                           "progress": _progress(entry.get("progress"), field + ".progress", issues)}
     issues.refuse()
     return _reply(heartbeat(worker_id, tasks))
+
+
+@blueprint.route("/workers/<worker_id>/release", methods=["POST"])
+def release_view(worker_id):
+    check_role(("worker", "admin"))
+    worker_id = _object_id(worker_id, "worker")
+    body, issues = _body(), _Issues()
+    _unknown(body, ("tasks",), issues)
+    reported = body.get("tasks")
+    claimed = []
+    if not isinstance(reported, list) or not reported or len(reported) > _config("CLAIM_MAX_TASKS"):
+        issues["tasks"] = "must be a list of 1 to %d {_id, attempt}, not %r" % (
+            _config("CLAIM_MAX_TASKS"), reported if not isinstance(reported, list) else "%d items" % len(reported))
+        reported = []
+    for i, entry in enumerate(reported):
+        field = "tasks.%d" % i
+        if not isinstance(entry, dict):
+            issues[field] = "must be {_id, attempt}, not %r" % (entry,)
+            continue
+        _unknown(entry, ("_id", "attempt"), issues, field + ".")
+        try:
+            task_id = ObjectId(entry.get("_id"))
+        except (InvalidId, TypeError):
+            issues[field + "._id"] = "%r is not a task id" % (entry.get("_id"),)
+            continue
+        attempt = _integer(entry.get("attempt"), field + ".attempt", issues, 1)
+        claimed.append((task_id, attempt))
+    issues.refuse()
+    return _reply({"released": release(worker_id, claimed)})
 
 
 @blueprint.route("/tasks/<task_id>/finish", methods=["POST"])

@@ -469,20 +469,35 @@ class Worker:
         cancellations); returns how many."""
         items = reply.get("_items") or []
         with self._lock:
-            if self.worker_id != wid:   # reset while the claim was in flight
-                if items:
-                    log.warning("dropping %d task(s) claimed by the previous registration %s: %s",
-                                len(items), wid, ", ".join(str(t["_id"]) for t in items))
-                return 0
-            for task in items:
-                self._reserved[str(task["_id"])] = requested(task)
-                self._inbox.append(task)
-            self._control.extend(("cancel", str(t), None) for t in reply.get("cancel") or [])
+            stale = self.worker_id != wid   # reset while the claim was in flight
+            if not stale:
+                for task in items:
+                    self._reserved[str(task["_id"])] = requested(task)
+                    self._inbox.append(task)
+                self._control.extend(("cancel", str(t), None) for t in reply.get("cancel") or [])
+        if stale:
+            if items:
+                self.hand_back(wid, items)
+            return 0
         if items or reply.get("cancel"):
             self._wake.set()
         if items:
             log.info("claimed %d task(s): %s", len(items), ", ".join(str(t["_id"]) for t in items))
         return len(items)
+
+    def hand_back(self, wid, items):
+        """Tasks claimed under registration ``wid``, which this worker gave
+        up while the claim was in flight: they go back to the queue at once
+        (no retry used), rather than wait to be abandoned as unconfirmed."""
+        ids = ", ".join(str(t["_id"]) for t in items)
+        try:
+            released = self.claim_client.release(wid, items)
+        except BanyanError as exc:
+            log.warning("cannot hand back %d task(s) claimed by the previous registration %s (%s); the "
+                        "server abandons them later: %s", len(items), wid, exc, ids)
+            return
+        log.warning("handed back %d of %d task(s) claimed by the previous registration %s: %s",
+                    len(released), len(items), wid, ids)
 
     def _next_claim(self):
         """``(wait, free)`` for the next claim, or None to wait for resources to come back first."""
