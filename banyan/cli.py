@@ -114,7 +114,7 @@ def main(argv=None):
 
 
 def _unreachable(exc):
-    from banyan.client import WrongScheme
+    from banyan.errors import WrongScheme
 
     if isinstance(exc, WrongScheme):
         return "cannot talk to %s: %s" % (exc.url, exc.reason)

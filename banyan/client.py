@@ -6,6 +6,7 @@ failures, 502/503/504); anything longer-lived is the caller's business
 (the worker loop has its own backoff and liveness rules).
 """
 
+import base64
 import json
 import logging
 import re
@@ -251,7 +252,7 @@ class Client:
         """
         body = {"free": free, "max_tasks": int(max_tasks), "wait": wait}
         if finished:
-            body["finished"] = list(finished)
+            body["finished"] = [_with_output(report) for report in finished]
         reply = self.request("POST", ("workers", wid, "claim"), json_body=body,
                              timeout=self.timeout + float(wait or 0), idempotent=False) or {}
         reply.setdefault("_items", [])
@@ -275,8 +276,8 @@ class Client:
 
     def finish(self, task_id, attempt, outcome, exit_code, stdout="", stderr="", usage=None):
         """Report the end of an attempt (repeating it is harmless: the server answers 409)."""
-        body = {"attempt": attempt, "outcome": outcome, "exit_code": exit_code,
-                "stdout": stdout, "stderr": stderr, "usage": usage or {}}
+        body = {"attempt": attempt, "outcome": outcome, "exit_code": exit_code, "usage": usage or {},
+                **_output("stdout", stdout), **_output("stderr", stderr)}
         return self.request("POST", ("tasks", task_id, "finish"), json_body=body, idempotent=True)
 
     def list_workers(self, **params):
@@ -405,6 +406,26 @@ class Client:
         """Block until every task has finished; a ``banyan.waiting.WaitResult``."""
         from banyan.waiting import wait_for
         return wait_for(self, task_ids, **kwargs)
+
+
+def _with_output(report):
+    """A finish report with its output as the API takes it (see ``_output``)."""
+    report = dict(report)
+    for name in ("stdout", "stderr"):
+        if name in report:
+            report.update(_output(name, report.pop(name)))
+    return report
+
+
+def _output(name, data):
+    """An attempt's output for a finish report: text as ``name``; bytes that
+    are not UTF-8 as ``name_base64``, so the server keeps them exactly."""
+    if isinstance(data, bytes):
+        try:
+            return {name: data.decode("utf-8")}
+        except UnicodeDecodeError:
+            return {name + "_base64": base64.b64encode(data).decode("ascii")}
+    return {name: data or ""}
 
 
 def _error_message(response):

@@ -1,5 +1,6 @@
 """`banyan logs`: a task's output (stdout to stdout, stderr to stderr)."""
 
+import base64
 import sys
 import time
 
@@ -9,7 +10,8 @@ from banyan.commands.base import EXIT_USAGE, CommandError, add_command, connect,
 EPILOG = """
 The worker hands a task's output to the server when an attempt ends (the
 last 1 MiB of each stream is kept), so it can be read after the worker is
-gone. The task's stdout goes to stdout and its stderr to stderr.
+gone. The task's stdout goes to stdout and its stderr to stderr, byte for
+byte as the task wrote them (output that is not text included).
 
 examples:
   banyan logs 65f0c2a1e4b0a1b2c3d4e5f6
@@ -59,8 +61,8 @@ def run(args):
     doc = _task(client, task_id)
     if not args.follow:
         logs = _logs(client, task_id, args.attempt, doc)
-        _write(sys.stdout, logs.get("stdout") or "")
-        _write(sys.stderr, logs.get("stderr") or "")
+        _write(sys.stdout, output_bytes(logs, "stdout"))
+        _write(sys.stderr, output_bytes(logs, "stderr"))
         if logs.get("attempt") is None:
             print("banyan logs: task %s has not started yet (it is %s)" % (task_id, doc.get("state")),
                   file=sys.stderr)
@@ -69,20 +71,20 @@ def run(args):
 
 
 def follow(client, task_id, attempt, doc, interval):
-    shown = {"stdout": "", "stderr": ""}
+    shown = {"stdout": b"", "stderr": b""}
     current = None
     while True:
         logs = _logs(client, task_id, attempt, doc)
         if logs.get("attempt") != current:
             if current is not None:
                 print("--- attempt %s ---" % logs.get("attempt"), file=sys.stderr, flush=True)
-                shown = {"stdout": "", "stderr": ""}
+                shown = {"stdout": b"", "stderr": b""}
             current = logs.get("attempt")
         for stream, out in (("stdout", sys.stdout), ("stderr", sys.stderr)):
-            text = logs.get(stream) or ""
-            new = text[len(shown[stream]):] if text.startswith(shown[stream]) else text
+            data = output_bytes(logs, stream)
+            new = data[len(shown[stream]):] if data.startswith(shown[stream]) else data
             _write(out, new)
-            shown[stream] = text
+            shown[stream] = data
         if _done(doc, attempt):
             return 0
         time.sleep(interval)
@@ -101,7 +103,17 @@ def _done(doc, attempt):
     return False
 
 
-def _write(out, text):
-    if text:
-        out.write(text)
+def output_bytes(logs, name):
+    """The exact bytes of stream `name` of a logs answer (`name_base64`
+    when they are not UTF-8)."""
+    if logs.get(name + "_base64"):
+        return base64.b64decode(logs[name + "_base64"])
+    return (logs.get(name) or "").encode("utf-8")
+
+
+def _write(out, data):
+    """The bytes as the task wrote them (not re-encoded: output need not be text)."""
+    if data:
         out.flush()
+        out.buffer.write(data)
+        out.buffer.flush()

@@ -25,6 +25,7 @@ becomes ready in this process; it also re-checks every
 may have made the task ready.
 """
 
+import base64
 import contextlib
 import json
 import logging
@@ -194,27 +195,40 @@ def abandon_worker(registry, queue, worker_id):
 
 class LogStore:
     """The `logs` collection: each attempt's stdout and stderr, the last
-    `cap` bytes of each."""
+    `cap` bytes of each. Output that is valid UTF-8 is stored as a string
+    (`stdout`); any other is kept byte for byte (`stdout_bytes`)."""
 
     def __init__(self, db, cap):
         self.logs = db[LOGS]
         self.cap = cap
 
-    def tail(self, text):
-        data = (text or "").encode("utf-8", errors="replace")
+    def tail(self, output):
+        """The last `cap` bytes of `output`: bytes stay bytes (exact), text
+        stays text (cut at a character boundary)."""
+        if isinstance(output, bytes):
+            return output[-self.cap:] if len(output) > self.cap else output
+        data = (output or "").encode("utf-8", errors="replace")
         if len(data) <= self.cap:
-            return text or ""
+            return output or ""
         return data[len(data) - self.cap:].decode("utf-8", errors="ignore")
 
+    @staticmethod
+    def _fields(name, output):
+        if isinstance(output, bytes):
+            try:
+                return {name: output.decode("utf-8")}
+            except UnicodeDecodeError:
+                return {name + "_bytes": output}
+        return {name: output}
+
     def save(self, task_id, attempt, stdout, stderr):
-        """Keep an attempt's output; an attempt without output stores
-        nothing (and reads back as empty)."""
+        """Keep an attempt's output (str or bytes); an attempt without
+        output stores nothing (and reads back as empty)."""
         if not stdout and not stderr:
             return
-        self.logs.update_one(
-            {"task": task_id, "attempt": attempt},
-            {"$set": {"stdout": self.tail(stdout), "stderr": self.tail(stderr), "updated": utcnow()}},
-            upsert=True)
+        fields = dict(self._fields("stdout", self.tail(stdout)), **self._fields("stderr", self.tail(stderr)),
+                      updated=utcnow())
+        self.logs.update_one({"task": task_id, "attempt": attempt}, {"$set": fields}, upsert=True)
 
     def get(self, task_id, attempt=None):
         query = {"task": task_id}
@@ -222,6 +236,17 @@ class LogStore:
             query["attempt"] = attempt
         docs = list(self.logs.find(query).sort("attempt", -1).limit(1))
         return docs[0] if docs else None
+
+    @staticmethod
+    def public(doc, name):
+        """`{name: text}`, plus `{name}_base64` with the exact bytes when
+        they are not UTF-8 (the text then has replacement characters)."""
+        raw = doc.get(name + "_bytes")
+        if raw is None:
+            return {name: doc.get(name) or ""}
+        raw = bytes(raw)
+        return {name: raw.decode("utf-8", errors="replace"),
+                name + "_base64": base64.b64encode(raw).decode("ascii")}
 
 
 def _registry():
@@ -426,7 +451,7 @@ def task_logs(task_id, attempt=None):
     doc = current_app.logs.get(task_id, attempt) if attempt is not None else None
     if doc is None:
         return {"attempt": attempt, "stdout": "", "stderr": ""}
-    return {"attempt": doc["attempt"], "stdout": doc["stdout"], "stderr": doc["stderr"]}
+    return dict({"attempt": doc["attempt"]}, **LogStore.public(doc, "stdout"), **LogStore.public(doc, "stderr"))
 
 
 def public_worker(doc, running):
@@ -540,6 +565,27 @@ def _integer(value, field, issues, low=None, high=None, default=None, nullable=F
             "" if low is None else " >= %s" % low, "" if high is None else " <= %s" % high, value)
         return None
     return value
+
+
+def _output(body, name, issues, prefix=""):
+    """A stream of a finish report: `name` (text) or `name_base64` (any
+    bytes, base64), not both. Returns str or bytes."""
+    text, encoded = body.get(name), body.get(name + "_base64")
+    if text and encoded:
+        issues[prefix + name] = "send %s or %s_base64, not both" % (name, name)
+        return ""
+    if encoded:
+        if isinstance(encoded, str):
+            try:
+                return base64.b64decode(encoded, validate=True)
+            except ValueError:  # binascii.Error
+                pass
+        issues[prefix + name + "_base64"] = "must be a base64 string"
+        return ""
+    if not isinstance(text or "", str):
+        issues[prefix + name] = "must be a string"
+        return ""
+    return text or ""
 
 
 def _render(body):
@@ -685,7 +731,7 @@ def finish_view(task_id):
     return _reply(finish(task_id, **report))
 
 
-REPORT_FIELDS = ("attempt", "outcome", "exit_code", "stdout", "stderr", "usage")
+REPORT_FIELDS = ("attempt", "outcome", "exit_code", "stdout", "stderr", "stdout_base64", "stderr_base64", "usage")
 
 
 def _finish_report(body, prefix, issues):
@@ -696,12 +742,10 @@ def _finish_report(body, prefix, issues):
     if outcome not in states.WORKER_OUTCOMES:
         issues[prefix + "outcome"] = "must be one of %s, not %r" % (", ".join(states.WORKER_OUTCOMES), outcome)
     exit_code = _integer(body.get("exit_code"), prefix + "exit_code", issues, nullable=True)
-    for name in ("stdout", "stderr"):
-        if not isinstance(body.get(name) or "", str):
-            issues[prefix + name] = "must be a string"
+    output = {name: _output(body, name, issues, prefix) for name in ("stdout", "stderr")}
     usage = _usage(body.get("usage") or None, prefix + "usage", issues)
     return {"attempt": attempt, "outcome": outcome, "exit_code": exit_code,
-            "stdout": body.get("stdout") or "", "stderr": body.get("stderr") or "", "usage": usage}
+            "stdout": output["stdout"], "stderr": output["stderr"], "usage": usage}
 
 
 def _finish_reports(value, issues):

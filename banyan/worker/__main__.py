@@ -11,6 +11,7 @@ import sys
 
 from ..units import parse_size
 from .containment import MODES
+from .output import DEFAULT_OUTPUT_CAP
 from .worker import HEARTBEAT_INTERVAL, StartupError, Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ def build_parser():
                         help="most tasks running at once (default: as many as fit)")
     parser.add_argument("--claim-wait", type=_non_negative(float), default=20.0, metavar="SECONDS",
                         help="long-poll time of a claim (default %(default)s)")
+    parser.add_argument("--output-cap", type=_size, default=DEFAULT_OUTPUT_CAP, metavar="SIZE",
+                        help="most output kept on this machine's disk per attempt, stdout and stderr "
+                             "together; older output is rotated away, the last 1 MiB of each stream "
+                             "goes to the server (default 16 MiB)")
     parser.add_argument("--host", default=None, help="host name to register (default: this machine's)")
     parser.add_argument("--pin", action="store_true",
                         help="pin each task to its own CPUs (as many as the cores it asked for)")
@@ -82,7 +87,8 @@ def config_from_args(args):
     kwargs = dict(server=args.server, token=args.token, cores=args.cores, memory=args.memory,
                   gpus=args.gpus, drain=args.drain, heartbeat=args.heartbeat, timeout=args.timeout,
                   max_tasks=args.max_tasks, claim_wait=args.claim_wait, pin=args.pin,
-                  enforce_memory=args.enforce_memory, containment=args.containment)
+                  enforce_memory=args.enforce_memory, containment=args.containment,
+                  output_cap=args.output_cap)
     if args.work_dir:
         kwargs["work_dir"] = os.path.abspath(os.path.expanduser(args.work_dir))
     if args.host:

@@ -4,9 +4,11 @@ Each attempt runs under a supervisor process of its own (see
 ``supervisor.py``): the task gets its own session, and the supervisor, a
 child subreaper, ends every process the task started when the task ends, is
 cancelled, or when the worker is gone, and kills the task on its own when the
-worker's lease on it runs out. Output goes to files in a per-attempt
-directory, never to pipes, so a chatty task cannot block on a full pipe
-while the worker is busy elsewhere.
+worker's lease on it runs out. Output goes through a pipe per stream, each
+drained at once by a thread of the worker into files in a per-attempt
+directory that never hold more than the worker's output cap
+(``banyan.worker.output``), so a chatty task neither blocks on a full pipe
+nor fills the worker's disk.
 """
 
 import contextlib
@@ -23,6 +25,7 @@ from collections import namedtuple
 import psutil
 
 from . import supervisor as sup
+from .output import DEFAULT_OUTPUT_CAP, RotatingOutput
 from .progress import PROGRESS_ENV, read_last_progress
 from .resources import ProcessTreeSampler
 
@@ -32,6 +35,9 @@ __all__ = ["Outcome", "TaskProcess", "OUTPUT_LIMIT", "become_subreaper", "reap_o
 
 #: How much of each stream is sent to the server (the server keeps the same cap).
 OUTPUT_LIMIT = 1024 * 1024
+
+#: Seconds to wait, once a task has exited, for its output pipes to be drained.
+OUTPUT_DRAIN_TIMEOUT = 10.0
 
 #: How the supervisor is started: the standard library only, no site packages;
 #: imported rather than run as a script, so its compiled code is cached.
@@ -60,8 +66,11 @@ class TaskProcess:
     """
 
     def __init__(self, task, attempt, attempt_dir, extra_env=None, thread_env=None,
-                 lease=None, containment=None, cpus=None):
+                 lease=None, containment=None, cpus=None, output_cap=DEFAULT_OUTPUT_CAP):
         self.task = task
+        #: bytes of output kept on disk, per stream (two files of half each)
+        self.stream_cap = max(2, int(output_cap) // 2)
+        self.outputs = {}
         self.task_id = str(task.get("_id"))
         self.attempt = attempt
         self.attempt_dir = os.fspath(attempt_dir)
@@ -123,8 +132,17 @@ class TaskProcess:
             try:
                 os.makedirs(self.attempt_dir, exist_ok=True)
                 open(self.progress_path, "a").close()
-                out = files.enter_context(open(self.stdout_path, "wb"))
-                err = files.enter_context(open(self.stderr_path, "wb"))
+                for stream, path in (("stdout", self.stdout_path), ("stderr", self.stderr_path)):
+                    output = self.outputs[stream] = RotatingOutput(path, self.stream_cap // 2)
+                    read_end, write_end = os.pipe()
+                    # the writing end goes to the task (through its supervisor);
+                    # ours is closed once they have it, so the pipe ends with them
+                    pipe = files.enter_context(os.fdopen(write_end, "wb", buffering=0))
+                    output.drain(read_end, f"output-{self.task_id}-{stream}")
+                    if stream == "stdout":
+                        out = pipe
+                    else:
+                        err = pipe
             except OSError as exc:  # disk full, permissions, no file descriptors left
                 self.start_error = (f"banyan-worker: cannot prepare {self.attempt_dir} "
                                     f"for task {self.task_id}: {exc}\n")
@@ -332,16 +350,21 @@ class TaskProcess:
 
     def tail(self, stream, limit=OUTPUT_LIMIT):
         """The last ``limit`` bytes of ``stream`` ("stdout" or "stderr") as text."""
-        path = {"stdout": self.stdout_path, "stderr": self.stderr_path}[stream]
+        return self.tail_bytes(stream, limit).decode("utf-8", errors="replace")
+
+    def tail_bytes(self, stream, limit=OUTPUT_LIMIT):
+        """The last ``limit`` bytes of ``stream``, as the task wrote them (they
+        need not be text). Waits a little for the pipe to be drained once the
+        task has exited."""
+        output = self.outputs.get(stream)
+        if output is None:
+            return (self.start_error or "").encode() if stream == "stderr" else b""
+        if not output.wait(OUTPUT_DRAIN_TIMEOUT):
+            log.warning("task %s: something still holds its %s open; sending what was read", self.task_id, stream)
         try:
-            with open(path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                size = fh.tell()
-                fh.seek(max(0, size - limit))
-                data = fh.read(limit)
+            return output.tail(limit)
         except OSError:
-            return (self.start_error or "") if stream == "stderr" else ""
-        return data.decode("utf-8", errors="replace")
+            return b""
 
     # -- stopping ---------------------------------------------------------
 

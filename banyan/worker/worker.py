@@ -36,6 +36,7 @@ from ..client import BanyanError, Client, ServerUnreachable
 from ..units import parse_size
 from . import containment, resources
 from .executor import OUTPUT_LIMIT, Outcome, TaskProcess, become_subreaper, reap_orphans
+from .output import DEFAULT_OUTPUT_CAP, MIN_OUTPUT_CAP
 from .hooks import TimeLimit, run_hooks
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class WorkerConfig:
     max_tasks: Optional[int] = None       # tasks running at once; None = as many as fit
     claim_wait: float = 20.0              # long-poll seconds per claim
     claim_batch: int = 32                 # most tasks asked for in one claim
+    output_cap: int = DEFAULT_OUTPUT_CAP  # bytes of output kept on disk per attempt
     host: str = field(default_factory=socket.gethostname)
     pin: bool = False                     # CPU affinity: distinct CPUs per task
     enforce_memory: bool = False          # memory limits in a cgroup, where one can be made
@@ -119,6 +121,9 @@ class WorkerConfig:
             raise ValueError(f"timeout ({self.timeout}s) must be longer than the heartbeat interval ({self.heartbeat}s)")
         if self.max_tasks is not None and self.max_tasks < 1:
             raise ValueError(f"max_tasks must be >= 1, got {self.max_tasks!r}")
+        object.__setattr__(self, "output_cap", parse_size(self.output_cap))
+        if self.output_cap < MIN_OUTPUT_CAP:
+            raise ValueError(f"output_cap must be at least {MIN_OUTPUT_CAP} bytes, got {self.output_cap!r}")
         if self.claim_batch < 1:
             raise ValueError(f"claim_batch must be >= 1, got {self.claim_batch!r}")
         if self.containment not in containment.MODES:
@@ -621,7 +626,7 @@ class Worker:
                                thread_env=resources.thread_environment(wanted["cores"]), lease=lease,
                                containment=self.containment.spec_for(f"{task_id}-{attempt}", limit)
                                if self.containment is not None else None,
-                               cpus=cpus)
+                               cpus=cpus, output_cap=self.config.output_cap)
             proc.reservation = reservation
             run_hooks(self.hooks, "before_start", proc)
             proc.start()
@@ -710,7 +715,7 @@ class Worker:
             # made now would put more on this worker than it has.
             reservation = proc.reservation
         self._queue_report(proc.task, proc.attempt, outcome,
-                           proc.tail("stdout", OUTPUT_LIMIT), proc.tail("stderr", OUTPUT_LIMIT),
+                           proc.tail_bytes("stdout", OUTPUT_LIMIT), proc.tail_bytes("stderr", OUTPUT_LIMIT),
                            usage, proc, reservation)
 
     def check_drain(self, now):
