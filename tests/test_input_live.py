@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from banyan.client import Client, ServerUnreachable
-from conftest import CheckedSession, LiveServer  # noqa: F401
+from conftest import TEST_TOKEN, CheckedSession, LiveServer
 
 BIN = os.path.dirname(sys.executable)
 BANYAN = [os.path.join(BIN, "banyan")] if os.path.exists(os.path.join(BIN, "banyan")) else \
@@ -110,7 +110,7 @@ def test_a_keyed_post_is_done_once_and_answered_the_same(server):
 def test_a_submission_whose_answer_was_lost_is_retried_and_creates_one_set(server):
     proxy = AnswerLosingProxy(server.port, lose=1)
     try:
-        with Client(proxy.url, attempts=3, backoff=0.05) as client:
+        with Client(proxy.url, TEST_TOKEN, attempts=3, backoff=0.05) as client:
             ids = client.create_tasks([{"command": "true", "name": "lost-answer"} for _ in range(3)])
     finally:
         proxy.close()
@@ -123,7 +123,7 @@ def test_a_submission_whose_answer_was_lost_is_retried_and_creates_one_set(serve
 
 def test_an_unknown_outcome_is_reported_as_maybe_accepted(server, tmp_path):
     proxy = AnswerLosingProxy(server.port, lose=100)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+    env = {k: v for k, v in os.environ.items() if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path))
     try:
         result = subprocess.run(BANYAN + ["submit", "--server", proxy.url, "--name", "unknown", "--", "true"],
@@ -137,12 +137,12 @@ def test_an_unknown_outcome_is_reported_as_maybe_accepted(server, tmp_path):
 
 
 def test_https_to_an_http_server_fails_at_once_with_the_fix(server, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+    env = {k: v for k, v in os.environ.items() if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path))
     wrong = server.url.replace("http://", "https://")
     started = time.monotonic()
     with pytest.raises(ServerUnreachable) as caught:
-        Client(wrong).list_tasks()
+        Client(wrong, TEST_TOKEN).list_tasks()
     assert time.monotonic() - started < 2
     assert server.url in caught.value.reason
     started = time.monotonic()
@@ -153,7 +153,7 @@ def test_https_to_an_http_server_fails_at_once_with_the_fix(server, tmp_path):
 
 
 def test_a_server_url_naming_an_endpoint_is_explained(server, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+    env = {k: v for k, v in os.environ.items() if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path))
     for url in (server.url + "/tasks", server.url + "/workers/", server.url + "?x=1"):
         result = subprocess.run(BANYAN + ["ls", "--server", url], capture_output=True, text=True, env=env,
@@ -163,7 +163,7 @@ def test_a_server_url_naming_an_endpoint_is_explained(server, tmp_path):
 
 
 def banyan(*args, home, timeout=60):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+    env = {k: v for k, v in os.environ.items() if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(home), BANYAN_SERVER="http://127.0.0.1:9")  # never reached: refused first
     return subprocess.run(BANYAN + [str(a) for a in args], capture_output=True, text=True, env=env,
                           timeout=timeout)
@@ -194,7 +194,7 @@ def test_graph_files_read_sizes_and_limits_the_same_way(tmp_path):
 
 @pytest.mark.slow
 def test_up_on_another_port_prints_how_to_reach_it(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+    env = {k: v for k, v in os.environ.items() if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path))
     up = subprocess.Popen(BANYAN + ["up", "--port", "0", "--data-dir", tmp_path / "data", "--cores", "1"],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -218,7 +218,7 @@ def test_a_claim_answer_for_a_registration_given_up_is_handed_back_at_once(serve
     used, instead of waiting to be abandoned as unconfirmed."""
     from banyan.worker.worker import Worker, WorkerConfig
 
-    worker = Worker(WorkerConfig(server=server.url, cores=1, memory=1 << 30, gpus=0,
+    worker = Worker(WorkerConfig(server=server.url, token=TEST_TOKEN, cores=1, memory=1 << 30, gpus=0,
                                  work_dir=str(tmp_path / "work"), claim_wait=20))
     worker.register()
     old = worker.worker_id
