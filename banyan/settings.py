@@ -13,6 +13,20 @@ TEN_YEARS = 10 * 366 * 86400
 
 #: User fields that may change only while a task is `inactive`.
 WRITE_ONCE = {"write_once": True}
+#: User fields that may change while a task is queued (`inactive` or
+#: `available`), never once a worker holds it or it has finished.
+QUEUED_ONLY = {"queued_only": True}
+#: Parents of a task given at its creation, one list per kind of dependency:
+#: `after` runs once they all succeeded (the same edge as the parent's
+#: `continuations`), `after_any` once they ended whatever their outcome,
+#: `after_failure` once they ended other than in success.
+PARENTS = {
+    "type": "list",
+    "maxlength": 10000,
+    "schema": {"type": "objectid"},
+    "creation_only": True,
+    "data_relation": {"resource": "tasks", "field": "_id"},
+}
 
 task_schema = {
     "name": {"type": "string", "maxlength": 1024, "nullable": True, **WRITE_ONCE},
@@ -31,7 +45,7 @@ task_schema = {
             "memory": {"type": "integer", "min": 0, "max": (1 << 63) - 1, "coerce": "bytes", "default": 0},
             "gpus": {"type": "integer", "min": 0, "default": 0},
         },
-        **WRITE_ONCE,
+        **QUEUED_ONLY,
     },
     "environment": {
         "type": "dict",
@@ -40,7 +54,7 @@ task_schema = {
         **WRITE_ONCE,
     },
     "working_directory": {"type": "string", "nullable": True, **WRITE_ONCE},
-    "max_retries": {"type": "integer", "min": 0, "max": 1000, "default": 0, **WRITE_ONCE},
+    "max_retries": {"type": "integer", "min": 0, "max": 1000, "default": 0, **QUEUED_ONLY},
     # An attempt killed for exceeding its memory (outcome `oom`) is retried with
     # this many times more memory, up to states.MAX_MEMORY_RETRIES times; null or 1: not retried so.
     "retry_memory_factor": {"type": "number", "min": 1, "max": 1024, "nullable": True, "default": None,
@@ -48,9 +62,17 @@ task_schema = {
     "max_shutdown_time": {"type": "number", "min": 0, "max": 86400, "default": 10, **WRITE_ONCE},
     # None for no limit; 0 would be a limit nobody could meet, so it is refused.
     "time_limit": {"type": "number", "above": 0, "max": TEN_YEARS, "nullable": True, "default": None,
-                   **WRITE_ONCE},
+                   **QUEUED_ONLY},
     "estimated_runtime": {"type": "number", "min": 0, "max": TEN_YEARS, "nullable": True, **WRITE_ONCE},
-    "priority": {"type": "integer", "default": 0, **WRITE_ONCE},
+    "priority": {"type": "integer", "default": 0, **QUEUED_ONLY},
+    # A held task is never claimed (`banyan hold` / `banyan release`).
+    "held": {"type": "boolean", "default": False, **QUEUED_ONLY},
+    "after": dict(PARENTS),
+    "after_any": dict(PARENTS),
+    "after_failure": dict(PARENTS),
+    # The submission the task belongs to; without one, each POST makes a job.
+    "job": {"type": "objectid", "creation_only": True,
+            "data_relation": {"resource": "jobs", "field": "_id"}},
     "continuations": {
         "type": "list",
         "maxlength": 10000,  # before `schema`: a longer list is refused without a look at each id
@@ -78,6 +100,11 @@ task_schema = {
     "cascade_pending": {"type": "boolean", "readonly": True},
     # Why a running task is being cancelled (`timeout` when past its time limit).
     "cancel_reason": {"type": "string", "nullable": True, "readonly": True},
+    # A task cancelled because a parent's outcome ruled it out:
+    # {"task": id, "name": ..., "exit_status": ..., "needed": "success" | "failure"}.
+    "cancelled_by": {"type": "dict", "nullable": True, "readonly": True},
+    # Copied from the job at creation: at most this many of its tasks run at once.
+    "array_limit": {"type": "integer", "nullable": True, "readonly": True},
 }
 
 tasks = {
@@ -96,17 +123,39 @@ tasks = {
     "allowed_item_read_roles": ["admin", "user", "worker"],
     "allowed_item_write_roles": ["admin", "user", "worker"],
     "mongo_indexes": {
-        # The claim: ready tasks, highest priority first, then oldest.
-        "ready": [("state", 1), ("pending_dependency_count", 1), ("priority", -1), ("_created", 1)],
+        # The claim: ready tasks not held, highest priority first, then oldest.
+        "ready": [("state", 1), ("pending_dependency_count", 1), ("held", 1), ("priority", -1), ("_created", 1)],
         # The claim once no core is left: ready tasks of no core.
-        "ready_coreless": [("state", 1), ("pending_dependency_count", 1), ("requested_resources.cores", 1),
-                           ("priority", -1), ("_created", 1)],
+        "ready_coreless": [("state", 1), ("pending_dependency_count", 1), ("held", 1),
+                           ("requested_resources.cores", 1), ("priority", -1), ("_created", 1)],
         # A task's parents (who lists it among its continuations).
         "parents": [("continuations", 1)],
         "owner": [("owner", 1), ("state", 1)],
         "worker": [("worker", 1), ("state", 1)],
         "cascade": [("cascade_pending", 1)],
+        "job": [("job", 1), ("state", 1)],
     },
+}
+
+# A job: one submission (a task, an array, a graph). Its tasks name it in
+# `job`; reads add their counts per state (banyan.server.jobs).
+jobs = {
+    "schema": {
+        "name": {"type": "string", "maxlength": 1024, "nullable": True},
+        # `--array 1-100%4`: at most this many of its tasks run at once.
+        "array_limit": {"type": "integer", "min": 1, "nullable": True, "default": None},
+        "owner": {"type": "string", "nullable": True, "readonly": True},
+        # The run slots taken under `array_limit`: ["<task id>/<token>", ...].
+        "slots": {"type": "list", "readonly": True},
+    },
+    "resource_methods": ["GET", "POST"],
+    "item_methods": ["GET"],
+    "auth_field": "owner",
+    "allowed_read_roles": ["admin", "user", "worker"],
+    "allowed_write_roles": ["admin", "user"],
+    "allowed_item_read_roles": ["admin", "user", "worker"],
+    "allowed_item_write_roles": ["admin", "user"],
+    "mongo_indexes": {"owner": [("owner", 1)]},
 }
 
 # Registered workers and attempts' output: stored collections with no Eve
@@ -134,7 +183,7 @@ logs = {
     "mongo_indexes": {"attempt": ([("task", 1), ("attempt", -1)], {"unique": True})},
 }
 
-DOMAIN = {"tasks": tasks, "workers": workers, "logs": logs}
+DOMAIN = {"tasks": tasks, "jobs": jobs, "workers": workers, "logs": logs}
 
 #: Virtual fields, read or written through endpoints of their own.
 VIRTUAL_RESOURCES = {

@@ -253,13 +253,19 @@ def test_continuation_that_is_not_inactive_is_refused(api, db):
                    "inactive")
 
 
-def test_frozen_fields_cannot_change_after_inactive(api, db):
+def test_frozen_fields_cannot_change_after_inactive(app, api, db):
+    # (issue 17: priority, resources, time limit, retries and `held` may
+    # change while the task is queued, i.e. still `available`)
     tid = post(api, {"command": "x", "priority": 1})["_id"]
     patch(api, tid, {"priority": 2, "name": "renamed"})
     patch(api, tid, {"state": "available"})
-    for field, value in [("priority", 5), ("command", "y"), ("requested_resources", {"cores": 4}),
-                         ("name", "again"), ("max_retries", 3)]:
+    for field, value in [("command", "y"), ("name", "again")]:
         assert_refused(api, db, "patch", "/tasks/%s" % tid, {field: value}, field, "inactive")
+    patch(api, tid, {"priority": 5, "requested_resources": {"cores": 2}, "max_retries": 3, "time_limit": 60})
+    assert app.queue.claim_next(ObjectId(), {"cores": 8, "memory": GiB, "gpus": 0})["_id"] == ObjectId(tid)
+    for field, value in [("priority", 6), ("requested_resources", {"cores": 4}), ("max_retries", 1),
+                         ("held", True)]:
+        assert_refused(api, db, "patch", "/tasks/%s" % tid, {field: value}, field, "queued", "running")
 
 
 def test_bad_values_are_refused(api, db):

@@ -352,10 +352,12 @@ def test_rank_alias_sets_priority_on_many_tasks(api, db):
     ranks = {i["_id"]: i["rank"] for i in api.get('/tasks/rank?where={"priority": {"$gt": 0}}').json["_items"]}
     assert ranks == {a: 3, b: 4}
     assert api.get('/tasks/%s?projection={"rank": 1}' % a).json["rank"] == 3
-    # the target's rules apply: an integer, write-once after inactive
+    # the target's rules apply: an integer, changeable only while queued (issue 17)
     assert_refused(api, db, "post", "/tasks/rank", [{"targets": [a], "value": "high"}], "integer")
     patch(api, c, {"state": "available"})
-    assert_refused(api, db, "patch", "/tasks/%s" % c, {"rank": 9}, "inactive")
+    by_patch(api, "rank", c, 9)
+    patch(api, c, {"state": "cancelled"})
+    assert_refused(api, db, "patch", "/tasks/%s" % c, {"rank": 10}, "queued")
     assert_refused(api, db, "patch", "/tasks/%s" % a, {"rank": 9, "priority": 8}, "not both")
 
 

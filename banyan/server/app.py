@@ -57,6 +57,7 @@ def create_app(client, config=None):
     app.reaper = Reaper.for_app(app)
     _register_error_handlers(app)
     app.wsgi_app = _durable_answers(app.wsgi_app, client)
+    app.queue.upgrade_stored()
     app.queue.resume_cascades()
     app.queue.fill_stored_figures()
     return app

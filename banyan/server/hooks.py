@@ -4,7 +4,7 @@ import logging
 
 from flask import abort, g
 
-from banyan.server import claims, states, virtual
+from banyan.server import claims, jobs, reasons, states, virtual
 from banyan.server.identity import current_identity
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,27 @@ def register_hooks(app, queue):
             # a per-item claim
             claims.confirm_claimer(updates["worker"], [(original["_id"], updates["history"][-1]["attempt"])])
 
+    def on_insert_jobs(docs):
+        for doc in docs:
+            doc.update(owner=current_identity().name, slots=[])
+
+    def on_fetched_resource_jobs(response):
+        jobs.add_counts(queue.db, response.get("_items") or [])
+
+    def on_fetched_item_jobs(doc):
+        jobs.add_counts(queue.db, [doc])
+
+    def on_fetched_resource_tasks(response):
+        reasons.add_pending_reasons(queue.db, response.get("_items") or [])
+
+    def on_fetched_item_tasks(doc):
+        reasons.add_pending_reasons(queue.db, [doc])
+
+    app.on_insert_jobs += on_insert_jobs
+    app.on_fetched_resource_jobs += on_fetched_resource_jobs
+    app.on_fetched_item_jobs += on_fetched_item_jobs
+    app.on_fetched_resource_tasks += on_fetched_resource_tasks
+    app.on_fetched_item_tasks += on_fetched_item_tasks
     app.on_pre_POST_tasks += on_pre_POST_tasks
     app.on_insert_tasks += on_insert_tasks
     app.on_inserted_tasks += on_inserted_tasks

@@ -59,6 +59,9 @@ MAX_MEMORY_RETRIES = 3
 MAX_MEMORY = (1 << 63) - 1
 
 FINISHED = (S.CANCELLED, S.TERMINATED)
+#: Waiting to be claimed: the states in which queued-only fields
+#: (priority, resources, time limit, retries, `held`) may change.
+QUEUED = (S.INACTIVE, S.AVAILABLE)
 #: Resources a task requests and a worker offers.
 RESOURCES = ("cores", "memory", "gpus")
 HELD = (S.RUNNING, S.PENDING_CANCELLATION)
@@ -66,7 +69,8 @@ HELD = (S.RUNNING, S.PENDING_CANCELLATION)
 #: requested state -> allowed current states, per role. A user asking to
 #: cancel a running task gets `pending_cancellation` (see `stored_state`).
 USER_TRANSITIONS = {
-    S.AVAILABLE: {S.INACTIVE},
+    # from a finished state: a retry (a new attempt; see `prepare_retry`)
+    S.AVAILABLE: {S.INACTIVE, S.CANCELLED, S.TERMINATED},
     S.CANCELLED: {S.INACTIVE, S.AVAILABLE, S.RUNNING},
 }
 WORKER_TRANSITIONS = {
@@ -83,6 +87,28 @@ TRANSITIONS = {
 }
 #: States a task may be created in.
 INITIAL_STATES = (S.INACTIVE, S.AVAILABLE)
+
+#: Kinds of dependency, by the child's field that names its parents: what
+#: the parent's end must be for the child to run. A parent's `continuations`
+#: are `after` edges unless the child lists the parent in another field.
+SUCCESS_KIND, ANY_KIND, FAILURE_KIND = "success", "any", "failure"
+AFTER_FIELDS = {"after": SUCCESS_KIND, "after_any": ANY_KIND, "after_failure": FAILURE_KIND}
+
+
+def edge_kind(child, parent_id):
+    """The kind of the edge parent -> `child` (a document with its `after_*` fields)."""
+    for field in ("after_any", "after_failure"):
+        if parent_id in (child.get(field) or ()):
+            return AFTER_FIELDS[field]
+    return SUCCESS_KIND
+
+
+def edge_satisfied(kind, parent):
+    """Whether a finished `parent` lets a child of edge `kind` run."""
+    succeeded = parent.get("state") == S.TERMINATED and parent.get("exit_status") == SUCCESS
+    if kind == ANY_KIND:
+        return True
+    return succeeded if kind == SUCCESS_KIND else not succeeded
 
 
 class TransitionError(Exception):
@@ -166,10 +192,10 @@ def claim_changes(doc, attempt):
 
 
 def is_ready(doc):
-    return doc.get("state") == S.AVAILABLE and not doc.get("pending_dependency_count")
+    return doc.get("state") == S.AVAILABLE and not doc.get("pending_dependency_count") and not doc.get("held")
 
 
-READY_FILTER = {"state": S.AVAILABLE.value, "pending_dependency_count": 0}
+READY_FILTER = {"state": S.AVAILABLE.value, "pending_dependency_count": 0, "held": False}
 CLAIM_ORDER = [("priority", -1), ("_created", 1)]
 
 
@@ -188,7 +214,9 @@ class TaskQueue:
     GRAPH_LEASE_SECONDS = 30
 
     def __init__(self, db, on_ready=None, on_finished=None):
+        self.db = db
         self.tasks = db["tasks"]
+        self.jobs = db["jobs"]
         self.leases = db["leases"]
         self.on_ready = on_ready or (lambda doc: None)
         self.on_finished = on_finished or (lambda task_id: None)
@@ -197,25 +225,62 @@ class TaskQueue:
 
     def prepare_new(self, docs, owner=None):
         """Fill the server fields of tasks about to be inserted and register
-        them as parents of their continuations. Raises TransitionError (and
-        undoes its links) when a continuation is no longer `inactive`."""
+        them as parents of their continuations. The tasks wait for the
+        parents their `after`, `after_any` and `after_failure` name (linked
+        once they are stored, by `after_insert`). Tasks that name no job
+        get one made for this request. Raises TransitionError (and undoes
+        its links) when a continuation is no longer `inactive`."""
         linked = []
         try:
+            jobs = {d["_id"]: d for d in self.jobs.find(
+                {"_id": {"$in": list({doc["job"] for doc in docs if doc.get("job")})}}, {"array_limit": 1})}
+            new_job = None
             for doc in docs:
                 doc.setdefault("_id", ObjectId())
                 state = S(doc.get("state") or S.INACTIVE)
                 if state not in INITIAL_STATES:
                     raise TransitionError("a task is created 'inactive' or 'available', not '%s'" % state)
-                doc.update(state=state.value, pending_dependency_count=0, pending_parents=[],
-                           retry_count=0, memory_retry_count=0, exit_status=None, worker=None, owner=owner,
-                           history=[])
+                parents = self._parents_given(doc)
+                if not doc.get("job"):
+                    new_job = new_job or self._new_job(docs[0].get("name"), owner)
+                    doc["job"] = new_job
+                doc.update(state=state.value, pending_dependency_count=len(parents), pending_parents=parents,
+                           retry_count=0, memory_retry_count=0, exit_status=None, worker=None, owner=owner, history=[],
+                           held=bool(doc.get("held")), cancelled_by=None,
+                           array_limit=(jobs.get(doc["job"]) or {}).get("array_limit"))
                 for child in dict.fromkeys(doc.get("continuations") or []):
                     self._link(doc["_id"], child)
                     linked.append((doc["_id"], child))
+                if parents and doc.get("continuations"):
+                    for parent in parents:
+                        if self.find_cycle(parent, list(doc["continuations"])):
+                            raise TransitionError("task '%s' runs after '%s', which already runs after one of "
+                                                  "its continuations: that is a cycle" % (doc["_id"], parent))
         except TransitionError:
             for parent, child in linked:
                 self._unlink(parent, child)
             raise
+
+    @staticmethod
+    def _parents_given(doc):
+        """The parents named by a new task's `after`, `after_any` and
+        `after_failure` (each once; a parent in two of them is refused)."""
+        parents = {}
+        for field in AFTER_FIELDS:
+            for parent in doc.get(field) or []:
+                if parents.get(parent, field) != field:
+                    raise TransitionError("task '%s' is named in both '%s' and '%s'; an edge has one kind"
+                                          % (parent, parents[parent], field))
+                parents[parent] = field
+        return list(parents)
+
+    def _new_job(self, name, owner):
+        """A job for tasks submitted without one (one per request)."""
+        now = utcnow()
+        job = {"_id": ObjectId(), "name": name, "array_limit": None, "owner": owner, "slots": [],
+               "_created": now, "_updated": now, "_etag": str(ObjectId())}
+        self.jobs.insert_one(job)
+        return job["_id"]
 
     def forget_new(self, docs):
         """Tasks `prepare_new` linked but the store did not take: their
@@ -227,8 +292,28 @@ class TaskQueue:
 
     def after_insert(self, docs):
         for doc in docs:
-            if is_ready(doc):
+            for parent in doc.get("pending_parents") or []:
+                self._attach(parent, doc["_id"])
+        for doc in docs:
+            if doc.get("pending_parents"):
+                doc = self.tasks.find_one({"_id": doc["_id"]})
+                if doc is None or doc.get("pending_parents"):
+                    continue
+                # every parent had finished already: settled by `_attach`
+                self._release(doc)
+            elif is_ready(doc):
                 self._became_ready(doc)
+
+    def _attach(self, parent_id, child_id):
+        """A new task waits for `parent_id`: it joins the parent's
+        continuations, so the parent's cascade settles the edge. A parent
+        that had finished before may have cascaded without it: then the edge
+        is settled here (settling twice changes nothing)."""
+        self.tasks.update_one({"_id": parent_id}, {"$addToSet": {"continuations": child_id}})
+        parent = self.tasks.find_one({"_id": parent_id}, {"state": 1, "exit_status": 1, "name": 1})
+        if parent is not None and parent["state"] in FINISHED:
+            if self._settle(parent, child_id, release=False):
+                self._cascade(child_id)
 
     # -- continuations ----------------------------------------------------
 
@@ -415,6 +500,13 @@ class TaskQueue:
             # it; without this the "no-op" state change would rewrite `worker`.
             raise Conflict("task '%s' is '%s' (worker '%s'), not 'available'"
                            % (original.get("_id"), original.get("state"), original.get("worker")))
+        if updates.get("state") == S.RUNNING and original.get("held"):
+            raise Conflict("task '%s' is held and cannot be claimed until it is released" % original.get("_id"))
+        if updates.get("state") == S.RUNNING and original.get("array_limit") and original.get("job") and \
+                original.get("state") == S.AVAILABLE and not original.get("pending_dependency_count"):
+            if self._take_slot(original["job"], original["array_limit"], original["_id"]) is None:
+                raise Conflict("task '%s': its job runs at most %d tasks at once, and that many run"
+                               % (original["_id"], original["array_limit"]))
         if updates.get("state") == S.RUNNING and original.get("pending_dependency_count"):
             # An available task's count only goes down (continuations are
             # added to inactive tasks only), so the value read decides.
@@ -440,6 +532,64 @@ class TaskQueue:
         elif target == S.CANCELLED:
             updates["exit_status"] = CANCELLED
             updates["cascade_pending"] = True
+            updates["pending_parents"], updates["pending_dependency_count"] = [], 0
+        elif target == S.AVAILABLE and S(original["state"]) in FINISHED:
+            self.prepare_retry(updates, original)
+
+    def prepare_retry(self, updates, original):
+        """A finished task that did not succeed goes back to the queue (its
+        next claim is a new attempt), waiting for those of its parents that
+        have not finished. Refused for a task that succeeded, and for one
+        whose parent ended in a way that rules it out (retry that one)."""
+        if original["state"] == S.TERMINATED and original.get("exit_status") == SUCCESS:
+            raise TransitionError("task '%s' is terminated with success; there is nothing to retry" % original["_id"])
+        if original.get("cascade_pending"):
+            raise Conflict("task '%s' is still settling the tasks that run after it; retry in a moment"
+                           % original["_id"])
+        pending = self.parents_to_wait_for(original)
+        updates.update(exit_status=None, cancelled_by=None, cancel_reason=None, worker=None, retry_count=0,
+                       pending_parents=pending, pending_dependency_count=len(pending))
+
+    def parents_to_wait_for(self, doc):
+        """The parents of `doc` that have not finished. TransitionError (409)
+        naming a finished parent whose end rules `doc` out."""
+        pending = []
+        for parent in self.tasks.find({"continuations": doc["_id"]}, {"state": 1, "exit_status": 1, "name": 1}):
+            if parent["state"] not in FINISHED:
+                pending.append(parent["_id"])
+                continue
+            kind = edge_kind(doc, parent["_id"])
+            if not edge_satisfied(kind, parent):
+                raise TransitionError(
+                    "task '%s' runs only after the %s of task '%s'%s, which ended %s; retry that task "
+                    "(the tasks cancelled because of it come back with it)"
+                    % (doc["_id"], kind if kind != ANY_KIND else "end", parent["_id"],
+                       " (%s)" % parent["name"] if parent.get("name") else "",
+                       parent.get("exit_status") or parent["state"]), status=409)
+        return pending
+
+    def revive_descendants(self, task_id):
+        """After a retry of `task_id`: the tasks cancelled because of it
+        (`cancelled_by`), and theirs in turn, go back to the queue waiting
+        for their unfinished parents, so the graph can finish."""
+        queue = [task_id]
+        while queue:
+            current = queue.pop(0)
+            doc = self.tasks.find_one({"_id": current}, {"continuations": 1})
+            for child in self.tasks.find({"_id": {"$in": (doc or {}).get("continuations") or []},
+                                          "state": S.CANCELLED.value, "cancelled_by.task": current}):
+                try:
+                    pending = self.parents_to_wait_for(child)
+                except TransitionError:
+                    continue  # another parent rules it out too
+                now = utcnow()
+                if self.tasks.update_one(
+                        {"_id": child["_id"], "state": S.CANCELLED.value, "cancelled_by.task": current},
+                        {"$set": {"state": S.AVAILABLE.value, "exit_status": None, "cancelled_by": None,
+                                  "retry_count": 0, "pending_parents": pending,
+                                  "pending_dependency_count": len(pending), "_updated": now,
+                                  "_etag": str(ObjectId())}}).modified_count:
+                    queue.append(child["_id"])
 
     def after_update(self, updates, original):
         """React to a PATCH that was written: cascade a cancellation, run a
@@ -451,6 +601,8 @@ class TaskQueue:
             self.on_finished(original["_id"])
             self._cascade(original["_id"])
         elif state == S.AVAILABLE:
+            if S(original["state"]) in FINISHED:
+                self.revive_descendants(original["_id"])
             doc = self.tasks.find_one({"_id": original["_id"]})
             if doc is not None and is_ready(doc):
                 self._became_ready(doc)
@@ -469,21 +621,68 @@ class TaskQueue:
             # ready task (each claim that fills a worker ends with this one).
             query["requested_resources.cores"] = 0
         now = utcnow()
-        projection = {"history.attempt": 1, "_created": 1}
-        doc = self.tasks.find_one(query, projection, sort=CLAIM_ORDER)
-        while doc is not None:
+        full = set()  # jobs at their array limit
+        fields = {"history.attempt": 1, "_created": 1, "job": 1, "array_limit": 1}
+        while True:
+            if full:
+                query["job"] = {"$nin": list(full)}
+            doc = self.tasks.find_one(query, fields, sort=CLAIM_ORDER)
+            if doc is None:
+                return None
+            token = None
+            if doc.get("array_limit") and doc.get("job"):
+                token = self._take_slot(doc["job"], doc["array_limit"], doc["_id"])
+                if token is None:
+                    full.add(doc["job"])
+                    continue
             attempt = new_attempt(len(doc.get("history") or []) + 1, worker_id, host)
+            # The filter again, as the precondition: a PATCH may have held
+            # the task or changed its resources since it was read.
             claimed = self.tasks.find_one_and_update(
-                {"_id": doc["_id"], "state": S.AVAILABLE.value, "pending_dependency_count": 0,
-                 "history": {"$size": attempt["attempt"] - 1}},
+                dict(query, _id=doc["_id"], history={"$size": attempt["attempt"] - 1}),
                 {"$set": {"state": S.RUNNING.value, "worker": worker_id, "_updated": now,
                           "_etag": str(ObjectId()), **claim_changes(doc, attempt)},
                  "$push": {"history": attempt}},
                 return_document=ReturnDocument.AFTER)
             if claimed is not None:
                 return claimed
-            doc = self.tasks.find_one(query, projection, sort=CLAIM_ORDER)
+            if token:
+                self._free_slot(doc["_id"], doc["job"], token)
+
+    # -- array limits: run slots on the job -------------------------------
+
+    def _take_slot(self, job_id, limit, task_id):
+        """One of the job's `limit` run slots for `task_id` (its entry
+        "<task id>/<token>"), or None if all are taken: an atomic `$push` on
+        the job whose filter says fewer than `limit` are held. Each slot has
+        a token of its own, so a claim that lost its race gives back only its
+        slot, never the winner's. Slots of tasks that finished without giving
+        theirs back (a server killed between the two writes) are reclaimed."""
+        for _ in range(2):
+            entry = "%s/%s" % (task_id, ObjectId())
+            if self.jobs.update_one({"_id": job_id, "slots.%d" % (limit - 1): {"$exists": False}},
+                                    {"$push": {"slots": entry}}).matched_count:
+                return entry
+            slots = (self.jobs.find_one({"_id": job_id}, {"slots": 1}) or {}).get("slots") or []
+            holders = {ObjectId(e.split("/")[0]) for e in slots if isinstance(e, str) and ObjectId.is_valid(e.split("/")[0])}
+            stale = {str(d["_id"]) for d in self.tasks.find(
+                {"_id": {"$in": list(holders)}, "state": {"$in": [s.value for s in FINISHED]}}, {"_id": 1})}
+            if not stale:
+                return None
+            for e in slots:
+                if e.split("/")[0] in stale:
+                    self.jobs.update_one({"_id": job_id}, {"$pull": {"slots": e}})
         return None
+
+    def _free_slot(self, task_id, job_id, entry=None):
+        """Give back the run slot `entry`, or every slot `task_id` holds."""
+        if entry is None:
+            slots = (self.jobs.find_one({"_id": job_id}, {"slots": 1}) or {}).get("slots") or []
+            entries = [e for e in slots if isinstance(e, str) and e.split("/")[0] == str(task_id)]
+        else:
+            entries = [entry]
+        for e in entries:
+            self.jobs.update_one({"_id": job_id, "slots": e}, {"$pull": {"slots": e}})
 
     def finish(self, task_id, worker_id, attempt, outcome, exit_code=None, usage=None):
         """End an attempt as its worker reports it, then apply the rules:
@@ -526,6 +725,8 @@ class TaskQueue:
                 break
         if updated["state"] in FINISHED:
             self.on_finished(task_id)
+        if updated.get("array_limit"):
+            self._free_slot(task_id, updated.get("job"))
         if updated.get("cascade_pending"):
             self._cascade(task_id)
         elif is_ready(updated):
@@ -549,6 +750,8 @@ class TaskQueue:
                       "history.%d.runtime" % index: seconds_between(started, now),
                       "history.%d.exit_status" % index: ABANDONED, "_updated": now, "_etag": str(ObjectId())}},
             return_document=ReturnDocument.AFTER)
+        if updated is not None and updated.get("array_limit"):
+            self._free_slot(task_id, updated.get("job"))
         if updated is not None and is_ready(updated):
             self._became_ready(updated)
         return updated is not None
@@ -598,13 +801,15 @@ class TaskQueue:
                 continue  # finished or abandoned meanwhile by someone else
         return ended
 
-    def cancel(self, task_id, exit_status=CANCELLED, cascade=True, only_if=None):
+    def cancel(self, task_id, exit_status=CANCELLED, cascade=True, only_if=None, cancelled_by=None):
         """Cancel a task from any state: at once when it is not running, by
         way of `pending_cancellation` when a worker holds it. Finished tasks
         are left alone, and so is the task once it no longer matches
-        `only_if` (a filter). Returns the state written, or None if nothing was."""
+        `only_if` (a filter). A task cancelled at once stops waiting for its
+        parents; `cancelled_by` says which parent's end ruled it out.
+        Returns the state written, or None if nothing was."""
         while True:
-            doc = self.tasks.find_one(dict(only_if or {}, _id=task_id), {"state": 1})
+            doc = self.tasks.find_one(dict(only_if or {}, _id=task_id), {"state": 1, "job": 1, "array_limit": 1})
             if doc is None:
                 return None
             state = S(doc["state"])
@@ -613,13 +818,16 @@ class TaskQueue:
             target = stored_state(state, S.CANCELLED)
             sets = {"state": target.value, "_updated": utcnow(), "_etag": str(ObjectId())}
             if target == S.CANCELLED:
-                sets.update(exit_status=exit_status, cascade_pending=True)
+                sets.update(exit_status=exit_status, cascade_pending=True, pending_parents=[],
+                            pending_dependency_count=0, cancelled_by=cancelled_by)
             else:
                 sets["cancel_reason"] = exit_status  # what `finish` records when the worker reports
             if self.tasks.update_one(dict(only_if or {}, _id=task_id, state=state.value),
                                      {"$set": sets}).modified_count:
                 if target == S.CANCELLED:
                     self.on_finished(task_id)
+                    if doc.get("array_limit"):
+                        self._free_slot(task_id, doc.get("job"))
                     if cascade:
                         self._cascade(task_id)
                 return target
@@ -632,25 +840,40 @@ class TaskQueue:
         queue = [task_id]
         while queue:
             current = queue.pop(0)
-            doc = self.tasks.find_one({"_id": current}, {"state": 1, "exit_status": 1, "continuations": 1})
+            doc = self.tasks.find_one({"_id": current},
+                                      {"state": 1, "exit_status": 1, "continuations": 1, "name": 1})
             if doc is None:
                 continue
-            succeeded = doc["state"] == S.TERMINATED and doc.get("exit_status") == SUCCESS
-            for child in doc.get("continuations") or []:
-                if succeeded:
-                    released = self._unlink(current, child)
-                    if released is None:
-                        # Unlinked already: by a cascade that a crash cut
-                        # short, perhaps before it released the child.
-                        released = self.tasks.find_one({"_id": child, "pending_parents": {"$ne": current}})
-                    if released is not None and released.get("pending_dependency_count") == 0:
-                        finished = self._release(released)
-                        if finished:
-                            queue.append(child)
-                elif self.cancel(child, cascade=False) == S.CANCELLED:
-                    queue.append(child)
+            if doc["state"] in FINISHED:  # (not if it was retried meanwhile)
+                for child in doc.get("continuations") or []:
+                    if self._settle(doc, child):
+                        queue.append(child)
             self.tasks.update_one({"_id": current, "cascade_pending": True},
                                   {"$set": {"cascade_pending": False}})
+
+    def _settle(self, parent, child_id, release=True):
+        """The finished `parent` decides the edge to `child_id` by its kind:
+        the child stops waiting for it (and runs if it was its last parent),
+        or, if the parent's end rules the child out, the child is cancelled
+        with `cancelled_by` naming the parent. True when the child finished
+        by it (cancelled, or a barrier), so its own continuations need a cascade."""
+        child = self.tasks.find_one({"_id": child_id}, {"after_any": 1, "after_failure": 1})
+        if child is None:
+            return False
+        kind = edge_kind(child, parent["_id"])
+        if edge_satisfied(kind, parent):
+            released = self._unlink(parent["_id"], child_id)
+            if released is None:
+                # Unlinked already: by a cascade that a crash cut
+                # short, perhaps before it released the child.
+                released = self.tasks.find_one({"_id": child_id, "pending_parents": {"$ne": parent["_id"]}})
+            if release and released is not None and released.get("pending_dependency_count") == 0:
+                return self._release(released)
+            return False
+        because = {"task": parent["_id"], "name": parent.get("name"),
+                   "exit_status": parent.get("exit_status") or parent.get("state"), "needed": kind}
+        return self.cancel(child_id, cascade=False, only_if={"pending_parents": parent["_id"]},
+                           cancelled_by=because) == S.CANCELLED
 
     def _release(self, doc):
         """A task whose last parent finished: an inactive one becomes
@@ -684,6 +907,11 @@ class TaskQueue:
         if cascade:
             self._cascade(doc["_id"])
         return True
+
+    def upgrade_stored(self):
+        """Tasks stored before `held` existed are not held (the claim index
+        matches `held: false` by equality)."""
+        self.tasks.update_many({"held": {"$exists": False}}, {"$set": {"held": False}})
 
     def resume_cascades(self):
         """Finish cascades that a crash interrupted (run at start and by the reaper)."""

@@ -121,11 +121,24 @@ class BanyanValidator(Validator):
             self._error(field, "'%s' cannot change once a task has left 'inactive' (this one is '%s')"
                         % (field, state))
 
+    def _validate_queued_only(self, queued_only, field, value):
+        """{'type': 'boolean'}"""
+        if not (queued_only and self.is_update_operation):
+            return
+        state = self._persisted_state()
+        if state not in states.QUEUED and value != (self.persisted_document or {}).get(field):
+            self._error(field, "'%s' can change only while a task is queued ('inactive' or 'available'); "
+                        "this one is '%s'" % (field, state))
+
     def _validate_creation_only(self, creation_only, field, value):
         """{'type': 'boolean'}"""
-        if creation_only and self.is_update_operation:
+        if not (creation_only and self.is_update_operation):
+            return
+        if field == "continuations":
             self._error(field, "'%s' is set when a task is created; change it with "
                         "add_%s / remove_%s" % (field, field, field))
+        else:
+            self._error(field, "'%s' is set when a task is created and cannot change" % field)
 
     def _validate_transition(self, transition, field, value):
         """{'type': 'boolean'}"""
@@ -199,7 +212,7 @@ class BanyanValidator(Validator):
         datasource = app.config["SOURCES"][resource]["source"]
         coll = app.data.driver.db[datasource]
         query = {key: {"$in": list(values)}}
-        if resource == "tasks":  # a user may relate only to their own tasks
+        if resource in ("tasks", "jobs"):  # a user may relate only to their own tasks and jobs
             query = {"$and": [query, auth.owner_filter()]}
         return {d[key]: d for d in coll.find(query, {key: 1, "state": 1})}
 

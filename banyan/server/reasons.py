@@ -1,0 +1,86 @@
+"""Why a task is not running: the `pending_reason` added to tasks as they are read.
+
+Computed when read, never stored: it depends on the live workers and on the
+job's run slots, which change without the task changing. Each reason is
+`{"code": ..., "message": ...}` plus details; tasks that run or have
+finished have none (null). Codes, in the order they are checked:
+
+- `inactive`: not queued (PATCH `{"state": "available"}` queues it);
+- `waiting_for_parents`: `parents` lists the parents it still waits for;
+- `held`: held by a user (`banyan release`);
+- `no_worker_fits`: no live worker could ever run it: `asks` (its request)
+  and `largest` (the most any live worker offers of each resource);
+- `array_limit`: its job already runs `array_limit` tasks at once;
+- `workers_busy`: live workers could run it, but none has room now.
+"""
+
+from banyan.server.states import QUEUED, RESOURCES, TaskState as S
+
+#: Task fields a reason is computed from (added to projections that ask for it).
+NEEDS = ("state", "pending_parents", "held", "requested_resources", "job", "array_limit")
+
+
+def largest_offers(workers):
+    """The most any of `workers` offers of each resource."""
+    return {key: max([(w.get("resources") or {}).get(key) or 0 for w in workers] or [0]) for key in RESOURCES}
+
+
+def fits(asks, offers):
+    return all((asks.get(key) or 0) <= (offers.get(key) or 0) for key in RESOURCES)
+
+
+def describe_request(asks, keys=RESOURCES):
+    from banyan.units import format_size
+    parts = []
+    for key in keys:
+        value = asks.get(key) or 0
+        parts.append("%s %s" % (key, format_size(value) if key == "memory" else ("%g" % value)))
+    return ", ".join(parts)
+
+
+def add_pending_reasons(db, docs):
+    """Set `pending_reason` on each task of `docs` that has a state (as read
+    with its projection): one query for the live workers and one for the
+    jobs, whatever the number of tasks."""
+    docs = [doc for doc in docs if isinstance(doc, dict) and "state" in doc]
+    for doc in docs:
+        doc["pending_reason"] = None
+    # (a projection without the fields a reason needs gets none)
+    queued = [doc for doc in docs if doc["state"] in [s.value for s in QUEUED]
+              and "pending_parents" in doc and "requested_resources" in doc]
+    if not queued:
+        return
+    workers = list(db["workers"].find({"state": "active"}, {"resources": 1}))
+    job_ids = list({doc["job"] for doc in queued if doc.get("array_limit") and doc.get("job")})
+    slots = {job["_id"]: len(job.get("slots") or []) for job in
+             db["jobs"].find({"_id": {"$in": job_ids}}, {"slots": 1})} if job_ids else {}
+    largest = largest_offers(workers)
+    for doc in queued:
+        doc["pending_reason"] = pending_reason(doc, workers, largest, slots)
+
+
+def pending_reason(doc, workers, largest, slots):
+    parents = doc.get("pending_parents") or []
+    if doc.get("state") == S.INACTIVE and not parents:
+        return {"code": "inactive", "message": "inactive: not queued until it is made available "
+                                               "(PATCH {\"state\": \"available\"})"}
+    if parents:
+        return {"code": "waiting_for_parents", "parents": parents,
+                "message": "waiting for %d parent%s to finish: %s" % (
+                    len(parents), "" if len(parents) == 1 else "s",
+                    ", ".join(str(p) for p in parents[:5]) + (" ..." if len(parents) > 5 else ""))}
+    if doc.get("held"):
+        return {"code": "held", "message": "held: it will not run until it is released (banyan release)"}
+    asks = dict(doc.get("requested_resources") or {})
+    if not any(fits(asks, w.get("resources") or {}) for w in workers):
+        if not workers:
+            message = "no live worker: start one (banyan-worker) for it to run"
+        else:
+            short = [key for key in RESOURCES if (asks.get(key) or 0) > (largest.get(key) or 0)] or list(RESOURCES)
+            message = "no live worker could ever fit it: it asks %s; the largest a worker offers: %s" % (
+                describe_request(asks, short), describe_request(largest, short))
+        return {"code": "no_worker_fits", "asks": asks, "largest": largest, "message": message}
+    limit = doc.get("array_limit")
+    if limit and slots.get(doc.get("job"), 0) >= limit:
+        return {"code": "array_limit", "message": "array limit reached: its job runs at most %d at once" % limit}
+    return {"code": "workers_busy", "message": "waiting for a worker: the workers that fit it are busy"}
