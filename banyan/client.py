@@ -397,10 +397,63 @@ class Client:
         """Per-worker load (``GET /stats/workers``)."""
         return self.get("stats", "workers")
 
-    def submit_graph(self, graph, after=()):
-        """Submit a ``banyan.graph.TaskGraph`` so that it runs (after ``after``, task ids)."""
+    def submit_graph(self, graph, after=(), **kwargs):
+        """Submit a ``banyan.graph.TaskGraph`` so that it runs (after ``after``,
+        task ids; also ``after_any``, ``after_failure``, ``job``, ``name``,
+        ``array_limit``, see ``banyan.graph.submit_graph``)."""
         from banyan.graph import submit_graph
-        return submit_graph(self, graph, after=after)
+        return submit_graph(self, graph, after=after, **kwargs)
+
+    # -- jobs, retry, hold ------------------------------------------------
+
+    def create_job(self, name=None, array_limit=None):
+        """A new job (``POST /jobs``) for tasks submitted with ``job``; its id."""
+        body = {"name": name}
+        if array_limit:
+            body["array_limit"] = int(array_limit)
+        return self.post("jobs", json_body=body)["_id"]
+
+    def get_job(self, job_id):
+        """A job with its ``counts`` of tasks (queued, running, succeeded, failed, cancelled, total)."""
+        return self.get("jobs", job_id)
+
+    def iter_jobs(self, where=None, sort="_id"):
+        page = 1
+        while True:
+            params = {"page": page, "max_results": 1000, "sort": sort}
+            if where:
+                params["where"] = json.dumps(where)
+            reply = self.get("jobs", params=params) or {}
+            items = reply.get("_items", [])
+            yield from items
+            if not items or "next" not in reply.get("_links", {}):
+                return
+            page += 1
+
+    def retry(self, task_ids, chunk=1000):
+        """Put finished tasks that did not succeed back in the queue (new
+        attempts); the tasks cancelled because of them come back too. One
+        result per task (see ``describe_result``)."""
+        task_ids, results = list(task_ids), []
+        for start in range(0, len(task_ids), chunk):
+            body = {"ids": task_ids[start:start + chunk]}
+            try:
+                reply = self.request("POST", ("tasks", "retry"), json_body=body, idempotent=True) or {}
+            except BanyanError as exc:
+                if isinstance(exc.payload, dict) and isinstance(exc.payload.get("_items"), list):
+                    reply = exc.payload
+                else:
+                    raise
+            results += reply.get("_items", [])
+        return results
+
+    def hold(self, task_ids, held=True, chunk=500):
+        """Hold queued tasks (never claimed until released), or release them; one result per task."""
+        task_ids, results = list(task_ids), []
+        for start in range(0, len(task_ids), chunk):
+            results += self.patch_tasks([{"_id": task_id, "held": bool(held)}
+                                         for task_id in task_ids[start:start + chunk]])
+        return results
 
     def wait(self, task_ids, **kwargs):
         """Block until every task has finished; a ``banyan.waiting.WaitResult``."""

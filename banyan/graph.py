@@ -16,27 +16,28 @@ into an API document; `load_graph` reads a YAML graph file::
         after: [fetch]         # or, on `fetch`: continuations: [clean]
       - name: done             # no command: a barrier
         after: [clean]
+      - name: summary          # runs once clean ended, whatever its outcome
+        after_any: [clean]
+      - name: alert            # runs only if clean did not succeed
+        after_failure: [clean]
 
 (`tasks` may also be a mapping from name to fields.)
 
-`submit_graph` creates the tasks so that they run in dependency order, and
-only once the whole graph is accepted. The server's rules shape it: a task
-can become a continuation only while it is `inactive`, and a bulk POST is
-checked against the database, not against itself. So the tasks are created
-continuations first (leaves, then their parents, one bulk POST per level),
-all `inactive` except the roots, which come last, in one POST, created
-`available`: by then everything they lead to exists, and each inactive
-continuation becomes `available` by itself when its last parent succeeds.
-With `after` (tasks already on the server), the roots are created `inactive`,
-added to the continuations of those tasks (`add_continuations`), then made
-`available`; a parent that already succeeded lets them run at once, one that
-is still running holds them. If anything is refused on the way, the tasks
-already created are cancelled, so nothing of a half-submitted graph runs.
+`submit_graph` makes one job for the submission and creates the tasks so
+that they run in dependency order, and only once the whole graph is
+accepted. Each task names its parents (`after`, `after_any`,
+`after_failure`: the server links it to them), so parents are created
+first: the roots, then each level below, one bulk POST per level, all
+`inactive` (a bulk POST is checked against the database, not against
+itself). Then every task is made `available`, leaves first, so that no
+root runs before all that follows it is queued. A graph without edges (one
+task, an array) is one POST of `available` tasks. If anything is refused
+on the way, the tasks already created are cancelled, so nothing of a
+half-submitted graph runs.
 """
 
 import os
 import re
-import time
 
 from banyan.errors import BanyanError, describe_result
 from banyan.units import parse_duration, parse_size
@@ -47,7 +48,10 @@ __all__ = ["GraphError", "TaskGraph", "task_document", "load_graph", "graph_from
 #: Fields of a task as written in a graph file (and built from `submit` flags).
 FIELDS = ("name", "command", "cores", "memory", "gpus", "retries", "priority", "time_limit",
           "environment", "working_directory", "max_shutdown_time", "estimated_runtime",
-          "after", "continuations")
+          "after", "after_any", "after_failure", "continuations")
+#: Graph-file fields naming parents, and the kind of edge each makes.
+AFTER_FIELDS = {"after": "success", "after_any": "any", "after_failure": "failure"}
+KIND_FIELDS = {kind: field for field, kind in AFTER_FIELDS.items()}
 ALIASES = {"max_retries": "retries", "env": "environment", "cwd": "working_directory"}
 _TASK_ID_RE = re.compile(r"^[0-9a-fA-F]{24}$")
 
@@ -108,7 +112,7 @@ def task_document(fields, where=None):
             what = FLAGS.get(key) or "--" + key.replace("_", "-")
         else:
             what = "%s: '%s'" % (where, key)
-        if value is None or key in ("after", "continuations"):
+        if value is None or key in AFTER_FIELDS or key == "continuations":
             continue
         if key == "name":
             doc["name"] = str(value)
@@ -162,7 +166,8 @@ class TaskGraph:
     def __init__(self):
         self.docs = {}       # key -> API document
         self.children = {}   # key -> [keys of its continuations]
-        self._refs = []      # (task, "after" | "continuations", name it refers to)
+        self.kinds = {}      # (parent key, child key) -> "success" | "any" | "failure"
+        self._refs = []      # (task, "after" | "after_any" | ... | "continuations", name it refers to)
 
     def __len__(self):
         return len(self.docs)
@@ -170,9 +175,10 @@ class TaskGraph:
     def __iter__(self):
         return iter(self.docs)
 
-    def add(self, key, doc, after=(), continuations=()):
-        """Add a task; `after` and `continuations` are keys of other tasks
-        (which may be added later; `check` finds the missing ones)."""
+    def add(self, key, doc, after=(), continuations=(), after_any=(), after_failure=()):
+        """Add a task; `after`, `after_any`, `after_failure` and
+        `continuations` are keys of other tasks (which may be added later;
+        `check` finds the missing ones)."""
         if key in self.docs:
             raise GraphError("two tasks are named '%s'; names in a graph must be unique" % key)
         self.docs[key] = dict(doc)
@@ -180,15 +186,28 @@ class TaskGraph:
         for child in continuations:
             self._refs.append((key, "continuations", child))
             self.link(key, child)
-        for parent in after:
-            self._refs.append((key, "after", parent))
-            self.link(parent, key)
+        for field, parents in (("after", after), ("after_any", after_any), ("after_failure", after_failure)):
+            for parent in parents:
+                self._refs.append((key, field, parent))
+                self.link(parent, key, AFTER_FIELDS[field])
 
-    def link(self, parent, child):
-        """Make `child` run after `parent`."""
+    def link(self, parent, child, kind="success"):
+        """Make `child` run after `parent` ends as `kind` says."""
+        if self.kinds.get((parent, child), kind) != kind:
+            raise GraphError("task '%s' runs after '%s' in two ways (%s and %s)"
+                             % (child, parent, KIND_FIELDS[self.kinds[(parent, child)]], KIND_FIELDS[kind]))
+        self.kinds[(parent, child)] = kind
         children = self.children.setdefault(parent, [])
         if child not in children:
             children.append(child)
+
+    def parents(self, key):
+        """{kind field: [parent keys]} of the task `key`."""
+        found = {}
+        for (parent, child), kind in self.kinds.items():
+            if child == key:
+                found.setdefault(KIND_FIELDS[kind], []).append(parent)
+        return found
 
     def check(self):
         """GraphError for a name that names no task, or a cycle."""
@@ -284,7 +303,7 @@ def graph_from_data(data, source="graph", defaults=None):
         file_defaults = data.get("defaults") or {}
         if not isinstance(file_defaults, dict):
             raise GraphError("%s: 'defaults' must be a mapping of fields" % source)
-        for key in ("name", "after", "continuations"):
+        for key in ("name", "continuations") + tuple(AFTER_FIELDS):
             if key in file_defaults:
                 raise GraphError("%s: '%s' cannot be a default" % (source, key))
         entries = data.get("tasks")
@@ -318,9 +337,9 @@ def graph_from_data(data, source="graph", defaults=None):
         merged.update(file_defaults)
         merged.update(fields)
         doc = task_document(merged, where)
-        after = _names(fields.get("after"), where, "after")
+        parents = {field: _names(fields.get(field), where, field) for field in AFTER_FIELDS}
         continuations = _names(fields.get("continuations"), where, "continuations")
-        graph.add(name, doc, after=after, continuations=continuations)
+        graph.add(name, doc, continuations=continuations, **parents)
     try:
         graph.check()
     except GraphError as exc:
@@ -343,67 +362,71 @@ def _names(value, where, key):
 FINISHED = ("cancelled", "terminated")
 
 
-def check_parents(client, parent_ids):
-    """GraphError unless every task of `parent_ids` exists and may still
-    succeed (a task after a failed or cancelled one would never run)."""
-    found = client.tasks_by_id(parent_ids, {"state": 1, "exit_status": 1, "name": 1})
-    for task_id in parent_ids:
-        doc = found.get(task_id)
-        if doc is None:
-            raise GraphError("--after %s: no such task (or not yours)" % task_id)
-        label = "task %s%s" % (task_id, " (%s)" % doc["name"] if doc.get("name") else "")
-        state, status = doc.get("state"), doc.get("exit_status")
-        if state == "pending_cancellation":
-            raise GraphError("--after: %s is being cancelled, so what runs after it would never run" % label)
-        if state in FINISHED and status != "success":
-            raise GraphError("--after: %s ended with %s, so what runs after it would never run" % (
-                label, status or state))
+def check_parents(client, parents):
+    """GraphError unless every task of `parents` ({kind field: [ids]})
+    exists and may still end the way the edge needs (a task after a failed
+    one would never run)."""
+    ids = [task_id for group in parents.values() for task_id in group]
+    found = client.tasks_by_id(ids, {"state": 1, "exit_status": 1, "name": 1})
+    for field, group in parents.items():
+        flag = "--" + field.replace("_", "-")
+        for task_id in group:
+            doc = found.get(task_id)
+            if doc is None:
+                raise GraphError("%s %s: no such task (or not yours)" % (flag, task_id))
+            label = "task %s%s" % (task_id, " (%s)" % doc["name"] if doc.get("name") else "")
+            state, status = doc.get("state"), doc.get("exit_status")
+            if field == "after" and state == "pending_cancellation":
+                raise GraphError("%s: %s is being cancelled, so what runs after it would never run" % (flag, label))
+            if field == "after" and state in FINISHED and status != "success":
+                raise GraphError("%s: %s ended with %s, so what runs after it would never run" % (
+                    flag, label, status or state))
+            if field == "after_failure" and state == "terminated" and status == "success":
+                raise GraphError("%s: %s succeeded, so what runs after its failure would never run" % (flag, label))
 
 
-def submit_graph(client, graph, after=()):
+def submit_graph(client, graph, after=(), after_any=(), after_failure=(), job=None, name=None,
+                 array_limit=None):
     """Create the tasks of `graph` so that they run (see the module
-    docstring); returns {key: task id} in the graph's order. Raises
-    GraphError or BanyanError, with nothing left to run."""
+    docstring), in job `job` (else a new job named `name`, running at most
+    `array_limit` tasks at once); returns {key: task id} in the graph's
+    order. The roots also run after the existing tasks `after` (their
+    success), `after_any` (their end) and `after_failure` (their failure).
+    Raises GraphError or BanyanError, with nothing left to run."""
     graph.check()
-    after = [check_task_id(task_id) for task_id in dict.fromkeys(after)]
-    if after:
-        check_parents(client, after)
+    external = {}
+    for field, group in (("after", after), ("after_any", after_any), ("after_failure", after_failure)):
+        if group:
+            external[field] = [check_task_id(task_id) for task_id in dict.fromkeys(group)]
+    if external:
+        check_parents(client, external)
+    if job is None:
+        job = client.create_job(name or next((doc.get("name") for doc in graph.docs.values()), None),
+                                array_limit=array_limit)
+    roots = set(graph.roots())
+    levels = list(reversed(graph.creation_levels()))  # roots first, then each level below
+    has_edges = any(graph.children.values())
     ids, created = {}, []
     try:
-        levels = graph.creation_levels()
-        for number, level in enumerate(levels):
-            is_roots = number == len(levels) - 1
-            state = "inactive" if (after or not is_roots) else "available"
-            docs = [dict(graph.docs[key], state=state) for key in level]
-            for key, doc in zip(level, docs):
-                if graph.children[key]:
-                    doc["continuations"] = [ids[child] for child in graph.children[key]]
+        for level in levels:
+            docs = []
+            for key in level:
+                doc = dict(graph.docs[key], job=job, state="inactive" if has_edges else "available")
+                for field, parents in graph.parents(key).items():
+                    doc[field] = [ids[parent] for parent in parents]
+                if key in roots:
+                    for field, group in external.items():
+                        doc[field] = list(dict.fromkeys(doc.get(field, []) + group))
+                docs.append(doc)
             new = client.create_tasks(docs) if docs else []
             ids.update(zip(level, new))
             created.extend(new)
-        if after:
-            roots = [ids[key] for key in levels[-1]]
-            _add_continuations(client, after, roots)
-            _make_available(client, roots)
+        if has_edges:
+            _make_available(client, [ids[key] for level in reversed(levels) for key in level])
     except BaseException:
         _cancel_quietly(client, created)
         raise
     return {key: ids[key] for key in graph}
-
-
-def _add_continuations(client, parents, children, attempts=6, sleep=time.sleep):
-    """Add the continuations. The server changes one task's continuations
-    at a time and answers 409 to a concurrent change (another `submit
-    --after` the same task): adding again is harmless, so retry."""
-    delay = 0.05
-    for attempt in range(1, attempts + 1):
-        try:
-            return client.add_continuations(parents, children)
-        except BanyanError as exc:
-            if exc.status != 409 or attempt == attempts:
-                raise
-        sleep(delay)
-        delay *= 2
 
 
 def _make_available(client, task_ids):
@@ -414,14 +437,13 @@ def _make_available(client, task_ids):
     refused = [task_id for task_id, result in zip(task_ids, results) if describe_result(result)]
     if not refused:
         return
-    states = client.tasks_by_id(refused, {"state": 1})
+    states = client.tasks_by_id(refused, {"state": 1, "cancelled_by": 1})
     for task_id, result in zip(task_ids, results):
         if task_id not in refused:
             continue
         state = (states.get(task_id) or {}).get("state")
-        if state == "cancelled":
-            raise GraphError("task %s was cancelled before it could start: a task it runs after failed "
-                             "or was cancelled meanwhile" % task_id)
+        if state == "cancelled" and not states[task_id].get("cancelled_by"):
+            raise GraphError("task %s was cancelled before it could start" % task_id)
         if state in (None, "inactive"):
             raise BanyanError(422, "task %s could not be made available: %s" % (task_id, describe_result(result)))
 

@@ -18,7 +18,7 @@ __all__ = ["FINISHED", "MissingTasks", "Progress", "WaitResult", "wait_for", "su
 
 FINISHED = ("cancelled", "terminated")
 #: What is read of a finished task: enough to say how it ended.
-OUTCOME_PROJECTION = {"name": 1, "state": 1, "exit_status": 1, "current_history": 1}
+OUTCOME_PROJECTION = {"name": 1, "state": 1, "exit_status": 1, "current_history": 1, "cancelled_by": 1}
 _CHUNK = 200
 #: The most ids one held wait names (the server's WAIT_MAX_IDS).
 _WAIT_CHUNK = 10000

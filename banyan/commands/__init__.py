@@ -6,9 +6,9 @@ raised (`base.CommandError`, `banyan.client.BanyanError`) and turned into one
 line on stderr by `banyan.cli.main`.
 """
 
-from banyan.commands import cancel, cluster, listing, logs, progress, submit, wait
+from banyan.commands import cancel, cluster, control, jobs, listing, logs, progress, submit, wait
 
-MODULES = (submit, listing, cancel, wait, logs, cluster, progress)
+MODULES = (submit, listing, jobs, cancel, control, wait, logs, cluster, progress)
 
 
 def register_all(sub):

@@ -180,7 +180,13 @@ def outcome(doc):
         code = attempt.get("exit_code")
         if status not in ("success", "cancelled") and code is not None:
             text += " (exit code %s)" % code if code >= 0 else " (killed by signal %s)" % -code
+        if doc.get("cancelled_by"):
+            text += ": " + cancel_text(doc)
         return text
+    if state in ("inactive", "available") and doc.get("pending_dependency_count"):
+        return "waiting"
+    if state == "available" and doc.get("held"):
+        return "held"
     return state or ""
 
 
@@ -188,3 +194,51 @@ def label(doc):
     """'<id> (<name>)' for messages."""
     name = doc.get("name")
     return "%s (%s)" % (doc["_id"], name) if name else doc["_id"]
+
+
+# -- choosing tasks: ids, --job, --where -----------------------------------------
+
+def add_job_flag(parser, help="only the tasks of this job (its id, or its name: the newest job of that name)"):
+    parser.add_argument("--job", metavar="JOB", help=help)
+
+
+def resolve_job(client, value):
+    """A job id from --job: an id, or the name of a job (the newest of that name)."""
+    from banyan.graph import GraphError, check_task_id
+
+    try:
+        return check_task_id(value)
+    except GraphError:
+        pass
+    reply = client.get("jobs", params={"where": json.dumps({"name": value}), "sort": "-_id", "max_results": 1})
+    items = (reply or {}).get("_items") or []
+    if not items:
+        raise CommandError("--job %s: no job of that id or name (banyan jobs lists them)" % value, EXIT_USAGE)
+    return items[0]["_id"]
+
+
+def job_query(client, args, query=None):
+    """`query` narrowed to the job of --job (if given)."""
+    query = dict(query or {})
+    if getattr(args, "job", None):
+        query["job"] = resolve_job(client, args.job)
+    return query
+
+
+def reason_text(doc):
+    """Why a task is not running (the server's `pending_reason`), or ''."""
+    reason = doc.get("pending_reason") or {}
+    return reason.get("message") or ""
+
+
+def cancel_text(doc):
+    """Why a task was cancelled because of a parent, or ''."""
+    because = doc.get("cancelled_by") or {}
+    if not because:
+        return ""
+    parent = because.get("task")
+    if because.get("name"):
+        parent = "%s (%s)" % (parent, because["name"])
+    needed = {"success": "its success", "failure": "its failure", "any": "its end"}.get(because.get("needed"),
+                                                                                          "it")
+    return "parent %s ended %s; this task ran only after %s" % (parent, because.get("exit_status"), needed)

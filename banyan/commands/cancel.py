@@ -2,8 +2,8 @@
 
 import sys
 
-from banyan.commands.base import (EXIT_FAILED, EXIT_USAGE, CommandError, add_command, connect, label, outcome,
-                                  parse_json_arg, task_ids)
+from banyan.commands.base import (EXIT_FAILED, EXIT_USAGE, CommandError, add_command, add_job_flag, connect,
+                                  job_query, label, outcome, parse_json_arg, task_ids)
 from banyan.errors import describe_result
 
 EPILOG = """
@@ -15,6 +15,7 @@ are cancelled too. A task that already finished cannot be cancelled (exit 1).
 examples:
   banyan cancel 65f0c2a1e4b0a1b2c3d4e5f6
   banyan cancel --where '{"name": "squares"}'
+  banyan cancel --job sweep
   banyan ls --state available --json | jq -r '.[]._id' | banyan cancel -
 """
 
@@ -26,20 +27,21 @@ def register(sub):
     parser.add_argument("--where", metavar="JSON",
                         help='cancel every unfinished task matching this MongoDB filter, e.g. '
                              '\'{"name": "squares"}\'')
+    add_job_flag(parser, help="cancel every unfinished task of this job (its id, or its name)")
 
 
 def run(args):
-    if bool(args.ids) == bool(args.where):
-        raise CommandError("give task IDs or --where JSON (one of them)", EXIT_USAGE)
+    if bool(args.ids) == bool(args.where or args.job):
+        raise CommandError("give task IDs, or --where JSON and/or --job JOB (one of them)", EXIT_USAGE)
     client = connect(args)
     projection = {"name": 1, "state": 1, "exit_status": 1, "current_history": 1}
-    if args.where:
-        query = parse_json_arg(args.where, "--where")
+    if args.where or args.job:
+        query = job_query(client, args, parse_json_arg(args.where, "--where") if args.where else {})
         query = {"$and": [query, {"state": {"$nin": ["cancelled", "terminated"]}}]}
         tasks = {doc["_id"]: doc for doc in client.iter_tasks(query, projection, max_results=10000)}
         ids = list(tasks)
         if not ids:
-            print("no unfinished task matches %s" % args.where, file=sys.stderr)
+            print("no unfinished task matches %s" % (args.where or "--job %s" % args.job), file=sys.stderr)
             return 0
     else:
         ids = task_ids(args.ids)

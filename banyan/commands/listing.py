@@ -2,25 +2,36 @@
 
 import sys
 
-from banyan.commands.base import (EXIT_USAGE, CommandError, add_command, attempt_runtime, connect, format_bytes,
-                                  format_duration, format_number, format_time, outcome, parse_json_arg,
-                                  print_json, print_table, shorten, task_ids)
+from datetime import datetime, timedelta, timezone
+
+from banyan.commands.base import (EXIT_USAGE, CommandError, add_command, add_job_flag, attempt_runtime, cancel_text,
+                                  connect, format_bytes, format_duration, format_number, format_time, job_query,
+                                  outcome, parse_json_arg, print_json, print_table, reason_text,
+                                  shorten, task_ids)
+from banyan.units import parse_duration
 
 STATES = ("inactive", "available", "running", "pending_cancellation", "cancelled", "terminated")
 #: What `ls` reads of each task for its table.
 LS_PROJECTION = {"name": 1, "state": 1, "exit_status": 1, "owner": 1, "requested_resources": 1,
                  "priority": 1, "environment": 1, "pending_dependency_count": 1, "_created": 1,
-                 "current_history": 1}
+                 "current_history": 1, "pending_parents": 1, "held": 1, "job": 1, "array_limit": 1}
 
 LS_EPILOG = """
-STATE is the task's state; for a finished task, how it ended. An array task
-shows its index after its name (NAME[7]). WAITS counts the tasks it still
-runs after. --json prints the tasks as the API returns them.
+STATE is the task's state (`waiting` while it waits for parents, `held`
+while held); for a finished task, how it ended. An array task shows its
+index after its name (NAME[7]). CODE, HOST, RUNTIME and ENDED are those of
+its latest attempt (like sacct). WAITS counts the tasks it still runs after;
+REASON says why a task that is not running waits (as `banyan show` does).
+--json prints the tasks as the API returns them; --format id,state,...
+prints the fields given, tab-separated and without a header, for scripts
+(fields: %s).
 
 examples:
   banyan ls
-  banyan ls --state running --state available
+  banyan ls --job sweep --state running --state available
+  banyan ls --since 2h --state finished
   banyan ls --name squares --json
+  banyan ls --job sweep --format id,state,exit_code,runtime
   banyan ls --where '{"priority": {"$gt": 0}}' --last 20
 """
 
@@ -42,6 +53,12 @@ def register(sub):
     ls.add_argument("--name", action="append", default=[], help="only tasks of this name (repeatable)")
     ls.add_argument("--owner", help="only tasks of this owner (users see only their own anyway)")
     ls.add_argument("--where", metavar="JSON", help="a MongoDB filter on the tasks' fields")
+    add_job_flag(ls)
+    ls.add_argument("--since", metavar="WHEN",
+                    help="only tasks created since WHEN: a duration ago (90s, 30m, 2h, 1d) or a date "
+                         "(2026-12-01 or 2026-12-01T10:00)")
+    ls.add_argument("--format", metavar="FIELDS",
+                    help="comma-separated fields, printed tab-separated without a header (for scripts)")
     ls.add_argument("--last", type=int, metavar="N", help="only the N newest of them")
     ls.add_argument("--json", action="store_true", help="print the tasks as JSON (all their fields)")
 
@@ -73,12 +90,77 @@ def ls_query(args):
     return query
 
 
+def parse_since(value, now=None):
+    """--since: a duration ago, or a date (local time when it has no zone)."""
+    now = now or datetime.now(timezone.utc)
+    try:
+        return now - timedelta(seconds=parse_duration(value))
+    except (ValueError, OverflowError):
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise CommandError("--since %r: give a duration (30m, 2h, 1d) or a date (2026-12-01T10:00)" % value,
+                           EXIT_USAGE) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return moment.astimezone(timezone.utc)
+
+
+def _latest(doc):
+    return doc.get("current_history") or ((doc.get("history") or [None])[-1]) or {}
+
+
+def _index_name(doc):
+    name = doc.get("name") or ""
+    index = (doc.get("environment") or {}).get("BANYAN_ARRAY_INDEX")
+    return "%s[%s]" % (name, index) if index is not None else name
+
+
+#: `ls --format` fields: name -> the text of a task's cell.
+FORMAT_FIELDS = {
+    "id": lambda d: d["_id"],
+    "name": _index_name,
+    "state": outcome,
+    "raw_state": lambda d: d.get("state") or "",
+    "exit_status": lambda d: d.get("exit_status") or "",
+    "exit_code": lambda d: "" if _latest(d).get("exit_code") is None else str(_latest(d)["exit_code"]),
+    "attempts": lambda d: str(_latest(d).get("attempt") or 0),
+    "host": lambda d: _latest(d).get("host") or "",
+    "runtime": lambda d: format_duration(attempt_runtime(_latest(d))) if _latest(d) else "",
+    "started": lambda d: format_time(_latest(d).get("started")),
+    "ended": lambda d: format_time(_latest(d).get("ended")),
+    "waits": lambda d: str(d.get("pending_dependency_count") or ""),
+    "cores": lambda d: format_number((d.get("requested_resources") or {}).get("cores")),
+    "memory": lambda d: format_bytes((d.get("requested_resources") or {}).get("memory") or 0),
+    "gpus": lambda d: str((d.get("requested_resources") or {}).get("gpus") or 0),
+    "priority": lambda d: str(d.get("priority", "")),
+    "owner": lambda d: d.get("owner") or "",
+    "job": lambda d: d.get("job") or "",
+    "created": lambda d: format_time(d.get("_created")),
+    "reason": lambda d: reason_text(d) or cancel_text(d),
+}
+LS_EPILOG = LS_EPILOG % ", ".join(FORMAT_FIELDS)
+
+
 def run_ls(args):
     if args.last is not None and args.last < 1:
         raise CommandError("--last must be at least 1", EXIT_USAGE)
+    fields = None
+    if args.format:
+        fields = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+        unknown = [f for f in fields if f not in FORMAT_FIELDS]
+        if unknown or not fields:
+            raise CommandError("--format: unknown field%s %s (known: %s)" % (
+                "s" if len(unknown) > 1 else "", ", ".join(unknown) or "(none given)", ", ".join(FORMAT_FIELDS)),
+                EXIT_USAGE)
     query = ls_query(args)
+    if args.since:
+        since = parse_since(args.since)
+        query["_created"] = {"$gte": since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
     client = connect(args)
-    projection = None if args.json else LS_PROJECTION
+    query = job_query(client, args, query)
+    projection = None if args.json else dict(LS_PROJECTION, cancelled_by=1) if fields else LS_PROJECTION
     if args.last:
         reply = client.list_tasks(query, projection, sort="-_id", max_results=args.last)
         tasks = list(reversed(reply.get("_items", [])))
@@ -89,22 +171,25 @@ def run_ls(args):
             doc.pop("_links", None)
         print_json(tasks)
         return 0
+    if fields:
+        for doc in tasks:
+            sys.stdout.write("\t".join(FORMAT_FIELDS[f](doc) for f in fields) + "\n")
+        return 0
     rows = []
     for doc in tasks:
         resources = doc.get("requested_resources") or {}
-        attempt = doc.get("current_history") or {}
-        name = doc.get("name") or ""
-        index = (doc.get("environment") or {}).get("BANYAN_ARRAY_INDEX")
-        if index is not None:
-            name = "%s[%s]" % (name, index)
-        rows.append([doc["_id"], shorten(name, 32), outcome(doc), attempt.get("attempt") or 0,
-                     doc.get("pending_dependency_count") or "",
+        attempt = _latest(doc)
+        code = attempt.get("exit_code")
+        rows.append([doc["_id"], shorten(_index_name(doc), 32), outcome(doc), "" if code is None else code,
+                     attempt.get("attempt") or 0, doc.get("pending_dependency_count") or "",
                      format_number(resources.get("cores")), format_bytes(resources.get("memory")) if
                      resources.get("memory") else "", resources.get("gpus") or "",
-                     doc.get("owner") or "", format_time(doc.get("_created"))])
+                     attempt.get("host") or "", format_duration(attempt_runtime(attempt)) if attempt else "",
+                     doc.get("owner") or "", format_time(doc.get("_created")), format_time(attempt.get("ended")),
+                     shorten(reason_text(doc), 60)])
     if rows:
-        print_table(("ID", "NAME", "STATE", "ATTEMPTS", "WAITS", "CORES", "MEMORY", "GPUS", "OWNER", "CREATED"),
-                    rows)
+        print_table(("ID", "NAME", "STATE", "CODE", "ATTEMPTS", "WAITS", "CORES", "MEMORY", "GPUS", "HOST",
+                     "RUNTIME", "OWNER", "CREATED", "ENDED", "REASON"), rows)
     else:
         print("no tasks", file=sys.stderr)
     return 0
@@ -155,7 +240,14 @@ def show_task(doc, out=None):
         ("environment", " ".join("%s=%s" % item for item in sorted((doc.get("environment") or {}).items()))),
         ("owner", doc.get("owner") or ""),
         ("worker", doc.get("worker") or ""),
+        ("job", doc.get("job") or ""),
+        ("held", "yes (banyan release lets it run)" if doc.get("held") else ""),
+        ("why waiting", reason_text(doc)),
+        ("cancelled", cancel_text(doc)),
         ("continuations", " ".join(doc.get("continuations") or [])),
+        ("after", " ".join(doc.get("after") or [])),
+        ("after any", " ".join(doc.get("after_any") or [])),
+        ("after failure", " ".join(doc.get("after_failure") or [])),
         ("waits for", " ".join(doc.get("pending_parents") or [])),
         ("created", format_time(doc.get("_created"))),
         ("updated", format_time(doc.get("_updated"))),
@@ -166,7 +258,11 @@ def show_task(doc, out=None):
         out.write("%-14s %s\n" % (key + ":", value))
     history = doc.get("history") or []
     if not history:
-        out.write("attempts:      none yet\n")
+        if doc.get("state") in ("cancelled", "terminated"):
+            out.write("attempts:      none (it %s without running)\n" % (
+                "was cancelled" if doc.get("state") == "cancelled" else "finished"))
+        else:
+            out.write("attempts:      none yet\n")
         return
     out.write("attempts:\n")
     rows = []

@@ -6,7 +6,7 @@ import re
 import shlex
 import sys
 
-from banyan.commands.base import EXIT_USAGE, CommandError, add_command, connect, task_ids
+from banyan.commands.base import EXIT_USAGE, CommandError, add_command, connect, resolve_job, task_ids
 from banyan.graph import GraphError, TaskGraph, load_graph, submit_graph, task_document
 
 #: Most tasks one `--array` may make.
@@ -18,15 +18,30 @@ The command runs with /bin/sh -c when it is a single argument (so quote it
 to use pipes, &&, $VARIABLES), and is executed directly when it is several.
 Put `--` before it, so that its own flags are not read as submit's.
 
+Like Slurm's sbatch, the task runs in the directory where you ran
+`banyan submit` (--cwd DIR for another; the path must exist on the
+worker), with the worker's environment plus what you pass: --env NAME=VALUE,
+--env NAME (its value in this shell), or --export-env (this shell's whole
+environment, but BANYAN_TOKEN).
+
+Every submission is a job (one task, an array or a graph): submit names it
+on stderr (`job ID NAME: N tasks`); `banyan jobs` lists them, and ls, wait,
+cancel, retry, hold and release take --job ID (or its name).
+
 submit prints the new task ids on stdout, one per line (with --file, each
 task's id and name), so `ID=$(banyan submit ...)` and
-`banyan submit ... | banyan wait -` work.
+`banyan submit ... | banyan wait -` work. It warns when no live worker could
+ever run the task (say it asks for a GPU and no worker has one).
 
 examples:
   banyan submit -- 'python3 train.py --epochs 10 > model.log'
   banyan submit --name render --cores 4 --memory '8 GiB' --time-limit 2h -- ./render.sh scene1
   banyan submit --after 65f0c2a1e4b0a1b2c3d4e5f6 -- ./report.sh
+  banyan submit --after-any $(banyan ls --job sweep --format id) -- python3 reduce.py
+  banyan submit --after-failure 65f0c2a1e4b0a1b2c3d4e5f6 -- ./cleanup.sh
   banyan submit --array 1-100 --name squares -- sh -c 'echo $((BANYAN_ARRAY_INDEX ** 2))'
+  banyan submit --array 1-100%4 -- ./step.sh          # at most 4 run at once
+  banyan submit --env OMP_NUM_THREADS=4 --env HOME -- python3 train.py
   banyan submit --file graph.yaml --wait
 
 A graph file names its tasks and says which runs after which:
@@ -42,11 +57,18 @@ A graph file names its tasks and says which runs after which:
       command: ./report.sh
       after: [clean]
       retries: 2
+    - name: summary
+      command: ./summary.sh
+      after_any: [report]     # once report ended, whatever its outcome
+    - name: alert
+      command: ./alert.sh
+      after_failure: [report] # only if report did not succeed
 
 Task fields: name, command, cores, memory, gpus, retries, priority,
 time_limit, environment, working_directory, max_shutdown_time,
-estimated_runtime, after, continuations; an optional top-level `defaults:`
-mapping applies to every task (flags such as --cores act as defaults too).
+estimated_runtime, after, after_any, after_failure, continuations; an
+optional top-level `defaults:` mapping applies to every task (flags such as
+--cores act as defaults too).
 """
 
 
@@ -71,15 +93,29 @@ def register(sub):
     what.add_argument("--priority", help="higher runs first (default 0)", metavar="N")
     what.add_argument("--time-limit", metavar="DURATION",
                       help="stop it after this long, e.g. 90s, 30m, 2h, 1:30:00 (default: none)")
-    what.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                      help="set an environment variable for it (repeatable)")
-    what.add_argument("--cwd", metavar="DIR", help="directory to run it in, on the worker")
+    what.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                      help="set an environment variable for it (repeatable); NAME alone passes its "
+                           "value in this shell")
+    what.add_argument("--export-env", action="store_true",
+                      help="pass this shell's whole environment (but BANYAN_TOKEN); --env adds to it")
+    what.add_argument("--cwd", metavar="DIR",
+                      help="directory to run it in, on the worker (default: the current directory)")
     how = parser.add_argument_group("how many, and when")
     how.add_argument("--after", nargs="+", action="extend", default=[], metavar="ID",
-                     help="run only after these tasks have succeeded (it is cancelled if one fails)")
+                     help="run only after these tasks have succeeded (it is cancelled if one does not)")
+    how.add_argument("--after-any", nargs="+", action="extend", default=[], metavar="ID",
+                     help="run after these tasks have ended, whatever their outcome")
+    how.add_argument("--after-failure", nargs="+", action="extend", default=[], metavar="ID",
+                     help="run only after these tasks have ended without success (failed, timed out, "
+                          "cancelled); it is cancelled if one succeeds")
     how.add_argument("--array", metavar="SPEC",
                      help="one task per index: '1-100', '0-99:10' (a step), '1,4,7-9'; each gets "
-                          "$%s" % ARRAY_ENV)
+                          "$%s. '1-100%%%%4' runs at most 4 at once" % ARRAY_ENV)
+    how.add_argument("--job-name", metavar="NAME", help="name of the job (default: the task's name)")
+    how.add_argument("--job", metavar="JOB", help="add the tasks to this existing job (its id or name) "
+                                                  "instead of a new one")
+    how.add_argument("--hold", action="store_true", help="submit it held: it runs once released "
+                                                         "(banyan release)")
     how.add_argument("--file", metavar="GRAPH.yaml", help="submit the tasks of a graph file (see below)")
     how.add_argument("--wait", action="store_true",
                      help="then wait for the tasks to finish, as `banyan wait` does")
@@ -87,6 +123,17 @@ def register(sub):
     parser.add_argument("words", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                         help="what to run")
     return parser
+
+
+def parse_array_limit(spec):
+    """'1-100%4' -> ('1-100', 4); '1-100' -> ('1-100', None)."""
+    spec, percent, limit = spec.partition("%")
+    if not percent:
+        return spec, None
+    if not limit.isdigit() or int(limit) < 1:
+        raise CommandError("--array %s%%%s: the limit after %% must be a whole number >= 1" % (spec, limit),
+                           EXIT_USAGE)
+    return spec, int(limit)
 
 
 def parse_array(spec):
@@ -132,17 +179,39 @@ def _default_name(command):
     return os.path.basename(first) or first
 
 
-def _fields(args):
-    """The task fields the flags give (None for those not given)."""
+#: Names a task's environment may hold (the server's rule for its keys).
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+#: Never passed on by --export-env: the submitter's credentials.
+NOT_EXPORTED = ("BANYAN_TOKEN",)
+
+
+def environment_of(args, environ=None):
+    """The task environment --export-env and --env give (None if none)."""
+    environ = os.environ if environ is None else environ
     environment = {}
+    if args.export_env:
+        environment = {name: value for name, value in environ.items()
+                       if _ENV_NAME.match(name) and name not in NOT_EXPORTED}
     for item in args.env:
         name, eq, value = item.partition("=")
-        if not eq or not name:
-            raise CommandError("--env %r: expected NAME=VALUE" % item, EXIT_USAGE)
+        if not _ENV_NAME.match(name):
+            raise CommandError("--env %r: expected NAME=VALUE or NAME (a name of letters, digits and _)" % item,
+                               EXIT_USAGE)
+        if not eq:
+            if name not in environ:
+                raise CommandError("--env %s: %s is not set in this shell (give --env %s=VALUE)"
+                                   % (name, name, name), EXIT_USAGE)
+            value = environ[name]
         environment[name] = value
+    return environment or None
+
+
+def _fields(args):
+    """The task fields the flags give (None for those not given)."""
     return {"cores": args.cores, "memory": args.memory, "gpus": args.gpus, "retries": args.retries,
             "priority": args.priority, "time_limit": args.time_limit,
-            "environment": environment or None, "working_directory": args.cwd}
+            "environment": environment_of(args),
+            "working_directory": os.path.abspath(os.path.expanduser(args.cwd)) if args.cwd else os.getcwd()}
 
 
 def build_graph(args):
@@ -165,7 +234,7 @@ def build_graph(args):
         graph.add("task", task_document(fields))
         return graph
     base = task_document(fields)
-    for index in parse_array(args.array):
+    for index in parse_array(parse_array_limit(args.array)[0]):
         doc = dict(base, environment=dict(base.get("environment") or {}, **{ARRAY_ENV: str(index)}))
         graph.add(index, doc)
     return graph
@@ -174,9 +243,24 @@ def build_graph(args):
 def run(args):
     try:
         graph = build_graph(args)
-        after = task_ids(args.after, "--after")
+        if args.hold:
+            for doc in graph.docs.values():
+                doc["held"] = True
+        parents = {field: task_ids(getattr(args, field), "--" + field.replace("_", "-"))
+                   for field in ("after", "after_any", "after_failure")}
+        limit = parse_array_limit(args.array)[1] if args.array else None
         client = connect(args)
-        ids = submit_graph(client, graph, after=after)
+        name = args.job_name or (args.name if not args.file else os.path.basename(args.file)) or \
+            next(iter(graph.docs.values())).get("name")
+        if args.job:
+            if limit:
+                raise CommandError("--array ...%%N sets the limit of a new job; it does not go with --job",
+                                   EXIT_USAGE)
+            job = resolve_job(client, args.job)
+            name = client.get_job(job).get("name") or ""
+        else:
+            job = client.create_job(name, array_limit=limit)
+        ids = submit_graph(client, graph, job=job, **parents)
     except GraphError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     for key, task_id in ids.items():
@@ -185,9 +269,31 @@ def run(args):
         else:
             print(task_id)
     sys.stdout.flush()
-    if args.array or args.file:
-        print("submitted %d tasks" % len(ids), file=sys.stderr)
+    print("job %s %s: %d task%s%s" % (job, name, len(ids), "" if len(ids) == 1 else "s",
+                                      ", at most %d at once" % limit if limit else ""), file=sys.stderr)
+    warn_if_nothing_fits(client, graph)
     if args.wait:
         from banyan.commands.wait import wait_and_report
         return wait_and_report(client, list(ids.values()), quiet=args.quiet)
     return 0
+
+
+def warn_if_nothing_fits(client, graph):
+    """A warning on stderr for each distinct request no live worker could
+    ever fit (the server's rule, `banyan.server.reasons`)."""
+    from banyan.server.reasons import describe_request, fits, largest_offers
+
+    workers = client.list_workers(state="active").get("_items", [])
+    largest = largest_offers(workers)
+    seen = []
+    for doc in graph.docs.values():
+        asks = dict({"cores": 1, "memory": 0, "gpus": 0}, **(doc.get("requested_resources") or {}))
+        if asks in seen or any(fits(asks, w.get("resources") or {}) for w in workers):
+            continue
+        seen.append(asks)
+        if not workers:
+            print("banyan submit: warning: no live worker: the tasks wait until one starts", file=sys.stderr)
+            return
+        print("banyan submit: warning: no live worker could ever fit %s: it asks %s; the largest a worker "
+              "offers: %s" % (doc.get("name") or "the task", describe_request(asks), describe_request(largest)),
+              file=sys.stderr)

@@ -3,18 +3,23 @@
 import sys
 import time
 
-from banyan.commands.base import (EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, CommandError, add_command, connect,
-                                  format_duration, label, outcome, parse_json_arg, task_ids)
+from banyan.commands.base import (EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, CommandError, add_command, add_job_flag,
+                                  connect, format_duration, job_query, label, outcome, parse_json_arg,
+                                  reason_text, task_ids)
 
 EPILOG = """
 The tasks are those given (or matching the filters) when wait starts. wait
 exits 0 when all of them succeeded, and 1 when any failed, timed out, was
-abandoned or was cancelled; it then names each of them on stderr.
+abandoned or was cancelled; it then names each of them on stderr, with the
+reason (a task cancelled because of a parent names the parent and how it
+ended). When --timeout runs out, it says why each unfinished task is not
+running (waiting for parents, held, no worker could ever fit it...).
 
 examples:
   banyan wait 65f0c2a1e4b0a1b2c3d4e5f6 65f0c2a1e4b0a1b2c3d4e5f7
   banyan submit --array 1-100 -- ./step.sh | banyan wait -
   banyan wait --name squares
+  banyan wait --job sweep
   banyan wait --all --timeout 1h
 """
 
@@ -34,6 +39,7 @@ def register(sub):
     which.add_argument("--name", action="append", default=[], help="tasks of this name (repeatable)")
     which.add_argument("--owner", help="tasks of this owner")
     which.add_argument("--where", metavar="JSON", help='a MongoDB filter, e.g. \'{"priority": 5}\'')
+    add_job_flag(which, help="the tasks of this job (its id, or its name)")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="give up after this long (exit code 4)")
     parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
@@ -53,11 +59,11 @@ def selection(args):
     if args.owner:
         query["owner"] = args.owner
     if args.ids:
-        if query or args.all:
-            raise CommandError("give task IDs or a filter (--all, --name, --owner, --where), not both",
+        if query or args.all or args.job:
+            raise CommandError("give task IDs or a filter (--all, --job, --name, --owner, --where), not both",
                                EXIT_USAGE)
         return task_ids(args.ids), None
-    if not query and not args.all:
+    if not query and not args.all and not args.job:
         raise CommandError("which tasks? give their IDs ('-' reads them from stdin), --name NAME, "
                            "--where JSON or --all", EXIT_USAGE)
     return None, query
@@ -68,6 +74,8 @@ def run(args):
         raise CommandError("--interval must be > 0", EXIT_USAGE)
     ids, where = selection(args)
     client = connect(args)
+    if where is not None:
+        where = job_query(client, args, where)
     return wait_and_report(client, ids, where, quiet=args.quiet, timeout=args.timeout,
                            interval=args.interval)
 
@@ -94,8 +102,15 @@ def wait_and_report(client, ids=None, where=None, quiet=False, timeout=None, int
             print("  ... and %d more (banyan ls --state terminated --state cancelled)"
                   % (len(failed) - MAX_NAMED), file=sys.stderr)
     if result.timed_out:
+        unfinished = result.unfinished
         print("banyan wait: gave up after %s: %d of %d tasks have not finished"
-              % (format_duration(timeout), len(result.unfinished), total), file=sys.stderr)
+              % (format_duration(timeout), len(unfinished), total), file=sys.stderr)
+        reasons = client.tasks_by_id([doc["_id"] for doc in unfinished[:MAX_NAMED]], {
+            "name": 1, "state": 1, "pending_parents": 1, "held": 1, "requested_resources": 1, "job": 1,
+            "array_limit": 1})
+        for doc in unfinished[:MAX_NAMED]:
+            now = reasons.get(doc["_id"], doc)
+            print("  %s: %s" % (label(now), reason_text(now) or now.get("state")), file=sys.stderr)
         return EXIT_TIMEOUT
     if failed:
         return EXIT_FAILED

@@ -69,8 +69,7 @@ HELD = (S.RUNNING, S.PENDING_CANCELLATION)
 #: requested state -> allowed current states, per role. A user asking to
 #: cancel a running task gets `pending_cancellation` (see `stored_state`).
 USER_TRANSITIONS = {
-    # from a finished state: a retry (a new attempt; see `prepare_retry`)
-    S.AVAILABLE: {S.INACTIVE, S.CANCELLED, S.TERMINATED},
+    S.AVAILABLE: {S.INACTIVE},
     S.CANCELLED: {S.INACTIVE, S.AVAILABLE, S.RUNNING},
 }
 WORKER_TRANSITIONS = {
@@ -533,22 +532,38 @@ class TaskQueue:
             updates["exit_status"] = CANCELLED
             updates["cascade_pending"] = True
             updates["pending_parents"], updates["pending_dependency_count"] = [], 0
-        elif target == S.AVAILABLE and S(original["state"]) in FINISHED:
-            self.prepare_retry(updates, original)
 
-    def prepare_retry(self, updates, original):
-        """A finished task that did not succeed goes back to the queue (its
-        next claim is a new attempt), waiting for those of its parents that
-        have not finished. Refused for a task that succeeded, and for one
-        whose parent ended in a way that rules it out (retry that one)."""
-        if original["state"] == S.TERMINATED and original.get("exit_status") == SUCCESS:
-            raise TransitionError("task '%s' is terminated with success; there is nothing to retry" % original["_id"])
-        if original.get("cascade_pending"):
-            raise Conflict("task '%s' is still settling the tasks that run after it; retry in a moment"
-                           % original["_id"])
-        pending = self.parents_to_wait_for(original)
-        updates.update(exit_status=None, cancelled_by=None, cancel_reason=None, worker=None, retry_count=0,
-                       pending_parents=pending, pending_dependency_count=len(pending))
+    # -- retry: a finished task back in the queue --------------------------
+
+    def retry(self, doc):
+        """Put the finished task `doc` (as just read) back in the queue: its
+        next claim is a new attempt, and it waits for those of its parents
+        that have not finished. The tasks cancelled because of it come back
+        too (`revive_descendants`). Refused for a task that succeeded or has
+        not finished, and for one whose parent ended in a way that rules it
+        out (retry that one). One write, conditional on the task being as
+        read. Returns the task as stored after the change."""
+        state, task_id = doc.get("state"), doc["_id"]
+        if state not in FINISHED:
+            raise Conflict("task '%s' is '%s'; only finished tasks are retried" % (task_id, state))
+        if state == S.TERMINATED and doc.get("exit_status") == SUCCESS:
+            raise TransitionError("task '%s' is terminated with success; there is nothing to retry" % task_id)
+        if doc.get("cascade_pending"):
+            raise Conflict("task '%s' is still settling the tasks that run after it; retry in a moment" % task_id)
+        pending = self.parents_to_wait_for(doc)
+        now = utcnow()
+        updated = self.tasks.find_one_and_update(
+            {"_id": task_id, "state": state, "_etag": doc.get("_etag"), "cascade_pending": {"$ne": True}},
+            {"$set": {"state": S.AVAILABLE.value, "exit_status": None, "cancelled_by": None, "cancel_reason": None,
+                      "worker": None, "retry_count": 0, "pending_parents": pending,
+                      "pending_dependency_count": len(pending), "_updated": now, "_etag": str(ObjectId())}},
+            return_document=ReturnDocument.AFTER)
+        if updated is None:
+            raise Conflict("task '%s' changed while it was being retried; read it again" % task_id)
+        updated["revived"] = self.revive_descendants(task_id)
+        if is_ready(updated):
+            self._became_ready(updated)
+        return updated
 
     def parents_to_wait_for(self, doc):
         """The parents of `doc` that have not finished. TransitionError (409)
@@ -571,8 +586,8 @@ class TaskQueue:
     def revive_descendants(self, task_id):
         """After a retry of `task_id`: the tasks cancelled because of it
         (`cancelled_by`), and theirs in turn, go back to the queue waiting
-        for their unfinished parents, so the graph can finish."""
-        queue = [task_id]
+        for their unfinished parents, so the graph can finish. Returns their ids."""
+        queue, revived = [task_id], []
         while queue:
             current = queue.pop(0)
             doc = self.tasks.find_one({"_id": current}, {"continuations": 1})
@@ -590,19 +605,18 @@ class TaskQueue:
                                   "pending_dependency_count": len(pending), "_updated": now,
                                   "_etag": str(ObjectId())}}).modified_count:
                     queue.append(child["_id"])
+                    revived.append(child["_id"])
+        return revived
 
     def after_update(self, updates, original):
         """React to a PATCH that was written: cascade a cancellation, run a
-        task that became ready."""
+        task that became ready (made available, or released from a hold)."""
         state = updates.get("state")
-        if state is None or state == original.get("state"):
-            return
-        if state == S.CANCELLED:
+        if state == S.CANCELLED and original.get("state") != S.CANCELLED:
             self.on_finished(original["_id"])
             self._cascade(original["_id"])
-        elif state == S.AVAILABLE:
-            if S(original["state"]) in FINISHED:
-                self.revive_descendants(original["_id"])
+        elif (state == S.AVAILABLE and original.get("state") != S.AVAILABLE) or \
+                (updates.get("held") is False and original.get("held")):
             doc = self.tasks.find_one({"_id": original["_id"]})
             if doc is not None and is_ready(doc):
                 self._became_ready(doc)
