@@ -281,7 +281,7 @@ def run(args):
 def warn_if_nothing_fits(client, graph):
     """A warning on stderr for each distinct request no live worker could
     ever fit (the server's rule, `banyan.server.reasons`)."""
-    from banyan.server.reasons import describe_request, fits, largest_offers
+    from banyan.fit import describe_request, fits, largest_offers, short_of
 
     workers = client.list_workers(state="active").get("_items", [])
     largest = largest_offers(workers)
@@ -294,6 +294,7 @@ def warn_if_nothing_fits(client, graph):
         if not workers:
             print("banyan submit: warning: no live worker: the tasks wait until one starts", file=sys.stderr)
             return
+        short = short_of(asks, largest)
         print("banyan submit: warning: no live worker could ever fit %s: it asks %s; the largest a worker "
-              "offers: %s" % (doc.get("name") or "the task", describe_request(asks), describe_request(largest)),
-              file=sys.stderr)
+              "offers: %s" % (doc.get("name") or "the task", describe_request(asks, short),
+                              describe_request(largest, short)), file=sys.stderr)

@@ -14,28 +14,11 @@ finished have none (null). Codes, in the order they are checked:
 - `workers_busy`: live workers could run it, but none has room now.
 """
 
-from banyan.server.states import QUEUED, RESOURCES, TaskState as S
+from banyan.fit import describe_request, fits, largest_offers, short_of
+from banyan.server.states import QUEUED, TaskState as S
 
 #: Task fields a reason is computed from (added to projections that ask for it).
 NEEDS = ("state", "pending_parents", "held", "requested_resources", "job", "array_limit")
-
-
-def largest_offers(workers):
-    """The most any of `workers` offers of each resource."""
-    return {key: max([(w.get("resources") or {}).get(key) or 0 for w in workers] or [0]) for key in RESOURCES}
-
-
-def fits(asks, offers):
-    return all((asks.get(key) or 0) <= (offers.get(key) or 0) for key in RESOURCES)
-
-
-def describe_request(asks, keys=RESOURCES):
-    from banyan.units import format_size
-    parts = []
-    for key in keys:
-        value = asks.get(key) or 0
-        parts.append("%s %s" % (key, format_size(value) if key == "memory" else ("%g" % value)))
-    return ", ".join(parts)
 
 
 def add_pending_reasons(db, docs):
@@ -76,7 +59,7 @@ def pending_reason(doc, workers, largest, slots):
         if not workers:
             message = "no live worker: start one (banyan-worker) for it to run"
         else:
-            short = [key for key in RESOURCES if (asks.get(key) or 0) > (largest.get(key) or 0)] or list(RESOURCES)
+            short = short_of(asks, largest)
             message = "no live worker could ever fit it: it asks %s; the largest a worker offers: %s" % (
                 describe_request(asks, short), describe_request(largest, short))
         return {"code": "no_worker_fits", "asks": asks, "largest": largest, "message": message}
