@@ -29,7 +29,7 @@ COMMANDS = ["submit", "ls", "show", "cancel", "wait", "logs", "stats", "workers"
 class Cluster:
     """A live server and one worker, shared by the tests of this module."""
 
-    def __init__(self, base):
+    def __init__(self, base, heartbeat=1):
         self.base = base
         self.server = LiveServer(base / "server-data").start()
         self.url = self.server.url
@@ -40,7 +40,7 @@ class Cluster:
         # Cores beyond the machine's: the tasks here sleep or echo, and the
         # worker should take a whole array in one claim.
         self.worker = subprocess.Popen(
-            WORKER + ["--server", self.url, "--cores", "16", "--memory", "4 GiB", "--heartbeat", "1",
+            WORKER + ["--server", self.url, "--cores", "16", "--memory", "4 GiB", "--heartbeat", str(heartbeat),
                       "--work-dir", str(base / "work"), "--claim-wait", "5", "--drain", "5"],
             stdout=self.worker_log, stderr=subprocess.STDOUT, env=self.env())
         self.worker_id = self.poll(self._active_worker, what="the worker to register")

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("workflow"))
+    # A slower heartbeat than test_cli's: these tests run a dozen tasks at
+    # once, and a loaded store must not make the worker look lost.
+    c = Cluster(tmp_path_factory.mktemp("workflow"), heartbeat=3)
     yield c
     c.close()
     assert c.server.server_errors() == []
@@ -68,7 +70,7 @@ def test_dependency_kinds_and_retry_of_a_failed_sweep(cluster, tmp_path):
     waited = banyan(cluster, "wait", "--job", job, ok=False)
     assert waited.returncode == 1, waited.stderr
     # the reduce ran after all ten, and saw the eight outputs
-    assert (work / "count").read_text().strip() == "8"
+    assert (work / "count").read_text().strip() == "8", banyan(cluster, "ls", "--job", job).stdout + waited.stderr
     assert cluster.task(ids["reduce"])["exit_status"] == "success"
     # the cleanup ran because p3 failed
     assert (work / "cleaned").read_text() == "cleaned\n"
