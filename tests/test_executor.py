@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from banyan.worker import resources
-from banyan.worker.executor import TaskProcess
+from banyan.worker.executor import SupervisorPool, TaskProcess
 from banyan.worker.hooks import TaskHook, TimeLimit, run_hooks
 from banyan.worker.progress import read_last_progress, report_progress
 
@@ -51,6 +51,32 @@ def test_output_goes_to_files_and_tail_returns_the_end(tmp_path):
     assert proc.tail("stderr") == "oops\n"
     assert open(proc.stdout_path).read() == "hello\ncafé"
     assert proc.tail("stdout", limit=3) == "fé"
+
+
+def test_supervisors_started_ahead_run_attempts_and_leave_when_let_go(tmp_path):
+    pool = SupervisorPool(size=2)
+    pool.fill()
+    deadline = time.monotonic() + 30
+    while len(pool.ready_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    idle = pool.ready_pids()
+    assert len(idle) == 2 and all(psutil.pid_exists(pid) for pid in idle)
+    outcomes = []
+    for i, (command, code) in enumerate([("echo one; echo err >&2", 0), ("echo two; exit 3", 3)]):
+        proc = TaskProcess({"_id": "t%d" % i, "command": command}, 1, tmp_path / str(i), supervisors=pool)
+        proc.start()
+        assert proc.supervisor_pid in idle  # one started ahead, not one of its own
+        outcomes.append((wait_outcome(proc).exit_code, proc.tail("stdout"), proc.tail("stderr")))
+    assert outcomes == [(0, "one\n", "err\n"), (3, "two\n", "")]
+    deadline = time.monotonic() + 30
+    while len(pool.ready_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    spare = pool.ready_pids()
+    assert len(spare) == 2 and not set(spare) & set(idle)  # taken ones were replaced
+    pool.close()
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in spare)
+    assert pool.take() is None  # closed: each attempt starts its own
 
 
 def test_tail_keeps_only_the_last_bytes_and_replaces_broken_utf8(tmp_path):

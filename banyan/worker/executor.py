@@ -19,6 +19,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections import namedtuple
 
@@ -31,7 +32,7 @@ from .resources import ProcessTreeSampler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Outcome", "TaskProcess", "OUTPUT_LIMIT", "become_subreaper", "reap_orphans"]
+__all__ = ["Outcome", "TaskProcess", "SupervisorPool", "OUTPUT_LIMIT", "become_subreaper", "reap_orphans"]
 
 #: How much of each stream is sent to the server (the server keeps the same cap).
 OUTPUT_LIMIT = 1024 * 1024
@@ -53,6 +54,122 @@ START_TIMEOUT = 60.0
 Outcome = namedtuple("Outcome", "exit_code outcome")
 
 
+def start_supervisor(pass_fds=()):
+    """A supervisor process, waiting for its spec on stdin."""
+    return subprocess.Popen(SUPERVISOR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=pass_fds,
+                            start_new_session=True, close_fds=True)
+
+
+class Standby:
+    """A supervisor started before its attempt, with the pipes its task
+    will write its output to (``pipes``: stream -> (read end, write end);
+    it has the writing ends under the same numbers)."""
+
+    def __init__(self):
+        self.pipes = {}
+        try:
+            for stream in ("stdout", "stderr"):
+                self.pipes[stream] = os.pipe()
+            self.popen = start_supervisor(tuple(w for _, w in self.pipes.values()))
+        except BaseException:
+            self._close_pipes()
+            raise
+
+    def alive(self):
+        return self.popen.poll() is None
+
+    def dismiss(self):
+        """Let it go unused: end of file on its stdin ends it."""
+        self._close_pipes()
+        try:
+            self.popen.stdin.close()
+            self.popen.stdout.close()
+            self.popen.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            self.popen.kill()
+            self.popen.wait()
+
+    def _close_pipes(self):
+        for fds in self.pipes.values():
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+class SupervisorPool:
+    """Supervisors started ahead of time, each waiting for a task's spec.
+
+    A supervisor is a Python interpreter: starting one takes ~30 ms, which
+    would sit between a claim and its task on every attempt (and between a
+    short task's submission and its end). Taken from here, starting the task
+    is one message on a pipe; a thread starts the next one meanwhile. An
+    idle supervisor does nothing until its spec comes (it is not yet a
+    subreaper, has no cgroup and holds no lease), and exits at end of file
+    on stdin, as when its worker is gone.
+    """
+
+    def __init__(self, size=2):
+        self.size = size
+        self._lock = threading.Lock()
+        self._ready = []
+        self._filling = False
+        self._closed = False
+
+    def take(self):
+        """A ``Standby`` (None when none is ready: start one yourself)."""
+        with self._lock:
+            standby = None
+            while self._ready and standby is None:
+                standby = self._ready.pop(0)
+                if not standby.alive():  # died idle (killed by someone): not usable
+                    standby.dismiss()
+                    standby = None
+        self.fill()
+        return standby
+
+    def ready_pids(self):
+        with self._lock:
+            return [standby.popen.pid for standby in self._ready]
+
+    def fill(self):
+        """Start supervisors up to ``size`` in a thread (one filler at a time)."""
+        with self._lock:
+            if self._filling or self._closed or len(self._ready) >= self.size:
+                return
+            self._filling = True
+        threading.Thread(target=self._fill, name="banyan-supervisor-pool", daemon=True).start()
+
+    def _fill(self):
+        try:
+            while True:
+                with self._lock:
+                    if self._closed or len(self._ready) >= self.size:
+                        return
+                try:
+                    standby = Standby()
+                except OSError as exc:
+                    log.warning("cannot start a supervisor ahead of time: %s", exc)
+                    return
+                with self._lock:
+                    if not self._closed:
+                        self._ready.append(standby)
+                        continue
+                standby.dismiss()
+                return
+        finally:
+            with self._lock:
+                self._filling = False
+
+    def close(self):
+        """Let the idle supervisors go."""
+        with self._lock:
+            self._closed, ready, self._ready = True, self._ready, []
+        for standby in ready:
+            standby.dismiss()
+
+
 class TaskProcess:
     """One attempt of a task: start it, watch it, stop it, read what it wrote.
 
@@ -62,12 +179,14 @@ class TaskProcess:
     override). ``lease`` is the monotonic deadline the supervisor kills the
     task at unless ``renew`` moves it (None: no lease). ``containment``: the
     supervisor spec's cgroup and record fields (``Containment.spec_for``);
-    ``cpus``: CPU ids for the task's affinity.
+    ``cpus``: CPU ids for the task's affinity. ``supervisors``: a
+    ``SupervisorPool`` (else a supervisor is started for this attempt).
     """
 
     def __init__(self, task, attempt, attempt_dir, extra_env=None, thread_env=None,
-                 lease=None, containment=None, cpus=None, output_cap=DEFAULT_OUTPUT_CAP):
+                 lease=None, containment=None, cpus=None, output_cap=DEFAULT_OUTPUT_CAP, supervisors=None):
         self.task = task
+        self.supervisors = supervisors  # a SupervisorPool to take a started supervisor from
         #: bytes of output kept on disk, per stream (two files of half each)
         self.stream_cap = max(2, int(output_cap) // 2)
         self.outputs = {}
@@ -128,13 +247,17 @@ class TaskProcess:
     def start(self):
         """Start the command; a command that cannot start becomes a failed outcome, not an exception."""
         self.started = time.monotonic()
+        standby = self.supervisors.take() if self.supervisors is not None else None
         with contextlib.ExitStack() as files:
             try:
+                if standby is not None:  # let go of it unless the task gets it
+                    files.callback(lambda: self.popen is None and standby.dismiss())
                 os.makedirs(self.attempt_dir, exist_ok=True)
                 open(self.progress_path, "a").close()
                 for stream, path in (("stdout", self.stdout_path), ("stderr", self.stderr_path)):
                     output = self.outputs[stream] = RotatingOutput(path, self.stream_cap // 2)
-                    read_end, write_end = os.pipe()
+                    # a supervisor started ahead of time got its pipes' writing ends then
+                    read_end, write_end = standby.pipes.pop(stream) if standby is not None else os.pipe()
                     # the writing end goes to the task (through its supervisor);
                     # ours is closed once they have it, so the pipe ends with them
                     pipe = files.enter_context(os.fdopen(write_end, "wb", buffering=0))
@@ -149,9 +272,9 @@ class TaskProcess:
                 log.error("task %s attempt %s: %s", self.task_id, self.attempt, self.start_error.strip())
                 self._outcome = Outcome(None, "failure")
                 return
-            self._start_command(out, err)
+            self._start_command(out, err, standby)
 
-    def _start_command(self, out, err):
+    def _start_command(self, out, err, standby=None):
         command = self.task.get("command")
         if command is None or command == [] or command == "":
             # A barrier; the server normally finishes these itself.
@@ -167,9 +290,8 @@ class TaskProcess:
         spec = dict(self.containment, args=args, cwd=cwd, env=self.environment(),
                     stdout_fd=out.fileno(), stderr_fd=err.fileno(), lease=self.lease, cpus=self.cpus)
         try:
-            self.popen = subprocess.Popen(
-                SUPERVISOR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                pass_fds=(out.fileno(), err.fileno()), start_new_session=True, close_fds=True)
+            # (a supervisor started ahead has `out` and `err` under the same numbers)
+            self.popen = standby.popen if standby is not None else start_supervisor((out.fileno(), err.fileno()))
             os.set_blocking(self.popen.stdin.fileno(), False)
             packed = marshal.dumps(spec)
             self._send_bytes(len(packed).to_bytes(8, "big") + packed)

@@ -506,11 +506,14 @@ class Supervisor:
 
 
 def read_spec(fd):
-    """The spec on ``fd`` (length, then marshal dump), and whatever came after it."""
+    """The spec on ``fd`` (length, then marshal dump), and whatever came after
+    it; None when ``fd`` ends before any byte (an idle supervisor let go)."""
     data = b""
     while len(data) < 8 or len(data) < 8 + int.from_bytes(data[:8], "big"):
         chunk = os.read(fd, 65536)
         if not chunk:
+            if not data:
+                return None
             raise SystemExit("banyan supervisor: no task spec on stdin")
         data += chunk
     size = 8 + int.from_bytes(data[:8], "big")
@@ -520,7 +523,10 @@ def read_spec(fd):
 
 
 def main():
-    spec, rest = read_spec(0)
+    read = read_spec(0)
+    if read is None:
+        return 0  # started ahead of time and never given a task
+    spec, rest = read
     supervisor = Supervisor(spec)
     supervisor.buffer = rest  # the worker sends nothing more before "started"
     return supervisor.run()

@@ -35,7 +35,7 @@ from typing import Optional
 from ..client import BanyanError, Client, ServerUnreachable
 from ..units import parse_size
 from . import containment, resources
-from .executor import OUTPUT_LIMIT, Outcome, TaskProcess, become_subreaper, reap_orphans
+from .executor import OUTPUT_LIMIT, Outcome, SupervisorPool, TaskProcess, become_subreaper, reap_orphans
 from .output import DEFAULT_OUTPUT_CAP, MIN_OUTPUT_CAP
 from .hooks import TimeLimit, run_hooks
 
@@ -191,6 +191,8 @@ class Worker:
         self._gpus = {}         # task id -> GPU indices handed to it
         self._cpus = resources.CpuAllocator(resources.usable_cpus()) if config.pin else None
         self.containment = None  # what keeps tasks' processes together (bootstrap)
+        # Supervisors started ahead of their attempts (one per core, up to 4).
+        self.supervisors = SupervisorPool(size=max(1, min(4, int(self.total["cores"]))))
         self._work_dir_lock = None
         # The lease on running tasks (see `lease_duration`): until the server
         # tells its heartbeat timeout, the worker's own `timeout`.
@@ -285,6 +287,7 @@ class Worker:
             log.error("--enforce-memory: no memory cgroup can be made here; memory is not enforced")
         log.info("tasks contained by %s", self.containment.describe())
         containment.kill_leftovers(self.containment)
+        self.supervisors.fill()
 
     def register(self):
         self.worker_id = self._register()
@@ -626,7 +629,7 @@ class Worker:
                                thread_env=resources.thread_environment(wanted["cores"]), lease=lease,
                                containment=self.containment.spec_for(f"{task_id}-{attempt}", limit)
                                if self.containment is not None else None,
-                               cpus=cpus, output_cap=self.config.output_cap)
+                               cpus=cpus, output_cap=self.config.output_cap, supervisors=self.supervisors)
             proc.reservation = reservation
             run_hooks(self.hooks, "before_start", proc)
             proc.start()
@@ -1021,6 +1024,7 @@ class Worker:
             claimer.join(timeout=2.0 if not forced else 0.5)
         for client in (self.client, self.claim_client, self.heartbeat_client, self.report_client):
             client.close()
+        self.supervisors.close()
         if self.containment is not None:
             self.containment.release()
         if self._work_dir_lock is not None:
