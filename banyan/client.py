@@ -18,6 +18,7 @@ from urllib.parse import quote, urlsplit
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
 
 from banyan.errors import BanyanError, ServerUnreachable, WrongScheme, describe_result
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Client", "BanyanError", "ServerUnreachable", "WrongScheme", "check_server_url", "describe_result"]
 
+#: Idle connections a session keeps to its server.
+POOL_SIZE = 4
 _RETRY_STATUSES = frozenset({502, 503, 504})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
@@ -121,7 +124,7 @@ class Client:
     """
 
     def __init__(self, url, token=None, timeout=30.0, attempts=4, backoff=0.5,
-                 max_backoff=8.0, sleep=time.sleep):
+                 max_backoff=8.0, sleep=time.sleep, session=None):
         self.url = check_server_url(url)
         self._scheme_checked = not self.url.startswith("https://")
         self.timeout = timeout
@@ -129,14 +132,30 @@ class Client:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.sleep = sleep
-        self.session = requests.Session()
-        self.session.headers["Accept"] = "application/json"
-        self.session.headers["User-Agent"] = "banyan-client"
+        self._owns_session = session is None
+        self.session = session or self.make_session(token)
+
+    @staticmethod
+    def make_session(token=None, pool_size=POOL_SIZE):
+        """A session for one server and token, keeping at most `pool_size`
+        idle connections (more are opened when needed, never waited for,
+        and closed after use). Several clients (one per thread, each with
+        its own timeouts) may share it: a worker holds a handful of
+        connections rather than a pool per thread."""
+        session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, pool_block=False)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.headers["Accept"] = "application/json"
+        session.headers["User-Agent"] = "banyan-client"
         if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
+            session.headers["Authorization"] = f"Bearer {token}"
+        return session
 
     def close(self):
-        self.session.close()
+        """Close the session, if this client made it (a shared one is closed by its owner)."""
+        if self._owns_session:
+            self.session.close()
 
     def __enter__(self):
         return self
@@ -241,7 +260,9 @@ class Client:
         return self.delete("workers", wid)
 
     def claim(self, wid, free, max_tasks, wait=0, finished=None):
-        """Claim up to ``max_tasks`` ready tasks fitting ``free``; ``{"_items": [...], "cancel": [...]}``.
+        """Claim up to ``max_tasks`` ready tasks fitting ``free``; ``{"_items": [...], "cancel": [...]}``,
+        and ``retry_after`` (seconds to let pass before claiming again) when
+        the server could not hold the request open.
 
         ``finished``: reports of ended attempts to deliver first, in the same
         request (``[{"task": id, "attempt": n, "outcome": ..., ...}]``, as
@@ -275,7 +296,8 @@ class Client:
         return reply
 
     def finish(self, task_id, attempt, outcome, exit_code, stdout="", stderr="", usage=None):
-        """Report the end of an attempt (repeating it is harmless: the server answers 409)."""
+        """Report the end of an attempt (repeating it is harmless: the server answers 409,
+        or keeps a report of an attempt it gave up meanwhile as its ``late_report``)."""
         body = {"attempt": attempt, "outcome": outcome, "exit_code": exit_code, "usage": usage or {},
                 **_output("stdout", stdout), **_output("stderr", stderr)}
         return self.request("POST", ("tasks", task_id, "finish"), json_body=body, idempotent=True)

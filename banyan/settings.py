@@ -4,7 +4,7 @@
 endpoints of their own (see `banyan.server.virtual`).
 """
 
-from banyan.server.states import TaskState, EXIT_STATUSES
+from banyan.server.states import DEFAULT_MAX_LOST, EXIT_STATUSES, TaskState
 
 OBJECTID_LIST = {"type": "list", "schema": {"type": "objectid"}}
 
@@ -59,6 +59,8 @@ task_schema = {
     # this many times more memory, up to states.MAX_MEMORY_RETRIES times; null or 1: not retried so.
     "retry_memory_factor": {"type": "number", "min": 1, "max": 1024, "nullable": True, "default": None,
                             **WRITE_ONCE},
+    # Attempts the task may lose to lost workers before it fails (see `lost_count`).
+    "max_lost": {"type": "integer", "min": 0, "max": 1000, "default": DEFAULT_MAX_LOST, **WRITE_ONCE},
     "max_shutdown_time": {"type": "number", "min": 0, "max": 86400, "default": 10, **WRITE_ONCE},
     # None for no limit; 0 would be a limit nobody could meet, so it is refused.
     "time_limit": {"type": "number", "above": 0, "max": TEN_YEARS, "nullable": True, "default": None,
@@ -93,6 +95,7 @@ task_schema = {
     "pending_parents": {**OBJECTID_LIST, "readonly": True},
     "retry_count": {"type": "integer", "readonly": True},
     "memory_retry_count": {"type": "integer", "readonly": True},
+    "lost_count": {"type": "integer", "readonly": True},
     "exit_status": {"type": "string", "nullable": True, "readonly": True,
                     "allowed": list(EXIT_STATUSES)},
     "owner": {"type": "string", "nullable": True, "readonly": True},
@@ -233,9 +236,14 @@ CLAIM_MAX_WAIT = 30
 #: Seconds between re-checks of a held claim (another server process may
 #: have made a task ready without waking this one).
 CLAIM_RECHECK_INTERVAL = 0.5
-#: Claims held open at once per server process; more answer at once, so
-#: long polls never take every request thread.
+#: Claims held open at once per server process; more answer at once, with
+#: a `retry_after`, so long polls never take every request thread
+#: (`banyan server` sets it to half its threads).
 CLAIM_MAX_WAITERS = 8
+#: Claims a second that the workers turned away from waiting should add up
+#: to, per server process: their `retry_after` grows with the number of
+#: active workers (500 workers: about 10 s).
+CLAIM_RETRY_RATE = 50
 #: Most tasks one claim may ask for.
 CLAIM_MAX_TASKS = 1000
 

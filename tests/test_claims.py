@@ -119,9 +119,11 @@ def test_register_list_show_and_unregister(api):
     r = api.delete("/workers/%s" % wid)
     assert r.status_code == 204
     assert api.get("/workers/%s" % wid).json["state"] == "stopped"
-    # the task it still held is given back (an abandoned attempt, retry rules)
+    # the task it still held is given back: an abandoned attempt, counted
+    # as lost (not as a failure: max_retries is 0)
     t = task(api, tid)
-    assert t["state"] == "terminated" and t["history"][0]["exit_status"] == ABANDONED
+    assert t["state"] == "available" and t["history"][0]["exit_status"] == ABANDONED
+    assert (t["lost_count"], t["retry_count"]) == (1, 0)
     claim(api, wid, status=404)
     heartbeat(api, wid, status=404)
     assert api.get("/workers?state=active").json["_items"] == []
@@ -452,7 +454,10 @@ def test_too_many_waiting_claims_answer_at_once(store):
     deadline = time.monotonic() + 10
     while len(app.claim_waiters) == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert claim(api, wid, wait=30) == {"_items": [], "cancel": []}
+    turned_away = claim(api, wid, wait=30)
+    assert (turned_away["_items"], turned_away["cancel"]) == ([], [])
+    # one active worker: come back after about a second (jittered)
+    assert 0.5 <= turned_away["retry_after"] <= 1.5
     assert len(app.claim_waiters) == 1  # the second claim never waited
     poller.join()
 
@@ -624,7 +629,7 @@ def test_bad_heartbeats_are_refused(api, db, entry, word):
 def test_silent_worker_is_lost_and_its_task_requeued(store):
     app = make_app(store, HEARTBEAT_TIMEOUT=1)
     api = app.test_client()
-    tid, last_try = submit(api, {"command": "x", "state": "available", "max_retries": 1},
+    tid, last_try = submit(api, {"command": "x", "state": "available", "max_retries": 0},
                            {"command": "y", "max_retries": 0})
     child, = submit(api, {"command": "c"})
     wid = register(api)
@@ -639,32 +644,62 @@ def test_silent_worker_is_lost_and_its_task_requeued(store):
     finally:
         app.reaper.stop()
     t = task(api, tid)
-    assert t["state"] == "available" and t["retry_count"] == 1 and t["worker"] is None
+    # a lost worker is not the task's failure: max_retries 0, requeued all the same
+    assert t["state"] == "available" and t["worker"] is None
+    assert (t["retry_count"], t["lost_count"], t["max_lost"]) == (0, 1, 3)
     assert t["history"][0]["exit_status"] == ABANDONED and t["history"][0]["ended"]
     assert api.get("/workers/%s" % wid).json["state"] == "lost"
     assert api.get("/workers/%s" % alive).json["state"] == "active"  # it kept sending heartbeats
     heartbeat(api, wid, {tid: {"attempt": attempt}}, status=404)
     claim(api, wid, status=404)
-    finish(api, tid, attempt, SUCCESS, status=409)
-    # the retried attempt runs elsewhere
+    # the lost worker's report arrives after all: kept with the attempt, task unchanged
+    late = finish(api, tid, attempt, SUCCESS, exit_code=0, stdout="done late\n", usage={"max_rss": 7})
+    assert late["state"] == "available" and late["history"][0]["exit_status"] == ABANDONED
+    kept = late["history"][0]["late_report"]
+    assert (kept["outcome"], kept["exit_code"], kept["usage"]) == (SUCCESS, 0, {"max_rss": 7}) and kept["received"]
+    assert api.get("/tasks/%s/logs?attempt=1" % tid).json["stdout"] == "done late\n"
+    # sent again (its answer was lost): the first one stays
+    again = finish(api, tid, attempt, FAILURE, exit_code=1)
+    assert again["history"][0]["late_report"] == kept
+    # the requeued attempt runs elsewhere
     assert claim_one(api, alive, tid) == 2
     assert last_try and child
 
 
-def test_abandoned_last_attempt_fails_the_task(store):
+def test_a_task_lost_more_than_max_lost_times_fails(store):
     app = make_app(store, HEARTBEAT_TIMEOUT=1)
     api = app.test_client()
     child, = submit(api, {"command": "c"})
-    tid, = submit(api, {"command": "x", "state": "available", "continuations": [child]})
-    wid = register(api)
-    claim_one(api, wid, tid)
-    assert app.reaper.run_once(utcnow())["lost"] == []  # not silent yet
-    done = app.reaper.run_once(utcnow() + timedelta(seconds=3))
-    assert done["lost"] == [ObjectId(wid)] and done["abandoned"] == [ObjectId(tid)]
-    t = task(api, tid)
+    tid, = submit(api, {"command": "x", "state": "available", "continuations": [child], "max_retries": 5,
+                        "max_lost": 1})
+    for attempt in (1, 2):
+        wid = register(api, host="doomed%d" % attempt)
+        assert claim_one(api, wid, tid) == attempt
+        now = utcnow()
+        assert app.reaper.run_once(now)["lost"] == []  # not silent yet
+        done = app.reaper.run_once(now + timedelta(seconds=3))
+        assert done["lost"] == [ObjectId(wid)] and done["abandoned"] == [ObjectId(tid)]
+        t = task(api, tid)
+        assert (t["lost_count"], t["retry_count"]) == (1, 0)
+        if attempt == 1:
+            assert t["state"] == "available" and task(api, child)["state"] == "inactive"
+    # lost a second time with max_lost 1: failed, whatever retries it had left
     assert t["state"] == "terminated" and t["exit_status"] == ABANDONED
+    assert [a["exit_status"] for a in t["history"]] == [ABANDONED, ABANDONED]
     assert task(api, child)["state"] == "cancelled"
     assert app.reaper.run_once(utcnow() + timedelta(seconds=6)) == {"lost": [], "abandoned": [], "timed_out": []}
+
+
+def test_max_lost_is_checked_and_write_once(api):
+    for bad in (-1, 1001, "3", 1.5):
+        r = api.post("/tasks", json={"command": "x", "max_lost": bad})
+        assert r.status_code == 422 and "max_lost" in r.json["_issues"], r.json
+    tid, = submit(api, {"command": "x", "state": "available"})
+    assert (task(api, tid)["max_lost"], task(api, tid)["lost_count"]) == (3, 0)
+    r = api.patch("/tasks/%s" % tid, json={"max_lost": 5})
+    assert r.status_code == 422 and "max_lost" in r.json["_issues"], r.json
+    r = api.patch("/tasks/%s" % tid, json={"lost_count": 2})
+    assert r.status_code in (400, 422) and "lost_count" in str(r.json), r.json
 
 
 def test_heartbeats_keep_a_worker_alive(store):

@@ -268,7 +268,7 @@ def test_a_task_of_a_worker_killed_with_sigkill_runs_again_on_the_other_worker(c
     names = {wid: name for name, wid in ids.items()}
     runs = tmp_path / "runs"
     command = 'echo "$BANYAN_ATTEMPT $$" >> %s; sleep 2; echo "finished attempt $BANYAN_ATTEMPT"' % runs
-    task_id = c.submit({"name": "survivor", "command": command, "max_retries": 1, "state": "available"})
+    task_id = c.submit({"name": "survivor", "command": command, "max_retries": 0, "state": "available"})
     orphans = []
     try:
         wait_for(lambda: runs.exists() and runs.read_text().count("\n") == 1, 30, "the first attempt to start")
@@ -282,7 +282,9 @@ def test_a_task_of_a_worker_killed_with_sigkill_runs_again_on_the_other_worker(c
 
         [task] = c.wait_finished([task_id], timeout=60)
         orphans += [int(line.split()[1]) for line in runs.read_text().splitlines()[1:]]
-        assert (task["state"], task["exit_status"], task["retry_count"]) == ("terminated", "success", 1)
+        # a lost worker spends `lost_count`, not the task's retries (it has none)
+        assert (task["state"], task["exit_status"], task["retry_count"], task["lost_count"]) == \
+            ("terminated", "success", 0, 1)
         lost, rerun = task["history"]
         assert (lost["worker"], lost["exit_status"]) == (ids[victim], "abandoned (worker unreachable)")
         assert (rerun["worker"], rerun["attempt"], rerun["exit_status"]) == (ids[survivor], 2, "success")

@@ -35,6 +35,10 @@ class FakeBanyan:
         self.failure = None      # "500" or "reset": how every request fails while set
         self.fail_next = 0       # fail this many more requests (as "500" unless failure says otherwise)
         self.failed = 0          # requests failed so far
+        self.finish_down = False # answer every report with 503 while set
+        self.refused_reports = 0 # requests with reports answered 503 so far
+        self.retry_after = None  # seconds sent with an empty claim answer (the server's waiters are full)
+        self.claim_times = []    # monotonic time of each claim
         self._start(port)
 
     # -- test helpers --
@@ -135,6 +139,9 @@ class FakeBanyan:
                     self.workers[wid]["state"] = "stopped"
                 return 204, None
             if action == "/claim":
+                if self.finish_down and body.get("finished"):
+                    self.refused_reports += 1
+                    return self.error(503, "finish is down")  # as the server: a 5xx fails them all
                 return 200, self.claim(wid, body)
             if action == "/heartbeat":
                 return self.heartbeat(wid, body)
@@ -153,6 +160,9 @@ class FakeBanyan:
         deadline = time.monotonic() + min(float(body.get("wait") or 0), 5)
         with self.lock:
             self.claims.append(body)
+            self.claim_times.append(time.monotonic())
+            if self.retry_after is not None and not any(t["state"] == "available" for t in self.tasks.values()):
+                return {"_items": [], "cancel": [], "retry_after": self.retry_after}
             while True:
                 free = dict(body["free"])
                 items = []
@@ -193,6 +203,9 @@ class FakeBanyan:
 
     def finish(self, task_id, body):
         with self.lock:
+            if self.finish_down:
+                self.refused_reports += 1
+                return self.error(503, "finish is down")
             task = self.tasks.get(task_id)
             if task is None:
                 return self.error(404, f"no task {task_id}")
@@ -595,3 +608,39 @@ def test_cpu_allocator_hands_out_distinct_cpus_then_shares_the_least_used():
     cpus.give_back("b")
     assert cpus.take("d", 3) == [1, 2, 3]
     assert cpus.take("e", 64) == [0, 1, 2, 3]  # never more than there are
+def test_a_finished_task_is_in_heartbeats_until_its_report_is_delivered(fake, start_worker):
+    """While its report cannot be delivered, a finished attempt is still
+    reported alive, so the server keeps it; once delivered, it is not."""
+    fake.finish_down = True
+    fake.submit("done", "echo finished")
+    runner = start_worker(heartbeat=0.2, timeout=30)
+    wait_for(lambda: fake.refused_reports, what="a report attempt")
+
+    def beats():
+        with fake.lock:
+            return list(fake.workers["w1"]["heartbeats"])
+
+    seen = len(beats())
+    later = wait_for(lambda: beats()[seen:], what="a heartbeat after the task ended")
+    assert later[0]["tasks"]["done"]["attempt"] == 1
+    assert fake.finish_of("done") is None
+    fake.finish_down = False
+    report = wait_for(lambda: fake.finish_of("done"), timeout=20, what="the report, once possible")
+    assert (report["outcome"], report["stdout"]) == ("success", "finished\n")
+    seen = len(beats())
+    wait_for(lambda: beats()[seen:], what="a heartbeat after the report")
+    assert "done" not in beats()[-1]["tasks"]
+    assert runner.stop() == 0
+
+
+def test_a_claim_turned_away_waits_the_servers_retry_after(fake, start_worker):
+    fake.retry_after = 2.5  # longer than the worker's own idle backoff (2 s at most)
+    runner = start_worker(claim_wait=1)
+    wait_for(lambda: len(fake.claim_times) >= 3, timeout=20, what="three claims")
+    with fake.lock:
+        times = list(fake.claim_times)
+    assert all(b - a >= 2.5 for a, b in zip(times, times[1:])), times
+    # work that arrives is still claimed after the pause
+    fake.submit("t", "echo hi")
+    assert wait_for(lambda: fake.finish_of("t"), timeout=20, what="the task")["outcome"] == "success"
+    assert runner.stop() == 0

@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 import re
 import threading
 import time
@@ -148,6 +149,19 @@ class WorkerRegistry:
 
     def is_active(self, worker_id):
         return self.workers.find_one({"_id": worker_id, "state": WorkerState.ACTIVE}, {"_id": 1}) is not None
+
+    #: Seconds an in-process count of active workers is reused.
+    COUNT_TTL = 5.0
+
+    def active_count(self):
+        """How many workers are active, counted at most every COUNT_TTL
+        seconds (it only sizes retry delays)."""
+        now = time.monotonic()
+        cached = getattr(self, "_active_count", None)
+        if cached is None or now - cached[1] > self.COUNT_TTL:
+            cached = (self.workers.count_documents({"state": WorkerState.ACTIVE}), now)
+            self._active_count = cached
+        return cached[0]
 
     def active_ids(self):
         return [d["_id"] for d in self.workers.find({"state": WorkerState.ACTIVE}, {"_id": 1})]
@@ -314,7 +328,9 @@ def unregister_worker(worker_id):
 def claim(worker_id, free, max_tasks=1, wait=0.0):
     """Claim up to `max_tasks` ready tasks that together fit `free`; with
     `wait` > 0 and nothing to claim, hold on until a fitting task becomes
-    ready or `wait` seconds pass. Returns `{"_items": [...], "cancel": [...]}`."""
+    ready or `wait` seconds pass. Returns `{"_items": [...], "cancel": [...]}`,
+    plus `retry_after` (seconds) when it found nothing and could not wait
+    because CLAIM_MAX_WAITERS claims already do."""
     registry, queue = _registry(), _queue()
     worker = _worker_or_404(worker_id)
     if worker["state"] != WorkerState.ACTIVE or (
@@ -340,7 +356,20 @@ def claim(worker_id, free, max_tasks=1, wait=0.0):
                 abort(404, description="worker '%s' is no longer active; register again" % worker_id)
     if items:
         confirm_claimer(worker_id, [(t["_id"], t["history"][-1]["attempt"]) for t in items])
-    return {"_items": items, "cancel": queue.pending_cancellations(worker_id)}
+    reply = {"_items": items, "cancel": queue.pending_cancellations(worker_id)}
+    if not items and wait > 0 and event is None:
+        reply["retry_after"] = retry_after(registry.active_count())
+    return reply
+
+
+def retry_after(active_workers):
+    """Seconds a claim turned away from waiting (every waiting place taken)
+    should let pass before the next one: long enough that all the workers
+    turned away come back at about CLAIM_RETRY_RATE claims a second, at
+    least 1 and at most CLAIM_MAX_WAIT, and jittered so that they do not
+    come back together."""
+    base = min(max(1.0, active_workers / _config("CLAIM_RETRY_RATE")), _config("CLAIM_MAX_WAIT"))
+    return round(base * random.uniform(0.5, 1.5), 3)
 
 
 def confirm_claimer(worker_id, claimed):
@@ -399,13 +428,18 @@ def heartbeat(worker_id, tasks):
 
 def finish(task_id, attempt, outcome, exit_code=None, stdout="", stderr="", usage=None):
     """A worker's report of the end of an attempt: the task as stored after
-    the retry and continuation rules ran. Output is kept once the report
-    was accepted."""
+    the retry and continuation rules ran. A report of an attempt the server
+    already gave up is kept in that attempt's entry (`late_report`) rather
+    than refused. Output is kept once the report was accepted."""
     queue = _queue()
-    task = queue.tasks.find_one({"_id": task_id}, {"worker": 1, "state": 1})
+    task = queue.tasks.find_one({"_id": task_id}, {"worker": 1, "state": 1, "history.attempt": 1,
+                                                    "history.worker": 1})
     if task is None:
         abort(404, description="no task '%s'" % task_id)
-    worker_id = task.get("worker")
+    entry = next((h for h in task.get("history") or [] if h.get("attempt") == attempt), None)
+    # whose attempt it is: the worker it was given to, else (an attempt the
+    # task never had) its holder, for the refusal to name
+    worker_id = entry.get("worker") if entry else task.get("worker")
     if worker_id is None:
         abort(409, description="task '%s' is '%s': no worker holds it" % (task_id, task["state"]))
     if current_identity().role != "admin":
@@ -415,6 +449,10 @@ def finish(task_id, attempt, outcome, exit_code=None, stdout="", stderr="", usag
         check_worker_access(worker)
     try:
         doc = queue.finish(task_id, worker_id, attempt, outcome, exit_code, usage)
+    except states.Conflict as e:
+        doc = queue.keep_late_report(task_id, worker_id, attempt, outcome, exit_code, usage)
+        if doc is None:
+            abort(e.status, description=str(e))
     except states.TransitionError as e:
         abort(e.status, description=str(e))
     current_app.logs.save(task_id, attempt, stdout, stderr)
@@ -429,14 +467,20 @@ def finish_many(reports):
     results = []
     for task_id, report in reports:
         try:
-            finish(task_id, **report)
+            doc = finish(task_id, **report)
         except HTTPException as e:
             if e.code is None or e.code >= 500:
                 raise
             results.append({"_id": task_id, "_status": "ERR", "_error": {"code": e.code, "message": e.description}})
         else:
-            results.append({"_id": task_id, "_status": "OK"})
+            results.append(dict({"_id": task_id, "_status": "OK"}, **_late(doc, report["attempt"])))
     return results
+
+
+def _late(doc, attempt):
+    """`{"late_report": True}` when the report of `attempt` was kept as a late one."""
+    history = (doc or {}).get("history") or []
+    return {"late_report": True} if len(history) >= attempt and history[attempt - 1].get("late_report") else {}
 
 
 def task_logs(task_id, attempt=None):

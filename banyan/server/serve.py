@@ -23,7 +23,12 @@ def add_arguments(parser):
                              "default: the embedded store under --data-dir")
     parser.add_argument("--data-dir", default=os.environ.get("BANYAN_DATA_DIR", DEFAULT_DATA_DIR),
                         help="where the embedded store keeps its data (default ~/.banyan)")
-    parser.add_argument("--threads", type=int, default=16, help="request threads (default 16)")
+    parser.add_argument("--threads", type=int, default=32,
+                        help="request threads (default 32); at most half of them hold workers' long "
+                             "polls, the others answer everything else")
+    parser.add_argument("--connection-limit", type=int, default=4096, metavar="N",
+                        help="open connections accepted at once (default 4096: a worker keeps 2 to 4; "
+                             "the open-files limit is raised to fit when the system allows)")
     parser.add_argument("--auth", action=argparse.BooleanOptionalAction, default=None,
                         help="require tokens (default: on, except on loopback with the embedded "
                              "store, where the server may run open for a one-machine trial)")
@@ -91,6 +96,9 @@ def run(args):
     if not args.heartbeat_timeout > 0:
         print("banyan server: --heartbeat-timeout must be > 0 seconds", file=sys.stderr, flush=True)
         return 2
+    if args.threads < 2 or args.connection_limit < 1:
+        print("banyan server: --threads must be >= 2 and --connection-limit >= 1", file=sys.stderr, flush=True)
+        return 2
     data_dir = None if args.mongo_uri else os.path.expanduser(args.data_dir)
     try:
         client = connect(mongo_uri=args.mongo_uri, data_dir=data_dir)
@@ -104,9 +112,9 @@ def run(args):
                                   WAIT_MAX_WAITERS=max(1, args.threads // 4)))
     if auth_on:
         _bootstrap_admin(app, args)
-    server = create_server(app, host=args.host, port=args.port, threads=args.threads,
+    server = create_server(app, host=args.host, port=args.port, ident="banyan",
                            max_request_body_size=app.config["MAX_CONTENT_LENGTH"],
-                           ident="banyan")
+                           **waitress_limits(args, app.config["CLAIM_MAX_WAIT"]))
     host, port = server.effective_host, server.effective_port
     store = args.mongo_uri and "MongoDB" or "embedded store in %s" % data_dir
     print("banyan server listening on http://%s:%s (%s)" % (host, port, store), flush=True)
@@ -124,6 +132,37 @@ def run(args):
         server.close()
         client.close()
     return 0
+
+
+def waitress_limits(args, claim_max_wait):
+    """waitress settings sized for hundreds of workers, each keeping a few
+    keep-alive connections (one long poll, heartbeats, reports):
+    `connection_limit` (waitress's default, 100, is 25 workers), `poll()`
+    rather than `select()` (which fails past 1024 descriptors), a listen
+    backlog for reconnection storms, and idle connections closed after
+    `channel_timeout` (longer than a long poll plus a heartbeat interval,
+    so a live worker's connections stay open)."""
+    _raise_open_files_limit(args.connection_limit + 256)
+    return {"threads": args.threads, "connection_limit": args.connection_limit,
+            "asyncore_use_poll": True, "backlog": 2048,
+            "channel_timeout": int(max(60, 2 * claim_max_wait)), "cleanup_interval": 15}
+
+
+def _raise_open_files_limit(wanted):
+    """Each connection is a descriptor: raise the soft limit toward `wanted`
+    (never above the hard limit)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (ImportError, ValueError, OSError) as e:
+        log.warning("cannot raise the open files limit: %s", e)
+        return
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("open files limited to %d: fewer than %d connections can be served", soft, wanted)
 
 
 def _bootstrap_admin(app, args):

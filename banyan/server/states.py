@@ -57,6 +57,10 @@ WORKER_OUTCOMES = (SUCCESS, FAILURE, TIMEOUT, CANCELLED, OOM)
 MAX_MEMORY_RETRIES = 3
 #: The largest memory request a retry may grow to (MongoDB's 64-bit integers).
 MAX_MEMORY = (1 << 63) - 1
+#: Attempts a task may lose to lost workers (`lost_count`) before it fails,
+#: unless it sets `max_lost`: a lost machine is not the task's failure, so
+#: it does not spend `max_retries`.
+DEFAULT_MAX_LOST = 3
 
 FINISHED = (S.CANCELLED, S.TERMINATED)
 #: Waiting to be claimed: the states in which queued-only fields
@@ -244,8 +248,8 @@ class TaskQueue:
                     new_job = new_job or self._new_job(docs[0].get("name"), owner)
                     doc["job"] = new_job
                 doc.update(state=state.value, pending_dependency_count=len(parents), pending_parents=parents,
-                           retry_count=0, memory_retry_count=0, exit_status=None, worker=None, owner=owner, history=[],
-                           held=bool(doc.get("held")), cancelled_by=None,
+                           retry_count=0, memory_retry_count=0, lost_count=0, exit_status=None, worker=None,
+                           owner=owner, history=[], held=bool(doc.get("held")), cancelled_by=None,
                            array_limit=(jobs.get(doc["job"]) or {}).get("array_limit"))
                 for child in dict.fromkeys(doc.get("continuations") or []):
                     self._link(doc["_id"], child)
@@ -727,7 +731,9 @@ class TaskQueue:
             if usage:
                 sets["history.%d.usage" % index] = usage
             held = {"_id": task_id, "state": doc["state"], "worker": worker_id,
-                    "retry_count": doc.get("retry_count", 0), "history": {"$size": len(history)}}
+                    "retry_count": doc.get("retry_count", 0), "history": {"$size": len(history)},
+                    # tasks stored before `lost_count` existed have none
+                    "lost_count": doc["lost_count"] if "lost_count" in doc else {"$exists": False}}
             if changes.get("cascade_pending") and not doc.get("continuations"):
                 # Nothing to cascade to: no marker, no cascade (while no
                 # continuation is added meanwhile: else this update misses
@@ -746,6 +752,34 @@ class TaskQueue:
         elif is_ready(updated):
             self._became_ready(updated)
         return updated
+
+    def keep_late_report(self, task_id, worker_id, attempt, outcome, exit_code=None, usage=None):
+        """A report of an attempt the server gave up before it arrived (its
+        worker was marked lost, or its claim was thought unanswered): the
+        task has moved on, so the report changes nothing but is kept in
+        that attempt's history entry as `late_report` (the first one, if it
+        is repeated). Returns the task, or None when attempt `attempt` of
+        the task was not given to `worker_id` or was not given up."""
+        doc = self.tasks.find_one({"_id": task_id}, {"history": 1})
+        history = (doc or {}).get("history") or []
+        if not 1 <= attempt <= len(history):
+            return None
+        entry = history[attempt - 1]
+        if entry.get("attempt") != attempt or entry.get("worker") != worker_id \
+                or entry.get("exit_status") != ABANDONED:
+            return None
+        if entry.get("late_report") is None:
+            late = {"outcome": outcome, "exit_code": exit_code, "received": utcnow()}
+            if usage:
+                late["usage"] = usage
+            log.warning("task %s attempt %s: report %r arrived after the attempt was abandoned; kept",
+                        task_id, attempt, outcome)
+            # An ended attempt's entry changes no more (attempts are only
+            # appended), so its position is precondition enough; no new
+            # `_etag`: nothing a user set changed.
+            self.tasks.update_one({"_id": task_id},
+                                  {"$set": {"history.%d.late_report" % (attempt - 1): late}})
+        return self.tasks.find_one({"_id": task_id})
 
     def give_back(self, task_id, worker_id, attempt):
         """A claim whose worker was marked lost before the answer reached
@@ -785,6 +819,12 @@ class TaskQueue:
         if grown is not None:
             return {"state": S.AVAILABLE.value, "memory_retry_count": doc.get("memory_retry_count", 0) + 1,
                     "requested_resources.memory": grown, "exit_status": outcome, "worker": None}
+        if outcome == ABANDONED:
+            # The worker was lost, not the task at fault: its own count and limit.
+            lost = doc.get("lost_count", 0)
+            if lost < doc.get("max_lost", DEFAULT_MAX_LOST):
+                return {"state": S.AVAILABLE.value, "lost_count": lost + 1, "exit_status": outcome, "worker": None}
+            return {"state": S.TERMINATED.value, "exit_status": outcome, "worker": None, "cascade_pending": True}
         retries_left = doc.get("retry_count", 0) < doc.get("max_retries", 0)
         if retries_left and doc["state"] == S.RUNNING:
             return {"state": S.AVAILABLE.value, "retry_count": doc.get("retry_count", 0) + 1,

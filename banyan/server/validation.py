@@ -117,7 +117,10 @@ class BanyanValidator(Validator):
         if not (write_once and self.is_update_operation):
             return
         state = self._persisted_state()
-        if state != states.S.INACTIVE and value != (self.persisted_document or {}).get(field):
+        persisted = self.persisted_document or {}
+        if field not in persisted and value == self.schema[field].get("default"):
+            return  # a field added since the task was stored: its default is what it had
+        if state != states.S.INACTIVE and value != persisted.get(field):
             self._error(field, "'%s' cannot change once a task has left 'inactive' (this one is '%s')"
                         % (field, state))
 

@@ -58,6 +58,8 @@ BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 BUSY_CLAIM_WAIT = 2.0
 #: Most finished attempts delivered in one request.
 REPORT_BATCH = 32
+#: Longest pause a server's ``retry_after`` may impose on the claimer.
+RETRY_AFTER_MAX = 60.0
 #: Tries to reach the server at start before giving up (exit code 3).
 STARTUP_ATTEMPTS = 4
 #: The lease on running tasks is shorter than the server's heartbeat timeout
@@ -168,8 +170,14 @@ class Worker:
         self.config = config
         self.subreaper = subreaper
         self.hooks = list(hooks) if hooks is not None else [TimeLimit()]
-        make = client_factory or (lambda **kw: Client(config.server, config.token, **kw))
-        # One client (one Session) per thread: requests.Session isn't thread-safe.
+        self._session = None
+        if client_factory is None:
+            # One client per thread (each with its timeouts) over one shared
+            # session: a worker keeps a few connections to its server, not
+            # a pool per thread (hundreds of workers share one server).
+            self._session = Client.make_session(config.token)
+            client_factory = lambda **kw: Client(config.server, config.token, session=self._session, **kw)
+        make = client_factory
         self.client = make(timeout=10.0, attempts=1)
         self.claim_client = make(timeout=15.0, attempts=1)
         self.heartbeat_client = make(timeout=max(1.0, min(30.0, config.heartbeat)), attempts=1)
@@ -200,6 +208,8 @@ class Worker:
         self.heartbeat_interval = config.heartbeat
         self._lease_deadline = None  # monotonic; None before registering
         self._reports = queue.Queue()
+        self._unreported = {}   # task id -> report not yet delivered, still held in heartbeats
+        self._claim_retry_after = None  # the server's hint when it could not hold a claim open
         self._last_sample = {}
         # One claim at a time (the claimer's, or the one a report carries):
         # each is sized by what is free, and two at once would both count
@@ -476,6 +486,9 @@ class Worker:
         """Reserve and queue the tasks a claim answer brought (and note its
         cancellations); returns how many."""
         items = reply.get("_items") or []
+        retry_after = reply.get("retry_after")
+        self._claim_retry_after = (min(float(retry_after), RETRY_AFTER_MAX)
+                                   if isinstance(retry_after, (int, float)) and retry_after > 0 else None)
         with self._lock:
             stale = self.worker_id != wid   # reset while the claim was in flight
             if not stale:
@@ -561,6 +574,10 @@ class Worker:
             delay = BACKOFF_START
             if got:
                 idle = TICK
+            elif self._claim_retry_after:
+                # Every waiting place on the server was taken: come back
+                # when it says, so hundreds of idle workers do not spin.
+                self._stop_event.wait(self._claim_retry_after)
             elif plan[0] and time.monotonic() - started < 0.5 * plan[0]:
                 # The server did not hold the request (or we had nothing
                 # that fits): back off a little, as Huey's idle delay does.
@@ -774,9 +791,12 @@ class Worker:
     # == heartbeats (heartbeat thread) ======================================
 
     def heartbeat_payload(self):
+        """Running attempts, and finished ones whose report is not delivered
+        yet: the server keeps an attempt while its worker reports it."""
         with self._lock:
             running = list(self._tasks.items())
-        tasks = {}
+            unreported = [r for r in self._unreported.values() if r["worker_id"] == self.worker_id]
+        tasks = {r["task_id"]: {"attempt": r["attempt"], "usage": r["usage"]} for r in unreported}
         for task_id, proc in running:
             entry = {"attempt": proc.attempt, "usage": proc.usage()}
             progress = proc.read_progress()
@@ -825,13 +845,17 @@ class Worker:
     def _queue_report(self, task, attempt, outcome, stdout, stderr, usage, proc=None, reservation=None):
         report = {"task_id": str(task["_id"]), "attempt": attempt, "outcome": outcome.outcome,
                   "exit_code": outcome.exit_code, "stdout": stdout, "stderr": stderr,
-                  "usage": usage, "proc": proc, "reservation": reservation}
+                  "usage": usage, "proc": proc, "reservation": reservation, "worker_id": self.worker_id}
+        with self._lock:
+            self._unreported[report["task_id"]] = report
         self._reports.put(report)
 
     def _settle(self, report):
         """The report is delivered (or refused, or given up): free what the task held."""
-        if report.get("reservation") is not None:
-            with self._lock:
+        with self._lock:
+            if self._unreported.get(report["task_id"]) is report:
+                del self._unreported[report["task_id"]]
+            if report.get("reservation") is not None:
                 self._release(report["task_id"], report["reservation"])
 
     def report(self, report, client=None):
@@ -839,8 +863,8 @@ class Worker:
         task_id = report["task_id"]
         client = client or self.report_client
         try:
-            client.finish(task_id, report["attempt"], report["outcome"], report["exit_code"],
-                                      report["stdout"], report["stderr"], report["usage"])
+            stored = client.finish(task_id, report["attempt"], report["outcome"], report["exit_code"],
+                                   report["stdout"], report["stderr"], report["usage"])
         except BanyanError as exc:
             if _transient(exc):
                 log.warning("cannot report task %s yet: %s", task_id, exc)
@@ -854,8 +878,13 @@ class Worker:
                           task_id, report["attempt"], exc)
             return True
         self._contact()
-        log.info("reported task %s attempt %s: %s (exit code %s)", task_id, report["attempt"],
-                 report["outcome"], report["exit_code"])
+        history = (stored or {}).get("history") or []
+        if len(history) >= report["attempt"] and history[report["attempt"] - 1].get("late_report"):
+            log.warning("reported task %s attempt %s (%s) after the server had given it up: kept as "
+                        "the attempt's late report", task_id, report["attempt"], report["outcome"])
+        else:
+            log.info("reported task %s attempt %s: %s (exit code %s)", task_id, report["attempt"],
+                     report["outcome"], report["exit_code"])
         return True
 
     def deliver(self, batch):
@@ -916,7 +945,10 @@ class Worker:
 
     def _log_report(self, item, result):
         error = result.get("_error") if isinstance(result, dict) else None
-        if not error:
+        if not error and result.get("late_report"):
+            log.warning("reported task %s attempt %s (%s) after the server had given it up: kept as "
+                        "the attempt's late report", item["task_id"], item["attempt"], item["outcome"])
+        elif not error:
             log.info("reported task %s attempt %s: %s (exit code %s)", item["task_id"], item["attempt"],
                      item["outcome"], item["exit_code"])
         elif error.get("code") in (404, 409):
@@ -1030,3 +1062,5 @@ class Worker:
         if self._work_dir_lock is not None:
             self._work_dir_lock.close()
             self._work_dir_lock = None
+        if self._session is not None:
+            self._session.close()
