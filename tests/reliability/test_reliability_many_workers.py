@@ -1,0 +1,149 @@
+"""A cluster's worth of workers on one server: 300 simulated workers (light
+clients speaking the worker protocol, tests/simulated_workers.py) and 4
+real `banyan-worker` processes share a queue of tasks. None is lost, none
+is run twice, each is recorded as the one that ran it reported it, and a
+user's `GET /tasks/<id>` is answered within 200 ms at the 99th percentile
+throughout (the issue's bound for a user's request, whatever the workers
+do; 300 workers also keep more connections open than waitress's default
+limit of 100).
+
+BANYAN_MANY_WORKERS_TASKS sets the number of tasks (the issue's figure is
+10,000; CI runs fewer), BANYAN_MANY_WORKERS_SIMULATED the simulated workers.
+"""
+
+import json
+import os
+import time
+
+import pytest
+import requests
+
+from conftest import TEST_TOKEN, LiveServer
+from harness import Worker, read_markers
+from simulated_workers import Fleet, LatencyProbe
+
+TASKS = int(os.environ.get("BANYAN_MANY_WORKERS_TASKS", "2000"))
+SIMULATED = int(os.environ.get("BANYAN_MANY_WORKERS_SIMULATED", "300"))
+REAL_WORKERS, REAL_CORES = 4, 2
+#: The issue's bound on a user's single-task read, at the 99th percentile.
+USER_GET_P99 = 0.200
+
+#: What a task does on a real worker: refuse a second run of an attempt
+#: (noted in DUPLICATES), leave a marker, exit with $EXIT.
+SCRIPT = ('f="$M/$BANYAN_TASK_ID.$BANYAN_ATTEMPT"; '
+          'if [ -e "$f" ]; then echo "$BANYAN_TASK_ID.$BANYAN_ATTEMPT" >> "$M/DUPLICATES"; exit 99; fi; '
+          'echo started > "$f"; echo "exit $EXIT" >> "$f"; exit "$EXIT"')
+
+pytestmark = pytest.mark.slow
+
+
+def exit_code_of(task):
+    """Every seventh task fails with exit code 3, on a real worker or a simulated one."""
+    return int(task["environment"]["EXIT"])
+
+
+def simulated_outcome(task):
+    code = exit_code_of(task)
+    return ("success" if code == 0 else "failure"), code
+
+
+def test_300_simulated_and_4_real_workers_share_10000_tasks(tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    server = LiveServer(tmp_path / "server-data").start()
+    http = requests.Session()
+    if TEST_TOKEN:
+        http.headers["Authorization"] = "Bearer " + TEST_TOKEN
+    real = [Worker(server.url, tmp_path / ("work%d" % i), tmp_path / ("worker%d.log" % i), cores=REAL_CORES,
+                   heartbeat=2, claim_wait=5, host="real%d" % i, token=TEST_TOKEN).start()
+            for i in range(REAL_WORKERS)]
+    fleet = Fleet(server.url, SIMULATED, token=TEST_TOKEN, claim_wait=5, heartbeat=5, run_seconds=0.02,
+                  outcome_of=simulated_outcome)
+    probe = None
+    try:
+        fleet.start()
+        # the user's task, read throughout
+        r = http.post(server.url + "/tasks", json={"name": "watched", "command": "true"})
+        assert r.status_code == 201, r.text
+        probe = LatencyProbe(server.url, r.json()["_id"], tmp_path / "latencies", token=TEST_TOKEN).start()
+        ids = []
+        for start in range(0, TASKS, 250):
+            chunk = [{"name": "t%d" % i, "command": SCRIPT, "state": "available", "max_retries": 0,
+                      "environment": {"M": str(markers), "EXIT": "3" if i % 7 == 3 else "0"}}
+                     for i in range(start, min(TASKS, start + 250))]
+            r = http.post(server.url + "/tasks", json=chunk, timeout=120)
+            assert r.status_code == 201, r.text[:2000]
+            ids += [item["_id"] for item in r.json()["_items"]]
+        deadline = time.monotonic() + 120 + TASKS * 0.1
+        where = json.dumps({"state": {"$nin": ["terminated", "cancelled"]}, "name": {"$ne": "watched"}})
+        while True:
+            left = http.get(server.url + "/tasks", params={"where": where, "max_results": 1}).json()["_meta"]["total"]
+            if left == 0:
+                break
+            assert time.monotonic() < deadline, "%d tasks still unfinished" % left
+            time.sleep(0.5)
+        probe.stop()
+        real_ids = {w["_id"] for w in http.get(server.url + "/workers").json()["_items"]
+                    if w["host"].startswith("real")}
+        tasks = {}
+        page = 1
+        while True:
+            body = http.get(server.url + "/tasks", params={
+                "where": json.dumps({"name": {"$ne": "watched"}}), "max_results": 5000, "page": page,
+                "projection": json.dumps({"state": 1, "exit_status": 1, "history": 1, "environment": 1,
+                                          "lost_count": 1})}).json()
+            tasks.update((t["_id"], t) for t in body["_items"])
+            if len(body["_items"]) < 5000:
+                break
+            page += 1
+    finally:
+        if probe is not None:
+            probe.stop()
+        fleet.stop()
+        for worker in real:
+            worker.stop()
+        server.stop()
+        http.close()
+
+    # none lost
+    assert len(ids) == TASKS and set(tasks) == set(ids)
+    # none run twice: each task was given out once, to one worker, and ran once
+    simulated = {}
+    for run in fleet.runs:
+        simulated.setdefault(run.task_id, []).append(run)
+    runs, duplicates = read_markers(markers)
+    assert duplicates == []
+    assert [t for t, given in simulated.items() if len(given) > 1] == []
+    assert [t for t, attempts in runs.items() if len(attempts) > 1] == []
+    assert set(simulated) & set(runs) == set()
+    assert set(simulated) | set(runs) == set(ids)
+    # none recorded wrongly: one attempt, by the worker that ran it, ended as it ended
+    wrong = []
+    for task_id, task in tasks.items():
+        expected_code = exit_code_of(task)
+        history = task["history"]
+        entry = history[-1] if history else {}
+        if task_id in simulated:
+            ran_by, reported = simulated[task_id][0].worker, simulated[task_id][0].status
+            if reported != 200:
+                wrong.append((task_id, "report answered %s" % reported))
+        else:
+            ran_by = entry.get("worker") if entry.get("worker") in real_ids else "a real worker"
+            if runs[task_id] != {1: expected_code}:
+                wrong.append((task_id, "markers %s" % runs[task_id]))
+        recorded = (task["state"], task["exit_status"], len(history), entry.get("worker"), entry.get("exit_code"),
+                    task.get("lost_count"))
+        if recorded != ("terminated", "success" if expected_code == 0 else "failure", 1, ran_by, expected_code, 0):
+            wrong.append((task_id, recorded))
+    assert wrong == [], wrong[:20]
+    assert fleet.errors == []
+    assert server.server_errors() == []
+    # both kinds of worker did some of the work
+    assert len(simulated) > 0 and len(runs) > 0
+    # a user's read was answered promptly throughout
+    assert probe.statuses and set(probe.statuses) == {200}, set(probe.statuses)
+    p99 = probe.p99()
+    print("\n%d tasks, %d simulated + %d real workers: %d by simulated, %d by real; user GET p99 %.1f ms "
+          "(max %.1f ms, %d reads)" % (TASKS, SIMULATED, REAL_WORKERS, len(simulated), len(runs), p99 * 1000,
+                                        max(probe.seconds) * 1000, len(probe.seconds)))
+    assert p99 < USER_GET_P99, "user GET p99 %.0f ms" % (p99 * 1000)
