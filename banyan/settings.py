@@ -148,8 +148,6 @@ jobs = {
         # `--array 1-100%4`: at most this many of its tasks run at once.
         "array_limit": {"type": "integer", "min": 1, "nullable": True, "default": None},
         "owner": {"type": "string", "nullable": True, "readonly": True},
-        # The run slots taken under `array_limit`: ["<task id>/<token>", ...].
-        "slots": {"type": "list", "readonly": True},
     },
     "resource_methods": ["GET", "POST"],
     "item_methods": ["GET"],
@@ -186,7 +184,15 @@ logs = {
     "mongo_indexes": {"attempt": ([("task", 1), ("attempt", -1)], {"unique": True})},
 }
 
-DOMAIN = {"tasks": tasks, "jobs": jobs, "workers": workers, "logs": logs}
+# Run slots of jobs with an `array_limit` (banyan.server.states: one
+# document per slot taken, "<job id>/<n>", so taking one is an insert).
+slots = {
+    "internal_resource": True,
+    "schema": {"job": {"type": "objectid"}, "task": {"type": "objectid"}, "token": {"type": "string"}},
+    "mongo_indexes": {"job": [("job", 1), ("task", 1)]},
+}
+
+DOMAIN = {"tasks": tasks, "jobs": jobs, "slots": slots, "workers": workers, "logs": logs}
 
 #: Virtual fields, read or written through endpoints of their own.
 VIRTUAL_RESOURCES = {

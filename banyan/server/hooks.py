@@ -72,7 +72,7 @@ def register_hooks(app, queue):
 
     def on_insert_jobs(docs):
         for doc in docs:
-            doc.update(owner=current_identity().name, slots=[])
+            doc["owner"] = current_identity().name
 
     def on_fetched_resource_jobs(response):
         jobs.add_counts(queue.db, response.get("_items") or [])

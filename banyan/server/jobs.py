@@ -4,7 +4,8 @@ A job is a stored document (`/jobs`, an Eve resource); its tasks name it in
 `job`. What a job shows beyond its own fields is computed when it is read:
 `counts` of its tasks by what a person asks of them (queued, running,
 succeeded, failed, cancelled), one aggregation for all the jobs of a page,
-and `status`, the job's state in one word.
+`status`, the job's state in one word, and `slots`, the tasks holding one of
+its `array_limit` run slots.
 """
 
 from banyan.server.states import SUCCESS
@@ -49,6 +50,10 @@ def add_counts(db, jobs):
         if entry is not None:
             entry[category(key.get("state"), key.get("exit_status"))] += row["n"]
             entry["total"] += row["n"]
+    slots = {job_id: [] for job_id in counts}
+    for slot in db["slots"].find({"job": {"$in": list(counts)}}, {"job": 1, "task": 1}):
+        slots[slot["job"]].append(slot["task"])
     for job in jobs:
         job["counts"] = counts[job["_id"]]
         job["status"] = job_status(job["counts"])
+        job["slots"] = slots[job["_id"]]

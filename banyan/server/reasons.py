@@ -35,8 +35,10 @@ def add_pending_reasons(db, docs):
         return
     workers = list(db["workers"].find({"state": "active"}, {"resources": 1}))
     job_ids = list({doc["job"] for doc in queued if doc.get("array_limit") and doc.get("job")})
-    slots = {job["_id"]: len(job.get("slots") or []) for job in
-             db["jobs"].find({"_id": {"$in": job_ids}}, {"slots": 1})} if job_ids else {}
+    slots = {}
+    if job_ids:
+        for slot in db["slots"].find({"job": {"$in": job_ids}}, {"job": 1}):
+            slots[slot["job"]] = slots.get(slot["job"], 0) + 1
     largest = largest_offers(workers)
     for doc in queued:
         doc["pending_reason"] = pending_reason(doc, workers, largest, slots)

@@ -220,6 +220,7 @@ class TaskQueue:
         self.db = db
         self.tasks = db["tasks"]
         self.jobs = db["jobs"]
+        self.slots = db["slots"]
         self.leases = db["leases"]
         self.on_ready = on_ready or (lambda doc: None)
         self.on_finished = on_finished or (lambda task_id: None)
@@ -280,7 +281,7 @@ class TaskQueue:
     def _new_job(self, name, owner):
         """A job for tasks submitted without one (one per request)."""
         now = utcnow()
-        job = {"_id": ObjectId(), "name": name, "array_limit": None, "owner": owner, "slots": [],
+        job = {"_id": ObjectId(), "name": name, "array_limit": None, "owner": owner,
                "_created": now, "_updated": now, "_etag": str(ObjectId())}
         self.jobs.insert_one(job)
         return job["_id"]
@@ -647,10 +648,10 @@ class TaskQueue:
             doc = self.tasks.find_one(query, fields, sort=CLAIM_ORDER)
             if doc is None:
                 return None
-            token = None
+            slot = None
             if doc.get("array_limit") and doc.get("job"):
-                token = self._take_slot(doc["job"], doc["array_limit"], doc["_id"])
-                if token is None:
+                slot = self._take_slot(doc["job"], doc["array_limit"], doc["_id"])
+                if slot is None:
                     full.add(doc["job"])
                     continue
             attempt = new_attempt(len(doc.get("history") or []) + 1, worker_id, host)
@@ -664,43 +665,50 @@ class TaskQueue:
                 return_document=ReturnDocument.AFTER)
             if claimed is not None:
                 return claimed
-            if token:
-                self._free_slot(doc["_id"], doc["job"], token)
+            if slot:
+                self._free_slot(doc["_id"], doc["job"], slot)
 
-    # -- array limits: run slots on the job -------------------------------
+    # -- array limits: run slots ------------------------------------------
 
     def _take_slot(self, job_id, limit, task_id):
-        """One of the job's `limit` run slots for `task_id` (its entry
-        "<task id>/<token>"), or None if all are taken: an atomic `$push` on
-        the job whose filter says fewer than `limit` are held. Each slot has
-        a token of its own, so a claim that lost its race gives back only its
-        slot, never the winner's. Slots of tasks that finished without giving
-        theirs back (a server killed between the two writes) are reclaimed."""
+        """One of the job's `limit` run slots for `task_id`, or None if all
+        are taken. A slot is a document of the `slots` collection whose `_id`
+        is "<job id>/<n>" for n below the limit: taking it is an insert, and
+        of two inserts of one `_id` the store keeps exactly one (a unique key
+        holds even where concurrent conditional updates are not serialized).
+        Each slot has a token of its own, so a claim that lost its race gives
+        back only its slot, never the winner's. Slots of tasks that finished
+        without giving theirs back (a server killed between the two writes)
+        are reclaimed. Returns the slot's (`_id`, token)."""
         for _ in range(2):
-            entry = "%s/%s" % (task_id, ObjectId())
-            if self.jobs.update_one({"_id": job_id, "slots.%d" % (limit - 1): {"$exists": False}},
-                                    {"$push": {"slots": entry}}).matched_count:
-                return entry
-            slots = (self.jobs.find_one({"_id": job_id}, {"slots": 1}) or {}).get("slots") or []
-            holders = {ObjectId(e.split("/")[0]) for e in slots if isinstance(e, str) and ObjectId.is_valid(e.split("/")[0])}
-            stale = {str(d["_id"]) for d in self.tasks.find(
-                {"_id": {"$in": list(holders)}, "state": {"$in": [s.value for s in FINISHED]}}, {"_id": 1})}
+            taken = {d["_id"]: d.get("task") for d in self.slots.find({"job": job_id}, {"task": 1})}
+            if len(taken) < limit:
+                for n in range(limit):
+                    key = "%s/%d" % (job_id, n)
+                    if key in taken:
+                        continue
+                    token = str(ObjectId())
+                    try:
+                        self.slots.insert_one({"_id": key, "job": job_id, "task": task_id, "token": token})
+                        return key, token
+                    except DuplicateKeyError:
+                        continue
+            stale = {d["_id"] for d in self.tasks.find(
+                {"_id": {"$in": list(set(taken.values()))}, "state": {"$in": [s.value for s in FINISHED]}},
+                {"_id": 1})}
             if not stale:
                 return None
-            for e in slots:
-                if e.split("/")[0] in stale:
-                    self.jobs.update_one({"_id": job_id}, {"$pull": {"slots": e}})
+            for key, task in taken.items():
+                if task in stale:
+                    self.slots.delete_one({"_id": key, "task": task})
         return None
 
     def _free_slot(self, task_id, job_id, entry=None):
-        """Give back the run slot `entry`, or every slot `task_id` holds."""
-        if entry is None:
-            slots = (self.jobs.find_one({"_id": job_id}, {"slots": 1}) or {}).get("slots") or []
-            entries = [e for e in slots if isinstance(e, str) and e.split("/")[0] == str(task_id)]
+        """Give back the run slot `entry` ((`_id`, token)), or every slot `task_id` holds."""
+        if entry is not None:
+            self.slots.delete_one({"_id": entry[0], "token": entry[1]})
         else:
-            entries = [entry]
-        for e in entries:
-            self.jobs.update_one({"_id": job_id, "slots": e}, {"$pull": {"slots": e}})
+            self.slots.delete_many({"job": job_id, "task": task_id})
 
     def finish(self, task_id, worker_id, attempt, outcome, exit_code=None, usage=None):
         """End an attempt as its worker reports it, then apply the rules:

@@ -1,0 +1,225 @@
+"""Issue 17 through the HTTP API: dependency kinds, retry, jobs, holds,
+queued changes, pending reasons and array limits, checked against the
+stored documents."""
+
+import threading
+
+import pytest
+from bson import ObjectId
+
+from conftest import MONGO_URI, CheckedSession, LiveServer
+from test_server import GiB, get, patch, post, run_to_end
+from banyan.server.states import FAILURE, SUCCESS
+
+EVERYTHING = {"cores": 1e9, "memory": 1 << 60, "gpus": 1 << 30}
+
+
+def ids(api, docs):
+    r = api.post("/tasks", json=docs)
+    assert r.status_code == 201, r.json
+    return [item["_id"] for item in (r.json["_items"] if "_items" in r.json else [r.json])]
+
+
+@pytest.mark.parametrize("outcome", [SUCCESS, FAILURE])
+def test_each_kind_of_edge_runs_or_cancels_by_the_parent_outcome(app, api, db, outcome):
+    parent = post(api, {"command": "x", "name": "parent", "state": "available"})["_id"]
+    ok, anyway, on_failure = ids(api, [
+        {"command": "y", "state": "available", "after": [parent]},
+        {"command": "y", "state": "available", "after_any": [parent]},
+        {"command": "y", "state": "available", "after_failure": [parent]}])
+    assert set(get(api, parent)["continuations"]) == {ok, anyway, on_failure}
+    for child in (ok, anyway, on_failure):
+        doc = get(api, child)
+        assert doc["pending_parents"] == [parent]
+        assert doc["pending_reason"]["code"] == "waiting_for_parents"
+        assert doc["pending_reason"]["parents"] == [parent]
+    run_to_end(app, parent, outcome)
+    runs = {ok: outcome == SUCCESS, anyway: True, on_failure: outcome == FAILURE}
+    for child, should_run in runs.items():
+        doc = get(api, child)
+        if should_run:
+            assert (doc["state"], doc["pending_parents"]) == ("available", [])
+            assert doc["pending_reason"]["code"] in ("workers_busy", "no_worker_fits")
+        else:
+            assert doc["state"] == "cancelled" and doc["pending_parents"] == []
+            assert doc["cancelled_by"] == {"task": parent, "name": "parent", "exit_status": outcome,
+                                           "needed": "success" if child == ok else "failure"}
+            assert doc["pending_reason"] is None
+
+
+def test_a_parent_that_already_ended_settles_the_edge_at_creation(app, api):
+    parent = post(api, {"command": "x", "state": "available"})["_id"]
+    run_to_end(app, parent, FAILURE)
+    anyway, ok = ids(api, [{"command": "y", "state": "available", "after_any": [parent]},
+                           {"command": "y", "state": "available", "after": [parent]}])
+    assert get(api, anyway)["state"] == "available" and get(api, anyway)["pending_dependency_count"] == 0
+    assert get(api, ok)["state"] == "cancelled" and get(api, ok)["cancelled_by"]["task"] == parent
+    run_to_end(app, anyway)
+
+
+def test_bad_edges_are_refused_and_change_nothing(api, db):
+    parent = post(api, {"command": "x"})["_id"]
+    before = db.tasks.count_documents({})
+    for body, word in [({"command": "y", "after": [parent], "after_any": [parent]}, "one kind"),
+                       ({"command": "y", "after_failure": [str(ObjectId())]}, "must exist"),
+                       ({"command": "y", "after": ["nope"]}, "objectid")]:
+        r = api.post("/tasks", json=body)
+        assert r.status_code == 422 and word in r.get_data(as_text=True), r.json
+    child = post(api, {"command": "y", "after": [parent]})["_id"]
+    r = api.patch("/tasks/%s" % child, json={"after_any": [parent]})
+    assert r.status_code == 422 and "created" in r.get_data(as_text=True)
+    assert db.tasks.count_documents({}) == before + 1
+    assert get(api, parent)["continuations"] == [child]
+
+
+def test_retry_revives_what_was_cancelled_because_of_it(app, api):
+    parent = post(api, {"command": "x", "state": "available"})["_id"]
+    child = post(api, {"command": "y", "state": "available", "after": [parent]})["_id"]
+    grandchild = post(api, {"command": "z", "state": "available", "after": [child]})["_id"]
+    run_to_end(app, parent, FAILURE)
+    assert get(api, grandchild)["cancelled_by"]["task"] == child
+
+    # a child alone cannot come back while its parent's failure rules it out
+    r = api.post("/tasks/retry", json={"ids": [child]})
+    assert r.status_code == 422 and r.json["_items"][0]["_error"]["code"] == 409
+    assert parent in r.json["_items"][0]["_error"]["message"]
+    r = api.post("/tasks/retry", json={"ids": [parent, child]})
+    assert r.status_code == 200, r.json
+    assert [item["_status"] for item in r.json["_items"]] == ["OK", "OK"]
+    for task in (child, grandchild):
+        doc = get(api, task)
+        assert doc["state"] == "available" and doc["cancelled_by"] is None and doc["exit_status"] is None
+    assert get(api, child)["pending_parents"] == [parent]
+    run_to_end(app, parent)
+    run_to_end(app, child)
+    run_to_end(app, grandchild)
+    assert len(get(api, parent)["history"]) == 2
+
+    # what cannot be retried
+    r = api.post("/tasks/retry", json={"ids": [parent, str(ObjectId())]})
+    assert r.status_code == 422
+    first, missing = r.json["_items"]
+    assert "success" in first["_error"]["message"] and missing["_error"]["code"] == 404
+    running = post(api, {"command": "x", "state": "available"})["_id"]
+    app.queue.claim_next(ObjectId(), EVERYTHING)
+    assert api.post("/tasks/retry", json={"ids": [running]}).json["_items"][0]["_error"]["code"] == 409
+    for body in ({"ids": ["nope"]}, {"ids": parent}, {"tasks": []}):
+        assert api.post("/tasks/retry", json=body).status_code in (400, 422)
+
+
+def test_a_held_task_is_never_claimed_until_released(app, api):
+    held = post(api, {"command": "x", "state": "available", "held": True})["_id"]
+    assert get(api, held)["pending_reason"]["code"] == "held"
+    assert app.queue.claim_next(ObjectId(), EVERYTHING) is None
+    wid = app.queue.db["workers"].insert_one({"host": "h", "state": "active", "resources": {}}).inserted_id
+    r = api.patch("/tasks/%s" % held, json={"state": "running", "worker": str(wid)})
+    assert r.status_code == 409 and "held" in r.get_data(as_text=True)
+    patch(api, held, {"held": False})
+    assert app.queue.claim_next(ObjectId(), EVERYTHING)["_id"] == ObjectId(held)
+
+
+def test_priority_changed_while_available_decides_the_claim_order(app, api):
+    first, second = ids(api, [{"command": "a", "state": "available"}, {"command": "b", "state": "available"}])
+    patch(api, second, {"priority": 5})
+    patch(api, first, {"requested_resources": {"cores": 2, "memory": "1 GiB"}})
+    assert get(api, first)["requested_resources"]["memory"] == GiB
+    worker = ObjectId()
+    assert app.queue.claim_next(worker, {"cores": 1, "memory": 0, "gpus": 0})["_id"] == ObjectId(second)
+    assert app.queue.claim_next(worker, {"cores": 1, "memory": 0, "gpus": 0}) is None  # no longer fits
+    assert app.queue.claim_next(worker, {"cores": 2, "memory": GiB, "gpus": 0})["_id"] == ObjectId(first)
+
+
+def test_every_post_is_a_job_with_counts(app, api):
+    a, b = ids(api, [{"command": "a", "state": "available", "name": "pair"}, {"command": "b", "state": "available"}])
+    job = get(api, a)["job"]
+    assert get(api, b)["job"] == job
+    run_to_end(app, a)
+    run_to_end(app, b, FAILURE)
+    r = api.get("/jobs/%s" % job)
+    assert r.json["name"] == "pair" and r.json["status"] == "failed"
+    assert r.json["counts"] == {"queued": 0, "running": 0, "succeeded": 1, "failed": 1, "cancelled": 0, "total": 2}
+    created = api.post("/jobs", json={"name": "mine", "array_limit": 2})
+    assert created.status_code == 201
+    c = post(api, {"command": "c", "job": created.json["_id"]})["_id"]
+    assert get(api, c)["job"] == created.json["_id"] and get(api, c)["array_limit"] == 2
+    listed = {j["_id"]: j for j in api.get("/jobs").json["_items"]}
+    assert listed[created.json["_id"]]["counts"]["queued"] == 1
+    assert api.post("/jobs", json={"array_limit": 0}).status_code == 422
+    assert api.post("/tasks", json={"command": "x", "job": str(ObjectId())}).status_code == 422
+
+
+def test_no_worker_fits_names_the_request_and_the_largest_offer(app, api):
+    app.queue.db["workers"].insert_one({"host": "h", "state": "active",
+                                        "resources": {"cores": 4, "memory": GiB, "gpus": 0}})
+    task = post(api, {"command": "x", "state": "available", "requested_resources": {"gpus": 2}})["_id"]
+    reason = get(api, task)["pending_reason"]
+    assert reason["code"] == "no_worker_fits" and reason["asks"]["gpus"] == 2 and reason["largest"]["gpus"] == 0
+    assert "gpus 2" in reason["message"] and "gpus 0" in reason["message"]
+    fits = post(api, {"command": "x", "state": "available", "requested_resources": {"cores": 4}})["_id"]
+    assert get(api, fits)["pending_reason"]["code"] == "workers_busy"
+
+
+def test_array_limit_holds_for_racing_claimers(app, api):
+    app.queue.db["workers"].insert_one({"host": "h", "state": "active", "resources": EVERYTHING})
+    job = api.post("/jobs", json={"name": "capped", "array_limit": 2}).json["_id"]
+    tasks = ids(api, [{"command": "x", "state": "available", "job": job} for _ in range(6)])
+    claimed, errors = [], []
+
+    def claimer():
+        try:
+            doc = app.queue.claim_next(ObjectId(), EVERYTHING)
+            if doc is not None:
+                claimed.append(doc)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=claimer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and 1 <= len({d["_id"] for d in claimed}) <= 2
+    running = list(app.queue.tasks.find({"job": ObjectId(job), "state": "running"}))
+    assert 1 <= len(running) <= 2
+    waiting = next(t for t in tasks if ObjectId(t) not in {d["_id"] for d in running})
+    assert get(api, waiting)["pending_reason"]["code"] == "array_limit"
+    assert {ObjectId(t) for t in api.get("/jobs/%s" % job).json["slots"]} == {d["_id"] for d in running}
+    for doc in running:  # (as stored: its claimer)
+        app.queue.finish(doc["_id"], doc["worker"], doc["history"][-1]["attempt"], SUCCESS)
+    assert api.get("/jobs/%s" % job).json["slots"] == []
+    assert app.queue.claim_next(ObjectId(), EVERYTHING) is not None
+    assert app.queue.claim_next(ObjectId(), EVERYTHING) is not None
+    assert app.queue.claim_next(ObjectId(), EVERYTHING) is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MONGO_URI, reason="several server processes share a database only on MongoDB")
+def test_array_limit_holds_across_server_processes(tmp_path):
+    """Two server processes over one database, workers claiming through both."""
+    data = tmp_path / "shared"
+    servers = [LiveServer(data).start(), LiveServer(data).start()]
+    try:
+        http = CheckedSession()
+        job = http.post(servers[0].url + "/jobs", json={"name": "capped", "array_limit": 3}).json()["_id"]
+        r = http.post(servers[0].url + "/tasks", json=[{"command": "x", "state": "available", "job": job}
+                                                       for _ in range(12)])
+        assert r.status_code == 201, r.text
+        workers = [http.post(s.url + "/workers", json={"host": "w%d" % i, "resources": EVERYTHING}).json()["_id"]
+                   for i, s in enumerate(servers * 2)]
+        got = []
+
+        def claim(server, wid):
+            reply = CheckedSession().post("%s/workers/%s/claim" % (server.url, wid),
+                                          json={"free": {"cores": 100, "memory": GiB, "gpus": 0}, "max_tasks": 3})
+            got.extend(reply.json()["_items"])
+
+        threads = [threading.Thread(target=claim, args=(s, w)) for s, w in zip(servers * 2, workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(got) == 3
+        assert len(http.get(servers[1].url + "/jobs/" + job).json()["slots"]) == 3
+    finally:
+        for s in servers:
+            s.stop()
