@@ -3,8 +3,8 @@
 The set of tasks is fixed when the wait starts (ids, or a `where` filter
 evaluated then). Each round is one `POST /tasks/wait` on the tasks not yet
 finished: the server holds it until they have all finished or `interval`
-seconds passed (so progress is drawn that often), and answers the moment
-the last one ends. A server too busy to hold it (or one without that
+seconds passed (so progress is drawn that often; without `on_progress`, as
+long as the server holds it), and answers the moment the last one ends. A server too busy to hold it (or one without that
 endpoint) is polled instead, with a small projection, every 0.2 s growing
 to `interval`. A task's details are fetched once, when it finishes.
 """
@@ -22,6 +22,8 @@ OUTCOME_PROJECTION = {"name": 1, "state": 1, "exit_status": 1, "current_history"
 _CHUNK = 200
 #: The most ids one held wait names (the server's WAIT_MAX_IDS).
 _WAIT_CHUNK = 10000
+#: A held round's length when no progress is drawn (the server caps it).
+_HELD_ROUND = 30.0
 
 
 class MissingTasks(LookupError):
@@ -97,7 +99,10 @@ def wait_for(client, task_ids=None, where=None, interval=1.0, timeout=None, on_p
         still = None
         if held:
             asked = list(running)[:_WAIT_CHUNK]
-            seconds = interval if timeout is None else max(0.0, min(interval, timeout - (clock() - start)))
+            # Without progress to draw, a round may last as long as the server holds it.
+            seconds = interval if on_progress is not None else _HELD_ROUND
+            if timeout is not None:
+                seconds = max(0.0, min(seconds, timeout - (clock() - start)))
             reply = _held_round(client, asked, seconds)
             if reply is None:
                 held = False

@@ -73,6 +73,11 @@ class FinishWaiters:
                 if not left:
                     event.set()
 
+    def remaining(self, event):
+        """The ids the wait of `event` has not seen reported finished."""
+        with self._lock:
+            return list(self._waiting.get(event, ()))
+
     def notify(self, task_id):
         with self._lock:
             for event, left in self._waiting.items():
@@ -100,9 +105,10 @@ def wait_finished(task_ids, timeout):
             remaining = deadline - time.monotonic()
             if not unfinished or event is None or remaining <= 0:
                 break
-            left = list(unfinished)
-            waiters.narrow(event, left)
+            waiters.narrow(event, unfinished)
             event.wait(min(remaining, recheck))
+            # those reported finished meanwhile are: ask only about the others
+            left = waiters.remaining(event)
     # What was read may be writes another request has made visible and not
     # yet synced: an answer never reports what a crash could still undo.
     store.sync_visible(queue.tasks.database.client)
