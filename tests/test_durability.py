@@ -11,8 +11,11 @@ import sys
 import threading
 import time
 
+from datetime import timedelta
+
 import pytest
 import requests
+from bson import ObjectId
 
 from conftest import MONGO_URI, LiveServer
 from test_store_files import fill, small_tmpfs
@@ -215,5 +218,88 @@ def test_kill_9_during_compaction_and_bulk_writes_loses_no_acknowledged_write(tm
             assert sum(name in stored for name in batch) in (0, len(batch)), batch
         assert len(acked) >= 8
     finally:
+        server.stop()
+    assert server.server_errors() == []
+
+
+def _fill_store(data_dir, n):
+    """n tasks written straight into a fresh embedded store (quicker than
+    n POSTs), shaped like the server's: half finished with a history."""
+    from banyan.server.app import create_app
+    from banyan.server.states import utcnow
+    from banyan.server.store import connect
+
+    client = connect(data_dir=str(data_dir))
+    try:
+        app = create_app(client, {"MONGO_DBNAME": "banyan"})
+        model = app.test_client().post("/tasks", json={"name": "model", "command": ["true"]}).json
+        tasks = client["banyan"]["tasks"]
+        model = tasks.find_one({"_id": ObjectId(model["_id"])})
+        now, docs = utcnow(), []
+        for i in range(n - 1):
+            doc = dict(model, _id=ObjectId(), name="task %d" % i, command=["echo", str(i)])
+            if i % 2:
+                doc.update(state="terminated", exit_status="success", history=[{
+                    "worker": ObjectId(), "started": now - timedelta(seconds=90), "ended": now,
+                    "exit_status": "success", "exit_code": 0, "runtime": 90.0}], queue_wait=1.5)
+            docs.append(doc)
+        tasks.insert_many(docs)
+    finally:
+        client.close()
+
+
+@embedded_only
+@pytest.mark.slow
+def test_long_scans_do_not_hold_up_single_task_requests(tmp_path):
+    """One client loops long reads over 20,000 tasks (a `$nin` filter with a
+    sort on an unindexed field, and `/stats` aggregations); another reads and
+    writes single tasks meanwhile. Its requests go through while each long
+    read runs, instead of waiting for its end: the store holds its lock for
+    a slice of a scan at a time. (The latencies are figures for
+    bench/bench_store_scale.py, not for a test.)"""
+    data = tmp_path / "data"
+    _fill_store(data, 20000)
+    server = LiveServer(data).start()
+    stop, long_reads, scans = threading.Event(), [], []
+
+    def scanner():
+        s = requests.Session()
+        params = {"where": json.dumps({"state": {"$nin": ["cancelled"]}}), "sort": '[["command", -1]]',
+                  "max_results": 20}
+        while not stop.is_set():
+            for path, query in (("/tasks", params), ("/stats", None)):
+                started = time.monotonic()
+                r = s.get(server.url + path, params=query)
+                (scans if path == "/tasks" else long_reads).append((started, time.monotonic()))
+                assert r.status_code == 200, r.text
+                assert path != "/tasks" or r.json()["_meta"]["total"] == 20001
+
+    s = requests.Session()
+    try:
+        tid = s.post(server.url + "/tasks", json={"name": "mine", "command": ["true"], "state": "inactive"}).json()["_id"]
+        thread = threading.Thread(target=scanner, daemon=True)
+        thread.start()
+        requests_done, priority = [], None
+        deadline = time.monotonic() + 300
+        while len(scans) < 4 and time.monotonic() < deadline:
+            started = time.monotonic()
+            if len(requests_done) % 2:
+                priority = len(requests_done)
+                r = s.patch(server.url + "/tasks/" + tid, json={"priority": priority})
+            else:
+                r = s.get(server.url + "/tasks/" + tid)
+            assert r.status_code == 200, r.text
+            requests_done.append((started, time.monotonic()))
+        stop.set()
+        thread.join(timeout=120)
+        assert len(scans) >= 4 and long_reads, "the long reads did not run"
+        # Requests that began and ended inside one scan (a count and a
+        # sorted find over every task: two calls of the store, each of which
+        # would hold everyone up for its whole length if it ran in one go)
+        inside = [sum(1 for a, b in requests_done if start < a and b < end) for start, end in scans]
+        assert sorted(inside)[len(inside) // 2] >= 8, inside
+        assert s.get(server.url + "/tasks/" + tid).json()["priority"] == priority
+    finally:
+        stop.set()
         server.stop()
     assert server.server_errors() == []

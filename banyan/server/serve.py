@@ -1,6 +1,7 @@
 """`banyan server`: open the store, build the app, serve it with waitress."""
 
 import argparse
+import gc
 import ipaddress
 import logging
 import os
@@ -113,6 +114,7 @@ def run(args):
                                   # long polls may hold at most half the request threads
                                   CLAIM_MAX_WAITERS=max(1, args.threads // 2),
                                   WAIT_MAX_WAITERS=max(1, args.threads // 4)))
+    _settle_memory()
     if auth_on:
         _bootstrap_admin(app, args)
     # Workers' requests get the long polls' half of the threads and an
@@ -173,6 +175,14 @@ def _raise_open_files_limit(wanted):
         return
     if soft != resource.RLIM_INFINITY and soft < wanted:
         log.warning("open files limited to %d: fewer than %d connections can be served", soft, wanted)
+
+
+def _settle_memory():
+    """The store's documents live as long as the server: move what start-up
+    made out of the garbage collector's way, so that its full collections
+    (which stop every thread) look only at what requests make."""
+    gc.collect()
+    gc.freeze()
 
 
 def _bootstrap_admin(app, args):

@@ -31,6 +31,7 @@ from mongomock import codec_options as mm_codec_options
 from mongomock import collection as mm_collection
 from mongomock import command_cursor as mm_command_cursor
 from mongomock import database as mm_database
+from mongomock import filtering
 from mongomock import helpers
 from mongomock import read_preferences as mm_read_preferences
 from mongomock import store as mm_store
@@ -42,7 +43,7 @@ from pymongo.results import BulkWriteResult
 
 from banyan.store.aggregation import fast_stage, inclusion_projection, stage_name
 from banyan.store.engine import Engine
-from banyan.store.indexes import TOP, SecondaryIndex, indexable_spec
+from banyan.store.indexes import EMPTY_KEY, TOP, SecondaryIndex, asc_key, indexable_spec
 from banyan.store.planning import eq_conditions, matcher, mongomock_sort, norm_sort, store_key
 
 #: The mongomock versions this adapter is tested with (it subclasses
@@ -52,6 +53,22 @@ TESTED_MONGOMOCK = ((4, 3), (4, 4))  # >= 4.3, < 4.4
 DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
 DEFAULT_DATABASE = 'banyan'
 _MAX_RANGES = 256
+#: Documents a long read examines per hold of the lock.
+SCAN_SLICE = 50
+
+
+def _sort_key(field, doc):
+    """The sort key of `field` in `doc`, ordered like mongomock's
+    `resolve_sort_key` (an index key: natively comparable for plain values),
+    detached from the document: it is compared after the lock is released."""
+    value = filtering.resolve_key(field, doc)
+    if isinstance(value, (list, tuple)):  # sorted by the first element
+        if not value:
+            return EMPTY_KEY
+        value = value[0]
+    if isinstance(value, (dict, list, tuple)):
+        value = copy.deepcopy(value)
+    return asc_key(value)
 
 # mongomock deep-copies a document for every read and update, and the undo
 # copy of `touch` is one more. ObjectIds and datetimes are immutable, yet
@@ -429,34 +446,103 @@ class EmbeddedCollection(mm_collection.Collection):
             filter = {}
         if not isinstance(filter, collections.abc.Mapping):
             filter = {'_id': filter}
-        with self._engine.op():
-            for doc in self.find(filter, *args, **kwargs).limit(-1):
-                return doc
+        for doc in self.find(filter, *args, **kwargs).limit(-1):
+            return doc
         return None
 
     def _get_dataset(self, spec, sort, fields, as_class, stop=None):
-        """Matching documents, sorted and projected, computed under the lock."""
+        """Matching documents, sorted and projected. Index plans run under
+        the lock; scans of many documents run in slices (`_scan`)."""
         with self._engine.op():
             store = self._store
             plan = store.plan(spec, sort)
             if store.is_empty:
                 filter_applies(spec, {})  # validate the filter like mongomock
-            if plan is None:
-                docs, ordered = list(store._documents.values()), not sort  # pylint: disable=protected-access
-            else:
-                docs, ordered = plan
             match = matcher(spec)
-            matched = (d for d in docs if match(d))
-            if sort and not ordered:
-                matched = mongomock_sort(list(matched), sort)
-            out = []
-            if stop is not None and stop <= 0:
-                return out
-            for doc in matched:
-                out.append(self._copy_only_fields(doc, fields, as_class))
-                if stop is not None and len(out) >= stop:
-                    break
+            keys, ordered = self._scan_keys(plan, sort)
+            sort_fields = [] if ordered else norm_sort(sort)
+            if keys is None or sort_fields is None or any(k.startswith('$') for k, _ in sort_fields):
+                return self._dataset_now(plan, sort, match, fields, as_class, stop)
+        if stop is not None and stop <= 0:
+            return []
+        rows = []
+        sort_keys = [[] for _ in sort_fields]  # per sort field, one key per row
+        # With a sort and a limit, only the documents that make the cut are
+        # copied (after the sort, each read again and checked again).
+        copy_later = bool(sort_fields) and stop is not None
+
+        def take(doc):
+            rows.append(store_key(doc['_id']) if copy_later else self._copy_only_fields(doc, fields, as_class))
+            for (field, _), keys_of_field in zip(sort_fields, sort_keys):
+                keys_of_field.append(_sort_key(field, doc))
+            return not sort_fields and stop is not None and len(rows) >= stop
+        self._scan(keys, match, take)
+        if not sort_fields:
+            return rows
+        order = list(range(len(rows)))
+        for (_, direction), keys_of_field in reversed(list(zip(sort_fields, sort_keys))):
+            # mongomock's sort: stable, key by key from the last
+            order.sort(key=keys_of_field.__getitem__, reverse=direction < 0)
+        if not copy_later:
+            return [rows[i] for i in order]
+        out = []
+        with self._engine.op():
+            documents = self._store._documents  # pylint: disable=protected-access
+            for i in order:
+                doc = documents.get(rows[i])
+                if doc is not None and match(doc):
+                    out.append(self._copy_only_fields(doc, fields, as_class))
+                    if len(out) >= stop:
+                        break
+        return out
+
+    def _dataset_now(self, plan, sort, match, fields, as_class, stop):
+        """`_get_dataset` in one hold of the lock (the caller holds it)."""
+        store = self._store
+        if plan is None:
+            docs, ordered = list(store._documents.values()), not sort  # pylint: disable=protected-access
+        else:
+            docs, ordered = plan
+        matched = (d for d in docs if match(d))
+        if sort and not ordered:
+            matched = mongomock_sort(list(matched), sort)
+        out = []
+        if stop is not None and stop <= 0:
             return out
+        for doc in matched:
+            out.append(self._copy_only_fields(doc, fields, as_class))
+            if stop is not None and len(out) >= stop:
+                break
+        return out
+
+    def _scan_keys(self, plan, sort):
+        """(store keys, in order?) a read should visit in slices, or
+        (None, _) when it is cheap enough to run in one hold of the lock
+        (an index plan with few candidates, or one read in index order)."""
+        store = self._store
+        if plan is None:
+            return list(store._documents), not sort  # pylint: disable=protected-access
+        docs, ordered = plan
+        if isinstance(docs, list) and len(docs) > SCAN_SLICE:
+            return [store_key(d['_id']) for d in docs], ordered
+        return None, ordered
+
+    def _scan(self, keys, match, visit):
+        """Call visit(doc) on each matching document of `keys`, holding the
+        lock for SCAN_SLICE documents at a time so that writes and other
+        reads go through between slices. Each document is seen whole, as
+        one call left it; documents inserted after the scan began are not
+        seen, deleted ones are skipped (MongoDB's reads yield likewise).
+        visit returns True to stop."""
+        for start in range(0, len(keys), SCAN_SLICE):
+            if start:
+                self._engine.let_waiters_in()
+            with self._engine.op():
+                documents = self._store._documents  # pylint: disable=protected-access  # (a drop replaces it)
+                for key in keys[start:start + SCAN_SLICE]:
+                    doc = documents.get(key)
+                    if doc is not None and match(doc) and visit(doc):
+                        return
 
     def _iter_documents(self, filter):  # pylint: disable=redefined-builtin
         store = self._store
@@ -484,7 +570,23 @@ class EmbeddedCollection(mm_collection.Collection):
         with self._engine.op():
             if filter == {} and not kwargs:
                 return len(self._store._documents)  # pylint: disable=protected-access
-            return super().count_documents(filter, **kwargs)
+            if kwargs or not isinstance(filter, collections.abc.Mapping):
+                return super().count_documents(filter, **kwargs)
+            spec = helpers.patch_datetime_awareness_in_document(filter)
+            store = self._store
+            plan = store.plan(spec, None)
+            if store.is_empty:
+                filter_applies(spec, {})
+            match = matcher(spec)
+            keys, _ = self._scan_keys(plan, None)
+            if keys is None:
+                return sum(1 for doc in (plan[0] if plan else ()) if match(doc))
+        count = [0]
+
+        def one(_doc):
+            count[0] += 1
+        self._scan(keys, match, one)
+        return count[0]
 
     def estimated_document_count(self, **kwargs):
         with self._engine.op():
@@ -505,8 +607,7 @@ class EmbeddedCollection(mm_collection.Collection):
             spec = pipeline.pop(0)['$match']
         if pipeline and inclusion_projection(pipeline[0]):
             projection = pipeline.pop(0)['$project']
-        with self._engine.op():
-            docs = list(self.find(spec, projection))
+        docs = list(self.find(spec, projection))  # in slices when it scans
         for i, stage in enumerate(pipeline):
             fast = fast_stage(pipeline, i)
             result = fast(docs, next(iter(stage.values()))) if fast else None

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 
 try:
     import fcntl
@@ -68,6 +69,8 @@ class Engine:
         self.next_compact = compact_bytes
         self.lock = threading.RLock()
         self.sync_lock = threading.Lock()
+        self.waiters_lock = threading.Lock()
+        self.waiters = 0        # threads waiting for `lock`
         self.batch = threading.local()
         self.depth = 0
         self.events = []
@@ -123,7 +126,14 @@ class Engine:
     @contextlib.contextmanager
     def op(self):
         """Run one client call atomically; journal its changes durably."""
-        self.lock.acquire()
+        if not self.lock.acquire(blocking=False):
+            with self.waiters_lock:
+                self.waiters += 1
+            try:
+                self.lock.acquire()
+            finally:
+                with self.waiters_lock:
+                    self.waiters -= 1
         seq = None
         try:
             if self.closed:
@@ -146,6 +156,15 @@ class Engine:
                 self.batch.seq = max(self.batch.seq, seq)
             else:
                 self._sync(seq)
+
+    def let_waiters_in(self, longest=0.005):
+        """Between two slices of a long read (the lock released): let the
+        calls waiting for the lock take it first. A released lock is
+        otherwise taken straight back by the thread that released it,
+        which holds the interpreter, and the others wait for the whole read."""
+        deadline = time.monotonic() + longest
+        while self.waiters and time.monotonic() < deadline:
+            time.sleep(0.0001)
 
     @contextlib.contextmanager
     def one_sync(self):

@@ -114,7 +114,7 @@ def _rank(v):
         return 99
 
 
-def _asc_key(v):
+def asc_key(v):
     """(1, bson type rank, value) ordered like mongomock's resolve_sort_key.
 
     Python-equal values of the same rank get equal keys, which is what
@@ -140,7 +140,7 @@ def _asc_key(v):
     return (1, _rank(v), _Bson(v))
 
 
-_EMPTY = (0, 0, 0)  # an empty array: sorts first, equals no query value
+EMPTY_KEY = (0, 0, 0)  # an empty array: sorts first, equals no query value
 
 
 def _component(key, desc):
@@ -196,7 +196,7 @@ class SecondaryIndex:
             if not dotted:
                 v = doc.get(field, NOTHING)
                 if not isinstance(v, (list, tuple)):  # fast path: a plain scalar
-                    per_field.append((_component(_asc_key(v), desc),))
+                    per_field.append((_component(asc_key(v), desc),))
                     flags.append((False, type(v) is bool, _is_num01(v)))
                     continue
             elems, multi = _field_elements(field, doc)
@@ -207,11 +207,11 @@ class SecondaryIndex:
                     has_bool = True
                 elif _is_num01(e):
                     has_num = True
-                k = _component(_asc_key(e), desc)
+                k = _component(asc_key(e), desc)
                 if k not in keys:
                     keys.append(k)
             if not keys:
-                keys.append(_component(_EMPTY, desc))
+                keys.append(_component(EMPTY_KEY, desc))
                 multi = True
             per_field.append(keys)
             flags.append((multi, has_bool, has_num))
@@ -242,12 +242,12 @@ class SecondaryIndex:
     def lookup_keys(self, pos, value):
         """Keys an equality on field `pos` with `value` must visit."""
         desc = self.fields[pos][1] < 0
-        keys = [_component(_asc_key(value), desc)]
+        keys = [_component(asc_key(value), desc)]
         st = self.stats[pos]
         if type(value) is bool and st[2]:
-            keys.append(_component(_asc_key(int(value)), desc))
+            keys.append(_component(asc_key(int(value)), desc))
         elif _is_num01(value) and st[1]:
-            keys.append(_component(_asc_key(bool(value)), desc))
+            keys.append(_component(asc_key(bool(value)), desc))
         return keys
 
 

@@ -1,0 +1,182 @@
+"""The embedded store at scale, through a real `banyan server` process.
+
+For each size: a data directory holding that many tasks (half finished,
+with one history entry each, as a busy queue has; the other half
+available), written directly through the store; then a `banyan server` on
+it, and:
+
+- restart: from spawning the server to its first answer;
+- RSS: resident memory of the server once it answers, and after the runs;
+- claims: batch claims (`max_tasks` 64) per second, and that rate as a
+  ratio to the rate with 1,000 tasks stored;
+- /stats: time of `GET /stats`;
+- GET p99 during a full scan: single-task `GET /tasks/<id>` latencies while
+  another client loops full scans (`where` with `$nin`, sort on an
+  unindexed field) and `GET /stats`.
+
+    python bench/bench_store_scale.py [--sizes 1000 100000] [--seconds 10]
+"""
+
+import argparse
+import copy
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import timedelta
+
+import psutil
+import requests
+from bson import ObjectId
+
+from banyan.server.app import create_app
+from banyan.server.states import utcnow
+from banyan.server.store import connect
+
+FREE = {"cores": 64, "memory": 1 << 40, "gpus": 0}
+
+
+def build(data_dir, n):
+    """n tasks in a fresh store at data_dir: half finished with history."""
+    client = connect(data_dir=data_dir)
+    app = create_app(client, {"MONGO_DBNAME": "banyan"})
+    r = app.test_client().post("/tasks", json={"name": "model", "command": ["echo", "hello"],
+                                               "requested_resources": {"memory": "1 MiB"}, "state": "available"})
+    assert r.status_code == 201, r.json
+    db = client["banyan"]
+    model = db.tasks.find_one()
+    now = utcnow()
+    for start in range(0, n - 1, 10000):
+        docs = []
+        for i in range(start, min(n - 1, start + 10000)):
+            doc = copy.deepcopy(model)
+            doc["_id"] = ObjectId()
+            doc["name"] = "task %d" % i
+            doc["command"] = ["echo", str(i)]
+            if i % 2:
+                doc.update(state="terminated", exit_status="success", history=[{
+                    "worker": ObjectId(), "started": now - timedelta(seconds=90),
+                    "ended": now - timedelta(seconds=i % 60), "exit_status": "success", "exit_code": 0, "runtime": 90.0}], queue_wait=1.5)
+            docs.append(doc)
+        db.tasks.insert_many(docs)
+    client.close()
+
+
+def start_server(data_dir):
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "banyan.cli", "server", "--port", "0", "--data-dir", data_dir],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = re.search(r"(http://\S+)", proc.stdout.readline()).group(1)
+    while True:
+        try:
+            requests.get(url + "/tasks?max_results=1", timeout=60)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.01)
+    return proc, url, time.perf_counter() - started
+
+
+def rss_mib(proc):
+    return psutil.Process(proc.pid).memory_info().rss / 2 ** 20
+
+
+def claims_per_second(url, target=1000):
+    s = requests.Session()
+    wid = s.post(url + "/workers", json={"host": "bench", "resources": FREE}).json()["_id"]
+    got, started = 0, time.perf_counter()
+    while got < target:
+        r = s.post(url + "/workers/%s/claim" % wid, json={"free": FREE, "max_tasks": 64})
+        assert r.status_code == 200, r.text
+        items = len(r.json()["_items"])
+        if not items:
+            break
+        got += items
+    return got / (time.perf_counter() - started)
+
+
+def get_p99_during_scans(url, seconds):
+    s = requests.Session()
+    ids = [t["_id"] for t in s.get(url + "/tasks", params={"max_results": 200, "projection": '{"name": 1}'}).json()["_items"]]
+    stop = threading.Event()
+    scans = []
+
+    def scanner():
+        scanning = requests.Session()
+        params = {"where": json.dumps({"state": {"$nin": ["cancelled"]}}), "sort": '[["command", -1]]',
+                  "max_results": 50}
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            scanning.get(url + "/tasks", params=params)
+            scanning.get(url + "/stats")
+            scans.append(time.perf_counter() - t0)
+
+    thread = threading.Thread(target=scanner, daemon=True)
+    thread.start()
+    latencies = []
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        r = s.get(url + "/tasks/" + ids[i % len(ids)])
+        latencies.append(time.perf_counter() - t0)
+        assert r.status_code == 200
+        i += 1
+    stop.set()
+    thread.join()
+    latencies.sort()
+    return latencies[int(0.99 * (len(latencies) - 1))], len(latencies), statistics.mean(scans) if scans else 0
+
+
+def run(n, seconds, tmp):
+    data_dir = os.path.join(tmp, "store-%d" % n)
+    t0 = time.perf_counter()
+    build(data_dir, n)
+    built = time.perf_counter() - t0
+    proc, url, _ = start_server(data_dir)  # the first start compacts what build() wrote
+    proc.terminate()
+    proc.wait()
+    proc, url, restart = start_server(data_dir)
+    try:
+        rss_start = rss_mib(proc)
+        t0 = time.perf_counter()
+        requests.get(url + "/stats").raise_for_status()
+        stats_s = time.perf_counter() - t0
+        p99, gets, scan_s = get_p99_during_scans(url, seconds)
+        claims = claims_per_second(url)
+        rss_end = rss_mib(proc)
+    finally:
+        proc.terminate()
+        proc.wait()
+    disk = sum(os.path.getsize(os.path.join(data_dir, f)) for f in os.listdir(data_dir)) / 2 ** 20
+    return dict(n=n, built=built, restart=restart, rss_start=rss_start, rss_end=rss_end, disk=disk,
+                stats=stats_s, p99=p99, gets=gets, scan=scan_s, claims=claims)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 100000])
+    parser.add_argument("--seconds", type=float, default=10, help="length of the GET-during-scans run")
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp(prefix="banyan-bench-")
+    base = None
+    print("%8s %9s %9s %9s %8s %9s %12s %9s %10s %9s"
+          % ("tasks", "restart", "RSS MiB", "RSS end", "disk MiB", "/stats", "GET p99", "scan+stats", "claims/s", "claims x"))
+    try:
+        for n in sorted(args.sizes):
+            f = run(n, args.seconds, tmp)
+            base = base or f["claims"]
+            print("%8d %8.2fs %9.0f %9.0f %8.1f %8.3fs %9.1f ms %8.2fs %10.0f %8.2fx   (%d GETs)"
+                  % (n, f["restart"], f["rss_start"], f["rss_end"], f["disk"], f["stats"], 1000 * f["p99"],
+                     f["scan"], f["claims"], f["claims"] / base, f["gets"]), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
