@@ -332,6 +332,23 @@ def test_heartbeats_carry_usage_and_progress(fake, start_worker):
     assert entry["usage"]["max_rss"] > 0
 
 
+def test_new_progress_goes_out_before_the_next_heartbeat_is_due(fake, start_worker, tmp_path):
+    gate = tmp_path / "gate"
+    fake.submit("slow", f"while [ ! -e {gate} ]; do sleep 0.05; done; "
+                        "echo '0.5 half' >> \"$BANYAN_PROGRESS_FILE\"; sleep 30")
+    start_worker(heartbeat=20, timeout=60)
+    wait_for(lambda: fake.tasks["slow"]["state"] == "running", what="the task to start")
+    gate.touch()
+
+    def carried():
+        beats = fake.workers.get("w1", {}).get("heartbeats", [])
+        return [b for b in beats if "progress" in (b["tasks"].get("slow") or {})]
+
+    # heartbeats are 20 s apart: the progress must not wait for the next one
+    beat = wait_for(carried, what="a heartbeat with the new progress", timeout=10)[0]
+    assert beat["tasks"]["slow"]["progress"] == {"fraction": 0.5, "message": "half"}
+
+
 def test_cancel_in_a_heartbeat_terminates_and_reports_cancelled(fake, start_worker, tmp_path):
     pidfile = tmp_path / "pid"
     fake.submit("victim", f"echo $$ > {pidfile}; exec sleep 60", max_shutdown_time=1)

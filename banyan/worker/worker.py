@@ -49,6 +49,8 @@ HEARTBEAT_INTERVAL = 10.0
 TICK = 0.1
 #: Seconds between usage samples of a running task.
 SAMPLE_INTERVAL = 1.0
+#: Seconds between looks at running tasks' progress files, between heartbeats.
+PROGRESS_CHECK = 0.5
 #: Backoff for claims, registration and reports when the server misbehaves.
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 #: Longest a claim is held open while tasks are running: their resources may
@@ -797,13 +799,23 @@ class Worker:
             running = list(self._tasks.items())
             unreported = [r for r in self._unreported.values() if r["worker_id"] == self.worker_id]
         tasks = {r["task_id"]: {"attempt": r["attempt"], "usage": r["usage"]} for r in unreported}
+        sent = {}
         for task_id, proc in running:
             entry = {"attempt": proc.attempt, "usage": proc.usage()}
             progress = proc.read_progress()
             if progress is not None:
                 entry["progress"] = progress
             tasks[task_id] = entry
+            sent[task_id] = progress
+        self._sent_progress = sent
         return tasks
+
+    def _progress_changed(self):
+        """True when a running task reported progress that no heartbeat has carried yet."""
+        with self._lock:
+            running = list(self._tasks.items())
+        sent = getattr(self, "_sent_progress", {})
+        return any(proc.read_progress() not in (None, sent.get(task_id)) for task_id, proc in running)
 
     def heartbeat(self):
         """Send one heartbeat and queue what the server answers."""
@@ -838,7 +850,18 @@ class Worker:
                 self.heartbeat()
             except Exception:
                 log.exception("unexpected error in heartbeat")
-            self._done_event.wait(max(0.0, interval - (time.monotonic() - started)))
+            # Between heartbeats, a task's new progress report goes out at
+            # once (within PROGRESS_CHECK seconds): `banyan show` and the
+            # API are never a whole heartbeat behind the task.
+            while not self._done_event.wait(min(PROGRESS_CHECK, max(0.0, interval - (time.monotonic() - started)))):
+                if time.monotonic() - started >= interval:
+                    break
+                try:
+                    if self._progress_changed():
+                        break
+                except Exception:
+                    log.exception("unexpected error reading progress")
+                    break
 
     # == reports (reporter thread) ==========================================
 
