@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from banyan.worker import containment
-from banyan.worker.executor import TaskProcess
+from banyan.worker.executor import Spawner, TaskProcess
 from test_worker_live import HEARTBEAT_TIMEOUT, cluster, gone, wait_for  # noqa: F401 - cluster is a fixture
 
 MiB = 1024 ** 2
@@ -117,6 +117,26 @@ def test_the_task_tree_ends_when_the_worker_side_of_the_pipe_closes(tmp_path, mo
     proc.popen.wait(timeout=10)
 
 
+def test_supervisors_forked_by_the_spawner_contain_as_well_and_a_dead_spawner_is_replaced(tmp_path):
+    spawner = Spawner()
+    found = containment.detect(str(tmp_path / "work"), "subreaper")
+    try:
+        for name in ("s1", "s2"):
+            here = tmp_path / name
+            here.mkdir()
+            proc = TaskProcess({"_id": name, "command": DAEMONS + "echo done", "working_directory": str(here)},
+                               1, here / "attempt", containment=found.spec_for(name), spawner=spawner)
+            proc.start()
+            assert proc.supervisor_pid in [p.pid for p in psutil.Process(spawner._proc.pid).children()]
+            assert outcome_of(proc) == (0, "success") and proc.tail("stdout") == "done\n"
+            daemons = read_pids(here / "d1", here / "d2")
+            wait_for(lambda: all(gone(pid) for pid in daemons), 10, "the daemons to be gone")
+            spawner._proc.kill()  # the next attempt gets a new spawner
+            spawner._proc.wait()
+    finally:
+        spawner.close()
+
+
 # -- live: a real server and real banyan-worker processes --------------------
 
 MARKER_TASK = r"""
@@ -144,7 +164,9 @@ while True:
 
 
 def worker_supervisors(worker):
-    return [p for p in psutil.Process(worker.pid).children() if "import supervisor" in " ".join(p.cmdline())]
+    """The worker's spawner and the supervisors it forked."""
+    return [p for p in psutil.Process(worker.pid).children(recursive=True)
+            if "import supervisor" in " ".join(p.cmdline())]
 
 
 @pytest.mark.slow

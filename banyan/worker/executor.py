@@ -17,6 +17,8 @@ import logging
 import marshal
 import os
 import select
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +34,8 @@ from .resources import ProcessTreeSampler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Outcome", "TaskProcess", "SupervisorPool", "OUTPUT_LIMIT", "become_subreaper", "reap_orphans"]
+__all__ = ["Outcome", "TaskProcess", "SupervisorPool", "Spawner", "OUTPUT_LIMIT", "become_subreaper",
+           "reap_orphans"]
 
 #: How much of each stream is sent to the server (the server keeps the same cap).
 OUTPUT_LIMIT = 1024 * 1024
@@ -45,6 +48,10 @@ OUTPUT_DRAIN_TIMEOUT = 10.0
 SUPERVISOR = [sys.executable, "-I", "-S", "-c",
               "import sys; sys.path.insert(0, sys.argv[1]); import supervisor; sys.exit(supervisor.main())",
               os.path.dirname(os.path.abspath(sup.__file__))]
+#: A worker's spawner of supervisors (see ``Spawner``).
+SPAWNER = SUPERVISOR[:4] + [
+    "import sys; sys.path.insert(0, sys.argv[1]); import supervisor; sys.exit(supervisor.serve_spawner())",
+    SUPERVISOR[5]]
 #: Longest wait for a supervisor to say it started the task (a loaded machine).
 START_TIMEOUT = 60.0
 
@@ -54,8 +61,15 @@ START_TIMEOUT = 60.0
 Outcome = namedtuple("Outcome", "exit_code outcome")
 
 
-def start_supervisor(pass_fds=()):
-    """A supervisor process, waiting for its spec on stdin."""
+def start_supervisor(pass_fds=(), spawner=None):
+    """A supervisor process, waiting for its spec on stdin, with the output
+    descriptors ``pass_fds`` (stdout, stderr): forked by ``spawner`` when
+    there is one (and it answers), else a new interpreter."""
+    if spawner is not None:
+        try:
+            return spawner.spawn(*pass_fds)
+        except OSError as exc:
+            log.warning("spawner unavailable (%s); starting a supervisor interpreter", exc)
     return subprocess.Popen(SUPERVISOR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=pass_fds,
                             start_new_session=True, close_fds=True)
 
@@ -65,12 +79,12 @@ class Standby:
     will write its output to (``pipes``: stream -> (read end, write end);
     it has the writing ends under the same numbers)."""
 
-    def __init__(self):
+    def __init__(self, spawner=None):
         self.pipes = {}
         try:
             for stream in ("stdout", "stderr"):
                 self.pipes[stream] = os.pipe()
-            self.popen = start_supervisor(tuple(w for _, w in self.pipes.values()))
+            self.popen = start_supervisor(tuple(w for _, w in self.pipes.values()), spawner)
         except BaseException:
             self._close_pipes()
             raise
@@ -101,17 +115,19 @@ class Standby:
 class SupervisorPool:
     """Supervisors started ahead of time, each waiting for a task's spec.
 
-    A supervisor is a Python interpreter: starting one takes ~30 ms, which
-    would sit between a claim and its task on every attempt (and between a
-    short task's submission and its end). Taken from here, starting the task
-    is one message on a pipe; a thread starts the next one meanwhile. An
+    A supervisor is a Python interpreter: starting one takes ~30 ms (~1 ms
+    when ``spawner``, a ``Spawner``, forks it), which would sit between a
+    claim and its task on every attempt (and between a short task's
+    submission and its end). Taken from here, starting the task is one
+    message on a pipe; a thread starts the next one meanwhile. An
     idle supervisor does nothing until its spec comes (it is not yet a
     subreaper, has no cgroup and holds no lease), and exits at end of file
     on stdin, as when its worker is gone.
     """
 
-    def __init__(self, size=2):
+    def __init__(self, size=2, spawner=None):
         self.size = size
+        self.spawner = spawner
         self._lock = threading.Lock()
         self._ready = []
         self._filling = False
@@ -148,7 +164,7 @@ class SupervisorPool:
                     if self._closed or len(self._ready) >= self.size:
                         return
                 try:
-                    standby = Standby()
+                    standby = Standby(self.spawner)
                 except OSError as exc:
                     log.warning("cannot start a supervisor ahead of time: %s", exc)
                     return
@@ -184,7 +200,8 @@ class TaskProcess:
     """
 
     def __init__(self, task, attempt, attempt_dir, extra_env=None, thread_env=None,
-                 lease=None, containment=None, cpus=None, output_cap=DEFAULT_OUTPUT_CAP, supervisors=None):
+                 lease=None, containment=None, cpus=None, output_cap=DEFAULT_OUTPUT_CAP, supervisors=None,
+                 spawner=None):
         self.task = task
         self.supervisors = supervisors  # a SupervisorPool to take a started supervisor from
         #: bytes of output kept on disk, per stream (two files of half each)
@@ -198,6 +215,7 @@ class TaskProcess:
         self.lease = lease
         self.containment = dict(containment or {})
         self.cpus = list(cpus) if cpus else None
+        self.spawner = spawner         # forks the supervisor; None: a new interpreter
         self.stdout_path = os.path.join(self.attempt_dir, "stdout")
         self.stderr_path = os.path.join(self.attempt_dir, "stderr")
         self.progress_path = os.path.join(self.attempt_dir, "progress")
@@ -291,10 +309,13 @@ class TaskProcess:
                     stdout_fd=out.fileno(), stderr_fd=err.fileno(), lease=self.lease, cpus=self.cpus)
         try:
             # (a supervisor started ahead has `out` and `err` under the same numbers)
-            self.popen = standby.popen if standby is not None else start_supervisor((out.fileno(), err.fileno()))
-            os.set_blocking(self.popen.stdin.fileno(), False)
+            self.popen = standby.popen if standby is not None else \
+                start_supervisor((out.fileno(), err.fileno()), self.spawner)
             packed = marshal.dumps(spec)
-            self._send_bytes(len(packed).to_bytes(8, "big") + packed)
+            data = len(packed).to_bytes(8, "big") + packed
+            while data:  # blocking: the supervisor reads the spec before anything else
+                data = data[os.write(self.popen.stdin.fileno(), data):]
+            os.set_blocking(self.popen.stdin.fileno(), False)
         except (OSError, ValueError, TypeError) as exc:
             self._cannot_start(err, exc)
             return
@@ -523,6 +544,104 @@ class TaskProcess:
             self._kill_sent = time.monotonic()
         if not self._send("kill") and self.popen.poll() is None:
             self.popen.kill()  # it cannot hear us: poll() kills what it leaves
+
+
+# -- the spawner -------------------------------------------------------------
+
+class SpawnedSupervisor:
+    """A supervisor forked by the spawner, with the parts of ``Popen`` a
+    ``TaskProcess`` uses. It is not our child: it has exited once its status
+    pipe hangs up (it holds the only write end)."""
+
+    def __init__(self, pid, control_w, status_r):
+        self.pid = pid
+        self.stdin = os.fdopen(control_w, "wb", buffering=0)
+        self.stdout = os.fdopen(status_r, "rb", buffering=0)
+        self.returncode = None
+
+    def _hung_up(self, timeout_ms):
+        if self.stdout.closed:
+            return True  # let go of (Standby.dismiss): nothing more to know
+        poller = select.poll()
+        poller.register(self.stdout.fileno(), select.POLLHUP)
+        return any(event & (select.POLLHUP | select.POLLERR) for _, event in poller.poll(timeout_ms))
+
+    def poll(self):
+        if self.returncode is None and self._hung_up(0):
+            self.returncode = 0  # its exit status belongs to the spawner
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired("supervisor %d" % self.pid, timeout)
+            self._hung_up(-1 if left is None else max(1, int(left * 1000)))
+        return self.returncode
+
+    def kill(self):
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class Spawner:
+    """A small process that forks each attempt's supervisor (``serve_spawner``
+    in supervisor.py): ~1 ms per attempt instead of a new interpreter's
+    ~20 ms of CPU. The attempt's pipes and output files travel to it as file
+    descriptors over a Unix socket. Started again if it dies."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc = None
+        self._sock = None
+
+    def _start(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = subprocess.Popen(SPAWNER, stdin=theirs, close_fds=True, start_new_session=True)
+        finally:
+            theirs.close()
+        ours.settimeout(START_TIMEOUT)
+        self._sock = ours
+
+    def spawn(self, out_fd, err_fd):
+        """A new supervisor with the output files ``out_fd`` and ``err_fd``."""
+        control_r, control_w = os.pipe()
+        status_r, status_w = os.pipe()
+        try:
+            with self._lock:
+                if self._proc is None or self._proc.poll() is not None:
+                    self._start()
+                socket.send_fds(self._sock, [b"spawn"], [control_r, status_w, out_fd, err_fd])
+                answer = self._sock.recv(64)
+            pid = int.from_bytes(answer, "big") if len(answer) == 8 else 0
+            if not pid:
+                raise OSError("the spawner did not start a supervisor")
+        except BaseException:
+            os.close(control_w)
+            os.close(status_r)
+            raise
+        finally:
+            os.close(control_r)
+            os.close(status_w)
+        return SpawnedSupervisor(pid, control_w, status_r)
+
+    def close(self):
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+                self._proc = None
 
 
 # -- orphans ---------------------------------------------------------------

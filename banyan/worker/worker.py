@@ -27,6 +27,7 @@ import queue
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from typing import Optional
 from ..client import BanyanError, Client, ServerUnreachable
 from ..units import parse_size
 from . import containment, resources
-from .executor import OUTPUT_LIMIT, Outcome, SupervisorPool, TaskProcess, become_subreaper, reap_orphans
+from .executor import OUTPUT_LIMIT, Outcome, Spawner, SupervisorPool, TaskProcess, become_subreaper, reap_orphans
 from .output import DEFAULT_OUTPUT_CAP, MIN_OUTPUT_CAP
 from .hooks import TimeLimit, run_hooks
 
@@ -201,8 +202,10 @@ class Worker:
         self._gpus = {}         # task id -> GPU indices handed to it
         self._cpus = resources.CpuAllocator(resources.usable_cpus()) if config.pin else None
         self.containment = None  # what keeps tasks' processes together (bootstrap)
-        # Supervisors started ahead of their attempts (one per core, up to 4).
+        # Supervisors started ahead of their attempts (one per core, up to 4),
+        # forked by the spawner once it runs (bootstrap).
         self.supervisors = SupervisorPool(size=max(1, min(4, int(self.total["cores"]))))
+        self.spawner = None
         self._work_dir_lock = None
         # The lease on running tasks (see `lease_duration`): until the server
         # tells its heartbeat timeout, the worker's own `timeout`.
@@ -299,6 +302,8 @@ class Worker:
             log.error("--enforce-memory: no memory cgroup can be made here; memory is not enforced")
         log.info("tasks contained by %s", self.containment.describe())
         containment.kill_leftovers(self.containment)
+        self.spawner = Spawner()
+        self.supervisors.spawner = self.spawner
         self.supervisors.fill()
 
     def register(self):
@@ -648,7 +653,8 @@ class Worker:
                                thread_env=resources.thread_environment(wanted["cores"]), lease=lease,
                                containment=self.containment.spec_for(f"{task_id}-{attempt}", limit)
                                if self.containment is not None else None,
-                               cpus=cpus, output_cap=self.config.output_cap, supervisors=self.supervisors)
+                               cpus=cpus, output_cap=self.config.output_cap, supervisors=self.supervisors,
+                               spawner=self.spawner)
             proc.reservation = reservation
             run_hooks(self.hooks, "before_start", proc)
             proc.start()
@@ -664,6 +670,14 @@ class Worker:
         """Wake the main loop as soon as the attempt's process exits (it is reaped there)."""
         if proc.popen is None or proc.poll() is not None:
             self._wake.set()  # never started: its outcome is ready now
+            return
+
+        if not isinstance(proc.popen, subprocess.Popen):  # forked by the spawner: not our child
+            def watch_spawned(supervisor=proc.popen):
+                supervisor.wait()
+                self._wake.set()
+            threading.Thread(target=watch_spawned, name=f"banyan-watch-{proc.supervisor_pid}",
+                             daemon=True).start()
             return
 
         def watch(pid=proc.supervisor_pid):
@@ -1080,6 +1094,8 @@ class Worker:
         for client in (self.client, self.claim_client, self.heartbeat_client, self.report_client):
             client.close()
         self.supervisors.close()
+        if self.spawner is not None:
+            self.spawner.close()
         if self.containment is not None:
             self.containment.release()
         if self._work_dir_lock is not None:
