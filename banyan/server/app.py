@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from banyan import settings as default_settings
-from banyan.server import actions, auth, claims, idempotency, limits, openapi, stats, store, waits
+from banyan.server import actions, auth, claims, idempotency, limits, openapi, query, stats, store, waits
 from banyan.server.datalayer import BanyanMongo, StoreDown, StoreFull, store_failure
 from banyan.server.hooks import register_hooks
 from banyan.server.reaper import Reaper
@@ -42,6 +42,7 @@ def create_app(client, config=None):
     app = Eve(settings=settings, data=functools.partial(BanyanMongo, client=client),
               validator=BanyanValidator, auth=auth.BanyanTokenAuth if auth_on else None)
     limits.init_app(app)  # JSON nesting depth
+    app.before_request(query.check_paging)
     auth.init_app(app, auth_on)
     db = client[app.config["MONGO_DBNAME"]]
     idempotency.init_app(app, db)  # after auth: keys belong to the caller

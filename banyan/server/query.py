@@ -20,7 +20,9 @@ Eve calls `check_filter` (through `BanyanMongo._sanitize`) on each parsed
 `where`, so the rule lives here and nowhere else.
 """
 
-from flask import abort
+import math
+
+from flask import abort, request
 
 #: Operators a `where` may contain.
 ALLOWED_OPERATORS = frozenset({
@@ -73,3 +75,24 @@ def check_filter(spec):
     if operator is not None:
         abort(400, description=refused(operator))
     return spec
+
+
+#: The largest `page` or `max_results` taken (Eve would pass a larger one to
+#: the store's `skip`, which holds 64 bits, or fail to make it an integer).
+MAX_PAGING = 2 ** 31 - 1
+
+
+def check_paging():
+    """Before any request: `?page=` and `?max_results=` that Eve cannot turn
+    into a page (`inf`, `1e400`, 10**30) answer 400 instead of failing
+    inside Eve; what Eve reads leniently (`abc`, 0) it still reads so."""
+    for name in ("page", "max_results"):
+        text = request.args.get(name)
+        if text is None:
+            continue
+        try:
+            number = float(text)
+        except ValueError:
+            continue
+        if not math.isfinite(number) or abs(number) > MAX_PAGING:
+            abort(400, description="'%s' must be a whole number from 1 to %d, not %r" % (name, MAX_PAGING, text))
