@@ -5,9 +5,11 @@ Generated, never written beside the code it describes:
 - the paths are the app's own URL rules (`app.url_map`), so every endpoint
   the server has is described, and a rule nobody described fails the
   generation (`UndescribedEndpoint`) and so the suite;
-- task documents (read, created, changed) are translated from the Eve
-  `DOMAIN` schema the validator uses, virtual fields included as
-  `register_virtual_resources` put them there, and the virtual endpoints
+- each Eve resource with URLs (tasks, jobs) gets the operations its
+  `resource_methods` / `item_methods` declare, with roles, and its
+  documents (read, created, changed) translated from the `DOMAIN` schema
+  the validator uses, virtual fields included as
+  `register_virtual_resources` put them there; the virtual endpoints come
   from `VIRTUAL_RESOURCES` (their kinds decide their URLs and bodies);
 - the limits of the worker endpoints' bodies come from the settings and the
   modules that check them (`CLAIM_MAX_TASKS`, `WAIT_MAX_IDS`,
@@ -110,32 +112,42 @@ def _nullable(schema):
     return {"anyOf": [schema, {"type": "null"}]}
 
 
-def task_schemas(domain, virtual):
-    """Task (as read), TaskCreate (POST) and TaskUpdate (PATCH), from the
-    `tasks` schema of `domain` (with its virtual fields) and `virtual`."""
-    fields = domain["tasks"]["schema"]
-    read = {name: json_schema(rules) for name, rules in fields.items() if not rules.get("virtual")}
-    for name, spec in virtual.items():
-        if spec["kind"] == "alias":  # readable through projections
-            target = fields[spec["target"]]
-            shown = target.get("schema", {}) if spec.get("element") is not None else target
-            read[name] = dict(_nullable(json_schema(shown)) if shown else {}, readOnly=True)
-    read.update(META)
-    writable = {name: rules for name, rules in fields.items()
-                if not rules.get("readonly") and not rules.get("virtual")}
-    create = {name: json_schema(rules, write=True) for name, rules in writable.items()}
-    for rules in create.values():
-        rules.pop("readOnly", None)
-    update = {name: json_schema(rules, write=True) for name, rules in writable.items()
-              if not rules.get("creation_only")}
-    for name, spec in virtual.items():
-        if not spec.get("readonly"):
-            update[name] = json_schema(fields[name], write=True)
-    return {
-        "Task": {"type": "object", "properties": read},
-        "TaskCreate": {"type": "object", "properties": create, "additionalProperties": False},
-        "TaskUpdate": {"type": "object", "properties": update, "additionalProperties": False},
-    }
+def public_resources(domain):
+    """{name: schema name} of the Eve resources that have URLs ("tasks" -> "Task")."""
+    return {name: (name[:-1] if name.endswith("s") else name).capitalize()
+            for name, settings in domain.items() if not settings.get("internal_resource")}
+
+
+def resource_schemas(domain, virtual):
+    """For each Eve resource with URLs: its document as read (`Task`), as
+    created (`TaskCreate`) and as changed (`TaskUpdate`), from its schema
+    in `domain` (with the virtual fields `register_virtual_resources` put
+    there) and `virtual`."""
+    schemas = {}
+    for resource, title in public_resources(domain).items():
+        fields = domain[resource]["schema"]
+        mine = {name: spec for name, spec in virtual.items() if spec.get("resource", "tasks") == resource}
+        read = {name: json_schema(rules) for name, rules in fields.items() if not rules.get("virtual")}
+        for name, spec in mine.items():
+            if spec["kind"] == "alias":  # readable through projections
+                target = fields[spec["target"]]
+                shown = target.get("schema", {}) if spec.get("element") is not None else target
+                read[name] = dict(_nullable(json_schema(shown)) if shown else {}, readOnly=True)
+        read.update(META)
+        writable = {name: rules for name, rules in fields.items()
+                    if not rules.get("readonly") and not rules.get("virtual")}
+        create = {name: json_schema(rules, write=True) for name, rules in writable.items()}
+        for rules in create.values():
+            rules.pop("readOnly", None)
+        update = {name: json_schema(rules, write=True) for name, rules in writable.items()
+                  if not rules.get("creation_only")}
+        for name, spec in mine.items():
+            if not spec.get("readonly"):
+                update[name] = json_schema(fields[name], write=True)
+        schemas[title] = {"type": "object", "properties": read}
+        schemas[title + "Create"] = {"type": "object", "properties": create, "additionalProperties": False}
+        schemas[title + "Update"] = {"type": "object", "properties": update, "additionalProperties": False}
+    return schemas
 
 
 # -- the worker endpoints' bodies -------------------------------------------------
@@ -288,37 +300,58 @@ def _targets(key, value_schema):
         "properties": {"targets": {"type": "array", "minItems": 1, "items": OBJECTID}, key: value_schema}}}
 
 
+def eve_operations(resource, title, settings, config):
+    """The operations Eve serves for `resource`, as its settings declare them."""
+    def roles(key):
+        return settings.get(key) if config.get("AUTH") else None
+    singular = title.lower()
+    ops = {"%s|resource" % resource: {}, "%s|item_lookup" % resource: {},
+           "%s|item_post_override" % resource: {
+               "POST": _op("Eve's POST override of an item URL (X-HTTP-Method-Override)",
+                           _answer(200, "as the overridden method answers", {"type": "object"}),
+                           body={"type": "object"})}}
+    collection, item = ops["%s|resource" % resource], ops["%s|item_lookup" % resource]
+    methods, item_methods = settings.get("resource_methods", ["GET"]), settings.get("item_methods", ["GET"])
+    if "GET" in methods:
+        collection["GET"] = _op("%s (a user's own), a page at a time" % resource,
+                                _answer(200, "a page of %s" % resource, _listing(_ref(title))),
+                                params=LISTING, roles=roles("allowed_read_roles"))
+    if "POST" in methods:
+        params = []
+        if resource == "tasks":
+            params.append({"name": "Idempotency-Key", "in": "header", "required": False,
+                           "description": "the same key again (within %d hours) answers the first answer and "
+                                          "creates nothing" % (config["IDEMPOTENCY_TTL"] // 3600),
+                           "schema": {"type": "string", "minLength": 1, "maxLength": 255}})
+        collection["POST"] = _op("create one %s, or several at once (all or none)" % singular,
+                                 _answer(201, "created", {"type": "object"}),
+                                 body={"anyOf": [_ref(title + "Create"),
+                                                 {"type": "array", "items": _ref(title + "Create")}]},
+                                 params=params, roles=roles("allowed_write_roles"))
+    if "DELETE" in methods:
+        collection["DELETE"] = _op("delete every %s" % singular, _answer(204, "deleted"),
+                                   roles=roles("allowed_write_roles"))
+    if "GET" in item_methods:
+        item["GET"] = _op("one %s" % singular, _answer(200, "the %s" % singular, _ref(title)),
+                          params=[_query("projection", "fields to include (1) or exclude (0), as JSON")],
+                          roles=roles("allowed_item_read_roles"))
+    if "PATCH" in item_methods:
+        item["PATCH"] = _op("change a %s" % singular, _answer(200, "changed", {"type": "object"}),
+                            body=_ref(title + "Update"), roles=roles("allowed_item_write_roles"))
+    if "DELETE" in item_methods:
+        item["DELETE"] = _op("delete a %s" % singular, _answer(204, "deleted"),
+                             roles=roles("allowed_item_write_roles"))
+    return ops
+
+
 def operations(config):
     """{Flask endpoint: {method: operation}} for every endpoint the server has."""
     domain, virtual = config["DOMAIN"], config["VIRTUAL_RESOURCES"]
     tasks = domain["tasks"]
-    roles = lambda key: tasks.get(key) if config.get("AUTH") else None  # noqa: E731
     listing = _listing(_ref("Task"))
     ops = {
         "home": {"GET": _op("the resources this server serves", _answer(200, "their names and links",
                                                                         {"type": "object"}))},
-        "tasks|resource": {
-            "GET": _op("tasks (a user's own), a page at a time", _answer(200, "a page of tasks", listing),
-                       params=LISTING, roles=roles("allowed_read_roles")),
-            "POST": _op("create one task, or several at once (all or none)",
-                        _answer(201, "created", {"type": "object"}),
-                        body={"anyOf": [_ref("TaskCreate"), {"type": "array", "items": _ref("TaskCreate")}]},
-                        params=[{"name": "Idempotency-Key", "in": "header", "required": False,
-                                 "description": "the same key again (within %d hours) answers the first answer "
-                                                "and creates nothing" % (config["IDEMPOTENCY_TTL"] // 3600),
-                                 "schema": {"type": "string", "minLength": 1, "maxLength": 255}}],
-                        roles=roles("allowed_write_roles"))},
-        "tasks|item_lookup": {
-            "GET": _op("one task", _answer(200, "the task", _ref("Task")),
-                       params=[_query("projection", 'fields to include (1) or exclude (0), as JSON')],
-                       roles=roles("allowed_item_read_roles")),
-            "PATCH": _op("change a task (its state: cancel, make available; write-once fields while inactive; "
-                         "virtual fields)", _answer(200, "changed", {"type": "object"}),
-                         body=_ref("TaskUpdate"), roles=roles("allowed_item_write_roles"))},
-        "tasks|item_post_override": {
-            "POST": _op("Eve's POST override of an item URL (X-HTTP-Method-Override)",
-                        _answer(200, "as the overridden method answers", {"type": "object"}),
-                        body={"type": "object"})},
         "bulk_patch_tasks.bulk_patch_tasks": {
             "PATCH": _op("change many tasks, each validated as an item PATCH, a result per item",
                          _answer(200, "every item changed", {"type": "object"}),
@@ -383,6 +416,8 @@ def operations(config):
         "tokens.revoke_token": {"DELETE": _op("revoke a token (admin)",
                                               _answer(200, "revoked", {"type": "object"}), roles=("admin",))},
     }
+    for resource, title in public_resources(domain).items():
+        ops.update(eve_operations(resource, title, domain[resource], config))
     fields = tasks["schema"]
     for name, spec in virtual.items():
         endpoint = "virtual_resources.%s_%s" % (spec["resource"], name)
@@ -437,7 +472,7 @@ def build(app):
             if params:
                 operation["parameters"] = params + operation.get("parameters", [])
             paths.setdefault(path, {})[method.lower()] = operation
-    schemas = dict(task_schemas(config["DOMAIN"], config["VIRTUAL_RESOURCES"]), **worker_schemas(config))
+    schemas = dict(resource_schemas(config["DOMAIN"], config["VIRTUAL_RESOURCES"]), **worker_schemas(config))
     security = [{"bearer": []}, {"basic": []}]
     return {
         "openapi": "3.1.0",
