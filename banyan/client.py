@@ -433,7 +433,7 @@ class Client:
         body = {"name": name}
         if array_limit:
             body["array_limit"] = int(array_limit)
-        return self.post("jobs", json_body=body)["_id"]
+        return self.post("jobs", json_body=body, idempotent=True)["_id"]
 
     def get_job(self, job_id):
         """A job with its ``counts`` of tasks (queued, running, succeeded, failed, cancelled, total)."""

@@ -1,5 +1,6 @@
-"""`Idempotency-Key` on `POST /tasks` (the IETF httpapi draft's header):
-a submission retried after a lost answer creates nothing twice.
+"""`Idempotency-Key` on `POST /tasks` and `POST /jobs` (the IETF httpapi
+draft's header): a submission retried after a lost answer creates nothing
+twice.
 
 The first request with a key stores a record `pending` before Eve creates
 anything; its answer, once a 2xx, is stored in the record (`done`). The
@@ -100,8 +101,9 @@ def _owner():
 
 
 def _applies():
-    """A POST to the tasks collection, with the header, by a role that may create tasks."""
-    return (request.method == "POST" and request.endpoint == "tasks|resource"
+    """A POST to an Eve collection (`/tasks`, `/jobs`), with the header, by
+    a role that may create there."""
+    return (request.method == "POST" and (request.endpoint or "").endswith("|resource")
             and request.headers.get("Idempotency-Key") is not None
             and current_identity().role in ("admin", "user"))
 

@@ -317,12 +317,11 @@ def eve_operations(resource, title, settings, config):
                                 _answer(200, "a page of %s" % resource, _listing(_ref(title))),
                                 params=LISTING, roles=roles("allowed_read_roles"))
     if "POST" in methods:
-        params = []
-        if resource == "tasks":
-            params.append({"name": "Idempotency-Key", "in": "header", "required": False,
-                           "description": "the same key again (within %d hours) answers the first answer and "
-                                          "creates nothing" % (config["IDEMPOTENCY_TTL"] // 3600),
-                           "schema": {"type": "string", "minLength": 1, "maxLength": 255}})
+        # banyan.server.idempotency: every collection's POST
+        params = [{"name": "Idempotency-Key", "in": "header", "required": False,
+                   "description": "the same key again (within %d hours) answers the first answer and "
+                                  "creates nothing" % (config["IDEMPOTENCY_TTL"] // 3600),
+                   "schema": {"type": "string", "minLength": 1, "maxLength": 255}}]
         collection["POST"] = _op("create one %s, or several at once (all or none)" % singular,
                                  _answer(201, "created", {"type": "object"}),
                                  body={"anyOf": [_ref(title + "Create"),
