@@ -46,7 +46,7 @@ __all__ = ["GraphError", "TaskGraph", "task_document", "load_graph", "graph_from
            "check_task_id"]
 
 #: Fields of a task as written in a graph file (and built from `submit` flags).
-FIELDS = ("name", "command", "cores", "memory", "gpus", "retries", "priority", "time_limit",
+FIELDS = ("name", "command", "cores", "memory", "gpus", "retries", "retry_memory_factor", "priority", "time_limit",
           "environment", "working_directory", "max_shutdown_time", "estimated_runtime",
           "after", "after_any", "after_failure", "continuations")
 #: Graph-file fields naming parents, and the kind of edge each makes.
@@ -140,6 +140,10 @@ def task_document(fields, where=None):
             resources["gpus"] = _non_negative(value, what, integer=True)
         elif key == "retries":
             doc["max_retries"] = _non_negative(value, what, integer=True)
+        elif key == "retry_memory_factor":
+            doc["retry_memory_factor"] = _number(value, what)
+            if not 1 <= doc["retry_memory_factor"] <= 1024:
+                raise GraphError("%s must be a number from 1 to 1024, not %r" % (what, value))
         elif key == "priority":
             doc["priority"] = _number(value, what, integer=True)
         elif key in ("time_limit", "max_shutdown_time", "estimated_runtime"):

@@ -568,3 +568,17 @@ def test_ctrl_c_on_up_lets_running_tasks_finish_and_report(tmp_path):
         assert [w["state"] for w in workers] == ["stopped"]
     finally:
         server.stop()
+
+
+def test_retry_memory_factor_from_a_flag_and_a_graph_file(tmp_path):
+    from banyan.cli import build_parser
+    from banyan.commands.submit import build_graph
+    from banyan.graph import GraphError, task_document
+
+    args = build_parser().parse_args(["submit", "--memory", "1 GiB", "--retry-memory-factor", "1.5", "--", "true"])
+    [doc] = build_graph(args).docs.values()
+    assert doc["retry_memory_factor"] == 1.5 and doc["requested_resources"]["memory"] == 1 << 30
+    assert task_document({"command": "x", "retry_memory_factor": 2})["retry_memory_factor"] == 2
+    for bad in (0.5, "two", 4096):
+        with pytest.raises(GraphError, match="retry.memory.factor"):
+            task_document({"command": "x", "retry_memory_factor": bad})
