@@ -3,7 +3,8 @@
 process, one thread each, without running anything.
 
 A simulated worker "runs" a task by waiting `run_seconds` and reports the
-outcome `outcome_of(task)` chooses (default: success, exit code 0). It
+outcome `outcome_of(task)` chooses (default: success, exit code 0) with its
+next claim, as banyan-worker does. It
 records every attempt it was given (`SimulatedWorker.runs`), so a test can
 check that no task was handed out twice and that each was recorded as it
 was reported. It honours the server's `retry_after`, as `banyan-worker` does,
@@ -79,16 +80,28 @@ class SimulatedWorker:
             self.errors.append(("heartbeat", r.status_code))
         return r
 
-    def claim(self):
-        """One claim; returns (tasks, retry_after or None)."""
-        r = self._post("/workers/%s/claim" % self.wid,
-                       {"free": {"cores": self.cores, "memory": 1 << 30, "gpus": 0}, "max_tasks": self.cores,
-                        "wait": self.claim_wait}, timeout=self.timeout + self.claim_wait)
+    def claim(self, finished=()):
+        """One claim, carrying the reports of `finished` runs first (as
+        banyan-worker sends them); returns (tasks, retry_after or None)."""
+        body = {"free": {"cores": self.cores, "memory": 1 << 30, "gpus": 0}, "max_tasks": self.cores,
+                "wait": 0 if finished else self.claim_wait}
+        if finished:
+            body["finished"] = [{"task": run.task_id, "attempt": run.attempt, "outcome": run.outcome,
+                                 "exit_code": run.exit_code, "stdout": "simulated by %s\n" % self.host}
+                                for run in finished]
+        r = self._post("/workers/%s/claim" % self.wid, body, timeout=self.timeout + self.claim_wait)
         self.claims += 1
         if r.status_code != 200:
             self.errors.append(("claim", r.status_code))
+            for run in finished:
+                run.status = r.status_code
             return [], 1.0
         reply = r.json()
+        for run, result in zip(finished, reply.get("finished") or []):
+            run.status, run.reported = (200 if result.get("_status") == "OK" else result["_error"]["code"]), \
+                time.monotonic()
+            if run.status != 200:
+                self.errors.append(("finish", run.status))
         return reply["_items"], reply.get("retry_after")
 
     def finish(self, run):
@@ -106,26 +119,25 @@ class SimulatedWorker:
             if self.wid is None:
                 self.register()
             self.heartbeat()
+            ended = []
             while not self.stop_event.is_set():
                 if time.monotonic() - self._last_heartbeat >= self.heartbeat_interval:
-                    self.heartbeat()
-                items, retry_after = self.claim()
-                runs = []
+                    self.heartbeat(ended)
+                items, retry_after = self.claim(ended)
+                ended = []
                 for task in items:
                     run = Run(task["_id"], task["history"][-1]["attempt"], self.wid, time.monotonic())
                     run.outcome, run.exit_code = self.outcome_of(task)
                     self.runs.append(run)
-                    runs.append(run)
-                if runs:
+                    ended.append(run)
+                if ended:
                     if self.run_seconds:
                         self.stop_event.wait(self.run_seconds)
-                    if time.monotonic() - self._last_heartbeat >= self.heartbeat_interval:
-                        self.heartbeat(runs)
-                    for run in runs:
-                        self.finish(run)
                 elif retry_after:
                     self.turned_away += 1
                     self.stop_event.wait(retry_after)
+            for run in ended:  # stopped with reports in hand: deliver them alone
+                self.finish(run)
         except Exception as exc:  # recorded for the test to fail on
             self.errors.append(("crash", repr(exc)))
 

@@ -75,10 +75,30 @@ class ClaimWaiters:
     def __init__(self):
         self._lock = threading.Lock()
         self._waiting = {}
+        self._parked = 0
+        #: Called when a claim parks (`banyan server`'s thread pool then
+        #: lets another worker's request run on a thread of its own).
+        self.on_park = lambda: None
 
     def __len__(self):
         with self._lock:
             return len(self._waiting)
+
+    @property
+    def parked(self):
+        """Claims blocked in `park` now: they hold a request thread but no CPU."""
+        return self._parked
+
+    def park(self, event, timeout):
+        """Wait for `event` (at most `timeout` seconds)."""
+        with self._lock:
+            self._parked += 1
+        self.on_park()
+        try:
+            return event.wait(timeout)
+        finally:
+            with self._lock:
+                self._parked -= 1
 
     @contextlib.contextmanager
     def waiting(self, free, limit):
@@ -349,7 +369,7 @@ def claim(worker_id, free, max_tasks=1, wait=0.0):
             remaining = deadline - time.monotonic()
             if items or event is None or remaining <= 0:
                 break
-            event.wait(min(remaining, recheck))
+            waiters.park(event, min(remaining, recheck))
             if not registry.is_active(worker_id):
                 # Unregistered (or marked lost) while its claim waited: a
                 # task claimed now would be held by a worker that is gone.

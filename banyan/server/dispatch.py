@@ -1,13 +1,19 @@
-"""waitress's thread pool with users first: workers' requests (claims,
-heartbeats, reports, registrations) wait in a queue of their own and are
-served by at most `worker_threads` threads at once; every other request
-(a user's) is taken first by any free thread.
+"""waitress's thread pool with users first: every request waits in one of
+three queues, and a free thread takes, in this order,
+- a user's request (anything a worker does not send);
+- while fewer than `worker_threads` workers' requests run (long polls
+  parked waiting for work not counted; CLAIM_MAX_WAITERS bounds those):
+  a worker's heartbeat, report, registration or release, small requests
+  that keep it alive and its results safe (with a lease on its tasks, a
+  late heartbeat acknowledgement kills them), else a claim.
 
 waitress serves requests first come, first served from one queue, so with
-hundreds of workers claiming and reporting as fast as tasks end, a user's
-`GET /tasks/<id>` waited behind all of them (over a second with 300
-workers). Here it waits for a free thread only, and competes for the
-interpreter with at most `worker_threads` busy ones.
+hundreds of workers claiming as fast as tasks end, a user's `GET
+/tasks/<id>` waited behind all of them (over a second with 300 workers),
+and so did heartbeats. Here a user's request waits for a free thread only,
+and competes for the interpreter with at most `worker_threads` running
+workers' requests; a heartbeat waits for one of those to end; fewer claims
+at once also race less for the same best task.
 """
 
 import collections
@@ -18,43 +24,63 @@ from waitress.task import ThreadedTaskDispatcher
 
 log = logging.getLogger(__name__)
 
-#: Requests only workers send, by method.
-WORKER_REQUESTS = {
-    "POST": re.compile(r"/(workers|workers/[^/]+/(claim|heartbeat)|tasks/[^/]+/finish)/?\Z"),
+#: Requests only workers send: claims, and the small ones that keep a
+#: worker alive and its results safe (heartbeats, reports, registration).
+CLAIM = re.compile(r"/workers/[^/]+/claim/?\Z")
+LIVENESS = {
+    "POST": re.compile(r"/(workers|workers/[^/]+/(heartbeat|release)|tasks/[^/]+/finish)/?\Z"),
     "DELETE": re.compile(r"/workers/[^/]+/?\Z"),
 }
 
 
-def is_worker_request(method, path):
-    pattern = WORKER_REQUESTS.get(method)
-    return bool(pattern and pattern.match(path or ""))
+def request_kind(method, path):
+    """"claim", "liveness" (a worker's other requests) or "user"."""
+    path = path or ""
+    if method == "POST" and CLAIM.match(path):
+        return "claim"
+    pattern = LIVENESS.get(method)
+    return "liveness" if pattern and pattern.match(path) else "user"
 
 
 class UsersFirstDispatcher(ThreadedTaskDispatcher):
     """A `ThreadedTaskDispatcher` (waitress's thread pool) whose tasks, each
-    a channel with a parsed request at its head, go to one of two queues."""
+    a channel with a parsed request at its head, go to one of three queues."""
 
-    def __init__(self, threads, worker_threads):
+    def __init__(self, threads, worker_threads, parked=lambda: 0):
+        """`worker_threads`: most threads running workers' requests at once,
+        not counting those `parked()` says wait without running (long polls
+        with nothing to claim; their number has its own bound,
+        CLAIM_MAX_WAITERS). Call `wake` when one parks."""
         super().__init__()
-        self.worker_queue = collections.deque()
+        self.worker_queue = collections.deque()     # claims
+        self.liveness_queue = collections.deque()   # workers' other requests
         self.worker_threads = max(1, min(worker_threads, threads))
+        self.parked = parked
         self.serving_workers = 0
         self.set_thread_count(threads)
 
+    def wake(self):
+        """A worker's request may have room to run now."""
+        with self.lock:
+            if self.worker_queue or self.liveness_queue:
+                self.queue_cv.notify()
+
     @staticmethod
-    def _is_worker(channel):
+    def _kind(channel):
         request = channel.requests[0] if getattr(channel, "requests", None) else None
-        return request is not None and is_worker_request(getattr(request, "command", None),
-                                                         getattr(request, "path", None))
+        if request is None:
+            return "user"
+        return request_kind(getattr(request, "command", None), getattr(request, "path", None))
 
     def add_task(self, task):
-        worker = self._is_worker(task)
+        kind = self._kind(task)
         with self.lock:
-            (self.worker_queue if worker else self.queue).append(task)
+            {"user": self.queue, "liveness": self.liveness_queue, "claim": self.worker_queue}[kind].append(task)
             self.queue_cv.notify()
 
     def _has_work(self):
-        return bool(self.queue) or (bool(self.worker_queue) and self.serving_workers < self.worker_threads)
+        return bool(self.queue) or ((bool(self.liveness_queue) or bool(self.worker_queue))
+                                    and self.serving_workers - self.parked() < self.worker_threads)
 
     def handler_thread(self, thread_no):
         while True:
@@ -70,7 +96,7 @@ class UsersFirstDispatcher(ThreadedTaskDispatcher):
                     self.thread_exit_cv.notify()
                     break
                 worker = not self.queue
-                task = self.worker_queue.popleft() if worker else self.queue.popleft()
+                task = (self.queue or self.liveness_queue or self.worker_queue).popleft()
                 self.serving_workers += worker
             try:
                 task.service()
@@ -80,11 +106,13 @@ class UsersFirstDispatcher(ThreadedTaskDispatcher):
                 if worker:
                     with self.lock:
                         self.serving_workers -= 1
-                        if self.worker_queue:
+                        if self.worker_queue or self.liveness_queue:
                             self.queue_cv.notify()  # a thread may take the next one now
 
     def shutdown(self, cancel_pending=True, timeout=5):
         with self.lock:  # pending workers' requests are cancelled with the others
+            self.queue.extend(self.liveness_queue)
             self.queue.extend(self.worker_queue)
+            self.liveness_queue.clear()
             self.worker_queue.clear()
         return super().shutdown(cancel_pending, timeout)

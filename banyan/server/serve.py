@@ -117,13 +117,17 @@ def run(args):
     _settle_memory()
     if auth_on:
         _bootstrap_admin(app, args)
-    # Workers' requests get the long polls' half of the threads and an
-    # eighth more (4 of 32) for the rest; users' requests the others, first.
     # Every step of a request (accept, read, run, write) waits for the
     # interpreter lock; under load, a thread holds it for up to the switch
     # interval (5 ms by default) before the next one may take it.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    dispatcher = UsersFirstDispatcher(args.threads, worker_threads=max(1, args.threads // 2 + args.threads // 8))
+    # Workers' requests may hold the long polls' half of the threads, parked,
+    # and run on a quarter of them (8 of 32); users' requests are taken
+    # first, then workers' heartbeats and reports, then claims
+    # (banyan.server.dispatch).
+    dispatcher = UsersFirstDispatcher(args.threads, worker_threads=max(1, args.threads // 4),
+                                      parked=lambda: app.claim_waiters.parked)
+    app.claim_waiters.on_park = dispatcher.wake
     server = create_server(app, host=args.host, port=args.port, ident="banyan",
                            max_request_body_size=app.config["MAX_CONTENT_LENGTH"],
                            _dispatcher=dispatcher, **waitress_limits(args, app.config["CLAIM_MAX_WAIT"]))
