@@ -197,7 +197,9 @@ def worker_schemas(config):
         "Claimed": {"type": "object", "properties": {
             "_items": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
             "cancel": {"type": "array", "items": OBJECTID},
-            "finished": {"type": "array", "items": {"type": "object"}}}},
+            "finished": {"type": "array", "items": {"type": "object"}},
+            # present when nothing was claimed and the claim could not wait
+            "retry_after": {"type": "number", "minimum": 0}}},
         "Heartbeat": {"type": "object", "additionalProperties": False, "properties": {
             "tasks": {"anyOf": [{"type": "object", "propertyNames": OBJECTID, "additionalProperties": {
                 "type": "object", "additionalProperties": False, "required": ["attempt"],
