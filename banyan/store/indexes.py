@@ -154,9 +154,20 @@ def _component(key, desc):
     return (-key[0], -key[1], v)
 
 
-def _field_elements(field, doc):
+def _field_elements(field, doc, parts=None):
     """Values of `field` that mongomock equality can match, and whether the
     field is multikey (array / several candidates) for this document."""
+    if parts is not None:  # the common shapes, without mongomock's walk
+        v = doc
+        for part in parts:
+            if type(v) is not dict:  # pylint: disable=unidiomatic-typecheck
+                break
+            v = v.get(part, NOTHING)
+        else:
+            if type(v) is list and len(parts) == 1:  # pylint: disable=unidiomatic-typecheck
+                return v, True
+            if not isinstance(v, (list, tuple, dict)):
+                return [v], False
     cands = iter_key_candidates(field, doc)
     if len(cands) == 1 and not isinstance(cands[0], (list, tuple)):
         return cands, False
@@ -185,7 +196,7 @@ class SecondaryIndex:
 
     def __init__(self, fields):
         self.fields = [(f, int(d)) for f, d in fields]
-        self._plan = [(f, d < 0, '.' in f) for f, d in self.fields]
+        self._plan = [(f, d < 0, f.split('.') if '.' in f else None) for f, d in self.fields]
         self.entries = SortedList()
         self.stats = [[0, 0, 0] for _ in self.fields]
 
@@ -199,7 +210,7 @@ class SecondaryIndex:
                     per_field.append((_component(asc_key(v), desc),))
                     flags.append((False, type(v) is bool, _is_num01(v)))
                     continue
-            elems, multi = _field_elements(field, doc)
+            elems, multi = _field_elements(field, doc, dotted or [field])
             keys = []
             has_bool = has_num = False
             for e in elems:
