@@ -61,6 +61,9 @@ def register(sub):
                     help="comma-separated fields, printed tab-separated without a header (for scripts)")
     ls.add_argument("--last", type=int, metavar="N", help="only the N newest of them")
     ls.add_argument("--json", action="store_true", help="print the tasks as JSON (all their fields)")
+    ls.add_argument("--archive", nargs="?", const="~/.banyan", metavar="DATA_DIR",
+                    help="list the archived tasks of an embedded store (`banyan store archive`) instead "
+                         "of the server's (default data directory: ~/.banyan)")
 
     show = add_command(sub, "show", run_show, help="show a task: its fields and attempts",
                        description="Show one or more tasks in full: command, resources, state, "
@@ -158,14 +161,10 @@ def run_ls(args):
     if args.since:
         since = parse_since(args.since)
         query["_created"] = {"$gte": since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
-    client = connect(args)
-    query = job_query(client, args, query)
-    projection = None if args.json else dict(LS_PROJECTION, cancelled_by=1) if fields else LS_PROJECTION
-    if args.last:
-        reply = client.list_tasks(query, projection, sort="-_id", max_results=args.last)
-        tasks = list(reversed(reply.get("_items", [])))
+    if args.archive:
+        tasks = _archived(args, query)
     else:
-        tasks = list(client.iter_tasks(query, projection, sort="_id", max_results=10000))
+        tasks = _served(args, query, fields)
     if args.json:
         for doc in tasks:
             doc.pop("_links", None)
@@ -193,6 +192,34 @@ def run_ls(args):
     else:
         print("no tasks", file=sys.stderr)
     return 0
+
+
+def _served(args, query, fields):
+    """The server's tasks matching `query`, oldest first (`--last`: the newest N)."""
+    client = connect(args)
+    query = job_query(client, args, query)
+    projection = None if args.json else dict(LS_PROJECTION, cancelled_by=1) if fields else LS_PROJECTION
+    if args.last:
+        reply = client.list_tasks(query, projection, sort="-_id", max_results=args.last)
+        return list(reversed(reply.get("_items", [])))
+    return list(client.iter_tasks(query, projection, sort="_id", max_results=10000))
+
+
+def _archived(args, query):
+    """The archived tasks matching `query`, oldest first (`--last`: the newest N)."""
+    import os
+
+    from mongomock.filtering import filter_applies
+
+    from banyan.store import archive
+
+    if args.job:
+        raise CommandError("--job cannot be used with --archive", EXIT_USAGE)
+    data_dir = os.path.expanduser(args.archive)
+    if not os.path.isdir(data_dir):
+        raise CommandError("--archive: no data directory at %s" % data_dir, EXIT_USAGE)
+    tasks = sorted((doc for doc in archive.read(data_dir) if filter_applies(query, doc)), key=lambda d: d["_id"])
+    return tasks[-args.last:] if args.last else tasks
 
 
 def run_show(args):

@@ -33,6 +33,16 @@ def add_store_parser(sub):
                     "server first.")
     repair.add_argument("data_dir", metavar="DIR")
     repair.set_defaults(func=run_repair)
+    archive = actions.add_parser(
+        "archive", help="move finished tasks out of the live store into compressed files",
+        description="Move the tasks that finished before DATE, and that nothing unfinished depends on, "
+                    "out of DIR's live store into DIR/archive/tasks-<time>.jsonl.gz (one task per line, "
+                    "as the API shows it); `banyan ls --archive DIR` lists them. Stop the server first.")
+    archive.add_argument("--before", required=True, metavar="DATE",
+                         help="a date (2026-12-01 or 2026-12-01T10:00, local time unless a zone is given) "
+                              "or a duration ago (30d)")
+    archive.add_argument("data_dir", metavar="DIR")
+    archive.set_defaults(func=run_archive)
 
 
 def _data_dir(args):
@@ -60,4 +70,23 @@ def run_repair(args):
     if not starts:
         print("\n".join(lines), file=sys.stderr)
         return EXIT_DAMAGED
+    return 0
+
+
+def run_archive(args):
+    from banyan.commands.listing import parse_since
+    from banyan.server.store import DEFAULT_DATABASE, EmbeddedClient
+    from banyan.store import archive
+
+    before = parse_since(args.before)
+    client = EmbeddedClient(_data_dir(args))
+    try:
+        count, path = archive.archive(client[DEFAULT_DATABASE], client.data_dir, before)
+    finally:
+        client.close()
+    if path:
+        print("archived %d finished task%s to %s" % (count, "s" * (count != 1), path))
+    else:
+        print("no task to archive (finished before %s, with nothing unfinished depending on it)"
+              % before.strftime("%Y-%m-%dT%H:%M:%SZ"))
     return 0
