@@ -297,6 +297,21 @@ def test_claims_runs_and_reports_output(fake, start_worker):
     assert not os.listdir(os.path.join(work_dir, ".supervisors"))
 
 
+def test_reports_ride_on_claims_for_what_they_free(fake, start_worker):
+    """A busy worker's reports go in the claim for the cores they free: one
+    request per task, never more tasks than cores."""
+    names = ["t%d" % i for i in range(8)]
+    for name in names:
+        fake.submit(name, "true")
+    runner = start_worker()
+    wait_for(lambda: all(fake.finish_of(name) for name in names), what="eight reports")
+    carried = [c for c in fake.claims if c.get("finished")]
+    assert sorted(r["task"] for c in carried for r in c["finished"]) == sorted(names)
+    assert any(c["max_tasks"] > 0 and c["free"]["cores"] > 0 for c in carried)  # and claimed with them
+    assert all(c["free"]["cores"] <= 2 for c in fake.claims)
+    assert runner.stop() == 0
+
+
 def test_claims_only_what_fits_beside_running_tasks(fake, start_worker, tmp_path):
     gate = tmp_path / "gate"
     fake.submit("first", f"while [ ! -e {gate} ]; do sleep 0.05; done")
