@@ -31,7 +31,8 @@ def register(sub):
     parser.add_argument("--follow", "-f", action="store_true",
                         help="keep printing new output until the task (or attempt N) has finished")
     parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
-                        help="with --follow: how often to ask the server (default 1)")
+                        help="with --follow: how often to look for a new attempt's output (default 1); "
+                             "the task's end is seen at once")
 
 
 def _task(client, task_id):
@@ -87,11 +88,23 @@ def follow(client, task_id, attempt, doc, interval):
             shown[stream] = data
         if _done(doc, attempt):
             return 0
-        time.sleep(interval)
+        _pause(client, task_id, interval)
         # Read the task before its output: output is handed over with the
         # end of an attempt, so once the task reads as done, the next read
         # of the output is complete.
         doc = _task(client, task_id)
+
+
+def _pause(client, task_id, interval):
+    """Until the task has finished or `interval` seconds passed: a wait the
+    server holds (so the end is seen at once), else a sleep."""
+    try:
+        if client.wait_unfinished([task_id], interval).get("waited"):
+            return
+    except BanyanError as exc:
+        if exc.status not in (404, 405):  # a server without POST /tasks/wait
+            raise
+    time.sleep(interval)
 
 
 def _done(doc, attempt):
