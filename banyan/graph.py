@@ -46,7 +46,8 @@ __all__ = ["GraphError", "TaskGraph", "task_document", "load_graph", "graph_from
            "check_task_id"]
 
 #: Fields of a task as written in a graph file (and built from `submit` flags).
-FIELDS = ("name", "command", "cores", "memory", "gpus", "retries", "retry_memory_factor", "priority", "time_limit",
+FIELDS = ("name", "command", "cores", "memory", "gpus", "retries", "max_lost", "retry_memory_factor", "priority",
+          "time_limit",
           "environment", "working_directory", "max_shutdown_time", "estimated_runtime",
           "after", "after_any", "after_failure", "continuations")
 #: Graph-file fields naming parents, and the kind of edge each makes.
@@ -140,6 +141,8 @@ def task_document(fields, where=None):
             resources["gpus"] = _non_negative(value, what, integer=True)
         elif key == "retries":
             doc["max_retries"] = _non_negative(value, what, integer=True)
+        elif key == "max_lost":
+            doc["max_lost"] = _non_negative(value, what, integer=True)
         elif key == "retry_memory_factor":
             doc["retry_memory_factor"] = _number(value, what)
             if not 1 <= doc["retry_memory_factor"] <= 1024:

@@ -582,3 +582,19 @@ def test_retry_memory_factor_from_a_flag_and_a_graph_file(tmp_path):
     for bad in (0.5, "two", 4096):
         with pytest.raises(GraphError, match="retry.memory.factor"):
             task_document({"command": "x", "retry_memory_factor": bad})
+
+
+def test_max_lost_from_a_flag_and_a_graph_file():
+    from banyan.cli import build_parser
+    from banyan.commands.submit import build_graph
+    from banyan.graph import GraphError, task_document
+
+    args = build_parser().parse_args(["submit", "--max-lost", "0", "--retries", "2", "--", "true"])
+    [doc] = build_graph(args).docs.values()
+    assert (doc["max_lost"], doc["max_retries"]) == (0, 2)
+    [doc] = build_graph(build_parser().parse_args(["submit", "--", "true"])).docs.values()
+    assert "max_lost" not in doc  # the server's default (3)
+    assert task_document({"command": "x", "max_lost": 5})["max_lost"] == 5
+    for bad in (-1, "two", 1.5):
+        with pytest.raises(GraphError, match="max.lost"):
+            task_document({"command": "x", "max_lost": bad})

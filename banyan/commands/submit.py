@@ -64,7 +64,7 @@ A graph file names its tasks and says which runs after which:
       command: ./alert.sh
       after_failure: [report] # only if report did not succeed
 
-Task fields: name, command, cores, memory, gpus, retries, retry_memory_factor, priority,
+Task fields: name, command, cores, memory, gpus, retries, max_lost, retry_memory_factor, priority,
 time_limit, environment, working_directory, max_shutdown_time,
 estimated_runtime, after, after_any, after_failure, continuations; an
 optional top-level `defaults:` mapping applies to every task (flags such as
@@ -90,6 +90,9 @@ def register(sub):
     what.add_argument("--gpus", help="GPUs it needs (default 0)")
     what.add_argument("--retries", help="run it again up to N times after a failure (default 0)",
                       metavar="N")
+    what.add_argument("--max-lost", metavar="N",
+                      help="run it again up to N times when its worker is lost (machine down, worker "
+                           "killed); these do not count as --retries (default 3)")
     what.add_argument("--retry-memory-factor", metavar="X",
                       help="killed for exceeding its memory (on a worker with --enforce-memory), run it "
                            "again with X times more memory, up to 3 times (default: not)")
@@ -212,7 +215,7 @@ def environment_of(args, environ=None):
 def _fields(args):
     """The task fields the flags give (None for those not given)."""
     return {"cores": args.cores, "memory": args.memory, "gpus": args.gpus, "retries": args.retries,
-            "retry_memory_factor": args.retry_memory_factor, "priority": args.priority, "time_limit": args.time_limit,
+            "max_lost": args.max_lost, "retry_memory_factor": args.retry_memory_factor, "priority": args.priority, "time_limit": args.time_limit,
             "environment": environment_of(args),
             "working_directory": os.path.abspath(os.path.expanduser(args.cwd)) if args.cwd else os.getcwd()}
 
