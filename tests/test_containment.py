@@ -55,10 +55,22 @@ DAEMONS = ("setsid sh -c 'echo $$ > d1.tmp; mv d1.tmp d1; exec sleep 1000' </dev
 
 # -- the supervisor on its own (TaskProcess) --------------------------------
 
+DETECTED = []
+
+
+@pytest.fixture(autouse=True)
+def release_cgroups():
+    """Remove the (empty) cgroup directories the test's containment made."""
+    yield
+    while DETECTED:
+        DETECTED.pop().release()
+
+
 def start(tmp_path, command, mode="subreaper", lease=None, name="t1"):
     here = tmp_path / name
     here.mkdir()
     found = containment.detect(str(tmp_path / "work"), mode)
+    DETECTED.append(found)
     proc = TaskProcess({"_id": name, "command": command, "working_directory": str(here),
                         "max_shutdown_time": 1}, 1, here / "attempt",
                        lease=lease, containment=found.spec_for(name + "-1"))

@@ -25,6 +25,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -145,7 +146,10 @@ def _usable(parent):
     except (OSError, subprocess.SubprocessError):
         return False
     finally:
-        sup.cgroup_remove(probe)
+        for _ in range(50):  # the exited probe may take a moment to leave it
+            if sup.cgroup_remove(probe):
+                break
+            time.sleep(0.01)
 
 
 def _v2_parent(work_dir):
