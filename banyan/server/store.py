@@ -24,12 +24,14 @@ __all__ = ['connect', 'one_sync', 'sync_visible', 'EmbeddedClient', 'EmbeddedCol
 def connect(mongo_uri=None, data_dir=None):
     """Return a MongoClient-shaped client.
 
-    pymongo.MongoClient(mongo_uri, tz_aware=True) when mongo_uri is given,
+    A pymongo.MongoClient (document_locks.LockingClient) when mongo_uri is given,
     else an EmbeddedClient persisted under data_dir (default ~/.banyan;
     its journal is compacted past BANYAN_STORE_COMPACT_BYTES, default 64 MiB).
     """
     if mongo_uri:
-        return pymongo.MongoClient(mongo_uri, tz_aware=True)
+        # pymongo's client, with updates made atomic where the store's are not
+        from banyan.server.document_locks import LockingClient
+        return LockingClient(mongo_uri, tz_aware=True)
     if data_dir is None:
         data_dir = os.path.join(os.path.expanduser('~'), '.banyan')
     compact_bytes = int(os.environ.get('BANYAN_STORE_COMPACT_BYTES') or DEFAULT_COMPACT_BYTES)
