@@ -298,6 +298,7 @@ BAD_FILTERS_AND_SORTS = [
     ("where", '{"$and": 1}'),
     ("where", '{"name": {"$not": 1}}'),
     ("where", '{"$or": [{"name": "a"}, {"name": {"$mod": [0, 0]}}]}'),
+    ("where", '{"$or": [{"name": "a"}, {"name": {"$mod": "x"}}]}'),
     ("sort", '{"name": "x"}'),
     ("sort", '[["$name", 1]]'),
     ("sort", '[["name"]]'),

@@ -69,11 +69,35 @@ def first_refused(spec):
     return None
 
 
+def bad_operand(spec):
+    """A message for the first operand of `spec` that MongoDB refuses but a
+    store may take badly (FerretDB 1.24 drops the connection on a `$mod`
+    that is not a list), or None."""
+    if isinstance(spec, dict):
+        for key, value in spec.items():
+            if key == "$mod" and not (isinstance(value, list) and len(value) == 2 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                return "'where': $mod takes [divisor, remainder], two numbers, not %r" % (value,)
+            found = bad_operand(value)
+            if found:
+                return found
+    elif isinstance(spec, (list, tuple)):
+        for value in spec:
+            found = bad_operand(value)
+            if found:
+                return found
+    return None
+
+
 def check_filter(spec):
-    """Abort 400 naming the first operator of `spec` that is refused."""
+    """Abort 400 naming the first operator of `spec` that is refused, or
+    the first operand no store should see."""
     operator = first_refused(spec)
     if operator is not None:
         abort(400, description=refused(operator))
+    message = bad_operand(spec)
+    if message is not None:
+        abort(400, description=message)
     return spec
 
 
