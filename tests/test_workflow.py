@@ -5,6 +5,7 @@ priorities changed while queued, array limits."""
 
 import json
 import subprocess
+import threading
 
 import pytest
 
@@ -198,3 +199,26 @@ def test_hold_release_and_priority_changed_while_queued(cluster):
     # nothing to hold once finished
     refused = banyan(cluster, "hold", held[0], ok=False)
     assert refused.returncode == 1 and "only queued tasks" in refused.stderr
+
+
+def test_logs_follow_prints_output_while_the_task_runs(cluster, tmp_path):
+    gate = tmp_path / "gate"
+    task = banyan(cluster, "submit", "--", "echo first; while [ ! -e %s ]; do sleep 0.05; done; echo second"
+                  % gate).stdout.strip()
+    follow = subprocess.Popen(BANYAN + ["logs", "--follow", task], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=cluster.env())
+    watchdog = threading.Timer(60, follow.kill)  # a regression fails the test, never hangs it
+    watchdog.start()
+    try:
+        # the task is still blocked on the gate: "first" can only come from live output
+        assert follow.stdout.readline() == "first\n"
+        assert cluster.task(task)["state"] == "running"
+        gate.touch()
+        out, err = follow.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+        if follow.poll() is None:
+            follow.kill()
+    assert follow.returncode == 0, err
+    assert out == "second\n"
+    assert banyan(cluster, "logs", task).stdout == "first\nsecond\n"

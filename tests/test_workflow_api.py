@@ -223,3 +223,33 @@ def test_array_limit_holds_across_server_processes(tmp_path):
     finally:
         for s in servers:
             s.stop()
+
+
+def test_live_output_from_heartbeats_until_the_report_replaces_it(api):
+    import base64
+    from test_claims import claim, finish, heartbeat, register
+
+    wid = register(api)
+    tid = post(api, {"command": "x", "state": "available"})["_id"]
+    assert claim(api, wid)["_items"][0]["_id"] == tid
+
+    def live(out, written):
+        return {tid: {"attempt": 1, "output": {"stdout_base64": base64.b64encode(out).decode(),
+                                               "stderr_base64": "", "stdout_written": written,
+                                               "stderr_written": 0}}}
+
+    for bad in ({"stdout_base64": "%%"}, {"stdout_written": -1}, {"colour": 1}, "text"):
+        r = api.post("/workers/%s/heartbeat" % wid, json={"tasks": {tid: {"attempt": 1, "output": bad}}})
+        assert r.status_code == 422, (bad, r.json)
+    assert api.get("/tasks/%s/logs" % tid).json["stdout"] == ""
+    heartbeat(api, wid, live(b"first\n", 6))
+    logs = api.get("/tasks/%s/logs" % tid).json
+    assert (logs["stdout"], logs["stdout_written"], logs["live"]) == ("first\n", 6, True)
+    heartbeat(api, wid, live(b"rst\nsecond\n", 13))  # the end of 13 bytes written
+    assert api.get("/tasks/%s/logs" % tid).json["stdout_written"] == 13
+    finish(api, tid, 1, "success", exit_code=0, stdout="first\nsecond\n")
+    logs = api.get("/tasks/%s/logs" % tid).json
+    assert logs == {"attempt": 1, "stdout": "first\nsecond\n", "stderr": ""}
+    # a heartbeat that raced the report does not overwrite it
+    heartbeat(api, wid, live(b"late\n", 5))
+    assert api.get("/tasks/%s/logs" % tid).json["stdout"] == "first\nsecond\n"

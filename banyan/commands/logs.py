@@ -10,7 +10,9 @@ from banyan.commands.base import EXIT_USAGE, CommandError, add_command, connect,
 EPILOG = """
 The worker hands a task's output to the server when an attempt ends (the
 last 1 MiB of each stream is kept), so it can be read after the worker is
-gone. The task's stdout goes to stdout and its stderr to stderr, byte for
+gone. While an attempt runs, its worker sends what the task writes within
+about a second (the last 64 KiB of each stream), so `logs` shows output so
+far and `logs --follow` prints it as it comes. The task's stdout goes to stdout and its stderr to stderr, byte for
 byte as the task wrote them (output that is not text included).
 
 examples:
@@ -30,8 +32,8 @@ def register(sub):
     parser.add_argument("--attempt", type=int, metavar="N", help="this attempt (1 is the first; default: latest)")
     parser.add_argument("--follow", "-f", action="store_true",
                         help="keep printing new output until the task (or attempt N) has finished")
-    parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
-                        help="with --follow: how often to look for a new attempt's output (default 1); "
+    parser.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
+                        help="with --follow: how often to look for new output (default 0.5); "
                              "the task's end is seen at once")
 
 
@@ -71,21 +73,36 @@ def run(args):
     return follow(client, task_id, args.attempt, doc, args.interval)
 
 
+def new_output(data, written, shown):
+    """What to print of a stream now: `data` is the end of it (its last
+    bytes), `written` how many bytes the task wrote in all (None: `data` is
+    all of it), `shown` how many were printed already. Returns (bytes to
+    print, bytes printed in all after them)."""
+    if written is None:
+        written = len(data)
+    start = written - len(data)  # where `data` begins in the stream
+    if written <= shown:
+        return b"", shown
+    if shown < start:  # more came than the server keeps of a running task
+        return b"[... %d bytes not shown ...]\n" % (start - shown) + data, written
+    return data[shown - start:], written
+
+
 def follow(client, task_id, attempt, doc, interval):
-    shown = {"stdout": b"", "stderr": b""}
+    shown = {"stdout": 0, "stderr": 0}
     current = None
     while True:
         logs = _logs(client, task_id, attempt, doc)
         if logs.get("attempt") != current:
             if current is not None:
                 print("--- attempt %s ---" % logs.get("attempt"), file=sys.stderr, flush=True)
-                shown = {"stdout": b"", "stderr": b""}
+                shown = {"stdout": 0, "stderr": 0}
             current = logs.get("attempt")
         for stream, out in (("stdout", sys.stdout), ("stderr", sys.stderr)):
-            data = output_bytes(logs, stream)
-            new = data[len(shown[stream]):] if data.startswith(shown[stream]) else data
-            _write(out, new)
-            shown[stream] = data
+            # output of a running attempt comes with the count of bytes written
+            data, shown[stream] = new_output(output_bytes(logs, stream), logs.get(stream + "_written"),
+                                             shown[stream])
+            _write(out, data)
         if _done(doc, attempt):
             return 0
         _pause(client, task_id, interval)

@@ -40,6 +40,7 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from flask import Blueprint, abort, current_app, make_response, request
 from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError
 from werkzeug.exceptions import HTTPException
 
 from banyan.server import states
@@ -255,14 +256,41 @@ class LogStore:
                 return {name + "_bytes": output}
         return {name: output}
 
+    #: Fields only live output (sent while the attempt runs) has.
+    LIVE_FIELDS = ("stdout_written", "stderr_written", "live")
+
     def save(self, task_id, attempt, stdout, stderr):
-        """Keep an attempt's output (str or bytes); an attempt without
-        output stores nothing (and reads back as empty)."""
+        """Keep an attempt's output (str or bytes), as reported at its end;
+        it replaces any live output. An attempt without output stores
+        nothing (and reads back as empty)."""
         if not stdout and not stderr:
             return
+        unset = {name: "" for name in self.LIVE_FIELDS + ("stdout_bytes", "stderr_bytes")}
         fields = dict(self._fields("stdout", self.tail(stdout)), **self._fields("stderr", self.tail(stderr)),
-                      updated=utcnow())
-        self.logs.update_one({"task": task_id, "attempt": attempt}, {"$set": fields}, upsert=True)
+                      updated=utcnow(), final=True)
+        for name in fields:
+            unset.pop(name, None)
+        self.logs.update_one({"task": task_id, "attempt": attempt}, {"$set": fields, "$unset": unset}, upsert=True)
+
+    def save_live(self, task_id, attempt, output):
+        """Output of a running attempt, from a heartbeat: the last bytes of
+        each stream and how many the task has written in all (so a reader
+        can tell what is new). Never overwrites the output reported at the
+        attempt's end."""
+        fields = {"updated": utcnow(), "live": True}
+        unset = {}
+        for name in ("stdout", "stderr"):
+            data = output.get(name, b"")
+            stored = self._fields(name, self.tail(data))
+            fields.update(stored)
+            other = name + "_bytes" if name in stored else name
+            unset[other] = ""
+            fields[name + "_written"] = output.get(name + "_written", len(data))
+        try:
+            self.logs.update_one({"task": task_id, "attempt": attempt, "final": {"$ne": True}},
+                                 {"$set": fields, "$unset": unset}, upsert=True)
+        except DuplicateKeyError:
+            pass  # the attempt's end was reported meanwhile: its output stays
 
     def get(self, task_id, attempt=None):
         query = {"task": task_id}
@@ -438,6 +466,9 @@ def heartbeat(worker_id, tasks):
     unknown = [task_id for task_id, entry in tasks.items()
                if not queue.record_usage(task_id, worker_id, entry["attempt"], entry.get("usage"),
                                          entry.get("progress"))]
+    for task_id, entry in tasks.items():
+        if entry.get("output") and task_id not in unknown:
+            current_app.logs.save_live(task_id, entry["attempt"], entry["output"])
     # Claims whose answer was lost: twice the heartbeat timeout leaves a
     # finished attempt's report, retried with backoff after an outage
     # shorter than the timeout, the time to arrive first.
@@ -515,7 +546,10 @@ def task_logs(task_id, attempt=None):
     doc = current_app.logs.get(task_id, attempt) if attempt is not None else None
     if doc is None:
         return {"attempt": attempt, "stdout": "", "stderr": ""}
-    return dict({"attempt": doc["attempt"]}, **LogStore.public(doc, "stdout"), **LogStore.public(doc, "stderr"))
+    answer = dict({"attempt": doc["attempt"]}, **LogStore.public(doc, "stdout"), **LogStore.public(doc, "stderr"))
+    if doc.get("live"):  # sent while the attempt runs: the end of what it wrote so far
+        answer.update(live=True, stdout_written=doc.get("stdout_written"), stderr_written=doc.get("stderr_written"))
+    return answer
 
 
 def public_worker(doc, running):
@@ -603,6 +637,30 @@ def _usage(value, field, issues):
         if v is not None and (not _number(v) or v < 0):
             issues["%s.%s" % (field, key)] = "must be a number >= 0, not %r" % (v,)
     return dict(value)
+
+
+def _live_output(value, field, issues):
+    """A heartbeat's output of a running attempt: `{"stdout_base64",
+    "stderr_base64"` (the last bytes of each stream), `"stdout_written",
+    "stderr_written"` (bytes written in all)}`, as bytes and ints; or None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        issues[field] = "must be an object {stdout_base64, stderr_base64, stdout_written, stderr_written}"
+        return None
+    _unknown(value, ("stdout_base64", "stderr_base64", "stdout_written", "stderr_written"), issues, field + ".")
+    output = {}
+    for name in ("stdout", "stderr"):
+        encoded = value.get(name + "_base64") or ""
+        try:
+            output[name] = base64.b64decode(encoded, validate=True) if isinstance(encoded, str) else None
+        except (ValueError, TypeError):
+            output[name] = None
+        if output[name] is None:
+            issues["%s.%s_base64" % (field, name)] = "must be a base64 string"
+        output[name + "_written"] = _integer(value.get(name + "_written", len(output[name] or b"")),
+                                             "%s.%s_written" % (field, name), issues, 0)
+    return output
 
 
 def _progress(value, field, issues):
@@ -748,10 +806,11 @@ def heartbeat_view(worker_id):
         if not isinstance(entry, dict):
             issues[field] = "must be {attempt, usage, progress}, not %r" % (entry,)
             continue
-        _unknown(entry, ("attempt", "usage", "progress"), issues, field + ".")
+        _unknown(entry, ("attempt", "usage", "progress", "output"), issues, field + ".")
         tasks[task_id] = {"attempt": _integer(entry.get("attempt"), field + ".attempt", issues, 1),
                           "usage": _usage(entry.get("usage"), field + ".usage", issues),
-                          "progress": _progress(entry.get("progress"), field + ".progress", issues)}
+                          "progress": _progress(entry.get("progress"), field + ".progress", issues),
+                          "output": _live_output(entry.get("output"), field + ".output", issues)}
     issues.refuse()
     return _reply(heartbeat(worker_id, tasks))
 

@@ -491,6 +491,18 @@ class TaskProcess:
         """The task's latest ``{"fraction", "message"}``, or None."""
         return read_last_progress(self.progress_path)
 
+    def output_written(self):
+        """Bytes the task has written so far to (stdout, stderr)."""
+        return tuple(getattr(self.outputs.get(stream), "written", 0) for stream in ("stdout", "stderr"))
+
+    def live_tail(self, stream, limit):
+        """The last `limit` bytes of `stream` written so far, without waiting for the task."""
+        output = self.outputs.get(stream)
+        try:
+            return output.tail(limit) if output is not None else b""
+        except OSError:
+            return b""
+
     def tail(self, stream, limit=OUTPUT_LIMIT):
         """The last ``limit`` bytes of ``stream`` ("stdout" or "stderr") as text."""
         return self.tail_bytes(stream, limit).decode("utf-8", errors="replace")

@@ -37,9 +37,11 @@ class RotatingOutput:
         self.segment = max(1, int(segment))
         self.file = open(path, "wb")
         self.size = 0
+        self.written = 0  # bytes written in all (what live output is measured by)
         self.thread = None
 
     def write(self, data):
+        total = len(data)
         while data:
             if self.size >= self.segment:
                 self._rotate()
@@ -47,6 +49,9 @@ class RotatingOutput:
             self.file.write(part)
             self.size += len(part)
             data = data[len(part):]
+        # on disk at once: `tail` reads it back while the task runs (live output)
+        self.file.flush()
+        self.written += total
 
     def _rotate(self):
         self.file.close()

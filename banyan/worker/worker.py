@@ -20,6 +20,7 @@ could only return zero-core tasks, and a long poll would carry stale free
 amounts after a task ends.
 """
 
+import base64
 import collections
 import logging
 import os
@@ -50,8 +51,11 @@ HEARTBEAT_INTERVAL = 10.0
 TICK = 0.1
 #: Seconds between usage samples of a running task.
 SAMPLE_INTERVAL = 1.0
-#: Seconds between looks at running tasks' progress files, between heartbeats.
+#: Seconds between looks at running tasks' progress and output, between heartbeats.
 PROGRESS_CHECK = 0.5
+#: Bytes of each stream a heartbeat carries of a running task's new output
+#: (`banyan logs --follow`); the whole capped output goes with the report.
+LIVE_OUTPUT = 64 * 1024
 #: Backoff for claims, registration and reports when the server misbehaves.
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 #: Longest a claim is held open while tasks are running: their resources may
@@ -813,23 +817,35 @@ class Worker:
             running = list(self._tasks.items())
             unreported = [r for r in self._unreported.values() if r["worker_id"] == self.worker_id]
         tasks = {r["task_id"]: {"attempt": r["attempt"], "usage": r["usage"]} for r in unreported}
-        sent = {}
+        sent, sent_output = {}, {}
+        before = getattr(self, "_sent_output", {})
         for task_id, proc in running:
             entry = {"attempt": proc.attempt, "usage": proc.usage()}
             progress = proc.read_progress()
             if progress is not None:
                 entry["progress"] = progress
+            written = proc.output_written()
+            if any(written) and before.get(task_id) != (proc.attempt, written):
+                # new output since the last heartbeat: its end, for `banyan logs --follow`
+                entry["output"] = {"stdout_written": written[0], "stderr_written": written[1]}
+                for stream in ("stdout", "stderr"):
+                    entry["output"][stream + "_base64"] = base64.b64encode(
+                        proc.live_tail(stream, LIVE_OUTPUT)).decode("ascii")
             tasks[task_id] = entry
             sent[task_id] = progress
-        self._sent_progress = sent
+            sent_output[task_id] = (proc.attempt, written)
+        self._sent_progress, self._sent_output = sent, sent_output
         return tasks
 
     def _progress_changed(self):
-        """True when a running task reported progress that no heartbeat has carried yet."""
+        """True when a running task reported progress, or wrote output, that
+        no heartbeat has carried yet."""
         with self._lock:
             running = list(self._tasks.items())
-        sent = getattr(self, "_sent_progress", {})
-        return any(proc.read_progress() not in (None, sent.get(task_id)) for task_id, proc in running)
+        sent, output = getattr(self, "_sent_progress", {}), getattr(self, "_sent_output", {})
+        return any(proc.read_progress() not in (None, sent.get(task_id))
+                   or (any(proc.output_written()) and output.get(task_id) != (proc.attempt, proc.output_written()))
+                   for task_id, proc in running)
 
     def heartbeat(self):
         """Send one heartbeat and queue what the server answers."""
