@@ -167,6 +167,13 @@ def worker_schemas(config):
         "fraction": {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "null"}]},
         "message": {"type": ["string", "null"]}}}, {"type": "null"}]}
     attempt = {"type": "integer", "minimum": 1}
+    live_output = {"anyOf": [{"type": "object", "additionalProperties": False,
+                              "description": "the end of a running attempt's output (banyan logs --follow)",
+                              "properties": {
+                                  "stdout_base64": {"type": "string", "contentEncoding": "base64"},
+                                  "stderr_base64": {"type": "string", "contentEncoding": "base64"},
+                                  "stdout_written": {"type": "integer", "minimum": 0},
+                                  "stderr_written": {"type": "integer", "minimum": 0}}}, {"type": "null"}]}
     finish = {"type": "object", "additionalProperties": False, "required": ["attempt", "outcome"],
               "description": "stdout/stderr as text, or *_base64 for output that is not UTF-8 (not both)",
               "properties": {
@@ -203,7 +210,8 @@ def worker_schemas(config):
         "Heartbeat": {"type": "object", "additionalProperties": False, "properties": {
             "tasks": {"anyOf": [{"type": "object", "propertyNames": OBJECTID, "additionalProperties": {
                 "type": "object", "additionalProperties": False, "required": ["attempt"],
-                "properties": {"attempt": attempt, "usage": usage, "progress": progress}}}, {"type": "null"}]}}},
+                "properties": {"attempt": attempt, "usage": usage, "progress": progress,
+                               "output": live_output}}}, {"type": "null"}]}}},
         "HeartbeatAnswer": {"type": "object", "properties": {"cancel": {"type": "array", "items": OBJECTID},
                                                              "unknown": {"type": "array", "items": OBJECTID}}},
         "Release": {"type": "object", "additionalProperties": False, "required": ["tasks"], "properties": {
@@ -215,7 +223,10 @@ def worker_schemas(config):
             "attempt": {"type": ["integer", "null"]}, "stdout": {"type": "string"}, "stderr": {"type": "string"},
             "stdout_base64": {"type": "string", "contentEncoding": "base64",
                               "description": "the exact bytes, when they are not UTF-8"},
-            "stderr_base64": {"type": "string", "contentEncoding": "base64"}}},
+            "stderr_base64": {"type": "string", "contentEncoding": "base64"},
+            "live": {"type": "boolean", "description": "output of an attempt still running"},
+            "stdout_written": {"type": ["integer", "null"], "description": "bytes written so far (live)"},
+            "stderr_written": {"type": ["integer", "null"]}}},
         "Wait": {"type": "object", "additionalProperties": False, "required": ["ids"], "properties": {
             "ids": {"type": "array", "minItems": 1, "maxItems": config["WAIT_MAX_IDS"], "items": OBJECTID},
             "timeout": {"type": "number", "minimum": 0,
