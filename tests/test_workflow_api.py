@@ -145,6 +145,7 @@ def test_every_post_is_a_job_with_counts(app, api):
     listed = {j["_id"]: j for j in api.get("/jobs").json["_items"]}
     assert listed[created.json["_id"]]["counts"]["queued"] == 1
     assert api.post("/jobs", json={"array_limit": 0}).status_code == 422
+    assert api.post("/jobs", json=1.5).status_code == 400
     assert api.post("/tasks", json={"command": "x", "job": str(ObjectId())}).status_code == 422
 
 

@@ -39,7 +39,7 @@ def register_hooks(app, queue):
         if request.is_json:
             body = request.get_json(silent=True)
             if body is not None and not isinstance(body, (dict, list)):
-                abort(400, description="POST %s takes a task object or a list of them, not %s"
+                abort(400, description="POST %s takes an object or a list of them, not %s"
                                        % (request.path, type(body).__name__))
 
     def on_insert_tasks(docs):
@@ -92,6 +92,7 @@ def register_hooks(app, queue):
     app.on_fetched_resource_tasks += on_fetched_resource_tasks
     app.on_fetched_item_tasks += on_fetched_item_tasks
     app.on_pre_POST_tasks += on_pre_POST_tasks
+    app.on_pre_POST_jobs += on_pre_POST_tasks  # the same guard: a JSON value that is no object
     app.on_insert_tasks += on_insert_tasks
     app.on_inserted_tasks += on_inserted_tasks
     app.on_update_tasks += on_update_tasks
