@@ -23,7 +23,7 @@ WORKER = [os.path.join(BIN, "banyan-worker")] if os.path.exists(os.path.join(BIN
     [sys.executable, "-m", "banyan.worker"]
 
 COMMANDS = ["submit", "ls", "show", "cancel", "wait", "logs", "stats", "workers", "progress", "token",
-            "server", "up"]
+            "server", "up", "jobs", "retry", "hold", "release"]
 
 
 class Cluster:
