@@ -349,19 +349,32 @@ AGGREGATE_DOCS = [
 ])
 def test_aggregate_equals_mongomock(client, pipeline):
     """The embedded store runs some stages itself (`$group` by hashed key,
-    `$sort` of plain numbers, `$unwind` with shallow copies); the answers
-    are mongomock's, up to the order of `$group`'s output, which MongoDB does
-    not define either."""
+    `$sort` of plain numbers, `$unwind` with shallow copies) and keeps the
+    rows of a pipeline's leading per-document stages until their document
+    changes; the answers are mongomock's, after every kind of change, up to
+    the order of `$group`'s output, which MongoDB does not define either."""
     coll = _coll(client)
     coll.insert_many([dict(d) for d in AGGREGATE_DOCS])
     reference = mongomock.MongoClient(tz_aware=True)["db"]["c"]
     reference.insert_many([dict(d) for d in AGGREGATE_DOCS])
-    ours, theirs = list(coll.aggregate(pipeline)), list(reference.aggregate(pipeline))
-    if "$group" in pipeline[-1]:
-        key = lambda row: repr(row["_id"])  # noqa: E731
-        ours, theirs = sorted(ours, key=key), sorted(theirs, key=key)
-    assert ours == theirs
-    assert ours
+
+    def same():
+        ours, theirs = list(coll.aggregate(pipeline)), list(reference.aggregate(pipeline))
+        if "$group" in pipeline[-1]:
+            key = lambda row: repr(row["_id"])  # noqa: E731
+            ours, theirs = sorted(ours, key=key), sorted(theirs, key=key)
+        assert ours == theirs
+        return ours
+    assert same()
+    for row in coll.aggregate(pipeline):  # what a caller does with its rows stays its own
+        row.clear()
+    same()
+    for c in (coll, reference):
+        c.update_one({"_id": 1}, {"$set": {"n": 11, "h.0.e": 7}, "$push": {"tags": "z"}})
+        c.replace_one({"_id": 2}, {"k": 2, "n": 8, "h": [{"s": 1, "e": 2}], "tags": ["y"]})
+        c.delete_one({"_id": 4})
+        c.insert_one({"_id": 9, "k": 1, "n": 5, "tags": ["a"], "h": [{"s": 6, "e": 9}]})
+    same()
 
 
 @pytest.mark.parametrize("update,error", [

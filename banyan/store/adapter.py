@@ -18,6 +18,8 @@ classes over mongomock, made fit for serving.
 
 import collections.abc
 import copy
+
+import bson
 import datetime
 import functools
 import itertools
@@ -41,7 +43,7 @@ from pymongo.errors import (BulkWriteError, ConfigurationError, DuplicateKeyErro
                             OperationFailure, WriteError)
 from pymongo.results import BulkWriteResult
 
-from banyan.store.aggregation import fast_stage, inclusion_projection, stage_name
+from banyan.store.aggregation import _READ_ONLY_STAGES, fast_stage, inclusion_projection, stage_name
 from banyan.store.engine import Engine
 from banyan.store.indexes import EMPTY_KEY, TOP, SecondaryIndex, asc_key, indexable_spec
 from banyan.store.planning import eq_conditions, matcher, mongomock_sort, norm_sort, store_key
@@ -55,6 +57,12 @@ DEFAULT_DATABASE = 'banyan'
 _MAX_RANGES = 256
 #: Documents a long read examines per hold of the lock.
 SCAN_SLICE = 50
+#: Aggregation prefixes whose rows a collection keeps per document.
+ROW_CACHES = 8
+_NO_ROWS = ()
+#: Stages that act on each document alone: a pipeline's leading run of them
+#: gives each document's rows independently of the others.
+_PER_DOCUMENT_STAGES = {'$match', '$project', '$unwind', '$addFields', '$set', '$unset'}
 
 
 def _sort_key(field, doc):
@@ -106,6 +114,7 @@ class _CollectionStore(mm_store.CollectionStore):
         self._reg = {}          # store key -> {index name: (entries, flags)}
         self._pending = []      # store keys touched in place, to re-index
         self._undo = None       # (document, its copy) for the update under way
+        self.row_caches = {}    # aggregation prefix -> {store key: rows}
         self.recording = None   # None, 'one' or 'multi' while in _update
         self.deferred = False   # while loading: index everything at the end
 
@@ -120,7 +129,21 @@ class _CollectionStore(mm_store.CollectionStore):
             reg[name] = (entries, flags)
         self._reg[key] = reg
 
+    def row_cache(self, pipeline_key):
+        """{store key: rows} of one aggregation prefix (see
+        `EmbeddedCollection.aggregate`); the least recently used of more
+        than ROW_CACHES prefixes is dropped."""
+        cache = self.row_caches.pop(pipeline_key, None)
+        if cache is None:
+            cache = {}
+            while len(self.row_caches) >= ROW_CACHES:
+                self.row_caches.pop(next(iter(self.row_caches)))
+        self.row_caches[pipeline_key] = cache
+        return cache
+
     def _unindex_doc(self, key):
+        for cache in self.row_caches.values():  # a changed document's rows are computed again
+            cache.pop(key, None)
         reg = self._reg.pop(key, None)
         if reg:
             for name, (entries, flags) in reg.items():
@@ -193,6 +216,7 @@ class _CollectionStore(mm_store.CollectionStore):
 
     def drop(self):
         super().drop()
+        self.row_caches.clear()
         self._key_seq.clear()
         self._seq_key.clear()
         self._sec.clear()
@@ -598,23 +622,92 @@ class EmbeddedCollection(mm_collection.Collection):
         """mongomock's pipeline over copies of the matching documents. A
         leading `$match` uses the indexes, a following inclusion `$project`
         copies only its fields, and the stages after it run outside the
-        lock (they only see those copies)."""
+        lock (they only see those copies).
+
+        The rows the leading per-document stages give each document are
+        kept (`row_cache`) until the document changes, so a pipeline run
+        again (`/stats`) works on the documents changed since, not on all."""
         if session:
             raise NotImplementedError('the embedded store has no sessions')
         pipeline = list(pipeline)
+        cached = self._cached_prefix(pipeline)
+        if cached:
+            docs = self._run_stages(pipeline, cached, len(pipeline), self._prefix_rows(pipeline, cached))
+            return mm_command_cursor.CommandCursor(copy.deepcopy(docs))  # the cached rows stay the store's
         spec, projection = {}, None
         if pipeline and stage_name(pipeline[0]) == '$match':
             spec = pipeline.pop(0)['$match']
         if pipeline and inclusion_projection(pipeline[0]):
             projection = pipeline.pop(0)['$project']
         docs = list(self.find(spec, projection))  # in slices when it scans
-        for i, stage in enumerate(pipeline):
+        return mm_command_cursor.CommandCursor(self._run_stages(pipeline, 0, len(pipeline), docs))
+
+    def _run_stages(self, pipeline, start, stop, docs):
+        for i in range(start, stop):
+            stage = pipeline[i]
             fast = fast_stage(pipeline, i)
             result = fast(docs, next(iter(stage.values()))) if fast else None
             if result is None:
                 result = list(mm_aggregate.process_pipeline(docs, self.database, [stage], None))
             docs = result
-        return mm_command_cursor.CommandCursor(docs)
+        return docs
+
+    @staticmethod
+    def _cached_prefix(pipeline):
+        """How many leading stages of `pipeline` to keep rows of (0: none).
+        Only when it starts with `$match` and an inclusion `$project`, and
+        what follows never changes its input in place."""
+        if len(pipeline) < 2 or stage_name(pipeline[0]) != '$match' or not inclusion_projection(pipeline[1]):
+            return 0
+        n = 2
+        while n < len(pipeline) and stage_name(pipeline[n]) in _PER_DOCUMENT_STAGES:
+            n += 1
+        if not all(stage_name(s) in _READ_ONLY_STAGES for s in pipeline[n:]):
+            return 0
+        return n
+
+    def _prefix_rows(self, pipeline, n):
+        """The rows of pipeline[:n] over the collection, in store order,
+        from the row cache where the documents have not changed."""
+        prefix = pipeline[:n]
+        try:
+            key = bson.encode({'p': prefix})
+        except Exception:  # pylint: disable=broad-except  # not encodable: no cache
+            key = None
+        spec = helpers.patch_datetime_awareness_in_document(prefix[0]['$match'])
+        projection = prefix[1]['$project']
+        rows = []
+        with self._engine.op():
+            store = self._store
+            plan = store.plan(spec, None)
+            if store.is_empty:
+                filter_applies(spec, {})
+            match = matcher(spec)
+            keys, _ = self._scan_keys(plan, None)
+            if keys is None:
+                keys = [store_key(d['_id']) for d in plan[0]]
+            cache = store.row_cache(key) if key is not None else {}
+        tz_aware = self.codec_options.tz_aware
+        for begin in range(0, len(keys), SCAN_SLICE):
+            if begin:
+                self._engine.let_waiters_in()
+            with self._engine.op():
+                documents = self._store._documents  # pylint: disable=protected-access
+                for k in keys[begin:begin + SCAN_SLICE]:
+                    got = cache.get(k)
+                    if got is None:
+                        doc = documents.get(k)
+                        if doc is None:
+                            continue
+                        got = _NO_ROWS
+                        if match(doc):
+                            row = self._copy_only_fields(doc, projection, dict)
+                            if tz_aware:
+                                row = helpers.make_datetime_timezone_aware_in_document(row)
+                            got = self._run_stages(pipeline, 2, n, [row])
+                        cache[k] = got
+                    rows.extend(got)
+        return rows
 
     def list_indexes(self, session=None):
         with self._engine.op():
