@@ -18,7 +18,7 @@ needs no new code. An entry::
 Kinds and the URLs they get (`<name>` is the entry's key):
 
 - `append` / `remove`: `$addToSet` (or `$push` where `allows_duplicates`) /
-  `$pull` on the target list. Written three ways, all through Eve's
+  `$pullAll` on the target list. Written three ways, all through Eve's
   `patch_internal` (validator, `on_update`/`on_updated` hooks, data layer):
   `POST /tasks/<name>` with `[{"targets": [ids], "values": [...]}, ...]`;
   `POST /tasks/<id>/<name>` with `[...]`; and `{"<name>": [...]}` inside
@@ -256,7 +256,7 @@ def list_changes(resource, updates, target):
 
 def update_operators(resource, updates):
     """The Mongo update for `updates`: `$set` for stored fields, and
-    `$addToSet`/`$push`/`$pull` for the virtual list fields (the validator
+    `$addToSet`/`$push`/`$pullAll` for the virtual list fields (the validator
     allows at most one per target). `updates` is left as it is: it is the
     dict `on_updated` receives."""
     virtual = specs(resource, LIST_KINDS)
@@ -266,7 +266,8 @@ def update_operators(resource, updates):
         if spec is None:
             sets[field] = value
         elif spec["kind"] == "remove":
-            ops.setdefault("$pull", {})[spec["target"]] = {"$in": list(value)}
+            # $pullAll, not $pull with $in: FerretDB 1.24 ignores a $pull condition
+            ops.setdefault("$pullAll", {})[spec["target"]] = list(value)
         else:
             op = "$push" if spec["allows_duplicates"] else "$addToSet"
             ops.setdefault(op, {})[spec["target"]] = {"$each": list(value)}
