@@ -185,6 +185,23 @@ def _is_num01(v):
             and (v == 0 or v == 1))
 
 
+#: Index components and flags of plain values, one object for all the
+#: documents that share them (a state, a priority, False flags...): most of
+#: an index's memory otherwise goes to equal little tuples.
+_SHARED = {}
+_SHARED_MAX = 100000
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _shared(thing):
+    try:
+        return _SHARED[thing]
+    except KeyError:
+        if len(_SHARED) < _SHARED_MAX:
+            _SHARED[thing] = thing
+        return thing
+
+
 class SecondaryIndex:
     """Entries `(component per field..., seq)` in index order.
 
@@ -207,8 +224,11 @@ class SecondaryIndex:
             if not dotted:
                 v = doc.get(field, NOTHING)
                 if not isinstance(v, (list, tuple)):  # fast path: a plain scalar
-                    per_field.append((_component(asc_key(v), desc),))
-                    flags.append((False, type(v) is bool, _is_num01(v)))
+                    component = _component(asc_key(v), desc)
+                    if type(v) in _PLAIN:  # pylint: disable=unidiomatic-typecheck
+                        component = _shared(component)
+                    per_field.append((component,))
+                    flags.append(_shared((False, type(v) is bool, _is_num01(v))))
                     continue
             elems, multi = _field_elements(field, doc, dotted or [field])
             keys = []
@@ -225,9 +245,9 @@ class SecondaryIndex:
                 keys.append(_component(EMPTY_KEY, desc))
                 multi = True
             per_field.append(keys)
-            flags.append((multi, has_bool, has_num))
+            flags.append(_shared((multi, has_bool, has_num)))
         entries = [combo + (seq,) for combo in itertools.product(*per_field)]
-        return entries, flags
+        return entries, _shared(tuple(flags))
 
     def add(self, entries, flags, bulk=False):
         if bulk:
