@@ -200,6 +200,8 @@ def _shared(thing):
         if len(_SHARED) < _SHARED_MAX:
             _SHARED[thing] = thing
         return thing
+    except TypeError:  # a descending string (_Rev) has no hash
+        return thing
 
 
 class SecondaryIndex:
