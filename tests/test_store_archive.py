@@ -8,8 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import pytest
+import requests
 from bson import ObjectId
+
+from conftest import MONGO_URI, LiveServer
 
 from banyan.server.store import EmbeddedClient
 from banyan.store import journal
@@ -73,3 +78,26 @@ def test_archive_moves_only_what_nothing_unfinished_depends_on(tmp_path):
     cancelled = subprocess.run(BANYAN + ["ls", "--archive", data, "--state", "cancelled", "--json"],
                                capture_output=True, text=True, timeout=120)
     assert [d["name"] for d in json.loads(cancelled.stdout)] == ["cancelled"]
+
+
+@pytest.mark.skipif(bool(MONGO_URI), reason="the embedded store's archive")
+@pytest.mark.slow
+def test_the_server_archives_on_a_schedule(tmp_path):
+    data = tmp_path / "data"
+    server = LiveServer(data, extra_args=["--archive-after", "0", "--archive-every", "0.2"]).start()
+    s = requests.Session()
+    try:
+        done = s.post(server.url + "/tasks", json={"name": "done", "command": ["true"], "state": "inactive"}).json()
+        waiting = s.post(server.url + "/tasks", json={"name": "waiting", "command": ["true"], "state": "inactive"}).json()
+        assert s.patch(server.url + "/tasks/" + done["_id"], json={"state": "cancelled"}).status_code == 200
+        deadline = time.monotonic() + 60
+        while s.get(server.url + "/tasks/" + done["_id"]).status_code != 404 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.get(server.url + "/tasks/" + done["_id"]).status_code == 404
+        assert s.get(server.url + "/tasks/" + waiting["_id"]).status_code == 200
+    finally:
+        server.stop()
+    listed = subprocess.run(BANYAN + ["ls", "--archive", str(data), "--json"], capture_output=True, text=True,
+                            timeout=120)
+    assert [(d["_id"], d["state"]) for d in json.loads(listed.stdout)] == [(done["_id"], "cancelled")]
+    assert server.server_errors() == []

@@ -35,6 +35,13 @@ def add_arguments(parser):
     parser.add_argument("--auth", action=argparse.BooleanOptionalAction, default=None,
                         help="require tokens (default: on, except on loopback with the embedded "
                              "store, where the server may run open for a one-machine trial)")
+    parser.add_argument("--archive-after", type=float, metavar="DAYS",
+                        default=float(os.environ.get("BANYAN_ARCHIVE_AFTER", 0)) or None,
+                        help="embedded store: every hour, move the tasks finished more than DAYS ago "
+                             "(and that nothing unfinished depends on) to DATA_DIR/archive (see `banyan "
+                             "store archive`, `banyan ls --archive`); default: keep them")
+    parser.add_argument("--archive-every", type=float, default=3600.0, metavar="SECONDS",
+                        help=argparse.SUPPRESS)
     parser.add_argument("--heartbeat-timeout", type=float,
                         default=float(os.environ.get("BANYAN_HEARTBEAT_TIMEOUT", 30)), metavar="SECONDS",
                         help="mark a worker lost after this many seconds without a heartbeat (default 30)")
@@ -139,12 +146,19 @@ def run(args):
               "anything (a one-machine trial; start with --auth to require tokens)" % (host, port),
               file=sys.stderr, flush=True)
     app.reaper.start()
+    archiver = None
+    if args.archive_after is not None and not args.mongo_uri:
+        from banyan.store.archive import Archiver
+        archiver = Archiver(app.data.driver.db, data_dir, args.archive_after * 86400, args.archive_every)
+        archiver.start()
     try:
         server.run()
     except KeyboardInterrupt:
         pass
     finally:
         app.reaper.stop()
+        if archiver is not None:
+            archiver.stop()
         server.close()
         client.close()
     return 0

@@ -13,10 +13,14 @@ import datetime
 import glob
 import gzip
 import json
+import logging
 import os
+import threading
 import time
 
 from bson import ObjectId
+
+log = logging.getLogger(__name__)
 
 FINISHED = ("cancelled", "terminated")
 ARCHIVE_DIR = "archive"
@@ -96,3 +100,31 @@ def read(data_dir):
             for line in f:
                 if line.strip():
                     yield json.loads(line)
+
+
+class Archiver(threading.Thread):
+    """`banyan server --archive-after DAYS`: every `every` seconds, archive
+    the tasks that finished more than `after` seconds ago, so that the live
+    store's memory stays flat over months of use."""
+
+    def __init__(self, db, data_dir, after, every=3600.0):
+        super().__init__(name="banyan-archiver", daemon=True)
+        self.db, self.data_dir, self.after, self.every = db, data_dir, after, every
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.wait(self.every):
+            self.run_once()
+
+    def run_once(self):
+        before = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=self.after)
+        try:
+            count, path = archive(self.db, self.data_dir, before)
+        except Exception:  # pylint: disable=broad-except  # a failed round is tried again next time
+            log.exception("archiving finished tasks failed; trying again in %.0f s", self.every)
+            return
+        if count:
+            log.info("archived %d finished tasks to %s", count, path)
+
+    def stop(self):
+        self.stopping.set()
