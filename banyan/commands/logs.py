@@ -88,9 +88,14 @@ def new_output(data, written, shown):
     return data[shown - start:], written
 
 
+#: Seconds `logs --follow` waits, once the task is done, for the report
+#: that replaces the live output.
+REPORT_GRACE = 10.0
+
+
 def follow(client, task_id, attempt, doc, interval):
     shown = {"stdout": 0, "stderr": 0}
-    current = None
+    current, settle = None, None
     while True:
         logs = _logs(client, task_id, attempt, doc)
         if logs.get("attempt") != current:
@@ -104,7 +109,15 @@ def follow(client, task_id, attempt, doc, interval):
                                              shown[stream])
             _write(out, data)
         if _done(doc, attempt):
-            return 0
+            # The attempt's report replaces its live output right after the
+            # task reads as done: wait for it (a while: the worker may be gone).
+            if not logs.get("live"):
+                return 0
+            settle = settle if settle is not None else time.monotonic() + REPORT_GRACE
+            if time.monotonic() >= settle:
+                return 0
+            time.sleep(0.1)
+            continue
         _pause(client, task_id, interval)
         # Read the task before its output: output is handed over with the
         # end of an attempt, so once the task reads as done, the next read
