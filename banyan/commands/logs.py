@@ -11,7 +11,7 @@ EPILOG = """
 The worker hands a task's output to the server when an attempt ends (the
 last 1 MiB of each stream is kept), so it can be read after the worker is
 gone. While an attempt runs, its worker sends what the task writes within
-about a second (the last 64 KiB of each stream), so `logs` shows output so
+about a second (the last 16 KiB of each stream), so `logs` shows output so
 far and `logs --follow` prints it as it comes. The task's stdout goes to stdout and its stderr to stderr, byte for
 byte as the task wrote them (output that is not text included).
 

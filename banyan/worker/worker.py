@@ -55,7 +55,10 @@ SAMPLE_INTERVAL = 1.0
 PROGRESS_CHECK = 0.5
 #: Bytes of each stream a heartbeat carries of a running task's new output
 #: (`banyan logs --follow`); the whole capped output goes with the report.
-LIVE_OUTPUT = 64 * 1024
+LIVE_OUTPUT = 16 * 1024
+#: Most bytes of live output one heartbeat carries in all (tasks left out
+#: go in the next one), so that many chatty tasks cannot flood the server.
+LIVE_BUDGET = 512 * 1024
 #: Backoff for claims, registration and reports when the server misbehaves.
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 #: Longest a claim is held open while tasks are running: their resources may
@@ -819,21 +822,24 @@ class Worker:
         tasks = {r["task_id"]: {"attempt": r["attempt"], "usage": r["usage"]} for r in unreported}
         sent, sent_output = {}, {}
         before = getattr(self, "_sent_output", {})
+        budget = LIVE_BUDGET
         for task_id, proc in running:
             entry = {"attempt": proc.attempt, "usage": proc.usage()}
             progress = proc.read_progress()
             if progress is not None:
                 entry["progress"] = progress
             written = proc.output_written()
-            if any(written) and before.get(task_id) != (proc.attempt, written):
+            sent_output[task_id] = before.get(task_id)
+            if any(written) and before.get(task_id) != (proc.attempt, written) and budget > 0:
                 # new output since the last heartbeat: its end, for `banyan logs --follow`
                 entry["output"] = {"stdout_written": written[0], "stderr_written": written[1]}
                 for stream in ("stdout", "stderr"):
-                    entry["output"][stream + "_base64"] = base64.b64encode(
-                        proc.live_tail(stream, LIVE_OUTPUT)).decode("ascii")
+                    tail = proc.live_tail(stream, LIVE_OUTPUT)
+                    budget -= len(tail)
+                    entry["output"][stream + "_base64"] = base64.b64encode(tail).decode("ascii")
+                sent_output[task_id] = (proc.attempt, written)
             tasks[task_id] = entry
             sent[task_id] = progress
-            sent_output[task_id] = (proc.attempt, written)
         self._sent_progress, self._sent_output = sent, sent_output
         return tasks
 
