@@ -111,7 +111,7 @@ def test_start_and_compaction_on_a_full_disk(tmp_path, caplog):
         c.close()
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            c = EmbeddedClient(data)  # start-up compaction fails too, and the store opens
+            c = EmbeddedClient(data, compact_bytes=200 * 1024)  # start-up compaction fails too; the store opens
         assert "could not compact" in caplog.text
         assert sorted(d["_id"] for d in _coll(c).find()) == acked
         c.close()
@@ -226,7 +226,7 @@ def test_a_torn_tail_is_dropped_with_a_warning(tmp_path, caplog):
 def test_a_damaged_snapshot_refuses_to_start(tmp_path):
     data = str(tmp_path / "data")
     _journal_of_records(data, 10)
-    EmbeddedClient(data).close()  # start-up compaction: everything in the snapshot
+    EmbeddedClient(data, compact_bytes=1).close()  # start-up compaction: everything in the snapshot
     path = os.path.join(data, journal.SNAPSHOT)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 5)

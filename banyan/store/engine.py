@@ -334,7 +334,10 @@ class Engine:
         replayed = log is not None and any(True for _ in log.actions())
         if replayed:
             logger.info('replayed %d journal records from %s', len(log.records), log.path)
-        if replayed or snapshot is None or snapshot.version < journal.FORMAT_VERSION:
+        # A valid journal is as good as a snapshot: fold it in at start only
+        # when it is long (or the snapshot is missing or in an older format).
+        if self.journal_size > self.compact_bytes or snapshot is None \
+                or snapshot.version < journal.FORMAT_VERSION:
             self.compact()
 
     def _check_snapshot(self, scan):
