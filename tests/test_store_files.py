@@ -128,9 +128,11 @@ def test_a_write_cut_short_is_cut_from_the_journal(tmp_path, monkeypatch, code, 
     data = str(tmp_path / "data")
     c = EmbeddedClient(data)
     coll = _coll(c)
-    coll.insert_one({"_id": 1})
+    coll.insert_one({"_id": 1, "v": 1})
     size = os.path.getsize(os.path.join(data, journal.JOURNAL))
     real = engine._write_all
+    sums = [{"$match": {}}, {"$project": {"v": 1}}, {"$group": {"_id": None, "v": {"$sum": "$v"}}}]
+    assert [r["v"] for r in coll.aggregate(sums)] == [1]  # the store now keeps each task's rows
 
     def half_then_fail(fd, record):
         os.write(fd, record[:len(record) // 2])
@@ -141,11 +143,16 @@ def test_a_write_cut_short_is_cut_from_the_journal(tmp_path, monkeypatch, code, 
     assert failed.value.status == status and errno.errorcode[code] in str(failed.value)
     assert os.path.getsize(os.path.join(data, journal.JOURNAL)) == size
     assert coll.find_one({"_id": 2}) is None
+    with pytest.raises(StoreUnavailable):
+        coll.update_one({"_id": 1}, {"$set": {"v": 5}})
+    assert coll.find_one({"_id": 1}) == {"_id": 1, "v": 1}
+    assert [r["v"] for r in coll.aggregate(sums)] == [1]  # nothing of the failed writes, cached or not
     monkeypatch.setattr(engine, "_write_all", real)
     coll.insert_one({"_id": 3})
     c.close()
     c = EmbeddedClient(data)
     assert sorted(d["_id"] for d in _coll(c).find()) == [1, 3]
+    assert _coll(c).find_one({"_id": 1}) == {"_id": 1, "v": 1}
     c.close()
 
 
