@@ -449,6 +449,36 @@ def operations(config):
     return ops
 
 
+def links(config):
+    """OpenAPI links from the answer that makes a thing to the operations
+    on it (a stateful fuzzer follows them): [(endpoint, method, status,
+    name, target endpoint, target method, {parameter: expression})]."""
+    made = []
+    for resource in public_resources(config["DOMAIN"]):
+        settings = config["DOMAIN"][resource]
+        if "POST" not in settings.get("resource_methods", []):
+            continue
+        for method in settings.get("item_methods", ["GET"]):
+            made.append(("%s|resource" % resource, "POST", "201", "%s_%s" % (method.lower(), resource),
+                         "%s|item_lookup" % resource, method, {"_id": "$response.body#/_id"}))
+    for task_view in ("claims.finish_view", "claims.logs_view"):
+        method = "POST" if task_view.endswith("finish_view") else "GET"
+        made.append(("tasks|resource", "POST", "201", task_view.split(".")[1], task_view, method,
+                     {"task_id": "$response.body#/_id"}))
+    for view, method in (("claims.claim_view", "POST"), ("claims.heartbeat_view", "POST"),
+                         ("claims.release_view", "POST"), ("claims.show_view", "GET"),
+                         ("claims.unregister_view", "DELETE")):
+        made.append(("claims.register_view", "POST", "201", view.split(".")[1], view, method,
+                     {"worker_id": "$response.body#/_id"}))
+    made.append(("tokens.create_token", "POST", "201", "revoke", "tokens.revoke_token", "DELETE",
+                 {"id_or_name": "$response.body#/_id"}))
+    return made
+
+
+def _operation_id(endpoint, method):
+    return "%s_%s" % (re.sub(r"\W+", "_", endpoint), method.lower())
+
+
 _CONVERTER = re.compile(r"<(?:(?P<converter>[a-zA-Z_]+)(?:\((?P<args>[^)]*)\))?:)?(?P<name>\w+)>")
 
 
@@ -480,7 +510,12 @@ def build(app):
                 raise UndescribedEndpoint("%s %s (endpoint %s) is not described in banyan.server.openapi"
                                           % (method, rule.rule, rule.endpoint))
             operation = copy.deepcopy(operation)
-            operation["operationId"] = "%s_%s" % (re.sub(r"\W+", "_", rule.endpoint), method.lower())
+            operation["operationId"] = _operation_id(rule.endpoint, method)
+            for source, source_method, status, name, target, target_method, parameters in links(config):
+                if (source, source_method) == (rule.endpoint, method):
+                    answer = operation["responses"][status]
+                    answer.setdefault("links", {})[name] = {
+                        "operationId": _operation_id(target, target_method), "parameters": parameters}
             if params:
                 operation["parameters"] = params + operation.get("parameters", [])
             paths.setdefault(path, {})[method.lower()] = operation
