@@ -159,3 +159,15 @@ def test_a_worker_releases_only_under_its_own_registrations(sapi, tokens):
     body = {"tasks": [{"_id": "0123456789abcdef01234567", "attempt": 1}]}
     assert sapi.post("/workers/%s/release" % wid, json=body, headers=bearer(tokens["user"])).status_code == 403
     assert sapi.post("/workers/%s/release" % wid, json=body, headers=worker).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/tasks", "/jobs"])
+def test_a_body_that_is_no_document_is_refused(api, db, path):
+    tid = api.post("/tasks", json={"command": "true"}).json["_id"]
+    before = snapshot(db)
+    for body in ("1.5e18", "3", '"text"', "true"):
+        r = api.post(path, data=body, content_type="application/json")
+        assert r.status_code == 400 and "must be a JSON object" in r.json["_error"]["message"], (body, r.json)
+    r = api.patch("/tasks/%s" % tid, data="[1]", content_type="application/json")
+    assert r.status_code == 400
+    assert snapshot(db) == before
