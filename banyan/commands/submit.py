@@ -86,7 +86,8 @@ def register(sub):
     what = parser.add_argument_group("the task")
     what.add_argument("--name", help="a name to find it by (default: the command's program name)")
     what.add_argument("--cores", help="cores it needs (default 1; may be fractional, or 0)")
-    what.add_argument("--memory", help="memory it needs, e.g. '512 MiB', '4 GiB', '2GB' (default 0)")
+    what.add_argument("--memory", help="memory it needs, e.g. '512 MiB', '4 GiB' or '4G' (powers of 1024), "
+                                       "'2GB' (powers of 1000); a lower-case b (bits) is refused (default 0)")
     what.add_argument("--gpus", help="GPUs it needs (default 0)")
     what.add_argument("--retries", help="run it again up to N times after a failure (default 0)",
                       metavar="N")
@@ -98,7 +99,7 @@ def register(sub):
                            "again with X times more memory, up to 3 times (default: not)")
     what.add_argument("--priority", help="higher runs first (default 0)", metavar="N")
     what.add_argument("--time-limit", metavar="DURATION",
-                      help="stop it after this long, e.g. 90s, 30m, 2h, 1:30:00 (default: none)")
+                      help="stop it after this long, more than 0, e.g. 90s, 30m, 2h, 1:30:00 (default: none)")
     what.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                       help="set an environment variable for it (repeatable); NAME alone passes its "
                            "value in this shell")
