@@ -134,6 +134,9 @@ tasks = {
         # A task's parents (who lists it among its continuations).
         "parents": [("continuations", 1)],
         "owner": [("owner", 1), ("state", 1)],
+        # GET /changes: the latest change, of all tasks and of a user's.
+        "updated": [("_updated", -1)],
+        "owner_updated": [("owner", 1), ("_updated", -1)],
         "worker": [("worker", 1), ("state", 1)],
         "cascade": [("cascade_pending", 1)],
         "job": [("job", 1), ("state", 1)],
@@ -263,3 +266,11 @@ WAIT_RECHECK_INTERVAL = 0.5
 WAIT_MAX_WAITERS = 4
 #: Most task ids one wait may name.
 WAIT_MAX_IDS = 10000
+
+# The dashboard's long poll (banyan.server.changes, GET /changes).
+#: Longest a poll is held open, in seconds.
+CHANGES_MAX_TIMEOUT = 25
+#: Seconds between looks at the store while a poll is held.
+CHANGES_RECHECK_INTERVAL = 0.25
+#: Polls held open at once per server process; more answer at once.
+CHANGES_MAX_WAITERS = 4

@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from banyan import settings as default_settings
-from banyan.server import actions, auth, claims, idempotency, limits, openapi, query, stats, store, waits
+from banyan.server import actions, auth, changes, claims, idempotency, limits, openapi, query, stats, store, waits
 from banyan.server.datalayer import BanyanMongo, StoreDown, StoreFull, store_failure
 from banyan.server.hooks import register_hooks
 from banyan.server.reaper import Reaper
@@ -55,6 +55,7 @@ def create_app(client, config=None):
     claims.init_app(app, db)
     waits.init_app(app)
     actions.init_app(app)
+    changes.init_app(app)
     openapi.init_app(app)  # last: it describes every rule registered before it
     # Started by `banyan server` (serve.py); tests call `app.reaper.run_once()`.
     app.reaper = Reaper.for_app(app)

@@ -416,6 +416,17 @@ def operations(config):
                                          params=[WHERE])},
         "stats.get_dashboard": {"GET": _op("the dashboard page (its figures come from the API)",
                                            _answer(200, "HTML", {"type": "string"}, "text/html"), public=True)},
+        "changes.changes_view": {"GET": _op(
+            "a long poll: answers when the tasks the caller sees or the workers change (the dashboard's feed)",
+            _answer(200, "the new version", {"type": "object", "properties": {
+                "version": {"type": "string"}, "changed": {"type": "boolean"},
+                "retry_after": {"type": "number"},
+                "caller": {"type": "object", "properties": {"role": {"type": "string"},
+                                                            "name": {"type": ["string", "null"]}}}}}),
+            params=[_query("since", "the version last seen: held while it is still the current one",
+                           {"type": "string"}),
+                    _query("timeout", "seconds to hold at most (capped at %d)" % config["CHANGES_MAX_TIMEOUT"],
+                           {"type": "number", "minimum": 0})])},
         "openapi.get_openapi": {"GET": _op("this description", _answer(200, "OpenAPI 3.1", {"type": "object"}),
                                            public=True)},
         "tokens.list_tokens": {"GET": _op("tokens, without their secrets (admin)",

@@ -246,7 +246,8 @@ def worker_load(db):
         for key in RESOURCE_KEYS:
             row[key] += (doc.get("requested_resources") or {}).get(key) or 0
     items = []
-    projection = {"host": 1, "state": 1, "resources": 1, "last_heartbeat": 1, "_created": 1}
+    projection = {"host": 1, "state": 1, "resources": 1, "last_heartbeat": 1, "_created": 1,
+                  "registered": 1, "lost": 1, "stopped": 1}
     for doc in db[WORKERS].find({}, projection):
         items.append(_worker_item(doc, held.pop(doc["_id"], None)))
     for worker_id, row in held.items():
@@ -275,6 +276,9 @@ def _worker_item(doc, row):
         "host": doc.get("host"),
         "state": doc.get("state") or "unknown",
         "last_heartbeat": doc.get("last_heartbeat"),
+        "registered": doc.get("registered") or doc.get("_created"),
+        # when a lost or stopped registration ended (the dashboard folds them, and hides them after a day)
+        "ended": doc.get("lost") or doc.get("stopped"),
         "running": row.get("running", 0),
         "resources": {key: total.get(key) for key in RESOURCE_KEYS},
         "used": used,
@@ -417,7 +421,8 @@ def get_stats():
 
 @blueprint.route("/stats/workers", methods=["GET"])
 @auth.require_role(*READERS)
-def get_worker_stats():    return jsonify(jsonable(worker_load(_db())))
+def get_worker_stats():
+    return jsonify(jsonable(worker_load(_db())))
 
 
 @blueprint.route("/metrics", methods=["GET"])

@@ -1,0 +1,115 @@
+"""`GET /changes`: a long poll that answers when what a caller sees changes.
+
+    GET /changes?since=VERSION&timeout=20
+        -> 200 {"version": "...", "changed": true, "caller": {"role", "name"}}
+
+The dashboard follows the queue with it instead of re-reading everything
+every few seconds. A *version* is a fingerprint of what the caller may see,
+read from the store (so it is right with several server processes over one
+database, and needs no change stream): the latest `_updated` of the
+caller's tasks, the `_etag`s of the tasks updated at that instant (two
+changes within one clock tick still differ), and the state of every worker
+registration. Any change to a task sets its `_updated` to now, so it moves
+the first or changes the second.
+
+Without `since`, or with a `since` that is not the current version, the
+answer is immediate. Otherwise the request is held, looking again every
+`CHANGES_RECHECK_INTERVAL` seconds (an indexed read of one task and of the
+few updated at that instant), until the version moves or `timeout` (at most
+`CHANGES_MAX_TIMEOUT`) passes; then `changed` is false. When
+`CHANGES_MAX_WAITERS` polls are already held in this process, the answer is
+immediate, with `retry_after` seconds for the client to pace itself.
+`caller` says whose token asked (role and name), so the page offers only
+the actions that token may take.
+"""
+
+import hashlib
+import threading
+import time
+
+from eve.utils import date_to_str
+from flask import Blueprint, abort, current_app, request
+
+from banyan.server import auth
+from banyan.server.identity import current_identity
+
+#: Tasks updated at the latest instant that go into a version (a bulk write
+#: stamps thousands alike; past this many, their count and latest etag do).
+ETAGS_PER_VERSION = 200
+
+blueprint = Blueprint("changes", __name__)
+
+
+class Waiters:
+    """How many polls this process holds open (a bound on request threads,
+    not a guard on any data)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.held = 0
+
+    def enter(self, limit):
+        with self._lock:
+            if self.held >= limit:
+                return False
+            self.held += 1
+            return True
+
+    def leave(self):
+        with self._lock:
+            self.held -= 1
+
+
+def version(db, visible):
+    """The fingerprint of the tasks `visible` selects and of the workers."""
+    tasks = db["tasks"]
+    digest = hashlib.sha256()
+    latest = next(iter(tasks.find(visible, {"_updated": 1}).sort("_updated", -1).limit(1)), None)
+    stamp = latest.get("_updated") if latest else None
+    if stamp is not None:
+        at_latest = {"$and": [visible, {"_updated": {"$gte": stamp}}]} if visible else {"_updated": {"$gte": stamp}}
+        etags = sorted(str(doc.get("_etag")) + str(doc["_id"])
+                       for doc in tasks.find(at_latest, {"_etag": 1}).limit(ETAGS_PER_VERSION))
+        digest.update(("%s|%d|" % (date_to_str(stamp), len(etags))).encode())
+        digest.update("|".join(etags).encode())
+    for worker in db["workers"].find({}, {"state": 1}).sort("_id", 1):
+        digest.update(("%s=%s;" % (worker["_id"], worker.get("state"))).encode())
+    return digest.hexdigest()[:32]
+
+
+@blueprint.route("/changes", methods=["GET"])
+@auth.require_role("admin", "user", "worker")
+def changes_view():
+    config = current_app.config
+    since = request.args.get("since")
+    raw_timeout = request.args.get("timeout", str(config["CHANGES_MAX_TIMEOUT"]))
+    try:
+        timeout = float(raw_timeout)
+    except ValueError:
+        timeout = -1
+    if not 0 <= timeout < float("inf"):
+        abort(400, description="'timeout' must be a number of seconds >= 0, not %r" % raw_timeout[:100])
+    timeout = min(timeout, config["CHANGES_MAX_TIMEOUT"])
+    identity = current_identity()
+    db = current_app.data.pymongo("tasks").db
+    visible = auth.owner_filter()
+    answer = {"caller": {"role": identity.role, "name": identity.name}}
+    current = version(db, visible)
+    if since != current or timeout == 0:
+        return dict(answer, version=current, changed=since != current)
+    waiters = current_app.changes_waiters
+    if not waiters.enter(config["CHANGES_MAX_WAITERS"]):
+        return dict(answer, version=current, changed=False, retry_after=config["CHANGES_RECHECK_INTERVAL"] * 10)
+    try:
+        deadline = time.monotonic() + timeout
+        while current == since and time.monotonic() < deadline:
+            time.sleep(min(config["CHANGES_RECHECK_INTERVAL"], max(0.0, deadline - time.monotonic())))
+            current = version(db, visible)
+    finally:
+        waiters.leave()
+    return dict(answer, version=current, changed=current != since)
+
+
+def init_app(app):
+    app.changes_waiters = Waiters()
+    app.register_blueprint(blueprint)
