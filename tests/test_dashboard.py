@@ -7,6 +7,7 @@ Without Chromium these tests fail (they are never skipped): install the
 Debian packages `chromium` and `chromium-driver`.
 """
 
+import json
 import os
 import shutil
 import time
@@ -242,18 +243,216 @@ def test_dashboard_honours_authentication(auth_server, http, browser):
                       headers={"Authorization": "Bearer " + user})
         assert r.status_code == 201, r.text
 
-    # Without a token the page loads but shows no data, only how to log in.
+    # Without a token the page loads but shows no data, only how to sign in.
     browser.get(url + "/dashboard?refresh=1")
-    wait_for(lambda: browser.find_element("id", "error").is_displayed(), what="the login message")
+    wait_for(lambda: browser.find_element("id", "error").is_displayed(), what="the sign-in message")
     assert "requires a token" in text(browser, "error")
+    assert browser.find_element("id", "signin").is_displayed()
     assert text(browser, "count-total") == "–"
 
-    # With ?token= the page shows what that user may see, and drops the token from the address bar.
+    # A token in the address is refused, said why, and dropped from the address bar.
     browser.get(url + "/dashboard?refresh=1&token=" + alice)
-    wait_refreshed(browser)
+    wait_for(lambda: "refused" in text(browser, "error"), what="the refusal of ?token=")
+    assert "history" in text(browser, "error")
     assert "token=" not in browser.current_url
+    assert browser.execute_script("return sessionStorage.length") == 0
+    assert text(browser, "count-total") == "–"
+
+    # Signed in through the form, the page shows what that user may see.
+    sign_in(browser, alice)
+    wait_for(lambda: text(browser, "count-total") == "2", what="alice's tasks")
+    wait_refreshed(browser, refreshes(browser))
     as_alice = {"Authorization": "Bearer " + alice}
     stats, _ = compare_with_api(browser, url, http, headers=as_alice)
     assert stats["total"] == 2 and text(browser, "count-available") == "2"
     assert browser.find_element("id", "error").is_displayed() is False
+    assert "alice" in text(browser, "signed-in")
     assert len(browser.find_elements("css selector", "#workers-body tr")) == 1
+
+    # She acts on her own tasks, all she is shown: hold both, one result per task.
+    mine = [t["_id"] for t in http.get(url + "/tasks", headers=as_alice).json()["_items"]]
+    as_bob = {"Authorization": "Bearer " + bob}
+    bobs = [t["_id"] for t in http.get(url + "/tasks", headers=as_bob).json()["_items"]]
+    browser.find_element("id", "select-all").click()
+    assert text(browser, "selected-count") == "2"
+    browser.find_element("id", "act-hold").click()
+    wait_for(lambda: len(browser.find_elements("css selector", "#action-results tr")) == 2, what="the results")
+    results = browser.execute_script(
+        "return [...document.querySelectorAll('#action-results tr')].map((r) => [r.id, r.dataset.status])")
+    assert sorted(results) == sorted(["result-" + i, "OK"] for i in mine)
+    assert all(http.get(url + "/tasks/" + i, headers=as_alice).json()["held"] for i in mine)
+    assert not any(http.get(url + "/tasks/" + i, headers=as_bob).json()["held"] for i in bobs)
+    wait_for(lambda: len(browser.find_elements("css selector", "#tasks-body .t-reason[data-code=held]")) == 2,
+             what="the held reason on her tasks")
+    # Bob's tasks are not found, even by their id.
+    field = browser.find_element("id", "filter-text")
+    field.send_keys(bobs[0])
+    browser.find_element("id", "filter-apply").click()
+    wait_for(lambda: text(browser, "tasks-total") == "0", what="no task of bob's")
+    screenshot(browser, "dashboard-user.png")
+
+    # Signing out forgets the token and shows the form again.
+    browser.find_element("id", "signout-button").click()
+    wait_for(lambda: browser.find_element("id", "signin").is_displayed(), what="the sign-in form again")
+    assert browser.execute_script("return sessionStorage.length") == 0
+    assert text(browser, "count-total") == "–"
+
+
+def sign_in(browser, token):
+    field = browser.find_element("id", "token-input")
+    field.clear()
+    field.send_keys(token)
+    browser.find_element("id", "signin-button").click()
+    wait_for(lambda: browser.find_element("id", "signed-in").get_attribute("data-role"), what="the sign-in")
+    assert "token" not in browser.current_url
+
+
+def screenshot(browser, name):
+    os.makedirs(OUTPUT, exist_ok=True)
+    path = os.path.join(OUTPUT, name)
+    assert browser.save_screenshot(path)
+    return path
+
+
+# -- working from the page, against real workers -------------------------
+# `?refresh=3600`: the page's periodic re-read never comes in these tests, so
+# whatever it shows after an action came through the live feed (GET /changes).
+
+def row_state(browser, task_id):
+    return browser.execute_script(
+        "const r = document.getElementById('task-' + arguments[0]); return r ? r.dataset.state : null", task_id)
+
+
+def not_reloaded(browser):
+    return browser.execute_script("return window.__banyan_test_marker === 1")
+
+
+@pytest.mark.slow
+def test_cancel_a_running_task_from_the_page(tmp_path, browser):
+    from test_worker_live import Cluster, gone
+
+    c = Cluster(tmp_path / "cluster")
+    try:
+        c.start_worker("alpha", "--cores", "1")
+        c.worker_ids(["alpha"])
+        pid_file = tmp_path / "pid"
+        task_id = c.submit({"name": "sleeper", "command": "echo $$ > %s; exec sleep 300" % pid_file,
+                            "state": "available"})
+        pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the task to start"))
+        browser.get(c.url + "/dashboard?refresh=3600")
+        wait_for(lambda: row_state(browser, task_id) == "running", what="the running task on the page")
+        browser.execute_script("window.__banyan_test_marker = 1")
+
+        browser.find_element("css selector", "#task-%s .t-select" % task_id).click()
+        browser.find_element("id", "act-cancel").click()
+        wait_for(lambda: browser.find_element("id", "confirm").is_displayed(), what="the confirmation")
+        assert "Cancel 1 task" in text(browser, "confirm-text")
+        browser.find_element("id", "confirm-yes").click()
+        clicked = time.monotonic()
+        wait_for(lambda: row_state(browser, task_id) == "cancelled", what="cancelled on the page")
+        shown_after = time.monotonic() - clicked
+        assert not_reloaded(browser)
+        assert c.task(task_id)["state"] == "cancelled"
+        wait_for(lambda: gone(pid), 10, "the task's process to be gone")
+        assert browser.find_element("id", "result-" + task_id).get_attribute("data-status") == "OK"
+        screenshot(browser, "dashboard-cancel.png")
+        print("cancelled shown on the page %.2f s after the confirmation click" % shown_after)
+        with open(os.path.join(OUTPUT, "dashboard-cancel.txt"), "w") as f:
+            f.write("cancelled shown %.2f s after the click\n" % shown_after)
+    finally:
+        c.close()
+    assert c.server.server_errors() == []
+
+
+@pytest.mark.slow
+def test_retry_a_failed_job_from_the_page_and_follow_it_to_success(tmp_path, browser):
+    from test_worker_live import Cluster
+
+    c = Cluster(tmp_path / "cluster")
+    try:
+        c.start_worker("alpha", "--cores", "2")
+        r = c.http.post(c.url + "/jobs", json={"name": "flaky"})
+        assert r.status_code == 201, r.text
+        job = r.json()["_id"]
+        # Each task fails the first time (it leaves a marker) and succeeds the next.
+        ids = c.submit([{"name": "flaky", "job": job, "state": "available",
+                         "environment": {"BANYAN_ARRAY_INDEX": str(i)},
+                         "command": "test -e %s/m%d || { touch %s/m%d; exit 3; }" % (tmp_path, i, tmp_path, i)}
+                        for i in range(3)])
+        docs = c.wait_finished(ids)
+        assert [d["exit_status"] for d in docs] == ["failure"] * 3
+
+        browser.get(c.url + "/dashboard?refresh=3600")
+        wait_for(lambda: browser.find_elements("id", "job-" + job), what="the job on the page")
+        browser.find_element("css selector", "#job-%s .j-name" % job).click()
+        wait_for(lambda: all(row_state(browser, i) == "terminated" for i in ids), what="the job's tasks")
+        indices = browser.execute_script(
+            "return [...document.querySelectorAll('#tasks-body .t-index')].map((td) => td.textContent)")
+        assert sorted(indices) == ["0", "1", "2"]
+        browser.execute_script("window.__banyan_test_marker = 1")
+        browser.find_element("id", "job-retry").click()
+        wait_for(lambda: len(browser.find_elements("css selector", "#action-results tr[data-status=OK]")) == 3,
+                 what="three retries accepted")
+
+        def succeeded():
+            return browser.execute_script(
+                "return [...document.querySelectorAll('#tasks-body tr[id]')].map((r) => "
+                "[r.dataset.state, r.querySelector('.t-exit').textContent])")
+        wait_for(lambda: succeeded() == [["terminated", "success"]] * 3, timeout=40,
+                 what="the page to follow the job to success")
+        assert not_reloaded(browser)
+        assert browser.find_element("css selector", "#job-%s .j-status" % job).text == "succeeded"
+        assert [d["exit_status"] for d in c.wait_finished(ids)] == ["success"] * 3
+        screenshot(browser, "dashboard-retry.png")
+    finally:
+        c.close()
+    assert c.server.server_errors() == []
+
+
+@pytest.mark.slow
+def test_filter_a_two_thousand_task_job_and_page_through_it(live_server, http, browser):
+    url = live_server.url
+    r = http.post(url + "/jobs", json={"name": "sweep"})
+    assert r.status_code == 201, r.text
+    job = r.json()["_id"]
+    names = ("even", "odd")
+    r = http.post(url + "/tasks", json=[
+        {"name": names[i % 2], "job": job, "command": ["sh", "-c", "echo $BANYAN_ARRAY_INDEX"],
+         "environment": {"BANYAN_ARRAY_INDEX": str(i)}, "state": "available" if i % 3 else "inactive"}
+        for i in range(2000)])
+    assert r.status_code == 201, r.text
+
+    browser.get(url + "/dashboard?refresh=3600")
+    wait_for(lambda: browser.find_elements("id", "job-" + job), what="the job on the page")
+    browser.find_element("css selector", "#job-%s .j-name" % job).click()
+    wait_for(lambda: text(browser, "tasks-total") == "2000", what="the job's 2000 tasks")
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element("id", "filter-state")).select_by_visible_text("available")
+    browser.find_element("id", "filter-name").send_keys("even")
+    browser.find_element("id", "filter-apply").click()
+
+    where = {"$and": [{"job": job}, {"state": "available"}, {"name": "even"}]}
+    api = http.get(url + "/tasks", params={"where": json.dumps(where), "max_results": 25, "sort": "_created"}).json()
+    total = api["_meta"]["total"]
+    assert total == len([i for i in range(2000) if i % 2 == 0 and i % 3])
+    wait_for(lambda: text(browser, "tasks-total") == str(total), what="the filtered count")
+    stats = http.get(url + "/stats", params={"where": json.dumps(where)}).json()
+    assert int(browser.find_element("id", "fcount-available").get_attribute("data-value")) == stats["states"]["available"]
+    assert int(browser.find_element("id", "fcount-inactive").get_attribute("data-value")) == 0
+
+    def rows():
+        return browser.execute_script("return [...document.querySelectorAll('#tasks-body tr[id]')].map((r) => r.id)")
+    assert rows() == ["task-" + t["_id"] for t in api["_items"]]
+    pages = int(browser.find_element("id", "page-info").get_attribute("data-pages"))
+    assert pages == -(-total // 25)
+    # The list command is shown as a shell would quote it.
+    assert browser.find_element("css selector", "#tasks-body .t-command").text == "sh -c 'echo $BANYAN_ARRAY_INDEX'"
+    for page in (2, 3):
+        browser.find_element("id", "page-next").click()
+        wait_for(lambda: browser.find_element("id", "page-info").get_attribute("data-page") == str(page),
+                 what="page %d" % page)
+        api = http.get(url + "/tasks", params={"where": json.dumps(where), "max_results": 25, "sort": "_created",
+                                               "page": page}).json()
+        wait_for(lambda: rows() == ["task-" + t["_id"] for t in api["_items"]], what="the rows of page %d" % page)
+    screenshot(browser, "dashboard-filter.png")
