@@ -271,6 +271,6 @@ WAIT_MAX_IDS = 10000
 #: Longest a poll is held open, in seconds.
 CHANGES_MAX_TIMEOUT = 25
 #: Seconds between looks at the store while a poll is held.
-CHANGES_RECHECK_INTERVAL = 0.25
+CHANGES_RECHECK_INTERVAL = 0.5
 #: Polls held open at once per server process; more answer at once.
 CHANGES_MAX_WAITERS = 4

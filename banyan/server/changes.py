@@ -34,8 +34,9 @@ from banyan.server import auth
 from banyan.server.identity import current_identity
 
 #: Tasks updated at the latest instant that go into a version (a bulk write
-#: stamps thousands alike; past this many, their count and latest etag do).
-ETAGS_PER_VERSION = 200
+#: stamps thousands alike; past this many, a change to one of the others at that
+#: same instant shows at the next change, or the page's periodic re-read).
+ETAGS_PER_VERSION = 50
 
 blueprint = Blueprint("changes", __name__)
 
