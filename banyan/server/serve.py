@@ -27,7 +27,7 @@ def add_arguments(parser):
     parser.add_argument("--data-dir", default=os.environ.get("BANYAN_DATA_DIR", DEFAULT_DATA_DIR),
                         help="where the embedded store keeps its data (default ~/.banyan)")
     parser.add_argument("--threads", type=int, default=32,
-                        help="request threads (default 32); at most half of them hold workers' long "
+                        help="request threads (default 32); at most a quarter of them hold workers' long "
                              "polls, the others answer everything else")
     parser.add_argument("--connection-limit", type=int, default=4096, metavar="N",
                         help="open connections accepted at once (default 4096: a worker keeps 2 to 4; "
@@ -118,8 +118,9 @@ def run(args):
         return 1
     app = create_app(client, dict(database_config(args.mongo_uri), AUTH=auth_on,
                                   HEARTBEAT_TIMEOUT=args.heartbeat_timeout,
-                                  # long polls may hold at most half the request threads
-                                  CLAIM_MAX_WAITERS=max(1, args.threads // 2),
+                                  # long polls may hold at most a quarter of the request
+                                  # threads (each re-checks the store twice a second)
+                                  CLAIM_MAX_WAITERS=max(1, args.threads // 4),
                                   WAIT_MAX_WAITERS=max(1, args.threads // 4)))
     _settle_memory()
     if auth_on:
@@ -128,7 +129,7 @@ def run(args):
     # interpreter lock; under load, a thread holds it for up to the switch
     # interval (5 ms by default) before the next one may take it.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    # Workers' requests may hold the long polls' half of the threads, parked,
+    # Workers' requests may hold the long polls' quarter of the threads, parked,
     # and run on a quarter of them (8 of 32); users' requests are taken
     # first, then workers' heartbeats and reports, then claims
     # (banyan.server.dispatch).
