@@ -483,3 +483,39 @@ def test_filter_a_two_thousand_task_job_and_page_through_it(live_server, http, b
         wait_for(lambda: rows() == ["task-" + t["_id"] for t in api["_items"]], timeout=60,
                  what="the rows of page %d" % page)
     screenshot(browser, "dashboard-filter.png")
+
+
+def test_a_jobs_graph_is_drawn_with_its_edges_in_layers(live_server, http, browser):
+    url = live_server.url
+    r = http.post(url + "/jobs", json={"name": "shapes"})
+    assert r.status_code == 201, r.text
+    job = r.json()["_id"]
+
+    def add(name, after=()):
+        r = http.post(url + "/tasks", json={"name": name, "job": job, "command": "true", "after": list(after)})
+        assert r.status_code == 201, r.text
+        return r.json()["_id"]
+    # A diamond (top -> left, right -> bottom) and a fan-in (three -> sink).
+    top = add("top")
+    left, right = add("left", [top]), add("right", [top])
+    bottom = add("bottom", [left, right])
+    fans = [add("fan-%d" % i) for i in range(3)]
+    sink = add("sink", fans)
+    names = {top: "top", left: "left", right: "right", bottom: "bottom", sink: "sink",
+             **{f: "fan-%d" % i for i, f in enumerate(fans)}}
+
+    open_dashboard(browser, url, "refresh=3600")
+    wait_for(lambda: browser.find_elements("id", "job-" + job), what="the job on the page")
+    browser.find_element("css selector", "#job-%s .j-name" % job).click()
+    graph = """return {
+      edges: [...document.querySelectorAll('#graph path.edge')].map((e) => [e.dataset.from, e.dataset.to]),
+      layers: Object.fromEntries([...document.querySelectorAll('#graph g.node')].map((g) => [g.dataset.id, +g.dataset.layer]))}"""
+    drawn = wait_for(lambda: (lambda g: g if len(g["layers"]) == 8 else None)(browser.execute_script(graph)),
+                     what="the job's graph")
+    edges = sorted((names[a], names[b]) for a, b in drawn["edges"])
+    assert edges == sorted([("top", "left"), ("top", "right"), ("left", "bottom"), ("right", "bottom"),
+                            ("fan-0", "sink"), ("fan-1", "sink"), ("fan-2", "sink")])
+    layers = {names[i]: n for i, n in drawn["layers"].items()}
+    assert layers == {"top": 0, "left": 1, "right": 1, "bottom": 2, "fan-0": 0, "fan-1": 0, "fan-2": 0, "sink": 1}
+    browser.execute_script("document.getElementById('graph-section').scrollIntoView()")
+    screenshot(browser, "dashboard-graph.png")
