@@ -135,8 +135,8 @@ tasks = {
         "parents": [("continuations", 1)],
         "owner": [("owner", 1), ("state", 1)],
         # GET /changes: the latest change, of all tasks and of a user's.
-        "updated": [("_updated", -1)],
-        "owner_updated": [("owner", 1), ("_updated", -1)],
+        "updated": [("_updated", -1), ("_id", -1)],
+        "owner_updated": [("owner", 1), ("_updated", -1), ("_id", -1)],
         "worker": [("worker", 1), ("state", 1)],
         "cascade": [("cascade_pending", 1)],
         "job": [("job", 1), ("state", 1)],

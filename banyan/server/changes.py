@@ -14,10 +14,10 @@ the first or changes the second.
 
 Without `since`, or with a `since` that is not the current version, the
 answer is immediate. Otherwise the request is held, looking again every
-`CHANGES_RECHECK_INTERVAL` seconds (an indexed read of one task and of the
-few updated at that instant), until the version moves or `timeout` (at most
-`CHANGES_MAX_TIMEOUT`) passes; then `changed` is false. When
-`CHANGES_MAX_WAITERS` polls are already held in this process, the answer is
+`CHANGES_RECHECK_INTERVAL` seconds (an indexed read of the few tasks
+updated last), or four times as long as a look took if that is more, until
+the version moves or `timeout` (at most `CHANGES_MAX_TIMEOUT`) passes;
+then `changed` is false. When `CHANGES_MAX_WAITERS` polls are already held in this process, the answer is
 immediate, with `retry_after` seconds for the client to pace itself.
 `caller` says whose token asked (role and name), so the page offers only
 the actions that token may take.
@@ -62,16 +62,16 @@ class Waiters:
 
 
 def version(db, visible):
-    """The fingerprint of the tasks `visible` selects and of the workers."""
-    tasks = db["tasks"]
+    """The fingerprint of the tasks `visible` selects and of the workers:
+    one read of the latest-updated tasks (newest first, ties by id, so the
+    same tasks come back while nothing changes) and one of the workers."""
     digest = hashlib.sha256()
-    latest = next(iter(tasks.find(visible, {"_updated": 1}).sort("_updated", -1).limit(1)), None)
-    stamp = latest.get("_updated") if latest else None
-    if stamp is not None:
-        at_latest = {"$and": [visible, {"_updated": {"$gte": stamp}}]} if visible else {"_updated": {"$gte": stamp}}
-        etags = sorted(str(doc.get("_etag")) + str(doc["_id"])
-                       for doc in tasks.find(at_latest, {"_etag": 1}).limit(ETAGS_PER_VERSION))
-        digest.update(("%s|%d|" % (date_to_str(stamp), len(etags))).encode())
+    latest = list(db["tasks"].find(visible, {"_updated": 1, "_etag": 1})
+                  .sort([("_updated", -1), ("_id", -1)]).limit(ETAGS_PER_VERSION))
+    if latest:
+        stamp = latest[0].get("_updated")
+        etags = [str(doc["_id"]) + str(doc.get("_etag")) for doc in latest if doc.get("_updated") == stamp]
+        digest.update(("%s|%d|" % (date_to_str(stamp) if stamp else "", len(etags))).encode())
         digest.update("|".join(etags).encode())
     for worker in db["workers"].find({}, {"state": 1}).sort("_id", 1):
         digest.update(("%s=%s;" % (worker["_id"], worker.get("state"))).encode())
@@ -103,9 +103,15 @@ def changes_view():
         return dict(answer, version=current, changed=False, retry_after=config["CHANGES_RECHECK_INTERVAL"] * 10)
     try:
         deadline = time.monotonic() + timeout
+        look = 0.0
         while current == since and time.monotonic() < deadline:
-            time.sleep(min(config["CHANGES_RECHECK_INTERVAL"], max(0.0, deadline - time.monotonic())))
+            # a look that takes long (a big queue on a store without range
+            # indexes) is made less often: the poll spends at most ~1/5 of a core
+            pause = max(config["CHANGES_RECHECK_INTERVAL"], 4 * look)
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            started = time.monotonic()
             current = version(db, visible)
+            look = time.monotonic() - started
     finally:
         waiters.leave()
     return dict(answer, version=current, changed=current != since)
