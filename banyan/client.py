@@ -9,6 +9,7 @@ failures, 502/503/504); anything longer-lived is the caller's business
 import base64
 import json
 import logging
+import os
 import re
 import socket
 import ssl
@@ -112,6 +113,15 @@ def _speaks_plain_http(host, port, timeout=TLS_PROBE_TIMEOUT):
             return raw.recv(5) == b"HTTP/"
     except OSError:
         return False
+
+
+def running_task_id(environ=None):
+    """The id of the task this process runs in ($BANYAN_TASK_ID, set by
+    the worker for each attempt); ValueError outside a task."""
+    task_id = (os.environ if environ is None else environ).get("BANYAN_TASK_ID")
+    if not task_id:
+        raise ValueError("BANYAN_TASK_ID is not set: children are added from a command a task runs")
+    return task_id
 
 
 class Client:
@@ -310,9 +320,21 @@ class Client:
 
     # -- tasks ------------------------------------------------------------
 
-    def submit(self, tasks):
+    def submit(self, tasks, child=False, after_self=False):
         """POST one task (a dict) or several (a list); returns Eve's answer.
-        Retried after a lost answer: the server does a keyed POST once."""
+        Retried after a lost answer: the server does a keyed POST once.
+
+        From inside a running task, ``child=True`` adds them to its job as
+        its children: what runs after it waits for them too.
+        ``after_self=True`` adds them to run after it (and nothing waits
+        for them). Both read $BANYAN_TASK_ID, which the worker sets."""
+        if child or after_self:
+            task_id = running_task_id()
+            docs = [tasks] if isinstance(tasks, dict) else list(tasks)
+            docs = [dict(doc, added_by=task_id) for doc in docs]
+            if after_self:
+                docs = [dict(doc, after=list(doc.get("after") or []) + [task_id]) for doc in docs]
+            tasks = docs[0] if isinstance(tasks, dict) else docs
         return self.post("tasks", json_body=tasks, idempotent=True)
 
     def get_task(self, task_id, projection=None):
@@ -428,11 +450,16 @@ class Client:
 
     # -- jobs, retry, hold ------------------------------------------------
 
-    def create_job(self, name=None, array_limit=None):
-        """A new job (``POST /jobs``) for tasks submitted with ``job``; its id."""
+    def create_job(self, name=None, array_limit=None, max_tasks=None, max_depth=None):
+        """A new job (``POST /jobs``) for tasks submitted with ``job``; its id.
+        ``max_tasks`` and ``max_depth`` cap what its running tasks may add
+        (tasks in all, and how deep children of children nest)."""
         body = {"name": name}
         if array_limit:
             body["array_limit"] = int(array_limit)
+        for key, value in (("max_tasks", max_tasks), ("max_depth", max_depth)):
+            if value is not None:
+                body[key] = int(value)
         return self.post("jobs", json_body=body, idempotent=True)["_id"]
 
     def get_job(self, job_id):

@@ -393,13 +393,16 @@ def check_parents(client, parents):
 
 
 def submit_graph(client, graph, after=(), after_any=(), after_failure=(), job=None, name=None,
-                 array_limit=None):
+                 array_limit=None, added_by=None):
     """Create the tasks of `graph` so that they run (see the module
     docstring), in job `job` (else a new job named `name`, running at most
     `array_limit` tasks at once); returns {key: task id} in the graph's
     order. The roots also run after the existing tasks `after` (their
     success), `after_any` (their end) and `after_failure` (their failure).
-    Raises GraphError or BanyanError, with nothing left to run."""
+    With `added_by` (a running task's id), they are that task's children,
+    in its job (see `banyan submit --child`): created ready to run, each
+    level after the one it runs after. Raises GraphError or BanyanError,
+    with nothing left to run."""
     graph.check()
     external = {}
     for field, group in (("after", after), ("after_any", after_any), ("after_failure", after_failure)):
@@ -407,18 +410,25 @@ def submit_graph(client, graph, after=(), after_any=(), after_failure=(), job=No
             external[field] = [check_task_id(task_id) for task_id in dict.fromkeys(group)]
     if external:
         check_parents(client, external)
-    if job is None:
+    if job is None and added_by is None:
         job = client.create_job(name or next((doc.get("name") for doc in graph.docs.values()), None),
                                 array_limit=array_limit)
     roots = set(graph.roots())
     levels = list(reversed(graph.creation_levels()))  # roots first, then each level below
-    has_edges = any(graph.children.values())
+    # Children are made `available` at once (an edge to a task not yet
+    # created is made when it is, and waits as any other): an attempt
+    # token adds tasks and changes none.
+    has_edges = any(graph.children.values()) and added_by is None
     ids, created = {}, []
     try:
         for level in levels:
             docs = []
             for key in level:
-                doc = dict(graph.docs[key], job=job, state="inactive" if has_edges else "available")
+                doc = dict(graph.docs[key], state="inactive" if has_edges else "available")
+                if added_by is None:
+                    doc["job"] = job
+                else:
+                    doc["added_by"] = added_by
                 for field, parents in graph.parents(key).items():
                     doc[field] = [ids[parent] for parent in parents]
                 if key in roots:

@@ -108,6 +108,18 @@ task_schema = {
     "cancelled_by": {"type": "dict", "nullable": True, "readonly": True},
     # Copied from the job at creation: at most this many of its tasks run at once.
     "array_limit": {"type": "integer", "nullable": True, "readonly": True},
+    # A task added by a running task (`banyan submit --child`): that task,
+    # which must be running; the child joins its job, and the continuations
+    # of the adding task wait for it too (see states.TaskQueue.prepare_children).
+    "added_by": {"type": "objectid", "nullable": True, "creation_only": True,
+                 "data_relation": {"resource": "tasks", "field": "_id"}},
+    # The attempt of `added_by` that added it; a retry replaces what a failed attempt added.
+    "added_in_attempt": {"type": "integer", "nullable": True, "readonly": True},
+    # 0 for a task submitted from outside, its adder's depth + 1 for a child.
+    "depth": {"type": "integer", "readonly": True},
+    # The attempt that added it ended without success: cancelled and no
+    # longer waited for (a later attempt adds its own).
+    "superseded": {"type": "boolean", "readonly": True},
 }
 
 tasks = {
@@ -121,9 +133,11 @@ tasks = {
     # Roles per method (when AUTH is on). Workers read tasks and claim them
     # by PATCH (the seed's protocol) but never create them; what a worker's
     # PATCH may contain is checked by `auth.authorize_task_update`.
-    "allowed_read_roles": ["admin", "user", "worker"],
-    "allowed_write_roles": ["admin", "user"],
-    "allowed_item_read_roles": ["admin", "user", "worker"],
+    # Attempt tokens (a running task's) read their job's tasks and add to
+    # it: `auth.ATTEMPT_ROUTES` and `auth.confine_attempt_reads`.
+    "allowed_read_roles": ["admin", "user", "worker", "attempt"],
+    "allowed_write_roles": ["admin", "user", "attempt"],
+    "allowed_item_read_roles": ["admin", "user", "worker", "attempt"],
     "allowed_item_write_roles": ["admin", "user", "worker"],
     "mongo_indexes": {
         # The claim: ready tasks not held, highest priority first, then oldest.
@@ -140,6 +154,8 @@ tasks = {
         "worker": [("worker", 1), ("state", 1)],
         "cascade": [("cascade_pending", 1)],
         "job": [("job", 1), ("state", 1)],
+        # The children an attempt added (`added_by`), replaced when it fails.
+        "added_by": [("added_by", 1), ("added_in_attempt", 1)],
     },
 }
 
@@ -151,13 +167,20 @@ jobs = {
         # `--array 1-100%4`: at most this many of its tasks run at once.
         "array_limit": {"type": "integer", "min": 1, "nullable": True, "default": None},
         "owner": {"type": "string", "nullable": True, "readonly": True},
+        # Caps on a graph that grows while it runs (`banyan submit --max-tasks/--max-depth`):
+        # tasks its running tasks may add in all, and how deep children may nest
+        # (null: states.DEFAULT_MAX_ADDED, states.DEFAULT_MAX_DEPTH).
+        "max_tasks": {"type": "integer", "min": 0, "max": 1000000, "nullable": True, "default": None},
+        "max_depth": {"type": "integer", "min": 0, "max": 1000, "nullable": True, "default": None},
+        # How many tasks its running tasks added so far.
+        "added_tasks": {"type": "integer", "readonly": True},
     },
     "resource_methods": ["GET", "POST"],
     "item_methods": ["GET"],
     "auth_field": "owner",
-    "allowed_read_roles": ["admin", "user", "worker"],
+    "allowed_read_roles": ["admin", "user", "worker", "attempt"],
     "allowed_write_roles": ["admin", "user"],
-    "allowed_item_read_roles": ["admin", "user", "worker"],
+    "allowed_item_read_roles": ["admin", "user", "worker", "attempt"],
     "allowed_item_write_roles": ["admin", "user"],
     "mongo_indexes": {"owner": [("owner", 1)]},
 }

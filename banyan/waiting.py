@@ -91,6 +91,14 @@ def wait_for(client, task_ids=None, where=None, interval=1.0, timeout=None, on_p
     while True:
         if on_progress is not None:
             on_progress(_progress(result, running, clock() - start))
+        if not running and task_ids is None and (where or {}).get("job"):
+            # Tasks of the job added while it ran (`submit --child`): all of
+            # them exist once every task that could add one has ended.
+            for doc in client.iter_tasks(dict(where, _id={"$nin": list(tasks)}), OUTCOME_PROJECTION,
+                                         max_results=10000):
+                tasks[doc["_id"]] = doc
+                if doc.get("state") not in FINISHED:
+                    running[doc["_id"]] = doc["state"]
         if not running:
             return result
         if timeout is not None and clock() - start >= timeout:

@@ -33,6 +33,18 @@ task's id and name), so `ID=$(banyan submit ...)` and
 `banyan submit ... | banyan wait -` work. It warns when no live worker could
 ever run the task (say it asks for a GPU and no worker has one).
 
+From inside a running task, --child adds tasks to that task's job while it
+runs: the tasks that run after the task (declared before it started) wait
+for its children as well, so a merge declared `--after SPLITTER` runs
+after every shard the splitter added. --after-self adds a task that runs
+after the current task only (nothing waits for it). The worker gives each
+attempt BANYAN_SERVER, BANYAN_TASK_ID, BANYAN_JOB_ID and BANYAN_TOKEN, a
+token that may read the job and add to it while the attempt runs. A job
+caps what its tasks add: --max-tasks (tasks added in all, default 1000)
+and --max-depth (children of children..., default 10), set when it is
+submitted. If the task fails, the children its attempt added are
+cancelled, and its retry adds a new set in their place.
+
 examples:
   banyan submit -- 'python3 train.py --epochs 10 > model.log'
   banyan submit --name render --cores 4 --memory '8 GiB' --time-limit 2h -- ./render.sh scene1
@@ -43,6 +55,8 @@ examples:
   banyan submit --array 1-100%4 -- ./step.sh          # at most 4 run at once
   banyan submit --env OMP_NUM_THREADS=4 --env HOME -- python3 train.py
   banyan submit --file graph.yaml --wait
+  banyan submit --child --array 1-5 -- ./shard.sh     # run by a task: 5 shards of its job
+  banyan submit --after-self -- ./restart.sh         # run by a task: runs once it ended
 
 A graph file names its tasks and says which runs after which:
 
@@ -121,6 +135,14 @@ def register(sub):
     how.add_argument("--job-name", metavar="NAME", help="name of the job (default: the task's name)")
     how.add_argument("--job", metavar="JOB", help="add the tasks to this existing job (its id or name) "
                                                   "instead of a new one")
+    how.add_argument("--child", action="store_true",
+                     help="run by a task: add the tasks to its job; what runs after it waits for them too")
+    how.add_argument("--after-self", action="store_true",
+                     help="run by a task: add the tasks to its job, to run after it (only)")
+    how.add_argument("--max-tasks", metavar="N",
+                     help="the most tasks this job's running tasks may add in all (default 1000)")
+    how.add_argument("--max-depth", metavar="N",
+                     help="how deep tasks added by added tasks may nest in this job (default 10)")
     how.add_argument("--hold", action="store_true", help="submit it held: it runs once released "
                                                          "(banyan release)")
     how.add_argument("--file", metavar="GRAPH.yaml", help="submit the tasks of a graph file (see below)")
@@ -256,7 +278,11 @@ def run(args):
         parents = {field: task_ids(getattr(args, field), "--" + field.replace("_", "-"))
                    for field in ("after", "after_any", "after_failure")}
         limit = parse_array_limit(args.array)[1] if args.array else None
+        caps = {key: _whole(getattr(args, key), "--" + key.replace("_", "-"))
+                for key in ("max_tasks", "max_depth")}
         client = connect(args)
+        if args.child or args.after_self:
+            return _run_child(args, client, graph, parents, limit, caps)
         name = args.job_name or (args.name if not args.file else os.path.basename(args.file)) or \
             next(iter(graph.docs.values())).get("name")
         if args.job:
@@ -265,8 +291,11 @@ def run(args):
                                    EXIT_USAGE)
             job = resolve_job(client, args.job)
             name = client.get_job(job).get("name") or ""
+            if any(value is not None for value in caps.values()):
+                raise CommandError("--max-tasks and --max-depth are set when a job is made; they do not go "
+                                   "with --job", EXIT_USAGE)
         else:
-            job = client.create_job(name, array_limit=limit)
+            job = client.create_job(name, array_limit=limit, **caps)
         ids = submit_graph(client, graph, job=job, **parents)
     except GraphError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
@@ -279,6 +308,42 @@ def run(args):
     print("job %s %s: %d task%s%s" % (job, name, len(ids), "" if len(ids) == 1 else "s",
                                       ", at most %d at once" % limit if limit else ""), file=sys.stderr)
     warn_if_nothing_fits(client, graph)
+    if args.wait:
+        from banyan.commands.wait import wait_and_report
+        return wait_and_report(client, list(ids.values()), quiet=args.quiet)
+    return 0
+
+
+def _whole(value, flag):
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise CommandError("%s %s: expected a whole number >= 0" % (flag, value), EXIT_USAGE)
+    return int(value)
+
+
+def _run_child(args, client, graph, parents, limit, caps):
+    """`--child` / `--after-self`: the tasks join the job of the task this
+    runs in, as its children."""
+    from banyan.client import running_task_id
+
+    for flag, value in (("--job", args.job), ("--job-name", args.job_name), ("--array ...%N", limit),
+                        ("--max-tasks", caps["max_tasks"]), ("--max-depth", caps["max_depth"])):
+        if value:
+            raise CommandError("%s does not go with --child or --after-self (the tasks join the running "
+                               "task's job)" % flag, EXIT_USAGE)
+    try:
+        task_id = running_task_id()
+    except ValueError as exc:
+        raise CommandError("--child/--after-self: %s" % exc, EXIT_USAGE) from None
+    if args.after_self:
+        parents["after"] = list(dict.fromkeys(parents["after"] + [task_id]))
+    ids = submit_graph(client, graph, added_by=task_id, **parents)
+    for key, new in ids.items():
+        print("%s %s" % (new, key) if args.file else new)
+    sys.stdout.flush()
+    print("job %s: %d task%s added by task %s" % (os.environ.get("BANYAN_JOB_ID") or "?", len(ids),
+                                                   "" if len(ids) == 1 else "s", task_id), file=sys.stderr)
     if args.wait:
         from banyan.commands.wait import wait_and_report
         return wait_and_report(client, list(ids.values()), quiet=args.quiet)

@@ -8,7 +8,8 @@ from banyan.commands.base import (EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, Command
                                   reason_text, task_ids)
 
 EPILOG = """
-The tasks are those given (or matching the filters) when wait starts. wait
+The tasks are those given (or matching the filters) when wait starts; with
+--job, also those the job's tasks add while they run (submit --child). wait
 exits 0 when all of them succeeded, and 1 when any failed, timed out, was
 abandoned or was cancelled; it then names each of them on stderr, with the
 reason (a task cancelled because of a parent names the parent and how it

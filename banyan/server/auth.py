@@ -2,7 +2,13 @@
 
 Three roles: `admin` (everything), `user` (creates tasks; reads, changes
 and cancels its own), `worker` (reads tasks, claims them, reports attempts;
-never creates or cancels them). A request names its token with
+never creates or cancels them). A fourth, `attempt`, is never made by hand:
+a claim makes one token per attempt it hands out (`BANYAN_TOKEN` in the
+task's environment), which may read the tasks of that task's job and add
+tasks to the job (`ATTEMPT_ROUTES`), and dies with the attempt: it is
+deleted when the attempt's report arrives, and refused as soon as the task
+no longer runs that attempt (cancelled, abandoned, given back), whatever
+path ended it. A request names its token with
 `Authorization: Bearer <token>` or with HTTP Basic carrying the token as
 user name (`curl -u TOKEN: ...`).
 
@@ -38,8 +44,8 @@ from eve.auth import TokenAuth
 from flask import Blueprint, abort, current_app, g, request
 from pymongo import ReturnDocument
 
-from banyan.server.identity import ROLES, Identity, current_identity, set_identity
-from banyan.server.states import utcnow
+from banyan.server.identity import ATTEMPT_ROLE, ROLES, Identity, current_identity, set_identity
+from banyan.server.states import HELD, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,13 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
 
 #: Authentication on, no valid token: no role, so every rule refuses.
 ANONYMOUS = Identity(role="anonymous")
+
+#: What an attempt token may ask: (method, path pattern). Reads are confined
+#: to its job (`owner_filter`, `confine_attempt_reads`), additions to it
+#: (`TaskQueue.prepare_new`).
+ATTEMPT_ROUTES = [(method, re.compile(pattern + r"/?\Z")) for method, pattern in (
+    ("GET", r"/tasks"), ("POST", r"/tasks"), ("GET", r"/tasks/[0-9a-f]{24}"),
+    ("GET", r"/tasks/[0-9a-f]{24}/logs"), ("POST", r"/tasks/wait"), ("GET", r"/jobs/[0-9a-f]{24}"))]
 
 #: Fields a worker may send in `PATCH /tasks/<id>`: the seed's claim only.
 WORKER_PATCH_FIELDS = frozenset({"state", "worker"})
@@ -88,7 +101,9 @@ class TokenStore:
 
     def __init__(self, db):
         self.tokens = db[TOKENS]
+        self.tasks = db["tasks"]
         self.tokens.create_index("hash", unique=True)
+        self.tokens.create_index("task", sparse=True)
 
     def create(self, role, name=None, token=None):
         """Make a token; returns (its public document, the token). The token
@@ -116,6 +131,36 @@ class TokenStore:
         self.tokens.insert_one(doc)
         log.info("created %s token %s (%s)", role, name, _id)
         return public(doc), token
+
+    def create_attempt_tokens(self, tasks):
+        """A token for the current attempt of each of `tasks` (as claimed):
+        {task id: token}. Role `attempt`, stored hashed with the task, its
+        attempt number, its job and its owner (one insert for them all)."""
+        docs, tokens, now = [], {}, utcnow()
+        for task in tasks:
+            attempt = task["history"][-1]["attempt"]
+            token = new_token()
+            tokens[task["_id"]] = token
+            docs.append({"_id": ObjectId(), "hash": hash_token(token), "role": ATTEMPT_ROLE,
+                         "name": "attempt-%s-%d" % (task["_id"], attempt), "created": now, "revoked": None,
+                         "task": task["_id"], "attempt": attempt, "job": task.get("job"),
+                         "owner": task.get("owner")})
+        if docs:
+            self.tokens.insert_many(docs)
+        return tokens
+
+    def revoke_attempt(self, task_id, attempt=None):
+        """Delete the tokens of `task_id`'s attempt `attempt` (of all its
+        attempts when None): an ended attempt's token is worth nothing."""
+        query = {"task": task_id, "role": ATTEMPT_ROLE}
+        if attempt is not None:
+            query["attempt"] = attempt
+        self.tokens.delete_many(query)
+
+    def attempt_running(self, doc):
+        """Whether the attempt an attempt token was made for still runs."""
+        return self.tasks.find_one({"_id": doc.get("task"), "state": {"$in": [s.value for s in HELD]},
+                                    "history": {"$size": doc.get("attempt")}}, {"_id": 1}) is not None
 
     def lookup(self, token):
         """The live (not revoked) token document for `token`, or None."""
@@ -151,7 +196,9 @@ class TokenStore:
         return revoked
 
     def list(self, include_revoked=False):
-        query = {} if include_revoked else {"revoked": None}
+        query = {"role": {"$ne": ATTEMPT_ROLE}}  # one per running attempt: not people's tokens
+        if not include_revoked:
+            query["revoked"] = None
         return [public(d) for d in self.tokens.find(query, {"hash": 0}).sort("created", 1)]
 
     def has_admin(self):
@@ -198,7 +245,7 @@ class BanyanTokenAuth(TokenAuth):
     `auth_field` confines them to their own tasks."""
 
     def store(self):
-        return TokenStore(current_app.data.driver.db)
+        return current_app.tokens
 
     def identify(self):
         """The caller's Identity, or None without a valid token. Looked up
@@ -212,11 +259,34 @@ class BanyanTokenAuth(TokenAuth):
         if doc is None:
             set_identity(ANONYMOUS)
             return None
+        if doc["role"] == ATTEMPT_ROLE:
+            return self._identify_attempt(doc)
         identity = Identity(role=doc["role"], name=doc["name"], token_id=str(doc["_id"]))
         set_identity(identity)
         self.set_user_or_token(identity.name)
         if identity.role == "user":
             self.set_request_auth_value(identity.name)
+        return identity
+
+    def _identify_attempt(self, doc):
+        """An attempt token: valid while its attempt runs (401 after), and
+        only for `ATTEMPT_ROUTES` (403). Acts as the task's owner, within
+        the task's job."""
+        store = self.store()
+        if not store.attempt_running(doc):
+            store.revoke_attempt(doc.get("task"), doc.get("attempt"))
+            set_identity(ANONYMOUS)
+            abort(401, description="this token was made for attempt %s of task '%s', which has ended; it is "
+                                   "no longer valid" % (doc.get("attempt"), doc.get("task")))
+        identity = Identity(role=ATTEMPT_ROLE, name=doc.get("owner"), token_id=str(doc["_id"]),
+                            task_id=doc.get("task"), attempt=doc.get("attempt"), job_id=doc.get("job"))
+        set_identity(identity)
+        self.set_user_or_token(doc["name"])
+        if identity.name:
+            self.set_request_auth_value(identity.name)
+        if not any(method == request.method and pattern.search(request.path) for method, pattern in ATTEMPT_ROUTES):
+            abort(403, description="an attempt token (task '%s') may only read the tasks of its job and add "
+                                   "tasks to it, not %s %s" % (identity.task_id, request.method, request.path))
         return identity
 
     def check_auth(self, token, allowed_roles, resource, method):
@@ -271,12 +341,15 @@ def require_role(*roles):
     return decorator
 
 
-def owner_filter():
-    """The filter that confines raw task queries to what the caller may see:
-    a user's own tasks; everything for admins and workers."""
+def owner_filter(resource="tasks"):
+    """The filter that confines raw task (or job) queries to what the caller
+    may see: a user's own; an attempt token's job; everything for admins
+    and workers."""
     identity = current_identity()
     if identity.role == "user":
         return {"owner": identity.name}
+    if identity.role == ATTEMPT_ROLE:
+        return {"job" if resource == "tasks" else "_id": identity.job_id}
     if identity.role in ("admin", "worker"):
         return {}
     return {"_id": None}  # no role: nothing
@@ -303,6 +376,8 @@ def authorize_task_update(updates):
         return
     if updates.get("state") == "running" or "worker" in updates:
         abort(403, description="only workers claim tasks (state 'running', 'worker')")
+    if role == ATTEMPT_ROLE:
+        abort(403, description="an attempt token may add tasks to its job, not change tasks")
     if role != "user":
         abort(403, description="no role may change tasks without a token")
 
@@ -340,7 +415,7 @@ def _reply(body, status=200):
 
 
 def _store():
-    return TokenStore(current_app.data.driver.db)
+    return current_app.tokens
 
 
 @blueprint.route("/tokens", methods=["GET"])
@@ -382,9 +457,22 @@ def revoke_token(id_or_name):
 def init_app(app, enabled):
     """Wire authentication into `app`: the tokens endpoint always; the
     per-request identity when `enabled`."""
-    TokenStore(app.data.driver.db)  # the unique index on `hash`
+    app.tokens = TokenStore(app.data.driver.db)  # (makes the unique index on `hash`)
     app.register_blueprint(blueprint)
     if enabled:
         @app.before_request
         def _identify():
             app.auth.identify()
+
+        app.on_pre_GET += confine_attempt_reads
+
+
+def confine_attempt_reads(resource, request, lookup):
+    """Eve reads by an attempt token see its job only: its tasks, or the job itself."""
+    identity = current_identity()
+    if identity.role != ATTEMPT_ROLE or resource not in ("tasks", "jobs"):
+        return
+    field = "job" if resource == "tasks" else "_id"
+    if field in lookup and str(lookup[field]) != str(identity.job_id):
+        abort(404, description="an attempt token reads only its own job '%s'" % identity.job_id)
+    lookup[field] = identity.job_id

@@ -404,6 +404,11 @@ def claim(worker_id, free, max_tasks=1, wait=0.0):
                 abort(404, description="worker '%s' is no longer active; register again" % worker_id)
     if items:
         confirm_claimer(worker_id, [(t["_id"], t["history"][-1]["attempt"]) for t in items])
+        # Each attempt's own token, for the task's environment (BANYAN_TOKEN):
+        # shown only in this answer, stored hashed (see auth.py).
+        tokens = current_app.tokens.create_attempt_tokens(items)
+        for task in items:
+            task["attempt_token"] = tokens[task["_id"]]
     reply = {"_items": items, "cancel": queue.pending_cancellations(worker_id)}
     if not items and wait > 0 and event is None:
         reply["retry_after"] = retry_after(registry.active_count())
@@ -506,6 +511,7 @@ def finish(task_id, attempt, outcome, exit_code=None, stdout="", stderr="", usag
             abort(e.status, description=str(e))
     except states.TransitionError as e:
         abort(e.status, description=str(e))
+    current_app.tokens.revoke_attempt(task_id, attempt)
     current_app.logs.save(task_id, attempt, stdout, stderr)
     return doc
 

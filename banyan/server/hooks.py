@@ -5,7 +5,8 @@ import logging
 from flask import abort, g
 
 from banyan.server import claims, jobs, reasons, states, virtual
-from banyan.server.identity import current_identity
+from banyan.server.auth import owner_filter
+from banyan.server.identity import ATTEMPT_ROLE, current_identity
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ def register_hooks(app, queue):
                                        % (request.path, type(body).__name__))
 
     def on_insert_tasks(docs):
+        identity = current_identity()
+        adder = (identity.task_id, identity.job_id) if identity.role == ATTEMPT_ROLE else None
         try:
-            queue.prepare_new(docs, owner=current_identity().name)
+            queue.prepare_new(docs, owner=identity.name, adder=adder, visible=owner_filter())
         except states.TransitionError as e:
             _refuse(e)
 
@@ -73,6 +76,7 @@ def register_hooks(app, queue):
     def on_insert_jobs(docs):
         for doc in docs:
             doc["owner"] = current_identity().name
+            doc["added_tasks"] = 0
 
     def on_fetched_resource_jobs(response):
         jobs.add_counts(queue.db, response.get("_items") or [])

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 ROLES = ("admin", "user", "worker")
+#: The role of a token the server makes for one attempt of a task (never by
+#: hand): it reads its job's tasks and adds tasks to that job, nothing else.
+ATTEMPT_ROLE = "attempt"
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,10 @@ class Identity:
     #: the registered worker acting under this token, if any
     worker_id: Optional[object] = None
     host: Optional[str] = None
+    #: for an attempt token: the task, its attempt and its job
+    task_id: Optional[object] = None
+    attempt: Optional[int] = None
+    job_id: Optional[object] = None
 
 
 #: Authentication off (loopback trial): every caller may do everything.

@@ -61,6 +61,11 @@ MAX_MEMORY = (1 << 63) - 1
 #: unless it sets `max_lost`: a lost machine is not the task's failure, so
 #: it does not spend `max_retries`.
 DEFAULT_MAX_LOST = 3
+#: A job's caps on the tasks its running tasks add, unless it sets its own
+#: (`max_tasks`, `max_depth`): enough for real sweeps and splits, and a
+#: runaway loop of tasks adding tasks stops soon.
+DEFAULT_MAX_ADDED = 1000
+DEFAULT_MAX_DEPTH = 10
 
 FINISHED = (S.CANCELLED, S.TERMINATED)
 #: Waiting to be claimed: the states in which queued-only fields
@@ -227,15 +232,20 @@ class TaskQueue:
 
     # -- creation ---------------------------------------------------------
 
-    def prepare_new(self, docs, owner=None):
+    def prepare_new(self, docs, owner=None, adder=None, visible=None):
         """Fill the server fields of tasks about to be inserted and register
         them as parents of their continuations. The tasks wait for the
         parents their `after`, `after_any` and `after_failure` name (linked
         once they are stored, by `after_insert`). Tasks that name no job
-        get one made for this request. Raises TransitionError (and undoes
-        its links) when a continuation is no longer `inactive`."""
-        linked = []
+        get one made for this request. Tasks a running task adds (`added_by`)
+        join its job and its detour (`prepare_children`); `adder` is the
+        (task id, job id) of an attempt token, whose additions must be
+        children of that task in that job; `visible` the filter of the
+        tasks the caller may add children to. Raises TransitionError (and
+        undoes its links) when a continuation is no longer `inactive`."""
+        linked, grown = [], None
         try:
+            grown = self.prepare_children(docs, adder, visible)
             jobs = {d["_id"]: d for d in self.jobs.find(
                 {"_id": {"$in": list({doc["job"] for doc in docs if doc.get("job")})}}, {"array_limit": 1})}
             new_job = None
@@ -252,18 +262,225 @@ class TaskQueue:
                            retry_count=0, memory_retry_count=0, lost_count=0, exit_status=None, worker=None,
                            owner=owner, history=[], held=bool(doc.get("held")), cancelled_by=None,
                            array_limit=(jobs.get(doc["job"]) or {}).get("array_limit"))
+                detour = grown["detour"].get(doc["_id"], ()) if grown else ()
                 for child in dict.fromkeys(doc.get("continuations") or []):
-                    self._link(doc["_id"], child)
-                    linked.append((doc["_id"], child))
+                    if child not in detour:  # (linked by `prepare_children`)
+                        self._link(doc["_id"], child)
+                        linked.append((doc["_id"], child))
                 if parents and doc.get("continuations"):
                     for parent in parents:
                         if self.find_cycle(parent, list(doc["continuations"])):
                             raise TransitionError("task '%s' runs after '%s', which already runs after one of "
                                                   "its continuations: that is a cycle" % (doc["_id"], parent))
+            if grown:
+                self._check_adders_run(grown["adders"])
         except TransitionError:
             for parent, child in linked:
                 self._unlink(parent, child)
+            if grown:
+                self._undo_growth(grown)
             raise
+
+    # -- tasks that running tasks add (a graph that grows) ----------------
+
+    def prepare_children(self, docs, adder=None, visible=None):
+        """Fill the fields of new tasks that a running task adds (`added_by`):
+        its job, their `depth` (its own + 1) and the attempt that adds them
+        (`added_in_attempt`). A child that does not run after the adding
+        task (not `--after-self`) becomes a parent of the adding task's
+        continuations as well (a detour: they wait for it too): each of them
+        gets the child in `pending_parents` (and one more in its count) by
+        one conditional update that matches only while it still waits for
+        the adding task, so it cannot have been released meanwhile; they
+        join the child's `continuations`, so its end settles them. Checks
+        the job's caps: `max_depth`, and `max_tasks` taken by one
+        conditional `$inc` of the job's `added_tasks`. Returns what
+        `_undo_growth` undoes, or None when no task is a child."""
+        for doc in docs:
+            doc.setdefault("_id", ObjectId())
+        if adder is not None:
+            self._confine_to_attempt(docs, *adder)
+        children = [doc for doc in docs if doc.get("added_by")]
+        for doc in docs:
+            if not doc.get("added_by"):
+                doc.update(added_by=None, added_in_attempt=None, depth=0, superseded=False)
+        if not children:
+            return None
+        adder_ids = list({doc["added_by"] for doc in children})
+        adders = {d["_id"]: d for d in self.tasks.find(
+            dict(visible or {}, _id={"$in": adder_ids}),
+            {"state": 1, "job": 1, "history.attempt": 1, "depth": 1, "continuations": 1})}
+        for adder_id in adder_ids:
+            doc = adders.get(adder_id)
+            if doc is None:
+                raise TransitionError("'added_by': no task '%s'" % adder_id, status=404)
+            if doc["state"] != S.RUNNING:
+                raise TransitionError("'added_by': task '%s' is '%s'; only a running task adds children "
+                                      "(--child is for commands run by a task)" % (adder_id, doc["state"]),
+                                      status=409)
+            doc["attempt"] = len(doc.get("history") or [])
+        grown = {"adders": {a: adders[a]["attempt"] for a in adder_ids}, "jobs": {}, "after_any": [],
+                 "linked": [], "detour": {}}
+        jobs = {d["_id"]: d for d in self.jobs.find({"_id": {"$in": list({a["job"] for a in adders.values()})}},
+                                                     {"max_tasks": 1, "max_depth": 1, "added_tasks": 1})}
+        for doc in children:
+            parent = adders[doc["added_by"]]
+            if doc.get("job") not in (None, parent["job"]):
+                raise TransitionError("a child joins the job of the task that adds it ('%s'), not job '%s'"
+                                      % (parent["job"], doc["job"]))
+            job = jobs.get(parent["job"]) or {}
+            depth = (parent.get("depth") or 0) + 1
+            max_depth = job.get("max_depth")
+            max_depth = DEFAULT_MAX_DEPTH if max_depth is None else max_depth
+            if depth > max_depth:
+                raise TransitionError(
+                    "job '%s' allows tasks added by tasks down to depth %d (--max-depth), and task '%s' is "
+                    "at depth %d: it may not add children" % (parent["job"], max_depth, parent["_id"], depth - 1))
+            doc.update(job=parent["job"], depth=depth, added_in_attempt=parent["attempt"], superseded=False)
+            grown["jobs"][parent["job"]] = grown["jobs"].get(parent["job"], 0) + 1
+        try:
+            for job_id, count in grown["jobs"].items():
+                self._count_added(jobs.get(job_id) or {"_id": job_id}, count)
+                grown.setdefault("counted", []).append((job_id, count))
+            waiting = self._detours(adders)
+            for doc in children:
+                parent_id = doc["added_by"]
+                if parent_id in self._parents_given(doc):
+                    continue  # --after-self: it runs after the adding task, nothing waits for it
+                detour = grown["detour"][doc["_id"]] = set()
+                for child, kind in waiting[parent_id]:
+                    if not self.tasks.update_one(
+                            {"_id": child, "pending_parents": parent_id},
+                            {"$push": {"pending_parents": doc["_id"]}, "$inc": {"pending_dependency_count": 1}}
+                    ).modified_count:
+                        continue  # it no longer waits for the adding task (cancelled, unlinked)
+                    grown["linked"].append((doc["_id"], child))
+                    detour.add(child)
+                    if kind == ANY_KIND:
+                        # the detour edge has the kind of the edge it extends
+                        self.tasks.update_one({"_id": child}, {"$addToSet": {"after_any": doc["_id"]}})
+                        grown["after_any"].append((child, doc["_id"]))
+                doc["continuations"] = list(doc.get("continuations") or []) + \
+                    [c for c in detour if c not in (doc.get("continuations") or [])]
+        except TransitionError:
+            self._undo_growth(grown)
+            raise
+        return grown
+
+    def _confine_to_attempt(self, docs, task_id, job_id):
+        """An attempt token adds children of its own task, to its own job,
+        related to tasks of that job only."""
+        new = {doc.get("_id") for doc in docs}
+        named = set()
+        for doc in docs:
+            if doc.get("added_by") not in (None, task_id):
+                raise TransitionError("an attempt token adds children of its own task '%s', not of '%s'"
+                                      % (task_id, doc["added_by"]), status=403)
+            if doc.get("job") not in (None, job_id):
+                raise TransitionError("an attempt token adds tasks to its own job '%s', not to job '%s'"
+                                      % (job_id, doc["job"]), status=403)
+            doc["added_by"] = task_id
+            for field in list(AFTER_FIELDS) + ["continuations"]:
+                named.update(doc.get(field) or [])
+        named -= new
+        if named and self.tasks.count_documents({"_id": {"$in": list(named)}, "job": job_id}) < len(named):
+            raise TransitionError("an attempt token relates new tasks only to tasks of its job '%s'" % job_id,
+                                  status=403)
+
+    def _detours(self, adders):
+        """{adder id: [(continuation, kind)]}: the continuations of each
+        adding task that its children must also hold back (those waiting
+        for it, on its success or on any end; one waiting on its failure
+        is about the task alone)."""
+        ids = {c for doc in adders.values() for c in doc.get("continuations") or []}
+        found = {d["_id"]: d for d in self.tasks.find(
+            {"_id": {"$in": list(ids)}, "pending_parents": {"$in": list(adders)}},
+            {"after_any": 1, "after_failure": 1})}
+        waiting = {}
+        for adder_id, doc in adders.items():
+            waiting[adder_id] = []
+            for child in doc.get("continuations") or []:
+                if child in found:
+                    kind = edge_kind(found[child], adder_id)
+                    if kind != FAILURE_KIND:
+                        waiting[adder_id].append((child, kind))
+        return waiting
+
+    def _count_added(self, job, count):
+        """Take `count` of the job's `max_tasks` additions (one conditional
+        `$inc`, so servers adding at once cannot pass the cap together)."""
+        cap = job.get("max_tasks")
+        cap = DEFAULT_MAX_ADDED if cap is None else cap
+        self.jobs.update_one({"_id": job["_id"], "added_tasks": {"$exists": False}}, {"$set": {"added_tasks": 0}})
+        if self.jobs.update_one({"_id": job["_id"], "added_tasks": {"$lte": cap - count}},
+                                {"$inc": {"added_tasks": count}}).modified_count:
+            return
+        now = self.jobs.find_one({"_id": job["_id"]}, {"added_tasks": 1}) or {}
+        raise TransitionError("job '%s' allows its tasks to add %d tasks in all (--max-tasks); they added %s, "
+                              "and this adds %d" % (job["_id"], cap, now.get("added_tasks", 0), count))
+
+    def _undo_growth(self, grown):
+        for child, waiting in grown.pop("linked", []):
+            self._unlink(child, waiting)
+        for job_id, count in grown.pop("counted", []):
+            self.jobs.update_one({"_id": job_id}, {"$inc": {"added_tasks": -count}})
+        for child, new in grown["after_any"]:
+            self.tasks.update_one({"_id": child}, {"$pullAll": {"after_any": [new]}})
+
+    def _check_adders_run(self, adders):
+        """The adding tasks still run the attempts that add (checked once the
+        detour edges are in place: an attempt that ended before they were
+        may have released its continuations without them)."""
+        for task_id, attempt in adders.items():
+            if self.tasks.find_one({"_id": task_id, "state": S.RUNNING.value, "history": {"$size": attempt}},
+                                   {"_id": 1}) is None:
+                raise TransitionError("task '%s' ended its attempt %d while it added children; they were not "
+                                      "added" % (task_id, attempt), status=409)
+
+    def drop_children(self, task_id, attempt=None):
+        """The tasks attempt `attempt` of `task_id` added (all its attempts'
+        when None), once that attempt ended without success: its
+        continuations stop waiting for them, they are cancelled (with what
+        runs after them alone), and they are marked `superseded`, so a retry
+        adds one set of children, not a second beside the first. Safe to
+        repeat."""
+        query = {"added_by": task_id, "superseded": {"$ne": True}}
+        if attempt is not None:
+            query["added_in_attempt"] = attempt
+        parent = self.tasks.find_one({"_id": task_id}, {"continuations": 1, "name": 1, "exit_status": 1,
+                                                        "state": 1})
+        if parent is None:
+            return
+        theirs = set(parent.get("continuations") or [])
+        for child in self.tasks.find(query, {"continuations": 1, "added_in_attempt": 1}):
+            detour = [c for c in child.get("continuations") or [] if c in theirs]
+            for waiting in detour:
+                released = self._unlink(child["_id"], waiting)
+                self.tasks.update_one({"_id": waiting}, {"$pullAll": {"after_any": [child["_id"]]}})
+                if released is not None and released.get("pending_dependency_count") == 0:
+                    self._release(released)
+            if detour:
+                self.tasks.update_one({"_id": child["_id"]}, {"$pullAll": {"continuations": detour}})
+            if child["_id"] in theirs:  # --after-self: the parent's retry must not bring it back
+                self.tasks.update_one({"_id": task_id}, {"$pullAll": {"continuations": [child["_id"]]}})
+            because = {"task": task_id, "name": parent.get("name"), "attempt": child.get("added_in_attempt"),
+                       "exit_status": parent.get("exit_status") or parent.get("state"), "needed": SUCCESS_KIND}
+            self.cancel(child["_id"], cancelled_by=because)
+            self.tasks.update_one({"_id": child["_id"]}, {"$set": {"superseded": True}})
+
+    def drop_if_adder_ended(self, docs):
+        """Children stored after the attempt that added them ended (it ended
+        between `prepare_new`'s check and the insert): dropped as that
+        attempt's end would have dropped them."""
+        for doc in docs:
+            adder, attempt = doc.get("added_by"), doc.get("added_in_attempt")
+            if adder and self.tasks.find_one({"_id": adder, "state": {"$in": [s.value for s in HELD]},
+                                              "history": {"$size": attempt}}, {"_id": 1}) is None:
+                ended = self.tasks.find_one({"_id": adder}, {"state": 1, "exit_status": 1,
+                                                             "history.attempt": 1}) or {}
+                if not (ended.get("state") == S.TERMINATED and ended.get("exit_status") == SUCCESS
+                        and len(ended.get("history") or []) == attempt):
+                    self.drop_children(adder, attempt)
 
     @staticmethod
     def _parents_given(doc):
@@ -281,7 +498,8 @@ class TaskQueue:
     def _new_job(self, name, owner):
         """A job for tasks submitted without one (one per request)."""
         now = utcnow()
-        job = {"_id": ObjectId(), "name": name, "array_limit": None, "owner": owner,
+        job = {"_id": ObjectId(), "name": name, "array_limit": None, "owner": owner, "added_tasks": 0,
+               "max_tasks": None, "max_depth": None,
                "_created": now, "_updated": now, "_etag": str(ObjectId())}
         self.jobs.insert_one(job)
         return job["_id"]
@@ -295,6 +513,7 @@ class TaskQueue:
                     self._unlink(doc["_id"], child)
 
     def after_insert(self, docs):
+        self.drop_if_adder_ended(docs)
         for doc in docs:
             for parent in doc.get("pending_parents") or []:
                 self._attach(parent, doc["_id"])
@@ -556,6 +775,7 @@ class TaskQueue:
         if doc.get("cascade_pending"):
             raise Conflict("task '%s' is still settling the tasks that run after it; retry in a moment" % task_id)
         pending = self.parents_to_wait_for(doc)
+        self.drop_children(task_id)  # (done when its attempts ended, unless a crash cut that short)
         now = utcnow()
         updated = self.tasks.find_one_and_update(
             {"_id": task_id, "state": state, "_etag": doc.get("_etag"), "cascade_pending": {"$ne": True}},
@@ -751,6 +971,8 @@ class TaskQueue:
             updated = self.tasks.find_one_and_update(held, {"$set": sets}, return_document=ReturnDocument.AFTER)
             if updated is not None:
                 break
+        if outcome != SUCCESS:
+            self.drop_children(task_id, attempt)
         if updated["state"] in FINISHED:
             self.on_finished(task_id)
         if updated.get("array_limit"):

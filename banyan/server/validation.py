@@ -216,7 +216,7 @@ class BanyanValidator(Validator):
         coll = app.data.driver.db[datasource]
         query = {key: {"$in": list(values)}}
         if resource in ("tasks", "jobs"):  # a user may relate only to their own tasks and jobs
-            query = {"$and": [query, auth.owner_filter()]}
+            query = {"$and": [query, auth.owner_filter(resource)]}
         return {d[key]: d for d in coll.find(query, {key: 1, "state": 1})}
 
 

@@ -251,12 +251,18 @@ class TaskProcess:
         return 10.0 if value is None else float(value)
 
     def environment(self):
-        """os.environ + thread counts + the task's ``environment`` + Banyan's own variables."""
+        """os.environ + thread counts + the task's ``environment`` + Banyan's own
+        variables (BANYAN_TASK_ID, BANYAN_ATTEMPT, and from the worker
+        BANYAN_SERVER, BANYAN_JOB_ID; BANYAN_TOKEN, the attempt token of the claim)."""
         env = dict(os.environ)
         env.update(self.thread_env)
         for name, value in (self.task.get("environment") or {}).items():
             env[str(name)] = "" if value is None else str(value)
         env.update(self.extra_env)
+        # The attempt's own token (its job, while it runs), never the worker's.
+        env.pop("BANYAN_TOKEN", None)
+        if self.task.get("attempt_token"):
+            env["BANYAN_TOKEN"] = self.task["attempt_token"]
         env["BANYAN_TASK_ID"] = self.task_id
         env["BANYAN_ATTEMPT"] = str(self.attempt)
         env[PROGRESS_ENV] = self.progress_path

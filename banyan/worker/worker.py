@@ -650,7 +650,8 @@ class Worker:
                 reservation = self._reserved.get(task_id)
                 lease = self._lease_deadline
             attempt = attempt_of(task)
-            extra_env = {"BANYAN_CORES": "%g" % wanted["cores"]}
+            extra_env = {"BANYAN_CORES": "%g" % wanted["cores"], "BANYAN_SERVER": self.config.server,
+                         "BANYAN_JOB_ID": str(task.get("job") or "")}
             if cpus:
                 extra_env["BANYAN_CPUS"] = ",".join(map(str, cpus))
             if self.total["gpus"] > 0:
