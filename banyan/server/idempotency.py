@@ -31,7 +31,7 @@ import pymongo.errors
 from bson import ObjectId
 from flask import abort, current_app, g, request
 
-from banyan.server.identity import current_identity
+from banyan.server.identity import ATTEMPT_ROLE, current_identity
 from banyan.server.states import utcnow
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def _applies():
     a role that may create there."""
     return (request.method == "POST" and (request.endpoint or "").endswith("|resource")
             and request.headers.get("Idempotency-Key") is not None
-            and current_identity().role in ("admin", "user"))
+            and current_identity().role in ("admin", "user", ATTEMPT_ROLE))
 
 
 def before_request():
