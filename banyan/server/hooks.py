@@ -43,6 +43,14 @@ def register_hooks(app, queue):
                 abort(400, description="POST %s takes an object or a list of them, not %s"
                                        % (request.path, type(body).__name__))
 
+    def on_pre_POST_jobs(request):
+        on_pre_POST_tasks(request)
+        # A job's id is the server's to make: one given by the client would
+        # make a second POST of the same body a 409 instead of a new job.
+        body = request.get_json(silent=True) if request.is_json else None
+        if any(isinstance(doc, dict) and "_id" in doc for doc in (body if isinstance(body, list) else [body])):
+            abort(422, description="'_id': a job's id is made by the server; leave it out")
+
     def on_insert_tasks(docs):
         identity = current_identity()
         adder = (identity.task_id, identity.job_id) if identity.role == ATTEMPT_ROLE else None
@@ -96,7 +104,7 @@ def register_hooks(app, queue):
     app.on_fetched_resource_tasks += on_fetched_resource_tasks
     app.on_fetched_item_tasks += on_fetched_item_tasks
     app.on_pre_POST_tasks += on_pre_POST_tasks
-    app.on_pre_POST_jobs += on_pre_POST_tasks  # the same guard: a JSON value that is no object
+    app.on_pre_POST_jobs += on_pre_POST_jobs
     app.on_insert_tasks += on_insert_tasks
     app.on_inserted_tasks += on_inserted_tasks
     app.on_update_tasks += on_update_tasks
