@@ -140,11 +140,14 @@ tasks = {
     "allowed_item_read_roles": ["admin", "user", "worker", "attempt"],
     "allowed_item_write_roles": ["admin", "user", "worker"],
     "mongo_indexes": {
-        # The claim: ready tasks not held, highest priority first, then oldest.
-        "ready": [("state", 1), ("pending_dependency_count", 1), ("held", 1), ("priority", -1), ("_created", 1)],
+        # The claim: ready tasks not held, highest priority first, then oldest
+        # (`_id` orders the tasks of one bulk POST, which share `_created`).
+        "ready_in_order": [("state", 1), ("pending_dependency_count", 1), ("held", 1), ("priority", -1),
+                           ("_created", 1), ("_id", 1)],
         # The claim once no core is left: ready tasks of no core.
-        "ready_coreless": [("state", 1), ("pending_dependency_count", 1), ("held", 1),
-                           ("requested_resources.cores", 1), ("priority", -1), ("_created", 1)],
+        "ready_coreless_in_order": [("state", 1), ("pending_dependency_count", 1), ("held", 1),
+                                    ("requested_resources.cores", 1), ("priority", -1), ("_created", 1),
+                                    ("_id", 1)],
         # A task's parents (who lists it among its continuations).
         "parents": [("continuations", 1)],
         "owner": [("owner", 1), ("state", 1)],

@@ -2,8 +2,8 @@
 
     python bench/bench_servers.py [--mongo-uri URI] [--tasks 2000] [--claimers 4]
 
-Without --mongo-uri it starts a FerretDB of its own (scripts/ferretdb.sh,
-SQLite, a temporary directory). For each set-up, with real `banyan server`
+Without --mongo-uri it starts a FerretDB of its own on a PostgreSQL of its
+own (scripts/ferretdb.sh, in a temporary directory). For each set-up, with real `banyan server`
 and `banyan-worker` processes on this machine:
 
 claims  --tasks ready tasks, then --claimers threads (each a registered
@@ -39,6 +39,7 @@ import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
+SCRIPT = os.path.join(ROOT, "scripts", "ferretdb.sh")
 
 
 def command(name, module):
@@ -204,11 +205,13 @@ def main():
     ferret = None
     base = args.mongo_uri
     if not base:
-        port = free_port()
-        pid = subprocess.run(["bash", os.path.join(ROOT, "scripts", "ferretdb.sh"), "start",
-                              os.path.join(tmp, "ferretdb"), str(port)], capture_output=True, text=True,
-                             env=dict(os.environ, PYTHON=sys.executable), check=True).stdout.strip()
-        ferret, base = int(pid), "mongodb://127.0.0.1:%d" % port
+        # its own directory (PostgreSQL runs as its own user and must reach it)
+        ferret, port = tempfile.mkdtemp(prefix="bench-ferretdb-"), free_port()
+        started = subprocess.run(["bash", SCRIPT, "start", ferret, str(port)], capture_output=True, text=True,
+                                 env=dict(os.environ, PYTHON=sys.executable))
+        if started.returncode:
+            raise SystemExit("FerretDB did not start: %s" % started.stderr)
+        base = "mongodb://127.0.0.1:%d" % port
     rows = []
     try:
         for label, uri, n in (("embedded store, 1 server", None, 1),
@@ -230,7 +233,8 @@ def main():
             rows.append(row)
     finally:
         if ferret:
-            os.kill(ferret, signal.SIGTERM)
+            subprocess.run(["bash", SCRIPT, "stop", ferret])
+            shutil.rmtree(ferret, ignore_errors=True)
         else:
             drop_bench_databases(base)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -204,7 +204,10 @@ def is_ready(doc):
 
 
 READY_FILTER = {"state": S.AVAILABLE.value, "pending_dependency_count": 0, "held": False}
-CLAIM_ORDER = [("priority", -1), ("_created", 1)]
+CLAIM_ORDER = [("priority", -1), ("_created", 1), ("_id", 1)]
+#: Candidates read beyond those a claim asks for (some may be taken by
+#: other claimers, or not fit what the first ones leave).
+CLAIM_SPARES = 8
 
 
 class TaskQueue:
@@ -851,23 +854,48 @@ class TaskQueue:
     def claim_next(self, worker_id, free, host=None):
         """Claim the best ready task that fits `free` (cores, memory, gpus):
         one atomic update, so of racing claimers exactly one gets each task."""
+        claimed = self._claim_some(worker_id, dict(free), 1, host, set())
+        return claimed[0] if claimed else None
+
+    @staticmethod
+    def _ready_query(free):
         query = dict(READY_FILTER)
         for key in ("cores", "memory", "gpus"):
             query["requested_resources.%s" % key] = {"$lte": free.get(key, 0)}
         if free.get("cores", 0) <= 0:
             # Only tasks of no core fit (cores are >= 0): an equality the
-            # `ready_coreless` index answers, rather than a walk over every
+            # `ready_coreless_in_order` index answers, rather than a walk over every
             # ready task (each claim that fills a worker ends with this one).
             query["requested_resources.cores"] = 0
-        now = utcnow()
-        full = set()  # jobs at their array limit
-        fields = {"history.attempt": 1, "_created": 1, "job": 1, "array_limit": 1}
-        while True:
-            if full:
-                query["job"] = {"$nin": list(full)}
-            doc = self.tasks.find_one(query, fields, sort=CLAIM_ORDER)
-            if doc is None:
-                return None
+        return query
+
+    def _claim_some(self, worker_id, free, want, host, full):
+        """Claim up to `want` of the best ready tasks that together fit
+        `free` (which is reduced by what they request). The candidates come
+        from one sorted read (a store that sorts in its own process, as
+        FerretDB does, reads the ready tasks once per batch, not once per
+        task); each is then claimed by one atomic update whose filter is the
+        query again, so of racing claimers exactly one gets each task.
+        `full`: jobs found at their array limit (grows). Returns the tasks
+        claimed, as stored after the claim; an empty list when every
+        candidate was taken by another claimer meanwhile; None when none is
+        ready."""
+        query = self._ready_query(free)
+        if full:
+            query["job"] = {"$nin": list(full)}
+        fields = {"history.attempt": 1, "_created": 1, "job": 1, "array_limit": 1, "requested_resources": 1}
+        candidates = list(self.tasks.find(query, fields, sort=CLAIM_ORDER, limit=want + CLAIM_SPARES))
+        if not candidates:
+            return None
+        claimed = []
+        for doc in candidates:
+            if len(claimed) >= want:
+                break
+            requested = doc.get("requested_resources") or {}
+            if not all((requested.get(key) or 0) <= free.get(key, 0) for key in RESOURCES):
+                continue  # what the tasks claimed before it left is too little
+            if doc.get("job") in full:
+                continue
             slot = None
             if doc.get("array_limit") and doc.get("job"):
                 slot = self._take_slot(doc["job"], doc["array_limit"], doc["_id"])
@@ -875,18 +903,23 @@ class TaskQueue:
                     full.add(doc["job"])
                     continue
             attempt = new_attempt(len(doc.get("history") or []) + 1, worker_id, host)
+            now = utcnow()
             # The filter again, as the precondition: a PATCH may have held
             # the task or changed its resources since it was read.
-            claimed = self.tasks.find_one_and_update(
-                dict(query, _id=doc["_id"], history={"$size": attempt["attempt"] - 1}),
+            done = self.tasks.find_one_and_update(
+                dict(self._ready_query(free), _id=doc["_id"], history={"$size": attempt["attempt"] - 1}),
                 {"$set": {"state": S.RUNNING.value, "worker": worker_id, "_updated": now,
                           "_etag": str(ObjectId()), **claim_changes(doc, attempt)},
                  "$push": {"history": attempt}},
                 return_document=ReturnDocument.AFTER)
-            if claimed is not None:
-                return claimed
-            if slot:
-                self._free_slot(doc["_id"], doc["job"], slot)
+            if done is None:
+                if slot:
+                    self._free_slot(doc["_id"], doc["job"], slot)
+                continue
+            claimed.append(done)
+            for key in RESOURCES:
+                free[key] = free.get(key, 0) - ((done.get("requested_resources") or {}).get(key) or 0)
+        return claimed
 
     # -- array limits: run slots ------------------------------------------
 
@@ -1222,15 +1255,12 @@ class TaskQueue:
         that together fit `free` (highest priority first, then oldest; a task
         too big for what is left is skipped for a smaller one)."""
         left = {key: free.get(key, 0) for key in RESOURCES}
-        claimed = []
+        claimed, full = [], set()
         while len(claimed) < max_tasks:
-            doc = self.claim_next(worker_id, left, host)
-            if doc is None:
+            got = self._claim_some(worker_id, left, max_tasks - len(claimed), host, full)
+            if got is None:
                 break
-            claimed.append(doc)
-            requested = doc.get("requested_resources") or {}
-            for key in RESOURCES:
-                left[key] -= requested.get(key) or 0
+            claimed += got
         return claimed
 
     def record_usage(self, task_id, worker_id, attempt, usage=None, progress=None):
