@@ -41,7 +41,8 @@ def test_a_claim_whose_answer_was_lost_is_abandoned_and_retried(store):
     # `got` finished and its report is still on its way: heartbeats no longer list it
     assert api.post("/workers/%s/heartbeat" % wid, json={"tasks": {}}).status_code == 200
     task = api.get("/tasks/" + lost).json
-    assert task["state"] == "available" and task["retry_count"] == 1, task
+    # a lost claim counts against max_lost, not the task's own retries
+    assert task["state"] == "available" and task["lost_count"] == 1 and task["retry_count"] == 0, task
     assert task["history"][0]["exit_status"] == "abandoned (worker unreachable)"
     # the one the worker did receive (and reported) is left alone
     assert api.get("/tasks/" + got).json["state"] == "running"
