@@ -119,15 +119,17 @@ def db(app, store):
 class LiveServer:
     """A `banyan server` process on a free loopback port."""
 
-    def __init__(self, data_dir, extra_args=(), env=None, mongo_uri=None):
+    def __init__(self, data_dir, extra_args=(), env=None, mongo_uri=None, embedded=False):
         self.data_dir = str(data_dir)
         self.extra_args = list(extra_args)
         self.env = dict(os.environ, **(env or {}))
         self.proc = None
         self.url = None
         self.port = 0
-        # On a database: its own one, unless given (several servers, one database).
-        self.mongo_uri = (mongo_uri or live_mongo_uri(self.data_dir)) if MONGO_URI else None
+        # On a database: its own one, unless given (several servers, one
+        # database); `embedded`: the embedded store in data_dir whatever the
+        # mode (to reopen what `banyan up` wrote).
+        self.mongo_uri = (mongo_uri or live_mongo_uri(self.data_dir)) if MONGO_URI and not embedded else None
 
     def start(self, timeout=30):
         args = [sys.executable, "-m", "banyan.cli", "server", "--port", str(self.port),

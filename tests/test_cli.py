@@ -516,7 +516,7 @@ def test_wait_on_a_filter_keeps_waiting_for_tasks_that_left_it(live_server):
     from banyan.client import Client
     from banyan.waiting import wait_for
 
-    client = Client(live_server.url)
+    client = Client(live_server.url, token=TEST_TOKEN)
     ids = client.create_tasks([{"command": "x", "state": "available", "name": "w"} for _ in range(250)])
     wid = client.register_worker("claimer", {"cores": 1000, "memory": 1 << 40, "gpus": 0})
     claimed = []
@@ -557,7 +557,7 @@ def test_ctrl_c_on_up_lets_running_tasks_finish_and_report(tmp_path):
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
-    server = LiveServer(data).start()
+    server = LiveServer(data, embedded=True).start()  # the store `up` wrote
     try:
         http = CheckedSession()
         task = http.get(server.url + "/tasks/" + task_id).json()
