@@ -57,9 +57,13 @@ def open_dashboard(browser, url, query="refresh=1"):
 
 
 def wait_for(predicate, timeout=20, what="the condition"):
+    from selenium.common.exceptions import StaleElementReferenceException
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except StaleElementReferenceException:
+            value = None  # the live page drew that element again meanwhile: look again
         if value:
             return value
         time.sleep(0.1)

@@ -179,7 +179,7 @@ def test_schemathesis_stateful_follows_the_links_without_a_500(served, role):
             steps.append((case.method, case.path, response.status_code))
             case.validate_response(response, checks=checks, headers=headers)
 
-    Machine.run(settings=hypothesis_settings(max_examples=25, stateful_step_count=6, deadline=None,
+    Machine.run(settings=hypothesis_settings(max_examples=50, stateful_step_count=6, deadline=None,
                                              database=None, derandomize=True,
                                              suppress_health_check=list(HealthCheck)))
     followed = {(method, path) for method, path, status in steps}

@@ -169,7 +169,7 @@ class Cluster:
 
     def all_tasks(self, projection=None):
         projection = projection or {"state": 1, "exit_status": 1, "history": 1, "continuations": 1,
-                                    "max_retries": 1, "retry_count": 1, "pending_dependency_count": 1}
+                                    "max_retries": 1, "max_lost": 1, "retry_count": 1, "pending_dependency_count": 1}
         tasks, page = {}, 1
         while True:
             r = self.request("GET", "/tasks", params={
@@ -374,9 +374,13 @@ def check_against_rules(tasks, runs, duplicates, parents_of, strict=True):
             elif "success" in statuses:
                 if got != ("terminated", "success"):
                     problems.append("%s had a successful attempt but ended %s" % (task_id, got))
-            elif got[0] != "terminated" or len(history) != task["max_retries"] + 1:
-                problems.append("%s: attempts %s, ended %s; the rules say failed after %d attempts"
-                                % (task_id, statuses, got, task["max_retries"] + 1))
+            elif got[0] != "terminated" or (
+                    sum(1 for s in statuses if s != "abandoned (worker unreachable)") != task["max_retries"] + 1
+                    and statuses.count("abandoned (worker unreachable)") <= task.get("max_lost", 3)):
+                # attempts lost with their worker count against max_lost, not max_retries
+                problems.append("%s: attempts %s, ended %s; the rules say failed after %d attempts (and at "
+                                "most %d lost)" % (task_id, statuses, got, task["max_retries"] + 1,
+                                                   task.get("max_lost", 3)))
             for h in history:
                 code = attempts.get(h["attempt"])
                 if h.get("exit_status") in ("success", "failure") and code is not None \

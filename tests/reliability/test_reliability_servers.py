@@ -70,7 +70,7 @@ class Servers:
 
     def all_tasks(self):
         tasks, page = {}, 1
-        projection = {"state": 1, "exit_status": 1, "history": 1, "continuations": 1, "max_retries": 1,
+        projection = {"state": 1, "exit_status": 1, "history": 1, "continuations": 1, "max_retries": 1, "max_lost": 1,
                       "retry_count": 1, "pending_dependency_count": 1, "pending_parents": 1, "name": 1}
         while True:
             body = self.request("GET", "/tasks", params={
