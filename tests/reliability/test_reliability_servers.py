@@ -243,7 +243,8 @@ def test_three_servers_one_database_with_a_server_killed(tmp_path):
 
 
 def test_eight_claimers_over_three_servers_claim_each_task_once(tmp_path):
-    servers = Servers(tmp_path)
+    # the claimers send no heartbeats: only their claims keep them alive
+    servers = Servers(tmp_path, args=["--heartbeat-timeout", "300"])
     try:
         n = 2000
         for start in range(0, n, 500):
