@@ -152,12 +152,16 @@ def _usable(parent):
             time.sleep(0.01)
 
 
-def _v2_parent(work_dir):
-    own = _own_cgroups().get("")
+def _parent(work_dir, controller):
+    """This work dir's cgroup for its attempts, made under the worker's own
+    cgroup: in the v2 hierarchy (`controller` "") or in the v1 hierarchy of
+    `controller` ("memory"). None where none can be made and used."""
+    own = _own_cgroups().get(controller)
     if own is None:
         return None
-    for point, root, fstype, _ in _mounts():
-        if fstype != "cgroup2":
+    for point, root, fstype, options in _mounts():
+        ours = (fstype == "cgroup" and controller in options) if controller else fstype == "cgroup2"
+        if not ours:
             continue
         base = _place(point, root, own)
         if base is None:
@@ -166,7 +170,7 @@ def _v2_parent(work_dir):
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as exc:
-            log.info("cannot create a cgroup under %s: %s", base, exc)
+            log.info("cannot create a %scgroup under %s: %s", controller and controller + " ", base, exc)
             continue
         if _usable(parent):
             return parent
@@ -197,28 +201,6 @@ def _v2_memory(parent):
     return True
 
 
-def _v1_memory_parent(work_dir):
-    own = _own_cgroups().get("memory")
-    if own is None:
-        return None
-    for point, root, fstype, options in _mounts():
-        if fstype != "cgroup" or "memory" not in options:
-            continue
-        base = _place(point, root, own)
-        if base is None:
-            continue
-        parent = os.path.join(base, _key(work_dir))
-        try:
-            os.makedirs(parent, exist_ok=True)
-        except OSError as exc:
-            log.info("cannot create a memory cgroup under %s: %s", base, exc)
-            continue
-        if _usable(parent):
-            return parent
-        sup.cgroup_remove(parent)
-    return None
-
-
 def detect(work_dir, mode="auto", memory=False):
     """What this worker can use. ``mode`` is one of ``MODES``; ``memory``:
     memory limits are wanted. Raises RuntimeError when ``mode`` is
@@ -227,14 +209,14 @@ def detect(work_dir, mode="auto", memory=False):
         raise ValueError("containment must be one of %s, not %r" % (", ".join(MODES), mode))
     found = Containment(work_dir=work_dir)
     if mode != "subreaper":
-        found.tasks_cgroup = _v2_parent(work_dir)
+        found.tasks_cgroup = _parent(work_dir, "")
         if found.tasks_cgroup is None and mode == "cgroup":
             raise RuntimeError("no cgroup v2 hierarchy this worker can create cgroups in")
     if memory:
         if found.tasks_cgroup and _v2_memory(found.tasks_cgroup):
             found.memory_cgroup, found.memory_version = found.tasks_cgroup, 2
         else:
-            parent = _v1_memory_parent(work_dir)
+            parent = _parent(work_dir, "memory")
             if parent is not None:
                 found.memory_cgroup, found.memory_version = parent, 1
     os.makedirs(found.records, exist_ok=True)
