@@ -32,7 +32,6 @@ import logging
 import math
 import random
 import re
-import threading
 import time
 from datetime import timedelta, timezone
 
@@ -44,6 +43,7 @@ from pymongo.errors import DuplicateKeyError
 from werkzeug.exceptions import HTTPException
 
 from banyan.server import states
+from banyan.server.held import HeldRequests
 from banyan.server.auth import check_role, owner_filter
 from banyan.server.identity import current_identity
 from banyan.server.states import RESOURCES, utcnow
@@ -65,7 +65,7 @@ class WorkerState:
 
 # == the functions underneath ===============================================
 
-class ClaimWaiters:
+class ClaimWaiters(HeldRequests):
     """Claims held open in this process, each with the resources it has free.
 
     `notify(doc)` (the queue's `on_ready`) wakes the waiters a newly ready
@@ -74,16 +74,11 @@ class ClaimWaiters:
     """
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._waiting = {}
+        super().__init__()
         self._parked = 0
         #: Called when a claim parks (`banyan server`'s thread pool then
         #: lets another worker's request run on a thread of its own).
         self.on_park = lambda: None
-
-    def __len__(self):
-        with self._lock:
-            return len(self._waiting)
 
     @property
     def parked(self):
@@ -101,23 +96,11 @@ class ClaimWaiters:
             with self._lock:
                 self._parked -= 1
 
-    @contextlib.contextmanager
     def waiting(self, free, limit):
         """An Event set when a fitting task becomes ready; None (do not wait)
         when `limit` claims are already waiting, so that long polls cannot
         take every request thread."""
-        event = threading.Event()
-        with self._lock:
-            if len(self._waiting) >= limit:
-                event = None
-            else:
-                self._waiting[event] = dict(free)
-        try:
-            yield event
-        finally:
-            if event is not None:
-                with self._lock:
-                    self._waiting.pop(event, None)
+        return super().waiting(dict(free), limit)
 
     def notify(self, doc):
         requested = doc.get("requested_resources") or {}

@@ -19,7 +19,6 @@ client then polls), so that waits never take every request thread.
 """
 
 import contextlib
-import threading
 import time
 
 from bson import ObjectId
@@ -27,10 +26,11 @@ from bson.errors import InvalidId
 from flask import Blueprint, abort, current_app
 
 from banyan.server import claims, store
+from banyan.server.held import HeldRequests
 from banyan.server.auth import check_role, owner_filter
 
 
-class FinishWaiters:
+class FinishWaiters(HeldRequests):
     """Waits held open in this process, each with the ids it still waits for.
 
     `notify(task_id)` (the queue's `on_finished`) crosses the task off every
@@ -38,30 +38,11 @@ class FinishWaiters:
     this in-process table; what a wait answers is always read from the store.
     """
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._waiting = {}  # Event -> set of ids not yet known finished
-
-    def __len__(self):
-        with self._lock:
-            return len(self._waiting)
-
-    @contextlib.contextmanager
     def waiting(self, task_ids, limit):
-        """An Event set once every one of `task_ids` has been reported
-        finished; None (do not wait) when `limit` waits are already held."""
-        event = threading.Event()
-        with self._lock:
-            if len(self._waiting) >= limit:
-                event = None
-            else:
-                self._waiting[event] = set(task_ids)
-        try:
-            yield event
-        finally:
-            if event is not None:
-                with self._lock:
-                    self._waiting.pop(event, None)
+        """An Event set once every one of `task_ids` (kept as the set of ids
+        not yet known finished) has been reported finished; None (do not
+        wait) when `limit` waits are already held."""
+        return super().waiting(set(task_ids), limit)
 
     def narrow(self, event, task_ids):
         """The store says only `task_ids` are unfinished: wait for those alone.
