@@ -258,18 +258,22 @@ def graph_bodies(markers, count, fail_percent, rng, sleep=0.0, max_retries=2, gr
     return levels, parents
 
 
-def submit_graph(cluster, levels):
-    """Submit level by level (children first); returns {key: task id}."""
+def submit_graph(cluster, levels, chunk=None):
+    """Submit level by level (children first), `chunk` tasks to a
+    `cluster.submit` (a whole level by default); returns {key: task id}."""
     ids = {}
     for level in levels:
-        bodies = []
-        for key, body in level:
-            body = dict(body)
-            if "continuations" in body:
-                body["continuations"] = [ids[k] for k in body["continuations"]]
-            bodies.append(body)
-        for (key, _), id_ in zip(level, cluster.submit(bodies)):
-            ids[key] = id_
+        step = chunk or max(1, len(level))
+        for start in range(0, len(level), step):
+            part = level[start:start + step]
+            bodies = []
+            for key, body in part:
+                body = dict(body)
+                if "continuations" in body:
+                    body["continuations"] = [ids[k] for k in body["continuations"]]
+                bodies.append(body)
+            for (key, _), id_ in zip(part, cluster.submit(bodies)):
+                ids[key] = id_
     return ids
 
 

@@ -18,7 +18,8 @@ import pytest
 import requests
 
 from conftest import MONGO_URI, LiveServer, TestSession, mongo_uri_for
-from harness import (Worker, check_against_rules, graph_bodies, parents_by_id, read_markers, record, task_body)
+from harness import (Worker, check_against_rules, graph_bodies, parents_by_id, read_markers, record, submit_graph,
+                     task_body)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not MONGO_URI, reason="several servers need a shared database "
@@ -106,23 +107,6 @@ def wait_for(probe, timeout, what):
         time.sleep(0.2)
 
 
-def submit_graph_spread(servers, levels):
-    """Submit level by level (children first), each batch through another server."""
-    ids = {}
-    for level in levels:
-        for start in range(0, len(level), 100):
-            chunk = level[start:start + 100]
-            bodies = []
-            for key, body in chunk:
-                body = dict(body)
-                if "continuations" in body:
-                    body["continuations"] = [ids[k] for k in body["continuations"]]
-                bodies.append(body)
-            for (key, _), id_ in zip(chunk, servers.submit(bodies)):
-                ids[key] = id_
-    return ids
-
-
 class Editor(threading.Thread):
     """Adds and removes continuations among a set of inactive tasks, each
     request through another server."""
@@ -190,7 +174,7 @@ def test_three_servers_one_database_with_a_server_killed(tmp_path):
         for editor in editors:
             editor.start()
         levels, parents = graph_bodies(markers, 2000 - len(group), FAIL_PERCENT, rng)
-        ids = submit_graph_spread(servers, levels)
+        ids = submit_graph(servers, levels, chunk=100)  # each chunk through another server
         for editor in editors:
             editor.join(timeout=300)
             assert not editor.is_alive() and editor.error is None, editor.error
