@@ -430,11 +430,11 @@ def test_reports_are_retried_until_the_server_takes_them(fake, start_worker, tmp
     assert runner.stop() == 0
 
 
-def test_drain_timeout_terminates_running_tasks_as_failures(fake, start_worker):
-    fake.submit("long", "sleep 60", max_shutdown_time=1)
+def test_drain_timeout_terminates_running_tasks_as_failures(fake, start_worker, tmp_path):
+    started = tmp_path / "started"
+    fake.submit("long", f"touch {started}; exec sleep 60", max_shutdown_time=1)
     runner = start_worker(drain=0.3)
-    wait_for(lambda: fake.tasks["long"]["state"] == "running", what="claim")
-    time.sleep(0.2)
+    wait_for(started.exists, what="task start")
     assert runner.stop() == 0
     report = fake.finish_of("long")
     assert (report["outcome"], report["exit_code"]) == ("failure", -signal.SIGTERM)
