@@ -86,7 +86,8 @@ class _DirectTokens:
         except RuntimeError as e:
             raise _Failure("%s.\nA server is running on it: manage tokens through it with "
                            "--server URL --token ADMIN_TOKEN (its first admin token is in "
-                           "%s unless it was revoked)." % (e, os.path.join(data_dir or "DATA_DIR", "admin.token")))
+                           "%s unless it was revoked)."
+                           % (e, os.path.join(data_dir or "DATA_DIR", "admin.token"))) from e
         dbname = database_config(mongo_uri).get("MONGO_DBNAME") or default_config()["MONGO_DBNAME"]
         self.store = TokenStore(self.client[dbname])
 
@@ -95,14 +96,14 @@ class _DirectTokens:
         try:
             return self.store.create(role, name)
         except TokenError as e:
-            raise _Failure(str(e))
+            raise _Failure(str(e)) from e
 
     def revoke(self, id_or_name):
         from banyan.server.auth import TokenError
         try:
             return self.store.revoke(id_or_name)
         except TokenError as e:
-            raise _Failure(str(e))
+            raise _Failure(str(e)) from e
 
     def list(self, include_revoked):
         return self.store.list(include_revoked)
@@ -126,7 +127,7 @@ class _HttpTokens:
         try:
             return self.client.request(method, path, **kw)
         except BanyanError as e:
-            raise _Failure(e.describe())
+            raise _Failure(e.describe()) from e
 
     def create(self, role, name):
         body = {"role": role}

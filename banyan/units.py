@@ -53,7 +53,8 @@ def parse_size(value):
         raise ValueError(f"invalid size {value!r}: expected bytes or a string such as '512 MiB'")
     match = _SIZE_RE.match(value)
     if not match:
-        raise ValueError(f"invalid size {value!r}: expected a number and an optional unit, such as '512 MiB', '2GB' or '1024'")
+        raise ValueError(f"invalid size {value!r}: expected a number and an optional unit, "
+                         f"such as '512 MiB', '2GB' or '1024'")
     number, unit = match.groups()
     if unit.endswith("b"):
         raise ValueError(f"invalid size {value!r}: a lower-case 'b' means bits; {_bytes_hint(number, unit)}")

@@ -84,7 +84,7 @@ def worker_token(args, url):
             return kept
         except BanyanError as exc:
             if exc.status not in (401, 403):
-                raise _Failure("cannot check the worker token of %s: %s" % (kept_path, exc.describe()))
+                raise _Failure("cannot check the worker token of %s: %s" % (kept_path, exc.describe())) from exc
     path = admin_token_path(args)
     admin = _read_token(path)
     if not admin:
@@ -98,7 +98,7 @@ def worker_token(args, url):
             reply = client.request("POST", ("tokens",), json_body={"role": "worker", "name": name},
                                    idempotent=False)
     except BanyanError as exc:
-        raise _Failure("cannot make a worker token with the admin token of %s: %s" % (path, exc.describe()))
+        raise _Failure("cannot make a worker token with the admin token of %s: %s" % (path, exc.describe())) from exc
     write_secret(kept_path, reply["token"])
     return reply["token"]
 

@@ -4,9 +4,9 @@ The set of tasks is fixed when the wait starts (ids, or a `where` filter
 evaluated then). Each round is one `POST /tasks/wait` on the tasks not yet
 finished: the server holds it until they have all finished or `interval`
 seconds passed (so progress is drawn that often; without `on_progress`, as
-long as the server holds it), and answers the moment the last one ends. A server too busy to hold it (or one without that
-endpoint) is polled instead, with a small projection, every 0.2 s growing
-to `interval`. A task's details are fetched once, when it finishes.
+long as the server holds it), and answers the moment the last one ends. A
+server too busy to hold it (or one without that endpoint) is polled instead,
+with a small projection, every 0.2 s growing to `interval`. A task's details are fetched once, when it finishes.
 """
 
 import time

@@ -111,7 +111,7 @@ def bench_long_poll(tmp, rounds, backlog):
         api = app.test_client()
         wid = register(api)
         latencies = []
-        for i in range(rounds):
+        for _i in range(rounds):
             tid = api.post("/tasks", json={"command": "x"}).json["_id"]
             result = {}
 

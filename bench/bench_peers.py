@@ -68,8 +68,8 @@ class Cluster:
             base, _, query = mongo_uri.partition("?")
             self.mongo_uri = "%s/bench_%s%s" % (base.rstrip("/"), uuid.uuid4().hex[:12], "?" + query if query else "")
             args += ["--mongo-uri", self.mongo_uri]
-        self.server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=open(os.path.join(self.tmp, "server.log"), "wb"),
-                                       start_new_session=True)
+        log = open(os.path.join(self.tmp, "server.log"), "wb")
+        self.server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
         match = re.search(r"(http://\S+)", self.server.stdout.readline().decode())
         if not match:
             raise SystemExit("banyan server did not start; see %s/server.log" % self.tmp)

@@ -11,7 +11,6 @@ sends them), and the same single POSTs are then sent again with their keys
 """
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -64,7 +63,7 @@ def main():
                 replays = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            for b in range(args.bulks):
+            for _b in range(args.bulks):
                 headers = {"Idempotency-Key": str(uuid.uuid4())} if args.keys else {}
                 s.post(url + "/tasks", json=[task(i) for i in range(100)], headers=headers).raise_for_status()
             bulks = time.perf_counter() - t0

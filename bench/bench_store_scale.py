@@ -63,7 +63,8 @@ def build(data_dir, n):
             if i % 2:
                 doc.update(state="terminated", exit_status="success", history=[{
                     "worker": ObjectId(), "started": now - timedelta(seconds=90),
-                    "ended": now - timedelta(seconds=i % 60), "exit_status": "success", "exit_code": 0, "runtime": 90.0}], queue_wait=1.5)
+                    "ended": now - timedelta(seconds=i % 60), "exit_status": "success", "exit_code": 0,
+                    "runtime": 90.0}], queue_wait=1.5)
             docs.append(doc)
         db.tasks.insert_many(docs)
     client.close()
@@ -103,7 +104,8 @@ def claims_per_second(url, target=1000):
 
 def get_p99_during_scans(url, seconds):
     s = requests.Session()
-    ids = [t["_id"] for t in s.get(url + "/tasks", params={"max_results": 200, "projection": '{"name": 1}'}).json()["_items"]]
+    page = s.get(url + "/tasks", params={"max_results": 200, "projection": '{"name": 1}'}).json()
+    ids = [t["_id"] for t in page["_items"]]
     stop = threading.Event()
     scans = []
 

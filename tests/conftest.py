@@ -168,7 +168,7 @@ class LiveServer:
 
     def server_errors(self):
         with open(self.data_dir + ".log", "rb") as f:
-            return [l for l in f.read().decode(errors="replace").splitlines() if "unhandled error" in l]
+            return [line for line in f.read().decode(errors="replace").splitlines() if "unhandled error" in line]
 
 
 class TestSession(requests.Session):

@@ -437,7 +437,8 @@ def test_long_poll_finds_tasks_made_ready_by_another_server(store):
     deadline = time.monotonic() + 10
     while len(app.claim_waiters) == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    docs = [{"command": "x", "state": "available", "priority": 0, "requested_resources": {"cores": 1, "memory": 0, "gpus": 0},
+    docs = [{"command": "x", "state": "available", "priority": 0,
+             "requested_resources": {"cores": 1, "memory": 0, "gpus": 0},
              "_created": utcnow(), "_updated": utcnow(), "_etag": uuid.uuid4().hex}]
     app.queue.prepare_new(docs)
     app.queue.tasks.insert_one(docs[0])  # no on_ready: "another process" did it

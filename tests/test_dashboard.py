@@ -513,7 +513,8 @@ def test_a_jobs_graph_is_drawn_with_its_edges_in_layers(live_server, http, brows
     browser.find_element("css selector", "#job-%s .j-name" % job).click()
     graph = """return {
       edges: [...document.querySelectorAll('#graph path.edge')].map((e) => [e.dataset.from, e.dataset.to]),
-      layers: Object.fromEntries([...document.querySelectorAll('#graph g.node')].map((g) => [g.dataset.id, +g.dataset.layer]))}"""
+      layers: Object.fromEntries([...document.querySelectorAll('#graph g.node')]
+                                 .map((g) => [g.dataset.id, +g.dataset.layer]))}"""
     drawn = wait_for(lambda: (lambda g: g if len(g["layers"]) == 8 else None)(browser.execute_script(graph)),
                      what="the job's graph")
     edges = sorted((names[a], names[b]) for a, b in drawn["edges"])

@@ -118,7 +118,10 @@ def _damage_middle_record(path):
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x01]))
-    ids = lambda acts: {str(d["_id"]) for a in acts if a.get("o") == "p" for d in a["docs"]}
+
+    def ids(acts):
+        return {str(d["_id"]) for a in acts if a.get("o") == "p" for d in a["docs"]}
+
     elsewhere = set().union(*(ids(a) for s, _, a in scan.records if s != start))
     return start, ids(actions) - elsewhere
 
@@ -276,7 +279,8 @@ def test_long_scans_do_not_hold_up_single_task_requests(tmp_path):
 
     s = requests.Session()
     try:
-        tid = s.post(server.url + "/tasks", json={"name": "mine", "command": ["true"], "state": "inactive"}).json()["_id"]
+        tid = s.post(server.url + "/tasks",
+                     json={"name": "mine", "command": ["true"], "state": "inactive"}).json()["_id"]
         thread = threading.Thread(target=scanner, daemon=True)
         thread.start()
         requests_done, priority = [], None

@@ -62,7 +62,7 @@ def test_supervisors_started_ahead_run_attempts_and_leave_when_let_go(tmp_path):
     idle = pool.ready_pids()
     assert len(idle) == 2 and all(psutil.pid_exists(pid) for pid in idle)
     outcomes = []
-    for i, (command, code) in enumerate([("echo one; echo err >&2", 0), ("echo two; exit 3", 3)]):
+    for i, (command, _code) in enumerate([("echo one; echo err >&2", 0), ("echo two; exit 3", 3)]):
         proc = TaskProcess({"_id": "t%d" % i, "command": command}, 1, tmp_path / str(i), supervisors=pool)
         proc.start()
         assert proc.supervisor_pid in idle  # one started ahead, not one of its own

@@ -91,7 +91,8 @@ def test_a_splitter_adds_shards_that_a_merge_declared_before_it_waits_for(cluste
         'env | grep ^BANYAN_ | cut -d= -f1 | sort > seen-env\n'
         'echo "$BANYAN_TOKEN" > token\n'
         'n=$(cat input)\n'
-        '%s submit --child --name shard --array 1-$n -- sh -c \'sleep 0.5; echo $BANYAN_ARRAY_INDEX > out.$BANYAN_ARRAY_INDEX\'\n'
+        '%s submit --child --name shard --array 1-$n -- '
+        'sh -c \'sleep 0.5; echo $BANYAN_ARRAY_INDEX > out.$BANYAN_ARRAY_INDEX\'\n'
         % BANYAN_SH)
     split = banyan(cluster, "submit", "--hold", "--name", "split", "--job-name", unique("split"), "--",
                    "sh split.sh", cwd=work)
@@ -139,7 +140,8 @@ def test_an_adaptive_sweep_refines_around_its_best_point(cluster, tmp_path):
         'done\n' % BANYAN_SH)
     (work / "graph.yaml").write_text(json.dumps({"tasks": [
         {"name": "p%d" % x, "command": "sh point.sh %d" % x} for x in (0, 2, 4, 6)] + [
-        {"name": "report", "command": "cat score.* | sort -g -r | head -1 | cut -d' ' -f2 > best; ls score.* | wc -l > n",
+        {"name": "report",
+         "command": "cat score.* | sort -g -r | head -1 | cut -d' ' -f2 > best; ls score.* | wc -l > n",
          "after": ["p0", "p2", "p4", "p6"]}]}))
     result = banyan(cluster, "submit", "--file", "graph.yaml", cwd=work)
     ids = dict(reversed(line.split()) for line in result.stdout.splitlines())
@@ -162,7 +164,8 @@ def test_the_attempt_token_reads_its_job_adds_to_it_and_nothing_else(cluster, tm
     work.mkdir()
     bob = {"Authorization": "Bearer " + cluster.tokens["bob"]}
     bob_job = requests.post(cluster.url + "/jobs", json={"name": "bobs"}, headers=bob, timeout=10).json()["_id"]
-    r = requests.post(cluster.url + "/tasks", json={"command": "true", "job": bob_job, "held": True, "state": "available"},
+    r = requests.post(cluster.url + "/tasks",
+                      json={"command": "true", "job": bob_job, "held": True, "state": "available"},
                       headers=bob, timeout=10)
     assert r.status_code == 201, r.text
     bobs_task = r.json()["_id"]

@@ -148,7 +148,8 @@ def test_release_hands_back_only_what_the_registration_holds(api, db):
     assert api.post("/workers/%s/release" % wid, data="x").status_code == 400
     assert snapshot(db) == before
     assert api.post("/workers/%s/release" % wid, json={"tasks": [{"_id": tid, "attempt": 2}]}).json == {"released": []}
-    assert api.post("/workers/%s/release" % wid, json={"tasks": [{"_id": tid, "attempt": 1}]}).json == {"released": [tid]}
+    released = api.post("/workers/%s/release" % wid, json={"tasks": [{"_id": tid, "attempt": 1}]}).json
+    assert released == {"released": [tid]}
     task = api.get("/tasks/%s" % tid).json
     assert task["state"] == "available" and task["retry_count"] == 0
 

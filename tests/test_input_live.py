@@ -123,7 +123,8 @@ def test_a_submission_whose_answer_was_lost_is_retried_and_creates_one_set(serve
 
 def test_an_unknown_outcome_is_reported_as_maybe_accepted(server, tmp_path):
     proxy = AnswerLosingProxy(server.port, lose=100)
-    env = {k: v for k, v in os.environ.items() if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
+    env = {k: v for k, v in os.environ.items()
+           if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path))
     try:
         result = subprocess.run(BANYAN + ["submit", "--server", proxy.url, "--name", "unknown", "--", "true"],
@@ -140,7 +141,8 @@ def test_an_unknown_outcome_is_reported_as_maybe_accepted(server, tmp_path):
 
 
 def test_https_to_an_http_server_fails_at_once_with_the_fix(server, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
+    env = {k: v for k, v in os.environ.items()
+           if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path))
     wrong = server.url.replace("http://", "https://")
     started = time.monotonic()
@@ -156,7 +158,8 @@ def test_https_to_an_http_server_fails_at_once_with_the_fix(server, tmp_path):
 
 
 def test_a_server_url_naming_an_endpoint_is_explained(server, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
+    env = {k: v for k, v in os.environ.items()
+           if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path))
     for url in (server.url + "/tasks", server.url + "/workers/", server.url + "?x=1"):
         result = subprocess.run(BANYAN + ["ls", "--server", url], capture_output=True, text=True, env=env,
@@ -166,7 +169,8 @@ def test_a_server_url_naming_an_endpoint_is_explained(server, tmp_path):
 
 
 def banyan(*args, home, timeout=60):
-    env = {k: v for k, v in os.environ.items() if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
+    env = {k: v for k, v in os.environ.items()
+           if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(home), BANYAN_SERVER="http://127.0.0.1:9")  # never reached: refused first
     return subprocess.run(BANYAN + [str(a) for a in args], capture_output=True, text=True, env=env,
                           timeout=timeout)
@@ -197,7 +201,8 @@ def test_graph_files_read_sizes_and_limits_the_same_way(tmp_path):
 
 @pytest.mark.slow
 def test_up_on_another_port_prints_how_to_reach_it(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
+    env = {k: v for k, v in os.environ.items()
+           if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path))
     up = subprocess.Popen(BANYAN + ["up", "--port", "0", "--data-dir", tmp_path / "data", "--cores", "1"],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)

@@ -2,7 +2,6 @@
 the whole API fuzzed from it with schemathesis against a live server with
 authentication on, for every role."""
 
-import socket
 import threading
 
 import pytest

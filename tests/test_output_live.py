@@ -51,7 +51,8 @@ def test_binary_output_round_trips_byte_for_byte(cluster, tmp_path):
     assert base64.b64decode(logs["stdout_base64"]) == BINARY
     assert base64.b64decode(logs["stderr_base64"]) == BINARY * 2
     assert "\ufffd" in logs["stdout"]  # the text form is for eyes only
-    env = {k: v for k, v in os.environ.items() if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
+    env = {k: v for k, v in os.environ.items()
+           if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path), BANYAN_SERVER=c.url)
     shown = subprocess.run(BANYAN + ["logs", binary_id], capture_output=True, env=env, timeout=60)
     assert shown.returncode == 0, shown.stderr

@@ -45,7 +45,8 @@ def run_to_end(app, tid, outcome=SUCCESS, worker=None):
 def curl(*args):
     """curl as a user runs it (with the suite's token when the server wants one)."""
     auth = ["-u", TEST_TOKEN + ":"] if TEST_TOKEN else []
-    out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *auth, *args], capture_output=True, text=True, check=True)
+    out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *auth, *args],
+                         capture_output=True, text=True, check=True)
     body, code = out.stdout.rsplit("\n", 1)
     return int(code), json.loads(body)
 

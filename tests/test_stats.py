@@ -214,8 +214,9 @@ def test_metrics_in_prometheus_text_format(api, known):
     assert samples[("banyan_workers", (("state", "lost"),))] == 1
     node1 = (("host", "node1"), ("worker", str(W1)))
     assert samples[("banyan_worker_running_tasks", node1)] == 2
-    assert samples[("banyan_worker_resources_used", (("host", "node1"), ("resource", "cores"), ("worker", str(W1))))] == 3
-    assert samples[("banyan_worker_resources_total", (("host", "node1"), ("resource", "cores"), ("worker", str(W1))))] == 8
+    labels = (("host", "node1"), ("resource", "cores"), ("worker", str(W1)))
+    assert samples[("banyan_worker_resources_used", labels)] == 3
+    assert samples[("banyan_worker_resources_total", labels)] == 8
     assert not any(labels and dict(labels).get("host") == "node3" for _, labels in samples)  # lost: no load
 
 

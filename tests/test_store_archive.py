@@ -88,7 +88,8 @@ def test_the_server_archives_on_a_schedule(tmp_path):
     s = requests.Session()
     try:
         done = s.post(server.url + "/tasks", json={"name": "done", "command": ["true"], "state": "inactive"}).json()
-        waiting = s.post(server.url + "/tasks", json={"name": "waiting", "command": ["true"], "state": "inactive"}).json()
+        waiting = s.post(server.url + "/tasks",
+                         json={"name": "waiting", "command": ["true"], "state": "inactive"}).json()
         assert s.patch(server.url + "/tasks/" + done["_id"], json={"state": "cancelled"}).status_code == 200
         deadline = time.monotonic() + 60
         while s.get(server.url + "/tasks/" + done["_id"]).status_code != 404 and time.monotonic() < deadline:

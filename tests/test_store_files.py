@@ -202,10 +202,10 @@ def test_a_flipped_byte_refuses_to_start_and_repair_salvages_the_rest(tmp_path):
     assert path in message and "offset %d" % start in message
     assert "banyan store check %s" % data in message and "banyan store repair %s" % data in message
     lines, starts = journal.check(data)
-    assert not starts and any("DAMAGED" in l and "offset %d" % start in l for l in lines)
+    assert not starts and any("DAMAGED" in line and "offset %d" % start in line for line in lines)
     report = journal.repair(data)
-    assert any("salvaged 99 valid records" in l for l in report)
-    assert any("could not salvage" in l and "offset %d" % start in l for l in report)
+    assert any("salvaged 99 valid records" in line for line in report)
+    assert any("could not salvage" in line and "offset %d" % start in line for line in report)
     kept = [name for name in os.listdir(data) if name.startswith(journal.JOURNAL + ".damaged-")]
     assert len(kept) == 1 and os.path.getsize(os.path.join(data, kept[0])) == scan.size
     c = EmbeddedClient(data)
@@ -222,7 +222,7 @@ def test_a_torn_tail_is_dropped_with_a_warning(tmp_path, caplog):
     with open(path, "ab") as f:
         f.write(record[:30])
     lines, starts = journal.check(data)
-    assert starts and any("torn tail: 30 bytes at offset %d" % size in l for l in lines)
+    assert starts and any("torn tail: 30 bytes at offset %d" % size in line for line in lines)
     with caplog.at_level(logging.WARNING):
         c = EmbeddedClient(data)
     assert "dropped a torn last record, 30 bytes at offset %d" % size in caplog.text

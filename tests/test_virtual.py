@@ -215,7 +215,8 @@ def test_bad_values_are_refused_in_every_form(api, db, form, name):
     for values, words in [(["not-an-id"], ["objectid"]),
                           ([missing], [missing, "must exist"]),
                           ([running_child], [running_child, "available", "inactive"]),
-                          ([parent] if name == "add_continuations" else [running_child], [parent if name == "add_continuations" else "inactive"])]:
+                          ([parent] if name == "add_continuations" else [running_child],
+                           [parent if name == "add_continuations" else "inactive"])]:
         before = list(db.tasks.find({}))
         body = form(api, name, parent, values, status=422)
         text = json.dumps(body)

@@ -14,7 +14,6 @@ also write their own clock readings to a file, which is checked as well.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -329,7 +328,7 @@ def test_diamond_graph_runs_in_dependency_order_with_tokens(cluster, tmp_path):
     assert c.task(b)["pending_dependency_count"] == 1
 
     docs = dict(zip("ABCD", c.wait_finished([a, b, cc, d], timeout=60)))
-    for name, task in docs.items():
+    for task in docs.values():
         assert (task["state"], task["exit_status"], task["owner"]) == ("terminated", "success", "alice"), task
         assert len(task["history"]) == 1
     start = {n: when(t["history"][0]["started"]) for n, t in docs.items()}

@@ -1,5 +1,6 @@
 """`banyan stats` (the queue in figures) and `banyan workers` (the machines)."""
 
+import functools
 import sys
 
 from banyan.errors import BanyanError
@@ -107,11 +108,7 @@ def run_workers(args):
     for w in workers:
         resources = w.get("resources") or {}
         used = (load.get(w["_id"]) or {}).get("used") or {}
-
-        def pair(key, fmt):
-            total = fmt(resources.get(key, 0) or 0)
-            return "%s/%s" % (fmt(used.get(key) or 0), total) if used else total
-
+        pair = functools.partial(_used_of_total, resources, used)
         rows.append([w["_id"], w.get("host") or "", w.get("state") or "", pair("cores", format_number),
                      pair("memory", format_bytes), pair("gpus", format_number), len(w.get("running") or []),
                      format_time(w.get("last_heartbeat"))])
@@ -124,3 +121,9 @@ def run_workers(args):
         print("(%d stopped worker%s not shown; --all shows them)" % (hidden, "" if hidden == 1 else "s"),
               file=sys.stderr)
     return 0
+
+
+def _used_of_total(resources, used, key, fmt):
+    """A worker's resource as "used/total" (the total alone without figures of use)."""
+    total = fmt(resources.get(key, 0) or 0)
+    return "%s/%s" % (fmt(used.get(key) or 0), total) if used else total

@@ -238,7 +238,8 @@ def environment_of(args, environ=None):
 def _fields(args):
     """The task fields the flags give (None for those not given)."""
     return {"cores": args.cores, "memory": args.memory, "gpus": args.gpus, "retries": args.retries,
-            "max_lost": args.max_lost, "retry_memory_factor": args.retry_memory_factor, "priority": args.priority, "time_limit": args.time_limit,
+            "max_lost": args.max_lost, "retry_memory_factor": args.retry_memory_factor, "priority": args.priority,
+            "time_limit": args.time_limit,
             "environment": environment_of(args),
             "working_directory": os.path.abspath(os.path.expanduser(args.cwd)) if args.cwd else os.getcwd()}
 

@@ -34,7 +34,7 @@ def patch_item(resource, id_, updates):
     id_field = app.config["DOMAIN"][resource]["id_field"]
     lookup = {id_field: id_}
     try:
-        getattr(app, "on_pre_PATCH")(resource, request, lookup)
+        app.on_pre_PATCH(resource, request, lookup)
         getattr(app, "on_pre_PATCH_%s" % resource)(request, lookup)
         result, _, _, status = patch_internal(resource, payload=updates, concurrency_check=False,
                                               skip_validation=False, **lookup)

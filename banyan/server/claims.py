@@ -878,7 +878,8 @@ def _finish_reports(value, issues):
         if not isinstance(task, str) or not ObjectId.is_valid(task):
             issues[prefix + "task"] = "'%s' is not a task id" % (task,)
             continue
-        reports.append((ObjectId(task), _finish_report({k: v for k, v in entry.items() if k != "task"}, prefix, issues)))
+        fields = {k: v for k, v in entry.items() if k != "task"}
+        reports.append((ObjectId(task), _finish_report(fields, prefix, issues)))
     return reports
 
 

@@ -705,7 +705,7 @@ class TaskQueue:
                 return True
             except DuplicateKeyError:  # held by another request
                 if time.monotonic() > deadline:
-                    raise Conflict("other requests are changing continuations; retry")
+                    raise Conflict("other requests are changing continuations; retry") from None
                 time.sleep(0.002)
 
     def _release_lease(self, parent_id, token, graph=False):

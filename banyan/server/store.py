@@ -12,7 +12,6 @@ MongoDB. A write the embedded store cannot make durable raises
 import contextlib
 import os
 
-import pymongo
 
 from banyan.store.adapter import DEFAULT_COMPACT_BYTES, DEFAULT_DATABASE, EmbeddedClient, EmbeddedCollection
 from banyan.store.errors import StoreCorrupt, StoreUnavailable

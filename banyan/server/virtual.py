@@ -162,7 +162,7 @@ def gather(resource, name):
     """GET /tasks/<alias>: the alias of every task `where` selects, through
     Eve's own GET (pagination, sorting, user restrictions, hooks)."""
     lookup = {}
-    getattr(app, "on_pre_GET")(resource, request, lookup)
+    app.on_pre_GET(resource, request, lookup)
     getattr(app, "on_pre_GET_%s" % resource)(request, lookup)
     g.banyan_forced_projection = {name: 1}
     return send_response(resource, get_internal(resource, **lookup))

@@ -23,7 +23,7 @@ import time
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from flask import Blueprint, abort, current_app
+from flask import Blueprint, current_app
 
 from banyan.server import claims, store
 from banyan.server.held import HeldRequests

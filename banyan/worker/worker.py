@@ -130,7 +130,8 @@ class WorkerConfig:
         if self.timeout is None:
             object.__setattr__(self, "timeout", 3 * self.heartbeat)
         if not self.timeout > self.heartbeat:
-            raise ValueError(f"timeout ({self.timeout}s) must be longer than the heartbeat interval ({self.heartbeat}s)")
+            raise ValueError(f"timeout ({self.timeout}s) must be longer than "
+                             f"the heartbeat interval ({self.heartbeat}s)")
         if self.max_tasks is not None and self.max_tasks < 1:
             raise ValueError(f"max_tasks must be >= 1, got {self.max_tasks!r}")
         object.__setattr__(self, "output_cap", parse_size(self.output_cap))
@@ -186,7 +187,9 @@ class Worker:
             # session: a worker keeps a few connections to its server, not
             # a pool per thread (hundreds of workers share one server).
             self._session = Client.make_session(config.token)
-            client_factory = lambda **kw: Client(config.server, config.token, session=self._session, **kw)
+
+            def client_factory(**kw):
+                return Client(config.server, config.token, session=self._session, **kw)
         make = client_factory
         self.client = make(timeout=10.0, attempts=1)
         self.claim_client = make(timeout=15.0, attempts=1)
@@ -1068,7 +1071,7 @@ class Worker:
         with self._lock:
             left = list(self._tasks.items()) + list(self._doomed.items())
         forced = self._force_event.is_set()
-        for task_id, proc in left:
+        for _task_id, proc in left:
             if forced:
                 proc.kill()
             proc.terminate(0 if forced else proc.max_shutdown_time, reason="failure", wait=True)

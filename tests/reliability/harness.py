@@ -267,7 +267,7 @@ def submit_graph(cluster, levels, chunk=None):
         for start in range(0, len(level), step):
             part = level[start:start + step]
             bodies = []
-            for key, body in part:
+            for _key, body in part:
                 body = dict(body)
                 if "continuations" in body:
                     body["continuations"] = [ids[k] for k in body["continuations"]]

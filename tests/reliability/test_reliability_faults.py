@@ -130,7 +130,8 @@ def test_workers_killed_mid_run(tmp_path):
         for victim in cluster.workers[:2]:
             victim.kill(signal.SIGKILL)
         # what the dead workers held: the server still counts them running
-        victims = [w for w in cluster.request("GET", "/workers").json()["_items"] if w["host"] in ("w0", "w1") and w["state"] == "active"]
+        victims = [w for w in cluster.request("GET", "/workers").json()["_items"]
+                   if w["host"] in ("w0", "w1") and w["state"] == "active"]
         victim_ids = [w["_id"] for w in victims]
         orphaned = [t for w in victims for t in w["running"]]
         wait_for(lambda: all(cluster.request("GET", "/workers/" + wid).json()["state"] == "lost"

@@ -6,7 +6,6 @@ timeout, and the server keeps serving (and has lost nothing) afterwards."""
 import json
 
 import pytest
-import requests
 from bson import ObjectId
 
 from banyan import settings
