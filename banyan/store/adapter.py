@@ -43,6 +43,7 @@ from pymongo.errors import (BulkWriteError, ConfigurationError, DuplicateKeyErro
                             OperationFailure, WriteError)
 from pymongo.results import BulkWriteResult
 
+from banyan.store.documents import Documents, decode, encode
 from banyan.store.aggregation import _READ_ONLY_STAGES, fast_stage, inclusion_projection, stage_name
 from banyan.store.engine import Engine
 from banyan.store.indexes import EMPTY_KEY, TOP, SecondaryIndex, asc_key, indexable_spec
@@ -105,29 +106,43 @@ class _CollectionStore(mm_store.CollectionStore):
 
     def __init__(self, name, engine, db_name):
         super().__init__(name)
+        self._documents = Documents()
         self._engine = engine
         self.db_name = db_name
         self._seq_counter = itertools.count()
         self._key_seq = {}
         self._seq_key = {}
         self._sec = {}          # index name -> SecondaryIndex
-        self._reg = {}          # store key -> {index name: (entries, flags)}
-        self._pending = []      # store keys touched in place, to re-index
-        self._undo = None       # (document, its copy) for the update under way
+        self._pending = []      # store keys touched in place, to write back and re-index
+        self._undo = None       # store key of the document the update under way changes
         self.row_caches = {}    # aggregation prefix -> {store key: rows}
         self.recording = None   # None, 'one' or 'multi' while in _update
         self.deferred = False   # while loading: index everything at the end
 
     # -- index maintenance -------------------------------------------------
+    # A document's index entries are computed from its stored BSON, when it
+    # is indexed and again when it is unindexed, so they are found again
+    # exactly (nothing per document is kept besides the entries themselves).
     def _index_doc(self, key):
-        doc = self._documents[key]
+        doc = self._documents.decoded(key)
         seq = self._key_seq[key]
-        reg = {}
-        for name, idx in self._sec.items():
-            entries, flags = idx.doc_entries(doc, seq)
+        memo = {}
+        for idx in self._sec.values():
+            entries, flags = idx.doc_entries(doc, seq, memo)
             idx.add(entries, flags)
-            reg[name] = (entries, flags)
-        self._reg[key] = reg
+
+    def _unindex_doc(self, key, raw):
+        """Remove the entries of `raw`, the BSON stored under `key` until now."""
+        for cache in self.row_caches.values():  # a changed document's rows are computed again
+            cache.pop(key, None)
+        if raw is None or not self._sec:
+            return
+        doc = decode(raw)
+        seq = self._key_seq[key]
+        memo = {}
+        for idx in self._sec.values():
+            entries, flags = idx.doc_entries(doc, seq, memo)
+            idx.remove(entries, flags)
 
     def row_cache(self, pipeline_key):
         """{store key: rows} of one aggregation prefix (see
@@ -141,50 +156,49 @@ class _CollectionStore(mm_store.CollectionStore):
         self.row_caches[pipeline_key] = cache
         return cache
 
-    def _unindex_doc(self, key):
-        for cache in self.row_caches.values():  # a changed document's rows are computed again
-            cache.pop(key, None)
-        reg = self._reg.pop(key, None)
-        if reg:
-            for name, (entries, flags) in reg.items():
-                self._sec[name].remove(entries, flags)
-
-    def _reindex(self, key):
-        if self.deferred:
-            return
-        self._unindex_doc(key)
-        if key in self._documents:
-            self._index_doc(key)
-
     def flush_touched(self):
+        """Write back the documents updates changed in place, re-indexed."""
+        docs = self._documents
         while self._pending:
             pending, self._pending = self._pending, []
-            for key in set(pending):
-                self._reindex(key)
+            for key in dict.fromkeys(pending):
+                doc = docs.live.pop(key, None)
+                old = docs.raw(key)
+                if doc is None or old is None:  # written already, undone or deleted
+                    continue
+                new = encode(doc)
+                if new == old:
+                    continue
+                if not self.deferred:
+                    self._unindex_doc(key, old)
+                docs.put_raw(key, new)
+                if not self.deferred:
+                    self._index_doc(key)
 
     def touch(self, doc):
-        """`doc` is about to be changed in place by an update."""
+        """`doc` (read from the store) is about to be changed in place by an update."""
         key = store_key(doc['_id'])
         self._pending.append(key)
-        self._engine.note_touch(self, key, doc)
-        self._undo = (doc, copy.deepcopy(doc))
-        self._engine.note_undo(self, key, self._undo[1])
+        before = self._documents.raw(key)
+        self._engine.note_touch(self, key, doc['_id'], before)
+        self._engine.note_undo(self, key, before)
+        self._documents.live[key] = doc
+        self._undo = key
 
     def undo_touch(self):
-        """Put back the document an update failed on: mongomock applies
-        operators one by one, and MongoDB changes a document all or not at
-        all. Documents finished earlier in an update_many stay changed, as
-        in MongoDB."""
+        """Forget the change of the document an update failed on: mongomock
+        applies operators one by one, and MongoDB changes a document all or
+        not at all. Documents finished earlier in an update_many stay
+        changed, as in MongoDB."""
         if self._undo is not None:
-            doc, before = self._undo
-            doc.clear()
-            doc.update(copy.deepcopy(before))  # `before` stays the engine's undo image
+            self._documents.live.pop(self._undo, None)
         self._undo = None
 
     # -- mongomock store API -----------------------------------------------
     def restore(self, key, doc):
-        """Put back `doc` (None: no document) under `key`, journaling nothing:
-        undoes a change whose journal record could not be written."""
+        """Put back `doc` (BSON, or None: no document) under `key`,
+        journaling nothing: undoes a change whose journal record could not
+        be written."""
         if doc is None:
             if key in self._documents:
                 del self[key]
@@ -192,23 +206,30 @@ class _CollectionStore(mm_store.CollectionStore):
             self[key] = doc
 
     def __setitem__(self, key, val):
-        self._engine.note_undo(self, key, self._documents.get(key))
+        old = self._documents.raw(key)
+        self._engine.note_undo(self, key, old)
         if key not in self._key_seq:
             seq = next(self._seq_counter)
             self._key_seq[key] = seq
             self._seq_key[seq] = key
-        super().__setitem__(key, val)
-        self._reindex(key)
-        self._engine.note_doc(self, key, val['_id'], forced=True)
+        if not self.deferred:
+            self._unindex_doc(key, old)
+        self._documents[key] = val
+        if not self.deferred:
+            self._index_doc(key)
+        if not self._engine.replaying:
+            self._engine.note_doc(self, key, val['_id'], forced=True)
 
     def __delitem__(self, key):
-        self._engine.note_undo(self, key, self._documents[key])
-        doc_id = self._documents[key]['_id']
-        self._unindex_doc(key)
-        super().__delitem__(key)
+        old = self._documents.raw(key)
+        self._engine.note_undo(self, key, old)
+        if not self.deferred:
+            self._unindex_doc(key, old)
+        del self._documents[key]
         seq = self._key_seq.pop(key, None)
         self._seq_key.pop(seq, None)
-        self._engine.note_doc(self, key, doc_id, forced=True)
+        if not self._engine.replaying:
+            self._engine.note_doc(self, key, decode(old)['_id'], forced=True)
 
     def create(self):
         super().create()
@@ -216,11 +237,11 @@ class _CollectionStore(mm_store.CollectionStore):
 
     def drop(self):
         super().drop()
+        self._documents = Documents()
         self.row_caches.clear()
         self._key_seq.clear()
         self._seq_key.clear()
         self._sec.clear()
-        self._reg.clear()
         self._pending = []
         self._engine.note({'o': 'drop', 'd': self.db_name, 'c': self.name})
 
@@ -232,44 +253,44 @@ class _CollectionStore(mm_store.CollectionStore):
         self._engine.note({'o': 'ix', 'd': self.db_name, 'c': self.name,
                            'n': index_name, 's': index_dict})
         self._sec.pop(index_name, None)
-        for reg in self._reg.values():
-            reg.pop(index_name, None)
         if not indexable_spec(index_dict):
             return
         if self.deferred:
             self._sec[index_name] = SecondaryIndex(index_dict['key'])
             return
         self.flush_touched()
-        self._build_index(index_name, SecondaryIndex(index_dict['key']))
+        self._build_indexes({index_name: SecondaryIndex(index_dict['key'])})
 
-    def _build_index(self, index_name, idx):
-        all_entries = []
-        all_flags = []
+    def _build_indexes(self, indexes):
+        """Fill the new, empty `indexes` ({name: SecondaryIndex}) from every
+        document, each decoded once, and add them to the collection's."""
+        built = list(indexes.values())
+        all_entries = [[] for _ in built]
+        all_flags = [[] for _ in built]
         key_seq = self._key_seq
-        for key, doc in self._documents.items():
-            entries, flags = idx.doc_entries(doc, key_seq[key])
-            all_entries.extend(entries)
-            all_flags.append(flags)
-            if not self.deferred:
-                self._reg.setdefault(key, {})[index_name] = (entries, flags)
-        for flags in all_flags:
-            idx.add((), flags)
-        idx.add(all_entries, (), bulk=True)
-        self._sec[index_name] = idx
+        for key, raw in self._documents.raw_items():
+            doc = decode(raw)
+            seq = key_seq[key]
+            memo = {}
+            for idx, entries_of, flags_of in zip(built, all_entries, all_flags):
+                entries, flags = idx.doc_entries(doc, seq, memo)
+                entries_of.extend(entries)
+                flags_of.append(flags)
+        for idx, entries, flags_of in zip(built, all_entries, all_flags):
+            for flags in flags_of:
+                idx.add((), flags)
+            idx.add(entries, (), bulk=True)
+        self._sec.update(indexes)
 
     def finish_loading(self):
         """Index all documents at once after a bulk load (much faster than
         one SortedList insertion at a time)."""
         self.deferred = False
-        self._reg = {key: {} for key in self._documents}
-        for name, idx in list(self._sec.items()):
-            self._build_index(name, SecondaryIndex(idx.fields))
+        self._build_indexes({name: SecondaryIndex(idx.fields) for name, idx in self._sec.items()})
 
     def drop_index(self, index_name):
         super().drop_index(index_name)
         self._sec.pop(index_name, None)
-        for reg in self._reg.values():
-            reg.pop(index_name, None)
         self._engine.note({'o': 'dx', 'd': self.db_name, 'c': self.name,
                            'n': index_name})
 
@@ -574,8 +595,9 @@ class EmbeddedCollection(mm_collection.Collection):
             filter_applies(filter, {})
         recording = store.recording
         plan = store.plan(filter, None)
-        if plan is None:
-            docs = list(store._documents.values())  # pylint: disable=protected-access
+        if plan is None:  # decoded one at a time, as the scan reaches them
+            documents = store._documents  # pylint: disable=protected-access
+            docs = (doc for doc in map(documents.get, list(documents)) if doc is not None)
         else:
             docs = plan[0]
             if recording == 'multi':

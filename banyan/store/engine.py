@@ -18,7 +18,6 @@ try:
 except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None
 
-import bson
 from bson.raw_bson import RawBSONDocument
 from pymongo.errors import InvalidOperation
 
@@ -113,14 +112,15 @@ class Engine:
             info[4] = True
         self.events.append(('doc', k))
 
-    def note_touch(self, store, key, doc):
+    def note_touch(self, store, key, doc_id, before):
+        """`store[key]` (BSON `before`) is about to change in place."""
         if self.replaying:
             return
         k = (id(store), key)
         if k in self.docinfo:
             self.events.append(('doc', k))
         else:
-            self.note_doc(store, key, doc['_id'], before=bson.encode(doc))
+            self.note_doc(store, key, doc_id, before=before)
 
     # -- operations --------------------------------------------------------
     @contextlib.contextmanager
@@ -220,11 +220,10 @@ class Engine:
             if last[payload] != i:
                 continue
             store, key, doc_id, before, forced = docinfo[payload]
-            doc = store._documents.get(key)  # pylint: disable=protected-access
-            if doc is None:
+            raw = store._documents.raw(key)  # pylint: disable=protected-access
+            if raw is None:
                 actions.append({'o': 'x', 'd': store.db_name, 'c': store.name, 'id': doc_id})
                 continue
-            raw = bson.encode(doc)
             if forced or raw != before:
                 actions.append({'o': 'p', 'd': store.db_name, 'c': store.name,
                                 'docs': [RawBSONDocument(raw)]})
@@ -398,7 +397,7 @@ class Engine:
                 for name, spec in store.indexes.items():
                     head.append({'o': 'ix', 'd': db_name, 'c': col_name, 'n': name, 's': spec})
                 yield _frame(head)
-                docs = list(store._documents.values())  # pylint: disable=protected-access
+                docs = [RawBSONDocument(raw) for _, raw in store._documents.raw_items()]  # pylint: disable=protected-access
                 for i in range(0, len(docs), _SNAPSHOT_CHUNK):
                     yield _frame([{'o': 'p', 'd': db_name, 'c': col_name,
                                    'docs': docs[i:i + _SNAPSHOT_CHUNK]}])

@@ -219,18 +219,30 @@ class SecondaryIndex:
         self.entries = SortedList()
         self.stats = [[0, 0, 0] for _ in self.fields]
 
-    def doc_entries(self, doc, seq):
+    def doc_entries(self, doc, seq, memo=None):
+        """(entries, flags) of `doc`. `memo` ({}), shared by the indexes of
+        one document, lets them share the components of its plain fields
+        (an `_id` or a date in four indexes is then kept once)."""
         per_field = []
         flags = []
         for field, desc, dotted in self._plan:
             if not dotted:
+                if memo is not None:
+                    got = memo.get((field, desc))
+                    if got is not None:
+                        per_field.append(got[0])
+                        flags.append(got[1])
+                        continue
                 v = doc.get(field, NOTHING)
                 if not isinstance(v, (list, tuple)):  # fast path: a plain scalar
                     component = _component(asc_key(v), desc)
                     if type(v) in _PLAIN:  # pylint: disable=unidiomatic-typecheck
                         component = _shared(component)
-                    per_field.append((component,))
-                    flags.append(_shared((False, type(v) is bool, _is_num01(v))))
+                    got = ((component,), _shared((False, type(v) is bool, _is_num01(v))))
+                    if memo is not None:
+                        memo[(field, desc)] = got
+                    per_field.append(got[0])
+                    flags.append(got[1])
                     continue
             elems, multi = _field_elements(field, doc, dotted or [field])
             keys = []

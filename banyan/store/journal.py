@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - non-POSIX
 
 import bson
 from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
 
 from banyan.store.errors import StoreCorrupt
 
@@ -37,6 +38,7 @@ LOCKFILE = "LOCK"
 MAGIC = b"BJ"
 HEADER = struct.Struct("<2sII")  # magic, payload length, crc32(payload)
 CODEC = CodecOptions(document_class=dict, tz_aware=False)
+RAW = CodecOptions(document_class=RawBSONDocument)
 
 
 def frame(actions):
@@ -137,12 +139,32 @@ def _record_at(data, pos):
     if zlib.crc32(payload) != crc:
         return None, "checksum mismatch"
     try:
-        actions = bson.decode(payload, codec_options=CODEC)["a"]
+        actions = _decode_actions(payload)
     except Exception:  # pylint: disable=broad-except  # any undecodable payload is damage
         return None, "undecodable record"
-    if not isinstance(actions, list) or not all(isinstance(a, dict) for a in actions):
+    if actions is None:
         return None, "record without actions"
     return start + length, actions
+
+
+def _decode_actions(payload):
+    """The actions of a record's payload (None: it holds none). The
+    documents of a `p` action stay encoded (RawBSONDocument): the store
+    keeps them so, and decoding them only to encode them again made most
+    of a restart's time."""
+    actions = bson.decode(payload, codec_options=RAW)["a"]
+    if not isinstance(actions, list) or not all(isinstance(a, RawBSONDocument) for a in actions):
+        return None
+    out = []
+    for action in actions:
+        if action.get("o") == "p" and isinstance(action.get("docs"), list):
+            docs = action["docs"]
+            if not all(isinstance(d, RawBSONDocument) for d in docs):
+                return None
+            out.append({"o": "p", "d": action.get("d"), "c": action.get("c"), "docs": docs})
+        else:
+            out.append(bson.decode(action.raw, codec_options=CODEC))
+    return out
 
 
 def _next_record(data, start):
