@@ -232,7 +232,7 @@ def test_a_claim_answer_for_a_registration_given_up_is_handed_back_at_once(serve
     old = worker.worker_id
     http = CheckedSession()
     task_id = http.post(server.url + "/tasks", json={"command": "true", "state": "available"}).json()["_id"]
-    claim = worker.claim_client.claim
+    claim = worker.claimer.client.claim
 
     def claim_then_give_up(*args, **kwargs):
         answer = claim(*args, **kwargs)
@@ -240,8 +240,8 @@ def test_a_claim_answer_for_a_registration_given_up_is_handed_back_at_once(serve
         worker.reset("test: gave up the registration while the claim was in flight")
         return answer
 
-    worker.claim_client.claim = claim_then_give_up
-    assert worker.claim_once(wait=5) == 0  # nothing kept by the worker
+    worker.claimer.client.claim = claim_then_give_up
+    assert worker.claimer.claim_once(wait=5) == 0  # nothing kept by the worker
     task = http.get(server.url + "/tasks/" + task_id).json()
     assert task["state"] == "available" and task.get("worker") is None, task
     assert task["retry_count"] == 0
@@ -249,5 +249,5 @@ def test_a_claim_answer_for_a_registration_given_up_is_handed_back_at_once(serve
     assert task["history"][0]["exit_status"].startswith("abandoned")
     # and it is claimed again at once, under the new registration
     worker.register()
-    worker.claim_client.claim = claim
-    assert worker.claim_once(wait=0) == 1
+    worker.claimer.client.claim = claim
+    assert worker.claimer.claim_once(wait=0) == 1

@@ -548,17 +548,17 @@ def test_a_late_unknown_kills_only_the_attempt_it_was_about(tmp_path):
     proc = TaskProcess({"_id": "t", "command": "sleep 30", "max_shutdown_time": 1}, 2, tmp_path / "a2")
     proc.start()
     try:
-        worker._tasks["t"] = proc
+        worker.holdings.running["t"] = proc
         stale = {"t": {"attempt": 1, "usage": {"max_rss": 0, "cpu_percent": 0.0}}}
-        worker.heartbeat_payload = lambda: stale   # built while attempt 1 ran
-        worker.heartbeat()
-        worker.apply_control()
-        assert worker._tasks.get("t") is proc and proc.poll() is None
-        del worker.heartbeat_payload                # now about attempt 2 itself
-        worker.heartbeat()
+        worker.heartbeats.payload = lambda: stale   # built while attempt 1 ran
+        worker.heartbeats.beat()
+        worker.supervision.apply_control()
+        assert worker.holdings.running.get("t") is proc and proc.poll() is None
+        del worker.heartbeats.payload                # now about attempt 2 itself
+        worker.heartbeats.beat()
         assert stub.sent[-1]["t"]["attempt"] == 2
-        worker.apply_control()
-        assert "t" not in worker._tasks and worker._doomed.get("t") is proc
+        worker.supervision.apply_control()
+        assert "t" not in worker.holdings.running and worker.holdings.doomed.get("t") is proc
         wait_for(lambda: proc.poll() is not None, what="attempt 2 to be killed")
     finally:
         proc.kill()
@@ -586,27 +586,28 @@ def test_a_dying_attempt_frees_only_its_own_resources(tmp_path):
     worker.worker_id = "w1"
     task = {"_id": "t" * 24, "command": "sleep 30", "max_shutdown_time": 1,
             "requested_resources": {"cores": 2, "gpus": 1}, "history": [{"attempt": 1}]}
-    worker.claim_client.reply = {"_items": [task], "cancel": []}
-    worker.claim_once(wait=0)
-    worker.start_claimed()
-    first = worker._tasks[task["_id"]]
+    claimer, supervision, holdings = worker.claimer, worker.supervision, worker.holdings
+    claimer.client.reply = {"_items": [task], "cancel": []}
+    claimer.claim_once(wait=0)
+    supervision.start_claimed()
+    first = holdings.running[task["_id"]]
     try:
-        worker._control.append(("unknown", task["_id"], 1))
-        worker.apply_control()
-        worker.claim_client.reply = {"_items": [dict(task, history=[{"attempt": 1}, {"attempt": 2}])],
-                                     "cancel": []}
-        worker.claim_once(wait=0)
-        worker.start_claimed()
-        second = worker._tasks[task["_id"]]
-        assert second is not first and worker.free()["cores"] == 2
-        wait_for(lambda: (worker.supervise(time.monotonic()), first.poll() is not None)[1],
+        holdings.control.append(("unknown", task["_id"], 1))
+        supervision.apply_control()
+        claimer.client.reply = {"_items": [dict(task, history=[{"attempt": 1}, {"attempt": 2}])],
+                                "cancel": []}
+        claimer.claim_once(wait=0)
+        supervision.start_claimed()
+        second = holdings.running[task["_id"]]
+        assert second is not first and holdings.free()["cores"] == 2
+        wait_for(lambda: (supervision.supervise(time.monotonic()), first.poll() is not None)[1],
                  what="attempt 1 to be killed")
-        worker.supervise(time.monotonic())
-        assert task["_id"] not in worker._doomed and second.poll() is None
-        assert worker.free() == {"cores": 2, "memory": 0, "gpus": 1}
+        supervision.supervise(time.monotonic())
+        assert task["_id"] not in holdings.doomed and second.poll() is None
+        assert holdings.free() == {"cores": 2, "memory": 0, "gpus": 1}
     finally:
         first.kill()
-        worker._tasks[task["_id"]].kill()
+        holdings.running[task["_id"]].kill()
 
 
 def test_tasks_are_told_their_cores_and_pinned_to_cpus_of_their_own(fake, start_worker, tmp_path):
