@@ -38,6 +38,7 @@ half-submitted graph runs.
 
 import os
 import re
+from typing import Any
 
 from banyan.errors import BanyanError, describe_result
 from banyan.units import parse_duration, parse_size
@@ -106,7 +107,8 @@ def task_document(fields, where=None):
     and `continuations` are left to the graph). GraphError names any bad
     field: as `where: 'field'`, or as its `banyan submit` flag when `where`
     is None."""
-    doc, resources = {}, {}
+    doc: dict[str, Any] = {}
+    resources: dict[str, Any] = {}
     for key, value in fields.items():
         key = ALIASES.get(key, key)
         if where is None:
@@ -210,7 +212,7 @@ class TaskGraph:
 
     def parents(self, key):
         """{kind field: [parent keys]} of the task `key`."""
-        found = {}
+        found: dict[str, list] = {}
         for (parent, child), kind in self.kinds.items():
             if child == key:
                 found.setdefault(KIND_FIELDS[kind], []).append(parent)
@@ -231,7 +233,7 @@ class TaskGraph:
             raise GraphError("the graph has a cycle: %s" % " -> ".join(cycle))
 
     def _cycle(self):
-        state = {}  # key -> 1 visiting, 2 done
+        state: dict[str, int] = {}  # key -> 1 visiting, 2 done
         for start in self.docs:
             if state.get(start):
                 continue
@@ -263,7 +265,7 @@ class TaskGraph:
         """The tasks in the order they can be created: lists of keys, each
         task after all its continuations; the roots form the last list."""
         roots = set(self.roots())
-        height = {}
+        height: dict[str, int] = {}
         for key in self.docs:
             stack = [key]
             while stack:
@@ -274,7 +276,7 @@ class TaskGraph:
                     continue
                 stack.pop()
                 height[node] = 1 + max((height[c] for c in self.children[node]), default=-1)
-        levels = {}
+        levels: dict[int, list] = {}
         for key in self.docs:
             if key not in roots:
                 levels.setdefault(height[key], []).append(key)
@@ -301,7 +303,7 @@ def load_graph(path, defaults=None):
 
 
 def graph_from_data(data, source="graph", defaults=None):
-    file_defaults = {}
+    file_defaults: dict[str, Any] = {}
     if isinstance(data, dict):
         unknown = set(data) - {"tasks", "defaults"}
         if unknown:
@@ -419,7 +421,8 @@ def submit_graph(client, graph, after=(), after_any=(), after_failure=(), job=No
     # created is made when it is, and waits as any other): an attempt
     # token adds tasks and changes none.
     has_edges = any(graph.children.values()) and added_by is None
-    ids, created = {}, []
+    ids: dict[str, str] = {}
+    created: list[str] = []
     try:
         for level in levels:
             docs = []
