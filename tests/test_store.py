@@ -343,6 +343,17 @@ AGGREGATE_DOCS = [
      {"$match": {"h.e": {"$ne": None}}},
      {"$project": {"_id": 0, "d": {"$subtract": ["$h.e", "$h.s"]}}}, {"$sort": {"d": 1}}, {"$skip": 1}],
     [{"$unwind": {"path": "$tags", "preserveNullAndEmptyArrays": True}}],
+    # answered from views the writes keep up to date (banyan/store/views.py)
+    [{"$match": {}}, {"$project": {"k": 1, "n": 1}}, {"$group": {"_id": "$k", "c": {"$sum": 1}}}],
+    [{"$match": {"n": {"$type": "number"}}}, {"$project": {"n": 1}}, {"$group": {"_id": None, "t": {"$sum": "$n"}}}],
+    [{"$match": {"h.e": {"$ne": None}}}, {"$project": {"h": 1}}, {"$unwind": "$h"},
+     {"$match": {"h.e": {"$ne": None}}}, {"$group": {"_id": "$h.e", "c": {"$sum": 1}}}],
+    [{"$match": {"h.e": {"$ne": None}}}, {"$project": {"h": 1}}, {"$unwind": "$h"},
+     {"$match": {"h.e": {"$ne": None}}}, {"$sort": {"h.e": 1}}, {"$skip": 1}, {"$limit": 3},
+     {"$project": {"h.e": 1}}],
+    [{"$match": {"h.e": {"$ne": None}}}, {"$project": {"h": 1}}, {"$unwind": "$h"},
+     {"$sort": {"h.s": -1}}, {"$limit": 2}, {"$project": {"h.s": 1}}],
+    [{"$match": {}}, {"$project": {"n": 1}}, {"$sort": {"n": -1}}, {"$skip": 2}, {"$limit": 4}],
     # a stage that changes documents in place after `$unwind`: no shared parts
     [{"$match": {"h.0": {"$exists": True}}}, {"$unwind": "$h"}, {"$addFields": {"r.s": "$h.s"}},
      {"$project": {"r": 1}}],

@@ -15,8 +15,8 @@ How each figure is computed:
   on `(state, exit_status)`.
 - runtimes of finished attempts and queue waits: count and sum from one
   `$group` each; the median and p95 from one pipeline that `$sort`s the
-  durations and `$skip`s to the ranks needed, and the max from one that
-  sorts them the other way, so only the few values at those ranks leave the
+  durations and `$skip`s to the median's ranks, one more to p95's, and the
+  max from one that sorts them the other way, so only the few values at those ranks leave the
   store. The median of an even count is the mean of the two middle values;
   p95 is the nearest rank, the value at rank ceil(0.95 n).
 - throughput: finished attempts of the last 60 clock minutes (the current one
@@ -187,19 +187,27 @@ def _distribution(tasks, prefix, field, count, total):
     if not count:
         return {"count": 0, "mean": None, "median": None, "p95": None, "max": None}
     (low, high), p95 = _ranks(count)
-    first, last = min(low, p95), max(high, p95)
-    values = [_path(row, field) for row in tasks.aggregate(prefix + [
-        {"$sort": {field: 1}}, {"$skip": first}, {"$limit": last - first + 1}, {"$project": {field: 1}}])]
-    if len(values) < last - first + 1:  # tasks changed between the pipelines
-        values += [values[-1] if values else 0] * (last - first + 1 - len(values))
+    middle = _at_ranks(tasks, prefix, field, low, high)
     largest = _largest(tasks, prefix, field)
+    at_p95 = _at_ranks(tasks, prefix, field, p95, p95) if p95 > high else middle[-1:]
+    if not at_p95:  # tasks changed between the pipelines
+        at_p95 = middle[-1:] or [largest or 0]
+    middle += [middle[-1] if middle else at_p95[0]] * (high - low + 1 - len(middle))
     return {
         "count": count,
         "mean": total / count,
-        "median": (values[low - first] + values[high - first]) / 2.0,
-        "p95": values[p95 - first],
-        "max": largest if largest is not None else values[-1],
+        "median": (middle[0] + middle[-1]) / 2.0,
+        "p95": at_p95[0],
+        "max": largest if largest is not None else at_p95[0],
     }
+
+
+def _at_ranks(tasks, prefix, field, first, last):
+    """The values of `field` at 0-based ranks `first` to `last` in
+    ascending order: one `$sort`/`$skip`/`$limit` pipeline (the embedded
+    store answers it from a sorted view, reading just those rows)."""
+    return [_path(row, field) for row in tasks.aggregate(prefix + [
+        {"$sort": {field: 1}}, {"$skip": first}, {"$limit": last - first + 1}, {"$project": {field: 1}}])]
 
 
 def throughput(tasks, query, now):

@@ -47,6 +47,7 @@ from banyan.store.documents import Documents, decode, encode
 from banyan.store.aggregation import _READ_ONLY_STAGES, fast_stage, inclusion_projection, stage_name
 from banyan.store.engine import Engine
 from banyan.store.indexes import EMPTY_KEY, TOP, SecondaryIndex, asc_key, indexable_spec
+from banyan.store.views import GroupView, SortView, ViewSet
 from banyan.store.planning import eq_conditions, matcher, mongomock_sort, norm_sort, store_key
 
 #: The mongomock versions this adapter is tested with (it subclasses
@@ -58,9 +59,8 @@ DEFAULT_DATABASE = 'banyan'
 _MAX_RANGES = 256
 #: Documents a long read examines per hold of the lock.
 SCAN_SLICE = 50
-#: Aggregation prefixes whose rows a collection keeps per document.
-ROW_CACHES = 8
-_NO_ROWS = ()
+#: Aggregations (views.py) a collection keeps up to date at most.
+VIEWS = 24
 #: Stages that act on each document alone: a pipeline's leading run of them
 #: gives each document's rows independently of the others.
 _PER_DOCUMENT_STAGES = {'$match', '$project', '$unwind', '$addFields', '$set', '$unset'}
@@ -115,7 +115,7 @@ class _CollectionStore(mm_store.CollectionStore):
         self._sec = {}          # index name -> SecondaryIndex
         self._pending = []      # store keys touched in place, to write back and re-index
         self._undo = None       # store key of the document the update under way changes
-        self.row_caches = {}    # aggregation prefix -> {store key: rows}
+        self.view_sets = {}     # per-document stages (encoded) -> ViewSet
         self.recording = None   # None, 'one' or 'multi' while in _update
         self.deferred = False   # while loading: index everything at the end
 
@@ -130,12 +130,12 @@ class _CollectionStore(mm_store.CollectionStore):
         for idx in self._sec.values():
             entries, flags = idx.doc_entries(doc, seq, memo)
             idx.add(entries, flags)
+        if self.view_sets:
+            self._change_views(doc, 1, seq)
 
     def _unindex_doc(self, key, raw):
         """Remove the entries of `raw`, the BSON stored under `key` until now."""
-        for cache in self.row_caches.values():  # a changed document's rows are computed again
-            cache.pop(key, None)
-        if raw is None or not self._sec:
+        if raw is None or not (self._sec or self.view_sets):
             return
         doc = decode(raw)
         seq = self._key_seq[key]
@@ -143,18 +143,12 @@ class _CollectionStore(mm_store.CollectionStore):
         for idx in self._sec.values():
             entries, flags = idx.doc_entries(doc, seq, memo)
             idx.remove(entries, flags)
+        self._change_views(doc, -1, seq)
 
-    def row_cache(self, pipeline_key):
-        """{store key: rows} of one aggregation prefix (see
-        `EmbeddedCollection.aggregate`); the least recently used of more
-        than ROW_CACHES prefixes is dropped."""
-        cache = self.row_caches.pop(pipeline_key, None)
-        if cache is None:
-            cache = {}
-            while len(self.row_caches) >= ROW_CACHES:
-                self.row_caches.pop(next(iter(self.row_caches)))
-        self.row_caches[pipeline_key] = cache
-        return cache
+    def _change_views(self, doc, sign, seq):
+        for prefix, view_set in list(self.view_sets.items()):
+            if not view_set.change(doc, sign, seq):
+                del self.view_sets[prefix]  # a row it cannot keep: the pipeline runs as usual
 
     def flush_touched(self):
         """Write back the documents updates changed in place, re-indexed."""
@@ -238,7 +232,7 @@ class _CollectionStore(mm_store.CollectionStore):
     def drop(self):
         super().drop()
         self._documents = Documents()
-        self.row_caches.clear()
+        self.view_sets.clear()
         self._key_seq.clear()
         self._seq_key.clear()
         self._sec.clear()
@@ -646,16 +640,16 @@ class EmbeddedCollection(mm_collection.Collection):
         copies only its fields, and the stages after it run outside the
         lock (they only see those copies).
 
-        The rows the leading per-document stages give each document are
-        kept (`row_cache`) until the document changes, so a pipeline run
-        again (`/stats`) works on the documents changed since, not on all."""
+        A pipeline of per-document stages ending in a `$group` with one
+        `$sum`, or in a `$sort` with a `$limit`, is answered from a view
+        (`banyan.store.views`) the writes keep up to date, so asking it again
+        (`/stats`) costs the size of its answer."""
         if session:
             raise NotImplementedError('the embedded store has no sessions')
         pipeline = list(pipeline)
-        cached = self._cached_prefix(pipeline)
-        if cached:
-            docs = self._run_stages(pipeline, cached, len(pipeline), self._prefix_rows(pipeline, cached))
-            return mm_command_cursor.CommandCursor(copy.deepcopy(docs))  # the cached rows stay the store's
+        answer = self._from_view(pipeline)
+        if answer is not None:
+            return mm_command_cursor.CommandCursor(answer)
         spec, projection = {}, None
         if pipeline and stage_name(pipeline[0]) == '$match':
             spec = pipeline.pop(0)['$match']
@@ -675,61 +669,108 @@ class EmbeddedCollection(mm_collection.Collection):
         return docs
 
     @staticmethod
-    def _cached_prefix(pipeline):
-        """How many leading stages of `pipeline` to keep rows of (0: none).
-        Only when it starts with `$match` and an inclusion `$project`, and
-        what follows never changes its input in place."""
+    def _per_document_prefix(pipeline):
+        """How many leading stages of `pipeline` act on each document alone
+        (0: it does not start with `$match` and an inclusion `$project`)."""
         if len(pipeline) < 2 or stage_name(pipeline[0]) != '$match' or not inclusion_projection(pipeline[1]):
             return 0
         n = 2
         while n < len(pipeline) and stage_name(pipeline[n]) in _PER_DOCUMENT_STAGES:
             n += 1
-        if not all(stage_name(s) in _READ_ONLY_STAGES for s in pipeline[n:]):
-            return 0
         return n
 
-    def _prefix_rows(self, pipeline, n):
-        """The rows of pipeline[:n] over the collection, in store order,
-        from the row cache where the documents have not changed."""
-        prefix = pipeline[:n]
+    def _from_view(self, pipeline):
+        """The answer of `pipeline` from a view, or None when none fits."""
+        n = self._per_document_prefix(pipeline)
+        if not n:
+            return None
+        tail = pipeline[n:]
+        sort = SortView.fits(tail)
+        if sort is None and not GroupView.fits(tail):
+            return None
+        if sort is not None and not all(stage_name(s) in _READ_ONLY_STAGES for s in tail[sort[4]:]):
+            return None
         try:
-            key = bson.encode({'p': prefix})
-        except Exception:  # pylint: disable=broad-except  # not encodable: no cache
-            key = None
-        spec = helpers.patch_datetime_awareness_in_document(prefix[0]['$match'])
-        projection = prefix[1]['$project']
-        rows = []
+            prefix_key = bson.encode({'p': pipeline[:n]})
+            view_key = bson.encode({'t': tail[:1]})
+        except Exception:  # pylint: disable=broad-except  # not encodable: no view
+            return None
         with self._engine.op():
             store = self._store
-            plan = store.plan(spec, None)
-            if store.is_empty:
-                filter_applies(spec, {})
-            match = matcher(spec)
-            keys, _ = self._scan_keys(plan, None)
-            if keys is None:
-                keys = [store_key(d['_id']) for d in plan[0]]
-            cache = store.row_cache(key) if key is not None else {}
-        tz_aware = self.codec_options.tz_aware
-        for begin in range(0, len(keys), SCAN_SLICE):
+            view_set = store.view_sets.get(prefix_key)
+            if view_set is None:
+                if len(store.view_sets) >= VIEWS:  # the least recently made goes
+                    store.view_sets.pop(next(iter(store.view_sets)))
+                view_set = store.view_sets[prefix_key] = ViewSet(self._rows_of(pipeline, n))
+            view = view_set.views.get(view_key)
+            if view is None:
+                if sort is not None:
+                    view = SortView(sort[0], sort[1], _sort_key)
+                else:
+                    view = GroupView(tail[0]['$group'])
+                view_set.views[view_key] = view
+        if not view_set.built(view):
+            if not self._build_view(prefix_key, view_set, view):
+                return None
+        with self._engine.op():
+            if store.view_sets.get(prefix_key) is not view_set or view_key not in view_set.views:
+                return None  # dropped meanwhile: a row it could not keep
+            if sort is None:
+                return copy.deepcopy(view.answer())
+            field, direction, skip, limit, after = sort
+            rows = []
+            documents = store._documents  # pylint: disable=protected-access
+            for seq, i in view.window(skip, limit):
+                rows.append(view_set.rows_of(documents[store._seq_key[seq]])[i])  # pylint: disable=protected-access
+        return self._run_stages(tail, after, len(tail), rows)
+
+    def _build_view(self, prefix_key, view_set, view):
+        """Add every document's rows to a new view, SCAN_SLICE documents per
+        hold of the lock (writes meanwhile change the view for the
+        documents it has seen). False if the view was dropped."""
+        store = self._store
+        with self._engine.op():
+            keys = list(store._documents)  # pylint: disable=protected-access  # in store (seq) order
+        for begin in range(0, len(keys) + 1, SCAN_SLICE):
             if begin:
                 self._engine.let_waiters_in()
             with self._engine.op():
-                documents = self._store._documents  # pylint: disable=protected-access
+                if store.view_sets.get(prefix_key) is not view_set:
+                    return False
+                documents = store._documents  # pylint: disable=protected-access
+                key_seq = store._key_seq  # pylint: disable=protected-access
+                last = begin + SCAN_SLICE >= len(keys)
                 for k in keys[begin:begin + SCAN_SLICE]:
-                    got = cache.get(k)
-                    if got is None:
-                        doc = documents.get(k)
-                        if doc is None:
-                            continue
-                        got = _NO_ROWS
-                        if match(doc):
-                            row = self._copy_only_fields(doc, projection, dict)
-                            if tz_aware:
-                                row = helpers.make_datetime_timezone_aware_in_document(row)
-                            got = self._run_stages(pipeline, 2, n, [row])
-                        cache[k] = got
-                    rows.extend(got)
-        return rows
+                    doc = documents.get(k)
+                    if doc is not None and key_seq[k] > view.seen:
+                        if not view_set.add_to(view, doc, key_seq[k]):
+                            store.view_sets.pop(prefix_key, None)
+                            return False
+                        view.seen = key_seq[k]
+                if last:  # and the documents written since the keys were listed
+                    for seq in sorted(s for s in store._seq_key if s > view.seen):  # pylint: disable=protected-access
+                        if not view_set.add_to(view, documents[store._seq_key[seq]], seq):  # pylint: disable=protected-access
+                            store.view_sets.pop(prefix_key, None)
+                            return False
+                    view.seen = float('inf')
+                    return True
+        return True
+
+    def _rows_of(self, pipeline, n):
+        """rows_of(doc): the rows pipeline[:n] gives one document."""
+        spec = helpers.patch_datetime_awareness_in_document(pipeline[0]['$match'])
+        projection = dict(pipeline[1]['$project'])
+        match = matcher(spec)
+        tz_aware = self.codec_options.tz_aware
+
+        def rows_of(doc):
+            if not match(doc):
+                return ()
+            row = self._copy_only_fields(doc, dict(projection), dict)  # (it adds `_id` to the projection)
+            if tz_aware:
+                row = helpers.make_datetime_timezone_aware_in_document(row)
+            return self._run_stages(pipeline, 2, n, [row])
+        return rows_of
 
     def list_indexes(self, session=None):
         with self._engine.op():
