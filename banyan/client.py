@@ -23,6 +23,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from banyan.errors import BanyanError, ServerUnreachable, WrongScheme, describe_result
+from banyan.protocol import TaskState
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +374,7 @@ class Client:
 
     def cancel(self, task_id):
         """Ask for cancellation (a running task becomes ``pending_cancellation``)."""
-        return self.patch_task(task_id, {"state": "cancelled"})
+        return self.patch_task(task_id, {"state": TaskState.CANCELLED.value})
 
     def logs(self, task_id, attempt=None):
         params = {"attempt": int(attempt)} if attempt is not None else None

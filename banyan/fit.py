@@ -2,10 +2,8 @@
 the server's pending reason `no_worker_fits` and `banyan submit`'s warning
 (imports nothing of the server, so the command stays quick to start)."""
 
+from banyan.protocol import RESOURCES
 from banyan.units import format_size
-
-#: Resources a task requests and a worker offers.
-RESOURCES = ("cores", "memory", "gpus")
 
 
 def fits(asks, offers):

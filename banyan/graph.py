@@ -41,6 +41,7 @@ import re
 from typing import Any
 
 from banyan.errors import BanyanError, describe_result
+from banyan.protocol import AFTER_FIELDS, FINISHED, Outcome, TaskState
 from banyan.units import parse_duration, parse_size
 
 __all__ = ["GraphError", "TaskGraph", "task_document", "load_graph", "graph_from_data", "submit_graph",
@@ -51,8 +52,7 @@ FIELDS = ("name", "command", "cores", "memory", "gpus", "retries", "max_lost", "
           "time_limit",
           "environment", "working_directory", "max_shutdown_time", "estimated_runtime",
           "after", "after_any", "after_failure", "continuations")
-#: Graph-file fields naming parents, and the kind of edge each makes.
-AFTER_FIELDS = {"after": "success", "after_any": "any", "after_failure": "failure"}
+#: Graph-file fields naming parents (`AFTER_FIELDS`), by the kind of edge each makes.
 KIND_FIELDS = {kind: field for field, kind in AFTER_FIELDS.items()}
 ALIASES = {"max_retries": "retries", "env": "environment", "cwd": "working_directory"}
 _TASK_ID_RE = re.compile(r"^[0-9a-fA-F]{24}$")
@@ -368,9 +368,6 @@ def _names(value, where, key):
 
 # -- submission ----------------------------------------------------------------
 
-FINISHED = ("cancelled", "terminated")
-
-
 def check_parents(client, parents):
     """GraphError unless every task of `parents` ({kind field: [ids]})
     exists and may still end the way the edge needs (a task after a failed
@@ -385,12 +382,12 @@ def check_parents(client, parents):
                 raise GraphError("%s %s: no such task (or not yours)" % (flag, task_id))
             label = "task %s%s" % (task_id, " (%s)" % doc["name"] if doc.get("name") else "")
             state, status = doc.get("state"), doc.get("exit_status")
-            if field == "after" and state == "pending_cancellation":
+            if field == "after" and state == TaskState.PENDING_CANCELLATION:
                 raise GraphError("%s: %s is being cancelled, so what runs after it would never run" % (flag, label))
-            if field == "after" and state in FINISHED and status != "success":
+            if field == "after" and state in FINISHED and status != Outcome.SUCCESS:
                 raise GraphError("%s: %s ended with %s, so what runs after it would never run" % (
                     flag, label, status or state))
-            if field == "after_failure" and state == "terminated" and status == "success":
+            if field == "after_failure" and state == TaskState.TERMINATED and status == Outcome.SUCCESS:
                 raise GraphError("%s: %s succeeded, so what runs after its failure would never run" % (flag, label))
 
 
@@ -427,7 +424,7 @@ def submit_graph(client, graph, after=(), after_any=(), after_failure=(), job=No
         for level in levels:
             docs = []
             for key in level:
-                doc = dict(graph.docs[key], state="inactive" if has_edges else "available")
+                doc = dict(graph.docs[key], state=(TaskState.INACTIVE if has_edges else TaskState.AVAILABLE).value)
                 if added_by is None:
                     doc["job"] = job
                 else:
@@ -453,7 +450,7 @@ def _make_available(client, task_ids):
     """Make inactive tasks available. One that is no longer inactive was
     released by its parents meanwhile (fine) or cancelled because one of them
     failed (GraphError)."""
-    results = client.set_states(task_ids, "available")
+    results = client.set_states(task_ids, TaskState.AVAILABLE.value)
     refused = [task_id for task_id, result in zip(task_ids, results) if describe_result(result)]
     if not refused:
         return
@@ -462,9 +459,9 @@ def _make_available(client, task_ids):
         if task_id not in refused:
             continue
         state = (states.get(task_id) or {}).get("state")
-        if state == "cancelled" and not states[task_id].get("cancelled_by"):
+        if state == TaskState.CANCELLED and not states[task_id].get("cancelled_by"):
             raise GraphError("task %s was cancelled before it could start" % task_id)
-        if state in (None, "inactive"):
+        if state in (None, TaskState.INACTIVE):
             raise BanyanError(422, "task %s could not be made available: %s" % (task_id, describe_result(result)))
 
 
@@ -472,6 +469,6 @@ def _cancel_quietly(client, task_ids):
     if not task_ids:
         return
     try:
-        client.set_states(task_ids, "cancelled")
+        client.set_states(task_ids, TaskState.CANCELLED.value)
     except Exception:
         pass

@@ -4,7 +4,7 @@
 endpoints of their own (see `banyan.server.virtual`).
 """
 
-from banyan.server.states import DEFAULT_MAX_LOST, EXIT_STATUSES, TaskState
+from banyan.protocol import DEFAULT_MAX_LOST, EXIT_STATUSES, INT64_MAX, WORKER_STATES, TaskState
 
 OBJECTID_LIST = {"type": "list", "schema": {"type": "objectid"}}
 
@@ -42,7 +42,7 @@ task_schema = {
         "default": {},
         "schema": {
             "cores": {"type": "number", "min": 0, "default": 1},
-            "memory": {"type": "integer", "min": 0, "max": (1 << 63) - 1, "coerce": "bytes", "default": 0},
+            "memory": {"type": "integer", "min": 0, "max": INT64_MAX, "coerce": "bytes", "default": 0},
             "gpus": {"type": "integer", "min": 0, "default": 0},
         },
         **QUEUED_ONLY,
@@ -193,7 +193,7 @@ jobs = {
 workers = {
     "internal_resource": True,
     "schema": {"host": {"type": "string"}, "resources": {"type": "dict"},
-               "state": {"type": "string", "allowed": ["active", "lost", "stopped"]},
+               "state": {"type": "string", "allowed": [s.value for s in WORKER_STATES]},
                "registered": {"type": "datetime"}, "last_heartbeat": {"type": "datetime"},
                "stopped": {"type": "datetime", "nullable": True}, "lost": {"type": "datetime", "nullable": True},
                "token_id": {"type": "string", "nullable": True}},

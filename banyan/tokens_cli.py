@@ -16,7 +16,7 @@ works); it is shown only then, since the store keeps only its hash.
 import os
 import sys
 
-from banyan.server.identity import ROLES
+from banyan.protocol import ROLES
 
 
 def add_token_parser(sub):

@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 
 from banyan.errors import BanyanError
+from banyan.protocol import FINISHED, HELD, Outcome, TaskState
 
 __all__ = ["FINISHED", "MissingTasks", "Progress", "WaitResult", "wait_for", "succeeded"]
 
-FINISHED = ("cancelled", "terminated")
 #: What is read of a finished task: enough to say how it ended.
 OUTCOME_PROJECTION = {"name": 1, "state": 1, "exit_status": 1, "current_history": 1, "cancelled_by": 1}
 _CHUNK = 200
@@ -65,7 +65,7 @@ class WaitResult:
 
 
 def succeeded(doc):
-    return doc.get("state") == "terminated" and doc.get("exit_status") == "success"
+    return doc.get("state") == TaskState.TERMINATED and doc.get("exit_status") == Outcome.SUCCESS
 
 
 def wait_for(client, task_ids=None, where=None, interval=1.0, timeout=None, on_progress=None,
@@ -154,7 +154,7 @@ def _held_round(client, task_ids, seconds):
 
 def _unfinished_states(client, task_ids, where):
     """{id: state} of those of `task_ids` that have not finished."""
-    unfinished = {"state": {"$nin": list(FINISHED)}}
+    unfinished = {"state": {"$nin": [s.value for s in FINISHED]}}
     states = {}
     if where is not None and len(task_ids) > _CHUNK:
         # One paged query over the filter beats many `$in` chunks.
@@ -177,5 +177,5 @@ def _progress(result, running, elapsed):
     ok = sum(1 for doc in finished if succeeded(doc))
     return Progress(total=len(result.tasks), finished=len(finished), succeeded=ok,
                     failed=len(finished) - ok,
-                    running=sum(1 for state in running.values() if state in ("running", "pending_cancellation")),
+                    running=sum(1 for state in running.values() if state in HELD),
                     elapsed=elapsed)

@@ -8,6 +8,7 @@ import textwrap
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 
+from banyan.protocol import FINISHED, QUEUED, Outcome, TaskState
 from banyan.units import format_size
 
 #: Exit codes of the `banyan` command.
@@ -175,17 +176,17 @@ def outcome(doc):
     status = doc.get("exit_status")
     state = doc.get("state")
     attempt = doc.get("current_history") or ((doc.get("history") or [None])[-1]) or {}
-    if state in ("cancelled", "terminated"):
+    if state in FINISHED:
         text = status or state
         code = attempt.get("exit_code")
-        if status not in ("success", "cancelled") and code is not None:
+        if status not in (Outcome.SUCCESS, Outcome.CANCELLED) and code is not None:
             text += " (exit code %s)" % code if code >= 0 else " (killed by signal %s)" % -code
         if doc.get("cancelled_by"):
             text += ": " + cancel_text(doc)
         return text
-    if state in ("inactive", "available") and doc.get("pending_dependency_count"):
+    if state in QUEUED and doc.get("pending_dependency_count"):
         return "waiting"
-    if state == "available" and doc.get("held"):
+    if state == TaskState.AVAILABLE and doc.get("held"):
         return "held"
     return state or ""
 

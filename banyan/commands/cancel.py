@@ -5,6 +5,7 @@ import sys
 from banyan.commands.base import (EXIT_FAILED, EXIT_USAGE, CommandError, add_command, add_job_flag, connect,
                                   job_query, label, outcome, parse_json_arg, task_ids)
 from banyan.errors import describe_result
+from banyan.protocol import FINISHED, TaskState
 
 EPILOG = """
 A task that has not started is cancelled at once; a running one is stopped
@@ -37,7 +38,7 @@ def run(args):
     projection = {"name": 1, "state": 1, "exit_status": 1, "current_history": 1}
     if args.where or args.job:
         query = job_query(client, args, parse_json_arg(args.where, "--where") if args.where else {})
-        query = {"$and": [query, {"state": {"$nin": ["cancelled", "terminated"]}}]}
+        query = {"$and": [query, {"state": {"$nin": [s.value for s in FINISHED]}}]}
         tasks = {doc["_id"]: doc for doc in client.iter_tasks(query, projection, max_results=10000)}
         ids = list(tasks)
         if not ids:
@@ -52,14 +53,14 @@ def run(args):
         doc = tasks.get(task_id)
         if doc is None:
             problems.append("%s: no such task (or not yours)" % task_id)
-        elif doc["state"] in ("cancelled", "terminated"):
+        elif doc["state"] in FINISHED:
             problems.append("%s: already finished: %s" % (label(doc), outcome(doc)))
-        elif doc["state"] == "pending_cancellation":
+        elif doc["state"] == TaskState.PENDING_CANCELLATION:
             print("%s: already being stopped" % label(doc))
         else:
             todo.append(task_id)
     accepted = []
-    for task_id, result in zip(todo, client.set_states(todo, "cancelled")):
+    for task_id, result in zip(todo, client.set_states(todo, TaskState.CANCELLED.value)):
         refusal = describe_result(result)
         if refusal:
             problems.append("%s: %s" % (label(tasks[task_id]), refusal))
@@ -68,7 +69,7 @@ def run(args):
     now = client.tasks_by_id(accepted, {"name": 1, "state": 1}) if accepted else {}
     for task_id in accepted:
         doc = now.get(task_id, tasks[task_id])
-        if doc.get("state") == "pending_cancellation":
+        if doc.get("state") == TaskState.PENDING_CANCELLATION:
             print("%s: stopping (its worker was asked to stop it)" % label(doc))
         else:
             print("%s: cancelled" % label(doc))

@@ -4,6 +4,7 @@ import functools
 import sys
 
 from banyan.errors import BanyanError
+from banyan.protocol import Outcome, TaskState, WorkerState
 from banyan.commands.base import (add_command, connect, format_bytes, format_duration, format_number, format_time,
                                   print_json, print_table)
 
@@ -37,8 +38,9 @@ def register(sub):
     workers.add_argument("--json", action="store_true", help="print the workers as the API returns them")
 
 
-STATE_ORDER = ("inactive", "available", "running", "pending_cancellation", "cancelled", "terminated")
-OUTCOME_ORDER = ("success", "failure", "oom", "timeout", "cancelled", "abandoned (worker unreachable)")
+STATE_ORDER = tuple(s.value for s in TaskState)
+OUTCOME_ORDER = tuple(o.value for o in (Outcome.SUCCESS, Outcome.FAILURE, Outcome.OOM, Outcome.TIMEOUT, Outcome.CANCELLED,
+                                        Outcome.ABANDONED))
 
 
 def _ordered(counts, order):
@@ -95,7 +97,7 @@ def run_workers(args):
     workers = client.list_workers().get("_items", [])
     hidden = 0
     if not args.all:
-        shown = [w for w in workers if w.get("state") != "stopped"]
+        shown = [w for w in workers if w.get("state") != WorkerState.STOPPED]
         hidden, workers = len(workers) - len(shown), shown
     if args.json:
         print_json(workers)

@@ -4,12 +4,12 @@ id, by job or by filter."""
 import sys
 
 from banyan.errors import describe_result
+from banyan.protocol import FINISHED, QUEUED, Outcome
 from banyan.commands.base import (EXIT_FAILED, EXIT_USAGE, CommandError, add_command, add_job_flag, connect,
                                   job_query, label, outcome, parse_json_arg, task_ids)
 
-FINISHED = ("cancelled", "terminated")
 #: Exit statuses of tasks that ran and did not succeed (`retry --failed`).
-FAILED = ("failure", "timeout", "abandoned (worker unreachable)")
+FAILED = tuple(o.value for o in (Outcome.FAILURE, Outcome.TIMEOUT, Outcome.ABANDONED))
 PROJECTION = {"name": 1, "state": 1, "exit_status": 1, "held": 1, "cancelled_by": 1, "current_history": 1}
 
 RETRY_EPILOG = """
@@ -92,7 +92,7 @@ def _report(verb, tasks, results, done_text):
 
 def run_retry(args):
     client = connect(args)
-    wanted = {"state": {"$in": list(FINISHED)}, "exit_status": {"$ne": "success"}}
+    wanted = {"state": {"$in": list(FINISHED)}, "exit_status": {"$ne": Outcome.SUCCESS}}
     if args.failed:
         wanted = {"exit_status": {"$in": list(FAILED)}, "state": {"$in": list(FINISHED)}}
     tasks = choose(client, args, wanted)
@@ -115,10 +115,10 @@ def run_retry(args):
 
 def _hold(args, held):
     client = connect(args)
-    queued = {"state": {"$in": ["inactive", "available"]}, "held": not held}
+    queued = {"state": {"$in": list(QUEUED)}, "held": not held}
     tasks = choose(client, args, queued)
     if args.ids:
-        finished = [task_id for task_id, doc in tasks.items() if doc["state"] not in ("inactive", "available")]
+        finished = [task_id for task_id, doc in tasks.items() if doc["state"] not in QUEUED]
         for task_id in finished:
             print("banyan %s: %s: is %s; only queued tasks are held or released"
                   % ("hold" if held else "release", label(tasks[task_id]), outcome(tasks[task_id])),

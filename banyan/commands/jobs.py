@@ -2,6 +2,7 @@
 
 import sys
 
+from banyan.protocol import TaskState
 from banyan.commands.base import (EXIT_USAGE, CommandError, add_command, connect, format_time, print_json,
                                   print_table, resolve_job, shorten)
 
@@ -91,7 +92,7 @@ def show_tree(client, job, as_json=False):
     def walk(parent, indent):
         for task in children.get(parent, []):
             state = task.get("state") or ""
-            if state == "terminated":
+            if state == TaskState.TERMINATED:
                 state = task.get("exit_status") or state
             how = ""
             if task.get("added_by"):

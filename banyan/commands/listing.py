@@ -8,9 +8,10 @@ from banyan.commands.base import (EXIT_USAGE, CommandError, add_command, add_job
                                   connect, format_bytes, format_duration, format_number, format_time, job_query,
                                   outcome, parse_json_arg, print_json, print_table, reason_text,
                                   shorten, task_ids)
+from banyan.protocol import FINISHED, TaskState
 from banyan.units import parse_duration
 
-STATES = ("inactive", "available", "running", "pending_cancellation", "cancelled", "terminated")
+STATES = tuple(s.value for s in TaskState)
 #: What `ls` reads of each task for its table.
 LS_PROJECTION = {"name": 1, "state": 1, "exit_status": 1, "owner": 1, "requested_resources": 1,
                  "priority": 1, "environment": 1, "pending_dependency_count": 1, "_created": 1,
@@ -78,9 +79,9 @@ def ls_query(args):
     states = []
     for state in args.state:
         if state == "finished":
-            states += ["cancelled", "terminated"]
+            states += [s.value for s in FINISHED]
         elif state == "unfinished":
-            states += [s for s in STATES if s not in ("cancelled", "terminated")]
+            states += [s for s in STATES if s not in FINISHED]
         else:
             states.append(state)
     if states:
@@ -255,7 +256,7 @@ def show_task(doc, out=None):
         ("id", doc["_id"]),
         ("name", doc.get("name") or ""),
         ("state", doc.get("state")),
-        ("outcome", outcome(doc) if doc.get("state") in ("cancelled", "terminated") else ""),
+        ("outcome", outcome(doc) if doc.get("state") in FINISHED else ""),
         ("command", command),
         ("resources", "cores %s, memory %s, gpus %s" % (
             format_number(resources.get("cores", 1)), format_bytes(resources.get("memory") or 0),
@@ -285,9 +286,9 @@ def show_task(doc, out=None):
         out.write("%-14s %s\n" % (key + ":", value))
     history = doc.get("history") or []
     if not history:
-        if doc.get("state") in ("cancelled", "terminated"):
+        if doc.get("state") in FINISHED:
             out.write("attempts:      none (it %s without running)\n" % (
-                "was cancelled" if doc.get("state") == "cancelled" else "finished"))
+                "was cancelled" if doc.get("state") == TaskState.CANCELLED else "finished"))
         else:
             out.write("attempts:      none yet\n")
         return

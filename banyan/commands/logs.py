@@ -5,6 +5,7 @@ import sys
 import time
 
 from banyan.errors import BanyanError
+from banyan.protocol import FINISHED
 from banyan.commands.base import EXIT_USAGE, CommandError, add_command, connect, task_ids
 
 EPILOG = """
@@ -20,8 +21,6 @@ examples:
   banyan logs --attempt 1 65f0c2a1e4b0a1b2c3d4e5f6 2>/dev/null
   banyan logs --follow 65f0c2a1e4b0a1b2c3d4e5f6
 """
-
-FINISHED = ("cancelled", "terminated")
 
 
 def register(sub):

@@ -44,7 +44,8 @@ from eve.auth import TokenAuth
 from flask import Blueprint, abort, current_app, g, request
 from pymongo import ReturnDocument
 
-from banyan.server.identity import ATTEMPT_ROLE, ROLES, Identity, current_identity, set_identity
+from banyan.protocol import ATTEMPT_ROLE, ROLES, TaskState, WorkerState
+from banyan.server.identity import Identity, current_identity, set_identity
 from banyan.server.states import HELD, utcnow
 
 log = logging.getLogger(__name__)
@@ -362,19 +363,19 @@ def authorize_task_update(updates):
     identity = current_identity()
     role = identity.role
     if role == "admin":
-        if updates.get("state") == "running":
+        if updates.get("state") == TaskState.RUNNING:
             _require_claiming_worker(updates.get("worker"))
         return
     if role == "worker":
         extra = set(updates) - WORKER_PATCH_FIELDS
-        if extra or updates.get("state") != "running":
+        if extra or updates.get("state") != TaskState.RUNNING:
             abort(403, description=(
                 "a worker may only claim a task by PATCH ({'state': 'running', 'worker': <id>}); "
                 "it reports attempts with POST /tasks/<id>/finish and cannot change %s"
                 % ", ".join(sorted(extra or {"state"}))))
         _require_claiming_worker(updates.get("worker"))
         return
-    if updates.get("state") == "running" or "worker" in updates:
+    if updates.get("state") == TaskState.RUNNING or "worker" in updates:
         abort(403, description="only workers claim tasks (state 'running', 'worker')")
     if role == ATTEMPT_ROLE:
         abort(403, description="an attempt token may add tasks to its job, not change tasks")
@@ -397,7 +398,7 @@ def _require_claiming_worker(worker_id):
     if worker is None:
         abort(422, description="no worker '%s' is registered; register with POST /workers" % worker_id)
     claims.check_worker_access(worker)
-    if worker.get("state") != claims.WorkerState.ACTIVE:
+    if worker.get("state") != WorkerState.ACTIVE:
         abort(404, description="worker '%s' is %s; register again" % (worker_id, worker.get("state")))
 
 

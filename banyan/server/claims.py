@@ -42,25 +42,18 @@ from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 from werkzeug.exceptions import HTTPException
 
+from banyan.protocol import INT64_MAX, RESOURCES, WorkerState
 from banyan.server import states
 from banyan.server.held import HeldRequests
 from banyan.server.auth import check_role, owner_filter
 from banyan.server.identity import current_identity
-from banyan.server.states import RESOURCES, utcnow
+from banyan.server.states import utcnow
 from banyan.units import parse_size
 
 log = logging.getLogger(__name__)
 
 WORKERS = "workers"
 LOGS = "logs"
-#: The largest integer MongoDB stores (64 bits).
-MAX_STORED_INT = (1 << 63) - 1
-
-
-class WorkerState:
-    ACTIVE = "active"
-    LOST = "lost"
-    STOPPED = "stopped"
 
 
 # == the functions underneath ===============================================
@@ -129,7 +122,7 @@ class WorkerRegistry:
 
     def register(self, host, resources, token_id=None):
         now = utcnow()
-        doc = {"_id": ObjectId(), "host": host, "resources": resources, "state": WorkerState.ACTIVE,
+        doc = {"_id": ObjectId(), "host": host, "resources": resources, "state": WorkerState.ACTIVE.value,
                "registered": now, "last_heartbeat": now, "stopped": None, "token_id": token_id,
                "abandon_pending": False, "_created": now, "_updated": now}
         self.workers.insert_one(doc)
@@ -148,11 +141,11 @@ class WorkerRegistry:
         """A sign of life: the worker document if it is active, else None."""
         now = now or utcnow()
         return self.workers.find_one_and_update(
-            {"_id": worker_id, "state": WorkerState.ACTIVE},
+            {"_id": worker_id, "state": WorkerState.ACTIVE.value},
             {"$set": {"last_heartbeat": now, "_updated": now}}, return_document=ReturnDocument.AFTER)
 
     def is_active(self, worker_id):
-        return self.workers.find_one({"_id": worker_id, "state": WorkerState.ACTIVE}, {"_id": 1}) is not None
+        return self.workers.find_one({"_id": worker_id, "state": WorkerState.ACTIVE.value}, {"_id": 1}) is not None
 
     #: Seconds an in-process count of active workers is reused.
     COUNT_TTL = 5.0
@@ -163,20 +156,20 @@ class WorkerRegistry:
         now = time.monotonic()
         cached = getattr(self, "_active_count", None)
         if cached is None or now - cached[1] > self.COUNT_TTL:
-            cached = (self.workers.count_documents({"state": WorkerState.ACTIVE}), now)
+            cached = (self.workers.count_documents({"state": WorkerState.ACTIVE.value}), now)
             self._active_count = cached
         return cached[0]
 
     def active_ids(self):
-        return [d["_id"] for d in self.workers.find({"state": WorkerState.ACTIVE}, {"_id": 1})]
+        return [d["_id"] for d in self.workers.find({"state": WorkerState.ACTIVE.value}, {"_id": 1})]
 
     def stop(self, worker_id):
         """Clean unregister; True if this call stopped it. Its tasks still
         need abandoning (`abandon_pending`)."""
         now = utcnow()
         return self.workers.update_one(
-            {"_id": worker_id, "state": WorkerState.ACTIVE},
-            {"$set": {"state": WorkerState.STOPPED, "stopped": now, "_updated": now,
+            {"_id": worker_id, "state": WorkerState.ACTIVE.value},
+            {"$set": {"state": WorkerState.STOPPED.value, "stopped": now, "_updated": now,
                       "abandon_pending": True}}).modified_count == 1
 
     def mark_silent_lost(self, timeout, now=None):
@@ -186,11 +179,11 @@ class WorkerRegistry:
         now = now or utcnow()
         cutoff = now - timedelta(seconds=timeout)
         lost = []
-        for doc in self.workers.find({"state": WorkerState.ACTIVE, "last_heartbeat": {"$lt": cutoff}},
+        for doc in self.workers.find({"state": WorkerState.ACTIVE.value, "last_heartbeat": {"$lt": cutoff}},
                                      {"last_heartbeat": 1}):
             result = self.workers.update_one(
-                {"_id": doc["_id"], "state": WorkerState.ACTIVE, "last_heartbeat": doc["last_heartbeat"]},
-                {"$set": {"state": WorkerState.LOST, "lost": now, "_updated": now, "abandon_pending": True}})
+                {"_id": doc["_id"], "state": WorkerState.ACTIVE.value, "last_heartbeat": doc["last_heartbeat"]},
+                {"$set": {"state": WorkerState.LOST.value, "lost": now, "_updated": now, "abandon_pending": True}})
             if result.modified_count:
                 log.warning("worker %s silent since %s: marked lost", doc["_id"], doc["last_heartbeat"])
                 lost.append(doc["_id"])
@@ -598,8 +591,8 @@ def _resources(value, field, issues):
                 continue
         if not _number(v) or v < 0:
             issues["%s.%s" % (field, key)] = "must be a number >= 0, not %r" % (v,)
-        elif v > MAX_STORED_INT:
-            issues["%s.%s" % (field, key)] = "must be at most %d, not %r" % (MAX_STORED_INT, v)
+        elif v > INT64_MAX:
+            issues["%s.%s" % (field, key)] = "must be at most %d, not %r" % (INT64_MAX, v)
         elif key == "gpus" and v != int(v):
             issues[field + ".gpus"] = "must be a whole number, not %r" % (v,)
         else:

@@ -17,6 +17,7 @@ from eve.auth import auth_field_and_value
 from flask import abort, g, has_request_context, request
 from werkzeug.exceptions import BadRequest, HTTPException
 
+from banyan.protocol import INT64_MAX, INT64_MIN
 from banyan.server import query as query_rules, virtual
 from banyan.store.errors import StoreUnavailable
 
@@ -103,7 +104,7 @@ def _integral(value):
     """Eve's serializer truncates 1.5 to 1; keep non-integral numbers so the
     validator refuses them, and so are those beyond the 64 bits the store
     keeps (1e308)."""
-    if isinstance(value, float) and value.is_integer() and -(1 << 63) <= value < (1 << 63):
+    if isinstance(value, float) and value.is_integer() and INT64_MIN <= value <= INT64_MAX:
         return int(value)
     return value
 

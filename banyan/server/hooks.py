@@ -4,9 +4,10 @@ import logging
 
 from flask import abort, g
 
+from banyan.protocol import ATTEMPT_ROLE
 from banyan.server import claims, jobs, reasons, states, virtual
 from banyan.server.auth import owner_filter
-from banyan.server.identity import ATTEMPT_ROLE, current_identity
+from banyan.server.identity import current_identity
 
 log = logging.getLogger(__name__)
 

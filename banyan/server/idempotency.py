@@ -31,7 +31,8 @@ import pymongo.errors
 from bson import ObjectId
 from flask import abort, current_app, g, request
 
-from banyan.server.identity import ATTEMPT_ROLE, current_identity
+from banyan.protocol import ATTEMPT_ROLE
+from banyan.server.identity import current_identity
 from banyan.server.states import utcnow
 
 log = logging.getLogger(__name__)

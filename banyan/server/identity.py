@@ -1,18 +1,12 @@
 """Who is making the current request, as the auth layer established it.
 
 Kept apart from `auth.py` so that the validator and the state machine can ask
-"who is this?" without depending on how tokens are checked. Flask is imported
-where a request is looked at, so that the `banyan` command can read `ROLES`
-without loading the server's framework.
+"who is this?" without depending on how tokens are checked. The role names
+are `banyan.protocol`'s.
 """
 
 from dataclasses import dataclass
 from typing import Optional
-
-ROLES = ("admin", "user", "worker")
-#: The role of a token the server makes for one attempt of a task (never by
-#: hand): it reads its job's tasks and adds tasks to that job, nothing else.
-ATTEMPT_ROLE = "attempt"
 
 
 @dataclass(frozen=True)

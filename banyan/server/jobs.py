@@ -8,20 +8,20 @@ succeeded, failed, cancelled), one aggregation for all the jobs of a page,
 its `array_limit` run slots.
 """
 
-from banyan.server.states import SUCCESS
+from banyan.protocol import HELD, QUEUED, Outcome, TaskState
 
 CATEGORIES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def category(state, exit_status):
     """Where a task of `state` and `exit_status` counts."""
-    if state in ("inactive", "available"):
+    if state in QUEUED:
         return "queued"
-    if state in ("running", "pending_cancellation"):
+    if state in HELD:
         return "running"
-    if state == "cancelled":
+    if state == TaskState.CANCELLED:
         return "cancelled"
-    return "succeeded" if exit_status == SUCCESS else "failed"
+    return "succeeded" if exit_status == Outcome.SUCCESS else "failed"
 
 
 def job_status(counts):

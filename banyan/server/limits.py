@@ -21,7 +21,7 @@ import math
 from flask import abort, request
 from flask.json.provider import DefaultJSONProvider
 
-INT64 = (-(1 << 63), (1 << 63) - 1)
+from banyan.protocol import INT64_MAX, INT64_MIN
 
 
 def check_json_value(value, max_depth):
@@ -42,7 +42,7 @@ def check_json_value(value, max_depth):
                 item.encode("utf-8")
             except UnicodeEncodeError:
                 abort(400, description="the JSON body has a string with an unpaired surrogate (%r)" % item[:40])
-        elif isinstance(item, int) and not isinstance(item, bool) and not INT64[0] <= item <= INT64[1]:
+        elif isinstance(item, int) and not isinstance(item, bool) and not INT64_MIN <= item <= INT64_MAX:
             abort(400, description="the integer %s is too large (at most 64 bits)" % str(item)[:40])
 
 

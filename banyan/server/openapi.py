@@ -26,10 +26,11 @@ import re
 from flask import Blueprint, current_app, jsonify
 
 from banyan import __version__
+from banyan.protocol import INT64_MAX, WORKER_STATES
 from banyan.server import claims, states
 from banyan.server.auth import NAME_RE
 from banyan.server.claims import USAGE_NAME
-from banyan.server.identity import ROLES
+from banyan.protocol import ROLES
 from banyan.server.query import ALLOWED_OPERATORS
 
 OBJECTID = {"type": "string", "pattern": "^[0-9a-f]{24}$"}
@@ -154,9 +155,9 @@ def resource_schemas(domain, virtual):
 
 def worker_schemas(config):
     resources = {"type": "object", "additionalProperties": False, "properties": {
-        "cores": {"type": "number", "minimum": 0, "maximum": claims.MAX_STORED_INT},
-        "memory": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": claims.MAX_STORED_INT}, SIZE_TEXT]},
-        "gpus": {"type": "integer", "minimum": 0, "maximum": claims.MAX_STORED_INT}}}
+        "cores": {"type": "number", "minimum": 0, "maximum": INT64_MAX},
+        "memory": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": INT64_MAX}, SIZE_TEXT]},
+        "gpus": {"type": "integer", "minimum": 0, "maximum": INT64_MAX}}}
     stored = {name: json_schema(rules) for name, rules in config["DOMAIN"]["workers"]["schema"].items()
               if name != "token_id"}
     max_tasks = config["CLAIM_MAX_TASKS"]
@@ -387,7 +388,7 @@ def operations(config):
         "claims.list_view": {"GET": _op("workers, with the tasks each holds that the caller may see",
                                         _answer(200, "the workers", _listing(_ref("Worker"))),
                                         params=[_query("state", "active, lost or stopped",
-                                                       {"enum": ["active", "lost", "stopped"]}), WHERE])},
+                                                       {"enum": [s.value for s in WORKER_STATES]}), WHERE])},
         "claims.show_view": {"GET": _op("one worker", _answer(200, "the worker", _ref("Worker")))},
         "claims.unregister_view": {"DELETE": _op("unregister a worker; the tasks it holds are abandoned",
                                                  _answer(204, "unregistered"), roles=("worker", "admin"))},

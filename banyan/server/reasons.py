@@ -15,7 +15,7 @@ finished have none (null). Codes, in the order they are checked:
 """
 
 from banyan.fit import describe_request, fits, largest_offers, short_of
-from banyan.server.states import QUEUED, TaskState as S
+from banyan.protocol import QUEUED, TaskState as S, WorkerState
 
 #: Task fields a reason is computed from (added to projections that ask for it).
 NEEDS = ("state", "pending_parents", "held", "requested_resources", "job", "array_limit")
@@ -33,7 +33,7 @@ def add_pending_reasons(db, docs):
               and "pending_parents" in doc and "requested_resources" in doc]
     if not queued:
         return
-    workers = list(db["workers"].find({"state": "active"}, {"resources": 1}))
+    workers = list(db["workers"].find({"state": WorkerState.ACTIVE.value}, {"resources": 1}))
     job_ids = list({doc["job"] for doc in queued if doc.get("array_limit") and doc.get("job")})
     slots = {}
     if job_ids:

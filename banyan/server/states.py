@@ -15,7 +15,6 @@ cascade did not finish keeps `cascade_pending: true` until `resume_cascades`
 completes it.
 """
 
-import enum
 import logging
 import math
 import time
@@ -25,55 +24,31 @@ from bson import ObjectId
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
+from banyan.protocol import (AFTER_FIELDS, DEFAULT_MAX_LOST, EXIT_STATUSES, FINISHED, HELD,  # noqa: F401 (re-exported)
+                             INT64_MAX, QUEUED, RESOURCES, WORKER_OUTCOMES, DependencyKind, Outcome, TaskState)
+
 log = logging.getLogger(__name__)
-
-
-class TaskState(str, enum.Enum):
-    INACTIVE = "inactive"
-    AVAILABLE = "available"
-    RUNNING = "running"
-    PENDING_CANCELLATION = "pending_cancellation"
-    CANCELLED = "cancelled"
-    TERMINATED = "terminated"
-
-    def __str__(self):
-        return self.value
 
 
 S = TaskState
 
-SUCCESS = "success"
-FAILURE = "failure"
-TIMEOUT = "timeout"
-#: Killed by the kernel for using more than its memory (a worker with --enforce-memory).
-OOM = "oom"
-CANCELLED = "cancelled"
-ABANDONED = "abandoned (worker unreachable)"
-EXIT_STATUSES = (SUCCESS, FAILURE, TIMEOUT, CANCELLED, ABANDONED, OOM)
-#: Outcomes a worker may report for an attempt.
-WORKER_OUTCOMES = (SUCCESS, FAILURE, TIMEOUT, CANCELLED, OOM)
+SUCCESS = Outcome.SUCCESS.value
+FAILURE = Outcome.FAILURE.value
+TIMEOUT = Outcome.TIMEOUT.value
+OOM = Outcome.OOM.value
+CANCELLED = Outcome.CANCELLED.value
+ABANDONED = Outcome.ABANDONED.value
 #: How many times an `oom` attempt is retried with `retry_memory_factor` times
 #: more memory (these retries do not use `max_retries`).
 MAX_MEMORY_RETRIES = 3
-#: The largest memory request a retry may grow to (MongoDB's 64-bit integers).
-MAX_MEMORY = (1 << 63) - 1
-#: Attempts a task may lose to lost workers (`lost_count`) before it fails,
-#: unless it sets `max_lost`: a lost machine is not the task's failure, so
-#: it does not spend `max_retries`.
-DEFAULT_MAX_LOST = 3
+#: The largest memory request a retry may grow to.
+MAX_MEMORY = INT64_MAX
 #: A job's caps on the tasks its running tasks add, unless it sets its own
 #: (`max_tasks`, `max_depth`): enough for real sweeps and splits, and a
 #: runaway loop of tasks adding tasks stops soon.
 DEFAULT_MAX_ADDED = 1000
 DEFAULT_MAX_DEPTH = 10
 
-FINISHED = (S.CANCELLED, S.TERMINATED)
-#: Waiting to be claimed: the states in which queued-only fields
-#: (priority, resources, time limit, retries, `held`) may change.
-QUEUED = (S.INACTIVE, S.AVAILABLE)
-#: Resources a task requests and a worker offers.
-RESOURCES = ("cores", "memory", "gpus")
-HELD = (S.RUNNING, S.PENDING_CANCELLATION)
 
 #: requested state -> allowed current states, per role. A user asking to
 #: cancel a running task gets `pending_cancellation` (see `stored_state`).
@@ -99,8 +74,7 @@ INITIAL_STATES = (S.INACTIVE, S.AVAILABLE)
 #: Kinds of dependency, by the child's field that names its parents: what
 #: the parent's end must be for the child to run. A parent's `continuations`
 #: are `after` edges unless the child lists the parent in another field.
-SUCCESS_KIND, ANY_KIND, FAILURE_KIND = "success", "any", "failure"
-AFTER_FIELDS = {"after": SUCCESS_KIND, "after_any": ANY_KIND, "after_failure": FAILURE_KIND}
+SUCCESS_KIND, ANY_KIND, FAILURE_KIND = (k.value for k in DependencyKind)
 
 
 def edge_kind(child, parent_id):

@@ -46,16 +46,15 @@ from flask import Blueprint, Response, abort, current_app, jsonify, request, sen
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from banyan.protocol import (EXIT_STATUSES, FINISHED, HELD, RESOURCES as RESOURCE_KEYS, WORKER_STATES, TaskState,
+                             WorkerState)
 from banyan.server import auth
-from banyan.server.states import (ABANDONED, EXIT_STATUSES, FAILURE, FINISHED, HELD, OOM, SUCCESS, TIMEOUT,
-                                  TaskState, seconds_between, utcnow)
+from banyan.server.states import ABANDONED, FAILURE, OOM, SUCCESS, TIMEOUT, seconds_between, utcnow
 
 log = logging.getLogger(__name__)
 
 TASKS = "tasks"
 WORKERS = "workers"
-RESOURCE_KEYS = ("cores", "memory", "gpus")
-WORKER_STATES = ("active", "lost", "stopped")
 #: Final exit statuses that count as a failed task (a cancelled one did not fail).
 FAILED = (FAILURE, TIMEOUT, ABANDONED, OOM)
 THROUGHPUT_MINUTES = 60
@@ -260,15 +259,15 @@ def worker_load(db):
         items.append(_worker_item(doc, held.pop(doc["_id"], None)))
     for worker_id, row in held.items():
         items.append(_worker_item({"_id": worker_id, "state": "unknown", "resources": {}}, row))
-    order = {"active": 0, "unknown": 1, "lost": 2, "stopped": 3}
+    order = {WorkerState.ACTIVE: 0, "unknown": 1, WorkerState.LOST: 2, WorkerState.STOPPED: 3}
     items.sort(key=lambda w: (order.get(w["state"], 4), str(w.get("host") or ""), str(w["_id"])))
-    summary = {"workers": len(items), "states": {s: 0 for s in WORKER_STATES}, "running": 0}
+    summary = {"workers": len(items), "states": {s.value: 0 for s in WORKER_STATES}, "running": 0}
     for key in RESOURCE_KEYS:
         summary[key] = {"used": 0, "total": 0}
     for item in items:
         summary["states"][item["state"]] = summary["states"].get(item["state"], 0) + 1
         summary["running"] += item["running"]
-        if item["state"] == "active":
+        if item["state"] == WorkerState.ACTIVE:
             for key in RESOURCE_KEYS:
                 summary[key]["used"] += item["used"][key]
                 summary[key]["total"] += item["resources"].get(key) or 0
@@ -343,7 +342,7 @@ class _Snapshot:
         total = GaugeMetricFamily("banyan_worker_resources_total", "A worker's total resources.",
                                   labels=["worker", "host", "resource"])
         for item in workers["_items"]:
-            if item["state"] not in ("active", "unknown"):
+            if item["state"] not in (WorkerState.ACTIVE, "unknown"):
                 continue
             labels = [str(item["_id"]), item["host"] or ""]
             running.add_metric(labels, item["running"])

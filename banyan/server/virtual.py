@@ -60,8 +60,9 @@ from eve.render import send_response
 from flask import Blueprint, abort, g, has_request_context, request
 from flask import current_app as app
 
+from banyan.protocol import ROLES
 from banyan.server import bulk
-from banyan.server.identity import ROLES, current_identity
+from banyan.server.identity import current_identity
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,11 @@ import time
 
 from bson import ObjectId
 
+from banyan import protocol
+
 log = logging.getLogger(__name__)
 
-FINISHED = ("cancelled", "terminated")
+FINISHED = [s.value for s in protocol.FINISHED]
 ARCHIVE_DIR = "archive"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # banyan.settings.DATE_FORMAT
 _BATCH = 1000

@@ -27,6 +27,7 @@ from collections import namedtuple
 
 import psutil
 
+from ..protocol import Outcome as Ended
 from . import supervisor as sup
 from .output import DEFAULT_OUTPUT_CAP, RotatingOutput
 from .progress import PROGRESS_ENV, read_last_progress
@@ -56,8 +57,8 @@ SPAWNER = SUPERVISOR[:4] + [
 START_TIMEOUT = 60.0
 
 #: ``exit_code`` is the process's return code (negative: killed by signal -N),
-#: or None when the command could not be started at all. ``outcome`` is one of
-#: "success", "failure", "timeout", "cancelled", "oom".
+#: or None when the command could not be started at all. ``outcome`` is the
+#: ``banyan.protocol.Outcome`` a worker reports (all but ``abandoned``).
 Outcome = namedtuple("Outcome", "exit_code outcome")
 
 
@@ -294,7 +295,7 @@ class TaskProcess:
                 self.start_error = (f"banyan-worker: cannot prepare {self.attempt_dir} "
                                     f"for task {self.task_id}: {exc}\n")
                 log.error("task %s attempt %s: %s", self.task_id, self.attempt, self.start_error.strip())
-                self._outcome = Outcome(None, "failure")
+                self._outcome = Outcome(None, Ended.FAILURE.value)
                 return
             self._start_command(out, err, standby)
 
@@ -302,7 +303,7 @@ class TaskProcess:
         command = self.task.get("command")
         if command is None or command == [] or command == "":
             # A barrier; the server normally finishes these itself.
-            self._outcome = Outcome(0, "success")
+            self._outcome = Outcome(0, Ended.SUCCESS.value)
             return
         if isinstance(command, str):
             args = ["/bin/sh", "-c", command]
@@ -341,7 +342,7 @@ class TaskProcess:
         err.write(f"banyan-worker: cannot start task {self.task_id}: {reason}\n".encode())
         err.flush()
         log.warning("task %s attempt %s failed to start: %s", self.task_id, self.attempt, reason)
-        self._outcome = Outcome(None, "failure")
+        self._outcome = Outcome(None, Ended.FAILURE.value)
 
     # -- talking to the supervisor ----------------------------------------
 
@@ -434,15 +435,16 @@ class TaskProcess:
             log.error("task %s: supervisor %s died (exit code %s); killing what it left",
                       self.task_id, self.popen.pid, self.popen.returncode)
             self._kill_leftovers()
-            code, outcome = None, self.stop_reason or "failure"
+            code, outcome = None, self.stop_reason or Ended.FAILURE.value
         else:
             code = self.result.get("exit_code")
             if self.stop_reason is not None and self.result.get("stopped", True):
                 outcome = self.stop_reason
             elif self.result.get("oom") and code != 0:
-                outcome = "oom"
+                outcome = Ended.OOM.value
             else:
-                outcome = "success" if code == 0 and not self.result.get("lease_expired") else "failure"
+                succeeded = code == 0 and not self.result.get("lease_expired")
+                outcome = Ended.SUCCESS.value if succeeded else Ended.FAILURE.value
             if self.result.get("lease_expired"):
                 log.error("task %s attempt %s: its lease ran out; the supervisor killed it",
                           self.task_id, self.attempt)
@@ -540,7 +542,7 @@ class TaskProcess:
         if self._outcome is not None or self.popen is None:
             return
         if self.popen.poll() is None and self.stop_reason is None:
-            self.stop_reason = reason or "failure"
+            self.stop_reason = reason or Ended.FAILURE.value
         if self.kill_deadline is None:
             grace = max(0.0, float(grace))
             log.info("task %s: SIGTERM to its processes (SIGKILL in %gs)", self.task_id, grace)
@@ -556,7 +558,7 @@ class TaskProcess:
         if self.popen is None or self._outcome is not None:
             return
         if self.stop_reason is None and self.popen.poll() is None:
-            self.stop_reason = "failure"
+            self.stop_reason = Ended.FAILURE.value
         if self._kill_sent is None:
             log.info("task %s: SIGKILL to its processes", self.task_id)
             self._kill_sent = time.monotonic()

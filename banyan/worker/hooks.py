@@ -8,6 +8,8 @@ raises is logged and does not stop the worker or the task (see
 
 import logging
 
+from ..protocol import Outcome as Ended
+
 log = logging.getLogger(__name__)
 
 __all__ = ["TaskHook", "TimeLimit", "run_hooks"]
@@ -40,7 +42,7 @@ class TimeLimit(TaskHook):
             return
         if now - task.started >= float(limit):
             log.warning("task %s exceeded its time limit of %ss; terminating", task.task_id, limit)
-            task.terminate(task.max_shutdown_time, reason="timeout", wait=False)
+            task.terminate(task.max_shutdown_time, reason=Ended.TIMEOUT.value, wait=False)
 
 
 def run_hooks(hooks, method, *args):

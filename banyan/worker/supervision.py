@@ -12,6 +12,7 @@ import os
 import subprocess
 import threading
 
+from ..protocol import Outcome as Ended
 from . import resources
 from .executor import OUTPUT_LIMIT, Outcome, TaskProcess, reap_orphans
 from .hooks import run_hooks
@@ -91,7 +92,7 @@ class Supervision:
             self.registration.worker_id = None
         log.error("%s: killing %d task(s) and registering again", reason, len(victims))
         for _, proc in victims:
-            proc.terminate(proc.max_shutdown_time, reason="failure", wait=False)
+            proc.terminate(proc.max_shutdown_time, reason=Ended.FAILURE.value, wait=False)
         self.registration.given_up()
 
     def maybe_register(self, now):
@@ -130,13 +131,13 @@ class Supervision:
             if action == "cancel":
                 if proc is not None and proc.stop_reason is None:
                     log.info("task %s: cancellation requested", task_id)
-                    proc.terminate(proc.max_shutdown_time, reason="cancelled", wait=False)
+                    proc.terminate(proc.max_shutdown_time, reason=Ended.CANCELLED.value, wait=False)
                 elif pending is not None:
-                    self.reporter.put(pending, attempt_of(pending), Outcome(None, "cancelled"),
+                    self.reporter.put(pending, attempt_of(pending), Outcome(None, Ended.CANCELLED.value),
                                       "", "", {"max_rss": 0, "cpu_percent": 0.0})
             elif proc is not None:
                 log.warning("task %s: the server says it is no longer ours; killing it", task_id)
-                proc.terminate(proc.max_shutdown_time, reason="failure", wait=False)
+                proc.terminate(proc.max_shutdown_time, reason=Ended.FAILURE.value, wait=False)
 
     def start_claimed(self):
         """Start every claimed task (unless stopping hard)."""
@@ -279,7 +280,7 @@ class Supervision:
         for proc in running:
             if proc.kill_deadline is None:
                 log.warning("task %s still running after the drain period; terminating it", proc.task_id)
-                proc.terminate(proc.max_shutdown_time, reason="failure", wait=False)
+                proc.terminate(proc.max_shutdown_time, reason=Ended.FAILURE.value, wait=False)
 
     def attempt_dir(self, task_id, attempt):
         return os.path.join(self.config.work_dir, task_id, f"attempt-{attempt}")
@@ -293,13 +294,13 @@ class Supervision:
         for _task_id, proc in left:
             if forced:
                 proc.kill()
-            proc.terminate(0 if forced else proc.max_shutdown_time, reason="failure", wait=True)
+            proc.terminate(0 if forced else proc.max_shutdown_time, reason=Ended.FAILURE.value, wait=True)
         with holdings.lock:
             for task_id, proc in list(holdings.running.items()):
                 self.finish_attempt(task_id, proc, proc.poll())
             holdings.doomed.clear()
             unstarted, holdings.inbox = holdings.inbox, []
         for task in unstarted:  # claimed during a cold stop: hand them back as failed attempts
-            self.reporter.put(task, attempt_of(task), Outcome(None, "failure"), "",
+            self.reporter.put(task, attempt_of(task), Outcome(None, Ended.FAILURE.value), "",
                               "banyan-worker stopped before starting this task\n",
                               {"max_rss": 0, "cpu_percent": 0.0})
