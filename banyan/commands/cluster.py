@@ -39,8 +39,8 @@ def register(sub):
 
 
 STATE_ORDER = tuple(s.value for s in TaskState)
-OUTCOME_ORDER = tuple(o.value for o in (Outcome.SUCCESS, Outcome.FAILURE, Outcome.OOM, Outcome.TIMEOUT, Outcome.CANCELLED,
-                                        Outcome.ABANDONED))
+OUTCOME_ORDER = tuple(o.value for o in (Outcome.SUCCESS, Outcome.FAILURE, Outcome.OOM, Outcome.TIMEOUT,
+                                        Outcome.CANCELLED, Outcome.ABANDONED))
 
 
 def _ordered(counts, order):

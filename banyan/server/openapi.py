@@ -27,7 +27,7 @@ from flask import Blueprint, current_app, jsonify
 
 from banyan import __version__
 from banyan.protocol import INT64_MAX, WORKER_STATES
-from banyan.server import claims, states
+from banyan.server import states
 from banyan.server.auth import NAME_RE
 from banyan.server.claims import USAGE_NAME
 from banyan.protocol import ROLES
