@@ -159,6 +159,8 @@ tasks = {
         "job": [("job", 1), ("state", 1)],
         # The children an attempt added (`added_by`), replaced when it fails.
         "added_by": [("added_by", 1), ("added_in_attempt", 1)],
+        # `/stats`' throughput: the attempts that ended in the last hour.
+        "ended": [("history.ended", 1)],
     },
 }
 

@@ -1,8 +1,8 @@
 """The embedded store at scale, through a real `banyan server` process.
 
-For each size: a data directory holding that many tasks (half finished,
-with one history entry each, as a busy queue has; the other half
-available), written directly through the store; then a `banyan server` on
+For each size: a data directory holding that many tasks (half finished
+over the last 30 days, with one history entry each, as a busy queue has;
+the other half available), written directly through the store; then a `banyan server` on
 it, and:
 
 - restart: from spawning the server to its first answer;
@@ -48,6 +48,9 @@ from banyan.server.store import connect
 from banyan.store import journal
 
 FREE = {"cores": 64, "memory": 1 << 40, "gpus": 0}
+#: The finished tasks ended over the last 30 days, evenly: a lab server's
+#: month (the last hour's, which `/stats` reads one by one, are 1/720 of them).
+MONTH = 30 * 24 * 3600
 
 
 def build(data_dir, n):
@@ -77,9 +80,10 @@ def build(data_dir, n):
                 doc["name"] = "task %d" % i
                 doc["command"] = ["echo", str(i)]
                 if i % 2:
+                    ended = now - timedelta(seconds=MONTH * (n - i) / n)
                     doc.update(state="terminated", exit_status="success", history=[{
-                        "worker": ObjectId(), "started": now - timedelta(seconds=90),
-                        "ended": now - timedelta(seconds=i % 60), "exit_status": "success", "exit_code": 0,
+                        "worker": ObjectId(), "started": ended - timedelta(seconds=90),
+                        "ended": ended, "exit_status": "success", "exit_code": 0,
                         "runtime": 90.0 + i % 7}], queue_wait=1.5 + i % 5)
                 docs.append(doc)
             f.write(journal.frame([{"o": "p", "d": "banyan", "c": "tasks", "docs": docs}]))

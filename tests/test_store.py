@@ -73,7 +73,12 @@ def _random_doc(rng, i):
 
 
 def _random_filter(rng):
-    choice = rng.randrange(11)
+    choice = rng.randrange(13)
+    if choice == 11:  # a lower bound on an index's first field: a range of it
+        return {"priority": {rng.choice(["$gt", "$gte"]): rng.choice([0, 1, 1.5, True, "a", None])}}
+    if choice == 12:  # on a multikey field, and bounds inside an `$and`
+        return {"$and": [{"continuations": {"$gte": rng.randrange(12)}}, {"n": {"$gt": rng.randrange(300)}},
+                         {"n": {"$gte": rng.randrange(300)}}]}
     if choice == 9:
         return {"owner": {"$nin": ["ann", None]}, "priority": {"$lt": rng.choice(["z", 1, None])}}
     if choice == 10:
@@ -135,6 +140,8 @@ def _run_equivalence(tmp_path, seed, ndocs=250, nops=400):
         c.create_index([("continuations", 1)])
         c.create_index([("worker", 1), ("state", 1)])
         c.create_index([("owner", 1)])
+        c.create_index([("priority", 1)])
+        c.create_index([("n", 1)])
     docs = [_random_doc(rng, i) for i in range(ndocs)]
     for c in colls:
         c.insert_many([dict(d) for d in docs])

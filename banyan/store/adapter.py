@@ -48,7 +48,7 @@ from banyan.store.aggregation import _READ_ONLY_STAGES, fast_stage, inclusion_pr
 from banyan.store.engine import Engine
 from banyan.store.indexes import EMPTY_KEY, TOP, SecondaryIndex, asc_key, indexable_spec
 from banyan.store.views import GroupView, SortView, ViewSet
-from banyan.store.planning import eq_conditions, matcher, mongomock_sort, norm_sort, store_key
+from banyan.store.planning import eq_conditions, lower_bounds, matcher, mongomock_sort, norm_sort, store_key
 
 #: The mongomock versions this adapter is tested with (it subclasses
 #: mongomock's classes and calls a few of their internals); pyproject.toml
@@ -306,7 +306,7 @@ class _CollectionStore(mm_store.CollectionStore):
         self.flush_touched()
         conds = eq_conditions(spec, {})
         if not conds:
-            return None
+            return self._range_plan(spec, sort)
         if '_id' in conds:
             keys = set()
             for v in conds['_id']:
@@ -346,7 +346,7 @@ class _CollectionStore(mm_store.CollectionStore):
             if best is None or score > best[0]:
                 best = (score, name, idx, prefix, aligned)
         if best is None:
-            return None
+            return self._range_plan(spec, sort)
         _, _, idx, prefix, aligned = best
         per_field = [
             [k for v in conds[field] for k in idx.lookup_keys(pos, v)]
@@ -360,6 +360,30 @@ class _CollectionStore(mm_store.CollectionStore):
             for e in idx.entries.irange(lo, lo + (TOP,)):
                 keys.add(seq_key[e[-1]])
         return self._ordered_by_seq(keys), not sort
+
+    def _range_plan(self, spec, sort):
+        """Candidates from an index whose first field (ascending) has a
+        lower bound in `spec` (`$gt` / `$gte`): the documents with a key at
+        or above it, or None. (The last hour's attempts of `/stats`.)"""
+        bounds = lower_bounds(spec, {})
+        if not bounds:
+            return None
+        for idx in self._sec.values():
+            field, direction = idx.fields[0]
+            if direction != 1 or field not in bounds:
+                continue
+            lows = [asc_key(v) for v in bounds[field]]
+            if len({k[1] for k in lows}) != 1:
+                continue  # bounds of different types: nothing matches, left to the scan
+            low = max(lows, key=lambda k: k[2])
+            keys = set()
+            seq_key = self._seq_key
+            for e in idx.entries.irange((low,), None):
+                keys.add(seq_key[e[-1]])
+                if len(keys) > len(seq_key) // 2:
+                    return None  # most documents: a scan in slices is better
+            return self._ordered_by_seq(keys), not sort
+        return None
 
     def _iter_range(self, idx, lo):
         docs = self._documents

@@ -5,6 +5,7 @@ Every candidate a plan yields is still checked with mongomock's filter, so
 results are exactly those of a full scan.
 """
 
+import datetime
 import operator
 
 from bson import ObjectId
@@ -44,6 +45,28 @@ def eq_conditions(spec, out):
             vals = [v]
         if vals is not None and (k not in out or len(vals) < len(out[k])):
             out[k] = vals
+    return out
+
+
+def lower_bounds(spec, out):
+    """Collect field -> values a top-level `$gt` / `$gte` (or one inside a
+    top-level `$and`) puts below it, for plain dates, numbers and strings.
+    Each is a necessary condition: MongoDB compares only values of the same
+    type (type bracketing), so a matching value sorts above it in an index."""
+    if not isinstance(spec, dict):
+        return out
+    for k, v in spec.items():
+        if k == '$and' and isinstance(v, list):
+            for sub in v:
+                lower_bounds(sub, out)
+            continue
+        if not isinstance(k, str) or k.startswith('$') or not isinstance(v, dict):
+            continue
+        for op in ('$gt', '$gte'):
+            bound = v.get(op)
+            if isinstance(bound, (datetime.datetime, int, float, str)) and not isinstance(bound, bool) \
+                    and bound == bound:
+                out.setdefault(k, []).append(bound)
     return out
 
 
