@@ -466,7 +466,8 @@ def test_server_and_token_come_from_flag_then_environment_then_config_file(clust
 
 def test_progress_reports_from_inside_a_task(cluster):
     banyan = " ".join(BANYAN)
-    task_id = cluster.ok("submit", "--", "%s progress 0.5 half way && sleep 3" % banyan).stdout.strip()
+    # The task runs until cancelled: the checks below take what time they take.
+    task_id = cluster.ok("submit", "--", "%s progress 0.5 half way && sleep 600" % banyan).stdout.strip()
 
     def progress():
         attempt = (cluster.task(task_id).get("history") or [{}])[-1]

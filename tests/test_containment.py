@@ -112,10 +112,16 @@ def test_a_lease_not_renewed_kills_the_task_tree(tmp_path):
 
 
 def test_a_renewed_lease_keeps_the_task_running(tmp_path):
+    """The task outlives its first lease by a second, renewed every 0.1 s
+    (a lease of 1.5 s leaves the test's thread that much slack on a busy machine)."""
     marker = tmp_path / "t1" / "done"
-    proc, here, _ = start(tmp_path, "sleep 2; touch done", lease=time.monotonic() + 0.6)
+    lease = 1.5
+    first = time.monotonic() + lease
+    proc, here, _ = start(tmp_path, "while [ ! -e go ]; do sleep 0.05; done; touch done", lease=first)
     while proc.poll() is None:
-        proc.renew(time.monotonic() + 0.6)  # as heartbeats the server acknowledged would
+        proc.renew(time.monotonic() + lease)  # as heartbeats the server acknowledged would
+        if time.monotonic() > first + 1.0 and not (here / "go").exists():
+            (here / "go").touch()
         time.sleep(0.1)
     assert proc.poll() == (0, "success") and not proc.result["lease_expired"] and marker.exists()
 

@@ -152,20 +152,30 @@ def test_terminate_kills_a_group_that_ignores_sigterm(tmp_path):
     assert group_members(proc.pgid) == []
 
 
+def wait_ready(proc, ready, timeout=10):
+    """Wait until the task made `ready` (its trap is set), failing if it ended first."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the task never set its trap"
+        time.sleep(0.02)
+
+
 def test_terminate_lets_a_cooperative_task_exit_on_sigterm(tmp_path):
-    marker = tmp_path / "cleaned"
-    proc = make(tmp_path, f"trap 'echo bye > {marker}; exit 3' TERM; while true; do sleep 0.05; done")
+    marker, ready = tmp_path / "cleaned", tmp_path / "ready"
+    proc = make(tmp_path, f"trap 'echo bye > {marker}; exit 3' TERM; touch {ready}; "
+                          "while true; do sleep 0.05; done")
     proc.start()
-    time.sleep(0.3)
+    wait_ready(proc, ready)
     proc.terminate(grace=30, reason="cancelled")
     assert proc.poll() == (3, "cancelled")
     assert marker.read_text() == "bye\n"
 
 
 def test_terminate_without_waiting_escalates_from_poll(tmp_path):
-    proc = make(tmp_path, "trap '' TERM; sleep 60")
+    ready = tmp_path / "ready"
+    proc = make(tmp_path, f"trap '' TERM; touch {ready}; sleep 60")
     proc.start()
-    time.sleep(0.2)
+    wait_ready(proc, ready)
     proc.terminate(grace=0.3, reason="timeout", wait=False)
     assert proc.poll() is None
     assert wait_outcome(proc) == (-signal.SIGKILL, "timeout")

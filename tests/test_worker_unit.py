@@ -386,8 +386,9 @@ def test_unknown_tasks_are_killed_and_dropped(fake, start_worker, tmp_path):
         fake.tasks["stolen"].pop("worker")
     wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
              what="the task to be killed")
-    time.sleep(0.5)  # a few heartbeats later, still nothing reported
-    assert fake.finish_of("stolen") is None
+    beats = len(fake.workers["w1"]["heartbeats"])
+    wait_for(lambda: len(fake.workers["w1"]["heartbeats"]) >= beats + 3, what="three more heartbeats")
+    assert fake.finish_of("stolen") is None  # still nothing reported
 
 
 def test_server_gone_past_timeout_kills_tasks_then_registers_again(fake, start_worker, tmp_path):
@@ -423,7 +424,8 @@ def test_reports_are_retried_until_the_server_takes_them(fake, start_worker, tmp
     wait_for(lambda: fake.tasks["patient"]["state"] == "running", what="claim")
     fake.stop()
     gate.touch()
-    time.sleep(1.0)  # the task ends while the server is away; the report waits
+    # the task ends while the server is away; the report waits
+    wait_for(lambda: "patient" in runner.worker.holdings.unreported, what="the task to end")
     fake.restart()
     report = wait_for(lambda: fake.finish_of("patient"), what="the delayed report")
     assert (report["outcome"], report["stdout"]) == ("success", "done\n")
