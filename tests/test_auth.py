@@ -418,6 +418,7 @@ def banyan(*args, timeout=60, env=None):
                           timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_server_beyond_loopback_without_auth_refuses_to_start(tmp_path):
     for extra in (["--host", "0.0.0.0", "--no-auth"],
                   ["--host", "::", "--no-auth"],
@@ -463,6 +464,7 @@ def test_loopback_server_runs_open_only_on_the_embedded_store_and_says_so(live_s
         assert "authentication is OFF" in log
 
 
+@pytest.mark.slow
 def test_token_cli_direct_then_through_the_server(tmp_path):
     data = str(tmp_path / "data")
     # directly in the store the server will serve from

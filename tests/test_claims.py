@@ -260,6 +260,7 @@ def seed_tasks(app, bodies):
     return [str(d["_id"]) for d in docs]
 
 
+@pytest.mark.slow
 def test_eight_concurrent_claimers_take_every_task_exactly_once(app, api, db):
     n = 2000
     seed_tasks(app, [{"command": "echo %d" % i, "state": "available", "priority": i % 7,
@@ -446,6 +447,7 @@ def test_long_poll_finds_tasks_made_ready_by_another_server(store):
     assert [t["_id"] for t in result["reply"]["_items"]] == [str(docs[0]["_id"])]
 
 
+@pytest.mark.slow
 def test_too_many_waiting_claims_answer_at_once(store):
     app = make_app(store, CLAIM_MAX_WAITERS=1)
     api = app.test_client()

@@ -122,6 +122,7 @@ def when(value):
 
 # -- help and errors ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_command_answers_help():
     invocations = [[]] + [[c] for c in COMMANDS] + [["token", a] for a in ("create", "revoke", "list")]
     procs = [(args, subprocess.Popen(BANYAN + args + ["--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -149,6 +150,7 @@ def test_the_command_loads_nothing_of_the_server():
     assert result.stdout.strip() == ""
 
 
+@pytest.mark.slow
 def test_unreachable_server_gives_one_line_and_a_nonzero_exit(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -172,6 +174,7 @@ def test_unreachable_server_gives_one_line_and_a_nonzero_exit(tmp_path):
         assert out == ""
 
 
+@pytest.mark.slow
 def test_refused_input_gives_one_line(cluster, tmp_path):
     name = unique("refused")
     result = cluster.run("submit", "--name", name, "--memory", "lots", "--", "true")
@@ -221,6 +224,7 @@ def test_refused_input_gives_one_line(cluster, tmp_path):
 
 # -- graphs and wait -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_graph_from_a_file_runs_in_dependency_order_and_wait_exits_0(cluster, tmp_path):
     order = tmp_path / "order.txt"
     step = "echo start {n} >> %s; sleep {s}; echo end {n} >> %s" % (order, order)
@@ -261,6 +265,7 @@ tasks:
         assert lines.index("end " + parent) < lines.index("start " + child), lines
 
 
+@pytest.mark.slow
 def test_wait_exits_nonzero_and_names_the_failed_tasks(cluster, tmp_path):
     tag = unique("g")
     graph = tmp_path / "failing.yaml"
@@ -288,6 +293,7 @@ tasks:
     assert cluster.run("wait", "--name", tag + "-doomed").returncode == 1
 
 
+@pytest.mark.slow
 def test_after_runs_once_the_parent_succeeded_and_is_refused_after_a_failure(cluster):
     parent = cluster.ok("submit", "--", "sleep 1").stdout.strip()
     child = cluster.ok("submit", "--after", parent, "--", "echo", "child ran").stdout.strip()
@@ -310,6 +316,7 @@ def test_after_runs_once_the_parent_succeeded_and_is_refused_after_a_failure(clu
     assert cluster.tasks({"name": name}) == []
 
 
+@pytest.mark.slow
 def test_array_sets_the_index_and_logs_print_what_the_api_holds(cluster):
     name = unique("arr")
     result = cluster.ok("submit", "--array", "1-5", "--name", name, "--",
@@ -333,6 +340,7 @@ def test_array_sets_the_index_and_logs_print_what_the_api_holds(cluster):
     assert result.returncode == 1 and "attempt 2" in one_line(result.stderr)
 
 
+@pytest.mark.slow
 def test_logs_follow_prints_the_output_once_the_task_ends(cluster):
     task_id = cluster.ok("submit", "--", "echo first; sleep 1; echo second").stdout.strip()
     result = cluster.ok("logs", "--follow", task_id)
@@ -342,6 +350,7 @@ def test_logs_follow_prints_the_output_once_the_task_ends(cluster):
 
 # -- ls, show, cancel, stats, workers ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_ls_and_show_print_what_the_api_holds(cluster):
     name = unique("ls")
     ids = cluster.ok("submit", "--array", "1-3", "--name", name, "--cores", "0.5", "--memory", "1 MiB",
@@ -379,6 +388,7 @@ def test_ls_and_show_print_what_the_api_holds(cluster):
     assert shown_json == {k: v for k, v in cluster.task(ids[0]).items() if k != "_links"}
 
 
+@pytest.mark.slow
 def test_cancel_stops_a_running_task_and_its_continuations(cluster):
     sleeper = cluster.ok("submit", "--name", "sleeper", "--", "sleep", "60").stdout.strip()
     after = cluster.ok("submit", "--after", sleeper, "--", "echo", "never").stdout.strip()
@@ -416,6 +426,7 @@ def _stable(read_api, read_cli, tries=20):
     raise AssertionError("the queue kept changing")
 
 
+@pytest.mark.slow
 def test_stats_and_workers_print_what_the_api_holds(cluster):
     counts = ("total", "states", "outcomes", "succeeded", "failed")
 
@@ -445,6 +456,7 @@ def test_stats_and_workers_print_what_the_api_holds(cluster):
     assert "/16" in row and "/4.0 GiB" in row
 
 
+@pytest.mark.slow
 def test_server_and_token_come_from_flag_then_environment_then_config_file(cluster, tmp_path):
     home = tmp_path / "home"
     (home / ".config" / "banyan").mkdir(parents=True)
@@ -464,6 +476,7 @@ def test_server_and_token_come_from_flag_then_environment_then_config_file(clust
     assert result.returncode == 2 and "config.toml" in one_line(result.stderr)
 
 
+@pytest.mark.slow
 def test_progress_reports_from_inside_a_task(cluster):
     banyan = " ".join(BANYAN)
     # The task runs until cancelled: the checks below take what time they take.
@@ -483,6 +496,7 @@ def test_progress_reports_from_inside_a_task(cluster):
 
 # -- banyan up with authentication --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_up_with_auth_gives_its_worker_a_token(tmp_path):
     data = tmp_path / "up-data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
@@ -510,6 +524,7 @@ def test_up_with_auth_gives_its_worker_a_token(tmp_path):
         assert up.wait(timeout=30) == 0
 
 
+@pytest.mark.slow
 def test_wait_on_a_filter_keeps_waiting_for_tasks_that_left_it(live_server):
     """`wait --where '{"state": "available"}'` over more than 200 tasks asks
     the filter again each round; tasks claimed meanwhile no longer match it
@@ -531,6 +546,7 @@ def test_wait_on_a_filter_keeps_waiting_for_tasks_that_left_it(live_server):
     assert result.timed_out and not result.ok
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_up_lets_running_tasks_finish_and_report(tmp_path):
     """Ctrl-C reaches the whole foreground group. `up` alone must act on
     it: the worker drains (its task ends and is reported) and unregisters,

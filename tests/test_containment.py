@@ -102,6 +102,7 @@ def test_daemons_end_when_their_task_is_cancelled(tmp_path, mode):
     found.release()
 
 
+@pytest.mark.slow
 def test_a_lease_not_renewed_kills_the_task_tree(tmp_path):
     proc, here, _ = start(tmp_path, DAEMONS + "sleep 1000", lease=time.monotonic() + 2)
     wait_for(lambda: (here / "d1").exists() and (here / "d2").exists(), 10, "the daemons")
@@ -111,6 +112,7 @@ def test_a_lease_not_renewed_kills_the_task_tree(tmp_path):
     wait_for(lambda: all(gone(pid) for pid in daemons), 10, "the daemons to be gone")
 
 
+@pytest.mark.slow
 def test_a_renewed_lease_keeps_the_task_running(tmp_path):
     """The task outlives its first lease by a second, renewed every 0.1 s
     (a lease of 1.5 s leaves the test's thread that much slack on a busy machine)."""

@@ -191,6 +191,7 @@ def compare_with_api(driver, url, http, headers=None):
     return stats, load
 
 
+@pytest.mark.slow
 def test_dashboard_shows_the_api_numbers(live_server, http, browser):
     url = live_server.url
     workers, ids = populate(url, http)
@@ -240,6 +241,7 @@ def auth_server(tmp_path):
     assert server.server_errors() == []
 
 
+@pytest.mark.slow
 def test_dashboard_honours_authentication(auth_server, http, browser):
     url = auth_server.url
     with open(os.path.join(auth_server.data_dir, "admin.token")) as f:
@@ -489,6 +491,7 @@ def test_filter_a_two_thousand_task_job_and_page_through_it(live_server, http, b
     screenshot(browser, "dashboard-filter.png")
 
 
+@pytest.mark.slow
 def test_a_jobs_graph_is_drawn_with_its_edges_in_layers(live_server, http, browser):
     url = live_server.url
     r = http.post(url + "/jobs", json={"name": "shapes"})

@@ -33,6 +33,7 @@ def _names(server, session=requests):
     return {t["name"]: t["_id"] for t in r.json()["_items"]}
 
 
+@pytest.mark.slow
 def test_acknowledged_posts_survive_sigkill(tmp_path, http):
     server = LiveServer(tmp_path / "data").start()
     sent = {}

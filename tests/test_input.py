@@ -28,6 +28,7 @@ REFUSED = [
 
 @pytest.mark.parametrize("role", ["admin", "user", "worker"])
 @pytest.mark.parametrize("endpoint", WHERE_ENDPOINTS)
+@pytest.mark.slow
 def test_refused_operators_answer_400_naming_them(sapi, sdb, tokens, endpoint, role):
     before = snapshot(sdb)
     for where, operator in REFUSED:

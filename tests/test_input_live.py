@@ -121,6 +121,7 @@ def test_a_submission_whose_answer_was_lost_is_retried_and_creates_one_set(serve
     assert len(ids) == 3
 
 
+@pytest.mark.slow
 def test_an_unknown_outcome_is_reported_as_maybe_accepted(server, tmp_path):
     proxy = AnswerLosingProxy(server.port, lose=100)
     env = {k: v for k, v in os.environ.items()
@@ -140,6 +141,7 @@ def test_an_unknown_outcome_is_reported_as_maybe_accepted(server, tmp_path):
     assert (jobs, count(http, server.url, "unknown")) in ((1, 0), (1, 1), (0, 1)), jobs
 
 
+@pytest.mark.slow
 def test_https_to_an_http_server_fails_at_once_with_the_fix(server, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}

@@ -216,6 +216,7 @@ def _run_equivalence(tmp_path, seed, ndocs=250, nops=400):
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.slow
 def test_indexed_queries_equal_full_scan(tmp_path, seed):
     assert _run_equivalence(tmp_path, seed) > 50
 
@@ -538,6 +539,7 @@ WRITER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("mode", ["per-write", "batched"])
+@pytest.mark.slow
 def test_acknowledged_writes_survive_sigkill(tmp_path, mode):
     path = str(tmp_path / "data")
     script = tmp_path / "writer.py"

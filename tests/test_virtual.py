@@ -420,6 +420,7 @@ def test_bulk_patch_shape_is_checked(api, db):
 
 # -- concurrency ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_concurrent_adds_and_removes_keep_counts_consistent(app, db):
     api = app.test_client()
     children = [task(api) for _ in range(3)]

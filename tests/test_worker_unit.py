@@ -312,6 +312,7 @@ def test_reports_ride_on_claims_for_what_they_free(fake, start_worker):
     assert runner.stop() == 0
 
 
+@pytest.mark.slow
 def test_claims_only_what_fits_beside_running_tasks(fake, start_worker, tmp_path):
     gate = tmp_path / "gate"
     fake.submit("first", f"while [ ! -e {gate} ]; do sleep 0.05; done")
@@ -376,6 +377,7 @@ def test_cancel_in_a_heartbeat_terminates_and_reports_cancelled(fake, start_work
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.slow
 def test_unknown_tasks_are_killed_and_dropped(fake, start_worker, tmp_path):
     pidfile = tmp_path / "pid"
     fake.submit("stolen", f"echo $$ > {pidfile}; exec sleep 60", max_shutdown_time=1)
@@ -391,6 +393,7 @@ def test_unknown_tasks_are_killed_and_dropped(fake, start_worker, tmp_path):
     assert fake.finish_of("stolen") is None  # still nothing reported
 
 
+@pytest.mark.slow
 def test_server_gone_past_timeout_kills_tasks_then_registers_again(fake, start_worker, tmp_path):
     pidfile = tmp_path / "pid"
     fake.submit("orphan", f"echo $$ > {pidfile}; exec sleep 60", max_shutdown_time=0.5)
@@ -443,6 +446,7 @@ def test_drain_timeout_terminates_running_tasks_as_failures(fake, start_worker, 
     assert fake.workers["w1"]["state"] == "stopped"
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_exits_cleanly(fake, tmp_path):
     started = tmp_path / "started"
     fake.submit("short", f"touch {started}; sleep 1; echo finished")
@@ -485,6 +489,7 @@ def test_second_signal_kills_tasks_at_once(fake, tmp_path):
     assert fake.finish_of("stubborn")["exit_code"] == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_cannot_reach_the_server_at_start_exits_3(tmp_path):
     result = subprocess.run([sys.executable, "-m", "banyan.worker", "--server", "http://127.0.0.1:9",
                              "--work-dir", str(tmp_path / "w"), "--log-level", "CRITICAL"],
@@ -506,6 +511,7 @@ def test_bad_arguments_exit_2(args, monkeypatch):
 
 
 @pytest.mark.parametrize("failure", ["500", "reset"])
+@pytest.mark.slow
 def test_server_errors_and_resets_never_stop_the_worker(fake, start_worker, failure):
     fake.fail_next = 2  # the first registrations fail: retried, not fatal
     runner = start_worker(heartbeat=0.2, timeout=30, claim_wait=0.5)
@@ -671,6 +677,7 @@ def test_a_finished_task_is_in_heartbeats_until_its_report_is_delivered(fake, st
     assert runner.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_claim_turned_away_waits_the_servers_retry_after(fake, start_worker):
     fake.retry_after = 2.5  # longer than the worker's own idle backoff (2 s at most)
     runner = start_worker(claim_wait=1)

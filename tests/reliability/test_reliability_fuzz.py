@@ -235,17 +235,20 @@ def world(store):
     return World(store)
 
 
+@pytest.mark.slow
 def test_fuzz_post_tasks(world):
     run_fuzz(world, "POST", lambda ids: st.just("/tasks"),
              lambda ids: task_documents(ids) | st.lists(task_documents(ids), max_size=3), "POST /tasks")
     world_record(world)
 
 
+@pytest.mark.slow
 def test_fuzz_patch_task(world):
     run_fuzz(world, "PATCH", lambda ids: ids.map(lambda i: "/tasks/%s" % i), task_documents, "PATCH /tasks/<id>")
     world_record(world)
 
 
+@pytest.mark.slow
 def test_fuzz_bulk_patch(world):
     def items(ids):
         return st.lists(st.tuples(ids, task_documents(ids)).map(
@@ -255,6 +258,7 @@ def test_fuzz_bulk_patch(world):
 
 
 @pytest.mark.parametrize("name", WRITABLE_VIRTUAL)
+@pytest.mark.slow
 def test_fuzz_virtual_resource_level(world, name):
     key = "value" if VIRTUAL[name]["kind"] == "alias" else "values"
     values = field_values(world_ids(world))[name]
@@ -268,6 +272,7 @@ def test_fuzz_virtual_resource_level(world, name):
 
 
 @pytest.mark.parametrize("name", WRITABLE_VIRTUAL + READONLY_VIRTUAL)
+@pytest.mark.slow
 def test_fuzz_virtual_item_level(world, name):
     values = field_values(world_ids(world))[name]
     run_fuzz(world, "POST", lambda ids: ids.map(lambda i: "/tasks/%s/%s" % (i, name)),
@@ -283,6 +288,7 @@ def test_fuzz_readonly_virtual_is_not_writable(world):
         assert 400 <= r.status_code < 500
 
 
+@pytest.mark.slow
 def test_fuzz_worker_endpoints(world):
     def paths(ids):
         wids = st.just(world.wid) | ids
@@ -310,6 +316,7 @@ def test_fuzz_worker_endpoints(world):
 
 
 @pytest.mark.parametrize("method", ["POST", "PATCH"])
+@pytest.mark.slow
 def test_every_field_takes_every_edge_value(world, method):
     """Deterministic companion of the fuzz: each task field (virtual ones
     included, and a nested resource) set to each edge value, alone in an
@@ -412,6 +419,7 @@ def _refused_operator(where):
     return first_refused(parsed) if isinstance(parsed, dict) else None
 
 
+@pytest.mark.slow
 def test_fuzz_query_strings(world):
     """`where`, `projection`, `sort` and paging on every GET that takes
     them: never a 500, never a change, a refused operator named in the
