@@ -15,7 +15,6 @@ import socket
 import ssl
 import time
 import uuid
-from typing import Any
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -345,7 +344,7 @@ class Client:
 
     def list_tasks(self, where=None, projection=None, sort=None, page=None, max_results=None):
         """One page of tasks, as Eve returns it (``_items``, ``_meta``, ``_links``)."""
-        params: dict[str, Any] = {}
+        params: dict = {}
         if where:
             params["where"] = json.dumps(where) if not isinstance(where, str) else where
         if projection:

@@ -38,7 +38,6 @@ half-submitted graph runs.
 
 import os
 import re
-from typing import Any
 
 from banyan.errors import BanyanError, describe_result
 from banyan.protocol import AFTER_FIELDS, FINISHED, Outcome, TaskState
@@ -107,8 +106,8 @@ def task_document(fields, where=None):
     and `continuations` are left to the graph). GraphError names any bad
     field: as `where: 'field'`, or as its `banyan submit` flag when `where`
     is None."""
-    doc: dict[str, Any] = {}
-    resources: dict[str, Any] = {}
+    doc: dict = {}
+    resources: dict = {}
     for key, value in fields.items():
         key = ALIASES.get(key, key)
         if where is None:
@@ -303,7 +302,7 @@ def load_graph(path, defaults=None):
 
 
 def graph_from_data(data, source="graph", defaults=None):
-    file_defaults: dict[str, Any] = {}
+    file_defaults: dict = {}
     if isinstance(data, dict):
         unknown = set(data) - {"tasks", "defaults"}
         if unknown:

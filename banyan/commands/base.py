@@ -6,7 +6,6 @@ import json
 import sys
 import textwrap
 from datetime import datetime
-from email.utils import parsedate_to_datetime
 
 from banyan.protocol import FINISHED, QUEUED, Outcome, TaskState
 from banyan.units import format_size
@@ -117,6 +116,8 @@ def parse_time(value):
         return datetime.fromisoformat(value)
     except (TypeError, ValueError):
         pass
+    from email.utils import parsedate_to_datetime  # here: the email package costs `banyan --help` ~10 ms
+
     try:
         return parsedate_to_datetime(value)
     except (TypeError, ValueError):
