@@ -81,7 +81,9 @@ task_schema = {
         "schema": {"type": "objectid"},
         "default": [],
         "creation_only": True,
-        "data_relation": {"resource": "tasks", "field": "_id", "require_state": TaskState.INACTIVE.value},
+        # `continuation`: each must be in the state the state machine requires
+        # of a continuation (`states.CONTINUATION_STATE`)
+        "data_relation": {"resource": "tasks", "field": "_id", "continuation": True},
     },
     "state": {
         "type": "string",
@@ -132,7 +134,7 @@ tasks = {
     "auth_field": "owner",
     # Roles per method (when AUTH is on). Workers read tasks and claim them
     # by PATCH (the seed's protocol) but never create them; what a worker's
-    # PATCH may contain is checked by `auth.authorize_task_update`.
+    # PATCH may contain is checked by `states.TaskQueue.authorize_update`.
     # Attempt tokens (a running task's) read their job's tasks and add to
     # it: `auth.ATTEMPT_ROUTES` and `auth.confine_attempt_reads`.
     "allowed_read_roles": ["admin", "user", "worker", "attempt"],

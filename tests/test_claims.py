@@ -202,18 +202,17 @@ def test_per_item_claim_needs_an_active_worker(app, api, db):
 def test_per_item_claim_by_a_worker_lost_meanwhile_is_given_back(app, api, db, monkeypatch):
     """The worker is marked lost between the check and the claim's write:
     the reaper's sweep came too early, so the claim gives the task back."""
-    from banyan.server import auth
     tid, = submit(api, {"command": "x", "state": "available", "max_retries": 0})
     child, = submit(api, {"command": "after"})
     api.post("/tasks/%s/add_continuations" % tid, json=[child])
     wid = register(api)
-    check = auth._require_claiming_worker
+    check = app.queue.require_claiming_worker
 
-    def check_then_lose(worker_id):
-        check(worker_id)
+    def check_then_lose(worker_id, identity):
+        check(worker_id, identity)
         app.workers.mark_silent_lost(0, utcnow() + timedelta(seconds=1))
         app.reaper.run_once()
-    monkeypatch.setattr(auth, "_require_claiming_worker", check_then_lose)
+    monkeypatch.setattr(app.queue, "require_claiming_worker", check_then_lose)
     r = api.patch("/tasks/%s" % tid, json={"state": "running", "worker": wid})
     assert r.status_code == 404, r.json
     doc = db.tasks.find_one({"_id": ObjectId(tid)})

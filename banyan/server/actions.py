@@ -13,6 +13,7 @@ from flask import Blueprint, abort, current_app, request
 from banyan.server import states
 from banyan.server.auth import check_role, owner_filter
 from banyan.server.claims import _reply
+from banyan.server.refusals import status_of
 
 #: Most tasks one retry request may name.
 MAX_RETRY = 10000
@@ -39,7 +40,7 @@ def retry_internal(task_ids):
             doc = queue.retry(doc)
             revived.update(doc.pop("revived"))
         except states.TransitionError as e:
-            results.append({"_id": task_id, "_status": "ERR", "_error": {"code": e.status, "message": str(e)}})
+            results.append({"_id": task_id, "_status": "ERR", "_error": {"code": status_of(e), "message": str(e)}})
             continue
         results.append({"_id": task_id, "_status": "OK", "state": doc["state"]})
     return results

@@ -15,11 +15,12 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from banyan import settings as default_settings
-from banyan.server import actions, auth, changes, claims, idempotency, limits, openapi, query, stats, store, waits
+from banyan.server import (actions, auth, changes, claims, idempotency, limits, openapi, query, refusals, stats,
+                           store, waits)
 from banyan.server.datalayer import BanyanMongo, StoreDown, StoreFull, store_failure
 from banyan.server.hooks import register_hooks
 from banyan.server.reaper import Reaper
-from banyan.server.states import TaskQueue
+from banyan.server.states import TaskQueue, TransitionError
 from banyan.server.validation import BanyanValidator
 from banyan.server.virtual import register_virtual_resources
 from banyan.store.errors import StoreUnavailable
@@ -97,11 +98,14 @@ def _error_response(error):
 
 
 def _register_error_handlers(app):
-    """Any unexpected error still answers JSON in Eve's shape (and is logged:
-    a 500 is a bug)."""
+    """The state machine's refusals answer their 4xx (`refusals`); any
+    unexpected error still answers JSON in Eve's shape (and is logged: a 500
+    is a bug)."""
 
     @app.errorhandler(Exception)
     def unexpected(error):
+        if isinstance(error, TransitionError):
+            return _error_response(refusals.http_error(error))
         if isinstance(error, StoreUnavailable):
             error = store_failure(error)
         if isinstance(error, (StoreFull, StoreDown)):

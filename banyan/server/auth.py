@@ -44,7 +44,7 @@ from eve.auth import TokenAuth
 from flask import Blueprint, abort, current_app, g, request
 from pymongo import ReturnDocument
 
-from banyan.protocol import ATTEMPT_ROLE, ROLES, TaskState, WorkerState
+from banyan.protocol import ATTEMPT_ROLE, ROLES
 from banyan.server.identity import Identity, current_identity, set_identity
 from banyan.server.states import HELD, utcnow
 
@@ -65,10 +65,6 @@ ANONYMOUS = Identity(role="anonymous")
 ATTEMPT_ROUTES = [(method, re.compile(pattern + r"/?\Z")) for method, pattern in (
     ("GET", r"/tasks"), ("POST", r"/tasks"), ("GET", r"/tasks/[0-9a-f]{24}"),
     ("GET", r"/tasks/[0-9a-f]{24}/logs"), ("POST", r"/tasks/wait"), ("GET", r"/jobs/[0-9a-f]{24}"))]
-
-#: Fields a worker may send in `PATCH /tasks/<id>`: the seed's claim only.
-WORKER_PATCH_FIELDS = frozenset({"state", "worker"})
-
 
 class TokenError(Exception):
     """A refused token operation (`status` is the HTTP code for it)."""
@@ -354,52 +350,6 @@ def owner_filter(resource="tasks"):
     if identity.role in ("admin", "worker"):
         return {}
     return {"_id": None}  # no role: nothing
-
-
-def authorize_task_update(updates):
-    """Role rules for a change to a task, checked before the validator's own
-    (so that they answer 403, and apply to internal PATCHes too): only
-    workers (and admins) claim; a worker's PATCH is a claim and nothing else."""
-    identity = current_identity()
-    role = identity.role
-    if role == "admin":
-        if updates.get("state") == TaskState.RUNNING:
-            _require_claiming_worker(updates.get("worker"))
-        return
-    if role == "worker":
-        extra = set(updates) - WORKER_PATCH_FIELDS
-        if extra or updates.get("state") != TaskState.RUNNING:
-            abort(403, description=(
-                "a worker may only claim a task by PATCH ({'state': 'running', 'worker': <id>}); "
-                "it reports attempts with POST /tasks/<id>/finish and cannot change %s"
-                % ", ".join(sorted(extra or {"state"}))))
-        _require_claiming_worker(updates.get("worker"))
-        return
-    if updates.get("state") == TaskState.RUNNING or "worker" in updates:
-        abort(403, description="only workers claim tasks (state 'running', 'worker')")
-    if role == ATTEMPT_ROLE:
-        abort(403, description="an attempt token may add tasks to its job, not change tasks")
-    if role != "user":
-        abort(403, description="no role may change tasks without a token")
-
-
-def _require_claiming_worker(worker_id):
-    """The worker a claim names is registered and active, and a worker token
-    claims only under a worker id it registered."""
-    from banyan.server import claims  # claims imports this module
-
-    if worker_id is None:
-        return  # the claim names no worker: the validator says what is missing
-    try:
-        worker_id = ObjectId(worker_id)
-    except (InvalidId, TypeError):
-        return  # the validator reports the type
-    worker = current_app.data.driver.db[claims.WORKERS].find_one({"_id": worker_id}, {"token_id": 1, "state": 1})
-    if worker is None:
-        abort(422, description="no worker '%s' is registered; register with POST /workers" % worker_id)
-    claims.check_worker_access(worker)
-    if worker.get("state") != WorkerState.ACTIVE:
-        abort(404, description="worker '%s' is %s; register again" % (worker_id, worker.get("state")))
 
 
 # -- the admin endpoint -----------------------------------------------------

@@ -46,7 +46,8 @@ from banyan.protocol import INT64_MAX, RESOURCES, WorkerState
 from banyan.server import states
 from banyan.server.held import HeldRequests
 from banyan.server.auth import check_role, owner_filter
-from banyan.server.identity import current_identity
+from banyan.server.identity import acts_for, current_identity
+from banyan.server.refusals import refuse
 from banyan.server.states import utcnow
 from banyan.units import parse_size
 
@@ -302,12 +303,7 @@ def _config(name):
 def check_worker_access(worker):
     """Admins act on any worker; a worker token only on the workers it
     registered. Aborts 403 otherwise."""
-    identity = current_identity()
-    if identity.role == "admin":
-        return
-    if identity.role == "worker" and (
-            (identity.token_id is not None and worker.get("token_id") == identity.token_id)
-            or identity.worker_id == worker["_id"]):
+    if acts_for(current_identity(), worker):
         return
     abort(403, description="worker '%s' was registered with another token" % worker["_id"])
 
@@ -484,9 +480,9 @@ def finish(task_id, attempt, outcome, exit_code=None, stdout="", stderr="", usag
     except states.Conflict as e:
         doc = queue.keep_late_report(task_id, worker_id, attempt, outcome, exit_code, usage)
         if doc is None:
-            abort(e.status, description=str(e))
+            refuse(e)  # (also inside `finish_many`, which answers each report's HTTPException)
     except states.TransitionError as e:
-        abort(e.status, description=str(e))
+        refuse(e)
     current_app.tokens.revoke_attempt(task_id, attempt)
     current_app.logs.save(task_id, attempt, stdout, stderr)
     return doc

@@ -8,12 +8,9 @@ from banyan.protocol import ATTEMPT_ROLE
 from banyan.server import claims, jobs, reasons, states, virtual
 from banyan.server.auth import owner_filter
 from banyan.server.identity import current_identity
+from banyan.server.refusals import refuse
 
 log = logging.getLogger(__name__)
-
-
-def _refuse(error):
-    abort(error.status, description=str(error))
 
 
 def _pending_changes():
@@ -58,7 +55,7 @@ def register_hooks(app, queue):
         try:
             queue.prepare_new(docs, owner=identity.name, adder=adder, visible=owner_filter())
         except states.TransitionError as e:
-            _refuse(e)
+            refuse(e)
 
     def on_inserted_tasks(docs):
         queue.after_insert(docs)
@@ -71,7 +68,7 @@ def register_hooks(app, queue):
                 lease = queue.begin_continuation_change(original, added, removed)
                 _pending_changes()[original["_id"]] = (original, lease, removed)
         except states.TransitionError as e:
-            _refuse(e)
+            refuse(e)
 
     def on_updated_tasks(updates, original):
         change = _pending_changes().pop(original["_id"], None)

@@ -8,6 +8,8 @@ are `banyan.protocol`'s.
 from dataclasses import dataclass
 from typing import Optional
 
+from banyan.protocol import ADMIN, WORKER
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -22,6 +24,16 @@ class Identity:
     task_id: Optional[object] = None
     attempt: Optional[int] = None
     job_id: Optional[object] = None
+
+
+def acts_for(identity, worker):
+    """Whether `identity` may act for the registered `worker` (its stored
+    document): admins for any, a worker token for the workers it registered."""
+    if identity.role == ADMIN:
+        return True
+    return identity.role == WORKER and (
+        (identity.token_id is not None and worker.get("token_id") == identity.token_id)
+        or identity.worker_id == worker["_id"])
 
 
 #: Authentication off (loopback trial): every caller may do everything.

@@ -21,11 +21,14 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from bson import ObjectId
+from bson.errors import InvalidId
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from banyan.protocol import (AFTER_FIELDS, DEFAULT_MAX_LOST, EXIT_STATUSES, FINISHED, HELD,  # noqa: F401 (re-exported)
                              INT64_MAX, QUEUED, RESOURCES, WORKER_OUTCOMES, DependencyKind, Outcome, TaskState)
+from banyan.protocol import ADMIN, ATTEMPT_ROLE, USER, WORKER, WorkerState
+from banyan.server.identity import acts_for
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +63,24 @@ WORKER_TRANSITIONS = {
     S.RUNNING: {S.AVAILABLE},
 }
 TRANSITIONS = {
-    "user": USER_TRANSITIONS,
-    "worker": WORKER_TRANSITIONS,
-    "admin": {
+    USER: USER_TRANSITIONS,
+    WORKER: WORKER_TRANSITIONS,
+    ADMIN: {
         S.AVAILABLE: USER_TRANSITIONS[S.AVAILABLE],
         S.CANCELLED: USER_TRANSITIONS[S.CANCELLED],
         S.RUNNING: WORKER_TRANSITIONS[S.RUNNING],
     },
 }
+#: Fields a worker may send in `PATCH /tasks/<id>`: the seed's claim only.
+WORKER_PATCH_FIELDS = frozenset({"state", "worker"})
+#: The registered workers' collection (`claims.WorkerRegistry` keeps it).
+WORKERS = "workers"
 #: States a task may be created in.
 INITIAL_STATES = (S.INACTIVE, S.AVAILABLE)
+#: The state a continuation must be in when it is added to or removed from
+#: a task (also at creation: the validator's `data_relation` with
+#: `continuation` checks it).
+CONTINUATION_STATE = S.INACTIVE
 
 #: Kinds of dependency, by the child's field that names its parents: what
 #: the parent's end must be for the child to run. A parent's `continuations`
@@ -94,18 +105,23 @@ def edge_satisfied(kind, parent):
 
 
 class TransitionError(Exception):
-    """The requested change is not allowed (a 4xx for the client)."""
+    """The requested change breaks a rule of the task graph or of states.
 
-    def __init__(self, message, status=422):
-        super().__init__(message)
-        self.status = status
+    The state machine's refusals say what is wrong, never how to answer it:
+    `banyan.server.refusals` is the one place that maps them to HTTP."""
 
 
 class Conflict(TransitionError):
-    """The task changed under us; the caller lost a race (409)."""
+    """The task is not in the state the change starts from: it changed
+    under the caller (a lost race) or must change first."""
 
-    def __init__(self, message):
-        super().__init__(message, status=409)
+
+class Forbidden(TransitionError):
+    """The caller's role or token may not make this change."""
+
+
+class NotFound(TransitionError):
+    """A task or worker the change names does not exist (for this caller)."""
 
 
 def utcnow():
@@ -119,12 +135,18 @@ def check_transition(current, requested, role):
     current, requested = S(current), S(requested)
     allowed_from = TRANSITIONS.get(role, {}).get(requested)
     if allowed_from is None or current not in allowed_from:
-        if role == "worker" and requested in FINISHED:
+        if role == WORKER and requested in FINISHED:
             raise TransitionError(
                 "workers report the end of an attempt with POST /tasks/<id>/finish, not a PATCH of 'state'")
         raise TransitionError(
             "cannot change state from '%s' to '%s'%s" % (
-                current, requested, "" if role == "admin" else " as a %s" % role))
+                current, requested, "" if role == ADMIN else " as a %s" % role))
+
+
+def check_creation_state(state):
+    """Raise TransitionError unless a task may be created in `state`."""
+    if state not in INITIAL_STATES:
+        raise TransitionError("a task is created 'inactive' or 'available', not '%s'" % state)
 
 
 def stored_state(current, requested):
@@ -229,8 +251,7 @@ class TaskQueue:
             for doc in docs:
                 doc.setdefault("_id", ObjectId())
                 state = S(doc.get("state") or S.INACTIVE)
-                if state not in INITIAL_STATES:
-                    raise TransitionError("a task is created 'inactive' or 'available', not '%s'" % state)
+                check_creation_state(state)
                 parents = self._parents_given(doc)
                 if not doc.get("job"):
                     new_job = new_job or self._new_job(docs[0].get("name"), owner)
@@ -290,11 +311,10 @@ class TaskQueue:
         for adder_id in adder_ids:
             doc = adders.get(adder_id)
             if doc is None:
-                raise TransitionError("'added_by': no task '%s'" % adder_id, status=404)
+                raise NotFound("'added_by': no task '%s'" % adder_id)
             if doc["state"] != S.RUNNING:
-                raise TransitionError("'added_by': task '%s' is '%s'; only a running task adds children "
-                                      "(--child is for commands run by a task)" % (adder_id, doc["state"]),
-                                      status=409)
+                raise Conflict("'added_by': task '%s' is '%s'; only a running task adds children "
+                               "(--child is for commands run by a task)" % (adder_id, doc["state"]))
             doc["attempt"] = len(doc.get("history") or [])
         grown = {"adders": {a: adders[a]["attempt"] for a in adder_ids}, "jobs": {}, "after_any": [],
                  "linked": [], "detour": {}}
@@ -351,18 +371,17 @@ class TaskQueue:
         named = set()
         for doc in docs:
             if doc.get("added_by") not in (None, task_id):
-                raise TransitionError("an attempt token adds children of its own task '%s', not of '%s'"
-                                      % (task_id, doc["added_by"]), status=403)
+                raise Forbidden("an attempt token adds children of its own task '%s', not of '%s'"
+                                % (task_id, doc["added_by"]))
             if doc.get("job") not in (None, job_id):
-                raise TransitionError("an attempt token adds tasks to its own job '%s', not to job '%s'"
-                                      % (job_id, doc["job"]), status=403)
+                raise Forbidden("an attempt token adds tasks to its own job '%s', not to job '%s'"
+                                % (job_id, doc["job"]))
             doc["added_by"] = task_id
             for field in list(AFTER_FIELDS) + ["continuations"]:
                 named.update(doc.get(field) or [])
         named -= new
         if named and self.tasks.count_documents({"_id": {"$in": list(named)}, "job": job_id}) < len(named):
-            raise TransitionError("an attempt token relates new tasks only to tasks of its job '%s'" % job_id,
-                                  status=403)
+            raise Forbidden("an attempt token relates new tasks only to tasks of its job '%s'" % job_id)
 
     def _detours(self, adders):
         """{adder id: [(continuation, kind)]}: the continuations of each
@@ -411,8 +430,8 @@ class TaskQueue:
         for task_id, attempt in adders.items():
             if self.tasks.find_one({"_id": task_id, "state": S.RUNNING.value, "history": {"$size": attempt}},
                                    {"_id": 1}) is None:
-                raise TransitionError("task '%s' ended its attempt %d while it added children; they were not "
-                                      "added" % (task_id, attempt), status=409)
+                raise Conflict("task '%s' ended its attempt %d while it added children; they were not "
+                               "added" % (task_id, attempt))
 
     def drop_children(self, task_id, attempt=None):
         """The tasks attempt `attempt` of `task_id` added (all its attempts'
@@ -518,16 +537,12 @@ class TaskQueue:
     # -- continuations ----------------------------------------------------
 
     def _link(self, parent_id, child_id):
-        """Make `child_id` wait for `parent_id`; the child must be inactive."""
+        """Make `child_id` wait for `parent_id` (`_require_inactive`'s rule)."""
         result = self.tasks.update_one(
-            {"_id": child_id, "state": S.INACTIVE.value, "pending_parents": {"$ne": parent_id}},
+            {"_id": child_id, "state": CONTINUATION_STATE.value, "pending_parents": {"$ne": parent_id}},
             {"$push": {"pending_parents": parent_id}, "$inc": {"pending_dependency_count": 1}})
         if result.matched_count == 0:
-            child = self.tasks.find_one({"_id": child_id}, {"state": 1, "pending_parents": 1})
-            if child is None:
-                raise TransitionError("continuation '%s' does not exist" % child_id)
-            if child["state"] != S.INACTIVE:
-                raise TransitionError("continuation '%s' is '%s', not 'inactive'" % (child_id, child["state"]))
+            self._require_inactive(child_id)
 
     def _unlink(self, parent_id, child_id):
         """Stop `child_id` waiting for `parent_id` (idempotent)."""
@@ -563,11 +578,13 @@ class TaskQueue:
                 self._release(doc)
 
     def _require_inactive(self, child_id):
+        """The rule for a continuation added or removed: it must exist and be
+        `inactive` (`CONTINUATION_STATE`), so it has not started yet."""
         doc = self.tasks.find_one({"_id": child_id}, {"state": 1})
         if doc is None:
             raise TransitionError("continuation '%s' does not exist" % child_id)
-        if doc["state"] != S.INACTIVE:
-            raise TransitionError("continuation '%s' is '%s', not 'inactive'" % (child_id, doc["state"]))
+        if doc["state"] != CONTINUATION_STATE:
+            raise TransitionError("continuation '%s' is '%s', not '%s'" % (child_id, doc["state"], CONTINUATION_STATE))
 
     def find_cycle(self, parent_id, child_ids, limit=200000):
         """True if `parent_id` is reachable from one of `child_ids`, so that
@@ -692,6 +709,50 @@ class TaskQueue:
 
     # -- user changes through PATCH --------------------------------------
 
+    def authorize_update(self, updates, identity):
+        """Who may change a task: only workers (and admins) claim, and a
+        worker's PATCH is a claim and nothing else. Checked before the
+        validator's rules (so that these answer 403, and apply to internal
+        PATCHes too); raises Forbidden, or NotFound for an inactive worker."""
+        role = identity.role
+        claiming = updates.get("state") == S.RUNNING
+        if role == ADMIN:
+            if claiming:
+                self.require_claiming_worker(updates.get("worker"), identity)
+            return
+        if role == WORKER:
+            extra = set(updates) - WORKER_PATCH_FIELDS
+            if extra or not claiming:
+                raise Forbidden(
+                    "a worker may only claim a task by PATCH ({'state': 'running', 'worker': <id>}); "
+                    "it reports attempts with POST /tasks/<id>/finish and cannot change %s"
+                    % ", ".join(sorted(extra or {"state"})))
+            self.require_claiming_worker(updates.get("worker"), identity)
+            return
+        if claiming or "worker" in updates:
+            raise Forbidden("only workers claim tasks (state 'running', 'worker')")
+        if role == ATTEMPT_ROLE:
+            raise Forbidden("an attempt token may add tasks to its job, not change tasks")
+        if role != USER:
+            raise Forbidden("no role may change tasks without a token")
+
+    def require_claiming_worker(self, worker_id, identity):
+        """The worker a claim names is registered and active, and a worker
+        token claims only under a worker id it registered."""
+        if worker_id is None:
+            return  # the claim names no worker: the validator says what is missing
+        try:
+            worker_id = ObjectId(worker_id)
+        except (InvalidId, TypeError):
+            return  # the validator reports the type
+        worker = self.db[WORKERS].find_one({"_id": worker_id}, {"token_id": 1, "state": 1})
+        if worker is None:
+            raise TransitionError("no worker '%s' is registered; register with POST /workers" % worker_id)
+        if not acts_for(identity, worker):
+            raise Forbidden("worker '%s' was registered with another token" % worker_id)
+        if worker.get("state") != WorkerState.ACTIVE:
+            raise NotFound("worker '%s' is %s; register again" % (worker_id, worker.get("state")))
+
     def prepare_update(self, updates, original, identity):
         """Complete a validated PATCH before it is written: the stored state
         for a cancellation, the worker and a new attempt for a claim."""
@@ -723,7 +784,7 @@ class TaskQueue:
             if worker is None:
                 raise TransitionError("a claim must name the worker ('worker' field)")
             if identity.worker_id and updates.get("worker") not in (None, identity.worker_id):
-                raise TransitionError("a worker claims tasks under its own id only", status=403)
+                raise Forbidden("a worker claims tasks under its own id only")
             updates["worker"] = worker
             history = list(original.get("history") or [])
             history.append(new_attempt(len(history) + 1, worker, identity.host))
@@ -777,12 +838,12 @@ class TaskQueue:
                 continue
             kind = edge_kind(doc, parent["_id"])
             if not edge_satisfied(kind, parent):
-                raise TransitionError(
+                raise Conflict(
                     "task '%s' runs only after the %s of task '%s'%s, which ended %s; retry that task "
                     "(the tasks cancelled because of it come back with it)"
                     % (doc["_id"], kind if kind != ANY_KIND else "end", parent["_id"],
                        " (%s)" % parent["name"] if parent.get("name") else "",
-                       parent.get("exit_status") or parent["state"]), status=409)
+                       parent.get("exit_status") or parent["state"]))
         return pending
 
     def revive_descendants(self, task_id):
@@ -947,7 +1008,7 @@ class TaskQueue:
         while True:
             doc = self.tasks.find_one({"_id": task_id})
             if doc is None:
-                raise TransitionError("task '%s' does not exist" % task_id, status=404)
+                raise NotFound("task '%s' does not exist" % task_id)
             history = doc.get("history") or []
             if (doc["state"] not in HELD or doc.get("worker") != worker_id
                     or not history or history[-1]["attempt"] != attempt):

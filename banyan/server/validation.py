@@ -12,6 +12,7 @@ from flask import current_app as app
 
 from banyan.server import auth, states, virtual
 from banyan.server.identity import current_identity
+from banyan.server.refusals import refuse
 from banyan.units import parse_size
 
 
@@ -86,7 +87,10 @@ class BanyanValidator(Validator):
         document = virtual.prepare_update(self.resource, document)
         # Role rules first, so a forbidden change answers 403 (also for internal PATCHes).
         if self.resource == "tasks":
-            auth.authorize_task_update(document)
+            try:
+                app.queue.authorize_update(document, current_identity())
+            except states.TransitionError as e:
+                refuse(e)
         return self._fits(super().validate_update(document, document_id, persisted_document, normalize_document),
                           update=True)
 
@@ -148,8 +152,10 @@ class BanyanValidator(Validator):
         if not transition or value not in {s.value for s in states.TaskState}:
             return
         if not self.is_update_operation:
-            if value not in states.INITIAL_STATES:
-                self._error(field, "a task is created 'inactive' or 'available', not '%s'" % value)
+            try:
+                states.check_creation_state(value)
+            except states.TransitionError as e:
+                self._error(field, str(e))
             return
         current = self._persisted_state()
         if value == current:
@@ -186,7 +192,7 @@ class BanyanValidator(Validator):
            'field': {'type': 'string', 'required': True},
            'embeddable': {'type': 'boolean', 'default': False},
            'version': {'type': 'boolean', 'default': False},
-           'require_state': {'type': 'string'}
+           'continuation': {'type': 'boolean'}
         }}"""
         if data_relation.get("version"):
             return super()._validate_data_relation(data_relation, field, value)
@@ -203,7 +209,7 @@ class BanyanValidator(Validator):
             self._error(field, "value%s %s must exist in resource '%s', field '%s'."
                         % ("s" if len(missing) > 1 else "", _first(missing), data_relation["resource"],
                            data_relation["field"]))
-        required = data_relation.get("require_state")
+        required = states.CONTINUATION_STATE.value if data_relation.get("continuation") else None
         wrong = [v for v in values if v in related and required and related[v].get("state") != required]
         if wrong:
             self._error(field, "%s must be '%s' (%s)" % (
