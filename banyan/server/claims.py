@@ -33,7 +33,7 @@ import math
 import random
 import re
 import time
-from datetime import timedelta, timezone
+from datetime import timedelta
 
 from bson import ObjectId
 from bson.errors import InvalidId
@@ -48,6 +48,7 @@ from banyan.server.held import HeldRequests
 from banyan.server.auth import check_role, owner_filter
 from banyan.server.identity import acts_for, current_identity
 from banyan.server.refusals import refuse
+from banyan.server.store import aware
 from banyan.server.states import utcnow
 from banyan.units import parse_size
 
@@ -428,9 +429,7 @@ def _touched_lately(worker):
     last = worker.get("last_heartbeat")
     if last is None:
         return False
-    if last.tzinfo is None:
-        last = last.replace(tzinfo=timezone.utc)
-    return utcnow() - last < timedelta(seconds=min(1.0, _config("HEARTBEAT_TIMEOUT") / 10))
+    return utcnow() - aware(last) < timedelta(seconds=min(1.0, _config("HEARTBEAT_TIMEOUT") / 10))
 
 
 def heartbeat(worker_id, tasks):

@@ -18,7 +18,7 @@ from flask import abort, g, has_request_context, request
 from werkzeug.exceptions import BadRequest, HTTPException
 
 from banyan.protocol import INT64_MAX, INT64_MIN
-from banyan.server import query as query_rules, virtual
+from banyan.server import query as query_rules, store, virtual
 from banyan.store.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,10 @@ class _Connection:
         self.db = client[dbname]
 
 
-#: What a store raises for a query it cannot run (MongoDB: OperationFailure;
-#: the embedded store also the errors of Python's own comparisons). A store
-#: that cannot be reached is not the client's fault and stays a 5xx.
-QUERY_ERRORS = (pymongo.errors.OperationFailure, TypeError, ValueError, NotImplementedError)
+#: What a store raises for a query it cannot run (the store interface's
+#: list); a store that cannot be reached is not the client's fault and
+#: stays a 5xx.
+QUERY_ERRORS = store.QUERY_ERRORS
 
 
 class StoreFull(HTTPException):

@@ -25,7 +25,7 @@ to look (`banyan ls`) rather than risk a second set of tasks.
 import hashlib
 import logging
 import time
-from datetime import timedelta, timezone
+from datetime import timedelta
 
 import pymongo.errors
 from bson import ObjectId
@@ -34,6 +34,7 @@ from flask import abort, current_app, g, request
 from banyan.protocol import ATTEMPT_ROLE
 from banyan.server.identity import current_identity
 from banyan.server.states import utcnow
+from banyan.server.store import aware
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class KeyStore:
             stored = self.keys.find_one({"owner": owner, "key": key})
             if stored is None:
                 continue  # dropped meanwhile: try again
-            if _aware(stored["expires"]) > now:
+            if aware(stored["expires"]) > now:
                 return stored, None
             # Expired: the key is free again (only this exact record is removed).
             self.keys.delete_one({"_id": stored["_id"], "expires": stored["expires"]})
@@ -90,10 +91,6 @@ class KeyStore:
             return
         self._swept = time.monotonic()
         self.keys.delete_many({"expires": {"$lt": now}})
-
-
-def _aware(when):
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
 def _owner():

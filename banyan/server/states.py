@@ -29,6 +29,7 @@ from banyan.protocol import (AFTER_FIELDS, DEFAULT_MAX_LOST, EXIT_STATUSES, FINI
                              INT64_MAX, QUEUED, RESOURCES, WORKER_OUTCOMES, DependencyKind, Outcome, TaskState)
 from banyan.protocol import ADMIN, ATTEMPT_ROLE, USER, WORKER, WorkerState
 from banyan.server.identity import acts_for
+from banyan.server.store import aware
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,13 @@ def utcnow():
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
+def stamp(now=None):
+    """Eve's bookkeeping fields for a write the state machine makes itself:
+    `_updated`, and a new `_etag` so that a client's `If-Match` on what it
+    read before fails. Every such write sets them through here."""
+    return {"_updated": now or utcnow(), "_etag": str(ObjectId())}
+
+
 def check_transition(current, requested, role):
     """Raise TransitionError unless `role` may move a task from `current` to `requested`."""
     current, requested = S(current), S(requested)
@@ -180,11 +188,7 @@ def seconds_between(start, end):
     None when either is unknown."""
     if start is None or end is None:
         return None
-    if start.tzinfo is None:
-        start = start.replace(tzinfo=timezone.utc)
-    if end.tzinfo is None:
-        end = end.replace(tzinfo=timezone.utc)
-    return (end - start).total_seconds()
+    return (aware(end) - aware(start)).total_seconds()
 
 
 def claim_changes(doc, attempt):
@@ -496,7 +500,7 @@ class TaskQueue:
         now = utcnow()
         job = {"_id": ObjectId(), "name": name, "array_limit": None, "owner": owner, "added_tasks": 0,
                "max_tasks": None, "max_depth": None,
-               "_created": now, "_updated": now, "_etag": str(ObjectId())}
+               "_created": now, **stamp(now)}
         self.jobs.insert_one(job)
         return job["_id"]
 
@@ -819,7 +823,7 @@ class TaskQueue:
             {"_id": task_id, "state": state, "_etag": doc.get("_etag"), "cascade_pending": {"$ne": True}},
             {"$set": {"state": S.AVAILABLE.value, "exit_status": None, "cancelled_by": None, "cancel_reason": None,
                       "worker": None, "retry_count": 0, "pending_parents": pending,
-                      "pending_dependency_count": len(pending), "_updated": now, "_etag": str(ObjectId())}},
+                      "pending_dependency_count": len(pending), **stamp(now)}},
             return_document=ReturnDocument.AFTER)
         if updated is None:
             raise Conflict("task '%s' changed while it was being retried; read it again" % task_id)
@@ -865,8 +869,7 @@ class TaskQueue:
                         {"_id": child["_id"], "state": S.CANCELLED.value, "cancelled_by.task": current},
                         {"$set": {"state": S.AVAILABLE.value, "exit_status": None, "cancelled_by": None,
                                   "retry_count": 0, "pending_parents": pending,
-                                  "pending_dependency_count": len(pending), "_updated": now,
-                                  "_etag": str(ObjectId())}}).modified_count:
+                                  "pending_dependency_count": len(pending), **stamp(now)}}).modified_count:
                     queue.append(child["_id"])
                     revived.append(child["_id"])
         return revived
@@ -943,8 +946,7 @@ class TaskQueue:
             # the task or changed its resources since it was read.
             done = self.tasks.find_one_and_update(
                 dict(self._ready_query(free), _id=doc["_id"], history={"$size": attempt["attempt"] - 1}),
-                {"$set": {"state": S.RUNNING.value, "worker": worker_id, "_updated": now,
-                          "_etag": str(ObjectId()), **claim_changes(doc, attempt)},
+                {"$set": {"state": S.RUNNING.value, "worker": worker_id, **stamp(now), **claim_changes(doc, attempt)},
                  "$push": {"history": attempt}},
                 return_document=ReturnDocument.AFTER)
             if done is None:
@@ -1023,7 +1025,7 @@ class TaskQueue:
                     "history.%d.runtime" % index: seconds_between(history[-1].get("started"), now),
                     "history.%d.exit_status" % index: outcome,
                     "history.%d.exit_code" % index: exit_code,
-                    "_updated": now, "_etag": str(ObjectId()), **changes}
+                    **stamp(now), **changes}
             if usage:
                 sets["history.%d.usage" % index] = usage
             held = {"_id": task_id, "state": doc["state"], "worker": worker_id,
@@ -1094,7 +1096,7 @@ class TaskQueue:
             held,
             {"$set": {"state": S.AVAILABLE.value, "worker": None, "history.%d.ended" % index: now,
                       "history.%d.runtime" % index: seconds_between(started, now),
-                      "history.%d.exit_status" % index: ABANDONED, "_updated": now, "_etag": str(ObjectId())}},
+                      "history.%d.exit_status" % index: ABANDONED, **stamp(now)}},
             return_document=ReturnDocument.AFTER)
         if updated is not None and updated.get("array_limit"):
             self._free_slot(task_id, updated.get("job"))
@@ -1168,7 +1170,7 @@ class TaskQueue:
             if state in FINISHED or state == S.PENDING_CANCELLATION:
                 return None
             target = stored_state(state, S.CANCELLED)
-            sets = {"state": target.value, "_updated": utcnow(), "_etag": str(ObjectId())}
+            sets = {"state": target.value, **stamp()}
             if target == S.CANCELLED:
                 sets.update(exit_status=exit_status, cascade_pending=True, pending_parents=[],
                             pending_dependency_count=0, cancelled_by=cancelled_by)
@@ -1234,7 +1236,7 @@ class TaskQueue:
         if doc["state"] == S.INACTIVE:
             doc = self.tasks.find_one_and_update(
                 {"_id": doc["_id"], "state": S.INACTIVE.value, "pending_dependency_count": 0},
-                {"$set": {"state": S.AVAILABLE.value, "_updated": utcnow(), "_etag": str(ObjectId())}},
+                {"$set": {"state": S.AVAILABLE.value, **stamp()}},
                 return_document=ReturnDocument.AFTER)
             if doc is None:
                 return False
@@ -1252,7 +1254,7 @@ class TaskQueue:
         done = self.tasks.update_one(
             {"_id": doc["_id"], "state": S.AVAILABLE.value, "pending_dependency_count": 0},
             {"$set": {"state": S.TERMINATED.value, "exit_status": SUCCESS, "cascade_pending": True,
-                      "_updated": utcnow(), "_etag": str(ObjectId())}})
+                      **stamp()}})
         if not done.modified_count:
             return False
         self.on_finished(doc["_id"])
@@ -1335,9 +1337,7 @@ class TaskQueue:
             started = last.get("started")
             if started is None:
                 continue
-            if started.tzinfo is None:
-                started = started.replace(tzinfo=timezone.utc)
-            if started >= claimed_before:
+            if aware(started) >= claimed_before:
                 continue
             log.warning("task %s attempt %s: claimed by worker %s at %s, never reported by its heartbeats; "
                         "abandoned", doc["_id"], last["attempt"], worker_id, started)
@@ -1384,9 +1384,7 @@ class TaskQueue:
             started = (doc.get("history") or [{}])[-1].get("started")
             if started is None:
                 continue
-            if started.tzinfo is None:
-                started = started.replace(tzinfo=timezone.utc)
-            if (now - started).total_seconds() >= doc["time_limit"]:
+            if (now - aware(started)).total_seconds() >= doc["time_limit"]:
                 # only the attempt read here: a retry claimed meanwhile has its own time
                 attempt = doc["history"][-1].get("attempt")
                 if self.cancel(doc["_id"], exit_status=TIMEOUT, only_if={"history": {"$size": attempt}}) is not None:

@@ -40,7 +40,6 @@ import math
 import os
 from datetime import timedelta
 
-import pymongo.errors
 from eve.utils import date_to_str
 from flask import Blueprint, Response, abort, current_app, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -48,7 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from banyan.protocol import (EXIT_STATUSES, FINISHED, HELD, RESOURCES as RESOURCE_KEYS, WORKER_STATES, TaskState,
                              WorkerState)
-from banyan.server import auth
+from banyan.server import auth, store
 from banyan.server.states import ABANDONED, FAILURE, OOM, SUCCESS, TIMEOUT, seconds_between, utcnow
 
 log = logging.getLogger(__name__)
@@ -399,7 +398,7 @@ def _check_filter(query):
     computing is still seen as the bug it would be."""
     try:
         _db()[TASKS].count_documents(query)
-    except (pymongo.errors.OperationFailure, NotImplementedError, TypeError, ValueError) as e:
+    except store.QUERY_ERRORS as e:
         abort(400, description="the store refused the filter in 'where': %s" % e)
 
 

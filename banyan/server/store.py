@@ -11,8 +11,9 @@ MongoDB. A write the embedded store cannot make durable raises
 
 import contextlib
 import os
+from datetime import timezone
 
-
+import pymongo.errors
 from banyan.store.adapter import DEFAULT_COMPACT_BYTES, DEFAULT_DATABASE, EmbeddedClient, EmbeddedCollection
 from banyan.store.errors import StoreCorrupt, StoreUnavailable
 
@@ -35,6 +36,21 @@ def connect(mongo_uri=None, data_dir=None):
         data_dir = os.path.join(os.path.expanduser('~'), '.banyan')
     compact_bytes = int(os.environ.get('BANYAN_STORE_COMPACT_BYTES') or DEFAULT_COMPACT_BYTES)
     return EmbeddedClient(data_dir, compact_bytes=compact_bytes)
+
+
+#: What a store raises for a query it cannot run: MongoDB an OperationFailure,
+#: the embedded store also the errors of Python's own comparisons and the
+#: operators it lacks. A store that cannot be reached is not among them.
+QUERY_ERRORS = (pymongo.errors.OperationFailure, TypeError, ValueError, NotImplementedError)
+
+
+def aware(when):
+    """A stored datetime as timezone-aware UTC: MongoDB's client is made
+    `tz_aware`, the embedded store gives naive UTC ones. The state machine
+    and the views compare stored times through this, never by hand."""
+    if when is None or when.tzinfo is not None:
+        return when
+    return when.replace(tzinfo=timezone.utc)
 
 
 def _engine(client):
