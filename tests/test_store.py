@@ -362,6 +362,10 @@ AGGREGATE_DOCS = [
     [{"$match": {"h.e": {"$ne": None}}}, {"$project": {"h": 1}}, {"$unwind": "$h"},
      {"$sort": {"h.s": -1}}, {"$limit": 2}, {"$project": {"h.s": 1}}],
     [{"$match": {}}, {"$project": {"n": 1}}, {"$sort": {"n": -1}}, {"$skip": 2}, {"$limit": 4}],
+    [{"$match": {}}, {"$project": {"h": 1}}, {"$unwind": "$h"}, {"$sort": {"h.s": -1}}, {"$skip": 3},
+     {"$limit": 4}],  # ties, in store order either way
+    [{"$match": {}}, {"$project": {"h": 1}}, {"$unwind": "$h"}, {"$sort": {"h.s": 1}}, {"$skip": 1},
+     {"$limit": 4}],
     # a stage that changes documents in place after `$unwind`: no shared parts
     [{"$match": {"h.0": {"$exists": True}}}, {"$unwind": "$h"}, {"$addFields": {"r.s": "$h.s"}},
      {"$project": {"r": 1}}],

@@ -43,7 +43,7 @@ from pymongo.errors import (BulkWriteError, ConfigurationError, DuplicateKeyErro
                             OperationFailure, WriteError)
 from pymongo.results import BulkWriteResult
 
-from banyan.store.documents import Documents, decode, encode
+from banyan.store.documents import Documents, decode, encode, raw_id
 from banyan.store.aggregation import _READ_ONLY_STAGES, fast_stage, inclusion_projection, stage_name
 from banyan.store.engine import Engine
 from banyan.store.indexes import EMPTY_KEY, TOP, SecondaryIndex, asc_key, indexable_spec
@@ -123,8 +123,16 @@ class _CollectionStore(mm_store.CollectionStore):
     # A document's index entries are computed from its stored BSON, when it
     # is indexed and again when it is unindexed, so they are found again
     # exactly (nothing per document is kept besides the entries themselves).
+    def _decoded(self, raw, key):
+        """`raw` decoded, its `_id` the store key itself when that is an
+        ObjectId (the index entries then share it instead of a copy each)."""
+        doc = decode(raw)
+        if type(key) is ObjectId:  # pylint: disable=unidiomatic-typecheck
+            doc['_id'] = key
+        return doc
+
     def _index_doc(self, key):
-        doc = self._documents.decoded(key)
+        doc = self._decoded(self._documents.raw(key), key)
         seq = self._key_seq[key]
         memo = {}
         for idx in self._sec.values():
@@ -137,7 +145,7 @@ class _CollectionStore(mm_store.CollectionStore):
         """Remove the entries of `raw`, the BSON stored under `key` until now."""
         if raw is None or not (self._sec or self.view_sets):
             return
-        doc = decode(raw)
+        doc = self._decoded(raw, key)
         seq = self._key_seq[key]
         memo = {}
         for idx in self._sec.values():
@@ -212,7 +220,8 @@ class _CollectionStore(mm_store.CollectionStore):
         if not self.deferred:
             self._index_doc(key)
         if not self._engine.replaying:
-            self._engine.note_doc(self, key, val['_id'], forced=True)
+            self._engine.note_doc(self, key, val['_id'] if isinstance(val, dict) else raw_id(encode(val)),
+                                  forced=True)
 
     def __delitem__(self, key):
         old = self._documents.raw(key)
@@ -223,7 +232,7 @@ class _CollectionStore(mm_store.CollectionStore):
         seq = self._key_seq.pop(key, None)
         self._seq_key.pop(seq, None)
         if not self._engine.replaying:
-            self._engine.note_doc(self, key, decode(old)['_id'], forced=True)
+            self._engine.note_doc(self, key, raw_id(old), forced=True)
 
     def create(self):
         super().create()
@@ -263,7 +272,7 @@ class _CollectionStore(mm_store.CollectionStore):
         all_flags = [[] for _ in built]
         key_seq = self._key_seq
         for key, raw in self._documents.raw_items():
-            doc = decode(raw)
+            doc = self._decoded(raw, key)
             seq = key_seq[key]
             memo = {}
             for idx, entries_of, flags_of in zip(built, all_entries, all_flags):
@@ -716,7 +725,7 @@ class EmbeddedCollection(mm_collection.Collection):
             return None
         try:
             prefix_key = bson.encode({'p': pipeline[:n]})
-            view_key = bson.encode({'t': tail[:1]})
+            view_key = bson.encode({'t': tail[:1] if sort is None else sort[0]})
         except Exception:  # pylint: disable=broad-except  # not encodable: no view
             return None
         with self._engine.op():
@@ -729,7 +738,7 @@ class EmbeddedCollection(mm_collection.Collection):
             view = view_set.views.get(view_key)
             if view is None:
                 if sort is not None:
-                    view = SortView(sort[0], sort[1], _sort_key)
+                    view = SortView(sort[0], _sort_key)
                 else:
                     view = GroupView(tail[0]['$group'])
                 view_set.views[view_key] = view
@@ -744,7 +753,7 @@ class EmbeddedCollection(mm_collection.Collection):
             field, direction, skip, limit, after = sort
             rows = []
             documents = store._documents  # pylint: disable=protected-access
-            for seq, i in view.window(skip, limit):
+            for seq, i in view.window(skip, limit, direction < 0):
                 rows.append(view_set.rows_of(documents[store._seq_key[seq]])[i])  # pylint: disable=protected-access
         return self._run_stages(tail, after, len(tail), rows)
 

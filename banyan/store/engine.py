@@ -22,6 +22,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.errors import InvalidOperation
 
 from banyan.store import journal
+from banyan.store.documents import encode, raw_id
 from banyan.store.errors import StoreCorrupt, StoreUnavailable
 from banyan.store.planning import store_key
 
@@ -368,7 +369,8 @@ class Engine:
         op = action['o']
         if op == 'p':
             for doc in action['docs']:
-                store[store_key(doc['_id'])] = doc
+                raw = encode(doc)
+                store[store_key(raw_id(raw))] = raw
         elif op == 'x':
             key = store_key(action['id'])
             if key in store._documents:  # pylint: disable=protected-access

@@ -154,6 +154,10 @@ def _component(key, desc):
     return (-key[0], -key[1], v)
 
 
+_EMPTY_ASC = _component(EMPTY_KEY, False)
+_EMPTY_DESC = _component(EMPTY_KEY, True)
+
+
 def _field_elements(field, doc, parts=None):
     """Values of `field` that mongomock equality can match, and whether the
     field is multikey (array / several candidates) for this document."""
@@ -260,6 +264,10 @@ class SecondaryIndex:
                 multi = True
             per_field.append(keys)
             flags.append(_shared((multi, has_bool, has_num)))
+        if per_field[0] == [_EMPTY_ASC] or per_field[0] == [_EMPTY_DESC]:
+            # An empty array in the first field: no lookup (an equality or
+            # a lower bound on it) can reach the entry, so none is kept.
+            return [], _shared(tuple(flags))
         entries = [combo + (seq,) for combo in itertools.product(*per_field)]
         return entries, _shared(tuple(flags))
 

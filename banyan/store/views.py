@@ -16,7 +16,7 @@ from mongomock import aggregate as mm_aggregate
 from sortedcontainers import SortedList
 
 from banyan.store.aggregation import _hashable, stage_name
-from banyan.store.indexes import _component
+from banyan.store.indexes import _shared
 
 
 class Unsupported(Exception):
@@ -88,14 +88,14 @@ class GroupView:
 
 class SortView:
     """`{"$sort": {field: 1 or -1}}, [{"$skip": n}], {"$limit": n}, ...`
-    over the rows: every row's sort key in order, with its document and its
-    place among the document's rows, so that only the rows of the window
-    are computed again when asked. Ties keep the rows' store order, as a
-    stable sort does."""
+    over the rows: every row's sort key in ascending order, with its
+    document and its place among the document's rows, so that only the
+    rows of the window are computed again when asked. Ties keep the rows'
+    store order, as a stable sort does, in either direction (one view
+    serves both)."""
 
-    def __init__(self, field, direction, sort_key):
+    def __init__(self, field, sort_key):
         self.field = field
-        self.desc = direction < 0
         self.sort_key = sort_key
         self.entries = SortedList()
         self.seen = -1
@@ -123,15 +123,29 @@ class SortView:
 
     def change(self, rows, sign, seq):
         for i, row in enumerate(rows):
-            entry = (_component(self.sort_key(self.field, row), self.desc), seq, i)
+            entry = (_shared(self.sort_key(self.field, row)), seq, i)
             if sign > 0:
                 self.entries.add(entry)
             else:
                 self.entries.discard(entry)
 
-    def window(self, skip, limit):
+    def window(self, skip, limit, desc):
         """(seq, row index) of the rows `skip` to `skip + limit` in order."""
-        return [(seq, i) for _, seq, i in self.entries.islice(skip, skip + limit)]
+        entries = self.entries
+        if not desc:
+            return [(seq, i) for _, seq, i in entries.islice(skip, skip + limit)]
+        out = []
+        hi = len(entries)
+        while hi and len(out) < limit:  # groups of equal keys from the top, each in store order
+            lo = entries.bisect_left((entries[hi - 1][0],))
+            size = hi - lo
+            if skip >= size:
+                skip -= size
+            else:
+                out.extend((seq, i) for _, seq, i in entries.islice(lo + skip, min(hi, lo + skip + limit - len(out))))
+                skip = 0
+            hi = lo
+        return out
 
 
 class ViewSet:
