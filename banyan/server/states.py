@@ -320,7 +320,7 @@ class TaskQueue:
                 raise Conflict("'added_by': task '%s' is '%s'; only a running task adds children "
                                "(--child is for commands run by a task)" % (adder_id, doc["state"]))
             doc["attempt"] = len(doc.get("history") or [])
-        grown = {"adders": {a: adders[a]["attempt"] for a in adder_ids}, "jobs": {}, "after_any": [],
+        grown: dict = {"adders": {a: adders[a]["attempt"] for a in adder_ids}, "jobs": {}, "after_any": [],
                  "linked": [], "detour": {}}
         jobs = {d["_id"]: d for d in self.jobs.find({"_id": {"$in": list({a["job"] for a in adders.values()})}},
                                                      {"max_tasks": 1, "max_depth": 1, "added_tasks": 1})}
@@ -372,7 +372,7 @@ class TaskQueue:
         """An attempt token adds children of its own task, to its own job,
         related to tasks of that job only."""
         new = {doc.get("_id") for doc in docs}
-        named = set()
+        named: set = set()
         for doc in docs:
             if doc.get("added_by") not in (None, task_id):
                 raise Forbidden("an attempt token adds children of its own task '%s', not of '%s'"
@@ -396,7 +396,7 @@ class TaskQueue:
         found = {d["_id"]: d for d in self.tasks.find(
             {"_id": {"$in": list(ids)}, "pending_parents": {"$in": list(adders)}},
             {"after_any": 1, "after_failure": 1})}
-        waiting = {}
+        waiting: dict = {}
         for adder_id, doc in adders.items():
             waiting[adder_id] = []
             for child in doc.get("continuations") or []:
@@ -486,7 +486,7 @@ class TaskQueue:
     def _parents_given(doc):
         """The parents named by a new task's `after`, `after_any` and
         `after_failure` (each once; a parent in two of them is refused)."""
-        parents = {}
+        parents: dict = {}
         for field in AFTER_FIELDS:
             for parent in doc.get(field) or []:
                 if parents.get(parent, field) != field:
@@ -925,7 +925,7 @@ class TaskQueue:
         candidates = list(self.tasks.find(query, fields, sort=CLAIM_ORDER, limit=want + CLAIM_SPARES))
         if not candidates:
             return None
-        claimed = []
+        claimed: list = []
         for doc in candidates:
             if len(claimed) >= want:
                 break
@@ -1292,7 +1292,8 @@ class TaskQueue:
         that together fit `free` (highest priority first, then oldest; a task
         too big for what is left is skipped for a smaller one)."""
         left = {key: free.get(key, 0) for key in RESOURCES}
-        claimed, full = [], set()
+        claimed: list = []
+        full: set = set()
         while len(claimed) < max_tasks:
             got = self._claim_some(worker_id, left, max_tasks - len(claimed), host, full)
             if got is None:
@@ -1355,9 +1356,9 @@ class TaskQueue:
     def held_by(self, worker_ids, visible=None):
         """Ids of the tasks held (running or being cancelled) by each of
         `worker_ids`, of those `visible` (a filter, such as a user's own) selects."""
-        held = {wid: [] for wid in worker_ids}
+        held: dict = {wid: [] for wid in worker_ids}
         if held:
-            query = {"worker": {"$in": list(held)}, "state": {"$in": [s.value for s in HELD]}}
+            query: dict = {"worker": {"$in": list(held)}, "state": {"$in": [s.value for s in HELD]}}
             if visible:
                 query = {"$and": [query, visible]}
             for doc in self.tasks.find(query, {"worker": 1}):
