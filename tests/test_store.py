@@ -362,6 +362,9 @@ AGGREGATE_DOCS = [
     [{"$match": {"h.e": {"$ne": None}}}, {"$project": {"h": 1}}, {"$unwind": "$h"},
      {"$sort": {"h.s": -1}}, {"$limit": 2}, {"$project": {"h.s": 1}}],
     [{"$match": {}}, {"$project": {"n": 1}}, {"$sort": {"n": -1}}, {"$skip": 2}, {"$limit": 4}],
+    [{"$match": {}}, {"$project": {"tags": 1, "r.x": 1}},
+     {"$unwind": {"path": "$tags", "preserveNullAndEmptyArrays": True}},
+     {"$group": {"_id": {"t": "$tags", "x": "$r.x"}, "c": {"$sum": 1}}}],
     [{"$match": {}}, {"$project": {"h": 1}}, {"$unwind": "$h"}, {"$sort": {"h.s": -1}}, {"$skip": 3},
      {"$limit": 4}],  # ties, in store order either way
     [{"$match": {}}, {"$project": {"h": 1}}, {"$unwind": "$h"}, {"$sort": {"h.s": 1}}, {"$skip": 1},

@@ -45,6 +45,7 @@ from pymongo.results import BulkWriteResult
 
 from banyan.store.documents import Documents, decode, encode, raw_id
 from banyan.store.aggregation import _READ_ONLY_STAGES, fast_stage, inclusion_projection, stage_name
+from banyan.store.aggregation import _unwind_stage as _unwind_rows
 from banyan.store.engine import Engine
 from banyan.store.indexes import EMPTY_KEY, TOP, SecondaryIndex, asc_key, indexable_spec
 from banyan.store.views import GroupView, SortView, ViewSet
@@ -790,19 +791,46 @@ class EmbeddedCollection(mm_collection.Collection):
         return True
 
     def _rows_of(self, pipeline, n):
-        """rows_of(doc): the rows pipeline[:n] gives one document."""
+        """rows_of(doc): the rows pipeline[:n] gives one document (a fresh
+        one, decoded for the call: its values are taken, not copied)."""
         spec = helpers.patch_datetime_awareness_in_document(pipeline[0]['$match'])
         projection = dict(pipeline[1]['$project'])
+        plain = all('.' not in field for field in projection)
+        fields = [field for field in projection if field != '_id']
         match = matcher(spec)
         tz_aware = self.codec_options.tz_aware
+        steps = []
+        for i in range(2, n):
+            name = stage_name(pipeline[i])
+            value = pipeline[i][name]
+            if name == '$match':
+                steps.append(('match', matcher(helpers.patch_datetime_awareness_in_document(value))))
+            elif name == '$unwind' and isinstance(value, str) and value.startswith('$') and '.' not in value:
+                steps.append(('unwind', value))
+            else:
+                steps.append(('stage', i))
 
         def rows_of(doc):
             if not match(doc):
                 return ()
-            row = self._copy_only_fields(doc, dict(projection), dict)  # (it adds `_id` to the projection)
+            if plain:
+                row = {'_id': doc['_id']} if '_id' in doc else {}
+                for field in fields:
+                    if field in doc:
+                        row[field] = doc[field]
+            else:
+                row = self._copy_only_fields(doc, dict(projection), dict)  # (it adds `_id` to the projection)
             if tz_aware:
                 row = helpers.make_datetime_timezone_aware_in_document(row)
-            return self._run_stages(pipeline, 2, n, [row])
+            rows = [row]
+            for kind, what in steps:
+                if kind == 'match':
+                    rows = [r for r in rows if what(r)]
+                elif kind == 'unwind':
+                    rows = _unwind_rows(rows, what)
+                else:
+                    rows = self._run_stages(pipeline, what, what + 1, rows)
+            return rows
         return rows_of
 
     def list_indexes(self, session=None):

@@ -8,6 +8,7 @@ fdatasync (group commit: the sync runs outside the lock).
 """
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -297,11 +298,16 @@ class Engine:
                 self.lock_fd = None
                 raise RuntimeError(
                     f'{self.data_dir} is in use by another Banyan process') from err
+        collecting = gc.isenabled()
+        gc.disable()  # a load makes millions of objects, none of them garbage: the collector's passes cost 40% of it
         try:
             self._load()
         except BaseException:
             self.close()
             raise
+        finally:
+            if collecting:
+                gc.enable()
 
     def _load(self):
         with contextlib.suppress(FileNotFoundError):
