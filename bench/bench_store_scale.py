@@ -192,13 +192,17 @@ def fits(n, done, budget_s, started):
     time budget."""
     if not done:
         return None
-    last = done[-1]
+    first, last = done[0], done[-1]
     scale = n / float(last["n"])
-    rss = last["rss_end"] * scale
+    if last is first:  # what the tasks added to the server's memory at start, per task
+        per_task = (last["rss_end"] - last["rss_start"]) / last["n"]
+    else:
+        per_task = (last["rss_end"] - first["rss_end"]) / (last["n"] - first["n"])
+    rss = last["rss_end"] + per_task * (n - last["n"])
     available = psutil.virtual_memory().available / 2 ** 20
     if rss > 0.8 * available:
         return "needs ~%.0f MiB, %.0f MiB available" % (rss, available)
-    if budget_s:
+    if budget_s and last["n"] * 20 >= n:  # (a much smaller size's time is mostly fixed costs)
         needed = last["took"] * scale
         left = budget_s - (time.perf_counter() - started)
         if needed > left:
@@ -226,8 +230,10 @@ def main():
             if why:
                 last = done[-1]
                 scale = n / float(last["n"])
+                grow = (last["rss_end"] - done[0]["rss_end"]) / max(1, last["n"] - done[0]["n"])
                 print("%8d skipped (%s); linear from %d tasks: RSS ~%.0f MiB, restart ~%.0f s"
-                      % (n, why, last["n"], last["rss_end"] * scale, last["restart"] * scale), flush=True)
+                      % (n, why, last["n"], last["rss_end"] + grow * (n - last["n"]), last["restart"] * scale),
+                      flush=True)
                 continue
             t0 = time.perf_counter()
             f = run(n, args.seconds, tmp)
