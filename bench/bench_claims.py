@@ -25,6 +25,7 @@ import uuid
 from banyan.server.app import create_app
 from banyan.server.states import utcnow
 from banyan.server.store import connect
+from banyan.server.services import services
 
 FREE = {"cores": 64, "memory": 1 << 40, "gpus": 0}
 
@@ -39,8 +40,8 @@ def seed(app, n, **fields):
                    "continuations": [], "_created": now, "_updated": now, "_etag": uuid.uuid4().hex}
             doc.update(fields)
             docs.append(doc)
-        app.queue.prepare_new(docs)
-        app.queue.tasks.insert_many(docs)
+        services(app).queue.prepare_new(docs)
+        services(app).queue.tasks.insert_many(docs)
 
 
 def fresh_app(tmp, **config):
@@ -99,7 +100,7 @@ def bench_throughput(tmp, sizes, target):
 
 def wait_for_waiter(app):
     deadline = time.monotonic() + 10
-    while len(app.claim_waiters) == 0 and time.monotonic() < deadline:
+    while len(services(app).claim_waiters) == 0 and time.monotonic() < deadline:
         time.sleep(0.001)
 
 
@@ -130,7 +131,7 @@ def bench_long_poll(tmp, rounds, backlog):
                 assert r.status_code == 200, r.json
             else:
                 from bson import ObjectId
-                app.queue.tasks.update_one({"_id": ObjectId(tid)}, {"$set": {"state": "available"}})
+                services(app).queue.tasks.update_one({"_id": ObjectId(tid)}, {"$set": {"state": "available"}})
             poller.join()
             assert [t["_id"] for t in result["items"]] == [tid], result
             latencies.append(result["done"] - started)

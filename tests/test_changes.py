@@ -7,6 +7,7 @@ import time
 from bson import ObjectId
 
 from banyan.server import changes
+from banyan.server.services import services
 from test_claims import make_app, patch, register, submit
 
 
@@ -22,9 +23,9 @@ def held(app, api, **params):
     thread = threading.Thread(target=lambda: result.update(reply=poll(api, **params)))
     thread.start()
     deadline = time.monotonic() + 10
-    while app.changes_waiters.held == 0 and time.monotonic() < deadline:
+    while services(app).changes_waiters.held == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert app.changes_waiters.held == 1
+    assert services(app).changes_waiters.held == 1
     return thread, result
 
 

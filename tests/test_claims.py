@@ -12,6 +12,7 @@ from bson import ObjectId
 from banyan.server.app import create_app
 from banyan.server.auth import TokenStore
 from banyan.server.states import ABANDONED, FAILURE, SUCCESS, TIMEOUT, utcnow
+from banyan.server.services import services
 
 from conftest import NoServerErrorClient
 
@@ -189,7 +190,7 @@ def test_per_item_claim_waits_for_unfinished_parents(api, db):
 def test_per_item_claim_needs_an_active_worker(app, api, db):
     tid, = submit(api, {"command": "x", "state": "available"})
     lost, stopped = register(api, host="lost"), register(api, host="stopped")
-    app.reaper.run_once(utcnow() + timedelta(seconds=app.config["HEARTBEAT_TIMEOUT"] + 60))
+    services(app).reaper.run_once(utcnow() + timedelta(seconds=app.config["HEARTBEAT_TIMEOUT"] + 60))
     assert api.get("/workers/%s" % lost).json["state"] == "lost"
     for wid in (lost, stopped):
         api.delete("/workers/%s" % wid)
@@ -206,13 +207,13 @@ def test_per_item_claim_by_a_worker_lost_meanwhile_is_given_back(app, api, db, m
     child, = submit(api, {"command": "after"})
     api.post("/tasks/%s/add_continuations" % tid, json=[child])
     wid = register(api)
-    check = app.queue.require_claiming_worker
+    check = services(app).queue.require_claiming_worker
 
     def check_then_lose(worker_id, identity):
         check(worker_id, identity)
-        app.workers.mark_silent_lost(0, utcnow() + timedelta(seconds=1))
-        app.reaper.run_once()
-    monkeypatch.setattr(app.queue, "require_claiming_worker", check_then_lose)
+        services(app).workers.mark_silent_lost(0, utcnow() + timedelta(seconds=1))
+        services(app).reaper.run_once()
+    monkeypatch.setattr(services(app).queue, "require_claiming_worker", check_then_lose)
     r = api.patch("/tasks/%s" % tid, json={"state": "running", "worker": wid})
     assert r.status_code == 404, r.json
     doc = db.tasks.find_one({"_id": ObjectId(tid)})
@@ -227,13 +228,13 @@ def test_per_item_claim_by_a_worker_lost_meanwhile_is_given_back(app, api, db, m
 def test_batch_claim_by_a_worker_lost_meanwhile_is_given_back(app, api, db, monkeypatch):
     tids = submit(api, *[{"command": "x%d" % i, "state": "available"} for i in range(3)])
     wid = register(api)
-    queue = app.queue
+    queue = services(app).queue
     claim_batch = queue.claim_batch
 
     def lost_then_claim(*args, **kwargs):
         # marked lost, and its tasks swept, after the claim's check and before its writes
-        app.workers.mark_silent_lost(0, utcnow() + timedelta(seconds=1))
-        app.reaper.run_once()
+        services(app).workers.mark_silent_lost(0, utcnow() + timedelta(seconds=1))
+        services(app).reaper.run_once()
         return claim_batch(*args, **kwargs)
     monkeypatch.setattr(queue, "claim_batch", lost_then_claim)
     claim(api, wid, max_tasks=3, status=404)
@@ -253,9 +254,9 @@ def seed_tasks(app, bodies):
         doc.update(body)
         doc["requested_resources"] = dict({"cores": 1, "memory": 0, "gpus": 0}, **body.get("requested_resources", {}))
         docs.append(doc)
-    app.queue.prepare_new(docs)
-    app.queue.tasks.insert_many(docs)
-    app.queue.after_insert(docs)
+    services(app).queue.prepare_new(docs)
+    services(app).queue.tasks.insert_many(docs)
+    services(app).queue.after_insert(docs)
     return [str(d["_id"]) for d in docs]
 
 
@@ -401,14 +402,14 @@ def test_long_poll_returns_the_task_made_available(store):
     poller = threading.Thread(target=poll)
     poller.start()
     deadline = time.monotonic() + 10
-    while len(app.claim_waiters) == 0 and time.monotonic() < deadline:
+    while len(services(app).claim_waiters) == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(app.claim_waiters) == 1
+    assert len(services(app).claim_waiters) == 1
     patch(api, tid, {"state": "available"})
     poller.join()
     assert [t["_id"] for t in result["reply"]["_items"]] == [tid]
     assert result["took"] < 20  # woken by the task, not by the end of the wait
-    assert len(app.claim_waiters) == 0
+    assert len(services(app).claim_waiters) == 0
 
 
 def test_long_poll_ignores_tasks_that_do_not_fit(store):
@@ -435,13 +436,13 @@ def test_long_poll_finds_tasks_made_ready_by_another_server(store):
     poller = threading.Thread(target=lambda: result.update(reply=claim(api, wid, wait=20)))
     poller.start()
     deadline = time.monotonic() + 10
-    while len(app.claim_waiters) == 0 and time.monotonic() < deadline:
+    while len(services(app).claim_waiters) == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     docs = [{"command": "x", "state": "available", "priority": 0,
              "requested_resources": {"cores": 1, "memory": 0, "gpus": 0},
              "_created": utcnow(), "_updated": utcnow(), "_etag": uuid.uuid4().hex}]
-    app.queue.prepare_new(docs)
-    app.queue.tasks.insert_one(docs[0])  # no on_ready: "another process" did it
+    services(app).queue.prepare_new(docs)
+    services(app).queue.tasks.insert_one(docs[0])  # no on_ready: "another process" did it
     poller.join()
     assert [t["_id"] for t in result["reply"]["_items"]] == [str(docs[0]["_id"])]
 
@@ -454,13 +455,13 @@ def test_too_many_waiting_claims_answer_at_once(store):
     poller = threading.Thread(target=lambda: claim(api, wid, wait=2))
     poller.start()
     deadline = time.monotonic() + 10
-    while len(app.claim_waiters) == 0 and time.monotonic() < deadline:
+    while len(services(app).claim_waiters) == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     turned_away = claim(api, wid, wait=30)
     assert (turned_away["_items"], turned_away["cancel"]) == ([], [])
     # one active worker: come back after about a second (jittered)
     assert 0.5 <= turned_away["retry_after"] <= 1.5
-    assert len(app.claim_waiters) == 1  # the second claim never waited
+    assert len(services(app).claim_waiters) == 1  # the second claim never waited
     poller.join()
 
 
@@ -637,14 +638,14 @@ def test_silent_worker_is_lost_and_its_task_requeued(store):
     wid = register(api)
     attempt = claim_one(api, wid, tid)
     alive = register(api, host="alive")
-    app.reaper.start()
+    services(app).reaper.start()
     try:
         deadline = time.monotonic() + 20
         while task(api, tid)["state"] != "available" and time.monotonic() < deadline:
             heartbeat(api, alive)
             time.sleep(0.1)
     finally:
-        app.reaper.stop()
+        services(app).reaper.stop()
     t = task(api, tid)
     # a lost worker is not the task's failure: max_retries 0, requeued all the same
     assert t["state"] == "available" and t["worker"] is None
@@ -678,8 +679,8 @@ def test_a_task_lost_more_than_max_lost_times_fails(store):
         wid = register(api, host="doomed%d" % attempt)
         assert claim_one(api, wid, tid) == attempt
         now = utcnow()
-        assert app.reaper.run_once(now)["lost"] == []  # not silent yet
-        done = app.reaper.run_once(now + timedelta(seconds=3))
+        assert services(app).reaper.run_once(now)["lost"] == []  # not silent yet
+        done = services(app).reaper.run_once(now + timedelta(seconds=3))
         assert done["lost"] == [ObjectId(wid)] and done["abandoned"] == [ObjectId(tid)]
         t = task(api, tid)
         assert (t["lost_count"], t["retry_count"]) == (1, 0)
@@ -689,7 +690,8 @@ def test_a_task_lost_more_than_max_lost_times_fails(store):
     assert t["state"] == "terminated" and t["exit_status"] == ABANDONED
     assert [a["exit_status"] for a in t["history"]] == [ABANDONED, ABANDONED]
     assert task(api, child)["state"] == "cancelled"
-    assert app.reaper.run_once(utcnow() + timedelta(seconds=6)) == {"lost": [], "abandoned": [], "timed_out": []}
+    assert services(app).reaper.run_once(utcnow() + timedelta(seconds=6)) == {
+        "lost": [], "abandoned": [], "timed_out": []}
 
 
 def test_max_lost_is_checked_and_write_once(api):
@@ -710,7 +712,7 @@ def test_heartbeats_keep_a_worker_alive(store):
     wid = register(api)
     time.sleep(1.2)
     heartbeat(api, wid)
-    assert app.reaper.run_once()["lost"] == []
+    assert services(app).reaper.run_once()["lost"] == []
     assert api.get("/workers/%s" % wid).json["state"] == "active"
 
 
@@ -720,8 +722,8 @@ def test_time_limit_cancels_with_status_timeout(app, api):
     wid = register(api)
     items = claim(api, wid, max_tasks=2)["_items"]
     assert [t["_id"] for t in items] == [slow, free]
-    assert app.reaper.run_once(utcnow())["timed_out"] == []
-    assert app.reaper.run_once(utcnow() + timedelta(seconds=2))["timed_out"] == [ObjectId(slow)]
+    assert services(app).reaper.run_once(utcnow())["timed_out"] == []
+    assert services(app).reaper.run_once(utcnow() + timedelta(seconds=2))["timed_out"] == [ObjectId(slow)]
     assert task(api, slow)["state"] == "pending_cancellation"
     assert task(api, free)["state"] == "running"
     assert heartbeat(api, wid, {slow: {"attempt": 1}, free: {"attempt": 1}}) == {"cancel": [slow], "unknown": []}
@@ -736,14 +738,14 @@ def test_time_limit_sweep_spares_a_retry_claimed_meanwhile(app, api, db, monkeyp
     tid, = submit(api, {"command": "x", "state": "available", "time_limit": 1, "max_retries": 1})
     wid = register(api)
     claim_one(api, wid, tid)
-    queue, cancel = app.queue, app.queue.cancel
+    queue, cancel = services(app).queue, services(app).queue.cancel
 
     def retried_first(task_id, **kwargs):
         finish(api, tid, 1, FAILURE, exit_code=1)
         assert claim_one(api, wid, tid) == 2
         return cancel(task_id, **kwargs)
     monkeypatch.setattr(queue, "cancel", retried_first)
-    assert app.reaper.run_once(utcnow() + timedelta(seconds=2))["timed_out"] == []
+    assert services(app).reaper.run_once(utcnow() + timedelta(seconds=2))["timed_out"] == []
     doc = db.tasks.find_one({"_id": ObjectId(tid)})
     assert doc["state"] == "running" and len(doc["history"]) == 2 and "cancel_reason" not in doc
 
@@ -755,7 +757,7 @@ def test_huge_time_limits_are_refused_and_the_reaper_keeps_working(app, api):
                          {"command": "y", "state": "available", "time_limit": 1})
     wid = register(api)
     claim(api, wid, max_tasks=2)
-    assert app.reaper.run_once(utcnow() + timedelta(seconds=2))["timed_out"] == [ObjectId(short)]
+    assert services(app).reaper.run_once(utcnow() + timedelta(seconds=2))["timed_out"] == [ObjectId(short)]
     assert task(api, long)["state"] == "running"
 
 
@@ -829,7 +831,7 @@ def test_cancel_running_task_whose_worker_is_lost(store):
     wid = register(api)
     claim_one(api, wid, tid)
     patch(api, tid, {"state": "cancelled"})
-    app.reaper.run_once(utcnow() + timedelta(seconds=5))
+    services(app).reaper.run_once(utcnow() + timedelta(seconds=5))
     t = task(api, tid)
     assert t["state"] == "cancelled" and t["exit_status"] == "cancelled"
     assert t["history"][-1]["exit_status"] == ABANDONED

@@ -7,17 +7,18 @@ from bson import ObjectId
 from test_server import get, post
 from test_workflow_api import EVERYTHING, ids
 from banyan.server.states import FAILURE, SUCCESS
+from banyan.server.services import services
 
 
 def claim(app, task_id):
     worker = ObjectId()
-    claimed = app.queue.claim_next(worker, EVERYTHING)
+    claimed = services(app).queue.claim_next(worker, EVERYTHING)
     assert claimed["_id"] == ObjectId(task_id)
     return worker, claimed["history"][-1]["attempt"]
 
 
 def finish(app, task_id, held, outcome):
-    return app.queue.finish(ObjectId(task_id), held[0], held[1], outcome)
+    return services(app).queue.finish(ObjectId(task_id), held[0], held[1], outcome)
 
 
 def test_children_hold_back_the_continuations_and_a_failed_attempt_is_replaced(app, api, db):

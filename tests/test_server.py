@@ -7,6 +7,7 @@ import pytest
 from bson import ObjectId
 
 from banyan.server.states import SUCCESS, FAILURE
+from banyan.server.services import services
 from conftest import TEST_TOKEN
 
 GiB = 1024 ** 3
@@ -33,11 +34,11 @@ def patch(api, tid, body, status=200):
 def run_to_end(app, tid, outcome=SUCCESS, worker=None):
     """Claim one specific ready task as a worker would and report `outcome`."""
     worker = worker or ObjectId()
-    doc = app.queue.tasks.find_one({"_id": ObjectId(tid)})
+    doc = services(app).queue.tasks.find_one({"_id": ObjectId(tid)})
     assert doc["state"] == "available" and doc["pending_dependency_count"] == 0, doc
-    claimed = app.queue.claim_next(worker, {"cores": 1e9, "memory": 1 << 60, "gpus": 1 << 30})
+    claimed = services(app).queue.claim_next(worker, {"cores": 1e9, "memory": 1 << 60, "gpus": 1 << 30})
     assert claimed["_id"] == ObjectId(tid), "claimed %s instead of %s" % (claimed["_id"], tid)
-    return app.queue.finish(claimed["_id"], worker, claimed["history"][-1]["attempt"], outcome)
+    return services(app).queue.finish(claimed["_id"], worker, claimed["history"][-1]["attempt"], outcome)
 
 
 # -- the seed's examples -------------------------------------------------
@@ -184,7 +185,7 @@ def test_available_child_waits_for_its_parents(app, api):
     child = post(api, {"command": "x"})["_id"]
     parent = post(api, {"command": "x", "continuations": [child]})["_id"]
     patch(api, child, {"state": "available"})
-    assert app.queue.claim_next(ObjectId(), {"cores": 8, "memory": GiB, "gpus": 0}) is None
+    assert services(app).queue.claim_next(ObjectId(), {"cores": 8, "memory": GiB, "gpus": 0}) is None
     patch(api, parent, {"state": "available"})
     run_to_end(app, parent)
     run_to_end(app, child)
@@ -193,10 +194,10 @@ def test_available_child_waits_for_its_parents(app, api):
 def test_cancelling_running_task_waits_for_worker(app, api):
     tid = post(api, {"command": "x", "state": "available"})["_id"]
     worker = ObjectId()
-    claimed = app.queue.claim_next(worker, {"cores": 1, "memory": 0, "gpus": 0})
+    claimed = services(app).queue.claim_next(worker, {"cores": 1, "memory": 0, "gpus": 0})
     patch(api, tid, {"state": "cancelled"})
     assert get(api, tid)["state"] == "pending_cancellation"
-    done = app.queue.finish(claimed["_id"], worker, 1, "cancelled")
+    done = services(app).queue.finish(claimed["_id"], worker, 1, "cancelled")
     assert done["state"] == "cancelled"
 
 
@@ -263,7 +264,7 @@ def test_frozen_fields_cannot_change_after_inactive(app, api, db):
     for field, value in [("command", "y"), ("name", "again")]:
         assert_refused(api, db, "patch", "/tasks/%s" % tid, {field: value}, field, "inactive")
     patch(api, tid, {"priority": 5, "requested_resources": {"cores": 2}, "max_retries": 3, "time_limit": 60})
-    assert app.queue.claim_next(ObjectId(), {"cores": 8, "memory": GiB, "gpus": 0})["_id"] == ObjectId(tid)
+    assert services(app).queue.claim_next(ObjectId(), {"cores": 8, "memory": GiB, "gpus": 0})["_id"] == ObjectId(tid)
     for field, value in [("priority", 6), ("requested_resources", {"cores": 4}), ("max_retries", 1),
                          ("held", True)]:
         assert_refused(api, db, "patch", "/tasks/%s" % tid, {field: value}, field, "queued", "running")

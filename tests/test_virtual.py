@@ -13,6 +13,7 @@ from bson import ObjectId
 
 from banyan import settings
 from banyan.server.app import create_app
+from banyan.server.services import services
 from conftest import NoServerErrorClient
 from test_server import assert_refused, get, patch, post
 
@@ -106,7 +107,7 @@ def test_remove_continuations_unlinks_and_releases_the_last(api, db, form):
 def test_appended_entry_with_allows_duplicates_pushes(app_with, form):
     app = app_with({"push_continuations": {"kind": "append", "target": "continuations",
                                             "allows_duplicates": True}})
-    api, db = app.test_client(), app.queue.tasks.database
+    api, db = app.test_client(), services(app).queue.tasks.database
     parent, child = task(api), task(api)
     form(api, "push_continuations", parent, [child])
     form(api, "push_continuations", parent, [child])
@@ -157,7 +158,7 @@ def test_two_requests_closing_a_cycle_together_do_not_both_pass(app, api, db, mo
     """A -> B and B -> A at once: each cycle check alone sees no cycle; the
     second must see the first's edge."""
     a, b = task(api), task(api)
-    queue, find_cycle = app.queue, app.queue.find_cycle
+    queue, find_cycle = services(app).queue, services(app).queue.find_cycle
 
     def slow_find_cycle(*args, **kwargs):
         found = find_cycle(*args, **kwargs)
@@ -259,7 +260,7 @@ def test_plain_patch_of_continuations_is_refused(api, db):
 def test_roles_not_in_writable_by_get_403(app_with, form):
     app = app_with({"worker_continuations": {"kind": "append", "target": "continuations",
                                               "writable_by": ["worker"]}})
-    api, db = app.test_client(), app.queue.tasks.database
+    api, db = app.test_client(), services(app).queue.tasks.database
     parent, child = task(api), task(api)
     before = sorted(db.tasks.find({}), key=lambda d: d["_id"])
     body = form(api, "worker_continuations", parent, [child], status=403)
@@ -302,7 +303,7 @@ def claimed_task(app, api, attempts=2):
     for _ in range(attempts - 1):
         run_to_end(app, tid, outcome="failure")
     worker = ObjectId()
-    app.queue.claim_next(worker, {"cores": 64, "memory": 1 << 50, "gpus": 0})
+    services(app).queue.claim_next(worker, {"cores": 64, "memory": 1 << 50, "gpus": 0})
     return tid
 
 
@@ -368,7 +369,7 @@ def test_new_entries_get_working_endpoints_with_no_other_code(app_with):
         "label": {"kind": "alias", "target": "name"},
         "drop_continuations": {"kind": "remove", "target": "continuations"},
     })
-    api, db = app.test_client(), app.queue.tasks.database
+    api, db = app.test_client(), services(app).queue.tasks.database
     tid = claimed_task(app, api)
     first = get(api, tid)["history"][0]
     assert api.get('/tasks/%s?projection={"first_attempt": 1}' % tid).json["first_attempt"] == first

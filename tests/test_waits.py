@@ -8,6 +8,7 @@ import time
 import pytest
 
 from banyan.server.states import utcnow
+from banyan.server.services import services
 from test_claims import PLENTY, claim, finish, make_app, patch, register, submit
 
 
@@ -29,9 +30,9 @@ def held(app, api, body):
     thread = threading.Thread(target=run)
     thread.start()
     deadline = time.monotonic() + 10
-    while len(app.finish_waiters) == 0 and time.monotonic() < deadline:
+    while len(services(app).finish_waiters) == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(app.finish_waiters) == 1
+    assert len(services(app).finish_waiters) == 1
     return thread, result
 
 
@@ -60,14 +61,14 @@ def test_a_held_wait_answers_when_the_last_task_ends(store):
     (first, attempt), (second, _) = running(api, 2)
     thread, result = held(app, api, {"ids": [first, second], "timeout": 20})
     finish(api, first, attempt, "failure", 1)
-    assert thread.is_alive() and len(app.finish_waiters) == 1  # one of two: still held
+    assert thread.is_alive() and len(services(app).finish_waiters) == 1  # one of two: still held
     patch(api, second, {"state": "cancelled"})  # pending_cancellation: not finished yet
-    assert thread.is_alive() and len(app.finish_waiters) == 1
+    assert thread.is_alive() and len(services(app).finish_waiters) == 1
     finish(api, second, 1, "cancelled", -15)
     thread.join()
     assert result["reply"] == {"unfinished": {}, "waited": True}
     assert result["took"] < 20
-    assert len(app.finish_waiters) == 0
+    assert len(services(app).finish_waiters) == 0
 
 
 def test_a_held_wait_is_woken_by_a_cascade_and_by_a_barrier(store):
@@ -99,7 +100,7 @@ def test_a_wait_sees_tasks_finished_by_another_server(store):
     api = app.test_client()
     (busy, _), = running(api)
     thread, result = held(app, api, {"ids": [busy], "timeout": 20})
-    app.queue.tasks.update_one({"_id": app.queue.tasks.find_one()["_id"]},
+    services(app).queue.tasks.update_one({"_id": services(app).queue.tasks.find_one()["_id"]},
                                {"$set": {"state": "terminated", "exit_status": "success", "_updated": utcnow()}})
     thread.join()
     assert result["reply"] == {"unfinished": {}, "waited": True}

@@ -10,6 +10,7 @@ from bson import ObjectId
 from conftest import MONGO_URI, CheckedSession, LiveServer
 from test_server import GiB, get, patch, post, run_to_end
 from banyan.server.states import FAILURE, SUCCESS
+from banyan.server.services import services
 
 EVERYTHING = {"cores": 1e9, "memory": 1 << 60, "gpus": 1 << 30}
 
@@ -101,7 +102,7 @@ def test_retry_revives_what_was_cancelled_because_of_it(app, api):
     first, missing = r.json["_items"]
     assert "success" in first["_error"]["message"] and missing["_error"]["code"] == 404
     running = post(api, {"command": "x", "state": "available"})["_id"]
-    app.queue.claim_next(ObjectId(), EVERYTHING)
+    services(app).queue.claim_next(ObjectId(), EVERYTHING)
     assert api.post("/tasks/retry", json={"ids": [running]}).json["_items"][0]["_error"]["code"] == 409
     for body in ({"ids": ["nope"]}, {"ids": parent}, {"tasks": []}):
         assert api.post("/tasks/retry", json=body).status_code in (400, 422)
@@ -110,12 +111,12 @@ def test_retry_revives_what_was_cancelled_because_of_it(app, api):
 def test_a_held_task_is_never_claimed_until_released(app, api):
     held = post(api, {"command": "x", "state": "available", "held": True})["_id"]
     assert get(api, held)["pending_reason"]["code"] == "held"
-    assert app.queue.claim_next(ObjectId(), EVERYTHING) is None
-    wid = app.queue.db["workers"].insert_one({"host": "h", "state": "active", "resources": {}}).inserted_id
+    assert services(app).queue.claim_next(ObjectId(), EVERYTHING) is None
+    wid = services(app).queue.db["workers"].insert_one({"host": "h", "state": "active", "resources": {}}).inserted_id
     r = api.patch("/tasks/%s" % held, json={"state": "running", "worker": str(wid)})
     assert r.status_code == 409 and "held" in r.get_data(as_text=True)
     patch(api, held, {"held": False})
-    assert app.queue.claim_next(ObjectId(), EVERYTHING)["_id"] == ObjectId(held)
+    assert services(app).queue.claim_next(ObjectId(), EVERYTHING)["_id"] == ObjectId(held)
 
 
 def test_priority_changed_while_available_decides_the_claim_order(app, api):
@@ -124,9 +125,9 @@ def test_priority_changed_while_available_decides_the_claim_order(app, api):
     patch(api, first, {"requested_resources": {"cores": 2, "memory": "1 GiB"}})
     assert get(api, first)["requested_resources"]["memory"] == GiB
     worker = ObjectId()
-    assert app.queue.claim_next(worker, {"cores": 1, "memory": 0, "gpus": 0})["_id"] == ObjectId(second)
-    assert app.queue.claim_next(worker, {"cores": 1, "memory": 0, "gpus": 0}) is None  # no longer fits
-    assert app.queue.claim_next(worker, {"cores": 2, "memory": GiB, "gpus": 0})["_id"] == ObjectId(first)
+    assert services(app).queue.claim_next(worker, {"cores": 1, "memory": 0, "gpus": 0})["_id"] == ObjectId(second)
+    assert services(app).queue.claim_next(worker, {"cores": 1, "memory": 0, "gpus": 0}) is None  # no longer fits
+    assert services(app).queue.claim_next(worker, {"cores": 2, "memory": GiB, "gpus": 0})["_id"] == ObjectId(first)
 
 
 def test_every_post_is_a_job_with_counts(app, api):
@@ -150,7 +151,7 @@ def test_every_post_is_a_job_with_counts(app, api):
 
 
 def test_no_worker_fits_names_the_request_and_the_largest_offer(app, api):
-    app.queue.db["workers"].insert_one({"host": "h", "state": "active",
+    services(app).queue.db["workers"].insert_one({"host": "h", "state": "active",
                                         "resources": {"cores": 4, "memory": GiB, "gpus": 0}})
     task = post(api, {"command": "x", "state": "available", "requested_resources": {"gpus": 2}})["_id"]
     reason = get(api, task)["pending_reason"]
@@ -161,14 +162,14 @@ def test_no_worker_fits_names_the_request_and_the_largest_offer(app, api):
 
 
 def test_array_limit_holds_for_racing_claimers(app, api):
-    app.queue.db["workers"].insert_one({"host": "h", "state": "active", "resources": EVERYTHING})
+    services(app).queue.db["workers"].insert_one({"host": "h", "state": "active", "resources": EVERYTHING})
     job = api.post("/jobs", json={"name": "capped", "array_limit": 2}).json["_id"]
     tasks = ids(api, [{"command": "x", "state": "available", "job": job} for _ in range(6)])
     claimed, errors = [], []
 
     def claimer():
         try:
-            doc = app.queue.claim_next(ObjectId(), EVERYTHING)
+            doc = services(app).queue.claim_next(ObjectId(), EVERYTHING)
             if doc is not None:
                 claimed.append(doc)
         except Exception as e:  # pragma: no cover - reported below
@@ -180,17 +181,17 @@ def test_array_limit_holds_for_racing_claimers(app, api):
     for t in threads:
         t.join()
     assert not errors and 1 <= len({d["_id"] for d in claimed}) <= 2
-    running = list(app.queue.tasks.find({"job": ObjectId(job), "state": "running"}))
+    running = list(services(app).queue.tasks.find({"job": ObjectId(job), "state": "running"}))
     assert 1 <= len(running) <= 2
     waiting = next(t for t in tasks if ObjectId(t) not in {d["_id"] for d in running})
     assert get(api, waiting)["pending_reason"]["code"] == "array_limit"
     assert {ObjectId(t) for t in api.get("/jobs/%s" % job).json["slots"]} == {d["_id"] for d in running}
     for doc in running:  # (as stored: its claimer)
-        app.queue.finish(doc["_id"], doc["worker"], doc["history"][-1]["attempt"], SUCCESS)
+        services(app).queue.finish(doc["_id"], doc["worker"], doc["history"][-1]["attempt"], SUCCESS)
     assert api.get("/jobs/%s" % job).json["slots"] == []
-    assert app.queue.claim_next(ObjectId(), EVERYTHING) is not None
-    assert app.queue.claim_next(ObjectId(), EVERYTHING) is not None
-    assert app.queue.claim_next(ObjectId(), EVERYTHING) is None
+    assert services(app).queue.claim_next(ObjectId(), EVERYTHING) is not None
+    assert services(app).queue.claim_next(ObjectId(), EVERYTHING) is not None
+    assert services(app).queue.claim_next(ObjectId(), EVERYTHING) is None
 
 
 @pytest.mark.slow

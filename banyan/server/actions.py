@@ -8,12 +8,13 @@ is the HTTP view (users retry their own tasks, admins any).
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from flask import Blueprint, abort, current_app, request
+from flask import Blueprint, abort, request
 
 from banyan.server import states
 from banyan.server.auth import check_role, owner_filter
 from banyan.server.claims import _reply
 from banyan.server.refusals import status_of
+from banyan.server.services import services
 
 #: Most tasks one retry request may name.
 MAX_RETRY = 10000
@@ -25,7 +26,7 @@ def retry_internal(task_ids):
     """Retry each task of `task_ids` in turn; one result per task, in order
     (`_status` OK with the task's new `state`, or ERR with `_error`). A task
     already brought back by the retry of an earlier one is reported OK."""
-    queue = current_app.queue
+    queue = services().queue
     results, revived = [], set()
     for task_id in task_ids:
         doc = queue.tasks.find_one(dict(owner_filter(), _id=task_id))

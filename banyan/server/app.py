@@ -17,6 +17,7 @@ from werkzeug.wrappers import Response
 from banyan import settings as default_settings
 from banyan.server import (actions, auth, changes, claims, idempotency, limits, openapi, query, refusals, stats,
                            store, waits)
+from banyan.server import services as services_module
 from banyan.server.datalayer import BanyanMongo, StoreDown, StoreFull, store_failure
 from banyan.server.hooks import register_hooks
 from banyan.server.reaper import Reaper
@@ -42,15 +43,16 @@ def create_app(client, config=None):
     auth_on = bool(settings.get("AUTH"))
     app = Eve(settings=settings, data=functools.partial(BanyanMongo, client=client),
               validator=BanyanValidator, auth=auth.BanyanTokenAuth if auth_on else None)
+    found = services_module.init_app(app)  # app.extensions["banyan"]
     limits.init_app(app)  # JSON nesting depth
     app.before_request(query.check_paging)
     auth.init_app(app, auth_on)
     db = client[app.config["MONGO_DBNAME"]]
     idempotency.init_app(app, db)  # after auth: keys belong to the caller
-    app.claim_waiters = claims.ClaimWaiters()
-    app.finish_waiters = waits.FinishWaiters()
-    app.queue = TaskQueue(db, on_ready=app.claim_waiters.notify, on_finished=app.finish_waiters.notify)
-    register_hooks(app, app.queue)
+    found.claim_waiters = claims.ClaimWaiters()
+    found.finish_waiters = waits.FinishWaiters()
+    found.queue = TaskQueue(db, on_ready=found.claim_waiters.notify, on_finished=found.finish_waiters.notify)
+    register_hooks(app, found.queue)
     app.register_blueprint(stats.blueprint)
     register_virtual_resources(app)  # VIRTUAL_RESOURCES endpoints and bulk PATCH /tasks
     claims.init_app(app, db)
@@ -58,13 +60,13 @@ def create_app(client, config=None):
     actions.init_app(app)
     changes.init_app(app)
     openapi.init_app(app)  # last: it describes every rule registered before it
-    # Started by `banyan server` (serve.py); tests call `app.reaper.run_once()`.
-    app.reaper = Reaper.for_app(app)
+    # Started by `banyan server` (serve.py); tests call `services(app).reaper.run_once()`.
+    found.reaper = Reaper.for_app(app)
     _register_error_handlers(app)
     app.wsgi_app = _durable_answers(app.wsgi_app, client)
-    app.queue.upgrade_stored()
-    app.queue.resume_cascades()
-    app.queue.fill_stored_figures()
+    found.queue.upgrade_stored()
+    found.queue.resume_cascades()
+    found.queue.fill_stored_figures()
     return app
 
 

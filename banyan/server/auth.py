@@ -47,6 +47,7 @@ from pymongo import ReturnDocument
 from banyan.protocol import ATTEMPT_ROLE, ROLES
 from banyan.server.identity import Identity, current_identity, set_identity
 from banyan.server.states import HELD, utcnow
+from banyan.server.services import services
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class BanyanTokenAuth(TokenAuth):
     `auth_field` confines them to their own tasks."""
 
     def store(self):
-        return current_app.tokens
+        return services().tokens
 
     def identify(self):
         """The caller's Identity, or None without a valid token. Looked up
@@ -366,7 +367,7 @@ def _reply(body, status=200):
 
 
 def _store():
-    return current_app.tokens
+    return services().tokens
 
 
 @blueprint.route("/tokens", methods=["GET"])
@@ -408,7 +409,7 @@ def revoke_token(id_or_name):
 def init_app(app, enabled):
     """Wire authentication into `app`: the tokens endpoint always; the
     per-request identity when `enabled`."""
-    app.tokens = TokenStore(app.data.driver.db)  # (makes the unique index on `hash`)
+    services(app).tokens = TokenStore(app.data.driver.db)  # (makes the unique index on `hash`)
     app.register_blueprint(blueprint)
     if enabled:
         @app.before_request

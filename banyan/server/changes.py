@@ -32,6 +32,7 @@ from flask import Blueprint, abort, current_app, request
 
 from banyan.server import auth
 from banyan.server.identity import current_identity
+from banyan.server.services import services
 
 #: Tasks updated at the latest instant that go into a version (a bulk write
 #: stamps thousands alike; past this many, a change to one of the others at that
@@ -98,7 +99,7 @@ def changes_view():
     current = version(db, visible)
     if since != current or timeout == 0:
         return dict(answer, version=current, changed=since != current)
-    waiters = current_app.changes_waiters
+    waiters = services().changes_waiters
     if not waiters.enter(config["CHANGES_MAX_WAITERS"]):
         return dict(answer, version=current, changed=False, retry_after=config["CHANGES_RECHECK_INTERVAL"] * 10)
     try:
@@ -118,5 +119,5 @@ def changes_view():
 
 
 def init_app(app):
-    app.changes_waiters = Waiters()
+    services(app).changes_waiters = Waiters()
     app.register_blueprint(blueprint)

@@ -51,6 +51,7 @@ from banyan.server.refusals import refuse
 from banyan.server.store import aware
 from banyan.server.states import utcnow
 from banyan.units import parse_size
+from banyan.server.services import services
 
 log = logging.getLogger(__name__)
 
@@ -290,11 +291,11 @@ class LogStore:
 
 
 def _registry():
-    return current_app.workers
+    return services().workers
 
 
 def _queue():
-    return current_app.queue
+    return services().queue
 
 
 def _config(name):
@@ -360,7 +361,7 @@ def claim(worker_id, free, max_tasks=1, wait=0.0):
     wait = min(max(0.0, wait), _config("CLAIM_MAX_WAIT"))
     deadline = time.monotonic() + wait
     recheck = _config("CLAIM_RECHECK_INTERVAL")
-    waiters = current_app.claim_waiters
+    waiters = services().claim_waiters
     with (waiters.waiting(free, _config("CLAIM_MAX_WAITERS")) if wait > 0
           else contextlib.nullcontext()) as event:
         while True:
@@ -379,7 +380,7 @@ def claim(worker_id, free, max_tasks=1, wait=0.0):
         confirm_claimer(worker_id, [(t["_id"], t["history"][-1]["attempt"]) for t in items])
         # Each attempt's own token, for the task's environment (BANYAN_TOKEN):
         # shown only in this answer, stored hashed (see auth.py).
-        tokens = current_app.tokens.create_attempt_tokens(items)
+        tokens = services().tokens.create_attempt_tokens(items)
         for task in items:
             task["attempt_token"] = tokens[task["_id"]]
     reply = {"_items": items, "cancel": queue.pending_cancellations(worker_id)}
@@ -444,7 +445,7 @@ def heartbeat(worker_id, tasks):
                                          entry.get("progress"))]
     for task_id, entry in tasks.items():
         if entry.get("output") and task_id not in unknown:
-            current_app.logs.save_live(task_id, entry["attempt"], entry["output"])
+            services().logs.save_live(task_id, entry["attempt"], entry["output"])
     # Claims whose answer was lost: twice the heartbeat timeout leaves a
     # finished attempt's report, retried with backoff after an outage
     # shorter than the timeout, the time to arrive first.
@@ -482,8 +483,8 @@ def finish(task_id, attempt, outcome, exit_code=None, stdout="", stderr="", usag
             refuse(e)  # (also inside `finish_many`, which answers each report's HTTPException)
     except states.TransitionError as e:
         refuse(e)
-    current_app.tokens.revoke_attempt(task_id, attempt)
-    current_app.logs.save(task_id, attempt, stdout, stderr)
+    services().tokens.revoke_attempt(task_id, attempt)
+    services().logs.save(task_id, attempt, stdout, stderr)
     return doc
 
 
@@ -520,7 +521,7 @@ def task_logs(task_id, attempt=None):
         attempt = attempts[-1] if attempts else None
     elif attempt not in attempts:
         abort(404, description="task '%s' has no attempt %s" % (task_id, attempt))
-    doc = current_app.logs.get(task_id, attempt) if attempt is not None else None
+    doc = services().logs.get(task_id, attempt) if attempt is not None else None
     if doc is None:
         return {"attempt": attempt, "stdout": "", "stderr": ""}
     answer = dict({"attempt": doc["attempt"]}, **LogStore.public(doc, "stdout"), **LogStore.public(doc, "stderr"))
@@ -885,7 +886,7 @@ def logs_view(task_id):
 
 
 def init_app(app, db):
-    """Wire the worker endpoints into `app` (after `app.queue` exists)."""
-    app.workers = WorkerRegistry(db)
-    app.logs = LogStore(db, app.config["LOG_CAP"])
+    """Wire the worker endpoints into `app` (after `services(app).queue` exists)."""
+    services(app).workers = WorkerRegistry(db)
+    services(app).logs = LogStore(db, app.config["LOG_CAP"])
     app.register_blueprint(blueprint)

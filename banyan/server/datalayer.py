@@ -20,6 +20,7 @@ from werkzeug.exceptions import BadRequest, HTTPException
 from banyan.protocol import INT64_MAX, INT64_MIN
 from banyan.server import query as query_rules, store, virtual
 from banyan.store.errors import StoreUnavailable
+from banyan.server.services import services
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class BanyanMongo(Mongo):
             return super().insert(resource, doc_or_docs)
         except bson.errors.InvalidDocument as e:
             if resource == "tasks":
-                self.app.queue.forget_new(doc_or_docs if isinstance(doc_or_docs, list) else [doc_or_docs])
+                services(self.app).queue.forget_new(doc_or_docs if isinstance(doc_or_docs, list) else [doc_or_docs])
             abort(422, description="the store refused the task: %s" % e)
 
     def _client_projection(self, req):

@@ -9,6 +9,7 @@ from banyan.server import claims, jobs, reasons, states, virtual
 from banyan.server.auth import owner_filter
 from banyan.server.identity import current_identity
 from banyan.server.refusals import refuse
+from banyan.server.services import services
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def settle_pending_changes(app):
     pending = g.pop("banyan_pending_continuation_changes", None) or {}
     for original, lease, _ in pending.values():
         try:
-            app.queue.abort_continuation_change(original, lease)
+            services(app).queue.abort_continuation_change(original, lease)
         except Exception:
             log.exception("could not undo a continuation change on task %s", original.get("_id"))
 

@@ -35,6 +35,7 @@ from banyan.protocol import ATTEMPT_ROLE
 from banyan.server.identity import current_identity
 from banyan.server.states import utcnow
 from banyan.server.store import aware
+from banyan.server.services import services
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def before_request():
         abort(400, description="Idempotency-Key must be 1 to %d printable characters, such as a UUID"
                                % MAX_KEY_LENGTH)
     fingerprint = hashlib.sha256(request.get_data(cache=True)).hexdigest()
-    store = current_app.idempotency
+    store = services().idempotency
     stored, record_id = store.claim(_owner(), key, fingerprint)
     if record_id is not None:
         g.banyan_idempotency = record_id
@@ -136,7 +137,7 @@ def after_request(response):
     record_id = g.pop("banyan_idempotency", None)
     if record_id is None:
         return response
-    store = current_app.idempotency
+    store = services().idempotency
     if 200 <= response.status_code < 300:
         store.finish(record_id, response.status_code, response.get_data(as_text=True), response.content_type)
     elif response.status_code < 500:
@@ -148,12 +149,12 @@ def after_request(response):
 def teardown_request(error=None):
     record_id = g.pop("banyan_idempotency", None)
     if record_id is not None:  # no answer was built: nothing was acknowledged
-        current_app.idempotency.drop(record_id)
+        services().idempotency.drop(record_id)
 
 
 def init_app(app, db):
     """After `auth.init_app` (the caller must be known first)."""
-    app.idempotency = KeyStore(db, app.config["IDEMPOTENCY_TTL"])
+    services(app).idempotency = KeyStore(db, app.config["IDEMPOTENCY_TTL"])
     app.before_request(before_request)
     app.after_request(after_request)
     app.teardown_request(teardown_request)

@@ -19,6 +19,7 @@ import time
 
 from banyan.server.claims import WorkerRegistry, abandon_worker
 from banyan.server.states import utcnow
+from banyan.server.services import services
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class Reaper:
 
     @classmethod
     def for_app(cls, app):
-        return cls(app.queue, app.workers, app.config["HEARTBEAT_TIMEOUT"])
+        return cls(services(app).queue, services(app).workers, app.config["HEARTBEAT_TIMEOUT"])
 
     def run_once(self, now=None):
         """One pass; returns what it did: `{"lost": [worker ids], "abandoned":

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+from banyan.server.services import services
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,8 @@ def run(args):
     # first, then workers' heartbeats and reports, then claims
     # (banyan.server.dispatch).
     dispatcher = UsersFirstDispatcher(args.threads, worker_threads=max(1, args.threads // 4),
-                                      parked=lambda: app.claim_waiters.parked)
-    app.claim_waiters.on_park = dispatcher.wake
+                                      parked=lambda: services(app).claim_waiters.parked)
+    services(app).claim_waiters.on_park = dispatcher.wake
     server = create_server(app, host=args.host, port=args.port, ident="banyan",
                            max_request_body_size=app.config["MAX_CONTENT_LENGTH"],
                            _dispatcher=dispatcher, **waitress_limits(args, app.config["CLAIM_MAX_WAIT"]))
@@ -146,7 +147,7 @@ def run(args):
         print("banyan server: authentication is OFF: anyone who can connect to %s:%s may do "
               "anything (a one-machine trial; start with --auth to require tokens)" % (host, port),
               file=sys.stderr, flush=True)
-    app.reaper.start()
+    services(app).reaper.start()
     archiver = None
     if args.archive_after is not None and not args.mongo_uri:
         from banyan.store.archive import Archiver
@@ -157,7 +158,7 @@ def run(args):
     except KeyboardInterrupt:
         pass
     finally:
-        app.reaper.stop()
+        services(app).reaper.stop()
         if archiver is not None:
             archiver.stop()
         server.close()

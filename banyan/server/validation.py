@@ -14,6 +14,7 @@ from banyan.server import auth, states, virtual
 from banyan.server.identity import current_identity
 from banyan.server.refusals import refuse
 from banyan.units import parse_size
+from banyan.server.services import services
 
 
 #: The largest task a client may store, in BSON bytes: MongoDB refuses
@@ -88,7 +89,7 @@ class BanyanValidator(Validator):
         # Role rules first, so a forbidden change answers 403 (also for internal PATCHes).
         if self.resource == "tasks":
             try:
-                app.queue.authorize_update(document, current_identity())
+                services(app).queue.authorize_update(document, current_identity())
             except states.TransitionError as e:
                 refuse(e)
         return self._fits(super().validate_update(document, document_id, persisted_document, normalize_document),

@@ -28,6 +28,7 @@ from flask import Blueprint, current_app
 from banyan.server import claims, store
 from banyan.server.held import HeldRequests
 from banyan.server.auth import check_role, owner_filter
+from banyan.server.services import services
 
 
 class FinishWaiters(HeldRequests):
@@ -71,7 +72,7 @@ class FinishWaiters(HeldRequests):
 def wait_finished(task_ids, timeout):
     """`{"unfinished": {id: state}, "waited": bool}` once none of `task_ids`
     (that the caller may see) is unfinished, or after `timeout` seconds."""
-    queue, waiters, config = current_app.queue, current_app.finish_waiters, current_app.config
+    queue, waiters, config = services().queue, services().finish_waiters, current_app.config
     visible = owner_filter()
     timeout = min(max(0.0, timeout), config["WAIT_MAX_TIMEOUT"])
     deadline = time.monotonic() + timeout
@@ -126,6 +127,6 @@ def wait_view():
 
 
 def init_app(app):
-    """Wire the wait endpoint into `app`; `app.finish_waiters` must exist
+    """Wire the wait endpoint into `app`; `services(app).finish_waiters` must exist
     before the queue is made (it is the queue's `on_finished`)."""
     app.register_blueprint(blueprint)
