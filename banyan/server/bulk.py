@@ -21,7 +21,7 @@ from flask import Blueprint, abort, request
 from flask import current_app as app
 from werkzeug.exceptions import HTTPException
 
-from banyan.server import hooks
+from banyan.server import pending_changes
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def patch_item(resource, id_, updates):
             message = "%s '%s' does not exist" % (resource[:-1], id_)
         result, status = {"_status": "ERR", "_error": {"code": e.code, "message": message}}, e.code
     finally:
-        hooks.settle_pending_changes(app)
+        pending_changes.settle(app)
     result = dict(result)
     result.setdefault(id_field, id_)
     return result, status

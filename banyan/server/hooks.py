@@ -2,34 +2,15 @@
 
 import logging
 
-from flask import abort, g
+from flask import abort
 
 from banyan.protocol import ATTEMPT_ROLE
-from banyan.server import claims, jobs, reasons, states, virtual
+from banyan.server import claims, jobs, pending_changes, reasons, states, virtual
 from banyan.server.auth import owner_filter
 from banyan.server.identity import current_identity
 from banyan.server.refusals import refuse
-from banyan.server.services import services
 
 log = logging.getLogger(__name__)
-
-
-def _pending_changes():
-    """Continuation changes begun by `on_update_tasks` in this request and
-    not yet finished by `on_updated_tasks`: {task id: (original, lease, removed)}."""
-    return g.setdefault("banyan_pending_continuation_changes", {})
-
-
-def settle_pending_changes(app):
-    """Undo the continuation changes whose write never happened (the write
-    or a later hook refused): links removed, leases released. Called after
-    each item of a multi-item request and when any request ends."""
-    pending = g.pop("banyan_pending_continuation_changes", None) or {}
-    for original, lease, _ in pending.values():
-        try:
-            services(app).queue.abort_continuation_change(original, lease)
-        except Exception:
-            log.exception("could not undo a continuation change on task %s", original.get("_id"))
 
 
 def register_hooks(app, queue):
@@ -67,12 +48,12 @@ def register_hooks(app, queue):
             added, removed = virtual.list_changes("tasks", updates, "continuations")
             if added or removed:
                 lease = queue.begin_continuation_change(original, added, removed)
-                _pending_changes()[original["_id"]] = (original, lease, removed)
+                pending_changes.pending()[original["_id"]] = (original, lease, removed)
         except states.TransitionError as e:
             refuse(e)
 
     def on_updated_tasks(updates, original):
-        change = _pending_changes().pop(original["_id"], None)
+        change = pending_changes.pending().pop(original["_id"], None)
         if change is not None:
             queue.end_continuation_change(original, change[1], change[2])
         queue.after_update(updates, original)
@@ -108,4 +89,4 @@ def register_hooks(app, queue):
     app.on_inserted_tasks += on_inserted_tasks
     app.on_update_tasks += on_update_tasks
     app.on_updated_tasks += on_updated_tasks
-    app.teardown_request(lambda error: settle_pending_changes(app))
+    app.teardown_request(lambda error: pending_changes.settle(app))

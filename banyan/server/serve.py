@@ -7,7 +7,6 @@ import logging
 import os
 import socket
 import sys
-from banyan.server.services import services
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +97,7 @@ def run(args):
 
     from banyan.server.app import create_app
     from banyan.server.dispatch import UsersFirstDispatcher
+    from banyan.server.services import services
     from banyan.server.store import connect
     from banyan.store.errors import StoreCorrupt
 
