@@ -13,39 +13,81 @@ import subprocess
 import threading
 
 from ..protocol import Outcome as Ended
-from . import resources
-from .executor import OUTPUT_LIMIT, Outcome, TaskProcess, reap_orphans
+from . import containment, resources
+from .executor import OUTPUT_LIMIT, Outcome, Spawner, SupervisorPool, TaskProcess, become_subreaper, reap_orphans
 from .hooks import run_hooks
 from .holdings import attempt_of, requested
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Supervision"]
+__all__ = ["Supervision", "CannotContain"]
 
 #: Seconds between usage samples of a running task.
 SAMPLE_INTERVAL = 1.0
 
 
-class Supervision:
-    """The main loop's work, one ``step`` per tick. Its own state: when each
-    task was last sampled, when orphans were last reaped, the drain deadline;
-    the task processes it runs are in the holdings, which it shares."""
+class CannotContain(Exception):
+    """The work directory is another worker's, or tasks cannot be contained as asked."""
 
-    def __init__(self, config, holdings, registration, reporter, hooks, supervisors, stopping, wake):
+
+class Supervision:
+    """The main loop's work, one ``step`` per tick. Its own state: the work
+    directory's lock, the containment, the spawner and the pool of
+    supervisors started ahead, when each task was last sampled, when orphans
+    were last reaped, the drain deadline; the task processes it runs are in
+    the holdings, which it shares."""
+
+    def __init__(self, config, holdings, registration, reporter, hooks, stopping, wake):
         self.config = config
         self.holdings = holdings
         self.registration = registration
         self.reporter = reporter
         self.hooks = hooks
-        self.supervisors = supervisors  # SupervisorPool: supervisors started ahead of their attempts
         self.stopping = stopping        # Event: warm stop, register no more
         self.wake = wake                # Event: something to do now
-        self.containment = None         # what keeps tasks' processes together (set by the worker's start)
+        # Supervisors started ahead of their attempts (one per core, up to 4),
+        # forked by the spawner once it runs (`contain`).
+        self.supervisors = SupervisorPool(size=max(1, min(4, int(holdings.total["cores"]))))
+        self.containment = None         # what keeps tasks' processes together (`contain`)
         self.spawner = None
-        self.subreaper = False          # reaps the orphans of tasks (set by the worker's start)
+        self.subreaper = False          # reaps the orphans of tasks (`contain`)
         self.drain_deadline = None      # monotonic, once a warm stop began
+        self._work_dir_lock = None
         self._last_sample = {}
         self._last_reap = 0.0
+
+    def contain(self, subreaper=False):
+        """Lock the work directory, find the cgroups this worker can use, kill
+        what the tasks of a previous worker on this directory left, start the
+        spawner, and (``subreaper``) adopt the orphans of tasks.
+        CannotContain when the directory is taken or no containment works."""
+        try:
+            self._work_dir_lock = containment.lock_work_dir(self.config.work_dir)
+            found = self.containment = containment.detect(self.config.work_dir, self.config.containment,
+                                                          memory=self.config.enforce_memory)
+        except (containment.WorkDirBusy, RuntimeError, OSError) as exc:
+            raise CannotContain(str(exc)) from exc
+        if self.config.enforce_memory and found.memory_cgroup is None:
+            log.error("--enforce-memory: no memory cgroup can be made here; memory is not enforced")
+        log.info("tasks contained by %s", found.describe())
+        containment.kill_leftovers(found)
+        self.spawner = self.supervisors.spawner = Spawner()
+        self.supervisors.fill()
+        if subreaper and not become_subreaper():
+            log.info("cannot become a child subreaper; orphans of tasks go to init")
+            subreaper = False
+        self.subreaper = subreaper
+
+    def close(self):
+        """Let go of the supervisors, the spawner, the cgroups and the work directory."""
+        self.supervisors.close()
+        if self.spawner is not None:
+            self.spawner.close()
+        if self.containment is not None:
+            self.containment.release()
+        if self._work_dir_lock is not None:
+            self._work_dir_lock.close()
+            self._work_dir_lock = None
 
     def step(self, now):
         """One round of the main loop."""

@@ -17,8 +17,7 @@ reservations, under one lock) and its standing with the server
   the server has them (or says 404/409), so a result is never dropped while
   the server is reachable and a slow server never stalls supervision.
 
-``Worker`` owns them: it starts and stops them, takes the work directory and
-handles signals. Every wait is an ``Event.wait`` so a stop request
+``Worker`` owns them: it starts and stops them and handles signals. Every wait is an ``Event.wait`` so a stop request
 interrupts it at once.
 """
 
@@ -36,7 +35,6 @@ from ..client import BanyanError, Client
 from ..units import parse_size
 from . import containment, resources
 from .claimer import Claimer
-from .executor import Spawner, SupervisorPool, become_subreaper
 from .heartbeat import Heartbeat
 from .hooks import TimeLimit
 from .holdings import Holdings, attempt_of, requested
@@ -44,7 +42,7 @@ from .output import DEFAULT_OUTPUT_CAP, MIN_OUTPUT_CAP
 from .pacing import BACKOFF_MAX, BACKOFF_START, TICK, transient
 from .registration import Registration, lease_duration
 from .reporter import Reporter
-from .supervision import Supervision
+from .supervision import CannotContain, Supervision
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +153,9 @@ class Worker:
                                     self.holdings, self.registration, self._done_event, wake)
         self.reporter = Reporter(make(timeout=30.0, attempts=1), self.holdings, self.registration, self.claimer,
                                  self._stop_event, self._done_event)
-        # Supervisors started ahead of their attempts (one per core, up to 4),
-        # forked by the spawner once it runs (bootstrap).
         self.supervision = Supervision(config, self.holdings, self.registration, self.reporter,
                                        list(hooks) if hooks is not None else [TimeLimit()],
-                                       SupervisorPool(size=max(1, min(4, int(self.total["cores"])))),
                                        self._stop_event, wake)
-        self._work_dir_lock = None
         self._signals = collections.deque()   # signals received, for the main loop to act on
         self._threads = []
 
@@ -199,11 +193,11 @@ class Worker:
     def bootstrap(self):
         """Take the work directory, kill what a crashed predecessor on it left,
         and register; StartupError if that cannot be done or the server says no."""
-        self.contain()
-        if self.subreaper and not become_subreaper():
-            log.info("cannot become a child subreaper; orphans of tasks go to init")
-            self.subreaper = False
-        self.supervision.subreaper = self.subreaper
+        try:
+            self.supervision.contain(subreaper=self.subreaper)
+        except CannotContain as exc:
+            raise StartupError(str(exc)) from exc
+        self.subreaper = self.supervision.subreaper
         log.info("worker on %s with %s", self.config.host, self.total)
         delay = BACKOFF_START
         for attempt in range(1, STARTUP_ATTEMPTS + 1):
@@ -219,24 +213,6 @@ class Worker:
                 if self._force_event.wait(delay):
                     raise StartupError("stopped before registering") from exc
                 delay = min(BACKOFF_MAX, delay * 2)
-
-    def contain(self):
-        """Lock the work directory, find the cgroups this worker can use and
-        kill what the tasks of a previous worker on this directory left."""
-        try:
-            self._work_dir_lock = containment.lock_work_dir(self.config.work_dir)
-            found = containment.detect(self.config.work_dir, self.config.containment,
-                                       memory=self.config.enforce_memory)
-        except (containment.WorkDirBusy, RuntimeError, OSError) as exc:
-            raise StartupError(str(exc)) from exc
-        self.supervision.containment = found
-        if self.config.enforce_memory and found.memory_cgroup is None:
-            log.error("--enforce-memory: no memory cgroup can be made here; memory is not enforced")
-        log.info("tasks contained by %s", found.describe())
-        containment.kill_leftovers(found)
-        spawner = self.supervision.spawner = Spawner()
-        self.supervision.supervisors.spawner = spawner
-        self.supervision.supervisors.fill()
 
     def register(self):
         """Register with the server now (its errors propagate)."""
@@ -341,13 +317,6 @@ class Worker:
             claimer.join(timeout=2.0 if not forced else 0.5)
         for client in (self.client, self.claimer.client, self.heartbeats.client, self.reporter.client):
             client.close()
-        self.supervision.supervisors.close()
-        if self.supervision.spawner is not None:
-            self.supervision.spawner.close()
-        if self.supervision.containment is not None:
-            self.supervision.containment.release()
-        if self._work_dir_lock is not None:
-            self._work_dir_lock.close()
-            self._work_dir_lock = None
+        self.supervision.close()
         if self._session is not None:
             self._session.close()
