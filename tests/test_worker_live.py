@@ -413,12 +413,15 @@ def test_sigterm_drains_the_worker_then_terminates_what_is_left(cluster, tmp_pat
     c = cluster()
     c.start_worker("alpha", "--cores", "2", "--drain", "2.5")
     [wid] = c.worker_ids(["alpha"]).values()
-    short = c.submit({"name": "short", "command": "sleep 1; echo done", "state": "available"})
+    gate = tmp_path / "gate"  # `short` ends once the worker drains, however long getting there took
+    short = c.submit({"name": "short", "command": "while [ ! -e %s ]; do sleep 0.05; done; echo done" % gate,
+                      "state": "available"})
     long = c.submit({"name": "long", "command": "sleep 60", "max_shutdown_time": 1, "state": "available"})
     wait_for(lambda: c.task(short)["state"] == "running" and c.task(long)["state"] == "running", 30,
              "both tasks to run")
     c.workers["alpha"].send_signal(signal.SIGTERM)
     wait_for(lambda: "stopping: no new tasks" in c.worker_log("alpha"), 10, "the worker to start draining")
+    gate.touch()
     late = c.submit({"name": "late", "command": "echo too late", "state": "available"})
     assert c.workers["alpha"].wait(timeout=30) == 0
     docs = {t["name"]: t for t in (c.task(short), c.task(long), c.task(late))}
