@@ -266,7 +266,9 @@ def test_a_task_of_a_worker_killed_with_sigkill_runs_again_on_the_other_worker(c
     ids = c.worker_ids(["alpha", "beta"])
     names = {wid: name for name, wid in ids.items()}
     runs = tmp_path / "runs"
-    command = 'echo "$BANYAN_ATTEMPT $$" >> %s; sleep 2; echo "finished attempt $BANYAN_ATTEMPT"' % runs
+    # The first attempt runs until its worker is killed, however long the test takes to get there.
+    command = ('echo "$BANYAN_ATTEMPT $$" >> %s; if [ "$BANYAN_ATTEMPT" = 1 ]; then sleep 60; fi; '
+               'echo "finished attempt $BANYAN_ATTEMPT"' % runs)
     task_id = c.submit({"name": "survivor", "command": command, "max_retries": 0, "state": "available"})
     orphans = []
     try:
