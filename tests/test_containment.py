@@ -144,10 +144,13 @@ def test_supervisors_forked_by_the_spawner_contain_as_well_and_a_dead_spawner_is
         for name in ("s1", "s2"):
             here = tmp_path / name
             here.mkdir()
-            proc = TaskProcess({"_id": name, "command": DAEMONS + "echo done", "working_directory": str(here)},
+            # the task waits for a gate, so its supervisor is alive (not yet reaped) when looked at
+            command = DAEMONS + "while [ ! -e gate ]; do sleep 0.05; done; echo done"
+            proc = TaskProcess({"_id": name, "command": command, "working_directory": str(here)},
                                1, here / "attempt", containment=found.spec_for(name), spawner=spawner)
             proc.start()
             assert proc.supervisor_pid in [p.pid for p in psutil.Process(spawner._proc.pid).children()]
+            (here / "gate").touch()
             assert outcome_of(proc) == (0, "success") and proc.tail("stdout") == "done\n"
             daemons = read_pids(here / "d1", here / "d2")
             wait_for(lambda: all(gone(pid) for pid in daemons), 10, "the daemons to be gone")
