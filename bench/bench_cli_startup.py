@@ -7,13 +7,19 @@ Times, as wall clock of the whole process (median, min, max of --runs):
 real `banyan server` (embedded store, fresh data directory) on this machine.
 Also prints what `import banyan.cli` costs and whether it loads any of the
 server's libraries (it should load none), and the request `banyan ls` makes
-timed alone from this process (the server's share of its time). The goal is
+timed alone from this process (the server's share of its time), and the
+interpreter's start with and without `requests` (the client's HTTP library,
+which `banyan ls` needs and `--help` does not load): what is left is Banyan's
+own share. Each command's CPU time (user + system) is printed too: on a
+shared machine its wall clock also counts waiting for a core, and the CPU
+time is close to what the wall clock is on an idle machine. The goal is
 under 150 ms for `banyan --help` and `banyan ls`. Asserts nothing.
 """
 
 import argparse
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -30,15 +36,21 @@ SERVER_MODULES = ("eve", "flask", "pymongo", "mongomock", "cerberus", "waitress"
 
 
 def timed(cmd, runs, env, ok=()):
-    """Wall-clock seconds of `runs` runs of `cmd`; exit codes other than 0 and `ok` stop the bench."""
-    times = []
+    """Wall-clock seconds of `runs` runs of `cmd`, and the CPU seconds (user +
+    system) each took: on a busy machine the wall clock also counts the wait
+    for a core, the CPU time does not. Exit codes other than 0 and `ok` stop
+    the bench."""
+    times, cpu = [], []
     for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         if result.returncode not in (0,) + tuple(ok):
             raise SystemExit("%s failed: %s" % (" ".join(cmd), result.stderr.decode()))
-    return times
+    return times, cpu
 
 
 def timed_request(http, url, runs):
@@ -48,12 +60,14 @@ def timed_request(http, url, runs):
         start = time.perf_counter()
         http.get(url).raise_for_status()
         times.append(time.perf_counter() - start)
-    return times
+    return times, None
 
 
-def show(label, times):
-    print("%-28s median %6.1f ms  (min %6.1f, max %6.1f, %d runs)" % (
-        label, 1000 * statistics.median(times), 1000 * min(times), 1000 * max(times), len(times)))
+def show(label, measured):
+    times, cpu = measured
+    print("%-30s median %6.1f ms  (min %6.1f, max %6.1f, %d runs)%s" % (
+        label, 1000 * statistics.median(times), 1000 * min(times), 1000 * max(times), len(times),
+        "  CPU median %5.1f ms" % (1000 * statistics.median(cpu)) if cpu else ""))
 
 
 def main():
@@ -69,6 +83,7 @@ def main():
     base = [sys.executable, "-c", "pass"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
     show("python -c pass", timed(base, args.runs, env))
+    show("python -c 'import requests'", timed([sys.executable, "-c", "import requests"], args.runs, env))
     show("banyan --help", timed([BANYAN, "--help"], args.runs, env))
 
     tmp = tempfile.mkdtemp(prefix="bench-cli-")
