@@ -12,7 +12,7 @@ from flask import Blueprint, abort, request
 
 from banyan.server import states
 from banyan.server.auth import check_role, owner_filter
-from banyan.server.claims import _reply
+from banyan.server.worker_requests import reply
 from banyan.server.refusals import status_of
 from banyan.server.services import services
 
@@ -65,7 +65,7 @@ def retry_view():
             abort(422, description="'ids': %r is not a task id" % (value,))
     results = retry_internal(list(dict.fromkeys(ids)))
     ok = all(r["_status"] == "OK" for r in results)
-    return _reply({"_status": "OK" if ok else "ERR", "_items": results}, 200 if ok else 422)
+    return reply({"_status": "OK" if ok else "ERR", "_items": results}, 200 if ok else 422)
 
 
 def init_app(app):

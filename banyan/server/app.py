@@ -18,6 +18,7 @@ from banyan import settings as default_settings
 from banyan.server import (actions, auth, changes, claims, idempotency, limits, openapi, query, refusals, stats,
                            store, waits)
 from banyan.server import services as services_module
+from banyan.server.claim_waiters import ClaimWaiters
 from banyan.server.datalayer import BanyanMongo, StoreDown, StoreFull, store_failure
 from banyan.server.hooks import register_hooks
 from banyan.server.reaper import Reaper
@@ -49,7 +50,7 @@ def create_app(client, config=None):
     auth.init_app(app, auth_on)
     db = client[app.config["MONGO_DBNAME"]]
     idempotency.init_app(app, db)  # after auth: keys belong to the caller
-    found.claim_waiters = claims.ClaimWaiters()
+    found.claim_waiters = ClaimWaiters()
     found.finish_waiters = waits.FinishWaiters()
     found.queue = TaskQueue(db, on_ready=found.claim_waiters.notify, on_finished=found.finish_waiters.notify)
     register_hooks(app, found.queue)

@@ -3,11 +3,10 @@
 Each endpoint is split like Eve's `patch()` / `patch_internal()`: a thin HTTP
 view (role check, body parsing, rendering) over a function that does the work
 and can be called from code (`register_worker`, `claim`, `heartbeat`,
-`finish`, ...). The task rules themselves live in `states.TaskQueue`; the
-worker registry and the output store here are plain collections with the
-same discipline: every change is one single-document update whose filter
-carries the state it starts from, so several server processes can share one
-MongoDB.
+`finish`, ...). The task rules live in `states.TaskQueue`, the worker
+registry and its states in `workers`, the output store in `logstore`, the
+held claims in `claim_waiters` and the parsing of these requests' bodies in
+`worker_requests`; this module holds the functions and views on top.
 
     POST   /workers                      register (worker token)
     GET    /workers, /workers/<wid>       list, show
@@ -19,276 +18,40 @@ MongoDB.
     GET    /tasks/<id>/logs[?attempt=N]   an attempt's output
 
 Long polls: a claim that finds nothing waits on an `Event` registered with
-`ClaimWaiters`, which `TaskQueue.on_ready` sets when a task that fits
+`claim_waiters.ClaimWaiters`, which `TaskQueue.on_ready` sets when a task that fits
 becomes ready in this process; it also re-checks every
 `CLAIM_RECHECK_INTERVAL` seconds, since in Mongo mode another server process
 may have made the task ready.
 """
 
-import base64
 import contextlib
-import json
 import logging
-import math
 import random
-import re
 import time
 from datetime import timedelta
 
 from bson import ObjectId
 from bson.errors import InvalidId
 from flask import Blueprint, abort, current_app, make_response, request
-from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError
 from werkzeug.exceptions import HTTPException
 
-from banyan.protocol import INT64_MAX, RESOURCES, WorkerState
+from banyan.protocol import WorkerState
 from banyan.server import states
-from banyan.server.held import HeldRequests
 from banyan.server.auth import check_role, owner_filter
 from banyan.server.identity import acts_for, current_identity
 from banyan.server.refusals import refuse
 from banyan.server.store import aware
 from banyan.server.states import utcnow
-from banyan.units import parse_size
 from banyan.server.services import services
+from banyan.server import worker_requests as req
+from banyan.server.logstore import LogStore
+from banyan.server.workers import WORKERS, WorkerRegistry, abandon_worker
 
 log = logging.getLogger(__name__)
 
-WORKERS = "workers"
-LOGS = "logs"
 
 
 # == the functions underneath ===============================================
-
-class ClaimWaiters(HeldRequests):
-    """Claims held open in this process, each with the resources it has free.
-
-    `notify(doc)` (the queue's `on_ready`) wakes the waiters a newly ready
-    task fits. The lock only guards this in-process table: it decides who
-    wakes up, never who gets a task (the claim's own update does that).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self._parked = 0
-        #: Called when a claim parks (`banyan server`'s thread pool then
-        #: lets another worker's request run on a thread of its own).
-        self.on_park = lambda: None
-
-    @property
-    def parked(self):
-        """Claims blocked in `park` now: they hold a request thread but no CPU."""
-        return self._parked
-
-    def park(self, event, timeout):
-        """Wait for `event` (at most `timeout` seconds)."""
-        with self._lock:
-            self._parked += 1
-        self.on_park()
-        try:
-            return event.wait(timeout)
-        finally:
-            with self._lock:
-                self._parked -= 1
-
-    def waiting(self, free, limit):
-        """An Event set when a fitting task becomes ready; None (do not wait)
-        when `limit` claims are already waiting, so that long polls cannot
-        take every request thread."""
-        return super().waiting(dict(free), limit)
-
-    def notify(self, doc):
-        requested = doc.get("requested_resources") or {}
-        with self._lock:
-            waiting = list(self._waiting.items())
-        for event, free in waiting:
-            if fits(requested, free):
-                event.set()
-
-
-def fits(requested, free):
-    return all((requested.get(key) or 0) <= free.get(key, 0) for key in RESOURCES)
-
-
-class WorkerRegistry:
-    """The `workers` collection: registration and liveness.
-
-    A worker is `active` from registration until it unregisters (`stopped`)
-    or stays silent past the heartbeat timeout (`lost`). Marking it lost sets
-    `abandon_pending`, cleared only once its tasks were abandoned, so a
-    reaper that dies half way is finished by the next one.
-    """
-
-    def __init__(self, db):
-        self.workers = db[WORKERS]
-
-    def register(self, host, resources, token_id=None):
-        now = utcnow()
-        doc = {"_id": ObjectId(), "host": host, "resources": resources, "state": WorkerState.ACTIVE.value,
-               "registered": now, "last_heartbeat": now, "stopped": None, "token_id": token_id,
-               "abandon_pending": False, "_created": now, "_updated": now}
-        self.workers.insert_one(doc)
-        return doc
-
-    def get(self, worker_id):
-        return self.workers.find_one({"_id": worker_id})
-
-    def list(self, state=None, query=None):
-        query = dict(query or {})
-        if state:
-            query = {"$and": [query, {"state": state}]} if query else {"state": state}
-        return list(self.workers.find(query).sort("registered", 1))
-
-    def touch(self, worker_id, now=None):
-        """A sign of life: the worker document if it is active, else None."""
-        now = now or utcnow()
-        return self.workers.find_one_and_update(
-            {"_id": worker_id, "state": WorkerState.ACTIVE.value},
-            {"$set": {"last_heartbeat": now, "_updated": now}}, return_document=ReturnDocument.AFTER)
-
-    def is_active(self, worker_id):
-        return self.workers.find_one({"_id": worker_id, "state": WorkerState.ACTIVE.value}, {"_id": 1}) is not None
-
-    #: Seconds an in-process count of active workers is reused.
-    COUNT_TTL = 5.0
-
-    def active_count(self):
-        """How many workers are active, counted at most every COUNT_TTL
-        seconds (it only sizes retry delays)."""
-        now = time.monotonic()
-        cached = getattr(self, "_active_count", None)
-        if cached is None or now - cached[1] > self.COUNT_TTL:
-            cached = (self.workers.count_documents({"state": WorkerState.ACTIVE.value}), now)
-            self._active_count = cached
-        return cached[0]
-
-    def active_ids(self):
-        return [d["_id"] for d in self.workers.find({"state": WorkerState.ACTIVE.value}, {"_id": 1})]
-
-    def stop(self, worker_id):
-        """Clean unregister; True if this call stopped it. Its tasks still
-        need abandoning (`abandon_pending`)."""
-        now = utcnow()
-        return self.workers.update_one(
-            {"_id": worker_id, "state": WorkerState.ACTIVE.value},
-            {"$set": {"state": WorkerState.STOPPED.value, "stopped": now, "_updated": now,
-                      "abandon_pending": True}}).modified_count == 1
-
-    def mark_silent_lost(self, timeout, now=None):
-        """Mark lost the active workers silent for more than `timeout`
-        seconds; returns their ids. A heartbeat that lands first wins (the
-        filter carries the `last_heartbeat` that was read)."""
-        now = now or utcnow()
-        cutoff = now - timedelta(seconds=timeout)
-        lost = []
-        for doc in self.workers.find({"state": WorkerState.ACTIVE.value, "last_heartbeat": {"$lt": cutoff}},
-                                     {"last_heartbeat": 1}):
-            result = self.workers.update_one(
-                {"_id": doc["_id"], "state": WorkerState.ACTIVE.value, "last_heartbeat": doc["last_heartbeat"]},
-                {"$set": {"state": WorkerState.LOST.value, "lost": now, "_updated": now, "abandon_pending": True}})
-            if result.modified_count:
-                log.warning("worker %s silent since %s: marked lost", doc["_id"], doc["last_heartbeat"])
-                lost.append(doc["_id"])
-        return lost
-
-    def pending_abandon(self):
-        return [d["_id"] for d in self.workers.find({"abandon_pending": True}, {"_id": 1})]
-
-    def abandoned(self, worker_id):
-        self.workers.update_one({"_id": worker_id, "abandon_pending": True},
-                                {"$set": {"abandon_pending": False}})
-
-
-def abandon_worker(registry, queue, worker_id):
-    """End the attempts a worker that is gone still holds (retry rules apply)."""
-    ended = queue.abandon(worker_id)
-    registry.abandoned(worker_id)
-    return ended
-
-
-class LogStore:
-    """The `logs` collection: each attempt's stdout and stderr, the last
-    `cap` bytes of each. Output that is valid UTF-8 is stored as a string
-    (`stdout`); any other is kept byte for byte (`stdout_bytes`)."""
-
-    def __init__(self, db, cap):
-        self.logs = db[LOGS]
-        self.cap = cap
-
-    def tail(self, output):
-        """The last `cap` bytes of `output`: bytes stay bytes (exact), text
-        stays text (cut at a character boundary)."""
-        if isinstance(output, bytes):
-            return output[-self.cap:] if len(output) > self.cap else output
-        data = (output or "").encode("utf-8", errors="replace")
-        if len(data) <= self.cap:
-            return output or ""
-        return data[len(data) - self.cap:].decode("utf-8", errors="ignore")
-
-    @staticmethod
-    def _fields(name, output):
-        if isinstance(output, bytes):
-            try:
-                return {name: output.decode("utf-8")}
-            except UnicodeDecodeError:
-                return {name + "_bytes": output}
-        return {name: output}
-
-    #: Fields only live output (sent while the attempt runs) has.
-    LIVE_FIELDS = ("stdout_written", "stderr_written", "live")
-
-    def save(self, task_id, attempt, stdout, stderr):
-        """Keep an attempt's output (str or bytes), as reported at its end;
-        it replaces any live output. An attempt without output stores
-        nothing (and reads back as empty)."""
-        if not stdout and not stderr:
-            return
-        unset = {name: "" for name in self.LIVE_FIELDS + ("stdout_bytes", "stderr_bytes")}
-        fields = dict(self._fields("stdout", self.tail(stdout)), **self._fields("stderr", self.tail(stderr)),
-                      updated=utcnow(), final=True)
-        for name in fields:
-            unset.pop(name, None)
-        self.logs.update_one({"task": task_id, "attempt": attempt}, {"$set": fields, "$unset": unset}, upsert=True)
-
-    def save_live(self, task_id, attempt, output):
-        """Output of a running attempt, from a heartbeat: the last bytes of
-        each stream and how many the task has written in all (so a reader
-        can tell what is new). Never overwrites the output reported at the
-        attempt's end."""
-        fields = {"updated": utcnow(), "live": True}
-        unset = {}
-        for name in ("stdout", "stderr"):
-            data = output.get(name, b"")
-            stored = self._fields(name, self.tail(data))
-            fields.update(stored)
-            other = name + "_bytes" if name in stored else name
-            unset[other] = ""
-            fields[name + "_written"] = output.get(name + "_written", len(data))
-        try:
-            self.logs.update_one({"task": task_id, "attempt": attempt, "final": {"$ne": True}},
-                                 {"$set": fields, "$unset": unset}, upsert=True)
-        except DuplicateKeyError:
-            pass  # the attempt's end was reported meanwhile: its output stays
-
-    def get(self, task_id, attempt=None):
-        query = {"task": task_id}
-        if attempt is not None:
-            query["attempt"] = attempt
-        docs = list(self.logs.find(query).sort("attempt", -1).limit(1))
-        return docs[0] if docs else None
-
-    @staticmethod
-    def public(doc, name):
-        """`{name: text}`, plus `{name}_base64` with the exact bytes when
-        they are not UTF-8 (the text then has replacement characters)."""
-        raw = doc.get(name + "_bytes")
-        if raw is None:
-            return {name: doc.get(name) or ""}
-        raw = bytes(raw)
-        return {name: raw.decode("utf-8", errors="replace"),
-                name + "_base64": base64.b64encode(raw).decode("ascii")}
-
 
 def _registry():
     return services().workers
@@ -537,167 +300,6 @@ def public_worker(doc, running):
             "lost": doc.get("lost"), "running": running}
 
 
-# == request parsing =========================================================
-
-class _Issues(dict):
-    def refuse(self):
-        if self:
-            body = {"_status": "ERR", "_issues": dict(self),
-                    "_error": {"code": 422, "message": "; ".join("%s: %s" % kv for kv in self.items())}}
-            abort(_reply(body, 422))
-
-
-def _body():
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        abort(400, description="send a JSON object (Content-Type: application/json)")
-    return body
-
-
-def _object_id(value, what):
-    try:
-        return ObjectId(value)
-    except (InvalidId, TypeError):
-        abort(404, description="no %s '%s' (not an id)" % (what, value))
-
-
-def _number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _unknown(body, allowed, issues, prefix=""):
-    for key in set(body) - set(allowed):
-        issues[prefix + key] = "unknown field"
-
-
-def _resources(value, field, issues):
-    """{cores, memory, gpus}: non-negative numbers (memory also '1 GiB')."""
-    if not isinstance(value, dict):
-        issues[field] = "must be an object {cores, memory, gpus}, not %r" % (value,)
-        return None
-    _unknown(value, RESOURCES, issues, field + ".")
-    out = {}
-    for key in RESOURCES:
-        v = value.get(key, 0)
-        if key == "memory" and isinstance(v, str):
-            try:
-                v = parse_size(v)
-            except ValueError as e:
-                issues[field + ".memory"] = str(e)
-                continue
-        if not _number(v) or v < 0:
-            issues["%s.%s" % (field, key)] = "must be a number >= 0, not %r" % (v,)
-        elif v > INT64_MAX:
-            issues["%s.%s" % (field, key)] = "must be at most %d, not %r" % (INT64_MAX, v)
-        elif key == "gpus" and v != int(v):
-            issues[field + ".gpus"] = "must be a whole number, not %r" % (v,)
-        else:
-            out[key] = int(v) if key != "cores" or v == int(v) else v
-    return out
-
-
-#: Names of usage figures: stored as field names, so no `.`, `$` or NUL.
-USAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
-
-
-def _usage(value, field, issues):
-    if value is None:
-        return None
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        issues[field] = "must be an object of numbers, not %r" % (value,)
-        return None
-    bad = [k for k in value if not USAGE_NAME.match(k)]
-    if bad:
-        issues[field] = ("names must be letters, digits and '_' (up to 64, not starting with a digit), "
-                         "not %r" % (bad[0],))
-        return None
-    for key, v in value.items():
-        if v is not None and (not _number(v) or v < 0):
-            issues["%s.%s" % (field, key)] = "must be a number >= 0, not %r" % (v,)
-    return dict(value)
-
-
-def _live_output(value, field, issues):
-    """A heartbeat's output of a running attempt: `{"stdout_base64",
-    "stderr_base64"` (the last bytes of each stream), `"stdout_written",
-    "stderr_written"` (bytes written in all)}`, as bytes and ints; or None."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        issues[field] = "must be an object {stdout_base64, stderr_base64, stdout_written, stderr_written}"
-        return None
-    _unknown(value, ("stdout_base64", "stderr_base64", "stdout_written", "stderr_written"), issues, field + ".")
-    output = {}
-    for name in ("stdout", "stderr"):
-        encoded = value.get(name + "_base64") or ""
-        try:
-            output[name] = base64.b64decode(encoded, validate=True) if isinstance(encoded, str) else None
-        except (ValueError, TypeError):
-            output[name] = None
-        if output[name] is None:
-            issues["%s.%s_base64" % (field, name)] = "must be a base64 string"
-        output[name + "_written"] = _integer(value.get(name + "_written", len(output[name] or b"")),
-                                             "%s.%s_written" % (field, name), issues, 0)
-    return output
-
-
-def _progress(value, field, issues):
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        issues[field] = "must be {fraction, message}, not %r" % (value,)
-        return None
-    _unknown(value, ("fraction", "message"), issues, field + ".")
-    fraction, message = value.get("fraction"), value.get("message", "")
-    if fraction is not None and (not _number(fraction) or not 0 <= fraction <= 1):
-        issues[field + ".fraction"] = "must be a number from 0 to 1, not %r" % (fraction,)
-    if message is not None and not isinstance(message, str):
-        issues[field + ".message"] = "must be a string, not %r" % (message,)
-    return {"fraction": fraction, "message": message[:1024] if isinstance(message, str) else ""}
-
-
-def _integer(value, field, issues, low=None, high=None, default=None, nullable=False):
-    if value is None and (nullable or default is not None):
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) \
-            or (high is not None and value > high):
-        issues[field] = "must be an integer%s%s, not %r" % (
-            "" if low is None else " >= %s" % low, "" if high is None else " <= %s" % high, value)
-        return None
-    return value
-
-
-def _output(body, name, issues, prefix=""):
-    """A stream of a finish report: `name` (text) or `name_base64` (any
-    bytes, base64), not both. Returns str or bytes."""
-    text, encoded = body.get(name), body.get(name + "_base64")
-    if text and encoded:
-        issues[prefix + name] = "send %s or %s_base64, not both" % (name, name)
-        return ""
-    if encoded:
-        if isinstance(encoded, str):
-            try:
-                return base64.b64decode(encoded, validate=True)
-            except ValueError:  # binascii.Error
-                pass
-        issues[prefix + name + "_base64"] = "must be a base64 string"
-        return ""
-    if not isinstance(text or "", str):
-        issues[prefix + name] = "must be a string"
-        return ""
-    return text or ""
-
-
-def _render(body):
-    return json.dumps(body, cls=current_app.data.json_encoder_class)
-
-
-def _reply(body, status=200):
-    response = make_response(_render(body), status)
-    response.mimetype = "application/json"
-    return response
-
-
 # == the HTTP views ==========================================================
 
 blueprint = Blueprint("claims", __name__)
@@ -706,16 +308,16 @@ blueprint = Blueprint("claims", __name__)
 @blueprint.route("/workers", methods=["POST"])
 def register_view():
     check_role(("worker", "admin"))
-    body, issues = _body(), _Issues()
-    _unknown(body, ("host", "resources"), issues)
+    body, issues = req.json_body(), req.Issues()
+    req.check_unknown(body, ("host", "resources"), issues)
     host = body.get("host")
     if not isinstance(host, str) or not 0 < len(host) <= 255:
         issues["host"] = "must be the worker's host name (1 to 255 characters), not %r" % (host,)
-    resources = _resources(body.get("resources", {}), "resources", issues)
+    resources = req.parse_resources(body.get("resources", {}), "resources", issues)
     issues.refuse()
     doc = register_worker(host, resources)
     # The worker's lease on its tasks is shorter than this (see docs/API.md).
-    return _reply(dict(public_worker(doc, []), _status="OK", heartbeat_timeout=_config("HEARTBEAT_TIMEOUT")), 201)
+    return req.reply(dict(public_worker(doc, []), _status="OK", heartbeat_timeout=_config("HEARTBEAT_TIMEOUT")), 201)
 
 
 @blueprint.route("/workers", methods=["GET"])
@@ -725,50 +327,50 @@ def list_view():
     if state is not None and state not in (WorkerState.ACTIVE, WorkerState.LOST, WorkerState.STOPPED):
         abort(400, description="state must be active, lost or stopped, not %r" % state)
     items = list_workers(state, current_app.data.where_filter(WORKERS, request.args.get("where")))
-    return _reply({"_items": items, "_meta": {"total": len(items)}})
+    return req.reply({"_items": items, "_meta": {"total": len(items)}})
 
 
 @blueprint.route("/workers/<worker_id>", methods=["GET"])
 def show_view(worker_id):
     check_role(())
-    return _reply(get_worker(_object_id(worker_id, "worker")))
+    return req.reply(get_worker(req.parse_object_id(worker_id, "worker")))
 
 
 @blueprint.route("/workers/<worker_id>", methods=["DELETE"])
 def unregister_view(worker_id):
     check_role(("worker", "admin"))
-    unregister_worker(_object_id(worker_id, "worker"))
+    unregister_worker(req.parse_object_id(worker_id, "worker"))
     return make_response("", 204)
 
 
 @blueprint.route("/workers/<worker_id>/claim", methods=["POST"])
 def claim_view(worker_id):
     check_role(("worker", "admin"))
-    worker_id = _object_id(worker_id, "worker")
-    body, issues = _body(), _Issues()
-    _unknown(body, ("free", "max_tasks", "wait", "finished"), issues)
-    reports = _finish_reports(body.get("finished"), issues)
-    free = _resources(body.get("free"), "free", issues)
+    worker_id = req.parse_object_id(worker_id, "worker")
+    body, issues = req.json_body(), req.Issues()
+    req.check_unknown(body, ("free", "max_tasks", "wait", "finished"), issues)
+    reports = req.parse_finish_reports(body.get("finished"), issues)
+    free = req.parse_resources(body.get("free"), "free", issues)
     # reporting alone (max_tasks 0) is allowed only with reports
-    max_tasks = _integer(body.get("max_tasks", 1), "max_tasks", issues, 0 if reports else 1,
+    max_tasks = req.parse_integer(body.get("max_tasks", 1), "max_tasks", issues, 0 if reports else 1,
                          _config("CLAIM_MAX_TASKS"))
     wait = body.get("wait") or 0
-    if not _number(wait) or wait < 0:
+    if not req.is_number(wait) or wait < 0:
         issues["wait"] = "must be a number of seconds >= 0, not %r" % (wait,)
     issues.refuse()
     finished = finish_many(reports) if reports else None
     reply = claim(worker_id, free, max_tasks, float(wait) if max_tasks else 0.0)
     if finished is not None:
         reply["finished"] = finished
-    return _reply(reply)
+    return req.reply(reply)
 
 
 @blueprint.route("/workers/<worker_id>/heartbeat", methods=["POST"])
 def heartbeat_view(worker_id):
     check_role(("worker", "admin"))
-    worker_id = _object_id(worker_id, "worker")
-    body, issues = _body(), _Issues()
-    _unknown(body, ("tasks",), issues)
+    worker_id = req.parse_object_id(worker_id, "worker")
+    body, issues = req.json_body(), req.Issues()
+    req.check_unknown(body, ("tasks",), issues)
     reported = body.get("tasks") or {}
     tasks = {}
     if not isinstance(reported, dict):
@@ -784,21 +386,21 @@ def heartbeat_view(worker_id):
         if not isinstance(entry, dict):
             issues[field] = "must be {attempt, usage, progress}, not %r" % (entry,)
             continue
-        _unknown(entry, ("attempt", "usage", "progress", "output"), issues, field + ".")
-        tasks[task_id] = {"attempt": _integer(entry.get("attempt"), field + ".attempt", issues, 1),
-                          "usage": _usage(entry.get("usage"), field + ".usage", issues),
-                          "progress": _progress(entry.get("progress"), field + ".progress", issues),
-                          "output": _live_output(entry.get("output"), field + ".output", issues)}
+        req.check_unknown(entry, ("attempt", "usage", "progress", "output"), issues, field + ".")
+        tasks[task_id] = {"attempt": req.parse_integer(entry.get("attempt"), field + ".attempt", issues, 1),
+                          "usage": req.parse_usage(entry.get("usage"), field + ".usage", issues),
+                          "progress": req.parse_progress(entry.get("progress"), field + ".progress", issues),
+                          "output": req.parse_live_output(entry.get("output"), field + ".output", issues)}
     issues.refuse()
-    return _reply(heartbeat(worker_id, tasks))
+    return req.reply(heartbeat(worker_id, tasks))
 
 
 @blueprint.route("/workers/<worker_id>/release", methods=["POST"])
 def release_view(worker_id):
     check_role(("worker", "admin"))
-    worker_id = _object_id(worker_id, "worker")
-    body, issues = _body(), _Issues()
-    _unknown(body, ("tasks",), issues)
+    worker_id = req.parse_object_id(worker_id, "worker")
+    body, issues = req.json_body(), req.Issues()
+    req.check_unknown(body, ("tasks",), issues)
     reported = body.get("tasks")
     claimed = []
     if not isinstance(reported, list) or not reported or len(reported) > _config("CLAIM_MAX_TASKS"):
@@ -810,79 +412,39 @@ def release_view(worker_id):
         if not isinstance(entry, dict):
             issues[field] = "must be {_id, attempt}, not %r" % (entry,)
             continue
-        _unknown(entry, ("_id", "attempt"), issues, field + ".")
+        req.check_unknown(entry, ("_id", "attempt"), issues, field + ".")
         try:
             task_id = ObjectId(entry.get("_id"))
         except (InvalidId, TypeError):
             issues[field + "._id"] = "%r is not a task id" % (entry.get("_id"),)
             continue
-        attempt = _integer(entry.get("attempt"), field + ".attempt", issues, 1)
+        attempt = req.parse_integer(entry.get("attempt"), field + ".attempt", issues, 1)
         claimed.append((task_id, attempt))
     issues.refuse()
-    return _reply({"released": release(worker_id, claimed)})
+    return req.reply({"released": release(worker_id, claimed)})
 
 
 @blueprint.route("/tasks/<task_id>/finish", methods=["POST"])
 def finish_view(task_id):
     check_role(("worker", "admin"))
-    task_id = _object_id(task_id, "task")
-    body, issues = _body(), _Issues()
-    report = _finish_report(body, "", issues)
+    task_id = req.parse_object_id(task_id, "task")
+    body, issues = req.json_body(), req.Issues()
+    report = req.parse_finish_report(body, "", issues)
     issues.refuse()
-    return _reply(finish(task_id, **report))
-
-
-REPORT_FIELDS = ("attempt", "outcome", "exit_code", "stdout", "stderr", "stdout_base64", "stderr_base64", "usage")
-
-
-def _finish_report(body, prefix, issues):
-    """The arguments of `finish` from a report's JSON (issues under `prefix`)."""
-    _unknown(body, REPORT_FIELDS, issues, prefix)
-    attempt = _integer(body.get("attempt"), prefix + "attempt", issues, 1)
-    outcome = body.get("outcome")
-    if outcome not in states.WORKER_OUTCOMES:
-        issues[prefix + "outcome"] = "must be one of %s, not %r" % (", ".join(states.WORKER_OUTCOMES), outcome)
-    exit_code = _integer(body.get("exit_code"), prefix + "exit_code", issues, nullable=True)
-    output = {name: _output(body, name, issues, prefix) for name in ("stdout", "stderr")}
-    usage = _usage(body.get("usage") or None, prefix + "usage", issues)
-    return {"attempt": attempt, "outcome": outcome, "exit_code": exit_code,
-            "stdout": output["stdout"], "stderr": output["stderr"], "usage": usage}
-
-
-def _finish_reports(value, issues):
-    """`finished` of a claim: [{"task": id, <a finish report>}, ...] -> [(task id, finish arguments)]."""
-    if value is None:
-        return []
-    if not isinstance(value, list) or len(value) > _config("CLAIM_MAX_TASKS"):
-        issues["finished"] = "must be a list of at most %d reports {task, attempt, outcome, ...}, not %s" % (
-            _config("CLAIM_MAX_TASKS"), "%d" % len(value) if isinstance(value, list) else repr(value)[:100])
-        return []
-    reports = []
-    for i, entry in enumerate(value):
-        prefix = "finished.%d." % i
-        if not isinstance(entry, dict):
-            issues["finished.%d" % i] = "must be {task, attempt, outcome, ...}, not %r" % (entry,)
-            continue
-        task = entry.get("task")
-        if not isinstance(task, str) or not ObjectId.is_valid(task):
-            issues[prefix + "task"] = "'%s' is not a task id" % (task,)
-            continue
-        fields = {k: v for k, v in entry.items() if k != "task"}
-        reports.append((ObjectId(task), _finish_report(fields, prefix, issues)))
-    return reports
+    return req.reply(finish(task_id, **report))
 
 
 @blueprint.route("/tasks/<task_id>/logs", methods=["GET"])
 def logs_view(task_id):
     check_role(())
-    task_id = _object_id(task_id, "task")
+    task_id = req.parse_object_id(task_id, "task")
     attempt = request.args.get("attempt")
     if attempt is not None:
         try:
             attempt = int(attempt)
         except ValueError:
             abort(400, description="attempt must be a number, not %r" % attempt)
-    return _reply(task_logs(task_id, attempt))
+    return req.reply(task_logs(task_id, attempt))
 
 
 def init_app(app, db):

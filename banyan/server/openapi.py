@@ -29,7 +29,7 @@ from banyan import __version__
 from banyan.protocol import INT64_MAX, WORKER_STATES
 from banyan.server import states
 from banyan.server.auth import NAME_RE
-from banyan.server.claims import USAGE_NAME
+from banyan.server.worker_requests import USAGE_NAME
 from banyan.protocol import ROLES
 from banyan.server.query import ALLOWED_OPERATORS
 

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 
-from banyan.server.claims import WorkerRegistry, abandon_worker
+from banyan.server.workers import WorkerRegistry, abandon_worker
 from banyan.server.states import utcnow
 from banyan.server.services import services
 

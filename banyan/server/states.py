@@ -74,7 +74,7 @@ TRANSITIONS = {
 }
 #: Fields a worker may send in `PATCH /tasks/<id>`: the seed's claim only.
 WORKER_PATCH_FIELDS = frozenset({"state", "worker"})
-#: The registered workers' collection (`claims.WorkerRegistry` keeps it).
+#: The registered workers' collection (`workers.WorkerRegistry` keeps it; a claim checks it).
 WORKERS = "workers"
 #: States a task may be created in.
 INITIAL_STATES = (S.INACTIVE, S.AVAILABLE)

@@ -48,12 +48,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from banyan.protocol import (EXIT_STATUSES, FINISHED, HELD, RESOURCES as RESOURCE_KEYS, WORKER_STATES, TaskState,
                              WorkerState)
 from banyan.server import auth, store
-from banyan.server.states import ABANDONED, FAILURE, OOM, SUCCESS, TIMEOUT, seconds_between, utcnow
+from banyan.server.states import WORKERS, ABANDONED, FAILURE, OOM, SUCCESS, TIMEOUT, seconds_between, utcnow
 
 log = logging.getLogger(__name__)
 
 TASKS = "tasks"
-WORKERS = "workers"
 #: Final exit statuses that count as a failed task (a cancelled one did not fail).
 FAILED = (FAILURE, TIMEOUT, ABANDONED, OOM)
 THROUGHPUT_MINUTES = 60

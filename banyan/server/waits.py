@@ -25,7 +25,7 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from flask import Blueprint, current_app
 
-from banyan.server import claims, store
+from banyan.server import store, worker_requests
 from banyan.server.held import HeldRequests
 from banyan.server.auth import check_role, owner_filter
 from banyan.server.services import services
@@ -104,8 +104,8 @@ blueprint = Blueprint("waits", __name__)
 @blueprint.route("/tasks/wait", methods=["POST"])
 def wait_view():
     check_role(())
-    body, issues = claims._body(), claims._Issues()
-    claims._unknown(body, ("ids", "timeout"), issues)
+    body, issues = worker_requests.json_body(), worker_requests.Issues()
+    worker_requests.check_unknown(body, ("ids", "timeout"), issues)
     ids = body.get("ids")
     task_ids = []
     limit = current_app.config["WAIT_MAX_IDS"]
@@ -120,10 +120,10 @@ def wait_view():
                 issues["ids"] = "'%s' is not a task id" % (value,)
                 break
     timeout = body.get("timeout", current_app.config["WAIT_MAX_TIMEOUT"])
-    if not claims._number(timeout) or timeout < 0:
+    if not worker_requests.is_number(timeout) or timeout < 0:
         issues["timeout"] = "must be a number of seconds >= 0, not %r" % (timeout,)
     issues.refuse()
-    return claims._reply(wait_finished(list(dict.fromkeys(task_ids)), float(timeout)))
+    return worker_requests.reply(wait_finished(list(dict.fromkeys(task_ids)), float(timeout)))
 
 
 def init_app(app):
