@@ -63,7 +63,7 @@ class Claimer:
         try:
             reply = self.client.claim(wid, self.holdings.free() if free is None else free, count, wait)
         except BanyanError as exc:
-            exc.worker_id = wid
+            exc.worker_id = wid  # type: ignore[attr-defined]  # the registration it was refused for
             raise
         self.registration.contact()
         return self.take(wid, reply)

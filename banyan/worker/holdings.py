@@ -57,8 +57,8 @@ class Holdings:
         self.running = {}      # task id -> TaskProcess, running and reported in heartbeats
         self.doomed = {}       # task id -> TaskProcess, being killed, never reported
         self.inbox = []        # claimed task documents not started yet
-        self.control = collections.deque()  # ("cancel"|"unknown", task id, attempt or None)
-        self.reserved = {}     # task id -> requested resources (inbox, running, doomed)
+        self.control: collections.deque = collections.deque()  # ("cancel"|"unknown", task id, attempt or None)
+        self.reserved: dict[str, dict] = {}  # task id -> requested resources (inbox, running, doomed)
         self.unreported = {}   # task id -> report not yet delivered, still held in heartbeats
         self.gpus = {}         # task id -> GPU indices handed to it
         self.cpus = resources.CpuAllocator(resources.usable_cpus()) if pin else None
@@ -83,10 +83,10 @@ class Holdings:
         with self.lock:
             free = self.free()
             for item in batch:
-                reservation = item.get("reservation")
-                if reservation is not None and self.reserved.get(item["task_id"]) is reservation:
+                held = self.reserved.get(item["task_id"])
+                if held is not None and held is item.get("reservation"):
                     for key in free:
-                        free[key] += reservation[key]
+                        free[key] += held[key]
         free["cores"] = min(self.total["cores"], round(free["cores"], 6))
         free["memory"] = min(self.total["memory"], free["memory"])
         free["gpus"] = min(self.total["gpus"], free["gpus"])

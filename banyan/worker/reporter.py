@@ -28,7 +28,7 @@ class Reporter:
         self.claimer = claimer
         self.stopping = stopping  # Event: warm stop, no more claims
         self.done = done          # Event: stop retrying
-        self.queue = queue.Queue()
+        self.queue: queue.Queue = queue.Queue()
 
     def pending(self):
         """How many queued reports are not settled yet."""
