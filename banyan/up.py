@@ -47,6 +47,8 @@ def server_command(args):
         cmd.append("--auth" if args.auth else "--no-auth")
     if args.admin_token_file:
         cmd += ["--admin-token-file", args.admin_token_file]
+    if args.settings:
+        cmd += ["--settings", args.settings]
     return cmd
 
 

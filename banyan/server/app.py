@@ -18,6 +18,7 @@ from banyan import settings as default_settings
 from banyan.server import (actions, auth, changes, claims, idempotency, limits, openapi, query, refusals, stats,
                            store, waits)
 from banyan.server import services as services_module
+from banyan.server import site_settings
 from banyan.server.claim_waiters import ClaimWaiters
 from banyan.server.datalayer import BanyanMongo, StoreDown, StoreFull, store_failure
 from banyan.server.hooks import register_hooks
@@ -36,10 +37,12 @@ def default_config():
             for k in dir(default_settings) if k.isupper()}
 
 
-def create_app(client, config=None):
+def create_app(client, config=None, site=None):
     """Build the server app on `client`, a MongoClient-shaped store client
-    (see `banyan.server.store.connect`). `config` overrides settings."""
-    settings = default_config()
+    (see `banyan.server.store.connect`). `site` (a site settings file's
+    names, `site_settings.load`) applies over the defaults, then `config`
+    overrides settings."""
+    settings = site_settings.apply(default_config(), site or {})
     settings.update(config or {})
     auth_on = bool(settings.get("AUTH"))
     app = Eve(settings=settings, data=functools.partial(BanyanMongo, client=client),

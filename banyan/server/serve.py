@@ -8,6 +8,9 @@ import os
 import socket
 import sys
 
+from banyan.server import site_settings
+from banyan.server.site_settings import default_path
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = os.path.join("~", ".banyan")
@@ -21,6 +24,10 @@ def add_arguments(parser):
                              "loopback requires authentication)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("BANYAN_PORT", 5000)),
                         help="port to listen on (default 5000; 0 picks a free one)")
+    parser.add_argument("--settings", metavar="PATH", default=os.environ.get("BANYAN_SETTINGS") or default_path(),
+                        help="a Python file of site settings (schema additions, VIRTUAL_RESOURCES entries, "
+                             "limits) applied over the package's defaults (default: $BANYAN_SETTINGS, else "
+                             "the repository's settings.py when run from a checkout)")
     parser.add_argument("--mongo-uri", default=os.environ.get("BANYAN_MONGO_URI"),
                         help="MongoDB URI (e.g. mongodb://db1,db2/banyan?replicaSet=rs0); "
                              "default: the embedded store under --data-dir")
@@ -111,6 +118,11 @@ def run(args):
     if args.threads < 2 or args.connection_limit < 1:
         print("banyan server: --threads must be >= 2 and --connection-limit >= 1", file=sys.stderr, flush=True)
         return 2
+    try:
+        site = site_settings.load(args.settings) if args.settings else {}
+    except site_settings.SiteSettingsError as e:
+        print("banyan server: %s" % e, file=sys.stderr, flush=True)
+        return 2
     data_dir = None if args.mongo_uri else os.path.expanduser(args.data_dir)
     try:
         client = connect(mongo_uri=args.mongo_uri, data_dir=data_dir)
@@ -122,7 +134,8 @@ def run(args):
                                   # long polls may hold at most a quarter of the request
                                   # threads (each re-checks the store twice a second)
                                   CLAIM_MAX_WAITERS=max(1, args.threads // 4),
-                                  WAIT_MAX_WAITERS=max(1, args.threads // 4)))
+                                  WAIT_MAX_WAITERS=max(1, args.threads // 4)),
+                     site=site)
     _settle_memory()
     if auth_on:
         _bootstrap_admin(app, args)
