@@ -40,7 +40,7 @@ import os
 import re
 
 from banyan.errors import BanyanError, describe_result
-from banyan.protocol import AFTER_FIELDS, FINISHED, Outcome, TaskState
+from banyan.protocol import AFTER_FIELDS, FINISHED, TaskState, edge_satisfied
 from banyan.units import parse_duration, parse_size
 
 __all__ = ["GraphError", "TaskGraph", "task_document", "load_graph", "graph_from_data", "submit_graph",
@@ -383,11 +383,12 @@ def check_parents(client, parents):
             state, status = doc.get("state"), doc.get("exit_status")
             if field == "after" and state == TaskState.PENDING_CANCELLATION:
                 raise GraphError("%s: %s is being cancelled, so what runs after it would never run" % (flag, label))
-            if field == "after" and state in FINISHED and status != Outcome.SUCCESS:
+            if state in FINISHED and not edge_satisfied(AFTER_FIELDS[field], doc):
+                if field == "after_failure":
+                    raise GraphError("%s: %s succeeded, so what runs after its failure would never run"
+                                     % (flag, label))
                 raise GraphError("%s: %s ended with %s, so what runs after it would never run" % (
                     flag, label, status or state))
-            if field == "after_failure" and state == TaskState.TERMINATED and status == Outcome.SUCCESS:
-                raise GraphError("%s: %s succeeded, so what runs after its failure would never run" % (flag, label))
 
 
 def submit_graph(client, graph, after=(), after_any=(), after_failure=(), job=None, name=None,

@@ -85,6 +85,16 @@ class DependencyKind(_Word):
 AFTER_FIELDS = {"after": DependencyKind.SUCCESS.value, "after_any": DependencyKind.ANY.value,
                 "after_failure": DependencyKind.FAILURE.value}
 
+def edge_satisfied(kind, parent):
+    """Whether a finished `parent` (a task document) lets a child of edge
+    `kind` run: the one rule the server's cascade and the client's check of
+    a submission's parents share."""
+    succeeded = parent.get("state") == TaskState.TERMINATED and parent.get("exit_status") == Outcome.SUCCESS
+    if kind == DependencyKind.ANY:
+        return True
+    return succeeded if kind == DependencyKind.SUCCESS else not succeeded
+
+
 #: Resources a task requests and a worker offers.
 RESOURCES = ("cores", "memory", "gpus")
 

@@ -27,7 +27,7 @@ from pymongo.errors import DuplicateKeyError
 
 from banyan.protocol import (AFTER_FIELDS, DEFAULT_MAX_LOST, EXIT_STATUSES, FINISHED, HELD,  # noqa: F401 (re-exported)
                              INT64_MAX, QUEUED, RESOURCES, WORKER_OUTCOMES, DependencyKind, Outcome, TaskState)
-from banyan.protocol import ADMIN, ATTEMPT_ROLE, USER, WORKER, WorkerState
+from banyan.protocol import ADMIN, ATTEMPT_ROLE, USER, WORKER, WorkerState, edge_satisfied
 from banyan.server.identity import acts_for
 from banyan.server.store import aware
 
@@ -95,14 +95,6 @@ def edge_kind(child, parent_id):
         if parent_id in (child.get(field) or ()):
             return AFTER_FIELDS[field]
     return SUCCESS_KIND
-
-
-def edge_satisfied(kind, parent):
-    """Whether a finished `parent` lets a child of edge `kind` run."""
-    succeeded = parent.get("state") == S.TERMINATED and parent.get("exit_status") == SUCCESS
-    if kind == ANY_KIND:
-        return True
-    return succeeded if kind == SUCCESS_KIND else not succeeded
 
 
 class TransitionError(Exception):
