@@ -283,6 +283,11 @@ CLAIM_MAX_WAITERS = 8
 #: to, per server process: their `retry_after` grows with the number of
 #: active workers (500 workers: about 10 s).
 CLAIM_RETRY_RATE = 50
+#: Seconds a claim may wait for a request thread (`banyan server`'s queue
+#: of workers' requests) and still claim: one that waited longer is answered
+#: with a `retry_after` and no task, since its worker (banyan-worker gives a
+#: claim 15 s beyond its long poll) may have given it up.
+CLAIM_MAX_QUEUED = 5
 #: Most tasks one claim may ask for.
 CLAIM_MAX_TASKS = 1000
 

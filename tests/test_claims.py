@@ -465,6 +465,28 @@ def test_too_many_waiting_claims_answer_at_once(store):
     poller.join()
 
 
+def test_a_claim_that_queued_too_long_claims_nothing_and_takes_its_reports(app, api):
+    """`banyan server` tells a claim how long it waited for a thread
+    (banyan.server.dispatch); past CLAIM_MAX_QUEUED its worker may have
+    given it up, so it gets a retry_after, not a task (its reports count)."""
+    wid = register(api)
+    done, waiting = submit(api, {"command": "a", "state": "available"}, {"command": "b", "state": "available"})
+    assert [t["_id"] for t in claim(api, wid)["_items"]] == [done]
+    late = {"HTTP_X_BANYAN_QUEUED": str(app.config["CLAIM_MAX_QUEUED"] + 1)}
+    r = api.post("/workers/%s/claim" % wid, environ_overrides=late, json={
+        "free": PLENTY, "max_tasks": 1, "wait": 5,
+        "finished": [{"task": done, "attempt": 1, "outcome": "success", "exit_code": 0}]})
+    assert r.status_code == 200, r.json
+    assert r.json["_items"] == [] and r.json["retry_after"] > 0
+    assert [f["_status"] for f in r.json["finished"]] == ["OK"]
+    assert api.get("/tasks/" + done).json["state"] == "terminated"
+    assert api.get("/tasks/" + waiting).json["state"] == "available"  # not claimed for a worker gone
+    # a claim that did not queue that long gets it
+    on_time = {"HTTP_X_BANYAN_QUEUED": str(app.config["CLAIM_MAX_QUEUED"] - 1)}
+    r = api.post("/workers/%s/claim" % wid, environ_overrides=on_time, json={"free": PLENTY, "max_tasks": 1})
+    assert [t["_id"] for t in r.json["_items"]] == [waiting]
+
+
 # -- completion and retries -------------------------------------------------
 
 def test_three_failures_with_two_retries_fail_the_task_and_cancel_continuations(api):

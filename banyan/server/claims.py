@@ -37,6 +37,7 @@ from werkzeug.exceptions import HTTPException
 
 from banyan.protocol import WorkerState
 from banyan.server import states
+from banyan.server.held import queued_seconds
 from banyan.server.auth import check_role, owner_filter
 from banyan.server.identity import acts_for, current_identity
 from banyan.server.refusals import refuse
@@ -359,7 +360,12 @@ def claim_view(worker_id):
         issues["wait"] = "must be a number of seconds >= 0, not %r" % (wait,)
     issues.refuse()
     finished = finish_many(reports) if reports else None
-    reply = claim(worker_id, free, max_tasks, float(wait) if max_tasks else 0.0)
+    if max_tasks and queued_seconds(request.environ) > _config("CLAIM_MAX_QUEUED"):
+        # its worker may have given it up: claim nothing, come back later
+        reply = claim(worker_id, free, 0, 0.0)
+        reply["retry_after"] = retry_after(_registry().active_count())
+    else:
+        reply = claim(worker_id, free, max_tasks, float(wait) if max_tasks else 0.0)
     if finished is not None:
         reply["finished"] = finished
     return req.reply(reply)

@@ -14,13 +14,22 @@ and so did heartbeats. Here a user's request waits for a free thread only,
 and competes for the interpreter with at most `worker_threads` running
 workers' requests; a heartbeat waits for one of those to end; fewer claims
 at once also race less for the same best task.
+
+A claim tells the app how long it waited in its queue (`held.queued_seconds`):
+one that waited past CLAIM_MAX_QUEUED may come after its worker gave up
+the request, and tasks claimed for it then would run nowhere until the
+heartbeats show they were never received; the claim view answers it at
+once with a `retry_after` instead (its reports are still taken).
 """
 
 import collections
 import logging
 import re
+import time
 
 from waitress.task import ThreadedTaskDispatcher
+
+from banyan.server.held import QUEUED_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +83,7 @@ class UsersFirstDispatcher(ThreadedTaskDispatcher):
 
     def add_task(self, task):
         kind = self._kind(task)
+        task.banyan_queued = time.monotonic()
         with self.lock:
             {"user": self.queue, "liveness": self.liveness_queue, "claim": self.worker_queue}[kind].append(task)
             self.queue_cv.notify()
@@ -96,8 +106,11 @@ class UsersFirstDispatcher(ThreadedTaskDispatcher):
                     self.thread_exit_cv.notify()
                     break
                 worker = not self.queue
+                claim = worker and not self.liveness_queue
                 task = (self.queue or self.liveness_queue or self.worker_queue).popleft()
                 self.serving_workers += worker
+            if claim:
+                task.requests[0].headers[QUEUED_HEADER] = "%.6f" % (time.monotonic() - task.banyan_queued)
             try:
                 task.service()
             except BaseException:

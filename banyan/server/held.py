@@ -1,4 +1,5 @@
-"""Requests this process holds open (long polls), each with what it waits for.
+"""Requests this process holds open (long polls), each with what it waits
+for; and how long a claim waited for a request thread (`queued_seconds`).
 
 A bound on request threads, not a guard on any data: the table decides who
 is woken, never what a request gets (the store's own writes decide that).
@@ -35,3 +36,20 @@ class HeldRequests:
             if event is not None:
                 with self._lock:
                     self._waiting.pop(event, None)
+
+
+#: The request header (as waitress keys it) and WSGI environ key of the
+#: seconds a claim waited for a request thread, set by `banyan server`'s
+#: thread pool (banyan.server.dispatch) on every claim, over any value the
+#: client sent.
+QUEUED_HEADER = "X_BANYAN_QUEUED"
+QUEUED_ENVIRON = "HTTP_" + QUEUED_HEADER
+
+
+def queued_seconds(environ):
+    """Seconds the request of `environ` waited for a request thread (0 when
+    not served by `banyan server`'s thread pool)."""
+    try:
+        return max(0.0, float(environ.get(QUEUED_ENVIRON) or 0))
+    except ValueError:
+        return 0.0

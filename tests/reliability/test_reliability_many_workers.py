@@ -10,6 +10,11 @@ here, where it would pass or fail with the machine's load.
 
 BANYAN_MANY_WORKERS_TASKS sets the number of tasks (the issue's figure is
 10,000; CI runs fewer), BANYAN_MANY_WORKERS_SIMULATED the simulated workers.
+On FerretDB (BANYAN_TEST_MONGO_URI) both default lower: one server process
+on FerretDB 1.24 (on PostgreSQL, on the suite's 2 cores) claims a few tasks
+a second (each claim several round trips, its update under a document lock),
+and with 50 simulated workers claims queued for seconds there; 20 simulated
+and 4 real workers, 300 tasks, take one to two minutes.
 """
 
 import json
@@ -23,8 +28,10 @@ from conftest import MONGO_URI, TEST_TOKEN, LiveServer
 from harness import Worker, read_markers, record
 from simulated_workers import Fleet, LatencyProbe
 
-TASKS = int(os.environ.get("BANYAN_MANY_WORKERS_TASKS", "2000"))
-SIMULATED = int(os.environ.get("BANYAN_MANY_WORKERS_SIMULATED", "300"))
+TASKS = int(os.environ.get("BANYAN_MANY_WORKERS_TASKS", "300" if MONGO_URI else "2000"))
+SIMULATED = int(os.environ.get("BANYAN_MANY_WORKERS_SIMULATED", "20" if MONGO_URI else "300"))
+#: Seconds per task the run may take beyond two minutes.
+SECONDS_PER_TASK = 0.5 if MONGO_URI else 0.1
 REAL_WORKERS, REAL_CORES = 4, 2
 #: A user's single-task read slower than this at the 99th percentile is
 #: starved (the issue's speed goal, 200 ms, is the benchmark's to show).
@@ -38,13 +45,7 @@ SCRIPT = ('f="$M/$BANYAN_TASK_ID.$BANYAN_ATTEMPT"; '
           'if [ -e "$f" ]; then echo "$BANYAN_TASK_ID.$BANYAN_ATTEMPT" >> "$M/DUPLICATES"; exit 99; fi; '
           'echo started > "$f"; echo "exit $EXIT" >> "$f"; exit "$EXIT"')
 
-pytestmark = [
-    pytest.mark.slow,
-    # Measured on FerretDB 1.24 (SQLite, on the same 2 cores as the suite):
-    # with 20 simulated workers heartbeats already take over 2 s and workers
-    # are marked lost; one server process on it does not serve this load yet.
-    pytest.mark.skipif(bool(MONGO_URI), reason="FerretDB does not keep up with hundreds of workers (see above)"),
-]
+pytestmark = pytest.mark.slow
 
 
 def exit_code_of(task):
@@ -84,7 +85,7 @@ def test_300_simulated_and_4_real_workers_share_10000_tasks(tmp_path):
             r = http.post(server.url + "/tasks", json=chunk, timeout=120)
             assert r.status_code == 201, r.text[:2000]
             ids += [item["_id"] for item in r.json()["_items"]]
-        deadline = time.monotonic() + 120 + TASKS * 0.1
+        deadline = time.monotonic() + 120 + TASKS * SECONDS_PER_TASK
         where = json.dumps({"state": {"$nin": ["terminated", "cancelled"]}, "name": {"$ne": "watched"}})
         while True:
             left = http.get(server.url + "/tasks", params={"where": where, "max_results": 1}).json()["_meta"]["total"]
