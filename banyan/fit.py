@@ -1,6 +1,7 @@
 """Whether a task's request fits what a worker offers: the one rule behind
-the server's pending reason `no_worker_fits` and `banyan submit`'s warning
-(imports nothing of the server, so the command stays quick to start)."""
+the server's claims and held claims (against what a worker has free), its
+pending reason `no_worker_fits` and `banyan submit`'s warning (imports
+nothing of the server, so the command stays quick to start)."""
 
 from banyan.protocol import RESOURCES
 from banyan.units import format_size

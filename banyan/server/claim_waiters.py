@@ -8,7 +8,7 @@ server process may have made the task ready.
 
 import logging
 
-from banyan.protocol import RESOURCES
+from banyan.fit import fits
 from banyan.server.held import HeldRequests
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,3 @@ class ClaimWaiters(HeldRequests):
         for event, free in waiting:
             if fits(requested, free):
                 event.set()
-
-
-def fits(requested, free):
-    return all((requested.get(key) or 0) <= free.get(key, 0) for key in RESOURCES)

@@ -27,6 +27,7 @@ from pymongo.errors import DuplicateKeyError
 
 from banyan.protocol import (AFTER_FIELDS, DEFAULT_MAX_LOST, EXIT_STATUSES, FINISHED, HELD,  # noqa: F401 (re-exported)
                              INT64_MAX, QUEUED, RESOURCES, WORKER_OUTCOMES, DependencyKind, Outcome, TaskState)
+from banyan.fit import fits
 from banyan.protocol import ADMIN, ATTEMPT_ROLE, USER, WORKER, WorkerState, edge_satisfied
 from banyan.server.identity import acts_for
 from banyan.server.store import aware
@@ -922,7 +923,7 @@ class TaskQueue:
             if len(claimed) >= want:
                 break
             requested = doc.get("requested_resources") or {}
-            if not all((requested.get(key) or 0) <= free.get(key, 0) for key in RESOURCES):
+            if not fits(requested, free):
                 continue  # what the tasks claimed before it left is too little
             if doc.get("job") in full:
                 continue
