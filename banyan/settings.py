@@ -11,10 +11,10 @@ OBJECTID_LIST = {"type": "list", "schema": {"type": "objectid"}}
 #: The longest duration a task may give, in seconds (longer ones overflow dates).
 TEN_YEARS = 10 * 366 * 86400
 
-#: User fields that may change only while a task is `inactive`.
+#: User fields that may change only while a task is `inactive`, and those
+#: that may change while it is queued (`inactive` or `available`), never once
+#: a worker holds it or it has finished (the rule: `states.check_field_change`).
 WRITE_ONCE = {"write_once": True}
-#: User fields that may change while a task is queued (`inactive` or
-#: `available`), never once a worker holds it or it has finished.
 QUEUED_ONLY = {"queued_only": True}
 #: Parents of a task given at its creation, one list per kind of dependency:
 #: `after` runs once they all succeeded (the same edge as the parent's

@@ -150,6 +150,19 @@ def check_creation_state(state):
         raise TransitionError("a task is created 'inactive' or 'available', not '%s'" % state)
 
 
+def check_field_change(rule, field, state):
+    """Raise TransitionError unless a user field under `rule` (its schema's
+    `write_once` or `queued_only`) may change on a task in `state`:
+    write-once fields until the task leaves `inactive`, queued-only ones
+    (priority, resources, limits, retries, `held`) while it waits to be claimed."""
+    if rule == "write_once" and state != S.INACTIVE:
+        raise TransitionError("'%s' cannot change once a task has left 'inactive' (this one is '%s')"
+                              % (field, state))
+    if rule == "queued_only" and state not in QUEUED:
+        raise TransitionError("'%s' can change only while a task is queued ('inactive' or 'available'); "
+                              "this one is '%s'" % (field, state))
+
+
 def stored_state(current, requested):
     """The state actually written for an allowed request: a running task being
     cancelled waits for its worker in `pending_cancellation`."""

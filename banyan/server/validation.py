@@ -117,6 +117,12 @@ class BanyanValidator(Validator):
     def _persisted_state(self):
         return (self.persisted_document or {}).get("state")
 
+    def _check_field_change(self, rule, field, state):
+        try:
+            states.check_field_change(rule, field, state)
+        except states.TransitionError as e:
+            self._error(field, str(e))
+
     def _validate_write_once(self, write_once, field, value):
         """{'type': 'boolean'}"""
         if not (write_once and self.is_update_operation):
@@ -125,18 +131,15 @@ class BanyanValidator(Validator):
         persisted = self.persisted_document or {}
         if field not in persisted and value == self.schema[field].get("default"):
             return  # a field added since the task was stored: its default is what it had
-        if state != states.S.INACTIVE and value != persisted.get(field):
-            self._error(field, "'%s' cannot change once a task has left 'inactive' (this one is '%s')"
-                        % (field, state))
+        if value != persisted.get(field):
+            self._check_field_change("write_once", field, state)
 
     def _validate_queued_only(self, queued_only, field, value):
         """{'type': 'boolean'}"""
         if not (queued_only and self.is_update_operation):
             return
-        state = self._persisted_state()
-        if state not in states.QUEUED and value != (self.persisted_document or {}).get(field):
-            self._error(field, "'%s' can change only while a task is queued ('inactive' or 'available'); "
-                        "this one is '%s'" % (field, state))
+        if value != (self.persisted_document or {}).get(field):
+            self._check_field_change("queued_only", field, self._persisted_state())
 
     def _validate_creation_only(self, creation_only, field, value):
         """{'type': 'boolean'}"""
