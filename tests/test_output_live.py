@@ -41,16 +41,21 @@ def test_binary_output_round_trips_byte_for_byte(cluster, tmp_path):
     c.start_worker("alpha", "--cores", "1")
     payload = tmp_path / "payload.bin"
     payload.write_bytes(BINARY)
-    text_id, binary_id = c.submit([
+    text_id, binary_id, nul_id = c.submit([
         {"command": "printf 'caf\\303\\251\\n'; printf 'plain\\n' >&2", "state": "available"},
-        {"command": ["sh", "-c", 'cat "$0"; cat "$0" "$0" >&2', str(payload)], "state": "available"}])
-    c.wait_finished([text_id, binary_id])
+        {"command": ["sh", "-c", 'cat "$0"; cat "$0" "$0" >&2', str(payload)], "state": "available"},
+        # UTF-8 holding NUL characters, which no store is handed as a string
+        {"command": "printf 'a\\000b\\n'; printf '\\000' >&2", "state": "available"}])
+    c.wait_finished([text_id, binary_id, nul_id])
     text = c.logs_of(text_id)
     assert (text["stdout"], text["stderr"]) == ("café\n", "plain\n") and "stdout_base64" not in text
     logs = c.logs_of(binary_id)
     assert base64.b64decode(logs["stdout_base64"]) == BINARY
     assert base64.b64decode(logs["stderr_base64"]) == BINARY * 2
     assert "\ufffd" in logs["stdout"]  # the text form is for eyes only
+    logs = c.logs_of(nul_id)
+    assert (logs["stdout"], logs["stderr"]) == ("a\x00b\n", "\x00")
+    assert (base64.b64decode(logs["stdout_base64"]), base64.b64decode(logs["stderr_base64"])) == (b"a\x00b\n", b"\x00")
     env = {k: v for k, v in os.environ.items()
            if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path), BANYAN_SERVER=c.url)
@@ -59,6 +64,8 @@ def test_binary_output_round_trips_byte_for_byte(cluster, tmp_path):
     assert (shown.stdout, shown.stderr) == (BINARY, BINARY * 2)
     shown = subprocess.run(BANYAN + ["logs", text_id], capture_output=True, env=env, timeout=60)
     assert (shown.stdout, shown.stderr) == ("café\n".encode(), b"plain\n")
+    shown = subprocess.run(BANYAN + ["logs", nul_id], capture_output=True, env=env, timeout=60)
+    assert (shown.stdout, shown.stderr) == (b"a\x00b\n", b"\x00")
 
 
 def _disk_use(path):

@@ -132,8 +132,25 @@ UPDATES = [
 ]
 
 
+#: FerretDB 1.24 (on PostgreSQL) matches nothing in an update whose filter
+#: tests a field of documents in an array by equality (`{"history.exit_status":
+#: "failure"}`), while its finds match (docs/DATABASES.md). Banyan's server
+#: never sends such an update (its update filters name top-level fields,
+#: fields of embedded documents and array sizes), so those cases check the
+#: embedded store against MongoDB only.
+FERRETDB_UPDATE_GAP = {i for i, (flt, _) in enumerate(UPDATES) if any(k.startswith("history.") for k in flt)}
+
+
+def _ferretdb_1(coll):
+    version = str(coll.database.client.server_info().get("ferretdbVersion") or "")
+    return version.lstrip("v").startswith("1.")
+
+
 @pytest.mark.parametrize("flt, update", UPDATES, ids=[str(i) for i in range(len(UPDATES))])
 def test_updates(both, flt, update):
+    if UPDATES.index((flt, update)) in FERRETDB_UPDATE_GAP and _ferretdb_1(both[1]):
+        pytest.skip("FerretDB 1.x matches nothing in an update filtering on a field inside an array "
+                    "(docs/DATABASES.md); Banyan never sends one")
     _same(both, lambda c: c.update_many(flt, update).modified_count)
     _same(both, lambda c: list(c.find({}, sort=[("_id", 1)])))
 

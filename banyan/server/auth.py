@@ -48,6 +48,7 @@ from banyan.protocol import ATTEMPT_ROLE, ROLES
 from banyan.server.identity import Identity, current_identity, set_identity
 from banyan.server.states import HELD, utcnow
 from banyan.server.services import services
+from banyan.server.store import nul_path
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,8 @@ class TokenStore:
             doc = None
         if doc is not None:
             return [doc]
+        if nul_path(id_or_name) is not None:
+            return []  # no name holds a NUL (NAME_RE), and no store is asked to match one
         return list(self.tokens.find({"name": id_or_name}))
 
     def revoke(self, id_or_name):

@@ -41,7 +41,7 @@ from banyan.server.held import queued_seconds
 from banyan.server.auth import check_role, owner_filter
 from banyan.server.identity import acts_for, current_identity
 from banyan.server.refusals import refuse
-from banyan.server.store import aware
+from banyan.server.store import NUL_REFUSED, aware, nul_path
 from banyan.server.states import utcnow
 from banyan.server.services import services
 from banyan.server import worker_requests as req
@@ -314,6 +314,8 @@ def register_view():
     host = body.get("host")
     if not isinstance(host, str) or not 0 < len(host) <= 255:
         issues["host"] = "must be the worker's host name (1 to 255 characters), not %r" % (host,)
+    elif nul_path(host) is not None:
+        issues["host"] = NUL_REFUSED
     resources = req.parse_resources(body.get("resources", {}), "resources", issues)
     issues.refuse()
     doc = register_worker(host, resources)

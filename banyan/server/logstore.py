@@ -14,8 +14,10 @@ log = logging.getLogger(__name__)
 
 class LogStore:
     """The `logs` collection: each attempt's stdout and stderr, the last
-    `cap` bytes of each. Output that is valid UTF-8 is stored as a string
-    (`stdout`); any other is kept byte for byte (`stdout_bytes`)."""
+    `cap` bytes of each. Output that is valid UTF-8 without a NUL character
+    is stored as a string (`stdout`); any other is kept byte for byte
+    (`stdout_bytes`): no store is handed a string with a NUL
+    (`store.nul_path`), and output keeps what the task wrote."""
 
     def __init__(self, db, cap):
         self.logs = db[LOGS]
@@ -33,12 +35,16 @@ class LogStore:
 
     @staticmethod
     def _fields(name, output):
-        if isinstance(output, bytes):
+        if isinstance(output, str):
+            if "\x00" not in output:
+                return {name: output}
+            output = output.encode("utf-8", errors="surrogatepass")
+        if b"\x00" not in output:
             try:
                 return {name: output.decode("utf-8")}
             except UnicodeDecodeError:
-                return {name + "_bytes": output}
-        return {name: output}
+                pass
+        return {name + "_bytes": output}
 
     #: Fields only live output (sent while the attempt runs) has.
     LIVE_FIELDS = ("stdout_written", "stderr_written", "live")

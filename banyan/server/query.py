@@ -17,12 +17,15 @@ the operator:
   for them here, or nothing a task's fields need.
 
 Eve calls `check_filter` (through `BanyanMongo._sanitize`) on each parsed
-`where`, so the rule lives here and nowhere else.
+`where`, so the rule lives here and nowhere else. A string holding a NUL
+character is refused too (`store.nul_path`: no store is asked to match one).
 """
 
 import math
 
 from flask import abort, request
+
+from banyan.server.store import NUL_REFUSED, nul_path
 
 #: Operators a `where` may contain.
 ALLOWED_OPERATORS = frozenset({
@@ -98,6 +101,9 @@ def check_filter(spec):
     message = bad_operand(spec)
     if message is not None:
         abort(400, description=message)
+    path = nul_path(spec)
+    if path is not None:
+        abort(400, description="'where': %s %s" % (path, NUL_REFUSED))
     return spec
 
 

@@ -17,8 +17,11 @@ import pymongo.errors
 from banyan.store.adapter import DEFAULT_COMPACT_BYTES, DEFAULT_DATABASE, EmbeddedClient, EmbeddedCollection
 from banyan.store.errors import StoreCorrupt, StoreUnavailable
 
-__all__ = ['connect', 'one_sync', 'sync_visible', 'EmbeddedClient', 'EmbeddedCollection',
-           'StoreCorrupt', 'StoreUnavailable', 'DEFAULT_DATABASE']
+__all__ = ['connect', 'one_sync', 'sync_visible', 'nul_path', 'NUL_REFUSED', 'EmbeddedClient',
+           'EmbeddedCollection', 'StoreCorrupt', 'StoreUnavailable', 'DEFAULT_DATABASE']
+
+#: Why a string holding a NUL character is refused (see `nul_path`).
+NUL_REFUSED = "must not contain a NUL character (\\u0000)"
 
 
 def connect(mongo_uri=None, data_dir=None):
@@ -73,3 +76,31 @@ def sync_visible(client):
     engine = _engine(client)
     if engine is not None:
         engine.sync_written()
+
+
+def nul_path(value, path=""):
+    """The path (`a.b.0`) of the first string in `value` (dict keys included)
+    that holds a NUL character, or None. A NUL in a key is shown as `\\u0000`.
+
+    One rule for every store: no string a client sends to be stored or
+    matched may hold one. PostgreSQL, under FerretDB, cannot store it (its
+    `jsonb` has no NUL: the write fails), MongoDB refuses it in field names,
+    and an answer must not depend on the store. Refused with a 4xx naming
+    the path; a task's output, which may hold any bytes, is kept as bytes
+    instead (`claims.LogStore`)."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = ("%s.%s" % (path, key) if path else str(key)).replace("\x00", "\\u0000")
+        if isinstance(key, str) and "\x00" in key:
+            return where
+        found = nul_path(item, where)
+        if found is not None:
+            return found
+    return None

@@ -11,6 +11,7 @@ from eve.io.mongo import Validator
 from flask import current_app as app
 
 from banyan.server import auth, states, virtual
+from banyan.server.store import NUL_REFUSED, nul_path
 from banyan.server.identity import current_identity
 from banyan.server.refusals import refuse
 from banyan.units import parse_size
@@ -68,9 +69,14 @@ class BanyanValidator(Validator):
         return self._fits(super().validate(document, schema, update, normalize), update)
 
     def _fits(self, ok, update):
-        """After Cerberus' validation: the size of the document as it would
-        be stored (for a PATCH, merged with the stored one)."""
+        """After Cerberus' validation: no string holding a NUL character
+        (`store.nul_path`), and the size of the document as it would be
+        stored (for a PATCH, merged with the stored one)."""
         if ok and not self.is_child and isinstance(self.document, dict):
+            path = nul_path(self.document)
+            if path is not None:
+                self._error(path.split(".")[0], "%s %s" % (path, NUL_REFUSED))
+                return False
             stored = dict(self.persisted_document or {}, **self.document) if update else self.document
             try:
                 size = len(bson.encode(stored))

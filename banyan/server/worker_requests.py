@@ -16,6 +16,7 @@ from flask import abort, current_app, make_response, request
 
 from banyan.protocol import INT64_MAX, RESOURCES
 from banyan.server import states
+from banyan.server.store import NUL_REFUSED, nul_path
 from banyan.units import parse_size
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ def parse_progress(value, field, issues):
         issues[field + ".fraction"] = "must be a number from 0 to 1, not %r" % (fraction,)
     if message is not None and not isinstance(message, str):
         issues[field + ".message"] = "must be a string, not %r" % (message,)
+    elif nul_path(message) is not None:
+        issues[field + ".message"] = NUL_REFUSED
     return {"fraction": fraction, "message": message[:1024] if isinstance(message, str) else ""}
 
 
