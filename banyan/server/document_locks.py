@@ -19,6 +19,13 @@ MongoDB's atomic update. A lock left by a process that died is broken once
 its lease (`LEASE`, seconds) is over; each lock document has an `_id` of its
 own, so breaking a stale lock can never delete a live one.
 
+A claim takes the locks of all its candidates at once (`locked_documents`:
+one insert, one read, one delete for the batch) and passes over those
+another writer holds, as `SELECT ... FOR UPDATE SKIP LOCKED` would, so
+concurrent claimers spread over the queue instead of queueing behind one
+another on the same tasks. Updates of documents a thread holds that way take
+no lock of their own.
+
 On MongoDB (no `ferretdbVersion` in `buildInfo`, or FerretDB 2, which runs
 updates inside PostgreSQL) the collections behave exactly as pymongo's: the
 check is made once per client, on its first update.
@@ -33,7 +40,7 @@ from bson import ObjectId
 from pymongo import MongoClient, ReturnDocument
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 from pymongo.results import UpdateResult
 
 LOCKS = "document_locks"
@@ -41,6 +48,25 @@ LOCKS = "document_locks"
 LEASE = 30.0
 #: Attempts at an update whose target changed between finding and locking it.
 RETARGETS = 50
+
+
+def takes_document_locks(collection):
+    """Whether updates of `collection` take document locks (FerretDB 1.x)."""
+    return isinstance(collection, LockingCollection) and collection._locking()
+
+
+@contextlib.contextmanager
+def locked_documents(collection, ids):
+    """Hold the locks of those of `ids` (documents of `collection`) that no
+    other writer holds, and yield the set of them; this thread's updates of
+    them take no lock of their own until the block ends. On a store whose
+    updates are atomic (or a collection that is not a LockingCollection),
+    yield every id and take nothing."""
+    if not takes_document_locks(collection):
+        yield set(ids)
+        return
+    with collection._locked_many(ids) as held:
+        yield held
 
 
 def needs_document_locks(build_info):
@@ -58,6 +84,7 @@ class LockingClient(MongoClient):
         self._banyan_locks = None
         self._banyan_locks_lock = threading.Lock()
         self._banyan_indexed = set()
+        self._banyan_mine = threading.local()  # .keys: locks this thread holds (`locked_documents`)
 
     def __getitem__(self, name):
         return LockingDatabase(self, name)
@@ -102,14 +129,67 @@ class LockingCollection(Collection):
     def _locking(self):
         return self.name != LOCKS and self.database.client.uses_document_locks()
 
-    @contextlib.contextmanager
-    def _locked(self, doc_id):
+    def _locks(self):
         client = self.database.client
         locks = Collection(self.database, LOCKS)
         if self.database.name not in client._banyan_indexed:
             locks.create_index("key", unique=True)
             client._banyan_indexed.add(self.database.name)
-        key = "%s:%s:%s" % (self.name, type(doc_id).__name__, doc_id)
+        return locks
+
+    def _key(self, doc_id):
+        return "%s:%s:%s" % (self.name, type(doc_id).__name__, doc_id)
+
+    def _mine(self):
+        """The keys of the locks this thread holds in this database through
+        `locked_documents`."""
+        local = self.database.client._banyan_mine
+        if not hasattr(local, "keys"):
+            local.keys = {}
+        return local.keys.setdefault(self.database.name, set())
+
+    @contextlib.contextmanager
+    def _locked_many(self, ids):
+        """`locked_documents` on a store that needs locks: a read of the
+        locks held already (breaking those whose lease is over), one insert
+        of the others, and a read of which were taken only if that insert
+        met a lock taken meanwhile (FerretDB takes a batch with duplicate
+        keys one document at a time: ten times as long)."""
+        locks, mine = self._locks(), self._mine()
+        keys = {self._key(doc_id): doc_id for doc_id in ids}
+        now = datetime.now(timezone.utc)
+        others = set()
+        wanted = [key for key in keys if key not in mine]
+        for held in (locks.find({"key": {"$in": wanted}}, {"key": 1, "expires": 1}) if wanted else ()):
+            if held.get("expires") is not None and held["expires"].replace(tzinfo=timezone.utc) < now:
+                locks.delete_one({"_id": held["_id"]})  # its writer died: break it
+            else:
+                others.add(held["key"])
+        wanted = {ObjectId(): key for key in wanted if key not in others}
+        taken = set(wanted)
+        if wanted:
+            expires = now + timedelta(seconds=LEASE)
+            try:
+                locks.insert_many([{"_id": _id, "key": key, "expires": expires} for _id, key in wanted.items()],
+                                  ordered=False)
+            except BulkWriteError:  # some were taken meanwhile
+                taken = {d["_id"] for d in locks.find({"_id": {"$in": list(wanted)}}, {"_id": 1})}
+        got = {wanted[_id] for _id in taken}
+        mine.update(got)
+        try:
+            yield {doc_id for key, doc_id in keys.items() if key in mine}
+        finally:
+            mine.difference_update(got)
+            if taken:
+                locks.delete_many({"_id": {"$in": list(taken)}})
+
+    @contextlib.contextmanager
+    def _locked(self, doc_id):
+        key = self._key(doc_id)
+        if key in self._mine():  # held by this thread (`locked_documents`)
+            yield
+            return
+        locks = self._locks()
         mine = ObjectId()
         pause = 0.0005
         while True:

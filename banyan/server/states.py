@@ -31,6 +31,7 @@ from banyan.fit import fits
 from banyan.protocol import ADMIN, ATTEMPT_ROLE, USER, WORKER, WorkerState, edge_satisfied
 from banyan.server.identity import acts_for
 from banyan.server.store import aware
+from banyan.server.document_locks import locked_documents, takes_document_locks
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,10 @@ CLAIM_ORDER = [("priority", -1), ("_created", 1), ("_id", 1)]
 #: Candidates read beyond those a claim asks for (some may be taken by
 #: other claimers, or not fit what the first ones leave).
 CLAIM_SPARES = 8
+#: On a store with document locks, a claim reads this many windows of
+#: candidates, so that claimers that meet each other's locks pass to the
+#: next window instead of reading again (see `TaskQueue._claim_some`).
+CLAIM_SPREAD = 4
 
 
 class TaskQueue:
@@ -898,7 +903,7 @@ class TaskQueue:
     def claim_next(self, worker_id, free, host=None):
         """Claim the best ready task that fits `free` (cores, memory, gpus):
         one atomic update, so of racing claimers exactly one gets each task."""
-        claimed = self._claim_some(worker_id, dict(free), 1, host, set())
+        claimed = self._claim_some(worker_id, dict(free), 1, host, set(), set())
         return claimed[0] if claimed else None
 
     @staticmethod
@@ -913,13 +918,20 @@ class TaskQueue:
             query["requested_resources.cores"] = 0
         return query
 
-    def _claim_some(self, worker_id, free, want, host, full):
+    def _claim_some(self, worker_id, free, want, host, full, busy):
         """Claim up to `want` of the best ready tasks that together fit
         `free` (which is reduced by what they request). The candidates come
         from one sorted read (a store that sorts in its own process, as
         FerretDB does, reads the ready tasks once per batch, not once per
         task); each is then claimed by one atomic update whose filter is the
         query again, so of racing claimers exactly one gets each task.
+
+        On a store that needs document locks (`document_locks`), the read
+        takes CLAIM_SPREAD times as many candidates; their locks are taken a
+        window at a time, and those another writer holds (another claim's,
+        mostly) are passed over and added to `busy`, which later reads of
+        this batch leave out: concurrent claimers spread over the queue
+        instead of queueing behind one another on the same tasks.
         `full`: jobs found at their array limit (grows). Returns the tasks
         claimed, as stored after the claim; an empty list when every
         candidate was taken by another claimer meanwhile; None when none is
@@ -927,42 +939,61 @@ class TaskQueue:
         query = self._ready_query(free)
         if full:
             query["job"] = {"$nin": list(full)}
+        if busy:
+            query["_id"] = {"$nin": list(busy)}
         fields = {"history.attempt": 1, "_created": 1, "job": 1, "array_limit": 1, "requested_resources": 1}
-        candidates = list(self.tasks.find(query, fields, sort=CLAIM_ORDER, limit=want + CLAIM_SPARES))
+        window = want + CLAIM_SPARES
+        limit = window * (CLAIM_SPREAD if takes_document_locks(self.tasks) else 1)
+        candidates = list(self.tasks.find(query, fields, sort=CLAIM_ORDER, limit=limit, batch_size=limit))
         if not candidates:
             return None
         claimed: list = []
-        for doc in candidates:
+        for start in range(0, len(candidates), window):
             if len(claimed) >= want:
                 break
-            requested = doc.get("requested_resources") or {}
-            if not fits(requested, free):
-                continue  # what the tasks claimed before it left is too little
-            if doc.get("job") in full:
-                continue
-            slot = None
-            if doc.get("array_limit") and doc.get("job"):
-                slot = self._take_slot(doc["job"], doc["array_limit"], doc["_id"])
-                if slot is None:
-                    full.add(doc["job"])
-                    continue
-            attempt = new_attempt(len(doc.get("history") or []) + 1, worker_id, host)
-            now = utcnow()
-            # The filter again, as the precondition: a PATCH may have held
-            # the task or changed its resources since it was read.
-            done = self.tasks.find_one_and_update(
-                dict(self._ready_query(free), _id=doc["_id"], history={"$size": attempt["attempt"] - 1}),
-                {"$set": {"state": S.RUNNING.value, "worker": worker_id, **stamp(now), **claim_changes(doc, attempt)},
-                 "$push": {"history": attempt}},
-                return_document=ReturnDocument.AFTER)
-            if done is None:
-                if slot:
-                    self._free_slot(doc["_id"], doc["job"], slot)
-                continue
-            claimed.append(done)
-            for key in RESOURCES:
-                free[key] = free.get(key, 0) - ((done.get("requested_resources") or {}).get(key) or 0)
+            some = candidates[start:start + window]
+            with locked_documents(self.tasks, [doc["_id"] for doc in some]) as held:
+                for doc in some:
+                    if len(claimed) >= want:
+                        break
+                    if doc["_id"] not in held:
+                        busy.add(doc["_id"])
+                        continue
+                    done = self._claim_one(doc, worker_id, free, host, full)
+                    if done is not None:
+                        claimed.append(done)
         return claimed
+
+    def _claim_one(self, doc, worker_id, free, host, full):
+        """Claim the candidate `doc` if it still fits `free` (then reduced by
+        what it requests); the task as stored after the claim, or None."""
+        requested = doc.get("requested_resources") or {}
+        if not fits(requested, free):
+            return None  # what the tasks claimed before it left is too little
+        if doc.get("job") in full:
+            return None
+        slot = None
+        if doc.get("array_limit") and doc.get("job"):
+            slot = self._take_slot(doc["job"], doc["array_limit"], doc["_id"])
+            if slot is None:
+                full.add(doc["job"])
+                return None
+        attempt = new_attempt(len(doc.get("history") or []) + 1, worker_id, host)
+        now = utcnow()
+        # The filter again, as the precondition: a PATCH may have held
+        # the task or changed its resources since it was read.
+        done = self.tasks.find_one_and_update(
+            dict(self._ready_query(free), _id=doc["_id"], history={"$size": attempt["attempt"] - 1}),
+            {"$set": {"state": S.RUNNING.value, "worker": worker_id, **stamp(now), **claim_changes(doc, attempt)},
+             "$push": {"history": attempt}},
+            return_document=ReturnDocument.AFTER)
+        if done is None:
+            if slot:
+                self._free_slot(doc["_id"], doc["job"], slot)
+            return None
+        for key in RESOURCES:
+            free[key] = free.get(key, 0) - ((done.get("requested_resources") or {}).get(key) or 0)
+        return done
 
     # -- array limits: run slots ------------------------------------------
 
@@ -1300,8 +1331,9 @@ class TaskQueue:
         left = {key: free.get(key, 0) for key in RESOURCES}
         claimed: list = []
         full: set = set()
+        busy: set = set()
         while len(claimed) < max_tasks:
-            got = self._claim_some(worker_id, left, max_tasks - len(claimed), host, full)
+            got = self._claim_some(worker_id, left, max_tasks - len(claimed), host, full, busy)
             if got is None:
                 break
             claimed += got
