@@ -70,7 +70,6 @@ def create_app(client, config=None, site=None):
     app.wsgi_app = _durable_answers(app.wsgi_app, client)
     found.queue.upgrade_stored()
     found.queue.resume_cascades()
-    found.queue.fill_stored_figures()
     return app
 
 

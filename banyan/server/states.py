@@ -1300,9 +1300,23 @@ class TaskQueue:
         return True
 
     def upgrade_stored(self):
-        """Tasks stored before `held` existed are not held (the claim index
-        matches `held: false` by equality)."""
-        self.tasks.update_many({"held": {"$exists": False}}, {"$set": {"held": False}})
+        """Bring what an earlier Banyan stored up to date, at start: tasks
+        stored before `held` existed are not held (the claim index matches
+        `held: false` by equality), and get the figures claims and finishes
+        now keep (`fill_stored_figures`). Each upgrade reads every task, so
+        each runs once per store: a document in `upgrades` records it done
+        (a restart on FerretDB took over 30 s reading them again). Two
+        servers starting at once may both run one; each is idempotent."""
+        upgrades = self.db["upgrades"]
+        steps = [("held", lambda: self.tasks.update_many({"held": {"$exists": False}}, {"$set": {"held": False}})),
+                 ("stored_figures", self.fill_stored_figures)]
+        for name, step in steps:
+            if upgrades.find_one({"_id": name}, {"_id": 1}) is None:
+                step()
+                try:
+                    upgrades.insert_one({"_id": name, "done": utcnow()})
+                except DuplicateKeyError:
+                    pass
 
     def resume_cascades(self):
         """Finish cascades that a crash interrupted (run at start and by the reaper)."""
@@ -1312,7 +1326,7 @@ class TaskQueue:
     def fill_stored_figures(self):
         """Tasks stored by an earlier version lack the figures claims and
         finishes now keep (`queue_wait`, each ended attempt's `runtime`):
-        compute them once, at start."""
+        compute them (once per store: `upgrade_stored`)."""
         for doc in self.tasks.find({"history.0": {"$exists": True}, "queue_wait": {"$exists": False}},
                                    {"history": 1, "_created": 1}):
             history = doc["history"]
