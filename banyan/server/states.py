@@ -32,6 +32,7 @@ from banyan.protocol import ADMIN, ATTEMPT_ROLE, USER, WORKER, WorkerState, edge
 from banyan.server.identity import acts_for
 from banyan.server.store import aware
 from banyan.server.document_locks import locked_documents, takes_document_locks
+from banyan.server.store import find_in
 
 log = logging.getLogger(__name__)
 
@@ -604,13 +605,13 @@ class TaskQueue:
     def find_cycle(self, parent_id, child_ids, limit=200000):
         """True if `parent_id` is reachable from one of `child_ids`, so that
         adding them would close a cycle. Walks continuations breadth first,
-        one `$in` query per level."""
+        one read per level (`store.find_in`)."""
         if parent_id in child_ids:
             return True
         seen, frontier = set(child_ids), list(child_ids)
         while frontier and len(seen) < limit:
             nxt = []
-            for doc in self.tasks.find({"_id": {"$in": frontier}}, {"continuations": 1}):
+            for doc in find_in(self.tasks, "_id", frontier, projection={"continuations": 1}):
                 for c in doc.get("continuations") or []:
                     if c == parent_id:
                         return True
@@ -662,8 +663,8 @@ class TaskQueue:
             if add and self.find_cycle(parent["_id"], add):
                 raise TransitionError("adding %s to the continuations of '%s' would create a cycle"
                                       % (", ".join("'%s'" % c for c in add), parent["_id"]))
-            waiting = {d["_id"] for d in self.tasks.find(
-                {"_id": {"$in": add}, "pending_parents": parent["_id"]}, {"_id": 1})}
+            waiting = {d["_id"] for d in find_in(self.tasks, "_id", add, {"pending_parents": parent["_id"]},
+                                                 {"_id": 1})}
             for child in add:
                 doomed += self.link(parent, [child])
                 if child not in waiting:
@@ -869,8 +870,8 @@ class TaskQueue:
         while queue:
             current = queue.pop(0)
             doc = self.tasks.find_one({"_id": current}, {"continuations": 1})
-            for child in self.tasks.find({"_id": {"$in": (doc or {}).get("continuations") or []},
-                                          "state": S.CANCELLED.value, "cancelled_by.task": current}):
+            for child in find_in(self.tasks, "_id", (doc or {}).get("continuations") or [],
+                                 {"state": S.CANCELLED.value, "cancelled_by.task": current}):
                 try:
                     pending = self.parents_to_wait_for(child)
                 except TransitionError:

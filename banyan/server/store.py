@@ -17,7 +17,7 @@ import pymongo.errors
 from banyan.store.adapter import DEFAULT_COMPACT_BYTES, DEFAULT_DATABASE, EmbeddedClient, EmbeddedCollection
 from banyan.store.errors import StoreCorrupt, StoreUnavailable
 
-__all__ = ['connect', 'one_sync', 'sync_visible', 'nul_path', 'NUL_REFUSED', 'EmbeddedClient',
+__all__ = ['connect', 'one_sync', 'sync_visible', 'nul_path', 'find_in', 'NUL_REFUSED', 'EmbeddedClient',
            'EmbeddedCollection', 'StoreCorrupt', 'StoreUnavailable', 'DEFAULT_DATABASE']
 
 #: Why a string holding a NUL character is refused (see `nul_path`).
@@ -104,3 +104,26 @@ def nul_path(value, path=""):
         if found is not None:
             return found
     return None
+
+
+#: Up to this many values, `find_in` reads one query by equality each.
+FIND_IN_ONE_BY_ONE = 8
+
+
+def find_in(collection, key, values, filter=None, projection=None):
+    """The documents of `collection` whose `key` is one of `values` (and
+    that match `filter`), as a list. Up to FIND_IN_ONE_BY_ONE values are
+    read one query by equality each, which every store answers from its
+    index: FerretDB 1.24 hands PostgreSQL only equalities, so an `$in`
+    reads the whole collection (280 ms a query at 1,000 tasks, against 2 ms
+    an equality); more values are read in one `$in` query."""
+    values = list(dict.fromkeys(values))
+    filter = filter or {}
+    if len(values) > FIND_IN_ONE_BY_ONE:
+        return list(collection.find({"$and": [{key: {"$in": values}}, filter]} if key in filter
+                                    else dict(filter, **{key: {"$in": values}}), projection))
+    found = []
+    for value in values:
+        one = {"$and": [{key: value}, filter]} if key in filter else dict(filter, **{key: value})
+        found += collection.find(one, projection)
+    return found

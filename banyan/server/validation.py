@@ -11,7 +11,7 @@ from eve.io.mongo import Validator
 from flask import current_app as app
 
 from banyan.server import auth, states, virtual
-from banyan.server.store import NUL_REFUSED, nul_path
+from banyan.server.store import NUL_REFUSED, find_in, nul_path
 from banyan.server.identity import current_identity
 from banyan.server.refusals import refuse
 from banyan.units import parse_size
@@ -21,12 +21,6 @@ from banyan.server.services import services
 #: The largest task a client may store, in BSON bytes: MongoDB refuses
 #: documents over 16 MiB, and a task keeps growing by its attempts.
 MAX_DOCUMENT_BYTES = 15 * 1024 * 1024
-
-#: Related ids (continuations, parents, a job) up to this many are looked up
-#: one query each, by equality, which every store answers from its index on
-#: `_id`: FerretDB 1.24 hands PostgreSQL only equalities, so an `$in` reads
-#: the whole collection (280 ms a query at 1,000 tasks, against 2 ms).
-RELATED_ONE_BY_ONE = 8
 
 # Checked schemas by the id of the dict Eve passes (the dict is kept, so its
 # id cannot be reused): Eve builds a validator per request, and Cerberus
@@ -233,19 +227,12 @@ class BanyanValidator(Validator):
 
     @staticmethod
     def related_documents(resource, key, values):
-        """The documents of `resource` whose `key` is in `values`: in one
-        query, or one query by equality each for up to RELATED_ONE_BY_ONE."""
+        """The documents of `resource` whose `key` is in `values` (`store.find_in`)."""
         datasource = app.config["SOURCES"][resource]["source"]
         coll = app.data.driver.db[datasource]
         # a user may relate only to their own tasks and jobs
         own = auth.owner_filter(resource) if resource in ("tasks", "jobs") else {}
-        values = list(dict.fromkeys(values))
-        if len(values) <= RELATED_ONE_BY_ONE:
-            found = (coll.find_one({"$and": [{key: v}, own]} if key in own else dict(own, **{key: v}),
-                                   {key: 1, "state": 1}) for v in values)
-            return {d[key]: d for d in found if d is not None}
-        query = {"$and": [{key: {"$in": values}}, own]}
-        return {d[key]: d for d in coll.find(query, {key: 1, "state": 1})}
+        return {d[key]: d for d in find_in(coll, key, values, own, {key: 1, "state": 1})}
 
 
 def _first(values, count=5):
