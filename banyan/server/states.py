@@ -30,9 +30,8 @@ from banyan.protocol import (AFTER_FIELDS, DEFAULT_MAX_LOST, EXIT_STATUSES, FINI
 from banyan.fit import fits
 from banyan.protocol import ADMIN, ATTEMPT_ROLE, USER, WORKER, WorkerState, edge_satisfied
 from banyan.server.identity import acts_for
-from banyan.server.store import aware
+from banyan.server.store import aware, find_in
 from banyan.server.document_locks import locked_documents, takes_document_locks
-from banyan.server.store import find_in
 
 log = logging.getLogger(__name__)
 
