@@ -675,7 +675,8 @@ class EmbeddedCollection(mm_collection.Collection):
         lock (they only see those copies).
 
         A pipeline of per-document stages ending in a `$group` with one
-        `$sum`, or in a `$sort` with a `$limit`, is answered from a view
+        `$sum`, or in a `$sort` with a `$limit`, whose `$match` no index
+        serves (it would read every document), is answered from a view
         (`banyan.store.views`) the writes keep up to date, so asking it again
         (`/stats`) costs the size of its answer."""
         if session:
@@ -731,11 +732,15 @@ class EmbeddedCollection(mm_collection.Collection):
             return None
         with self._engine.op():
             store = self._store
-            view_set = store.view_sets.get(prefix_key)
+            view_set = store.view_sets.pop(prefix_key, None)
             if view_set is None:
-                if len(store.view_sets) >= VIEWS:  # the least recently made goes
+                spec = helpers.patch_datetime_awareness_in_document(pipeline[0]['$match'])
+                if store.plan(spec, None) is not None:
+                    return None  # an index finds the documents: reading them costs less than a view
+                if len(store.view_sets) >= VIEWS:  # the least recently used goes
                     store.view_sets.pop(next(iter(store.view_sets)))
-                view_set = store.view_sets[prefix_key] = ViewSet(self._rows_of(pipeline, n))
+                view_set = ViewSet(self._rows_of(pipeline, n))
+            store.view_sets[prefix_key] = view_set  # (the most recently used last)
             view = view_set.views.get(view_key)
             if view is None:
                 if sort is not None:
