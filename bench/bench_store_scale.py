@@ -105,6 +105,10 @@ def start_server(data_dir):
     return proc, url, time.perf_counter() - started
 
 
+def progress(n, what):
+    print("  %d tasks: %s" % (n, what), file=sys.stderr, flush=True)
+
+
 def rss_mib(proc):
     return psutil.Process(proc.pid).memory_info().rss / 2 ** 20
 
@@ -162,19 +166,24 @@ def run(n, seconds, tmp):
     t0 = time.perf_counter()
     build(data_dir, n)
     built = time.perf_counter() - t0
-    proc, url, _ = start_server(data_dir)  # the first start compacts what build() wrote
+    progress(n, "built in %.0f s" % built)
+    proc, url, first = start_server(data_dir)  # the first start compacts what build() wrote
     proc.terminate()
     proc.wait()
+    progress(n, "first start (replay and compaction) %.1f s" % first)
     proc, url, restart = start_server(data_dir)
     try:
         rss_start = rss_mib(proc)
+        progress(n, "restart %.1f s, RSS %.0f MiB" % (restart, rss_start))
         t0 = time.perf_counter()
         requests.get(url + "/stats").raise_for_status()
         stats_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         requests.get(url + "/stats").raise_for_status()
         stats_again = time.perf_counter() - t0
+        progress(n, "/stats %.3f s, again %.3f s, RSS %.0f MiB" % (stats_s, stats_again, rss_mib(proc)))
         p99, gets, scan_s = get_p99_during_scans(url, seconds)
+        progress(n, "GET p99 %.1f ms during scans" % (1000 * p99))
         claims = claims_per_second(url)
         rss_end = rss_mib(proc)
     finally:
