@@ -25,7 +25,7 @@ from bson.errors import InvalidId
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from banyan.protocol import (AFTER_FIELDS, DEFAULT_MAX_LOST, EXIT_STATUSES, FINISHED, HELD,  # noqa: F401 (re-exported)
+from banyan.protocol import (AFTER_FIELDS, DEFAULT_MAX_LOST, FINISHED, HELD,
                              INT64_MAX, QUEUED, RESOURCES, WORKER_OUTCOMES, DependencyKind, Outcome, TaskState)
 from banyan.fit import fits
 from banyan.protocol import ADMIN, ATTEMPT_ROLE, USER, WORKER, WorkerState, edge_satisfied
