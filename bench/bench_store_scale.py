@@ -7,8 +7,9 @@ it, and:
 
 - restart: from spawning the server to its first answer;
 - RSS: resident memory of the server once it answers, and after the runs;
-- claims: batch claims (`max_tasks` 64) per second, and that rate as a
-  ratio to the rate with 1,000 tasks stored;
+- claims: tasks claimed per second by batch claims (`max_tasks` 64), the
+  best of three rounds, and that rate as a ratio to the rate with the
+  smallest size (1,000 tasks) stored;
 - /stats: time of the first `GET /stats` after the start, and of the next
   one (the store then keeps each task's rows of its pipelines);
 - GET p99 during a full scan: single-task `GET /tasks/<id>` latencies while
@@ -113,18 +114,25 @@ def rss_mib(proc):
     return psutil.Process(proc.pid).memory_info().rss / 2 ** 20
 
 
-def claims_per_second(url, target=1000):
+def claims_per_second(url, target=1000, rounds=3):
+    """Tasks claimed per second by batch claims of 64, the best of `rounds`
+    rounds of target/rounds tasks (the machine is shared: the best round is
+    the one least slowed by others)."""
     s = requests.Session()
     wid = s.post(url + "/workers", json={"host": "bench", "resources": FREE}).json()["_id"]
-    got, started = 0, time.perf_counter()
-    while got < target:
-        r = s.post(url + "/workers/%s/claim" % wid, json={"free": FREE, "max_tasks": 64})
-        assert r.status_code == 200, r.text
-        items = len(r.json()["_items"])
-        if not items:
-            break
-        got += items
-    return got / (time.perf_counter() - started)
+    best = 0
+    for _ in range(rounds):
+        got, started = 0, time.perf_counter()
+        while got < target // rounds:
+            r = s.post(url + "/workers/%s/claim" % wid, json={"free": FREE, "max_tasks": 64})
+            assert r.status_code == 200, r.text
+            items = len(r.json()["_items"])
+            if not items:
+                break
+            got += items
+        if got:
+            best = max(best, got / (time.perf_counter() - started))
+    return best
 
 
 def get_p99_during_scans(url, seconds):

@@ -270,7 +270,7 @@ class _CollectionStore(mm_store.CollectionStore):
         document, each decoded once, and add them to the collection's."""
         built = list(indexes.values())
         all_entries = [[] for _ in built]
-        all_flags = [[] for _ in built]
+        all_flags = [{} for _ in built]  # per index: id(flags) -> [flags, documents with them] (flags are shared)
         key_seq = self._key_seq
         for key, raw in self._documents.raw_items():
             doc = self._decoded(raw, key)
@@ -279,10 +279,14 @@ class _CollectionStore(mm_store.CollectionStore):
             for idx, entries_of, flags_of in zip(built, all_entries, all_flags):
                 entries, flags = idx.doc_entries(doc, seq, memo)
                 entries_of.extend(entries)
-                flags_of.append(flags)
+                counted = flags_of.get(id(flags))
+                if counted is None:
+                    flags_of[id(flags)] = [flags, 1]
+                else:
+                    counted[1] += 1
         for idx, entries, flags_of in zip(built, all_entries, all_flags):
-            for flags in flags_of:
-                idx.add((), flags)
+            for flags, times in flags_of.values():
+                idx.add_flags(flags, times)
             idx.add(entries, (), bulk=True)
         self._sec.update(indexes)
 

@@ -283,6 +283,14 @@ class SecondaryIndex:
             for i in range(3):
                 st[i] += fl[i]
 
+    def add_flags(self, flags, times):
+        """Count `flags` (of doc_entries) for `times` documents."""
+        if not any(any(fl) for fl in flags):
+            return
+        for st, fl in zip(self.stats, flags):
+            for i in range(3):
+                st[i] += fl[i] * times
+
     def remove(self, entries, flags):
         for e in entries:
             self.entries.discard(e)
