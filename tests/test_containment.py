@@ -4,7 +4,8 @@
   so a worker frozen with SIGSTOP past the server's heartbeat timeout never
   has its task running while another worker runs it again.
 - Daemons (``setsid``, double fork) a task starts end with it: when it
-  ends, when it is cancelled, when its worker is killed with SIGKILL, and
+  ends, when it is cancelled (by its supervisor alone, and through a real
+  server and worker), when its worker is killed with SIGKILL, and
   (when the worker's supervisors died too) once a worker starts again on
   the same work directory. Checked with a cgroup and without one.
 - ``--enforce-memory``: a task over its memory ends ``oom`` with its peak
@@ -222,6 +223,29 @@ def test_a_worker_frozen_past_the_heartbeat_timeout_never_overlaps_the_rerun(clu
     assert stopped < first["last"] < second["start"] < resumed
     assert second["others_alive_at_start"] == []
     wait_for(lambda: "lease ran out" in c.worker_log("frozen"), 30, "the thawed worker to log its lease")
+
+
+@pytest.mark.slow
+def test_daemons_of_a_task_end_when_it_succeeds_and_when_it_is_cancelled_through_the_server(cluster, tmp_path):
+    """Through a real server and worker: one task starts its daemons and
+    exits 0, another starts its own and is cancelled with PATCH."""
+    c = cluster()
+    ends, cancelled = tmp_path / "ends", tmp_path / "cancelled"
+    ends.mkdir()
+    cancelled.mkdir()
+    c.start_worker("both", "--cores", "2")
+    done, stopped = c.submit([
+        {"command": DAEMONS + "exit 0", "working_directory": str(ends), "state": "available"},
+        {"command": DAEMONS + "sleep 1000", "working_directory": str(cancelled), "state": "available"}])
+    wait_for(lambda: all((d / n).exists() for d in (ends, cancelled) for n in ("d1", "d2")), 30, "the daemons")
+    daemons = read_pids(ends / "d1", ends / "d2", cancelled / "d1", cancelled / "d2")
+    [done_doc] = c.wait_finished([done], timeout=30)
+    assert (done_doc["state"], done_doc["exit_status"]) == ("terminated", "success")
+    r = c.http.patch(c.url + "/tasks/" + stopped, json={"state": "cancelled"})
+    assert r.status_code == 200, r.text
+    [stopped_doc] = c.wait_finished([stopped], timeout=30)
+    assert (stopped_doc["state"], stopped_doc["exit_status"]) == ("cancelled", "cancelled")
+    wait_for(lambda: all(gone(pid) for pid in daemons), 10, "the daemons to be gone")
 
 
 @pytest.mark.slow
