@@ -3,6 +3,7 @@ threads: a user's request runs while workers' requests wait for their share
 of threads, a worker's heartbeat goes before claims, and each claim learns
 how long it waited."""
 
+import contextlib
 import threading
 import time
 
@@ -13,6 +14,19 @@ from banyan.server.held import QUEUED_HEADER, queued_seconds
 class Request:
     def __init__(self, command, path):
         self.command, self.path, self.headers = command, path, {}
+
+
+#: Set while a request runs inside the dispatcher's `users_first()`.
+FIRST = threading.local()
+
+
+@contextlib.contextmanager
+def users_first():
+    FIRST.on = True
+    try:
+        yield
+    finally:
+        FIRST.on = False
 
 
 class Channel:
@@ -26,6 +40,7 @@ class Channel:
         self.done = threading.Event()
 
     def service(self):
+        self.first = getattr(FIRST, "on", False)
         self.served.append(self)
         if self.hold is not None:
             self.hold.wait(30)
@@ -40,7 +55,7 @@ def wait_for(condition, timeout=10):
 
 
 def test_users_go_first_heartbeats_before_claims_and_claims_learn_their_wait():
-    dispatcher = UsersFirstDispatcher(threads=3, worker_threads=1)
+    dispatcher = UsersFirstDispatcher(threads=3, worker_threads=1, users_first=users_first)
     served, release = [], threading.Event()
     try:
         busy = Channel(served, "POST", "/tasks/t1/finish", hold=release)  # a report, holding the workers' thread
@@ -62,6 +77,8 @@ def test_users_go_first_heartbeats_before_claims_and_claims_learn_their_wait():
         assert wait >= held - 1e-6  # (written to the microsecond)
         assert queued_seconds({"HTTP_" + QUEUED_HEADER: claim.requests[0].headers[QUEUED_HEADER]}) == wait
         assert QUEUED_HEADER not in heartbeat.requests[0].headers and QUEUED_HEADER not in user.requests[0].headers
+        # only the user's request asked the store to let it go first
+        assert [c.first for c in served] == [False, True, False, False]
     finally:
         release.set()
         dispatcher.shutdown()

@@ -1,6 +1,7 @@
 """The embedded store: pymongo-compatible results, index acceleration equal
 to a full scan, atomicity under threads, durability across kill -9."""
 
+import contextlib
 import datetime
 import os
 import random
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import bson
 import mongomock
@@ -595,6 +597,38 @@ def test_writes_in_one_sync_share_one_fdatasync(tmp_path, monkeypatch):
     assert len(syncs) == 2
     c.close()
     assert _coll(EmbeddedClient(str(tmp_path / "data"))).count_documents({}) == 11
+
+
+def test_calls_of_a_thread_marked_first_go_ahead_of_waiting_ones(client):
+    """`banyan server` runs its users' requests in `first()`: when the lock
+    is released, a user's waiting call goes before a worker's waiting one."""
+    engine = client._engine
+    engine.urgent_longest = 60  # the order, not the bound, is what is checked here
+    coll = client.db.c
+    coll.insert_one({"_id": 1, "order": []})
+    order = []
+
+    def call(name, first):
+        with engine.first() if first else contextlib.nullcontext():
+            coll.update_one({"_id": 1}, {"$push": {"order": name}})
+        order.append(name)
+    with engine.op():  # the lock held while both line up
+        worker = threading.Thread(target=call, args=("worker", False))
+        worker.start()
+        deadline = time.monotonic() + 10
+        while engine.waiters < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        user = threading.Thread(target=call, args=("user", True))
+        user.start()
+        while engine.urgent_waiters < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    worker.join(10)
+    user.join(10)
+    assert coll.find_one({"_id": 1})["order"] == ["user", "worker"]
+    # outside `first`, no precedence is asked for
+    assert not getattr(engine.urgent, "on", False)
 
 
 def test_concurrent_claims_are_exclusive(client):

@@ -105,7 +105,7 @@ def run(args):
     from banyan.server.app import create_app
     from banyan.server.dispatch import UsersFirstDispatcher
     from banyan.server.services import services
-    from banyan.server.store import connect
+    from banyan.server.store import connect, first
     from banyan.store.errors import StoreCorrupt
 
     auth_on, refusal = auth_decision(args)
@@ -148,7 +148,8 @@ def run(args):
     # first, then workers' heartbeats and reports, then claims
     # (banyan.server.dispatch).
     dispatcher = UsersFirstDispatcher(args.threads, worker_threads=max(1, args.threads // 4),
-                                      parked=lambda: services(app).claim_waiters.parked)
+                                      parked=lambda: services(app).claim_waiters.parked,
+                                      users_first=lambda: first(client))
     services(app).claim_waiters.on_park = dispatcher.wake
     server = create_server(app, host=args.host, port=args.port, ident="banyan",
                            max_request_body_size=app.config["MAX_CONTENT_LENGTH"],

@@ -17,7 +17,7 @@ import pymongo.errors
 from banyan.store.adapter import DEFAULT_COMPACT_BYTES, DEFAULT_DATABASE, EmbeddedClient, EmbeddedCollection
 from banyan.store.errors import StoreCorrupt, StoreUnavailable
 
-__all__ = ['connect', 'one_sync', 'sync_visible', 'nul_path', 'find_in', 'NUL_REFUSED', 'EmbeddedClient',
+__all__ = ['connect', 'one_sync', 'sync_visible', 'first', 'nul_path', 'find_in', 'NUL_REFUSED', 'EmbeddedClient',
            'EmbeddedCollection', 'StoreCorrupt', 'StoreUnavailable', 'DEFAULT_DATABASE']
 
 #: Why a string holding a NUL character is refused (see `nul_path`).
@@ -76,6 +76,15 @@ def sync_visible(client):
     engine = _engine(client)
     if engine is not None:
         engine.sync_written()
+
+
+def first(client):
+    """A context in which this thread's calls to the embedded store go
+    ahead of other threads' waiting ones (see `Engine.first`): `banyan
+    server` serves its users' requests so while workers' requests take
+    turns. With MongoDB, which serves each connection on its own, nothing."""
+    engine = _engine(client)
+    return engine.first() if engine is not None else contextlib.nullcontext()
 
 
 def nul_path(value, path=""):

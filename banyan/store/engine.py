@@ -72,6 +72,9 @@ class Engine:
         self.sync_lock = threading.Lock()
         self.waiters_lock = threading.Lock()
         self.waiters = 0        # threads waiting for `lock`
+        self.urgent = threading.local()  # .on: this thread's calls go first (`first`)
+        self.urgent_waiters = 0  # of them, those of threads marked urgent
+        self.urgent_longest = 0.005  # seconds a call lets them in first, at most
         self.batch = threading.local()
         self.depth = 0
         self.events = []
@@ -128,14 +131,12 @@ class Engine:
     @contextlib.contextmanager
     def op(self):
         """Run one client call atomically; journal its changes durably."""
-        if not self.lock.acquire(blocking=False):
-            with self.waiters_lock:
-                self.waiters += 1
-            try:
-                self.lock.acquire()
-            finally:
-                with self.waiters_lock:
-                    self.waiters -= 1
+        self._acquire()
+        if self.urgent_waiters and self.depth == 0 and not getattr(self.urgent, 'on', False):
+            # a call of a thread marked urgent waits: it goes first
+            self.lock.release()
+            self.let_waiters_in(self.urgent_longest, urgent=True)
+            self._acquire()
         seq = None
         try:
             if self.closed:
@@ -159,14 +160,41 @@ class Engine:
             else:
                 self._sync(seq)
 
-    def let_waiters_in(self, longest=0.005):
+    def _acquire(self):
+        if not self.lock.acquire(blocking=False):
+            urgent = getattr(self.urgent, 'on', False)
+            with self.waiters_lock:
+                self.waiters += 1
+                self.urgent_waiters += urgent
+            try:
+                self.lock.acquire()
+            finally:
+                with self.waiters_lock:
+                    self.waiters -= 1
+                    self.urgent_waiters -= urgent
+
+    def let_waiters_in(self, longest=0.005, urgent=False):
         """Between two slices of a long read (the lock released): let the
-        calls waiting for the lock take it first. A released lock is
-        otherwise taken straight back by the thread that released it,
-        which holds the interpreter, and the others wait for the whole read."""
+        calls waiting for the lock (`urgent`: those of urgent threads) take
+        it first. A released lock is otherwise taken straight back by the
+        thread that released it, which holds the interpreter, and the others
+        wait for the whole read."""
         deadline = time.monotonic() + longest
-        while self.waiters and time.monotonic() < deadline:
+        while (self.urgent_waiters if urgent else self.waiters) and time.monotonic() < deadline:
             time.sleep(0.0001)
+
+    @contextlib.contextmanager
+    def first(self):
+        """This thread's calls inside go ahead of other threads' calls that
+        wait for the lock with them (a server's answers to its users, while
+        its workers' requests take turns): each other thread's next call
+        lets them in first, for at most a few milliseconds."""
+        before = getattr(self.urgent, 'on', False)
+        self.urgent.on = True
+        try:
+            yield
+        finally:
+            self.urgent.on = before
 
     @contextlib.contextmanager
     def one_sync(self):
