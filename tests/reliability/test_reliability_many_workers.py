@@ -2,11 +2,15 @@
 clients speaking the worker protocol, tests/simulated_workers.py) and 4
 real `banyan-worker` processes share a queue of tasks. None is lost, none
 is run twice, each is recorded as the one that ran it reported it, and a
-user's `GET /tasks/<id>` is answered throughout, never starved (300 workers
-also keep more connections open than waitress's default limit of 100).
-Its p99 is printed and kept in the reliability table; the speed bound (the
-issue's 200 ms) is measured by bench/bench_many_workers.py, not asserted
-here, where it would pass or fail with the machine's load.
+user's `GET /tasks/<id>` is answered throughout, with a p99 under the
+issue's 200 ms on the embedded store (300 workers also keep more connections
+open than waitress's default limit of 100). Measured on the shared 2-core
+machine (load average 8-10 from others' runs), 2,000 and 10,000 tasks: 74-80
+ms, so the bound holds with more than twice the margin; on FerretDB, where
+every read is a round trip to a database on the same 2 cores, the p99 was
+220-360 ms and the test asserts only that the reads are not starved (2 s).
+The p99 is printed and kept in the reliability table; bench/bench_many_workers.py
+measures it on an idle server and under claim load.
 
 BANYAN_MANY_WORKERS_TASKS sets the number of tasks (the issue's figure is
 10,000; CI runs fewer), BANYAN_MANY_WORKERS_SIMULATED the simulated workers.
@@ -33,9 +37,8 @@ SIMULATED = int(os.environ.get("BANYAN_MANY_WORKERS_SIMULATED", "20" if MONGO_UR
 #: Seconds per task the run may take beyond two minutes.
 SECONDS_PER_TASK = 0.5 if MONGO_URI else 0.1
 REAL_WORKERS, REAL_CORES = 4, 2
-#: A user's single-task read slower than this at the 99th percentile is
-#: starved (the issue's speed goal, 200 ms, is the benchmark's to show).
-USER_GET_STARVED = 2.0
+#: A user's single-task reads: their 99th percentile must stay under this.
+USER_GET_P99 = 2.0 if MONGO_URI else 0.2
 #: Tasks per POST while the workers already work.
 SUBMIT_CHUNK = 100
 
@@ -163,4 +166,4 @@ def test_300_simulated_and_4_real_workers_share_10000_tasks(tmp_path):
            load="%d tasks, %d simulated + %d real workers" % (TASKS, SIMULATED, REAL_WORKERS),
            lost=0, duplicates=0, violations=0,
            faults="user GET p99 %.0f ms, max %.0f ms" % (p99 * 1000, max(probe.seconds) * 1000))
-    assert p99 < USER_GET_STARVED, "user GET p99 %.0f ms" % (p99 * 1000)
+    assert p99 < USER_GET_P99, "user GET p99 %.0f ms" % (p99 * 1000)
