@@ -135,6 +135,28 @@ def test_a_command_that_cannot_start_is_a_failure_with_a_message(tmp_path):
     assert missing_dir.poll() == (None, "failure")
 
 
+def test_a_start_that_does_not_wait_learns_the_pid_from_poll(tmp_path):
+    proc = make(tmp_path, "echo out; echo err >&2; exec sleep 60", max_shutdown_time=1)
+    proc.start(wait=False)
+    deadline = time.monotonic() + 20
+    while proc.pid is None and time.monotonic() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.02)
+    assert psutil.Process(proc.pid).name() == "sleep"  # the task itself, exec'd by the shell
+    assert proc.sample()["max_rss"] > 0
+    proc.terminate(1, reason="cancelled")
+    assert proc.poll() == (-signal.SIGTERM, "cancelled")
+    assert (proc.tail("stdout"), proc.tail("stderr")) == ("out\n", "err\n")
+
+
+def test_a_start_that_does_not_wait_and_fails_is_a_failure_with_a_message(tmp_path):
+    proc = make(tmp_path, ["/nonexistent/program"])
+    proc.start(wait=False)
+    assert wait_outcome(proc) == (None, "failure")
+    assert proc.outputs["stderr"].wait(10)  # nothing holds the stream open any more
+    assert "cannot start task t1" in proc.tail("stderr")
+
+
 def test_terminate_kills_a_group_that_ignores_sigterm(tmp_path):
     # The shell ignores TERM, and so does its child (ignored signals are inherited).
     proc = make(tmp_path, "trap '' TERM; sleep 60 & sleep 60; wait")

@@ -234,6 +234,8 @@ class TaskProcess:
         self._kill_sent = None
         self._status = b""
         self._outcome = None
+        self._start_err = None         # start(wait=False): a copy of stderr's pipe until it started
+        self._start_deadline = None
 
     # -- starting ---------------------------------------------------------
 
@@ -269,8 +271,13 @@ class TaskProcess:
         env[PROGRESS_ENV] = self.progress_path
         return env
 
-    def start(self):
-        """Start the command; a command that cannot start becomes a failed outcome, not an exception."""
+    def start(self, wait=True):
+        """Start the command; a command that cannot start becomes a failed outcome, not an exception.
+
+        With ``wait=False`` it returns once the supervisor has the spec,
+        without waiting for it to say the task started (a fork and an exec
+        away): ``poll()`` takes that answer, and ``pid`` is None until then.
+        A worker starts its next task meanwhile."""
         self.started = time.monotonic()
         standby = self.supervisors.take() if self.supervisors is not None else None
         with contextlib.ExitStack() as files:
@@ -297,9 +304,9 @@ class TaskProcess:
                 log.error("task %s attempt %s: %s", self.task_id, self.attempt, self.start_error.strip())
                 self._outcome = Outcome(None, Ended.FAILURE.value)
                 return
-            self._start_command(out, err, standby)
+            self._start_command(out, err, standby, wait)
 
-    def _start_command(self, out, err, standby=None):
+    def _start_command(self, out, err, standby=None, wait=True):
         command = self.task.get("command")
         if command is None or command == [] or command == "":
             # A barrier; the server normally finishes these itself.
@@ -326,7 +333,15 @@ class TaskProcess:
         except (OSError, ValueError, TypeError) as exc:
             self._cannot_start(err, exc)
             return
-        line = self._read_line(START_TIMEOUT)
+        if not wait:
+            # kept to write a start failure into the task's stderr; closed once it started
+            self._start_err = os.dup(err.fileno())
+            self._start_deadline = time.monotonic() + START_TIMEOUT
+            return
+        self._took_start(self._read_line(START_TIMEOUT), err.fileno())
+
+    def _took_start(self, line, err_fd):
+        """The supervisor's first word (None: nothing, or it is gone)."""
         if line is not None and line.startswith("started "):
             self._task_pid = self.pgid = int(line.split()[1])
             self._task_start = sup.start_time(self._task_pid)
@@ -334,13 +349,33 @@ class TaskProcess:
             log.info("task %s attempt %s started as pid %s", self.task_id, self.attempt, self.pgid)
             return
         reason = line[len("error "):] if line and line.startswith("error ") else "its supervisor did not start it"
-        self._cannot_start(err, reason)
+        self._cannot_start(err_fd, reason)
         self._send("kill")
         self._wait_supervisor()
 
+    def _check_start(self, now, gone):
+        """For a start that did not wait: take the supervisor's first word
+        once it came (``gone``: the supervisor has exited)."""
+        if self._start_err is None:
+            return
+        line = self._next_line(nonblocking=True)
+        if line is None and not gone and now < self._start_deadline:
+            return
+        err_fd, self._start_err = self._start_err, None
+        try:
+            self._took_start(line, err_fd)
+        finally:
+            os.close(err_fd)
+        if self.sampler is not None:
+            self.sampler.sample(now)  # the first figures, as a start that waited has them
+
     def _cannot_start(self, err, reason):
-        err.write(f"banyan-worker: cannot start task {self.task_id}: {reason}\n".encode())
-        err.flush()
+        message = f"banyan-worker: cannot start task {self.task_id}: {reason}\n".encode()
+        if isinstance(err, int):
+            os.write(err, message)
+        else:
+            err.write(message)
+            err.flush()
         log.warning("task %s attempt %s failed to start: %s", self.task_id, self.attempt, reason)
         self._outcome = Outcome(None, Ended.FAILURE.value)
 
@@ -360,6 +395,19 @@ class TaskProcess:
         except (BlockingIOError, BrokenPipeError, OSError):
             return False
         return True
+
+    def _next_line(self, nonblocking=False):
+        """A whole line the supervisor said and we have not taken, reading
+        what is there without waiting; None if there is none yet."""
+        if b"\n" not in self._status and nonblocking:
+            fd = self.popen.stdout.fileno()
+            ready, _, _ = select.select([fd], [], [], 0)
+            if ready:
+                self._status += os.read(fd, 65536)
+        if b"\n" not in self._status:
+            return None
+        line, _, self._status = self._status.partition(b"\n")
+        return line.decode(errors="replace")
 
     def _read_line(self, timeout):
         """The next line the supervisor says, or None (nothing within ``timeout``, or it is gone)."""
@@ -423,7 +471,11 @@ class TaskProcess:
         if self._outcome is not None:
             return self._outcome
         now = time.monotonic() if now is None else now
-        if self.popen.poll() is None:
+        running = self.popen.poll() is None
+        self._check_start(now, not running)
+        if self._outcome is not None:  # it could not start
+            return self._outcome
+        if running:
             if self.kill_deadline is not None and now >= self.kill_deadline:
                 self.kill()
             if self._kill_sent is not None and now - self._kill_sent > sup.KILL_WAIT + 5:

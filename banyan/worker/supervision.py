@@ -212,7 +212,7 @@ class Supervision:
                                spawner=self.spawner)
             proc.reservation = reservation
             run_hooks(self.hooks, "before_start", proc)
-            proc.start()
+            proc.start(wait=False)  # its supervisor says "started" to a later poll()
             proc.sample()
             with holdings.lock:
                 holdings.running[task_id] = proc
