@@ -578,6 +578,44 @@ def test_a_claim_delivers_reports_first_and_claims_what_they_free(api, db):
     assert task(api, child)["state"] == "available"  # not claimed by a report-only request
 
 
+def test_a_claim_prefetches_beyond_free_within_the_workers_resources(api, db):
+    big, small, *rest = submit(api, {"command": "x", "state": "available", "requested_resources": {"cores": 9}},
+                               *[{"command": "x", "state": "available"} for _ in range(4)])
+    wid = register(api, resources={"cores": 2, "memory": GiB, "gpus": 0})
+    nothing_free = {"cores": 0, "memory": GiB, "gpus": 0}
+    r = api.post("/workers/%s/claim" % wid, json={"free": nothing_free, "max_tasks": 1, "prefetch": 5})
+    assert r.status_code == 200, r.json
+    # each fits the worker's 2 cores, and together they do too: two of one core
+    assert [t["_id"] for t in r.json["_items"]] == [small, rest[0]]
+    assert all(task(api, tid)["state"] == "running" for tid in (small, rest[0]))
+    assert task(api, big)["state"] == "available"  # more cores than the worker has
+    r = api.post("/workers/%s/claim" % wid, json={"free": nothing_free, "max_tasks": 1, "prefetch": "2"})
+    assert r.status_code == 422 and "prefetch" in r.json["_error"]["message"]
+
+
+def test_prefetched_tasks_handed_back_go_to_another_worker_as_the_same_attempt(api, db):
+    first, second = submit(api, *[{"command": "x", "state": "available"} for _ in range(2)])
+    busy, idle = register(api, "busy"), register(api, "idle")
+    items = claim(api, busy, max_tasks=2)["_items"]
+    assert [t["history"][-1]["attempt"] for t in items] == [1, 1]
+    r = api.post("/workers/%s/release" % busy, json={"prefetched": True, "tasks": [
+        {"_id": first, "attempt": 1}, {"_id": second, "attempt": 2}]})  # not its attempt: left alone
+    assert r.status_code == 200 and r.json == {"released": [first]}
+    handed = task(api, first)
+    assert handed["state"] == "available" and handed["history"] == [] and handed.get("worker") is None
+    assert db.tokens.count_documents({"task": ObjectId(first)}) == 0  # the attempt's token is worth nothing
+    again = claim(api, idle)["_items"]
+    assert [(t["_id"], t["history"][-1]["attempt"], t["history"][-1]["worker"]) for t in again] == [
+        (first, 1, idle)]
+    # the busy worker learns it from its next exchange: that attempt is not its own any more
+    assert heartbeat(api, busy, {first: {"attempt": 1}})["unknown"] == [first]
+    finish(api, first, 1, SUCCESS, 0)
+    assert [h["worker"] for h in task(api, first)["history"]] == [idle]  # one attempt, by the one that ran it
+    r = api.post("/workers/%s/release" % busy, json={"prefetched": "yes", "tasks": [{"_id": second, "attempt": 1}]})
+    assert r.status_code == 422 and "prefetched" in r.json["_error"]["message"]
+    assert task(api, second)["state"] == "running"
+
+
 @pytest.mark.parametrize("finished, word", [
     ("all", "finished"),
     ([{"task": "nope", "attempt": 1, "outcome": SUCCESS}], "not a task id"),

@@ -111,12 +111,15 @@ def unregister_worker(worker_id):
         abandon_worker(registry, _queue(), worker_id)
 
 
-def claim(worker_id, free, max_tasks=1, wait=0.0):
+def claim(worker_id, free, max_tasks=1, wait=0.0, prefetch=0):
     """Claim up to `max_tasks` ready tasks that together fit `free`; with
     `wait` > 0 and nothing to claim, hold on until a fitting task becomes
-    ready or `wait` seconds pass. Returns `{"_items": [...], "cancel": [...]}`,
-    plus `retry_after` (seconds) when it found nothing and could not wait
-    because CLAIM_MAX_WAITERS claims already do."""
+    ready or `wait` seconds pass. Then up to `prefetch` more that together
+    fit the worker's registered resources: it holds them until a slot frees,
+    with no round trip between two tasks, and hands back (`release` with
+    `prefetched`) those it could not start soon. Returns `{"_items": [...],
+    "cancel": [...]}`, plus `retry_after` (seconds) when it found nothing and
+    could not wait because CLAIM_MAX_WAITERS claims already do."""
     registry, queue = _registry(), _queue()
     worker = _worker_or_404(worker_id)
     if worker["state"] != WorkerState.ACTIVE or (
@@ -140,6 +143,9 @@ def claim(worker_id, free, max_tasks=1, wait=0.0):
                 # Unregistered (or marked lost) while its claim waited: a
                 # task claimed now would be held by a worker that is gone.
                 abort(404, description="worker '%s' is no longer active; register again" % worker_id)
+    if prefetch > 0:
+        items += queue.claim_batch(worker_id, dict(worker.get("resources") or {}), prefetch,
+                                   host=worker.get("host"))
     if items:
         confirm_claimer(worker_id, [(t["_id"], t["history"][-1]["attempt"]) for t in items])
         # Each attempt's own token, for the task's environment (BANYAN_TOKEN):
@@ -176,15 +182,24 @@ def confirm_claimer(worker_id, claimed):
         abort(404, description="worker '%s' was marked lost; register again" % worker_id)
 
 
-def release(worker_id, claimed):
+def release(worker_id, claimed, prefetched=False):
     """Hand back tasks whose claim answer reached a worker that had already
     given up `worker_id` (it registered anew meanwhile): each of `claimed`
     ([(task id, attempt)]) still held under that registration returns to
     the queue at once, without using a retry (it never ran). Returns the
-    ids handed back; a task that moved on meanwhile is left alone."""
+    ids handed back; a task that moved on meanwhile is left alone.
+    `prefetched`: tasks a worker prefetched and will not start (another
+    worker may run them now): their attempt is erased, not kept as
+    abandoned, and its token revoked."""
     _worker_or_404(worker_id)
     queue = _queue()
-    return [task_id for task_id, attempt in claimed if queue.give_back(task_id, worker_id, attempt)]
+    released = [task_id for task_id, attempt in claimed
+                if queue.give_back(task_id, worker_id, attempt, erase=prefetched)]
+    if prefetched:
+        for task_id, attempt in claimed:
+            if task_id in released:
+                current_app.tokens.revoke_attempt(task_id, attempt)
+    return released
 
 
 def _touched_lately(worker):
@@ -351,12 +366,13 @@ def claim_view(worker_id):
     check_role(("worker", "admin"))
     worker_id = req.parse_object_id(worker_id, "worker")
     body, issues = req.json_body(), req.Issues()
-    req.check_unknown(body, ("free", "max_tasks", "wait", "finished"), issues)
+    req.check_unknown(body, ("free", "max_tasks", "wait", "finished", "prefetch"), issues)
     reports = req.parse_finish_reports(body.get("finished"), issues)
     free = req.parse_resources(body.get("free"), "free", issues)
     # reporting alone (max_tasks 0) is allowed only with reports
     max_tasks = req.parse_integer(body.get("max_tasks", 1), "max_tasks", issues, 0 if reports else 1,
                          _config("CLAIM_MAX_TASKS"))
+    prefetch = req.parse_integer(body.get("prefetch", 0), "prefetch", issues, 0, _config("CLAIM_MAX_TASKS"))
     wait = body.get("wait") or 0
     if not req.is_number(wait) or wait < 0:
         issues["wait"] = "must be a number of seconds >= 0, not %r" % (wait,)
@@ -367,7 +383,7 @@ def claim_view(worker_id):
         reply = claim(worker_id, free, 0, 0.0)
         reply["retry_after"] = retry_after(_registry().active_count())
     else:
-        reply = claim(worker_id, free, max_tasks, float(wait) if max_tasks else 0.0)
+        reply = claim(worker_id, free, max_tasks, float(wait) if max_tasks else 0.0, prefetch or 0)
     if finished is not None:
         reply["finished"] = finished
     return req.reply(reply)
@@ -408,7 +424,10 @@ def release_view(worker_id):
     check_role(("worker", "admin"))
     worker_id = req.parse_object_id(worker_id, "worker")
     body, issues = req.json_body(), req.Issues()
-    req.check_unknown(body, ("tasks",), issues)
+    req.check_unknown(body, ("tasks", "prefetched"), issues)
+    prefetched = body.get("prefetched", False)
+    if not isinstance(prefetched, bool):
+        issues["prefetched"] = "must be true or false, not %r" % (prefetched,)
     reported = body.get("tasks")
     claimed = []
     if not isinstance(reported, list) or not reported or len(reported) > _config("CLAIM_MAX_TASKS"):
@@ -429,7 +448,7 @@ def release_view(worker_id):
         attempt = req.parse_integer(entry.get("attempt"), field + ".attempt", issues, 1)
         claimed.append((task_id, attempt))
     issues.refuse()
-    return req.reply({"released": release(worker_id, claimed)})
+    return req.reply({"released": release(worker_id, claimed, prefetched is True)})
 
 
 @blueprint.route("/tasks/<task_id>/finish", methods=["POST"])

@@ -1118,23 +1118,29 @@ class TaskQueue:
                                   {"$set": {"history.%d.late_report" % (attempt - 1): late}})
         return self.tasks.find_one({"_id": task_id})
 
-    def give_back(self, task_id, worker_id, attempt):
+    def give_back(self, task_id, worker_id, attempt, erase=False):
         """A claim whose worker was marked lost before the answer reached
         it: the task returns to `available` and the attempt ends as
         abandoned, without using a retry (it never ran). False if the task
-        moved on meanwhile."""
+        moved on meanwhile. `erase`: a prefetched task its worker hands back
+        unstarted; the attempt is removed (the next claim makes the same
+        attempt number), as if this worker had never claimed it."""
         index, now = attempt - 1, utcnow()
         held = {"_id": task_id, "state": S.RUNNING.value, "worker": worker_id, "history": {"$size": attempt}}
         doc = self.tasks.find_one(held, {"history.started": 1})
         if doc is None:
             return False
         started = doc["history"][index].get("started")
-        updated = self.tasks.find_one_and_update(
-            held,
-            {"$set": {"state": S.AVAILABLE.value, "worker": None, "history.%d.ended" % index: now,
-                      "history.%d.runtime" % index: seconds_between(started, now),
-                      "history.%d.exit_status" % index: ABANDONED, **stamp(now)}},
-            return_document=ReturnDocument.AFTER)
+        if erase:
+            changes = {"$set": {"state": S.AVAILABLE.value, "worker": None, **stamp(now)},
+                       "$pop": {"history": 1}}
+            if attempt == 1:
+                changes["$unset"] = {"queue_wait": ""}  # set again by the next first claim
+        else:
+            changes = {"$set": {"state": S.AVAILABLE.value, "worker": None, "history.%d.ended" % index: now,
+                                "history.%d.runtime" % index: seconds_between(started, now),
+                                "history.%d.exit_status" % index: ABANDONED, **stamp(now)}}
+        updated = self.tasks.find_one_and_update(held, changes, return_document=ReturnDocument.AFTER)
         if updated is not None and updated.get("array_limit"):
             self._free_slot(task_id, updated.get("job"))
         if updated is not None and is_ready(updated):
