@@ -142,7 +142,8 @@ def test_a_start_that_does_not_wait_learns_the_pid_from_poll(tmp_path):
     while proc.pid is None and time.monotonic() < deadline:
         assert proc.poll() is None
         time.sleep(0.02)
-    assert psutil.Process(proc.pid).name() == "sleep"  # the task itself, exec'd by the shell
+    # the task itself: its supervisor's child, leading a session of its own
+    assert psutil.Process(proc.pid).ppid() == proc.supervisor_pid and os.getsid(proc.pid) == proc.pid
     assert proc.sample()["max_rss"] > 0
     proc.terminate(1, reason="cancelled")
     assert proc.poll() == (-signal.SIGTERM, "cancelled")
