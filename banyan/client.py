@@ -270,7 +270,7 @@ class Client:
     def unregister_worker(self, wid):
         return self.delete("workers", wid)
 
-    def claim(self, wid, free, max_tasks, wait=0, finished=None):
+    def claim(self, wid, free, max_tasks, wait=0, finished=None, prefetch=0):
         """Claim up to ``max_tasks`` ready tasks fitting ``free``; ``{"_items": [...], "cancel": [...]}``,
         and ``retry_after`` (seconds to let pass before claiming again) when
         the server could not hold the request open.
@@ -278,11 +278,15 @@ class Client:
         ``finished``: reports of ended attempts to deliver first, in the same
         request (``[{"task": id, "attempt": n, "outcome": ..., ...}]``, as
         ``finish`` takes them); the answer's ``finished`` has a result for
-        each, and ``max_tasks`` may then be 0 (report only).
+        each, and ``max_tasks`` may then be 0 (report only). ``prefetch``:
+        up to this many more tasks, beyond ``free``, that fit the worker's
+        registered resources (held until a slot frees).
         Not retried after a read timeout: the server may have claimed tasks
         for us already.
         """
         body = {"free": free, "max_tasks": int(max_tasks), "wait": wait}
+        if prefetch:
+            body["prefetch"] = int(prefetch)
         if finished:
             body["finished"] = [_with_output(report) for report in finished]
         reply = self.request("POST", ("workers", wid, "claim"), json_body=body,
@@ -291,10 +295,14 @@ class Client:
         reply.setdefault("cancel", [])
         return reply
 
-    def release(self, wid, tasks):
+    def release(self, wid, tasks, prefetched=False):
         """Hand back claimed tasks (documents from a claim) that will not be
-        started under registration ``wid``; the ids the server took back."""
+        started under registration ``wid``; the ids the server took back.
+        ``prefetched``: tasks held beyond free slots and never started (their
+        attempt is erased, see the claim's ``prefetch``)."""
         body = {"tasks": [{"_id": t["_id"], "attempt": t["history"][-1]["attempt"]} for t in tasks]}
+        if prefetched:
+            body["prefetched"] = True
         reply = self.request("POST", ("workers", wid, "release"), json_body=body, idempotent=True) or {}
         return reply.get("released", [])
 

@@ -84,7 +84,8 @@ class Cluster:
         env = dict(os.environ, BANYAN_TOKEN=worker_token) if worker_token else None
         self.worker = subprocess.Popen(
             [os.path.join(BIN, "banyan-worker"), "--server", self.url, "--cores", str(SLOTS),
-             "--work-dir", os.path.join(self.tmp, "work"), "--log-level", "WARNING"],
+             "--work-dir", os.path.join(self.tmp, "work"), "--log-level", "WARNING"]
+            + os.environ.get("BANYAN_BENCH_WORKER_ARGS", "").split(),
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.tmp, "worker.log"), "wb"),
             start_new_session=True, env=env)
         deadline = time.monotonic() + 60

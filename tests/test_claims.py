@@ -580,14 +580,15 @@ def test_a_claim_delivers_reports_first_and_claims_what_they_free(api, db):
 
 def test_a_claim_prefetches_beyond_free_within_the_workers_resources(api, db):
     big, small, *rest = submit(api, {"command": "x", "state": "available", "requested_resources": {"cores": 9}},
-                               *[{"command": "x", "state": "available"} for _ in range(4)])
+                               *[{"command": "x", "state": "available"} for _ in range(5)])
     wid = register(api, resources={"cores": 2, "memory": GiB, "gpus": 0})
     nothing_free = {"cores": 0, "memory": GiB, "gpus": 0}
-    r = api.post("/workers/%s/claim" % wid, json={"free": nothing_free, "max_tasks": 1, "prefetch": 5})
+    r = api.post("/workers/%s/claim" % wid, json={"free": nothing_free, "max_tasks": 1, "prefetch": 4})
     assert r.status_code == 200, r.json
-    # each fits the worker's 2 cores, and together they do too: two of one core
-    assert [t["_id"] for t in r.json["_items"]] == [small, rest[0]]
-    assert all(task(api, tid)["state"] == "running" for tid in (small, rest[0]))
+    # each fits the worker's 2 cores (they run in turn): four of one core, as asked
+    assert [t["_id"] for t in r.json["_items"]] == [small] + rest[:3]
+    assert all(task(api, tid)["state"] == "running" for tid in [small] + rest[:3])
+    assert task(api, rest[3])["state"] == "available"
     assert task(api, big)["state"] == "available"  # more cores than the worker has
     r = api.post("/workers/%s/claim" % wid, json={"free": nothing_free, "max_tasks": 1, "prefetch": "2"})
     assert r.status_code == 422 and "prefetch" in r.json["_error"]["message"]

@@ -14,6 +14,7 @@ also write their own clock readings to a file, which is checked as well.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -476,3 +477,34 @@ def test_an_idle_worker_that_stops_leaves_later_tasks_to_others(cluster):
     [task] = c.wait_finished([task_id])
     assert task["exit_status"] == "success"
     assert [(a["worker"], a["exit_status"]) for a in task["history"]] == [(beta, "success")]
+
+
+def test_prefetched_tasks_of_a_busy_worker_are_run_once_by_an_idle_one(cluster, tmp_path):
+    c = cluster()
+    gate, ran = tmp_path / "gate", tmp_path / "ran"
+    ran.mkdir()
+    # The long task takes every core of "busy"; the short ones are prefetched beyond them.
+    long_id = c.submit({"name": "long", "command": "while [ ! -e %s ]; do sleep 0.05; done" % gate,
+                        "requested_resources": {"cores": 3}, "state": "available"})
+    shorts = c.submit([{"name": "s%d" % i, "command": 'echo "$BANYAN_SERVER" >> %s/s%d' % (ran, i),
+                        "state": "available"} for i in range(3)])
+    c.start_worker("busy", "--cores", "3", "--prefetch", "3", "--prefetch-hold", "3")
+    [busy] = c.worker_ids(["busy"]).values()
+
+    def held_by_busy():
+        docs = [c.task(t) for t in [long_id] + shorts]
+        return all(d["state"] == "running" and d.get("worker") == busy for d in docs)
+    wait_for(held_by_busy, 30, "the busy worker to run the long task and hold the short ones")
+    c.start_worker("idle", "--cores", "1")
+    [idle] = c.worker_ids(["idle"]).values()
+    for doc in c.wait_finished(shorts):
+        # one attempt, by the idle worker: the busy one handed it back unstarted
+        assert [(a["attempt"], a["worker"], a["exit_status"]) for a in doc["history"]] == [(1, idle, "success")]
+    assert sorted(os.listdir(ran)) == ["s0", "s1", "s2"]
+    assert all((ran / name).read_text() == c.url + "\n" for name in ("s0", "s1", "s2"))  # each ran once
+    assert re.search(r"handed back \d prefetched task", c.worker_log("busy"))
+    long = c.task(long_id)
+    assert long["state"] == "running" and long["worker"] == busy
+    gate.touch()
+    [long] = c.wait_finished([long_id])
+    assert [(a["worker"], a["exit_status"]) for a in long["history"]] == [(busy, "success")]

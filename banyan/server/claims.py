@@ -114,8 +114,8 @@ def unregister_worker(worker_id):
 def claim(worker_id, free, max_tasks=1, wait=0.0, prefetch=0):
     """Claim up to `max_tasks` ready tasks that together fit `free`; with
     `wait` > 0 and nothing to claim, hold on until a fitting task becomes
-    ready or `wait` seconds pass. Then up to `prefetch` more that together
-    fit the worker's registered resources: it holds them until a slot frees,
+    ready or `wait` seconds pass. Then up to `prefetch` more, each within the
+    worker's registered resources: it holds them until a slot frees,
     with no round trip between two tasks, and hands back (`release` with
     `prefetched`) those it could not start soon. Returns `{"_items": [...],
     "cancel": [...]}`, plus `retry_after` (seconds) when it found nothing and
@@ -144,8 +144,8 @@ def claim(worker_id, free, max_tasks=1, wait=0.0, prefetch=0):
                 # task claimed now would be held by a worker that is gone.
                 abort(404, description="worker '%s' is no longer active; register again" % worker_id)
     if prefetch > 0:
-        items += queue.claim_batch(worker_id, dict(worker.get("resources") or {}), prefetch,
-                                   host=worker.get("host"))
+        items += queue.claim_batch(worker_id, {}, prefetch, host=worker.get("host"),
+                                   each=dict(worker.get("resources") or {}))
     if items:
         confirm_claimer(worker_id, [(t["_id"], t["history"][-1]["attempt"]) for t in items])
         # Each attempt's own token, for the task's environment (BANYAN_TOKEN):

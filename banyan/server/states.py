@@ -210,6 +210,13 @@ def is_ready(doc):
     return doc.get("state") == S.AVAILABLE and not doc.get("pending_dependency_count") and not doc.get("held")
 
 
+def _within(free, cap):
+    """`free`, each resource no more than `cap`'s (None: no cap)."""
+    if cap is None:
+        return free
+    return {key: min(free.get(key, 0), cap.get(key, 0)) for key in RESOURCES}
+
+
 READY_FILTER = {"state": S.AVAILABLE.value, "pending_dependency_count": 0, "held": False}
 CLAIM_ORDER = [("priority", -1), ("_created", 1), ("_id", 1)]
 #: Candidates read beyond those a claim asks for (some may be taken by
@@ -918,9 +925,10 @@ class TaskQueue:
             query["requested_resources.cores"] = 0
         return query
 
-    def _claim_some(self, worker_id, free, want, host, full, busy):
+    def _claim_some(self, worker_id, free, want, host, full, busy, cap=None):
         """Claim up to `want` of the best ready tasks that together fit
-        `free` (which is reduced by what they request). The candidates come
+        `free` (which is reduced by what they request), each within `cap`
+        when given. The candidates come
         from one sorted read (a store that sorts in its own process, as
         FerretDB does, reads the ready tasks once per batch, not once per
         task); each is then claimed by one atomic update whose filter is the
@@ -936,7 +944,7 @@ class TaskQueue:
         claimed, as stored after the claim; an empty list when every
         candidate was taken by another claimer meanwhile; None when none is
         ready."""
-        query = self._ready_query(free)
+        query = self._ready_query(_within(free, cap))
         if full:
             query["job"] = {"$nin": list(full)}
         if busy:
@@ -959,16 +967,17 @@ class TaskQueue:
                     if doc["_id"] not in held:
                         busy.add(doc["_id"])
                         continue
-                    done = self._claim_one(doc, worker_id, free, host, full)
+                    done = self._claim_one(doc, worker_id, free, host, full, cap)
                     if done is not None:
                         claimed.append(done)
         return claimed
 
-    def _claim_one(self, doc, worker_id, free, host, full):
+    def _claim_one(self, doc, worker_id, free, host, full, cap=None):
         """Claim the candidate `doc` if it still fits `free` (then reduced by
-        what it requests); the task as stored after the claim, or None."""
+        what it requests) and `cap`; the task as stored after the claim, or None."""
         requested = doc.get("requested_resources") or {}
-        if not fits(requested, free):
+        bound = _within(free, cap)
+        if not fits(requested, bound):
             return None  # what the tasks claimed before it left is too little
         if doc.get("job") in full:
             return None
@@ -983,7 +992,7 @@ class TaskQueue:
         # The filter again, as the precondition: a PATCH may have held
         # the task or changed its resources since it was read.
         done = self.tasks.find_one_and_update(
-            dict(self._ready_query(free), _id=doc["_id"], history={"$size": attempt["attempt"] - 1}),
+            dict(self._ready_query(bound), _id=doc["_id"], history={"$size": attempt["attempt"] - 1}),
             {"$set": {"state": S.RUNNING.value, "worker": worker_id, **stamp(now), **claim_changes(doc, attempt)},
              "$push": {"history": attempt}},
             return_document=ReturnDocument.AFTER)
@@ -1344,16 +1353,20 @@ class TaskQueue:
 
     # -- workers: batch claims, heartbeats, time limits --------------------
 
-    def claim_batch(self, worker_id, free, max_tasks, host=None):
+    def claim_batch(self, worker_id, free, max_tasks, host=None, each=None):
         """Claim, one atomic claim at a time, up to `max_tasks` ready tasks
         that together fit `free` (highest priority first, then oldest; a task
-        too big for what is left is skipped for a smaller one)."""
+        too big for what is left is skipped for a smaller one). `each`: what
+        no one of them may ask more than; `free` is then not a limit (a
+        worker's prefetch: each task fits the worker, started in turn)."""
+        if each is not None:
+            free = {key: max_tasks * each.get(key, 0) for key in RESOURCES}
         left = {key: free.get(key, 0) for key in RESOURCES}
         claimed: list = []
         full: set = set()
         busy: set = set()
         while len(claimed) < max_tasks:
-            got = self._claim_some(worker_id, left, max_tasks - len(claimed), host, full, busy)
+            got = self._claim_some(worker_id, left, max_tasks - len(claimed), host, full, busy, each)
             if got is None:
                 break
             claimed += got

@@ -12,7 +12,7 @@ import sys
 from ..units import parse_size
 from .containment import MODES
 from .output import DEFAULT_OUTPUT_CAP
-from .worker import HEARTBEAT_INTERVAL, StartupError, Worker, WorkerConfig
+from .worker import HEARTBEAT_INTERVAL, PREFETCH, StartupError, Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,13 @@ def build_parser():
                         help="most tasks running at once (default: as many as fit)")
     parser.add_argument("--claim-wait", type=_non_negative(float), default=20.0, metavar="SECONDS",
                         help="long-poll time of a claim (default %(default)s)")
+    parser.add_argument("--prefetch", type=_non_negative(int), default=PREFETCH, metavar="N",
+                        help="claim up to N tasks beyond the free slots, each started as soon as a "
+                             "slot frees, with no round trip to the server in between; 0: none "
+                             "(default %(default)s)")
+    parser.add_argument("--prefetch-hold", type=_non_negative(float), default=1.0, metavar="SECONDS",
+                        help="a prefetched task not started within this long goes back to the server, "
+                             "for an idle worker to run (default %(default)s)")
     parser.add_argument("--output-cap", type=_size, default=DEFAULT_OUTPUT_CAP, metavar="SIZE",
                         help="most output kept on this machine's disk per attempt, stdout and stderr "
                              "together; older output is rotated away, the last 1 MiB of each stream "
@@ -88,7 +95,7 @@ def config_from_args(args):
                   gpus=args.gpus, drain=args.drain, heartbeat=args.heartbeat, timeout=args.timeout,
                   max_tasks=args.max_tasks, claim_wait=args.claim_wait, pin=args.pin,
                   enforce_memory=args.enforce_memory, containment=args.containment,
-                  output_cap=args.output_cap)
+                  output_cap=args.output_cap, prefetch=args.prefetch, prefetch_hold=args.prefetch_hold)
     if args.work_dir:
         kwargs["work_dir"] = os.path.abspath(os.path.expanduser(args.work_dir))
     if args.host:

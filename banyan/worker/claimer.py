@@ -60,16 +60,25 @@ class Claimer:
         if wait is None:
             busy = self.holdings.busy()
             wait = min(self.config.claim_wait, BUSY_CLAIM_WAIT) if busy else self.config.claim_wait
+        free = self.holdings.free() if free is None else free
         try:
-            reply = self.client.claim(wid, self.holdings.free() if free is None else free, count, wait)
+            reply = self.client.claim(wid, free, count, wait, prefetch=self.prefetch(free))
         except BanyanError as exc:
             exc.worker_id = wid  # type: ignore[attr-defined]  # the registration it was refused for
             raise
         self.registration.contact()
         return self.take(wid, reply)
 
+    def prefetch(self, free):
+        """How many tasks a claim offering ``free`` may prefetch: none while
+        stopping, nor when no core is free (a probe for tasks of no core,
+        while every core is busy: what it prefetched would only wait)."""
+        if self.stopping.is_set() or free["cores"] <= 0:
+            return 0
+        return self.holdings.prefetch_room(self.config.prefetch)
+
     def take(self, wid, reply):
-        """Reserve and queue the tasks a claim answer brought (and note its
+        """Queue the tasks a claim answer brought (and note its
         cancellations); returns how many."""
         items = reply.get("_items") or []
         retry_after = reply.get("retry_after")
@@ -80,7 +89,7 @@ class Claimer:
             stale = self.registration.worker_id != wid   # reset while the claim was in flight
             if not stale:
                 for task in items:
-                    holdings.reserve(task)
+                    holdings.claimed(task)
                 holdings.control.extend(("cancel", str(t), None) for t in reply.get("cancel") or [])
         if stale:
             if items:

@@ -7,6 +7,7 @@ import logging
 import time
 
 from ..client import BanyanError
+from .holdings import attempt_of
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,16 @@ class Heartbeat:
         self.sent_output = {}    # task id -> (attempt, bytes written) the last heartbeat carried
 
     def payload(self):
-        """Running attempts, and finished ones whose report is not delivered
-        yet: the server keeps an attempt while its worker reports it."""
+        """Running attempts, finished ones whose report is not delivered
+        yet, and prefetched ones waiting for room: the server keeps an
+        attempt while its worker reports it."""
         with self.holdings.lock:
             running = list(self.holdings.running.items())
             unreported = [r for r in self.holdings.unreported.values()
                           if r["worker_id"] == self.registration.worker_id]
-        tasks = {r["task_id"]: {"attempt": r["attempt"], "usage": r["usage"]} for r in unreported}
+            waiting = [task for task, _ in self.holdings.waiting]
+        tasks = {str(task["_id"]): {"attempt": attempt_of(task)} for task in waiting}
+        tasks.update({r["task_id"]: {"attempt": r["attempt"], "usage": r["usage"]} for r in unreported})
         sent, sent_output = {}, {}
         before = self.sent_output
         budget = LIVE_BUDGET
@@ -84,6 +88,7 @@ class Heartbeat:
         wid = registration.worker_id
         if wid is None:
             return
+        built = time.monotonic()
         payload = self.payload()
         sent = time.monotonic()
         try:
@@ -100,10 +105,30 @@ class Heartbeat:
                 return
             holdings.control.extend(("cancel", str(t), None) for t in reply.get("cancel") or [])
             holdings.control.extend(("unknown", str(t), (payload.get(str(t)) or {}).get("attempt"))
-                                    for t in reply.get("unknown") or [])
+                                    for t in self._unknown(reply.get("unknown") or [], built))
             if holdings.control:
                 self.wake.set()
             registration.renew(sent)
+
+    def _unknown(self, ids, built):
+        """The tasks of a heartbeat's ``unknown`` that concern what we hold
+        now. A prefetched one (never started) is dropped here. A task handed
+        back and claimed again meanwhile has the same attempt number (see
+        the claim's ``prefetch``): what was claimed again or started after
+        the heartbeat was made (at ``built``) is not what it reported. Call
+        with the holdings' lock held."""
+        holdings, left = self.holdings, []
+        for task_id in map(str, ids):
+            entry = next((e for e in holdings.waiting if str(e[0]["_id"]) == task_id), None)
+            if entry is not None:
+                if entry[1] < built:
+                    holdings.waiting.remove(entry)  # no longer ours: never to start here
+                continue
+            proc = holdings.running.get(task_id)
+            if proc is not None and proc.started is not None and proc.started > built:
+                continue
+            left.append(task_id)
+        return left
 
     def run(self):
         """The heartbeat thread: beat until every result is reported."""

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 
 from ..units import parse_size
 from . import resources
@@ -56,7 +57,9 @@ class Holdings:
         self.lock = threading.RLock()
         self.running = {}      # task id -> TaskProcess, running and reported in heartbeats
         self.doomed = {}       # task id -> TaskProcess, being killed, never reported
-        self.inbox = []        # claimed task documents not started yet
+        self.waiting: list = []  # [(task, monotonic arrival)]: claimed, waiting for room to start
+        self.handing_back: list = []  # prefetched tasks that waited too long: never started here, to go back
+        self.inbox = []        # claimed task documents that fit, being started
         self.control: collections.deque = collections.deque()  # ("cancel"|"unknown", task id, attempt or None)
         self.reserved: dict[str, dict] = {}  # task id -> requested resources (inbox, running, doomed)
         self.unreported = {}   # task id -> report not yet delivered, still held in heartbeats
@@ -67,12 +70,22 @@ class Holdings:
         self.released = threading.Event()
 
     def free(self):
-        """What running and claimed tasks leave of the totals."""
+        """What running, claimed and waiting tasks leave of the totals: what a claim offers."""
         with self.lock:
-            used = {"cores": 0.0, "memory": 0, "gpus": 0}
-            for req in self.reserved.values():
-                for key in used:
-                    used[key] += req[key]
+            return self._left(list(self.reserved.values()) + [requested(task) for task, _ in self.waiting])
+
+    def startable(self):
+        """What is free to start a task in now: an ended attempt keeps its
+        reservation until the server has its report (for what claims offer),
+        but its processes are gone."""
+        with self.lock:
+            return self._left([req for task_id, req in self.reserved.items() if task_id not in self.unreported])
+
+    def _left(self, requests):
+        used = {"cores": 0.0, "memory": 0, "gpus": 0}
+        for req in requests:
+            for key in used:
+                used[key] += req[key]
         return {"cores": max(0.0, round(self.total["cores"] - used["cores"], 6)),
                 "memory": max(0, self.total["memory"] - used["memory"]),
                 "gpus": max(0, self.total["gpus"] - used["gpus"])}
@@ -93,14 +106,50 @@ class Holdings:
         return free
 
     def busy(self):
-        """True while any task holds a reservation."""
+        """True while any task holds a reservation or waits for room."""
         with self.lock:
-            return bool(self.reserved)
+            return bool(self.reserved) or bool(self.waiting)
 
     def held(self):
         """How many tasks are claimed, running or dying here."""
         with self.lock:
-            return len(self.running) + len(self.inbox) + len(self.doomed)
+            return len(self.running) + len(self.inbox) + len(self.doomed) + len(self.waiting)
+
+    def prefetch_room(self, prefetch):
+        """How many tasks a claim may prefetch: ``prefetch`` less those waiting."""
+        with self.lock:
+            return max(0, prefetch - len(self.waiting))
+
+    def claimed(self, task):
+        """A task a claim brought: it waits until it fits what is free (see ``promote``)."""
+        self.waiting.append((task, time.monotonic()))
+
+    def promote(self):
+        """Move the waiting tasks that fit what is free to start into the
+        inbox, reserving what they ask for, in the order they came (one too
+        big for what is left is passed over for a smaller one); True if any."""
+        with self.lock:
+            room, moved = self.startable(), False
+            for entry in list(self.waiting):
+                req = requested(entry[0])
+                if all(req[key] <= room[key] + 1e-9 for key in room):
+                    self.waiting.remove(entry)
+                    self.reserve(entry[0])
+                    for key in room:
+                        room[key] -= req[key]
+                    moved = True
+            return moved
+
+    def give_up_waiting(self, arrived_before=None):
+        """Waiting tasks that arrived before ``arrived_before`` (monotonic; all
+        when None) leave the waiting list for ``handing_back``: this worker
+        will never start them. Returns how many."""
+        with self.lock:
+            stale = [entry for entry in self.waiting if arrived_before is None or entry[1] < arrived_before]
+            for entry in stale:
+                self.waiting.remove(entry)
+                self.handing_back.append(entry[0])
+            return len(stale)
 
     def reserve(self, task):
         """Take what a claimed task asks for, and queue it to be started."""

@@ -4,6 +4,7 @@ while the server is reachable and a slow server never stalls supervision."""
 
 import logging
 import queue
+import time
 
 from ..client import BanyanError
 from .pacing import BACKOFF_MAX, BACKOFF_START, TICK, transient
@@ -21,7 +22,8 @@ class Reporter:
     claim for what their end frees. A report keeps its task's reservation,
     and its place in heartbeats, until it is delivered."""
 
-    def __init__(self, client, holdings, registration, claimer, stopping, done):
+    def __init__(self, client, holdings, registration, claimer, stopping, done, config=None):
+        self.config = config if config is not None else claimer.config
         self.client = client
         self.holdings = holdings
         self.registration = registration
@@ -103,7 +105,8 @@ class Reporter:
                         "exit_code": item["exit_code"], "stdout": item["stdout"], "stderr": item["stderr"],
                         "usage": item["usage"]} for item in batch]
             try:
-                reply = self.client.claim(wid, free, max(0, count), 0, finished=reports)
+                reply = self.client.claim(wid, free, max(0, count), 0, finished=reports,
+                                          prefetch=claimer.prefetch(free) if claiming else 0)
             except BanyanError as exc:
                 if transient(exc):
                     log.warning("cannot report %d task(s) yet: %s", len(batch), exc)
@@ -140,9 +143,42 @@ class Reporter:
             log.error("report of task %s attempt %s rejected, dropping it: %s",
                       item["task_id"], item["attempt"], error.get("message"))
 
+    def hand_back(self, client=None, hold=None):
+        """Hand back (``release``, ``prefetched``) the tasks that waited
+        here longer than ``hold`` seconds for room to start (every waiting
+        one while stopping): an idle worker may run them now. This worker
+        never starts them. A failed hand-back is tried again next time; the
+        server abandons them in the end if it never hears of it."""
+        holdings, wid = self.holdings, self.registration.worker_id
+        if self.stopping.is_set():
+            holdings.give_up_waiting()
+        else:
+            hold = self.config.prefetch_hold if hold is None else hold
+            holdings.give_up_waiting(time.monotonic() - hold)
+        with holdings.lock:
+            tasks, holdings.handing_back = holdings.handing_back, []
+        if not tasks or wid is None:
+            return
+        try:
+            released = (client or self.client).release(wid, tasks, prefetched=True)
+        except BanyanError as exc:
+            if transient(exc):
+                with holdings.lock:
+                    if self.registration.worker_id == wid:
+                        holdings.handing_back.extend(tasks)
+            log.warning("cannot hand back %d prefetched task(s) yet: %s", len(tasks), exc)
+            return
+        self.registration.contact()
+        log.info("handed back %d prefetched task(s) that found no room here: %s", len(released),
+                 ", ".join(str(t) for t in released))
+
     def run(self):
         """The reporter thread: deliver until stopped and nothing is queued."""
         while True:
+            try:
+                self.hand_back()
+            except Exception:
+                log.exception("unexpected error while handing back prefetched tasks")
             try:
                 item = self.queue.get(timeout=TICK)
             except queue.Empty:

@@ -125,6 +125,8 @@ class Supervision:
             for task in holdings.inbox:
                 holdings.release(str(task["_id"]))
             holdings.inbox.clear()
+            holdings.waiting.clear()        # the server gives them to others
+            holdings.handing_back.clear()
             holdings.control.clear()
             for task_id, proc in victims:
                 holdings.doomed[task_id] = proc
@@ -160,6 +162,11 @@ class Supervision:
                 action, task_id, attempt = holdings.control.popleft()
                 proc = holdings.running.get(task_id)
                 pending = next((t for t in holdings.inbox if str(t["_id"]) == task_id), None)
+                waiting = next((e for e in holdings.waiting if str(e[0]["_id"]) == task_id), None)
+                if waiting is not None and action == "cancel":  # prefetched: it never started
+                    holdings.waiting.remove(waiting)
+                    self.reporter.put(waiting[0], attempt_of(waiting[0]), Outcome(None, "cancelled"),
+                                      "", "", {"max_rss": 0, "cpu_percent": 0.0})
                 if action == "unknown":
                     if proc is not None and attempt is not None and proc.attempt != attempt:
                         proc = None
@@ -182,8 +189,11 @@ class Supervision:
                 proc.terminate(proc.max_shutdown_time, reason=Ended.FAILURE.value, wait=False)
 
     def start_claimed(self):
-        """Start every claimed task (unless stopping hard)."""
+        """Start every claimed task that fits what is free (a prefetched one
+        waits for room; none is taken from the waiting ones while stopping)."""
         holdings = self.holdings
+        if not self.stopping.is_set():
+            holdings.promote()
         while True:
             with holdings.lock:
                 if not holdings.inbox:

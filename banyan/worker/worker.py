@@ -55,6 +55,12 @@ HEARTBEAT_INTERVAL = 10.0
 STARTUP_ATTEMPTS = 4
 
 
+#: Tasks ``banyan-worker`` claims beyond its free slots (``--prefetch``): each
+#: starts as soon as a slot frees, with no round trip in between. A worker
+#: embedded in a program prefetches nothing unless told (``WorkerConfig``).
+PREFETCH = 4
+
+
 class StartupError(Exception):
     """The worker could not register with the server at start (exit code 3)."""
 
@@ -75,6 +81,8 @@ class WorkerConfig:
     max_tasks: Optional[int] = None       # tasks running at once; None = as many as fit
     claim_wait: float = 20.0              # long-poll seconds per claim
     claim_batch: int = 32                 # most tasks asked for in one claim
+    prefetch: int = 0                     # tasks claimed beyond free slots, started as slots free
+    prefetch_hold: float = 1.0            # seconds a prefetched task may wait before it goes back
     output_cap: int = DEFAULT_OUTPUT_CAP  # bytes of output kept on disk per attempt
     host: str = field(default_factory=socket.gethostname)
     pin: bool = False                     # CPU affinity: distinct CPUs per task
@@ -105,6 +113,10 @@ class WorkerConfig:
         object.__setattr__(self, "output_cap", parse_size(self.output_cap))
         if self.output_cap < MIN_OUTPUT_CAP:
             raise ValueError(f"output_cap must be at least {MIN_OUTPUT_CAP} bytes, got {self.output_cap!r}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch!r}")
+        if not self.prefetch_hold > 0:
+            raise ValueError(f"prefetch_hold must be > 0 seconds, got {self.prefetch_hold!r}")
         if self.claim_batch < 1:
             raise ValueError(f"claim_batch must be >= 1, got {self.claim_batch!r}")
         if self.containment not in containment.MODES:
@@ -303,6 +315,9 @@ class Worker:
             thread.join(timeout=2.0 if not forced else 0.5)
         # whatever the reporter did not get to
         self.reporter.flush(self.client if forced and self.worker_id is not None else None)
+        # Prefetched tasks that never started go back to the queue, not abandoned
+        if self.worker_id is not None:
+            self.reporter.hand_back(self.client)
         # Unregister before waiting for the claimer: its long poll may still
         # be open on the server, which ends it (404) once we are stopped,
         # rather than claim a task for a worker that is leaving.
