@@ -64,8 +64,9 @@ def build_parser():
                         help="long-poll time of a claim (default %(default)s)")
     parser.add_argument("--prefetch", type=_non_negative(int), default=PREFETCH, metavar="N",
                         help="claim up to N tasks beyond the free slots, each started as soon as a "
-                             "slot frees, with no round trip to the server in between; 0: none "
-                             "(default %(default)s)")
+                             "slot frees, with no round trip to the server in between (for many short "
+                             "tasks). A prefetched task shows as running, started at its claim "
+                             "(default %(default)s: none)")
     parser.add_argument("--prefetch-hold", type=_non_negative(float), default=1.0, metavar="SECONDS",
                         help="a prefetched task not started within this long goes back to the server, "
                              "for an idle worker to run (default %(default)s)")

@@ -62,12 +62,17 @@ class Claimer:
             wait = min(self.config.claim_wait, BUSY_CLAIM_WAIT) if busy else self.config.claim_wait
         free = self.holdings.free() if free is None else free
         try:
-            reply = self.client.claim(wid, free, count, wait, prefetch=self.prefetch(free))
+            reply = self.client.claim(wid, free, count, wait, **self.prefetch_args(free))
         except BanyanError as exc:
             exc.worker_id = wid  # type: ignore[attr-defined]  # the registration it was refused for
             raise
         self.registration.contact()
         return self.take(wid, reply)
+
+    def prefetch_args(self, free):
+        """The claim's ``prefetch`` argument, when there is one (see ``prefetch``)."""
+        count = self.prefetch(free)
+        return {"prefetch": count} if count else {}
 
     def prefetch(self, free):
         """How many tasks a claim offering ``free`` may prefetch: none while

@@ -106,7 +106,7 @@ class Reporter:
                         "usage": item["usage"]} for item in batch]
             try:
                 reply = self.client.claim(wid, free, max(0, count), 0, finished=reports,
-                                          prefetch=claimer.prefetch(free) if claiming else 0)
+                                          **(claimer.prefetch_args(free) if claiming else {}))
             except BanyanError as exc:
                 if transient(exc):
                     log.warning("cannot report %d task(s) yet: %s", len(batch), exc)

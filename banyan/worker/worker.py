@@ -55,10 +55,13 @@ HEARTBEAT_INTERVAL = 10.0
 STARTUP_ATTEMPTS = 4
 
 
-#: Tasks ``banyan-worker`` claims beyond its free slots (``--prefetch``): each
-#: starts as soon as a slot frees, with no round trip in between. A worker
-#: embedded in a program prefetches nothing unless told (``WorkerConfig``).
-PREFETCH = 4
+#: Tasks ``banyan-worker`` claims beyond its free slots by default
+#: (``--prefetch``). None: a prefetched attempt is ``running`` on the server,
+#: its history's ``started`` the claim's time, from its claim on, so the
+#: history would show more running on a worker than it has cores; who wants
+#: the throughput (each task starts as soon as a slot frees, with no round
+#: trip in between) asks for it.
+PREFETCH = 0
 
 
 class StartupError(Exception):
