@@ -34,6 +34,7 @@ The helpers at module level (``start_time``, ``descendants``, ``kill_tree``,
 """
 
 import ctypes
+import errno
 import marshal
 import os
 import select
@@ -188,6 +189,22 @@ def read_int(path, key=None):
     except ValueError:
         return None
     return None
+
+
+def exec_command(args, env):
+    """``os.execvpe``, without its ``os.get_exec_path``, which imports
+    ``warnings``: a module import in every task's child, ~1 ms of CPU."""
+    if os.path.dirname(args[0]):
+        os.execve(args[0], args, env)
+    saved = last = None
+    for directory in (env.get("PATH") or os.defpath).split(os.pathsep):
+        try:
+            os.execve(os.path.join(directory, args[0]), args, env)
+        except OSError as exc:  # as execvp: the first error other than "not here" wins
+            last = exc
+            if saved is None and exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                saved = exc
+    raise saved or last or FileNotFoundError(errno.ENOENT, "no PATH to find it in", args[0])
 
 
 def write_file(path, text):
@@ -423,8 +440,7 @@ class Supervisor:
                     os.close(fd)
                 except OSError:
                     pass
-        args = spec["args"]
-        os.execvpe(args[0], args, spec["env"])
+        exec_command(spec["args"], spec["env"])
 
     # -- the loop ---------------------------------------------------------
 
