@@ -300,7 +300,7 @@ class Client:
         started under registration ``wid``; the ids the server took back.
         ``prefetched``: tasks held beyond free slots and never started (their
         attempt is erased, see the claim's ``prefetch``)."""
-        body = {"tasks": [{"_id": t["_id"], "attempt": t["history"][-1]["attempt"]} for t in tasks]}
+        body: dict = {"tasks": [{"_id": t["_id"], "attempt": t["history"][-1]["attempt"]} for t in tasks]}
         if prefetched:
             body["prefetched"] = True
         reply = self.request("POST", ("workers", wid, "release"), json_body=body, idempotent=True) or {}
