@@ -198,7 +198,7 @@ def release(worker_id, claimed, prefetched=False):
     if prefetched:
         for task_id, attempt in claimed:
             if task_id in released:
-                current_app.tokens.revoke_attempt(task_id, attempt)
+                services().tokens.revoke_attempt(task_id, attempt)
     return released
 
 
