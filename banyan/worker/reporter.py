@@ -4,7 +4,6 @@ while the server is reachable and a slow server never stalls supervision."""
 
 import logging
 import queue
-import time
 
 from ..client import BanyanError
 from .pacing import BACKOFF_MAX, BACKOFF_START, TICK, transient
@@ -143,18 +142,13 @@ class Reporter:
             log.error("report of task %s attempt %s rejected, dropping it: %s",
                       item["task_id"], item["attempt"], error.get("message"))
 
-    def hand_back(self, client=None, hold=None):
-        """Hand back (``release``, ``prefetched``) the tasks that waited
-        here longer than ``hold`` seconds for room to start (every waiting
-        one while stopping): an idle worker may run them now. This worker
-        never starts them. A failed hand-back is tried again next time; the
-        server abandons them in the end if it never hears of it."""
+    def hand_back(self, client=None):
+        """Hand back (``release``, ``prefetched``) the tasks the supervisor
+        gave up (they waited too long for room to start, or the worker
+        stops): an idle worker may run them now. This worker never starts
+        them. A failed hand-back is tried again next time; the server
+        abandons them in the end if it never hears of it."""
         holdings, wid = self.holdings, self.registration.worker_id
-        if self.stopping.is_set():
-            holdings.give_up_waiting()
-        else:
-            hold = self.config.prefetch_hold if hold is None else hold
-            holdings.give_up_waiting(time.monotonic() - hold)
         with holdings.lock:
             tasks, holdings.handing_back = holdings.handing_back, []
         if not tasks or wid is None:

@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 
 from ..protocol import Outcome as Ended
 from . import containment, resources
@@ -189,11 +190,13 @@ class Supervision:
                 proc.terminate(proc.max_shutdown_time, reason=Ended.FAILURE.value, wait=False)
 
     def start_claimed(self):
-        """Start every claimed task that fits what is free (a prefetched one
-        waits for room; none is taken from the waiting ones while stopping)."""
+        """Start every claimed task that fits what is free. A prefetched one
+        waits for room, at most ``prefetch_hold`` seconds: then, or once the
+        worker stops, it goes back (the reporter hands it back)."""
         holdings = self.holdings
-        if not self.stopping.is_set():
-            holdings.promote()
+        holdings.promote()
+        holdings.give_up_waiting(None if self.stopping.is_set()
+                                 else time.monotonic() - self.config.prefetch_hold)
         while True:
             with holdings.lock:
                 if not holdings.inbox:

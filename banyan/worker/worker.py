@@ -319,6 +319,7 @@ class Worker:
         # whatever the reporter did not get to
         self.reporter.flush(self.client if forced and self.worker_id is not None else None)
         # Prefetched tasks that never started go back to the queue, not abandoned
+        self.holdings.give_up_waiting()
         if self.worker_id is not None:
             self.reporter.hand_back(self.client)
         # Unregister before waiting for the claimer: its long poll may still
