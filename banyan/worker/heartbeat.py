@@ -54,6 +54,9 @@ class Heartbeat:
         budget = LIVE_BUDGET
         for task_id, proc in running:
             entry = {"attempt": proc.attempt, "usage": proc.usage()}
+            if proc.pid is None:  # its supervisor's "started" is not taken yet: no figures, next time
+                tasks[task_id] = entry
+                continue
             progress = proc.read_progress()
             if progress is not None:
                 entry["progress"] = progress
@@ -78,8 +81,9 @@ class Heartbeat:
         with self.holdings.lock:
             running = list(self.holdings.running.items())
         sent, output = self.sent_progress, self.sent_output
-        return any(proc.read_progress() not in (None, sent.get(task_id))
-                   or (any(proc.output_written()) and output.get(task_id) != (proc.attempt, proc.output_written()))
+        return any(proc.pid is not None and (
+                   proc.read_progress() not in (None, sent.get(task_id))
+                   or (any(proc.output_written()) and output.get(task_id) != (proc.attempt, proc.output_written())))
                    for task_id, proc in running)
 
     def beat(self):
