@@ -226,6 +226,9 @@ CLAIM_SPARES = 8
 #: candidates, so that claimers that meet each other's locks pass to the
 #: next window instead of reading again (see `TaskQueue._claim_some`).
 CLAIM_SPREAD = 4
+#: New tasks whose continuations are linked under one batch of document
+#: locks (`TaskQueue.prepare_new`), so that a lock is never held long.
+LINK_WINDOW = 16
 
 
 class TaskQueue:
@@ -272,26 +275,13 @@ class TaskQueue:
             new_job = None
             for doc in docs:
                 doc.setdefault("_id", ObjectId())
-                state = S(doc.get("state") or S.INACTIVE)
-                check_creation_state(state)
-                parents = self._parents_given(doc)
-                if not doc.get("job"):
-                    new_job = new_job or self._new_job(docs[0].get("name"), owner)
-                    doc["job"] = new_job
-                doc.update(state=state.value, pending_dependency_count=len(parents), pending_parents=parents,
-                           retry_count=0, memory_retry_count=0, lost_count=0, exit_status=None, worker=None,
-                           owner=owner, history=[], held=bool(doc.get("held")), cancelled_by=None,
-                           array_limit=(jobs.get(doc["job"]) or {}).get("array_limit"))
-                detour = grown["detour"].get(doc["_id"], ()) if grown else ()
-                for child in dict.fromkeys(doc.get("continuations") or []):
-                    if child not in detour:  # (linked by `prepare_children`)
-                        self._link(doc["_id"], child)
-                        linked.append((doc["_id"], child))
-                if parents and doc.get("continuations"):
-                    for parent in parents:
-                        if self.find_cycle(parent, list(doc["continuations"])):
-                            raise TransitionError("task '%s' runs after '%s', which already runs after one of "
-                                                  "its continuations: that is a cycle" % (doc["_id"], parent))
+            for start in range(0, len(docs), LINK_WINDOW):
+                some = docs[start:start + LINK_WINDOW]
+                children = [c for doc in some for c in doc.get("continuations") or []]
+                # (one lock for each child on a store that needs them: `document_locks`)
+                with locked_documents(self.tasks, children):
+                    for doc in some:
+                        new_job = self._prepare_one(doc, docs, owner, jobs, grown, linked, new_job)
             if grown:
                 self._check_adders_run(grown["adders"])
         except TransitionError:
@@ -300,6 +290,31 @@ class TaskQueue:
             if grown:
                 self._undo_growth(grown)
             raise
+
+    def _prepare_one(self, doc, docs, owner, jobs, grown, linked, new_job):
+        """`prepare_new` for one of `docs`; returns the job made for the
+        request (if any yet). Links it to its continuations (in `linked`)."""
+        state = S(doc.get("state") or S.INACTIVE)
+        check_creation_state(state)
+        parents = self._parents_given(doc)
+        if not doc.get("job"):
+            new_job = new_job or self._new_job(docs[0].get("name"), owner)
+            doc["job"] = new_job
+        doc.update(state=state.value, pending_dependency_count=len(parents), pending_parents=parents,
+                   retry_count=0, memory_retry_count=0, lost_count=0, exit_status=None, worker=None,
+                   owner=owner, history=[], held=bool(doc.get("held")), cancelled_by=None,
+                   array_limit=(jobs.get(doc["job"]) or {}).get("array_limit"))
+        detour = grown["detour"].get(doc["_id"], ()) if grown else ()
+        for child in dict.fromkeys(doc.get("continuations") or []):
+            if child not in detour:  # (linked by `prepare_children`)
+                self._link(doc["_id"], child)
+                linked.append((doc["_id"], child))
+        if parents and doc.get("continuations"):
+            for parent in parents:
+                if self.find_cycle(parent, list(doc["continuations"])):
+                    raise TransitionError("task '%s' runs after '%s', which already runs after one of "
+                                          "its continuations: that is a cycle" % (doc["_id"], parent))
+        return new_job
 
     # -- tasks that running tasks add (a graph that grows) ----------------
 
