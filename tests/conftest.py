@@ -152,7 +152,7 @@ class LiveServer:
             try:
                 requests.get(self.url + "/tasks?max_results=1", timeout=2)
                 return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # (a first read may be slow on a busy database)
                 time.sleep(0.05)
         raise AssertionError("server did not answer")
 
