@@ -267,7 +267,8 @@ class TaskQueue:
         children of that task in that job; `visible` the filter of the
         tasks the caller may add children to. Raises TransitionError (and
         undoes its links) when a continuation is no longer `inactive`."""
-        linked, grown = [], None
+        linked: list = []
+        grown = None
         try:
             grown = self.prepare_children(docs, adder, visible)
             jobs = {d["_id"]: d for d in self.jobs.find(
