@@ -161,6 +161,19 @@ def test_no_worker_fits_names_the_request_and_the_largest_offer(app, api):
     assert get(api, fits)["pending_reason"]["code"] == "workers_busy"
 
 
+def test_a_pending_reason_follows_workers_registered_and_stopped_at_once(app, api):
+    """What the live workers offer is kept for a second in the server, but
+    a registration or an unregistration through it shows in the next read."""
+    task = post(api, {"command": "x", "state": "available", "requested_resources": {"gpus": 1}})["_id"]
+    assert get(api, task)["pending_reason"]["code"] == "no_worker_fits"
+    r = api.post("/workers", json={"host": "big", "resources": {"cores": 4, "memory": GiB, "gpus": 2}})
+    assert r.status_code == 201, r.json
+    assert get(api, task)["pending_reason"]["code"] == "workers_busy"
+    assert api.delete("/workers/" + r.json["_id"]).status_code == 204
+    reason = get(api, task)["pending_reason"]
+    assert reason["code"] == "no_worker_fits" and "no live worker" in reason["message"]
+
+
 def test_array_limit_holds_for_racing_claimers(app, api):
     services(app).queue.db["workers"].insert_one({"host": "h", "state": "active", "resources": EVERYTHING})
     job = api.post("/jobs", json={"name": "capped", "array_limit": 2}).json["_id"]

@@ -9,6 +9,7 @@ from banyan.server import claims, jobs, pending_changes, reasons, states, virtua
 from banyan.server.auth import owner_filter
 from banyan.server.identity import current_identity
 from banyan.server.refusals import refuse
+from banyan.server.services import services
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,10 @@ def register_hooks(app, queue):
         jobs.add_counts(queue.db, [doc])
 
     def on_fetched_resource_tasks(response):
-        reasons.add_pending_reasons(queue.db, response.get("_items") or [])
+        reasons.add_pending_reasons(queue.db, response.get("_items") or [], services(app).workers)
 
     def on_fetched_item_tasks(doc):
-        reasons.add_pending_reasons(queue.db, [doc])
+        reasons.add_pending_reasons(queue.db, [doc], services(app).workers)
 
     app.on_insert_jobs += on_insert_jobs
     app.on_fetched_resource_jobs += on_fetched_resource_jobs

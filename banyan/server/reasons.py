@@ -15,19 +15,20 @@ finished have none (null). Codes, in the order they are checked:
 """
 
 from banyan.fit import describe_request, fits, largest_offers, short_of
-from banyan.protocol import QUEUED, TaskState as S, WorkerState
+from banyan.protocol import QUEUED, TaskState as S
 
 #: Task fields a reason is computed from (added to projections that ask for it).
 NEEDS = ("state", "pending_parents", "held", "requested_resources", "job", "array_limit")
 
 
-def add_pending_reasons(db, docs):
+def add_pending_reasons(db, docs, workers):
     """Set `pending_reason` on each task of `docs` that has a state (as read
-    with its projection): one query for the live workers and one for the
-    jobs, whatever the number of tasks, and none when every task's reason
-    is its own (inactive, waiting for parents, held). With hundreds of
-    workers, reading them made a user's `GET /tasks/<id>` six times as
-    costly, and under load it queued for the store once per slice of them."""
+    with its projection): what the live workers offer (`workers`, the
+    registry, which keeps it for a second) and one query for the jobs,
+    whatever the number of tasks, and neither when every task's reason is
+    its own (inactive, waiting for parents, held). With hundreds of workers,
+    reading them made a user's `GET /tasks/<id>` six times as costly, and
+    under load it queued for the store once per slice of them."""
     docs = [doc for doc in docs if isinstance(doc, dict) and "state" in doc]
     for doc in docs:
         doc["pending_reason"] = None
@@ -39,15 +40,15 @@ def add_pending_reasons(db, docs):
     queued = [doc for doc in queued if doc["pending_reason"] is None]
     if not queued:
         return
-    workers = list(db["workers"].find({"state": WorkerState.ACTIVE.value}, {"resources": 1}))
+    offers = workers.active_offers()
     job_ids = list({doc["job"] for doc in queued if doc.get("array_limit") and doc.get("job")})
     slots = {}
     if job_ids:
         for slot in db["slots"].find({"job": {"$in": job_ids}}, {"job": 1}):
             slots[slot["job"]] = slots.get(slot["job"], 0) + 1
-    largest = largest_offers(workers)
+    largest = largest_offers(offers)
     for doc in queued:
-        doc["pending_reason"] = pending_reason(doc, workers, largest, slots)
+        doc["pending_reason"] = pending_reason(doc, offers, largest, slots)
 
 
 def own_reason(doc):
@@ -68,7 +69,8 @@ def own_reason(doc):
 
 
 def pending_reason(doc, workers, largest, slots):
-    """Why a ready task waits, given the live `workers` and the jobs' taken `slots`."""
+    """Why a ready task waits, given what the live `workers` offer
+    (`[{"resources": ...}]`) and the jobs' taken `slots`."""
     own = own_reason(doc)
     if own is not None:
         return own
