@@ -39,6 +39,7 @@ class FakeBanyan:
         self.refused_reports = 0 # requests with reports answered 503 so far
         self.retry_after = None  # seconds sent with an empty claim answer (the server's waiters are full)
         self.claim_times = []    # monotonic time of each claim
+        self.registration_gate = None  # an Event: while set here, registrations are answered once it is set
         self._start(port)
 
     # -- test helpers --
@@ -124,6 +125,8 @@ class FakeBanyan:
 
     def route(self, method, path, body):
         if method == "POST" and path == "/workers":
+            if self.registration_gate is not None:
+                assert self.registration_gate.wait(30), "the test never let the registration through"
             with self.lock:
                 wid = f"w{len(self.workers) + 1}"
                 self.workers[wid] = {"state": "active", "resources": body["resources"],
@@ -467,6 +470,29 @@ def test_sigterm_drains_then_exits_cleanly(fake, tmp_path):
     report = fake.finish_of("short")
     assert (report["outcome"], report["stdout"]) == ("success", "finished\n")
     assert fake.workers["w1"]["state"] == "stopped"
+
+
+def test_sigterm_while_registering_stops_once_registered(fake, tmp_path):
+    """A signal that comes before the server's answer to the registration
+    stops the worker cleanly once it is registered: it unregisters and
+    exits 0, claiming nothing (it was killed outright, leaving a worker the
+    server would only mark lost later)."""
+    fake.registration_gate = threading.Event()
+    fake.submit("unwanted", "echo should not run")
+    proc = subprocess.Popen([sys.executable, "-m", "banyan.worker", "--server", fake.url,
+                             "--heartbeat", "0.2", "--timeout", "10", "--claim-wait", "1",
+                             "--work-dir", str(tmp_path / "work"), "--log-level", "WARNING"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: ("POST", "/workers") in fake.requests, timeout=30, what="the registration")
+        proc.send_signal(signal.SIGTERM)
+        fake.registration_gate.set()
+        assert proc.wait(timeout=20) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [w["state"] for w in fake.workers.values()] == ["stopped"]
+    assert fake.tasks["unwanted"]["state"] == "available" and not fake.claims
 
 
 def test_second_signal_kills_tasks_at_once(fake, tmp_path):

@@ -185,8 +185,12 @@ class Worker:
 
     def run(self):
         """Register, then supervise until stopped; returns the exit code."""
-        self.bootstrap()
+        # Signals are noted from the start: one that comes while the worker
+        # registers stops it once registered (it unregisters on the way out),
+        # rather than interrupt it between the server's answer and its own.
         self._install_signal_handlers()
+        self.bootstrap()
+        self._take_signals()  # stopped while starting: claim nothing
         self._start_threads()
         try:
             while not self._finished():
@@ -225,9 +229,19 @@ class Worker:
                 if attempt == STARTUP_ATTEMPTS:
                     raise StartupError(str(exc)) from exc
                 log.warning("cannot reach %s yet (%s); retrying in %.1fs", self.config.server, exc, delay)
-                if self._force_event.wait(delay):
+                if self._stopped_while_waiting(delay):
                     raise StartupError("stopped before registering") from exc
                 delay = min(BACKOFF_MAX, delay * 2)
+
+    def _stopped_while_waiting(self, seconds):
+        """Wait ``seconds``; True as soon as a stop is asked (by a call or a signal)."""
+        deadline = time.monotonic() + seconds
+        while not self._force_event.wait(min(TICK, max(0.0, deadline - time.monotonic()))):
+            if self._signals:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
     def register(self):
         """Register with the server now (its errors propagate)."""
