@@ -226,6 +226,8 @@ CLAIM_SPARES = 8
 #: candidates, so that claimers that meet each other's locks pass to the
 #: next window instead of reading again (see `TaskQueue._claim_some`).
 CLAIM_SPREAD = 4
+#: Seconds a batch claim goes on claiming once it has one task (`claim_batch`).
+CLAIM_BATCH_SECONDS = 5.0
 #: New tasks whose continuations are linked under one batch of document
 #: locks (`TaskQueue.prepare_new`), so that a lock is never held long.
 LINK_WINDOW = 16
@@ -941,7 +943,7 @@ class TaskQueue:
             query["requested_resources.cores"] = 0
         return query
 
-    def _claim_some(self, worker_id, free, want, host, full, busy, cap=None):
+    def _claim_some(self, worker_id, free, want, host, full, busy, cap=None, deadline=None):
         """Claim up to `want` of the best ready tasks that together fit
         `free` (which is reduced by what they request), each within `cap`
         when given. The candidates come
@@ -956,8 +958,9 @@ class TaskQueue:
         mostly) are passed over and added to `busy`, which later reads of
         this batch leave out: concurrent claimers spread over the queue
         instead of queueing behind one another on the same tasks.
-        `full`: jobs found at their array limit (grows). Returns the tasks
-        claimed, as stored after the claim; an empty list when every
+        `full`: jobs found at their array limit (grows). Past `deadline`
+        (time.monotonic()), it stops once it has claimed one. Returns the
+        tasks claimed, as stored after the claim; an empty list when every
         candidate was taken by another claimer meanwhile; None when none is
         ready."""
         query = self._ready_query(_within(free, cap))
@@ -972,13 +975,16 @@ class TaskQueue:
         if not candidates:
             return None
         claimed: list = []
+        def enough():
+            return len(claimed) >= want or (bool(claimed) and deadline is not None and time.monotonic() > deadline)
+
         for start in range(0, len(candidates), window):
-            if len(claimed) >= want:
+            if enough():
                 break
             some = candidates[start:start + window]
             with locked_documents(self.tasks, [doc["_id"] for doc in some]) as held:
                 for doc in some:
-                    if len(claimed) >= want:
+                    if enough():
                         break
                     if doc["_id"] not in held:
                         busy.add(doc["_id"])
@@ -1374,15 +1380,20 @@ class TaskQueue:
         that together fit `free` (highest priority first, then oldest; a task
         too big for what is left is skipped for a smaller one). `each`: what
         no one of them may ask more than; `free` is then not a limit (a
-        worker's prefetch: each task fits the worker, started in turn)."""
+        worker's prefetch: each task fits the worker, started in turn).
+        Once it has claimed one, it answers after CLAIM_BATCH_SECONDS with
+        what it has (a claimer asks again for more): on a slow store each
+        claim is a write under a lock, and a batch of 32 could outlast the
+        client's patience."""
         if each is not None:
             free = {key: max_tasks * each.get(key, 0) for key in RESOURCES}
         left = {key: free.get(key, 0) for key in RESOURCES}
         claimed: list = []
         full: set = set()
         busy: set = set()
-        while len(claimed) < max_tasks:
-            got = self._claim_some(worker_id, left, max_tasks - len(claimed), host, full, busy, each)
+        deadline = time.monotonic() + CLAIM_BATCH_SECONDS
+        while len(claimed) < max_tasks and not (claimed and time.monotonic() > deadline):
+            got = self._claim_some(worker_id, left, max_tasks - len(claimed), host, full, busy, each, deadline)
             if got is None:
                 break
             claimed += got
