@@ -248,6 +248,20 @@ def test_claim_query_uses_index_in_order(client):
     assert coll.count_documents({"requested_resources.cores": 1}) == 125
 
 
+def test_descending_index_orders_64_bit_and_small_integers(client):
+    """A document's 64-bit integer comes back from its stored BSON as Int64:
+    a descending index field orders it among plain ints (was a TypeError)."""
+    coll = _coll(client)
+    coll.create_index(CLAIM_INDEX)
+    values = [2 ** 63 - 1, 0, -1, 2 ** 40, -(2 ** 63), 7]
+    for i, priority in enumerate(values):
+        coll.insert_one({"state": "available", "pending_dependency_count": 0, "priority": priority,
+                         "_created": T0 + datetime.timedelta(seconds=i)})
+    found = [d["priority"] for d in coll.find({"state": "available", "pending_dependency_count": 0},
+                                              sort=[("priority", -1), ("_created", 1)])]
+    assert found == sorted(values, reverse=True)
+
+
 # --------------------------------------------------------------------------
 # pymongo API and MongoDB update semantics
 # --------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def _component(key, desc):
     if not desc:
         return key
     v = key[2]
-    if type(v) in (int, float, bool):
+    if isinstance(v, (int, float)):  # bool, and BSON's Int64 of a decoded document, too
         v = -v
     else:
         v = _Rev(v)
