@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -97,12 +98,18 @@ def provision_test_token(mongo_uri):
         client.close()
 
 
-@pytest.fixture
-def app(store):
+def make_app(store, **config):
+    """The app on `store` (the fixture's (client, database name)) with the
+    settings `config` adds; its test clients fail on any 500."""
     client, dbname = store
-    application = create_app(client, {"MONGO_DBNAME": dbname, "TESTING": True})
+    application = create_app(client, dict({"MONGO_DBNAME": dbname, "TESTING": True}, **config))
     application.test_client_class = NoServerErrorClient
     return application
+
+
+@pytest.fixture
+def app(store):
+    return make_app(store)
 
 
 @pytest.fixture
@@ -189,6 +196,65 @@ class CheckedSession(TestSession):
         assert response.status_code < 500, "%s %s answered %s: %s" % (
             method, url, response.status_code, response.text[:2000])
         return response
+
+
+def stop_process(proc, timeout=15):
+    """SIGTERM `proc`, then SIGKILL it if it has not exited within `timeout` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for(predicate, timeout, what, interval=0.1):
+    """Poll `predicate` every `interval` seconds until it returns something
+    true, and return that; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def held(request, holding):
+    """Send `request` (a long poll of the app in this process) from a thread
+    and return (thread, result) once the server holds it: `holding()` counts
+    the requests of its kind the server holds. result["reply"] is the
+    answer, result["took"] the seconds it took."""
+    result = {}
+
+    def run():
+        started = time.monotonic()
+        result["reply"] = request()
+        result["took"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while holding() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert holding() == 1
+    return thread, result
+
+
+def get_task(api, tid):
+    """The task `tid` as `GET /tasks/<tid>` answers it (200)."""
+    r = api.get("/tasks/%s" % tid)
+    assert r.status_code == 200, r.json
+    return r.json
+
+
+def patch_task(api, tid, body, status=200):
+    """`PATCH /tasks/<tid>` with `body`, answered `status`; returns the answer."""
+    r = api.patch("/tasks/%s" % tid, json=body)
+    assert r.status_code == status, r.json
+    return r.json
 
 
 @pytest.fixture

@@ -12,20 +12,16 @@ import requests
 from bson import ObjectId
 from flask import Blueprint, jsonify
 
-from banyan.server.app import create_app
 from banyan.server.auth import TOKEN_PREFIX, TokenStore, hash_token, owner_filter, require_role
 from banyan.server.identity import current_identity
-from conftest import MONGO_URI, LiveServer, NoServerErrorClient, live_mongo_uri
+from conftest import MONGO_URI, LiveServer, live_mongo_uri, make_app
 
 # -- an app with authentication on ------------------------------------------
 
 
 @pytest.fixture
 def secure_app(store):
-    client, dbname = store
-    application = create_app(client, {"MONGO_DBNAME": dbname, "TESTING": True, "AUTH": True})
-    application.test_client_class = NoServerErrorClient
-    return application
+    return make_app(store, AUTH=True)
 
 
 @pytest.fixture
@@ -386,9 +382,8 @@ def test_require_role_for_blueprint_views(store):
     def anyone():
         return jsonify({"role": current_identity().role, "filter": owner_filter()})
 
-    app = create_app(client, {"MONGO_DBNAME": dbname, "TESTING": True, "AUTH": True})
+    app = make_app(store, AUTH=True)
     app.register_blueprint(probe)
-    app.test_client_class = NoServerErrorClient
     api = app.test_client()
     store_ = TokenStore(client[dbname])
     worker, user = store_.create("worker", "n1")[1], store_.create("user", "alice")[1]

@@ -1,14 +1,14 @@
 """`GET /changes`: the dashboard's long poll, answered when what the caller
 sees changes (a task written, a worker registered or lost), held otherwise."""
 
-import threading
-import time
 
 from bson import ObjectId
 
 from banyan.server import changes
 from banyan.server.services import services
-from test_claims import make_app, patch, register, submit
+import conftest
+from conftest import make_app, patch_task as patch
+from test_claims import register, submit
 
 
 def poll(api, status=200, **params):
@@ -19,14 +19,7 @@ def poll(api, status=200, **params):
 
 def held(app, api, **params):
     """Start a poll in a thread; returns (thread, result) once the server holds it."""
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(reply=poll(api, **params)))
-    thread.start()
-    deadline = time.monotonic() + 10
-    while services(app).changes_waiters.held == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert services(app).changes_waiters.held == 1
-    return thread, result
+    return conftest.held(lambda: poll(api, **params), lambda: services(app).changes_waiters.held)
 
 
 def test_a_poll_answers_at_once_without_the_current_version_and_says_who_asks(api):

@@ -9,23 +9,15 @@ from datetime import timedelta
 import pytest
 from bson import ObjectId
 
-from banyan.server.app import create_app
 from banyan.server.auth import TokenStore
 from banyan.server.states import ABANDONED, FAILURE, SUCCESS, TIMEOUT, utcnow
 from banyan.server.services import services
 
-from conftest import NoServerErrorClient
+from conftest import get_task as task, held, make_app, patch_task as patch
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
 PLENTY = {"cores": 1e6, "memory": 1 << 50, "gpus": 1000}
-
-
-def make_app(store, **config):
-    client, dbname = store
-    app = create_app(client, dict({"MONGO_DBNAME": dbname, "TESTING": True}, **config))
-    app.test_client_class = NoServerErrorClient
-    return app
 
 
 def register(api, host="node1", resources=None, headers=None):
@@ -59,18 +51,6 @@ def finish(api, tid, attempt, outcome, exit_code=None, status=200, headers=None,
 
 def heartbeat(api, wid, tasks=None, status=200, headers=None):
     r = api.post("/workers/%s/heartbeat" % wid, json={"tasks": tasks or {}}, headers=headers)
-    assert r.status_code == status, r.json
-    return r.json
-
-
-def task(api, tid):
-    r = api.get("/tasks/%s" % tid)
-    assert r.status_code == 200, r.json
-    return r.json
-
-
-def patch(api, tid, body, status=200):
-    r = api.patch("/tasks/%s" % tid, json=body)
     assert r.status_code == status, r.json
     return r.json
 
@@ -392,19 +372,8 @@ def test_long_poll_returns_the_task_made_available(store):
     api = app.test_client()
     wid = register(api)
     tid, = submit(api, {"command": "x", "requested_resources": {"cores": 2}})
-    result = {}
-
-    def poll():
-        started = time.monotonic()
-        result["reply"] = claim(api, wid, free={"cores": 4, "memory": GiB, "gpus": 0}, max_tasks=4, wait=20)
-        result["took"] = time.monotonic() - started
-
-    poller = threading.Thread(target=poll)
-    poller.start()
-    deadline = time.monotonic() + 10
-    while len(services(app).claim_waiters) == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(services(app).claim_waiters) == 1
+    poller, result = held(lambda: claim(api, wid, free={"cores": 4, "memory": GiB, "gpus": 0}, max_tasks=4, wait=20),
+                          lambda: len(services(app).claim_waiters))
     patch(api, tid, {"state": "available"})
     poller.join()
     assert [t["_id"] for t in result["reply"]["_items"]] == [tid]

@@ -14,7 +14,7 @@ from datetime import datetime
 
 import pytest
 
-from conftest import TEST_TOKEN, CheckedSession, LiveServer
+from conftest import TEST_TOKEN, CheckedSession, LiveServer, stop_process, wait_for
 
 BIN = os.path.dirname(sys.executable)
 BANYAN = [os.path.join(BIN, "banyan")] if os.path.exists(os.path.join(BIN, "banyan")) else \
@@ -43,7 +43,7 @@ class Cluster:
             WORKER + ["--server", self.url, "--cores", "16", "--memory", "4 GiB", "--heartbeat", str(heartbeat),
                       "--work-dir", str(base / "work"), "--claim-wait", "5", "--drain", "5"],
             stdout=self.worker_log, stderr=subprocess.STDOUT, env=self.env())
-        self.worker_id = self.poll(self._active_worker, what="the worker to register")
+        self.worker_id = wait_for(self._active_worker, 30, "the worker to register")
 
     def _active_worker(self):
         workers = self.http.get(self.url + "/workers", params={"state": "active"}).json()["_items"]
@@ -73,24 +73,8 @@ class Cluster:
     def tasks(self, where):
         return self.http.get(self.url + "/tasks", params={"where": json.dumps(where)}).json()["_items"]
 
-    @staticmethod
-    def poll(probe, what, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = probe()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError("timed out waiting for %s" % what)
-
     def close(self):
-        if self.worker.poll() is None:
-            self.worker.send_signal(signal.SIGTERM)
-            try:
-                self.worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
-                self.worker.wait()
+        stop_process(self.worker, timeout=20)
         self.worker_log.close()
         self.http.close()
         self.server.stop()
@@ -392,11 +376,11 @@ def test_ls_and_show_print_what_the_api_holds(cluster):
 def test_cancel_stops_a_running_task_and_its_continuations(cluster):
     sleeper = cluster.ok("submit", "--name", "sleeper", "--", "sleep", "60").stdout.strip()
     after = cluster.ok("submit", "--after", sleeper, "--", "echo", "never").stdout.strip()
-    cluster.poll(lambda: cluster.task(sleeper)["state"] == "running", "the sleeper to start")
+    wait_for(lambda: cluster.task(sleeper)["state"] == "running", 30, "the sleeper to start")
 
     result = cluster.ok("cancel", sleeper)
     assert sleeper in result.stdout
-    cluster.poll(lambda: cluster.task(sleeper)["state"] == "cancelled", "the sleeper to be stopped")
+    wait_for(lambda: cluster.task(sleeper)["state"] == "cancelled", 30, "the sleeper to be stopped")
     assert cluster.task(after)["state"] == "cancelled"
     assert cluster.task(sleeper)["history"][-1]["exit_status"] == "cancelled"
 
@@ -486,7 +470,7 @@ def test_progress_reports_from_inside_a_task(cluster):
         attempt = (cluster.task(task_id).get("history") or [{}])[-1]
         return attempt.get("progress")
 
-    reported = cluster.poll(progress, "a progress report")
+    reported = wait_for(progress, 30, "a progress report")
     assert (reported["fraction"], reported["message"]) == (0.5, "half way")
     assert "50% half way" in cluster.ok("show", task_id).stdout
     cluster.ok("cancel", task_id)

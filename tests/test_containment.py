@@ -24,7 +24,8 @@ import pytest
 
 from banyan.worker import containment
 from banyan.worker.executor import Spawner, TaskProcess
-from test_worker_live import HEARTBEAT_TIMEOUT, cluster, gone, wait_for  # noqa: F401 - cluster is a fixture
+from conftest import wait_for
+from test_worker_live import HEARTBEAT_TIMEOUT, cluster, gone  # noqa: F401 - cluster is a fixture
 
 MiB = 1024 ** 2
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import requests
 
-from conftest import CheckedSession, LiveServer
+from conftest import CheckedSession, LiveServer, wait_for
 from test_cli import BANYAN, WORKER, Cluster, unique, when
 
 pytestmark = pytest.mark.slow
@@ -46,7 +46,7 @@ class AuthCluster(Cluster):
                       "--heartbeat", str(heartbeat), "--work-dir", str(base / "work"), "--claim-wait", "5",
                       "--drain", "5"],
             stdout=self.worker_log, stderr=subprocess.STDOUT, env=self.env(BANYAN_TOKEN=None))
-        self.worker_id = self.poll(self._active_worker, what="the worker to register")
+        self.worker_id = wait_for(self._active_worker, 30, "the worker to register")
 
     def env(self, **extra):
         return super().env(**dict({"BANYAN_TOKEN": self.tokens["alice"]}, **extra))
@@ -273,8 +273,8 @@ def test_retry_of_a_parent_that_added_children_and_failed_gives_one_set(cluster,
     assert failed.returncode == 1
     first = cluster.tasks({"added_by": parent})
     assert len(first) == 3
-    assert cluster.poll(lambda: all(t["state"] == "cancelled" for t in cluster.tasks({"added_by": parent})),
-                        what="the failed attempt's children to be cancelled")
+    assert wait_for(lambda: all(t["state"] == "cancelled" for t in cluster.tasks({"added_by": parent})), 30,
+                    "the failed attempt's children to be cancelled")
     assert cluster.task(merge)["state"] == "cancelled"
 
     (work / "go").write_text("")

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from banyan.client import Client, ServerUnreachable
-from conftest import TEST_TOKEN, CheckedSession, LiveServer
+from conftest import TEST_TOKEN, CheckedSession
 
 BIN = os.path.dirname(sys.executable)
 BANYAN = [os.path.join(BIN, "banyan")] if os.path.exists(os.path.join(BIN, "banyan")) else \
@@ -70,45 +70,37 @@ class AnswerLosingProxy:
         self.listener.close()
 
 
-@pytest.fixture
-def server(tmp_path):
-    live = LiveServer(tmp_path / "server-data").start()
-    yield live
-    live.stop()
-    assert live.server_errors() == []
-
-
 def count(http, url, name):
     reply = http.get(url + "/tasks", params={"where": json.dumps({"name": name})}).json()
     return reply["_meta"]["total"]
 
 
-def test_a_keyed_post_is_done_once_and_answered_the_same(server):
+def test_a_keyed_post_is_done_once_and_answered_the_same(live_server):
     http = CheckedSession()
     key = {"Idempotency-Key": str(uuid.uuid4())}
     body = [{"command": "true", "name": "once"}, {"command": "true", "name": "once"}]
-    first = http.post(server.url + "/tasks", json=body, headers=key)
+    first = http.post(live_server.url + "/tasks", json=body, headers=key)
     assert first.status_code == 201
-    again = http.post(server.url + "/tasks", json=body, headers=key)
+    again = http.post(live_server.url + "/tasks", json=body, headers=key)
     assert again.status_code == 201 and again.json() == first.json()
     assert again.headers["Idempotent-Replayed"] == "true"
-    assert count(http, server.url, "once") == 2
+    assert count(http, live_server.url, "once") == 2
     # the same key with another body is a mistake, and creates nothing
-    other = http.post(server.url + "/tasks", json={"command": "false", "name": "once"}, headers=key)
+    other = http.post(live_server.url + "/tasks", json={"command": "false", "name": "once"}, headers=key)
     assert other.status_code == 422 and "different request body" in other.json()["_error"]["message"]
     # a refused request leaves its key free for the corrected one
     key2 = {"Idempotency-Key": str(uuid.uuid4())}
-    bad = http.post(server.url + "/tasks", json={"command": "true", "name": "fixed", "priority": "high"},
+    bad = http.post(live_server.url + "/tasks", json={"command": "true", "name": "fixed", "priority": "high"},
                     headers=key2)
     assert bad.status_code == 422
-    good = http.post(server.url + "/tasks", json={"command": "true", "name": "fixed"}, headers=key2)
+    good = http.post(live_server.url + "/tasks", json={"command": "true", "name": "fixed"}, headers=key2)
     assert good.status_code == 201 and "Idempotent-Replayed" not in good.headers
-    assert count(http, server.url, "once") == 2 and count(http, server.url, "fixed") == 1
-    assert http.post(server.url + "/tasks", json={}, headers={"Idempotency-Key": "x" * 300}).status_code == 400
+    assert count(http, live_server.url, "once") == 2 and count(http, live_server.url, "fixed") == 1
+    assert http.post(live_server.url + "/tasks", json={}, headers={"Idempotency-Key": "x" * 300}).status_code == 400
 
 
-def test_a_submission_whose_answer_was_lost_is_retried_and_creates_one_set(server):
-    proxy = AnswerLosingProxy(server.port, lose=1)
+def test_a_submission_whose_answer_was_lost_is_retried_and_creates_one_set(live_server):
+    proxy = AnswerLosingProxy(live_server.port, lose=1)
     try:
         with Client(proxy.url, TEST_TOKEN, attempts=3, backoff=0.05) as client:
             ids = client.create_tasks([{"command": "true", "name": "lost-answer"} for _ in range(3)])
@@ -116,14 +108,14 @@ def test_a_submission_whose_answer_was_lost_is_retried_and_creates_one_set(serve
         proxy.close()
     assert proxy.connections == 2  # the lost answer, then the retry
     http = CheckedSession()
-    stored = http.get(server.url + "/tasks", params={"where": json.dumps({"name": "lost-answer"})}).json()
+    stored = http.get(live_server.url + "/tasks", params={"where": json.dumps({"name": "lost-answer"})}).json()
     assert sorted(t["_id"] for t in stored["_items"]) == sorted(ids)
     assert len(ids) == 3
 
 
 @pytest.mark.slow
-def test_an_unknown_outcome_is_reported_as_maybe_accepted(server, tmp_path):
-    proxy = AnswerLosingProxy(server.port, lose=100)
+def test_an_unknown_outcome_is_reported_as_maybe_accepted(live_server, tmp_path):
+    proxy = AnswerLosingProxy(live_server.port, lose=100)
     env = {k: v for k, v in os.environ.items()
            if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path))
@@ -137,37 +129,38 @@ def test_an_unknown_outcome_is_reported_as_maybe_accepted(server, tmp_path):
     assert "cannot reach" not in result.stderr
     # every retry carried the same key: one job (or one task) made, not one per try
     http = CheckedSession()
-    jobs = http.get(server.url + "/jobs", params={"where": json.dumps({"name": "unknown"})}).json()["_meta"]["total"]
-    assert (jobs, count(http, server.url, "unknown")) in ((1, 0), (1, 1), (0, 1)), jobs
+    jobs = http.get(live_server.url + "/jobs",
+                    params={"where": json.dumps({"name": "unknown"})}).json()["_meta"]["total"]
+    assert (jobs, count(http, live_server.url, "unknown")) in ((1, 0), (1, 1), (0, 1)), jobs
 
 
 @pytest.mark.slow
-def test_https_to_an_http_server_fails_at_once_with_the_fix(server, tmp_path):
+def test_https_to_an_http_server_fails_at_once_with_the_fix(live_server, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path))
-    wrong = server.url.replace("http://", "https://")
+    wrong = live_server.url.replace("http://", "https://")
     started = time.monotonic()
     with pytest.raises(ServerUnreachable) as caught:
         Client(wrong, TEST_TOKEN).list_tasks()
     assert time.monotonic() - started < 2
-    assert server.url in caught.value.reason
+    assert live_server.url in caught.value.reason
     started = time.monotonic()
     result = subprocess.run(BANYAN + ["ls", "--server", wrong], capture_output=True, text=True, env=env, timeout=60)
     # (the 2 s bound is the probe's; starting Python is the rest)
     assert result.returncode == 3
-    assert "speaks http, not https" in result.stderr and "--server %s" % server.url in result.stderr, result.stderr
+    assert "speaks http, not https" in result.stderr and "--server %s" % live_server.url in result.stderr, result.stderr
 
 
-def test_a_server_url_naming_an_endpoint_is_explained(server, tmp_path):
+def test_a_server_url_naming_an_endpoint_is_explained(live_server, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path))
-    for url in (server.url + "/tasks", server.url + "/workers/", server.url + "?x=1"):
+    for url in (live_server.url + "/tasks", live_server.url + "/workers/", live_server.url + "?x=1"):
         result = subprocess.run(BANYAN + ["ls", "--server", url], capture_output=True, text=True, env=env,
                                 timeout=60)
         assert result.returncode == 2, result.stderr
-        assert "names an endpoint" in result.stderr and server.url in result.stderr, result.stderr
+        assert "names an endpoint" in result.stderr and live_server.url in result.stderr, result.stderr
 
 
 def banyan(*args, home, timeout=60):
@@ -221,19 +214,19 @@ def test_up_on_another_port_prints_how_to_reach_it(tmp_path):
         up.wait(timeout=60)
 
 
-def test_a_claim_answer_for_a_registration_given_up_is_handed_back_at_once(server, tmp_path):
+def test_a_claim_answer_for_a_registration_given_up_is_handed_back_at_once(live_server, tmp_path):
     """The worker gives up its registration (server unreachable, say) while
     its claim is in flight; the answer then brings a task claimed under the
     old registration. The task goes back to the queue at once, with no retry
     used, instead of waiting to be abandoned as unconfirmed."""
     from banyan.worker.worker import Worker, WorkerConfig
 
-    worker = Worker(WorkerConfig(server=server.url, token=TEST_TOKEN, cores=1, memory=1 << 30, gpus=0,
+    worker = Worker(WorkerConfig(server=live_server.url, token=TEST_TOKEN, cores=1, memory=1 << 30, gpus=0,
                                  work_dir=str(tmp_path / "work"), claim_wait=20))
     worker.register()
     old = worker.worker_id
     http = CheckedSession()
-    task_id = http.post(server.url + "/tasks", json={"command": "true", "state": "available"}).json()["_id"]
+    task_id = http.post(live_server.url + "/tasks", json={"command": "true", "state": "available"}).json()["_id"]
     claim = worker.claimer.client.claim
 
     def claim_then_give_up(*args, **kwargs):
@@ -244,7 +237,7 @@ def test_a_claim_answer_for_a_registration_given_up_is_handed_back_at_once(serve
 
     worker.claimer.client.claim = claim_then_give_up
     assert worker.claimer.claim_once(wait=5) == 0  # nothing kept by the worker
-    task = http.get(server.url + "/tasks/" + task_id).json()
+    task = http.get(live_server.url + "/tasks/" + task_id).json()
     assert task["state"] == "available" and task.get("worker") is None, task
     assert task["retry_count"] == 0
     assert [h["worker"] for h in task["history"]] == [old]

@@ -8,25 +8,13 @@ from bson import ObjectId
 
 from banyan.server.states import SUCCESS, FAILURE
 from banyan.server.services import services
-from conftest import TEST_TOKEN
+from conftest import TEST_TOKEN, get_task as get, patch_task as patch
 
 GiB = 1024 ** 3
 
 
 def post(api, body, status=201):
     r = api.post("/tasks", json=body)
-    assert r.status_code == status, r.json
-    return r.json
-
-
-def get(api, tid):
-    r = api.get("/tasks/%s" % tid)
-    assert r.status_code == 200, r.json
-    return r.json
-
-
-def patch(api, tid, body, status=200):
-    r = api.patch("/tasks/%s" % tid, json=body)
     assert r.status_code == status, r.json
     return r.json
 

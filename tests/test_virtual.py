@@ -12,9 +12,8 @@ import pytest
 from bson import ObjectId
 
 from banyan import settings
-from banyan.server.app import create_app
 from banyan.server.services import services
-from conftest import NoServerErrorClient
+from conftest import make_app
 from test_server import assert_refused, get, patch, post
 
 
@@ -63,11 +62,7 @@ def app_with(store):
     """An app whose VIRTUAL_RESOURCES has extra entries."""
 
     def make(extra):
-        client, dbname = store
-        virtual = dict(settings.VIRTUAL_RESOURCES, **extra)
-        app = create_app(client, {"MONGO_DBNAME": dbname, "TESTING": True, "VIRTUAL_RESOURCES": virtual})
-        app.test_client_class = NoServerErrorClient
-        return app
+        return make_app(store, VIRTUAL_RESOURCES=dict(settings.VIRTUAL_RESOURCES, **extra))
 
     return make
 

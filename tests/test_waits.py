@@ -9,7 +9,9 @@ import pytest
 
 from banyan.server.states import utcnow
 from banyan.server.services import services
-from test_claims import PLENTY, claim, finish, make_app, patch, register, submit
+import conftest
+from conftest import make_app, patch_task as patch
+from test_claims import PLENTY, claim, finish, register, submit
 
 
 def wait(api, body, status=200):
@@ -20,20 +22,7 @@ def wait(api, body, status=200):
 
 def held(app, api, body):
     """Start a wait in a thread; returns (thread, result) once the server holds it."""
-    result = {}
-
-    def run():
-        started = time.monotonic()
-        result["reply"] = wait(api, body)
-        result["took"] = time.monotonic() - started
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while len(services(app).finish_waiters) == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(services(app).finish_waiters) == 1
-    return thread, result
+    return conftest.held(lambda: wait(api, body), lambda: len(services(app).finish_waiters))
 
 
 def running(api, count=1):

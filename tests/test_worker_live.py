@@ -18,13 +18,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 
 import psutil
 import pytest
 
-from conftest import CheckedSession, LiveServer
+from conftest import CheckedSession, LiveServer, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -37,17 +36,6 @@ FINISHED = ("terminated", "cancelled")
 def worker_command():
     script = os.path.join(os.path.dirname(sys.executable), "banyan-worker")
     return [script] if os.path.exists(script) else [sys.executable, "-m", "banyan.worker"]
-
-
-def wait_for(predicate, timeout, what, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 def when(date):

@@ -13,6 +13,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import conftest
 import psutil
 import pytest
 
@@ -224,13 +225,8 @@ class FakeBanyan:
 
 
 def wait_for(predicate, timeout=8.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    """conftest's wait_for, polling more often: the fake server answers at once."""
+    return conftest.wait_for(predicate, timeout, what, interval=0.02)
 
 
 @pytest.fixture

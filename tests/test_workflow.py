@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from conftest import wait_for
 from test_cli import BANYAN, Cluster, unique, when
 
 pytestmark = pytest.mark.slow
@@ -171,7 +172,7 @@ def test_array_limit_runs_at_most_that_many_at_once(cluster):
 
 def test_hold_release_and_priority_changed_while_queued(cluster):
     blocker = banyan(cluster, "submit", "--cores", "16", "--", "sleep 60").stdout.strip()
-    cluster.poll(lambda: cluster.task(blocker)["state"] == "running", "the blocker to start")
+    wait_for(lambda: cluster.task(blocker)["state"] == "running", 30, "the blocker to start")
 
     result = banyan(cluster, "submit", "--array", "1-3", "--cores", "16", "--name", unique("held"), "--", "true")
     held, job = result.stdout.split(), submitted_job(result)

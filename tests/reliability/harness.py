@@ -20,7 +20,7 @@ import time
 
 import requests
 
-from conftest import LiveServer, TestSession
+from conftest import LiveServer, TestSession, stop_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUTPUT = os.path.join(ROOT, "test-output")
@@ -83,12 +83,7 @@ class Worker:
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, timeout=15)
             self.log.close()
 
     def alive(self):

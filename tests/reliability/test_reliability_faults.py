@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 import requests
-from conftest import TestSession
+from conftest import TestSession, wait_for
 from harness import (Cluster, check_against_rules, graph_bodies, parents_by_id, read_markers, record,
                      submit_graph, task_body)
 
@@ -61,14 +61,6 @@ class Submitter(threading.Thread):
 def finished_count(cluster):
     r = cluster.request("GET", "/tasks", params={"max_results": 1, "where": '{"state": "terminated"}'})
     return r.json()["_meta"]["total"]
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % what)
-        time.sleep(0.2)
 
 
 def test_server_killed_twice_mid_run(tmp_path):

@@ -12,16 +12,14 @@ import time
 
 from bson import ObjectId
 
-from banyan.server.app import create_app
-from conftest import NoServerErrorClient
+import conftest
 
 HEARTBEAT_TIMEOUT = 0.3
 
 
 def make_app(store):
+    app = conftest.make_app(store, HEARTBEAT_TIMEOUT=HEARTBEAT_TIMEOUT)
     client, dbname = store
-    app = create_app(client, {"MONGO_DBNAME": dbname, "TESTING": True, "HEARTBEAT_TIMEOUT": HEARTBEAT_TIMEOUT})
-    app.test_client_class = NoServerErrorClient
     return app, app.test_client(), client[dbname]
 
 

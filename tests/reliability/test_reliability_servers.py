@@ -17,7 +17,7 @@ import uuid
 import pytest
 import requests
 
-from conftest import MONGO_URI, LiveServer, TestSession, mongo_uri_for
+from conftest import MONGO_URI, LiveServer, TestSession, mongo_uri_for, wait_for
 from harness import (Worker, check_against_rules, graph_bodies, parents_by_id, read_markers, record, submit_graph,
                      task_body)
 
@@ -97,14 +97,6 @@ class Servers:
 
     def errors(self):
         return [line for server in self.servers for line in server.server_errors()]
-
-
-def wait_for(probe, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % what)
-        time.sleep(0.2)
 
 
 class Editor(threading.Thread):
