@@ -393,6 +393,16 @@ def parents_by_id(ids, parents):
     return {ids[k]: [ids[p] for p in ps] for k, ps in parents.items()}
 
 
+def judge(markers, tasks, acknowledged, parents_of, strict=True):
+    """A finished run judged: (runs, duplicates, lost, problems), i.e. the
+    markers read (see `read_markers`), the acknowledged task ids the server
+    no longer holds, and every rule broken (see `check_against_rules`)."""
+    runs, duplicates = read_markers(markers)
+    lost = sorted(set(acknowledged) - set(tasks))
+    problems = check_against_rules(tasks, runs, duplicates, parents_of, strict=strict)
+    return runs, duplicates, lost, problems
+
+
 # -- the report table ----------------------------------------------------------------
 
 _figures_lock = threading.Lock()
@@ -413,6 +423,14 @@ def record(section, **figures):
             json.dump(data, f, indent=2, sort_keys=True)
         with open(TABLE, "w") as f:
             f.write(render_table(data))
+
+
+def report(section, lost, duplicates, problems, **figures):
+    """Record a run's figures under `section` (whatever its outcome), then
+    fail the test if a task was lost or a rule broken."""
+    record(section, lost=len(lost), duplicates=len(duplicates), violations=len(problems), **figures)
+    assert lost == []
+    assert problems == [], "\n".join(problems[:50])
 
 
 def render_table(data):

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from harness import (Cluster, check_against_rules, graph_bodies, parents_by_id, read_markers, record,
-                     submit_graph)
+from harness import Cluster, graph_bodies, judge, parents_by_id, report, submit_graph
 
 TASKS = int(os.environ.get("BANYAN_RELIABILITY_TASKS", "1000"))
 FAIL_PERCENT = 20
@@ -35,9 +34,7 @@ def test_load_with_graphs_and_random_failures(tmp_path):
     finally:
         cluster.stop()
     seconds = time.monotonic() - started
-    runs, duplicates = read_markers(cluster.markers)
-    lost = sorted(set(ids.values()) - set(tasks))
-    problems = check_against_rules(tasks, runs, duplicates, parents_by_id(ids, parents), strict=True)
+    runs, duplicates, lost, problems = judge(cluster.markers, tasks, ids.values(), parents_by_id(ids, parents))
     attempts = sum(len(a) for a in runs.values())
     failed_attempts = sum(1 for a in runs.values() for c in a.values() if c)
     by_state = {}
@@ -45,14 +42,11 @@ def test_load_with_graphs_and_random_failures(tmp_path):
         key = "%s/%s" % (task["state"], task["exit_status"])
         by_state[key] = by_state.get(key, 0) + 1
     in_graphs = {k for k, ps in parents.items() if ps} | {p for ps in parents.values() for p in ps}
-    record("load, %d tasks" % TASKS,
+    report("load, %d tasks" % TASKS, lost, duplicates, problems,
            load="%d tasks (%d in graphs), %d workers x %d slots, %d attempts, %.0f%% of them failed"
                 % (TASKS, len(in_graphs), WORKERS, SLOTS, attempts, 100.0 * failed_attempts / max(1, attempts)),
            faults="random exit 1 in %d%% of attempts, max_retries 2" % FAIL_PERCENT,
-           lost=len(lost), duplicates=len(duplicates), seconds=seconds, end_states=by_state,
-           violations=len(problems))
-    assert lost == []
-    assert problems == [], "\n".join(problems[:50])
+           seconds=seconds, end_states=by_state)
     assert cluster.server_log_errors() == []
     # the failures really happened, and the rules had something to decide
     assert failed_attempts > 0 and by_state.get("terminated/success") and by_state.get("cancelled/cancelled")
