@@ -10,17 +10,15 @@ admin (all tasks) and for that user.
 """
 
 import argparse
-import copy
 import tempfile
 import time
 from datetime import timedelta
-
-from bson import ObjectId
 
 from banyan.server import changes
 from banyan.server.app import create_app
 from banyan.server.states import utcnow
 from banyan.server.store import connect
+from benchkit import fill_with_copies
 
 
 def timed(fn, repeat=20):
@@ -36,17 +34,14 @@ def run(n):
         app = create_app(client, {"MONGO_DBNAME": "bench"})
         app.test_client().post("/tasks", json={"name": "model", "command": "true"})
         db = client["bench"]
-        model = db.tasks.find_one()
         now = utcnow()
-        docs = []
-        for i in range(n - 1):
-            doc = copy.deepcopy(model)
-            doc["_id"] = ObjectId()
+
+        def vary(doc, i):
             doc["owner"] = "u1" if i % 100 == 0 else "u%d" % (2 + i % 7)
             # the newest 2,000 share one instant (a bulk submission)
             doc["_updated"] = now if i >= n - 2001 else now - timedelta(seconds=n - i)
-            docs.append(doc)
-        db.tasks.insert_many(docs)
+
+        fill_with_copies(db, n, vary)
         figures = [("admin", timed(lambda: changes.version(db, {}))),
                    ("user", timed(lambda: changes.version(db, {"owner": "u1"})))]
         client.close()

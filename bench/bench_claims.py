@@ -26,6 +26,7 @@ from banyan.server.app import create_app
 from banyan.server.states import utcnow
 from banyan.server.store import connect
 from banyan.server.services import services
+from benchkit import timed_threads
 
 FREE = {"cores": 64, "memory": 1 << 40, "gpus": 0}
 
@@ -73,12 +74,7 @@ def throughput(app, target, claimers):
     wids = [register(api) for _ in range(claimers)]
     counter, lock = [0], threading.Lock()
     threads = [threading.Thread(target=claim_until, args=(api, w, target, counter, lock)) for w in wids]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    took = time.perf_counter() - started
+    took = timed_threads(threads)
     return counter[0], took
 
 

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -36,6 +35,8 @@ import time
 import uuid
 
 import requests
+
+from benchkit import stop_processes, timed_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -108,13 +109,7 @@ class Setup:
         }).json()["_meta"]["total"]
 
     def close(self):
-        for proc in reversed(self.procs):
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(reversed(self.procs))
 
 
 def claims(setup, tasks, claimers):
@@ -135,13 +130,7 @@ def claims(setup, tasks, claimers):
                 return
             got[i] += len(items["_items"])
 
-    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(claimers)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
+    seconds = timed_threads([threading.Thread(target=claimer, args=(i,)) for i in range(claimers)])
     return {"claimed": sum(got), "seconds": seconds, "per_s": sum(got) / seconds}
 
 

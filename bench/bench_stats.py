@@ -8,7 +8,6 @@ busy queue has), then times `GET /stats` and each of its pipelines.
 """
 
 import argparse
-import copy
 import tempfile
 import time
 from datetime import timedelta
@@ -19,6 +18,7 @@ from banyan.server import stats
 from banyan.server.app import create_app
 from banyan.server.states import utcnow
 from banyan.server.store import connect
+from benchkit import fill_with_copies
 
 
 def timed(fn):
@@ -35,18 +35,15 @@ def run(n):
         api.post("/tasks", json={"name": "model", "command": "true",
                                  "requested_resources": {"memory": "1 MiB"}})
         db = client["bench"]
-        model = db.tasks.find_one()
         now = utcnow()
-        docs = []
-        for i in range(n - 1):
-            doc = copy.deepcopy(model)
-            doc["_id"] = ObjectId()
+
+        def vary(doc, i):
             if i % 2:
                 doc.update(state="succeeded", exit_status="success", history=[{
                     "worker": ObjectId(), "started": now - timedelta(seconds=90),
                     "ended": now - timedelta(seconds=i % 60), "exit_status": "success"}])
-            docs.append(doc)
-        db.tasks.insert_many(docs)
+
+        fill_with_copies(db, n, vary)
         parts = [("state counts", lambda: stats.state_counts(db.tasks, {})),
                  ("attempts", lambda: stats.attempt_stats(db.tasks, {})),
                  ("queue wait", lambda: stats.queue_wait_stats(db.tasks, {})),

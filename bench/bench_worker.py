@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 
 import requests
 
+from benchkit import stop_processes
+
 FINISHED = ["terminated", "cancelled"]
 
 
@@ -91,13 +93,7 @@ class Bench:
         return {t["_id"]: t for t in items}
 
     def close(self):
-        for proc in self.workers:
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.workers:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.workers)
         self.server.send_signal(signal.SIGTERM)
         self.server.wait(timeout=30)
 
