@@ -82,10 +82,26 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("cli"))
-    yield c
-    c.close()
-    assert c.server.server_errors() == []
+    yield from shared(Cluster(tmp_path_factory.mktemp("cli")))
+
+
+def shared(cluster):
+    """The body of a module's `cluster` fixture: the tests get `cluster`;
+    then it is closed, and its server must have logged no error."""
+    yield cluster
+    cluster.close()
+    assert cluster.server.server_errors() == []
+
+
+def banyan(cluster, *args, cwd=None, env=None, ok=True, timeout=120):
+    """Run `banyan ARGS` as a user of `cluster` (`env` added to their
+    environment); it must not crash, and with `ok` must exit 0."""
+    result = subprocess.run(BANYAN + [str(a) for a in args], capture_output=True, text=True, cwd=cwd,
+                            env=cluster.env(**(env or {})), timeout=timeout)
+    assert "Traceback" not in result.stderr, result.stderr
+    if ok:
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result
 
 
 def unique(prefix):

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from conftest import CheckedSession, LiveServer, wait_for
-from test_cli import BANYAN, WORKER, Cluster, unique, when
+from test_cli import BANYAN, WORKER, Cluster, banyan, shared, unique, when
 
 pytestmark = pytest.mark.slow
 
@@ -54,19 +54,7 @@ class AuthCluster(Cluster):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = AuthCluster(tmp_path_factory.mktemp("grow"))
-    yield c
-    c.close()
-    assert c.server.server_errors() == []
-
-
-def banyan(cluster, *args, cwd=None, ok=True, timeout=120, **env):
-    result = subprocess.run(BANYAN + [str(a) for a in args], capture_output=True, text=True, cwd=cwd,
-                            env=cluster.env(**env), timeout=timeout)
-    assert "Traceback" not in result.stderr, result.stderr
-    if ok:
-        assert result.returncode == 0, (args, result.stdout, result.stderr)
-    return result
+    yield from shared(AuthCluster(tmp_path_factory.mktemp("grow")))
 
 
 def job_of(result):

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from conftest import wait_for
-from test_cli import BANYAN, Cluster, unique, when
+from test_cli import BANYAN, Cluster, banyan, shared, unique, when
 
 pytestmark = pytest.mark.slow
 
@@ -19,19 +19,7 @@ pytestmark = pytest.mark.slow
 def cluster(tmp_path_factory):
     # A slower heartbeat than test_cli's: these tests run a dozen tasks at
     # once, and a loaded store must not make the worker look lost.
-    c = Cluster(tmp_path_factory.mktemp("workflow"), heartbeat=3)
-    yield c
-    c.close()
-    assert c.server.server_errors() == []
-
-
-def banyan(cluster, *args, cwd=None, env=None, ok=True, timeout=120):
-    result = subprocess.run(BANYAN + [str(a) for a in args], capture_output=True, text=True, cwd=cwd,
-                            env=cluster.env(**(env or {})), timeout=timeout)
-    assert "Traceback" not in result.stderr, result.stderr
-    if ok:
-        assert result.returncode == 0, (args, result.stdout, result.stderr)
-    return result
+    yield from shared(Cluster(tmp_path_factory.mktemp("workflow"), heartbeat=3))
 
 
 def submitted_job(result):
