@@ -54,21 +54,38 @@ def refused(operator):
             % (operator, reason, ", ".join(sorted(ALLOWED_OPERATORS))))
 
 
-def first_refused(spec):
-    """The first operator of `spec` (a parsed filter, at any depth) that is
-    not allowed, or None."""
+def _first_found(spec, look):
+    """The first answer but None of `look(key, value)` over the pairs of
+    `spec` (a parsed filter), at any depth, in order; or None."""
     if isinstance(spec, dict):
         for key, value in spec.items():
-            if isinstance(key, str) and key.startswith("$") and key not in ALLOWED_OPERATORS:
-                return key
-            found = first_refused(value)
+            found = look(key, value) or _first_found(value, look)
             if found:
                 return found
     elif isinstance(spec, (list, tuple)):
         for value in spec:
-            found = first_refused(value)
+            found = _first_found(value, look)
             if found:
                 return found
+    return None
+
+
+def _refused_operator(key, value):
+    if isinstance(key, str) and key.startswith("$") and key not in ALLOWED_OPERATORS:
+        return key
+    return None
+
+
+def first_refused(spec):
+    """The first operator of `spec` (a parsed filter, at any depth) that is
+    not allowed, or None."""
+    return _first_found(spec, _refused_operator)
+
+
+def _bad_mod(key, value):
+    if key == "$mod" and not (isinstance(value, list) and len(value) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        return "'where': $mod takes [divisor, remainder], two numbers, not %r" % (value,)
     return None
 
 
@@ -76,20 +93,7 @@ def bad_operand(spec):
     """A message for the first operand of `spec` that MongoDB refuses but a
     store may take badly (FerretDB 1.24 drops the connection on a `$mod`
     that is not a list), or None."""
-    if isinstance(spec, dict):
-        for key, value in spec.items():
-            if key == "$mod" and not (isinstance(value, list) and len(value) == 2 and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-                return "'where': $mod takes [divisor, remainder], two numbers, not %r" % (value,)
-            found = bad_operand(value)
-            if found:
-                return found
-    elif isinstance(spec, (list, tuple)):
-        for value in spec:
-            found = bad_operand(value)
-            if found:
-                return found
-    return None
+    return _first_found(spec, _bad_mod)
 
 
 def check_filter(spec):
