@@ -157,9 +157,10 @@ class LiveServer:
         self.port = int(self.url.rsplit(":", 1)[1])
         while time.monotonic() < deadline:
             try:
-                requests.get(self.url + "/tasks?max_results=1", timeout=2)
+                # (waits for the answer: a first read may be slow on a busy database)
+                requests.get(self.url + "/tasks?max_results=1", timeout=max(0.5, deadline - time.monotonic()))
                 return self
-            except (requests.ConnectionError, requests.Timeout):  # (a first read may be slow on a busy database)
+            except (requests.ConnectionError, requests.Timeout):
                 time.sleep(0.05)
         raise AssertionError("server did not answer")
 
