@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_peers.py [--repeats 3] [--mongo-uri mongodb://127.0.0.1:27017]
                                           [--peers-dir ../shared/peers] [--skip-peers]
+                                          [--also-worker-args "--prefetch 8"]
 
 The workloads and the timing are those of the shared peer harness
 (`../shared/peers`, README.md there), so the figures compare:
@@ -58,9 +59,9 @@ PEERS = {
 
 
 class Cluster:
-    """A fresh server and one worker of SLOTS cores."""
+    """A fresh server and one worker of SLOTS cores (with ``worker_args`` added)."""
 
-    def __init__(self, mongo_uri=None):
+    def __init__(self, mongo_uri=None, worker_args=()):
         self.tmp = tempfile.mkdtemp(prefix="bench-peers-")
         self.mongo_uri = None
         args = [os.path.join(BIN, "banyan"), "server", "--port", "0", "--data-dir", os.path.join(self.tmp, "data")]
@@ -84,8 +85,7 @@ class Cluster:
         env = dict(os.environ, BANYAN_TOKEN=worker_token) if worker_token else None
         self.worker = subprocess.Popen(
             [os.path.join(BIN, "banyan-worker"), "--server", self.url, "--cores", str(SLOTS),
-             "--work-dir", os.path.join(self.tmp, "work"), "--log-level", "WARNING"]
-            + os.environ.get("BANYAN_BENCH_WORKER_ARGS", "").split(),
+             "--work-dir", os.path.join(self.tmp, "work"), "--log-level", "WARNING"] + list(worker_args),
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.tmp, "worker.log"), "wb"),
             start_new_session=True, env=env)
         deadline = time.monotonic() + 60
@@ -120,8 +120,8 @@ class Cluster:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def one(workload, mongo_uri):
-    cluster = Cluster(mongo_uri)
+def one(workload, mongo_uri, worker_args=()):
+    cluster = Cluster(mongo_uri, worker_args)
     try:
         if workload == "W1":
             start = time.perf_counter()
@@ -150,8 +150,8 @@ def summary(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
-def run_banyan(repeats, mongo_uri=None):
-    runs = {wl: [one(wl, mongo_uri) for _ in range(repeats)] for wl in ("W1", "W2", "W3")}
+def run_banyan(repeats, mongo_uri=None, worker_args=()):
+    runs = {wl: [one(wl, mongo_uri, worker_args) for _ in range(repeats)] for wl in ("W1", "W2", "W3")}
     return {"W1_tasks_per_s": summary(N_W1 / s for s in runs["W1"]), "W2_makespan_s": summary(runs["W2"]),
             "W3_latency_median_s": summary(runs["W3"])}
 
@@ -197,6 +197,9 @@ def main():
                         help="the shared peer harness (default: ../shared/peers from the repository, "
                              "or from its parent)")
     parser.add_argument("--skip-peers", action="store_true", help="Banyan only")
+    parser.add_argument("--also-worker-args", action="append", default=[], metavar="ARGS",
+                        help="Banyan again (embedded store) with these banyan-worker options, as a row "
+                             "of its own (e.g. \"--prefetch 8\"); may be repeated")
     args = parser.parse_args()
     peers_dir = args.peers_dir or next(
         (d for d in (os.path.join(REPO, "..", "shared", "peers"), os.path.join(REPO, "..", "..", "shared", "peers"))
@@ -205,6 +208,9 @@ def main():
     rows = {}
     print("banyan (embedded store) ...", flush=True)
     rows["banyan"] = run_banyan(args.repeats)
+    for extra in args.also_worker_args:
+        print("banyan (banyan-worker %s) ..." % extra, flush=True)
+        rows["banyan, worker %s" % extra] = run_banyan(args.repeats, worker_args=extra.split())
     if args.mongo_uri:
         print("banyan (%s) ..." % args.mongo_uri, flush=True)
         rows["banyan on MongoDB/FerretDB"] = run_banyan(args.repeats, args.mongo_uri)
