@@ -190,8 +190,14 @@ while True:
 
 def worker_supervisors(worker):
     """The worker's spawner and the supervisors it forked."""
-    return [p for p in psutil.Process(worker.pid).children(recursive=True)
-            if "import supervisor" in " ".join(p.cmdline())]
+    found = []
+    for p in psutil.Process(worker.pid).children(recursive=True):
+        try:
+            if "import supervisor" in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue  # a supervisor that ended while the list was read
+    return found
 
 
 @pytest.mark.slow
