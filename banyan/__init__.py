@@ -20,5 +20,6 @@ def __getattr__(name):
     # worker) does not pull in requests.
     if name in ("Client", "BanyanError", "ServerUnreachable"):
         from banyan import client
+
         return getattr(client, name)
     raise AttributeError("module 'banyan' has no attribute %r" % name)

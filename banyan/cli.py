@@ -18,7 +18,8 @@ from banyan.tokens_cli import add_token_parser
 
 log = logging.getLogger("banyan.cli")
 
-EPILOG = """
+EPILOG = (
+    """
 a first run, on one machine:
   banyan up                                   # server and worker (keep it running)
   banyan submit --array 1-100 -- sh -c 'echo $BANYAN_ARRAY_INDEX'
@@ -28,7 +29,9 @@ The server and token come from --server/--token, then $BANYAN_SERVER and
 $BANYAN_TOKEN, then ~/.config/banyan/config.toml (server = "...", token = "..."),
 else http://127.0.0.1:5000. `banyan COMMAND --help` tells more of each.
 
-""" + EXIT_CODES_HELP
+"""
+    + EXIT_CODES_HELP
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,22 +45,28 @@ def build_parser():
     parser = Parser(
         prog="banyan",
         description="Banyan: submit tasks to a shared queue and follow them; run the server.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     register_all(sub)
 
-    server = sub.add_parser("server", help="run the Banyan server",
-                            description="Run the Banyan server (REST API for tasks and workers).")
+    server = sub.add_parser(
+        "server", help="run the Banyan server", description="Run the Banyan server (REST API for tasks and workers)."
+    )
     serve.add_arguments(server)
     server.set_defaults(func=serve.run)
 
-    both = sub.add_parser("up", help="run a server and a worker on this machine",
-                          description="Run a Banyan server and one worker on this machine (a one-machine "
-                                      "start). With authentication on, the worker gets a worker token of "
-                                      "its own, made with the server's admin token.")
+    both = sub.add_parser(
+        "up",
+        help="run a server and a worker on this machine",
+        description="Run a Banyan server and one worker on this machine (a one-machine "
+        "start). With authentication on, the worker gets a worker token of "
+        "its own, made with the server's admin token.",
+    )
     up.add_arguments(both)
     both.set_defaults(func=up.run)
 
@@ -119,17 +128,23 @@ def _unreachable(exc):
     if isinstance(exc, WrongScheme):
         return "cannot talk to %s: %s" % (exc.url, exc.reason)
     if exc.maybe_done:
-        return ("no answer from the Banyan server at %s (%s) after it received the request: it may have been "
-                "accepted. Check before trying again: `banyan ls --last 20` lists your latest tasks "
-                "(`banyan ls --where` and `banyan show ID` say more)" % (exc.url or "?", exc.reason))
-    return ("cannot reach the Banyan server at %s (%s); is it running? Start one with `banyan up`, "
-            "or point to it with --server or BANYAN_SERVER" % (exc.url or "?", exc.reason))
+        return (
+            "no answer from the Banyan server at %s (%s) after it received the request: it may have been "
+            "accepted. Check before trying again: `banyan ls --last 20` lists your latest tasks "
+            "(`banyan ls --where` and `banyan show ID` say more)" % (exc.url or "?", exc.reason)
+        )
+    return (
+        "cannot reach the Banyan server at %s (%s); is it running? Start one with `banyan up`, "
+        "or point to it with --server or BANYAN_SERVER" % (exc.url or "?", exc.reason)
+    )
 
 
 def _refusal(exc):
     if exc.status == 401:
-        return ("the server wants a token (401: %s): give --token TOKEN or set BANYAN_TOKEN "
-                "(or 'token' in ~/.config/banyan/config.toml)" % exc.message)
+        return (
+            "the server wants a token (401: %s): give --token TOKEN or set BANYAN_TOKEN "
+            "(or 'token' in ~/.config/banyan/config.toml)" % exc.message
+        )
     if exc.status == 403:
         return "not allowed with this token (403: %s)" % exc.message
     return "the server refused: %s" % exc.describe()

@@ -87,8 +87,10 @@ def check_server_url(url):
         raise ValueError(f"server URL {url!r} names no host; use http://HOST:PORT")
     segments = [s for s in parts.path.split("/") if s]
     if segments and segments[0] in _API_PATHS or parts.query:
-        raise ValueError(f"server URL {url!r} names an endpoint; give only the server's address, "
-                         f"{parts.scheme}://{parts.netloc} (the client adds /tasks, /workers, ...)")
+        raise ValueError(
+            f"server URL {url!r} names an endpoint; give only the server's address, "
+            f"{parts.scheme}://{parts.netloc} (the client adds /tasks, /workers, ...)"
+        )
     return url.rstrip("/")
 
 
@@ -134,8 +136,9 @@ class Client:
     request cuts them short).
     """
 
-    def __init__(self, url, token=None, timeout=30.0, attempts=4, backoff=0.5,
-                 max_backoff=8.0, sleep=time.sleep, session=None):
+    def __init__(
+        self, url, token=None, timeout=30.0, attempts=4, backoff=0.5, max_backoff=8.0, sleep=time.sleep, session=None
+    ):
         self.url = check_server_url(url)
         self._scheme_checked = not self.url.startswith("https://")
         self.timeout = timeout
@@ -179,8 +182,7 @@ class Client:
     def _url(self, *parts):
         return self.url + "/" + "/".join(quote(str(part), safe="") for part in parts)
 
-    def request(self, method, path, json_body=None, params=None, timeout=None,
-                attempts=None, idempotent=None):
+    def request(self, method, path, json_body=None, params=None, timeout=None, attempts=None, idempotent=None):
         """Send one request, retrying transient failures; returns the decoded JSON (None if empty).
 
         ``path`` is a tuple of URL segments. A read timeout is retried only
@@ -201,31 +203,43 @@ class Client:
         for attempt in range(1, attempts + 1):
             last = attempt == attempts
             try:
-                response = self.session.request(method, url, json=json_body, params=params, timeout=timeout,
-                                                headers=headers)
+                response = self.session.request(
+                    method, url, json=json_body, params=params, timeout=timeout, headers=headers
+                )
             except requests.exceptions.ReadTimeout as exc:
                 if not idempotent or last:
-                    raise ServerUnreachable(None, f"{method} {url}: no answer within {timeout}s",
-                                            url=self.url, reason=f"no answer within {timeout:g}s",
-                                            maybe_done=changes) from exc
+                    raise ServerUnreachable(
+                        None,
+                        f"{method} {url}: no answer within {timeout}s",
+                        url=self.url,
+                        reason=f"no answer within {timeout:g}s",
+                        maybe_done=changes,
+                    ) from exc
                 log.info("%s %s timed out (attempt %d/%d)", method, url, attempt, attempts)
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                    requests.exceptions.ChunkedEncodingError) as exc:
+            except (
+                requests.exceptions.ConnectionError,
+                requests.exceptions.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+            ) as exc:
                 if last or not (idempotent or _never_sent(exc)):
                     # a POST the server may have taken is not sent twice
-                    raise ServerUnreachable(None, f"cannot reach {self.url}: {exc}", url=self.url,
-                                            reason=_short_reason(exc) or type(exc).__name__,
-                                            maybe_done=changes and not _never_sent(exc)) from exc
+                    raise ServerUnreachable(
+                        None,
+                        f"cannot reach {self.url}: {exc}",
+                        url=self.url,
+                        reason=_short_reason(exc) or type(exc).__name__,
+                        maybe_done=changes and not _never_sent(exc),
+                    ) from exc
                 log.info("%s %s failed (attempt %d/%d): %s", method, url, attempt, attempts, exc)
             else:
                 if response.status_code in _RETRY_STATUSES and (idempotent or response.status_code == 503):
                     # 502 and 504 come from a proxy that may have passed the request on
                     if last:
                         message = _error_message(response)[0]
-                        raise ServerUnreachable(response.status_code, message, url=self.url,
-                                                reason=f"{response.status_code} {message}")
-                    log.info("%s %s answered %s (attempt %d/%d)", method, url,
-                             response.status_code, attempt, attempts)
+                        raise ServerUnreachable(
+                            response.status_code, message, url=self.url, reason=f"{response.status_code} {message}"
+                        )
+                    log.info("%s %s answered %s (attempt %d/%d)", method, url, response.status_code, attempt, attempts)
                 else:
                     return _decode(method, url, response)
             self.sleep(delay)
@@ -240,8 +254,12 @@ class Client:
         parts = urlsplit(self.url)
         if _speaks_plain_http(parts.hostname, parts.port or 443):
             plain = "http://" + parts.netloc
-            raise WrongScheme(None, f"{self.url} speaks plain HTTP, not HTTPS: use {plain}", url=self.url,
-                              reason=f"it speaks http, not https: use --server {plain}")
+            raise WrongScheme(
+                None,
+                f"{self.url} speaks plain HTTP, not HTTPS: use {plain}",
+                url=self.url,
+                reason=f"it speaks http, not https: use --server {plain}",
+            )
         self._scheme_checked = True
 
     def get(self, *path, params=None, **kw):
@@ -289,8 +307,16 @@ class Client:
             body["prefetch"] = int(prefetch)
         if finished:
             body["finished"] = [_with_output(report) for report in finished]
-        reply = self.request("POST", ("workers", wid, "claim"), json_body=body,
-                             timeout=self.timeout + float(wait or 0), idempotent=False) or {}
+        reply = (
+            self.request(
+                "POST",
+                ("workers", wid, "claim"),
+                json_body=body,
+                timeout=self.timeout + float(wait or 0),
+                idempotent=False,
+            )
+            or {}
+        )
         reply.setdefault("_items", [])
         reply.setdefault("cancel", [])
         return reply
@@ -308,8 +334,7 @@ class Client:
 
     def heartbeat(self, wid, tasks):
         """Report liveness, usage and progress; ``{"cancel": [...], "unknown": [...]}``."""
-        reply = self.request("POST", ("workers", wid, "heartbeat"), json_body={"tasks": tasks},
-                             idempotent=True) or {}
+        reply = self.request("POST", ("workers", wid, "heartbeat"), json_body={"tasks": tasks}, idempotent=True) or {}
         reply.setdefault("cancel", [])
         reply.setdefault("unknown", [])
         return reply
@@ -317,8 +342,14 @@ class Client:
     def finish(self, task_id, attempt, outcome, exit_code, stdout="", stderr="", usage=None):
         """Report the end of an attempt (repeating it is harmless: the server answers 409,
         or keeps a report of an attempt it gave up meanwhile as its ``late_report``)."""
-        body = {"attempt": attempt, "outcome": outcome, "exit_code": exit_code, "usage": usage or {},
-                **_output("stdout", stdout), **_output("stderr", stderr)}
+        body = {
+            "attempt": attempt,
+            "outcome": outcome,
+            "exit_code": exit_code,
+            "usage": usage or {},
+            **_output("stdout", stdout),
+            **_output("stderr", stderr),
+        }
         return self.request("POST", ("tasks", task_id, "finish"), json_body=body, idempotent=True)
 
     def list_workers(self, **params):
@@ -421,8 +452,9 @@ class Client:
         """Ask for ``state`` on each task (bulk PATCHes of ``chunk``); one result per task."""
         task_ids, results = list(task_ids), []
         for start in range(0, len(task_ids), chunk):
-            results += self.patch_tasks([{"_id": task_id, "state": state}
-                                         for task_id in task_ids[start:start + chunk]])
+            results += self.patch_tasks(
+                [{"_id": task_id, "state": state} for task_id in task_ids[start : start + chunk]]
+            )
         return results
 
     def tasks_by_id(self, task_ids, projection=None, chunk=200):
@@ -430,7 +462,7 @@ class Client:
         found = {}
         task_ids = list(dict.fromkeys(task_ids))
         for start in range(0, len(task_ids), chunk):
-            part = task_ids[start:start + chunk]
+            part = task_ids[start : start + chunk]
             for doc in self.iter_tasks({"_id": {"$in": part}}, projection, max_results=len(part)):
                 found[doc["_id"]] = doc
         return found
@@ -439,8 +471,13 @@ class Client:
         """Hold until none of ``task_ids`` is unfinished, or ``timeout`` seconds;
         ``{"unfinished": {id: state}, "waited": bool}`` (``POST /tasks/wait``).
         ``waited`` is false when the server was too busy to hold the request."""
-        return self.request("POST", ("tasks", "wait"), json_body={"ids": list(task_ids), "timeout": timeout},
-                            timeout=self.timeout + float(timeout), idempotent=True)
+        return self.request(
+            "POST",
+            ("tasks", "wait"),
+            json_body={"ids": list(task_ids), "timeout": timeout},
+            timeout=self.timeout + float(timeout),
+            idempotent=True,
+        )
 
     def stats(self):
         """Task statistics (``GET /stats``)."""
@@ -455,6 +492,7 @@ class Client:
         task ids; also ``after_any``, ``after_failure``, ``job``, ``name``,
         ``array_limit``, see ``banyan.graph.submit_graph``)."""
         from banyan.graph import submit_graph
+
         return submit_graph(self, graph, after=after, **kwargs)
 
     # -- jobs, retry, hold ------------------------------------------------
@@ -494,7 +532,7 @@ class Client:
         result per task (see ``describe_result``)."""
         task_ids, results = list(task_ids), []
         for start in range(0, len(task_ids), chunk):
-            body = {"ids": task_ids[start:start + chunk]}
+            body = {"ids": task_ids[start : start + chunk]}
             try:
                 reply = self.request("POST", ("tasks", "retry"), json_body=body, idempotent=True) or {}
             except BanyanError as exc:
@@ -509,13 +547,15 @@ class Client:
         """Hold queued tasks (never claimed until released), or release them; one result per task."""
         task_ids, results = list(task_ids), []
         for start in range(0, len(task_ids), chunk):
-            results += self.patch_tasks([{"_id": task_id, "held": bool(held)}
-                                         for task_id in task_ids[start:start + chunk]])
+            results += self.patch_tasks(
+                [{"_id": task_id, "held": bool(held)} for task_id in task_ids[start : start + chunk]]
+            )
         return results
 
     def wait(self, task_ids, **kwargs):
         """Block until every task has finished; a ``banyan.waiting.WaitResult``."""
         from banyan.waiting import wait_for
+
         return wait_for(self, task_ids, **kwargs)
 
 
@@ -550,8 +590,11 @@ def _error_message(response):
             message = error.get("message")
         else:
             message = error
-        return (message or body.get("message") or response.reason or f"HTTP {response.status_code}",
-                body.get("_issues"), body)
+        return (
+            message or body.get("message") or response.reason or f"HTTP {response.status_code}",
+            body.get("_issues"),
+            body,
+        )
     text = (response.text or "").strip()
     return (text[:500] or response.reason or f"HTTP {response.status_code}", None, body)
 

@@ -64,7 +64,8 @@ def describe_result(result):
     message = error.get("message") if isinstance(error, dict) else error
     issues = result.get("_issues")
     if issues:
-        details = "; ".join(str(issue) if not field else f"{field}: {issue}"
-                            for field, issue in _flatten_issues(issues))
+        details = "; ".join(
+            str(issue) if not field else f"{field}: {issue}" for field, issue in _flatten_issues(issues)
+        )
         message = f"{message} ({details})" if message else details
     return message or "refused"

@@ -43,14 +43,29 @@ from banyan.errors import BanyanError, describe_result
 from banyan.protocol import AFTER_FIELDS, FINISHED, TaskState, edge_satisfied
 from banyan.units import parse_duration, parse_size
 
-__all__ = ["GraphError", "TaskGraph", "task_document", "load_graph", "graph_from_data", "submit_graph",
-           "check_task_id"]
+__all__ = ["GraphError", "TaskGraph", "task_document", "load_graph", "graph_from_data", "submit_graph", "check_task_id"]
 
 #: Fields of a task as written in a graph file (and built from `submit` flags).
-FIELDS = ("name", "command", "cores", "memory", "gpus", "retries", "max_lost", "retry_memory_factor", "priority",
-          "time_limit",
-          "environment", "working_directory", "max_shutdown_time", "estimated_runtime",
-          "after", "after_any", "after_failure", "continuations")
+FIELDS = (
+    "name",
+    "command",
+    "cores",
+    "memory",
+    "gpus",
+    "retries",
+    "max_lost",
+    "retry_memory_factor",
+    "priority",
+    "time_limit",
+    "environment",
+    "working_directory",
+    "max_shutdown_time",
+    "estimated_runtime",
+    "after",
+    "after_any",
+    "after_failure",
+    "continuations",
+)
 #: Graph-file fields naming parents (`AFTER_FIELDS`), by the kind of edge each makes.
 KIND_FIELDS = {kind: field for field, kind in AFTER_FIELDS.items()}
 ALIASES = {"max_retries": "retries", "env": "environment", "cwd": "working_directory"}
@@ -74,8 +89,7 @@ def _number(value, what, integer=False):
     try:
         number = int(value) if integer else float(value)
     except (TypeError, ValueError):
-        raise GraphError("%s must be %s, not %r" % (what, "a whole number" if integer else "a number", value)) \
-            from None
+        raise GraphError("%s must be %s, not %r" % (what, "a whole number" if integer else "a number", value)) from None
     if integer and isinstance(value, float) and not value.is_integer():
         raise GraphError("%s must be a whole number, not %r" % (what, value))
     if number != number or number in (float("inf"), float("-inf")):
@@ -153,8 +167,7 @@ def task_document(fields, where=None):
         elif key in ("time_limit", "max_shutdown_time", "estimated_runtime"):
             doc[key] = _duration(value, what)
             if key == "time_limit" and doc[key] == 0:
-                raise GraphError("%s must be more than 0 seconds, not %r (leave it out for no limit)"
-                                 % (what, value))
+                raise GraphError("%s must be more than 0 seconds, not %r (leave it out for no limit)" % (what, value))
         elif key == "environment":
             if not isinstance(value, dict):
                 raise GraphError("%s must be a mapping of NAME: value" % what)
@@ -172,10 +185,10 @@ class TaskGraph:
     """Tasks to create, by key, and which runs after which."""
 
     def __init__(self):
-        self.docs = {}       # key -> API document
-        self.children = {}   # key -> [keys of its continuations]
-        self.kinds = {}      # (parent key, child key) -> "success" | "any" | "failure"
-        self._refs = []      # (task, "after" | "after_any" | ... | "continuations", name it refers to)
+        self.docs = {}  # key -> API document
+        self.children = {}  # key -> [keys of its continuations]
+        self.kinds = {}  # (parent key, child key) -> "success" | "any" | "failure"
+        self._refs = []  # (task, "after" | "after_any" | ... | "continuations", name it refers to)
 
     def __len__(self):
         return len(self.docs)
@@ -202,8 +215,10 @@ class TaskGraph:
     def link(self, parent, child, kind="success"):
         """Make `child` run after `parent` ends as `kind` says."""
         if self.kinds.get((parent, child), kind) != kind:
-            raise GraphError("task '%s' runs after '%s' in two ways (%s and %s)"
-                             % (child, parent, KIND_FIELDS[self.kinds[(parent, child)]], KIND_FIELDS[kind]))
+            raise GraphError(
+                "task '%s' runs after '%s' in two ways (%s and %s)"
+                % (child, parent, KIND_FIELDS[self.kinds[(parent, child)]], KIND_FIELDS[kind])
+            )
         self.kinds[(parent, child)] = kind
         children = self.children.setdefault(parent, [])
         if child not in children:
@@ -221,8 +236,7 @@ class TaskGraph:
         """GraphError for a name that names no task, or a cycle."""
         for key, field, name in self._refs:
             if name not in self.docs:
-                raise GraphError("task '%s': '%s' names '%s', which is not a task of the graph"
-                                 % (key, field, name))
+                raise GraphError("task '%s': '%s' names '%s', which is not a task of the graph" % (key, field, name))
         for parent, children in self.children.items():
             for key in [parent] + children:
                 if key not in self.docs:
@@ -243,7 +257,7 @@ class TaskGraph:
                 node, children = stack[-1]
                 for child in children:
                     if state.get(child) == 1:
-                        return path[path.index(child):] + [child]
+                        return path[path.index(child) :] + [child]
                     if not state.get(child):
                         state[child] = 1
                         path.append(child)
@@ -306,8 +320,10 @@ def graph_from_data(data, source="graph", defaults=None):
     if isinstance(data, dict):
         unknown = set(data) - {"tasks", "defaults"}
         if unknown:
-            raise GraphError("%s: unknown top-level key(s) %s (expected 'tasks' and optionally 'defaults')"
-                             % (source, ", ".join(sorted(map(str, unknown)))))
+            raise GraphError(
+                "%s: unknown top-level key(s) %s (expected 'tasks' and optionally 'defaults')"
+                % (source, ", ".join(sorted(map(str, unknown))))
+            )
         file_defaults = data.get("defaults") or {}
         if not isinstance(file_defaults, dict):
             raise GraphError("%s: 'defaults' must be a mapping of fields" % source)
@@ -367,6 +383,7 @@ def _names(value, where, key):
 
 # -- submission ----------------------------------------------------------------
 
+
 def check_parents(client, parents):
     """GraphError unless every task of `parents` ({kind field: [ids]})
     exists and may still end the way the edge needs (a task after a failed
@@ -385,14 +402,15 @@ def check_parents(client, parents):
                 raise GraphError("%s: %s is being cancelled, so what runs after it would never run" % (flag, label))
             if state in FINISHED and not edge_satisfied(AFTER_FIELDS[field], doc):
                 if field == "after_failure":
-                    raise GraphError("%s: %s succeeded, so what runs after its failure would never run"
-                                     % (flag, label))
-                raise GraphError("%s: %s ended with %s, so what runs after it would never run" % (
-                    flag, label, status or state))
+                    raise GraphError("%s: %s succeeded, so what runs after its failure would never run" % (flag, label))
+                raise GraphError(
+                    "%s: %s ended with %s, so what runs after it would never run" % (flag, label, status or state)
+                )
 
 
-def submit_graph(client, graph, after=(), after_any=(), after_failure=(), job=None, name=None,
-                 array_limit=None, added_by=None):
+def submit_graph(
+    client, graph, after=(), after_any=(), after_failure=(), job=None, name=None, array_limit=None, added_by=None
+):
     """Create the tasks of `graph` so that they run (see the module
     docstring), in job `job` (else a new job named `name`, running at most
     `array_limit` tasks at once); returns {key: task id} in the graph's
@@ -410,8 +428,9 @@ def submit_graph(client, graph, after=(), after_any=(), after_failure=(), job=No
     if external:
         check_parents(client, external)
     if job is None and added_by is None:
-        job = client.create_job(name or next((doc.get("name") for doc in graph.docs.values()), None),
-                                array_limit=array_limit)
+        job = client.create_job(
+            name or next((doc.get("name") for doc in graph.docs.values()), None), array_limit=array_limit
+        )
     roots = set(graph.roots())
     levels = list(reversed(graph.creation_levels()))  # roots first, then each level below
     # Children are made `available` at once (an edge to a task not yet

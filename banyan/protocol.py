@@ -53,11 +53,14 @@ class Outcome(_Word):
 
 
 #: Every stored `exit_status`.
-EXIT_STATUSES = tuple(o.value for o in (Outcome.SUCCESS, Outcome.FAILURE, Outcome.TIMEOUT, Outcome.CANCELLED,
-                                        Outcome.ABANDONED, Outcome.OOM))
+EXIT_STATUSES = tuple(
+    o.value
+    for o in (Outcome.SUCCESS, Outcome.FAILURE, Outcome.TIMEOUT, Outcome.CANCELLED, Outcome.ABANDONED, Outcome.OOM)
+)
 #: Outcomes a worker may report for an attempt.
-WORKER_OUTCOMES = tuple(o.value for o in (Outcome.SUCCESS, Outcome.FAILURE, Outcome.TIMEOUT, Outcome.CANCELLED,
-                                          Outcome.OOM))
+WORKER_OUTCOMES = tuple(
+    o.value for o in (Outcome.SUCCESS, Outcome.FAILURE, Outcome.TIMEOUT, Outcome.CANCELLED, Outcome.OOM)
+)
 
 
 class WorkerState(_Word):
@@ -82,8 +85,12 @@ class DependencyKind(_Word):
 
 
 #: The child's field naming its parents -> the kind of those edges.
-AFTER_FIELDS = {"after": DependencyKind.SUCCESS.value, "after_any": DependencyKind.ANY.value,
-                "after_failure": DependencyKind.FAILURE.value}
+AFTER_FIELDS = {
+    "after": DependencyKind.SUCCESS.value,
+    "after_any": DependencyKind.ANY.value,
+    "after_failure": DependencyKind.FAILURE.value,
+}
+
 
 def edge_satisfied(kind, parent):
     """Whether a finished `parent` (a task document) lets a child of edge

@@ -57,14 +57,12 @@ task_schema = {
     "max_retries": {"type": "integer", "min": 0, "max": 1000, "default": 0, **QUEUED_ONLY},
     # An attempt killed for exceeding its memory (outcome `oom`) is retried with
     # this many times more memory, up to states.MAX_MEMORY_RETRIES times; null or 1: not retried so.
-    "retry_memory_factor": {"type": "number", "min": 1, "max": 1024, "nullable": True, "default": None,
-                            **WRITE_ONCE},
+    "retry_memory_factor": {"type": "number", "min": 1, "max": 1024, "nullable": True, "default": None, **WRITE_ONCE},
     # Attempts the task may lose to lost workers before it fails (see `lost_count`).
     "max_lost": {"type": "integer", "min": 0, "max": 1000, "default": DEFAULT_MAX_LOST, **WRITE_ONCE},
     "max_shutdown_time": {"type": "number", "min": 0, "max": 86400, "default": 10, **WRITE_ONCE},
     # None for no limit; 0 would be a limit nobody could meet, so it is refused.
-    "time_limit": {"type": "number", "above": 0, "max": TEN_YEARS, "nullable": True, "default": None,
-                   **QUEUED_ONLY},
+    "time_limit": {"type": "number", "above": 0, "max": TEN_YEARS, "nullable": True, "default": None, **QUEUED_ONLY},
     "estimated_runtime": {"type": "number", "min": 0, "max": TEN_YEARS, "nullable": True, **WRITE_ONCE},
     "priority": {"type": "integer", "default": 0, **QUEUED_ONLY},
     # A held task is never claimed (`banyan hold` / `banyan release`).
@@ -73,8 +71,7 @@ task_schema = {
     "after_any": dict(PARENTS),
     "after_failure": dict(PARENTS),
     # The submission the task belongs to; without one, each POST makes a job.
-    "job": {"type": "objectid", "creation_only": True,
-            "data_relation": {"resource": "jobs", "field": "_id"}},
+    "job": {"type": "objectid", "creation_only": True, "data_relation": {"resource": "jobs", "field": "_id"}},
     "continuations": {
         "type": "list",
         "maxlength": 10000,  # before `schema`: a longer list is refused without a look at each id
@@ -98,8 +95,7 @@ task_schema = {
     "retry_count": {"type": "integer", "readonly": True},
     "memory_retry_count": {"type": "integer", "readonly": True},
     "lost_count": {"type": "integer", "readonly": True},
-    "exit_status": {"type": "string", "nullable": True, "readonly": True,
-                    "allowed": list(EXIT_STATUSES)},
+    "exit_status": {"type": "string", "nullable": True, "readonly": True, "allowed": list(EXIT_STATUSES)},
     "owner": {"type": "string", "nullable": True, "readonly": True},
     "history": {"type": "list", "readonly": True},
     "cascade_pending": {"type": "boolean", "readonly": True},
@@ -113,8 +109,12 @@ task_schema = {
     # A task added by a running task (`banyan submit --child`): that task,
     # which must be running; the child joins its job, and the continuations
     # of the adding task wait for it too (see states.TaskQueue.prepare_children).
-    "added_by": {"type": "objectid", "nullable": True, "creation_only": True,
-                 "data_relation": {"resource": "tasks", "field": "_id"}},
+    "added_by": {
+        "type": "objectid",
+        "nullable": True,
+        "creation_only": True,
+        "data_relation": {"resource": "tasks", "field": "_id"},
+    },
     # The attempt of `added_by` that added it; a retry replaces what a failed attempt added.
     "added_in_attempt": {"type": "integer", "nullable": True, "readonly": True},
     # 0 for a task submitted from outside, its adder's depth + 1 for a child.
@@ -144,12 +144,24 @@ tasks = {
     "mongo_indexes": {
         # The claim: ready tasks not held, highest priority first, then oldest
         # (`_id` orders the tasks of one bulk POST, which share `_created`).
-        "ready_in_order": [("state", 1), ("pending_dependency_count", 1), ("held", 1), ("priority", -1),
-                           ("_created", 1), ("_id", 1)],
+        "ready_in_order": [
+            ("state", 1),
+            ("pending_dependency_count", 1),
+            ("held", 1),
+            ("priority", -1),
+            ("_created", 1),
+            ("_id", 1),
+        ],
         # The claim once no core is left: ready tasks of no core.
-        "ready_coreless_in_order": [("state", 1), ("pending_dependency_count", 1), ("held", 1),
-                                    ("requested_resources.cores", 1), ("priority", -1), ("_created", 1),
-                                    ("_id", 1)],
+        "ready_coreless_in_order": [
+            ("state", 1),
+            ("pending_dependency_count", 1),
+            ("held", 1),
+            ("requested_resources.cores", 1),
+            ("priority", -1),
+            ("_created", 1),
+            ("_id", 1),
+        ],
         # A task's parents (who lists it among its continuations).
         "parents": [("continuations", 1)],
         "owner": [("owner", 1), ("state", 1)],
@@ -196,11 +208,16 @@ jobs = {
 # URL of their own (banyan.server.claims serves them).
 workers = {
     "internal_resource": True,
-    "schema": {"host": {"type": "string"}, "resources": {"type": "dict"},
-               "state": {"type": "string", "allowed": [s.value for s in WORKER_STATES]},
-               "registered": {"type": "datetime"}, "last_heartbeat": {"type": "datetime"},
-               "stopped": {"type": "datetime", "nullable": True}, "lost": {"type": "datetime", "nullable": True},
-               "token_id": {"type": "string", "nullable": True}},
+    "schema": {
+        "host": {"type": "string"},
+        "resources": {"type": "dict"},
+        "state": {"type": "string", "allowed": [s.value for s in WORKER_STATES]},
+        "registered": {"type": "datetime"},
+        "last_heartbeat": {"type": "datetime"},
+        "stopped": {"type": "datetime", "nullable": True},
+        "lost": {"type": "datetime", "nullable": True},
+        "token_id": {"type": "string", "nullable": True},
+    },
     # `GET /workers?where=` may filter on these (not on the token that registered a worker).
     "allowed_filters": ["_id", "host", "resources", "state", "registered", "last_heartbeat", "stopped", "lost"],
     "mongo_indexes": {
@@ -212,8 +229,12 @@ workers = {
 
 logs = {
     "internal_resource": True,
-    "schema": {"task": {"type": "objectid"}, "attempt": {"type": "integer"},
-               "stdout": {"type": "string"}, "stderr": {"type": "string"}},
+    "schema": {
+        "task": {"type": "objectid"},
+        "attempt": {"type": "integer"},
+        "stdout": {"type": "string"},
+        "stderr": {"type": "string"},
+    },
     "mongo_indexes": {"attempt": ([("task", 1), ("attempt", -1)], {"unique": True})},
 }
 
@@ -230,8 +251,12 @@ DOMAIN = {"tasks": tasks, "jobs": jobs, "slots": slots, "workers": workers, "log
 #: Virtual fields, read or written through endpoints of their own.
 VIRTUAL_RESOURCES = {
     # POST /tasks/add_continuations, POST /tasks/<id>/add_continuations, PATCH {"add_continuations": [...]}
-    "add_continuations": {"kind": "append", "target": "continuations", "allows_duplicates": False,
-                          "writable_by": ["admin", "user"]},
+    "add_continuations": {
+        "kind": "append",
+        "target": "continuations",
+        "allows_duplicates": False,
+        "writable_by": ["admin", "user"],
+    },
     "remove_continuations": {"kind": "remove", "target": "continuations", "writable_by": ["admin", "user"]},
     # GET /tasks/current_history, ?projection={"current_history": 1}: the last attempt.
     "current_history": {"kind": "alias", "target": "history", "element": -1, "readonly": True},

@@ -20,17 +20,21 @@ from banyan.protocol import ROLES
 
 
 def add_token_parser(sub):
-    token = sub.add_parser("token", help="create, revoke and list tokens",
-                           description="Create, revoke and list access tokens (admin, user, worker).")
+    token = sub.add_parser(
+        "token",
+        help="create, revoke and list tokens",
+        description="Create, revoke and list access tokens (admin, user, worker).",
+    )
     actions = token.add_subparsers(dest="token_command", metavar="ACTION")
     actions.required = True
 
-    create = actions.add_parser("create", help="make a token (printed once)",
-                                description="Make a token. It is printed once, on stdout; the "
-                                            "server keeps only its hash.")
+    create = actions.add_parser(
+        "create",
+        help="make a token (printed once)",
+        description="Make a token. It is printed once, on stdout; the server keeps only its hash.",
+    )
     create.add_argument("--role", required=True, choices=ROLES)
-    create.add_argument("--name", help="who it is for; a user's tasks belong to this name "
-                                       "(default: ROLE-<random>)")
+    create.add_argument("--name", help="who it is for; a user's tasks belong to this name (default: ROLE-<random>)")
     _where(create)
     create.set_defaults(func=run_create)
 
@@ -48,15 +52,21 @@ def add_token_parser(sub):
 
 def _where(parser):
     group = parser.add_argument_group("where the tokens are")
-    group.add_argument("--server", default=os.environ.get("BANYAN_SERVER"),
-                       help="a running server's URL (default $BANYAN_SERVER); needs an admin --token")
-    group.add_argument("--token", default=os.environ.get("BANYAN_TOKEN"),
-                       help="an admin token for --server (default $BANYAN_TOKEN)")
-    group.add_argument("--data-dir", default=None,
-                       help="the embedded store's directory, used directly while no server runs on it "
-                            "(default $BANYAN_DATA_DIR or ~/.banyan)")
-    group.add_argument("--mongo-uri", default=None,
-                       help="a MongoDB URI, used directly (default $BANYAN_MONGO_URI)")
+    group.add_argument(
+        "--server",
+        default=os.environ.get("BANYAN_SERVER"),
+        help="a running server's URL (default $BANYAN_SERVER); needs an admin --token",
+    )
+    group.add_argument(
+        "--token", default=os.environ.get("BANYAN_TOKEN"), help="an admin token for --server (default $BANYAN_TOKEN)"
+    )
+    group.add_argument(
+        "--data-dir",
+        default=None,
+        help="the embedded store's directory, used directly while no server runs on it "
+        "(default $BANYAN_DATA_DIR or ~/.banyan)",
+    )
+    group.add_argument("--mongo-uri", default=None, help="a MongoDB URI, used directly (default $BANYAN_MONGO_URI)")
 
 
 class _Failure(Exception):
@@ -78,21 +88,25 @@ class _DirectTokens:
             data_dir = os.path.expanduser(args.data_dir or os.environ.get("BANYAN_DATA_DIR", DEFAULT_DATA_DIR))
             if not args.data_dir and not os.path.isdir(data_dir):
                 # A token made in a store no server uses would be refused everywhere.
-                raise _Failure("no server given (--server, BANYAN_SERVER or the config file) and no store "
-                               "in %s: give --server URL --token ADMIN_TOKEN, or --data-dir of the "
-                               "server's store" % data_dir)
+                raise _Failure(
+                    "no server given (--server, BANYAN_SERVER or the config file) and no store "
+                    "in %s: give --server URL --token ADMIN_TOKEN, or --data-dir of the "
+                    "server's store" % data_dir
+                )
         try:
             self.client = connect(mongo_uri=mongo_uri, data_dir=data_dir)
         except RuntimeError as e:
-            raise _Failure("%s.\nA server is running on it: manage tokens through it with "
-                           "--server URL --token ADMIN_TOKEN (its first admin token is in "
-                           "%s unless it was revoked)."
-                           % (e, os.path.join(data_dir or "DATA_DIR", "admin.token"))) from e
+            raise _Failure(
+                "%s.\nA server is running on it: manage tokens through it with "
+                "--server URL --token ADMIN_TOKEN (its first admin token is in "
+                "%s unless it was revoked)." % (e, os.path.join(data_dir or "DATA_DIR", "admin.token"))
+            ) from e
         dbname = database_config(mongo_uri).get("MONGO_DBNAME") or default_config()["MONGO_DBNAME"]
         self.store = TokenStore(self.client[dbname])
 
     def create(self, role, name):
         from banyan.server.auth import TokenError
+
         try:
             return self.store.create(role, name)
         except TokenError as e:
@@ -100,6 +114,7 @@ class _DirectTokens:
 
     def revoke(self, id_or_name):
         from banyan.server.auth import TokenError
+
         try:
             return self.store.revoke(id_or_name)
         except TokenError as e:
@@ -124,6 +139,7 @@ class _HttpTokens:
 
     def _call(self, method, *path, **kw):
         from banyan.errors import BanyanError
+
         try:
             return self.client.request(method, path, **kw)
         except BanyanError as e:
@@ -153,6 +169,7 @@ def _open(args):
     if not (args.data_dir or args.mongo_uri or args.server):
         # no place given: the server (and token) of the config file, if it names one
         from banyan.config import resolve
+
         found = resolve(token=args.token)
         if found.server_source != "default":
             args.server, args.token = found.server, found.token
@@ -176,9 +193,13 @@ def run_create(args):
     def action(tokens):
         doc, token = tokens.create(args.role, args.name)
         print(token, flush=True)
-        print("created %s token %r (id %s); it is shown only now, so keep it safe"
-              % (doc["role"], doc["name"], doc["_id"]), file=sys.stderr)
+        print(
+            "created %s token %r (id %s); it is shown only now, so keep it safe"
+            % (doc["role"], doc["name"], doc["_id"]),
+            file=sys.stderr,
+        )
         return 0
+
     return _run(args, action)
 
 
@@ -187,16 +208,20 @@ def run_revoke(args):
         for doc in tokens.revoke(args.id_or_name):
             print("revoked %s token %r (id %s)" % (doc["role"], doc["name"], doc["_id"]))
         return 0
+
     return _run(args, action)
 
 
 def run_list(args):
     def action(tokens):
-        rows = [(d["_id"], d["role"], d["name"], str(d.get("created") or ""),
-                 str(d.get("revoked") or "")) for d in tokens.list(args.all)]
+        rows = [
+            (d["_id"], d["role"], d["name"], str(d.get("created") or ""), str(d.get("revoked") or ""))
+            for d in tokens.list(args.all)
+        ]
         header = ("ID", "ROLE", "NAME", "CREATED", "REVOKED")
         widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
         for row in [header] + rows:
             print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
         return 0
+
     return _run(args, action)

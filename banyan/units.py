@@ -21,11 +21,22 @@ __all__ = ["parse_size", "format_size", "parse_duration"]
 _MULTIPLIERS = {
     "": 1,
     "B": 1,
-    "K": 1024, "KI": 1024, "KIB": 1024,
-    "M": 1024 ** 2, "MI": 1024 ** 2, "MIB": 1024 ** 2,
-    "G": 1024 ** 3, "GI": 1024 ** 3, "GIB": 1024 ** 3,
-    "T": 1024 ** 4, "TI": 1024 ** 4, "TIB": 1024 ** 4,
-    "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3, "TB": 1000 ** 4,
+    "K": 1024,
+    "KI": 1024,
+    "KIB": 1024,
+    "M": 1024**2,
+    "MI": 1024**2,
+    "MIB": 1024**2,
+    "G": 1024**3,
+    "GI": 1024**3,
+    "GIB": 1024**3,
+    "T": 1024**4,
+    "TI": 1024**4,
+    "TIB": 1024**4,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
 }
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
@@ -53,8 +64,9 @@ def parse_size(value):
         raise ValueError(f"invalid size {value!r}: expected bytes or a string such as '512 MiB'")
     match = _SIZE_RE.match(value)
     if not match:
-        raise ValueError(f"invalid size {value!r}: expected a number and an optional unit, "
-                         f"such as '512 MiB', '2GB' or '1024'")
+        raise ValueError(
+            f"invalid size {value!r}: expected a number and an optional unit, such as '512 MiB', '2GB' or '1024'"
+        )
     number, unit = match.groups()
     if unit.endswith("b"):
         raise ValueError(f"invalid size {value!r}: a lower-case 'b' means bits; {_bytes_hint(number, unit)}")
@@ -75,8 +87,7 @@ def _bytes_hint(number, unit):
     prefix = unit[:-1].rstrip("iI").upper()
     if not prefix:
         return f"write {number} B for bytes"
-    return (f"for bytes write {number} {prefix}B (powers of 1000) or {number} {prefix}iB "
-            f"(powers of 1024)")
+    return f"for bytes write {number} {prefix}B (powers of 1000) or {number} {prefix}iB (powers of 1024)"
 
 
 def format_size(num_bytes):

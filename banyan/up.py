@@ -28,9 +28,12 @@ def add_arguments(parser):
     parser.add_argument("--cores", help="cores the worker may use (default: all)")
     parser.add_argument("--memory", help="memory the worker may use, e.g. '8 GiB' (default: all)")
     parser.add_argument("--gpus", help="GPUs the worker may use (default: all detected)")
-    parser.add_argument("--worker-token", default=os.environ.get("BANYAN_WORKER_TOKEN"),
-                        help="with authentication on: the worker's token (default $BANYAN_WORKER_TOKEN, "
-                             "else DATA_DIR/worker.token, else one made with the admin token file)")
+    parser.add_argument(
+        "--worker-token",
+        default=os.environ.get("BANYAN_WORKER_TOKEN"),
+        help="with authentication on: the worker's token (default $BANYAN_WORKER_TOKEN, "
+        "else DATA_DIR/worker.token, else one made with the admin token file)",
+    )
 
 
 class _Failure(Exception):
@@ -38,9 +41,22 @@ class _Failure(Exception):
 
 
 def server_command(args):
-    cmd = [sys.executable, "-m", "banyan.cli", "server", "--host", args.host, "--port", str(args.port),
-           "--data-dir", args.data_dir, "--threads", str(args.threads),
-           "--heartbeat-timeout", str(args.heartbeat_timeout)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "banyan.cli",
+        "server",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--data-dir",
+        args.data_dir,
+        "--threads",
+        str(args.threads),
+        "--heartbeat-timeout",
+        str(args.heartbeat_timeout),
+    ]
     if args.mongo_uri:
         cmd += ["--mongo-uri", args.mongo_uri]
     if args.auth is not None:
@@ -93,12 +109,12 @@ def worker_token(args, url):
         raise _Failure(
             "authentication is on and the worker has no token: give --worker-token TOKEN (make one "
             "with `banyan token create --role worker --server %s --token ADMIN_TOKEN`), or keep the "
-            "admin token in %s" % (url, path))
+            "admin token in %s" % (url, path)
+        )
     name = "banyan-up-%s" % re.sub(r"[^A-Za-z0-9_.@+-]", "-", socket.gethostname() or "host")[:100]
     try:
         with Client(url, admin, attempts=3) as client:
-            reply = client.request("POST", ("tokens",), json_body={"role": "worker", "name": name},
-                                   idempotent=False)
+            reply = client.request("POST", ("tokens",), json_body={"role": "worker", "name": name}, idempotent=False)
     except BanyanError as exc:
         raise _Failure("cannot make a worker token with the admin token of %s: %s" % (path, exc.describe())) from exc
     write_secret(kept_path, reply["token"])
@@ -160,9 +176,12 @@ def run(args):
     signal.signal(signal.SIGTERM, stop)
     print("banyan up: worker started; %s, stop with Ctrl-C" % submit_hint(url), flush=True)
     if auth_on:
-        print("banyan up: authentication is on; make yourself a user token with `banyan token create "
-              "--role user --name NAME --server %s --token $(cat %s)` and set BANYAN_TOKEN to it"
-              % (url, admin_token_path(args)), flush=True)
+        print(
+            "banyan up: authentication is on; make yourself a user token with `banyan token create "
+            "--role user --name NAME --server %s --token $(cat %s)` and set BANYAN_TOKEN to it"
+            % (url, admin_token_path(args)),
+            flush=True,
+        )
     while worker.poll() is None and server.poll() is None:
         time.sleep(0.2)
     if worker.poll() is None:

@@ -68,8 +68,16 @@ def succeeded(doc):
     return doc.get("state") == TaskState.TERMINATED and doc.get("exit_status") == Outcome.SUCCESS
 
 
-def wait_for(client, task_ids=None, where=None, interval=1.0, timeout=None, on_progress=None,
-             sleep=time.sleep, clock=time.monotonic):
+def wait_for(
+    client,
+    task_ids=None,
+    where=None,
+    interval=1.0,
+    timeout=None,
+    on_progress=None,
+    sleep=time.sleep,
+    clock=time.monotonic,
+):
     """Wait until every task (of `task_ids`, or matching `where`) has
     finished, or `timeout` seconds passed. `on_progress(Progress)` is called
     after every round. Raises MissingTasks for ids that name no task."""
@@ -82,8 +90,7 @@ def wait_for(client, task_ids=None, where=None, interval=1.0, timeout=None, on_p
             raise MissingTasks(missing)
         tasks = {task_id: tasks[task_id] for task_id in task_ids}
     else:
-        tasks = {doc["_id"]: doc for doc in client.iter_tasks(where or {}, OUTCOME_PROJECTION,
-                                                                max_results=10000)}
+        tasks = {doc["_id"]: doc for doc in client.iter_tasks(where or {}, OUTCOME_PROJECTION, max_results=10000)}
     result = WaitResult(tasks)
     running = {task_id: doc["state"] for task_id, doc in tasks.items() if doc.get("state") not in FINISHED}
     delay = min(interval, 0.2)  # polled: short tasks are seen soon; then every `interval`
@@ -94,8 +101,7 @@ def wait_for(client, task_ids=None, where=None, interval=1.0, timeout=None, on_p
         if not running and task_ids is None and (where or {}).get("job"):
             # Tasks of the job added while it ran (`submit --child`): all of
             # them exist once every task that could add one has ended.
-            for doc in client.iter_tasks(dict(where, _id={"$nin": list(tasks)}), OUTCOME_PROJECTION,
-                                         max_results=10000):
+            for doc in client.iter_tasks(dict(where, _id={"$nin": list(tasks)}), OUTCOME_PROJECTION, max_results=10000):
                 tasks[doc["_id"]] = doc
                 if doc.get("state") not in FINISHED:
                     running[doc["_id"]] = doc["state"]
@@ -165,7 +171,7 @@ def _unfinished_states(client, task_ids, where):
                 states[doc["_id"]] = doc["state"]
         return states
     for begin in range(0, len(task_ids), _CHUNK):
-        part = task_ids[begin:begin + _CHUNK]
+        part = task_ids[begin : begin + _CHUNK]
         query = dict(unfinished, _id={"$in": part})
         for doc in client.iter_tasks(query, {"state": 1}, max_results=len(part)):
             states[doc["_id"]] = doc["state"]
@@ -175,7 +181,11 @@ def _unfinished_states(client, task_ids, where):
 def _progress(result, running, elapsed):
     finished = [doc for doc in result.tasks.values() if doc.get("state") in FINISHED]
     ok = sum(1 for doc in finished if succeeded(doc))
-    return Progress(total=len(result.tasks), finished=len(finished), succeeded=ok,
-                    failed=len(finished) - ok,
-                    running=sum(1 for state in running.values() if state in HELD),
-                    elapsed=elapsed)
+    return Progress(
+        total=len(result.tasks),
+        finished=len(finished),
+        succeeded=ok,
+        failed=len(finished) - ok,
+        running=sum(1 for state in running.values() if state in HELD),
+        elapsed=elapsed,
+    )

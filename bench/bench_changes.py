@@ -14,11 +14,12 @@ import tempfile
 import time
 from datetime import timedelta
 
+from benchkit import fill_with_copies
+
 from banyan.server import changes
 from banyan.server.app import create_app
 from banyan.server.states import utcnow
 from banyan.server.store import connect
-from benchkit import fill_with_copies
 
 
 def timed(fn, repeat=20):
@@ -42,8 +43,10 @@ def run(n):
             doc["_updated"] = now if i >= n - 2001 else now - timedelta(seconds=n - i)
 
         fill_with_copies(db, n, vary)
-        figures = [("admin", timed(lambda: changes.version(db, {}))),
-                   ("user", timed(lambda: changes.version(db, {"owner": "u1"})))]
+        figures = [
+            ("admin", timed(lambda: changes.version(db, {}))),
+            ("user", timed(lambda: changes.version(db, {"owner": "u1"}))),
+        ]
         client.close()
     return figures
 

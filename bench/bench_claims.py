@@ -22,11 +22,12 @@ import threading
 import time
 import uuid
 
+from benchkit import timed_threads
+
 from banyan.server.app import create_app
+from banyan.server.services import services
 from banyan.server.states import utcnow
 from banyan.server.store import connect
-from banyan.server.services import services
-from benchkit import timed_threads
 
 FREE = {"cores": 64, "memory": 1 << 40, "gpus": 0}
 
@@ -36,9 +37,18 @@ def seed(app, n, **fields):
     for start in range(0, n, 10000):
         docs = []
         for i in range(start, min(n, start + 10000)):
-            doc = {"command": "echo %d" % i, "state": "available", "priority": i % 10, "max_retries": 0,
-                   "requested_resources": {"cores": 1, "memory": 1 << 20, "gpus": 0}, "time_limit": None,
-                   "continuations": [], "_created": now, "_updated": now, "_etag": uuid.uuid4().hex}
+            doc = {
+                "command": "echo %d" % i,
+                "state": "available",
+                "priority": i % 10,
+                "max_retries": 0,
+                "requested_resources": {"cores": 1, "memory": 1 << 20, "gpus": 0},
+                "time_limit": None,
+                "continuations": [],
+                "_created": now,
+                "_updated": now,
+                "_etag": uuid.uuid4().hex,
+            }
             doc.update(fields)
             docs.append(doc)
         services(app).queue.prepare_new(docs)
@@ -89,8 +99,10 @@ def bench_throughput(tmp, sizes, target):
         want = min(target, n // 2)
         got1, took1 = throughput(app, want, 1)
         got4, took4 = throughput(app, want, 4)
-        print("  %8d  %9.1f  %14.0f  %14.0f   (%d and %d tasks claimed)"
-              % (n, seeded, got1 / took1, got4 / took4, got1, got4))
+        print(
+            "  %8d  %9.1f  %14.0f  %14.0f   (%d and %d tasks claimed)"
+            % (n, seeded, got1 / took1, got4 / took4, got1, got4)
+        )
         client.close()
 
 
@@ -127,14 +139,23 @@ def bench_long_poll(tmp, rounds, backlog):
                 assert r.status_code == 200, r.json
             else:
                 from bson import ObjectId
+
                 services(app).queue.tasks.update_one({"_id": ObjectId(tid)}, {"$set": {"state": "available"}})
             poller.join()
             assert [t["_id"] for t in result["items"]] == [tid], result
             latencies.append(result["done"] - started)
         latencies.sort()
-        print("long poll, %s, %d non-fitting tasks queued, %d rounds: median %.1f ms, p90 %.1f ms, max %.1f ms"
-              % (path, backlog, rounds, 1000 * statistics.median(latencies),
-                 1000 * latencies[int(0.9 * (len(latencies) - 1))], 1000 * latencies[-1]))
+        print(
+            "long poll, %s, %d non-fitting tasks queued, %d rounds: median %.1f ms, p90 %.1f ms, max %.1f ms"
+            % (
+                path,
+                backlog,
+                rounds,
+                1000 * statistics.median(latencies),
+                1000 * latencies[int(0.9 * (len(latencies) - 1))],
+                1000 * latencies[-1],
+            )
+        )
         client.close()
 
 

@@ -65,9 +65,17 @@ def timed_request(http, url, runs):
 
 def show(label, measured):
     times, cpu = measured
-    print("%-30s median %6.1f ms  (min %6.1f, max %6.1f, %d runs)%s" % (
-        label, 1000 * statistics.median(times), 1000 * min(times), 1000 * max(times), len(times),
-        "  CPU median %5.1f ms" % (1000 * statistics.median(cpu)) if cpu else ""))
+    print(
+        "%-30s median %6.1f ms  (min %6.1f, max %6.1f, %d runs)%s"
+        % (
+            label,
+            1000 * statistics.median(times),
+            1000 * min(times),
+            1000 * max(times),
+            len(times),
+            "  CPU median %5.1f ms" % (1000 * statistics.median(cpu)) if cpu else "",
+        )
+    )
 
 
 def main():
@@ -75,9 +83,11 @@ def main():
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
 
-    probe = ("import sys, time; t = time.perf_counter(); import banyan.cli; "
-             "print('%.1f' % (1000 * (time.perf_counter() - t))); "
-             "print(' '.join(m for m in " + repr(SERVER_MODULES) + " if m in sys.modules) or '-')")
+    probe = (
+        "import sys, time; t = time.perf_counter(); import banyan.cli; "
+        "print('%.1f' % (1000 * (time.perf_counter() - t))); "
+        "print(' '.join(m for m in " + repr(SERVER_MODULES) + " if m in sys.modules) or '-')"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
     print("import banyan.cli: %s ms; server libraries loaded: %s" % (out[0], out[1]))
     base = [sys.executable, "-c", "pass"]
@@ -87,8 +97,12 @@ def main():
     show("banyan --help", timed([BANYAN, "--help"], args.runs, env))
 
     tmp = tempfile.mkdtemp(prefix="bench-cli-")
-    server = subprocess.Popen([BANYAN, "server", "--port", "0", "--data-dir", os.path.join(tmp, "data")],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [BANYAN, "server", "--port", "0", "--data-dir", os.path.join(tmp, "data")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         line = server.stdout.readline().decode()
         match = re.search(r"(http://\S+)", line)

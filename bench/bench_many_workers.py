@@ -56,8 +56,13 @@ class Server:
             connections = len([c for c in self.ps.net_connections(kind="tcp") if c.status == "ESTABLISHED"])
         except (psutil.AccessDenied, AttributeError):
             connections = self.ps.num_fds()
-        return {"cpu": cpu.user + cpu.system, "rss": self.ps.memory_info().rss, "threads": self.ps.num_threads(),
-                "connections": connections, "time": time.monotonic()}
+        return {
+            "cpu": cpu.user + cpu.system,
+            "rss": self.ps.memory_info().rss,
+            "threads": self.ps.num_threads(),
+            "connections": connections,
+            "time": time.monotonic(),
+        }
 
     def stop(self):
         self.proc.terminate()
@@ -69,8 +74,10 @@ def submit(url, count, chunk=500):
     ids = []
     with requests.Session() as http:
         for start in range(0, count, chunk):
-            body = [{"command": "true", "state": "available", "name": "b%d" % i}
-                    for i in range(start, min(count, start + chunk))]
+            body = [
+                {"command": "true", "state": "available", "name": "b%d" % i}
+                for i in range(start, min(count, start + chunk))
+            ]
             r = http.post(url + "/tasks", json=body, timeout=600)
             r.raise_for_status()
             ids += [item["_id"] for item in r.json()["_items"]]
@@ -78,8 +85,11 @@ def submit(url, count, chunk=500):
 
 
 def left(url):
-    r = requests.get(url + "/tasks", params={"where": '{"state": {"$nin": ["terminated", "cancelled"]}}',
-                                             "max_results": 1}, timeout=60)
+    r = requests.get(
+        url + "/tasks",
+        params={"where": '{"state": {"$nin": ["terminated", "cancelled"]}}', "max_results": 1},
+        timeout=60,
+    )
     return r.json()["_meta"]["total"]
 
 
@@ -112,17 +122,37 @@ def idle(args):
         claims = sum(w.claims for w in fleet.workers) - claims_before
         away = sum(w.turned_away for w in fleet.workers) - away_before
         errors = fleet.errors
-        print("idle: %d simulated workers long-polling, %.0f s measured after %.0f s warm-up" % (
-            args.idle, wall, args.warmup))
-        print("  server CPU %.1f%% of a core, RSS %.0f MiB (peak %.0f), threads %d (peak %d), "
-              "connections %d (peak %d)" % (100 * (after["cpu"] - before["cpu"]) / wall, after["rss"] / 2 ** 20,
-                                            peak["rss"] / 2 ** 20, after["threads"], peak["threads"],
-                                            after["connections"], peak["connections"]))
-        print("  claims answered %.1f/s (%.1f/s turned away with retry_after); worker errors: %d" % (
-            claims / wall, away / wall, len(errors)))
-        print("  user GET /tasks/<id>: %d reads, p50 %s ms, p99 %s ms, max %s ms, statuses %s" % (
-            len(probe.seconds), ms(percentile(probe.seconds, 0.5)), ms(probe.p99()),
-            ms(max(probe.seconds) if probe.seconds else None), sorted(set(map(str, probe.statuses)))))
+        print(
+            "idle: %d simulated workers long-polling, %.0f s measured after %.0f s warm-up"
+            % (args.idle, wall, args.warmup)
+        )
+        print(
+            "  server CPU %.1f%% of a core, RSS %.0f MiB (peak %.0f), threads %d (peak %d), "
+            "connections %d (peak %d)"
+            % (
+                100 * (after["cpu"] - before["cpu"]) / wall,
+                after["rss"] / 2**20,
+                peak["rss"] / 2**20,
+                after["threads"],
+                peak["threads"],
+                after["connections"],
+                peak["connections"],
+            )
+        )
+        print(
+            "  claims answered %.1f/s (%.1f/s turned away with retry_after); worker errors: %d"
+            % (claims / wall, away / wall, len(errors))
+        )
+        print(
+            "  user GET /tasks/<id>: %d reads, p50 %s ms, p99 %s ms, max %s ms, statuses %s"
+            % (
+                len(probe.seconds),
+                ms(percentile(probe.seconds, 0.5)),
+                ms(probe.p99()),
+                ms(max(probe.seconds) if probe.seconds else None),
+                sorted(set(map(str, probe.statuses))),
+            )
+        )
     finally:
         if fleet is not None:
             fleet.stop()
@@ -151,12 +181,23 @@ def throughput(args, count):
         after = server.sample()
         probe.stop()
         done = len(fleet.runs)
-        print("throughput: %d simulated workers, %d tasks: %.0f tasks claimed and reported per second "
-              "(%.1f s); server CPU %.0f%% of a core, %d connections; user GET p99 %s ms (max %s ms, %d reads); "
-              "worker errors: %d" % (
-                  count, done, done / seconds, seconds, 100 * (after["cpu"] - before["cpu"]) / seconds,
-                  after["connections"], ms(probe.p99()), ms(max(probe.seconds) if probe.seconds else None),
-                  len(probe.seconds), len(fleet.errors)))
+        print(
+            "throughput: %d simulated workers, %d tasks: %.0f tasks claimed and reported per second "
+            "(%.1f s); server CPU %.0f%% of a core, %d connections; user GET p99 %s ms (max %s ms, %d reads); "
+            "worker errors: %d"
+            % (
+                count,
+                done,
+                done / seconds,
+                seconds,
+                100 * (after["cpu"] - before["cpu"]) / seconds,
+                after["connections"],
+                ms(probe.p99()),
+                ms(max(probe.seconds) if probe.seconds else None),
+                len(probe.seconds),
+                len(fleet.errors),
+            )
+        )
     finally:
         if fleet is not None:
             fleet.stop()

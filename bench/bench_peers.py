@@ -79,15 +79,29 @@ class Cluster:
         if mongo_uri:  # MongoDB means authentication: the first start wrote an admin token
             token = open(os.path.join(self.tmp, "data", "admin.token")).read().strip()
             with banyan.Client(self.url, token) as admin:
-                worker_token = admin.request("POST", ("tokens",), json_body={"role": "worker", "name": "bench"},
-                                             idempotent=False)["token"]
+                worker_token = admin.request(
+                    "POST", ("tokens",), json_body={"role": "worker", "name": "bench"}, idempotent=False
+                )["token"]
         self.client = banyan.Client(self.url, token)
         env = dict(os.environ, BANYAN_TOKEN=worker_token) if worker_token else None
         self.worker = subprocess.Popen(
-            [os.path.join(BIN, "banyan-worker"), "--server", self.url, "--cores", str(SLOTS),
-             "--work-dir", os.path.join(self.tmp, "work"), "--log-level", "WARNING"] + list(worker_args),
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.tmp, "worker.log"), "wb"),
-            start_new_session=True, env=env)
+            [
+                os.path.join(BIN, "banyan-worker"),
+                "--server",
+                self.url,
+                "--cores",
+                str(SLOTS),
+                "--work-dir",
+                os.path.join(self.tmp, "work"),
+                "--log-level",
+                "WARNING",
+            ]
+            + list(worker_args),
+            stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(self.tmp, "worker.log"), "wb"),
+            start_new_session=True,
+            env=env,
+        )
         deadline = time.monotonic() + 60
         while not self.client.list_workers(state="active")["_items"]:
             if time.monotonic() > deadline:
@@ -115,6 +129,7 @@ class Cluster:
         self.client.close()
         if self.mongo_uri:
             import pymongo
+
             with pymongo.MongoClient(self.mongo_uri) as mongo:
                 mongo.drop_database(mongo.get_default_database().name)
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -152,8 +167,11 @@ def summary(values):
 
 def run_banyan(repeats, mongo_uri=None, worker_args=()):
     runs = {wl: [one(wl, mongo_uri, worker_args) for _ in range(repeats)] for wl in ("W1", "W2", "W3")}
-    return {"W1_tasks_per_s": summary(N_W1 / s for s in runs["W1"]), "W2_makespan_s": summary(runs["W2"]),
-            "W3_latency_median_s": summary(runs["W3"])}
+    return {
+        "W1_tasks_per_s": summary(N_W1 / s for s in runs["W1"]),
+        "W2_makespan_s": summary(runs["W2"]),
+        "W3_latency_median_s": summary(runs["W3"]),
+    }
 
 
 def run_peer(name, peers_dir, results_dir, repeats):
@@ -161,11 +179,18 @@ def run_peer(name, peers_dir, results_dir, repeats):
     if not installed():
         print("%s: not installed, skipped (bash %s/setup_peers.sh)" % (name, peers_dir), flush=True)
         return None
-    env = dict(os.environ, PEERS_RESULTS=results_dir, BENCH_REPEATS=str(repeats), BENCH_N_W1=str(N_W1),
-               BENCH_N_W2=str(N_W2), BENCH_N_W3=str(N_W3))
+    env = dict(
+        os.environ,
+        PEERS_RESULTS=results_dir,
+        BENCH_REPEATS=str(repeats),
+        BENCH_N_W1=str(N_W1),
+        BENCH_N_W2=str(N_W2),
+        BENCH_N_W3=str(N_W3),
+    )
     with open(os.path.join(results_dir, name + ".log"), "wb") as log:
-        code = subprocess.run([python, runner], cwd=peers_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=3600).returncode
+        code = subprocess.run(
+            [python, runner], cwd=peers_dir, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=3600
+        ).returncode
     path = os.path.join(results_dir, name + ".json")
     if code != 0 or not os.path.exists(path):
         print("%s: its runner failed (exit code %s), skipped; see %s.log" % (name, code, name), flush=True)
@@ -191,19 +216,34 @@ def ratio(ours, theirs, key, better_high):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=int(os.environ.get("BENCH_REPEATS", "3")))
-    parser.add_argument("--mongo-uri", default=os.environ.get("BANYAN_BENCH_MONGO_URI"),
-                        help="also run Banyan on this MongoDB/FerretDB (a fresh database each time)")
-    parser.add_argument("--peers-dir", default=os.environ.get("BANYAN_PEERS_DIR"),
-                        help="the shared peer harness (default: ../shared/peers from the repository, "
-                             "or from its parent)")
+    parser.add_argument(
+        "--mongo-uri",
+        default=os.environ.get("BANYAN_BENCH_MONGO_URI"),
+        help="also run Banyan on this MongoDB/FerretDB (a fresh database each time)",
+    )
+    parser.add_argument(
+        "--peers-dir",
+        default=os.environ.get("BANYAN_PEERS_DIR"),
+        help="the shared peer harness (default: ../shared/peers from the repository, or from its parent)",
+    )
     parser.add_argument("--skip-peers", action="store_true", help="Banyan only")
-    parser.add_argument("--also-worker-args", action="append", default=[], metavar="ARGS",
-                        help="Banyan again (embedded store) with these banyan-worker options, as a row "
-                             "of its own (e.g. \"--prefetch 8\"); may be repeated")
+    parser.add_argument(
+        "--also-worker-args",
+        action="append",
+        default=[],
+        metavar="ARGS",
+        help="Banyan again (embedded store) with these banyan-worker options, as a row "
+        'of its own (e.g. "--prefetch 8"); may be repeated',
+    )
     args = parser.parse_args()
     peers_dir = args.peers_dir or next(
-        (d for d in (os.path.join(REPO, "..", "shared", "peers"), os.path.join(REPO, "..", "..", "shared", "peers"))
-         if os.path.isdir(d)), None)
+        (
+            d
+            for d in (os.path.join(REPO, "..", "shared", "peers"), os.path.join(REPO, "..", "..", "shared", "peers"))
+            if os.path.isdir(d)
+        ),
+        None,
+    )
     results_dir = tempfile.mkdtemp(prefix="bench-peers-results-")
     rows = {}
     print("banyan (embedded store) ...", flush=True)
@@ -223,21 +263,31 @@ def main():
                 rows[name] = run_peer(name, os.path.abspath(peers_dir), results_dir, args.repeats)
     ours = rows["banyan"]
     print()
-    print("N_W1=%d N_W2=%d N_W3=%d, %d repetition(s), medians [min-max]; ratios: Banyan (embedded) / peer"
-          % (N_W1, N_W2, N_W3, args.repeats))
+    print(
+        "N_W1=%d N_W2=%d N_W3=%d, %d repetition(s), medians [min-max]; ratios: Banyan (embedded) / peer"
+        % (N_W1, N_W2, N_W3, args.repeats)
+    )
     print()
-    print("| | W1 tasks/s | W2 makespan s | W3 latency ms | W1 ratio (higher is better) "
-          "| W2 ratio (lower is better) | W3 ratio (lower is better) |")
+    print(
+        "| | W1 tasks/s | W2 makespan s | W3 latency ms | W1 ratio (higher is better) "
+        "| W2 ratio (lower is better) | W3 ratio (lower is better) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, s in rows.items():
         if s is None:
             continue
-        print("| %s | %s | %s | %s | %s | %s | %s |" % (
-            name, cell(s, "W1_tasks_per_s", "{:.0f}"), cell(s, "W2_makespan_s", "{:.2f}"),
-            cell(s, "W3_latency_median_s", "{:.1f}", 1000),
-            ratio(ours, s, "W1_tasks_per_s", True) if name != "banyan" else "",
-            ratio(ours, s, "W2_makespan_s", False) if name != "banyan" else "",
-            ratio(ours, s, "W3_latency_median_s", False) if name != "banyan" else ""))
+        print(
+            "| %s | %s | %s | %s | %s | %s | %s |"
+            % (
+                name,
+                cell(s, "W1_tasks_per_s", "{:.0f}"),
+                cell(s, "W2_makespan_s", "{:.2f}"),
+                cell(s, "W3_latency_median_s", "{:.1f}", 1000),
+                ratio(ours, s, "W1_tasks_per_s", True) if name != "banyan" else "",
+                ratio(ours, s, "W2_makespan_s", False) if name != "banyan" else "",
+                ratio(ours, s, "W3_latency_median_s", False) if name != "banyan" else "",
+            )
+        )
     shutil.rmtree(results_dir, ignore_errors=True)
 
 

@@ -22,8 +22,11 @@ import requests
 
 
 def start_server(data_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "banyan.cli", "server", "--port", "0", "--data-dir", data_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "banyan.cli", "server", "--port", "0", "--data-dir", data_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     url = re.search(r"(http://\S+)", proc.stdout.readline().decode()).group(1)
     return proc, url
 
@@ -71,8 +74,10 @@ def main():
         finally:
             proc.terminate()
             proc.wait()
-    print("embedded store, %d tasks preloaded in %.1f s%s"
-          % (args.preload, preload, "; Idempotency-Key on every timed POST" if args.keys else ""))
+    print(
+        "embedded store, %d tasks preloaded in %.1f s%s"
+        % (args.preload, preload, "; Idempotency-Key on every timed POST" if args.keys else "")
+    )
     print("%-28s %10s %12s" % ("operation", "requests/s", "tasks/s"))
     print("%-28s %10.0f %12.0f" % ("single POST", args.singles / singles, args.singles / singles))
     if replays is not None:

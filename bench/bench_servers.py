@@ -35,7 +35,6 @@ import time
 import uuid
 
 import requests
-
 from benchkit import stop_processes, timed_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,12 +56,18 @@ class Setup:
         self.http = requests.Session()
         token_file = os.path.join(tmp, "admin.token")
         for i in range(servers):
-            args = command("banyan", "banyan.cli") + ["server", "--port", "0",
-                                                      "--data-dir", os.path.join(tmp, "data%d" % i)]
+            args = command("banyan", "banyan.cli") + [
+                "server",
+                "--port",
+                "0",
+                "--data-dir",
+                os.path.join(tmp, "data%d" % i),
+            ]
             if uri:
                 args += ["--mongo-uri", uri, "--admin-token-file", token_file]
-            proc = subprocess.Popen(args, stdout=subprocess.PIPE,
-                                    stderr=open(os.path.join(tmp, "server%d.log" % i), "wb"))
+            proc = subprocess.Popen(
+                args, stdout=subprocess.PIPE, stderr=open(os.path.join(tmp, "server%d.log" % i), "wb")
+            )
             line = proc.stdout.readline().decode()
             match = re.search(r"listening on (http://\S+)", line)
             if not match:
@@ -83,15 +88,33 @@ class Setup:
     def start_workers(self, n, cores):
         for i in range(n):
             args = command("banyan-worker", "banyan.worker") + [
-                "--server", self.urls[i % len(self.urls)], "--cores", str(cores), "--host", "bench%d" % i,
-                "--work-dir", os.path.join(self.tmp, "work%d" % i), "--log-level", "WARNING"]
+                "--server",
+                self.urls[i % len(self.urls)],
+                "--cores",
+                str(cores),
+                "--host",
+                "bench%d" % i,
+                "--work-dir",
+                os.path.join(self.tmp, "work%d" % i),
+                "--log-level",
+                "WARNING",
+            ]
             if self.token:
                 args += ["--token", self.token]
-            self.procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                               stderr=open(os.path.join(self.tmp, "w%d.log" % i), "wb")))
+            self.procs.append(
+                subprocess.Popen(
+                    args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.tmp, "w%d.log" % i), "wb")
+                )
+            )
         deadline = time.monotonic() + 60
-        while len(self.http.get(self.urls[0] + "/workers", params={"where": json.dumps({"state": "active"})})
-                  .json()["_items"]) < n:
+        while (
+            len(
+                self.http.get(self.urls[0] + "/workers", params={"where": json.dumps({"state": "active"})}).json()[
+                    "_items"
+                ]
+            )
+            < n
+        ):
             if time.monotonic() > deadline:
                 raise SystemExit("workers did not register")
             time.sleep(0.1)
@@ -104,9 +127,10 @@ class Setup:
         return [t["_id"] for t in body["_items"]] if isinstance(tasks, list) else [body["_id"]]
 
     def unfinished(self):
-        return self.http.get(self.url() + "/tasks", params={
-            "max_results": 1, "where": json.dumps({"state": {"$nin": ["terminated", "cancelled"]}})
-        }).json()["_meta"]["total"]
+        return self.http.get(
+            self.url() + "/tasks",
+            params={"max_results": 1, "where": json.dumps({"state": {"$nin": ["terminated", "cancelled"]}})},
+        ).json()["_meta"]["total"]
 
     def close(self):
         stop_processes(reversed(self.procs))
@@ -115,8 +139,10 @@ class Setup:
 def claims(setup, tasks, claimers):
     for start in range(0, tasks, 500):
         setup.submit([{"command": "true", "state": "available"} for _ in range(min(500, tasks - start))])
-    wids = [setup.http.post(setup.url() + "/workers", json={"host": "c%d" % i, "resources": {"cores": 64}})
-            .json()["_id"] for i in range(claimers)]
+    wids = [
+        setup.http.post(setup.url() + "/workers", json={"host": "c%d" % i, "resources": {"cores": 64}}).json()["_id"]
+        for i in range(claimers)
+    ]
     got = [0] * claimers
 
     def claimer(i):
@@ -124,8 +150,10 @@ def claims(setup, tasks, claimers):
         session = requests.Session()
         session.headers.update(setup.http.headers)
         while True:
-            items = session.post("%s/workers/%s/claim" % (url, wids[i]),
-                                 json={"free": {"cores": 64, "memory": 0, "gpus": 0}, "max_tasks": 64}).json()
+            items = session.post(
+                "%s/workers/%s/claim" % (url, wids[i]),
+                json={"free": {"cores": 64, "memory": 0, "gpus": 0}, "max_tasks": 64},
+            ).json()
             if not items.get("_items"):
                 return
             got[i] += len(items["_items"])
@@ -152,8 +180,9 @@ def wake(setup, samples=10):
         answered = {}
 
         def waiter():
-            r = setup.http.post("%s/workers/%s/claim" % (setup.urls[0], wid),
-                                json={"free": {"cores": 1}, "max_tasks": 1, "wait": 10})
+            r = setup.http.post(
+                "%s/workers/%s/claim" % (setup.urls[0], wid), json={"free": {"cores": 1}, "max_tasks": 1, "wait": 10}
+            )
             answered["at"] = time.perf_counter()
             answered["items"] = r.json()["_items"]
 
@@ -164,13 +193,15 @@ def wake(setup, samples=10):
         setup.http.patch(setup.urls[1] + "/tasks/" + task, json={"state": "available"})
         thread.join()
         delays.append(answered["at"] - sent)
-        setup.http.post(setup.urls[0] + "/tasks/%s/finish" % task,
-                        json={"attempt": 1, "outcome": "success", "exit_code": 0})
+        setup.http.post(
+            setup.urls[0] + "/tasks/%s/finish" % task, json={"attempt": 1, "outcome": "success", "exit_code": 0}
+        )
     return {"median_ms": 1000 * statistics.median(delays), "max_ms": 1000 * max(delays)}
 
 
 def drop_bench_databases(uri):
     import pymongo
+
     client = pymongo.MongoClient(uri)
     for name in client.list_database_names():
         if name.startswith("bench_"):
@@ -196,20 +227,28 @@ def main():
     if not base:
         # its own directory (PostgreSQL runs as its own user and must reach it)
         ferret, port = tempfile.mkdtemp(prefix="bench-ferretdb-"), free_port()
-        started = subprocess.run(["bash", SCRIPT, "start", ferret, str(port)], capture_output=True, text=True,
-                                 env=dict(os.environ, PYTHON=sys.executable))
+        started = subprocess.run(
+            ["bash", SCRIPT, "start", ferret, str(port)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHON=sys.executable),
+        )
         if started.returncode:
             raise SystemExit("FerretDB did not start: %s" % started.stderr)
         base = "mongodb://127.0.0.1:%d" % port
     rows = []
     try:
-        for label, uri, n in (("embedded store, 1 server", None, 1),
-                              ("FerretDB, 1 server", base, 1),
-                              ("FerretDB, 3 servers", base, 3)):
+        for label, uri, n in (
+            ("embedded store, 1 server", None, 1),
+            ("FerretDB, 1 server", base, 1),
+            ("FerretDB, 3 servers", base, 3),
+        ):
             row = {"setup": label}
-            for name, run in (("claims", lambda s: claims(s, args.tasks, args.claimers)),
-                              ("w1", lambda s: w1(s, args.tasks)),
-                              ("wake", wake if n > 1 else None)):
+            for name, run in (
+                ("claims", lambda s: claims(s, args.tasks, args.claimers)),
+                ("w1", lambda s: w1(s, args.tasks)),
+                ("wake", wake if n > 1 else None),
+            ):
                 if run is None:
                     continue
                 db_uri = uri and "%s/bench_%s" % (uri.rstrip("/"), uuid.uuid4().hex[:10])
@@ -228,14 +267,19 @@ def main():
             drop_bench_databases(base)
         shutil.rmtree(tmp, ignore_errors=True)
     print()
-    print("| set-up | batch claims, %d claimers | W1 %d x `true`, 2 workers x 1 core | wake across servers |"
-          % (args.claimers, args.tasks))
+    print(
+        "| set-up | batch claims, %d claimers | W1 %d x `true`, 2 workers x 1 core | wake across servers |"
+        % (args.claimers, args.tasks)
+    )
     print("|---|---|---|---|")
     for row in rows:
-        wake_cell = ("median %.0f ms (max %.0f)" % (row["wake"]["median_ms"], row["wake"]["max_ms"])
-                     if "wake" in row else "-")
-        print("| %s | %.0f tasks/s | %.2f s, %.0f tasks/s | %s |" % (
-            row["setup"], row["claims"]["per_s"], row["w1"]["seconds"], row["w1"]["per_s"], wake_cell))
+        wake_cell = (
+            "median %.0f ms (max %.0f)" % (row["wake"]["median_ms"], row["wake"]["max_ms"]) if "wake" in row else "-"
+        )
+        print(
+            "| %s | %.0f tasks/s | %.2f s, %.0f tasks/s | %s |"
+            % (row["setup"], row["claims"]["per_s"], row["w1"]["seconds"], row["w1"]["per_s"], wake_cell)
+        )
 
 
 if __name__ == "__main__":

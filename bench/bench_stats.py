@@ -12,13 +12,13 @@ import tempfile
 import time
 from datetime import timedelta
 
+from benchkit import fill_with_copies
 from bson import ObjectId
 
 from banyan.server import stats
 from banyan.server.app import create_app
 from banyan.server.states import utcnow
 from banyan.server.store import connect
-from benchkit import fill_with_copies
 
 
 def timed(fn):
@@ -32,22 +32,32 @@ def run(n):
         client = connect(data_dir=data_dir)
         app = create_app(client, {"MONGO_DBNAME": "bench"})
         api = app.test_client()
-        api.post("/tasks", json={"name": "model", "command": "true",
-                                 "requested_resources": {"memory": "1 MiB"}})
+        api.post("/tasks", json={"name": "model", "command": "true", "requested_resources": {"memory": "1 MiB"}})
         db = client["bench"]
         now = utcnow()
 
         def vary(doc, i):
             if i % 2:
-                doc.update(state="succeeded", exit_status="success", history=[{
-                    "worker": ObjectId(), "started": now - timedelta(seconds=90),
-                    "ended": now - timedelta(seconds=i % 60), "exit_status": "success"}])
+                doc.update(
+                    state="succeeded",
+                    exit_status="success",
+                    history=[
+                        {
+                            "worker": ObjectId(),
+                            "started": now - timedelta(seconds=90),
+                            "ended": now - timedelta(seconds=i % 60),
+                            "exit_status": "success",
+                        }
+                    ],
+                )
 
         fill_with_copies(db, n, vary)
-        parts = [("state counts", lambda: stats.state_counts(db.tasks, {})),
-                 ("attempts", lambda: stats.attempt_stats(db.tasks, {})),
-                 ("queue wait", lambda: stats.queue_wait_stats(db.tasks, {})),
-                 ("throughput", lambda: stats.throughput(db.tasks, {}, now))]
+        parts = [
+            ("state counts", lambda: stats.state_counts(db.tasks, {})),
+            ("attempts", lambda: stats.attempt_stats(db.tasks, {})),
+            ("queue wait", lambda: stats.queue_wait_stats(db.tasks, {})),
+            ("throughput", lambda: stats.throughput(db.tasks, {}, now)),
+        ]
         figures = [(name, timed(fn)) for name, fn in parts]
         response = [None]
         total = timed(lambda: response.__setitem__(0, api.get("/stats")))

@@ -18,8 +18,7 @@ from pymongo import ReturnDocument
 from banyan.server.store import EmbeddedClient
 
 CLAIM_INDEX = [("state", 1), ("pending_dependency_count", 1), ("priority", -1), ("_created", 1)]
-CLAIM_FILTER = {"state": "available", "pending_dependency_count": 0,
-                "requested_resources.cores": {"$lte": 2}}
+CLAIM_FILTER = {"state": "available", "pending_dependency_count": 0, "requested_resources.cores": {"$lte": 2}}
 CLAIM_SORT = [("priority", -1), ("_created", 1)]
 T0 = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
 
@@ -31,7 +30,7 @@ def make_doc(rng, i):
         "pending_dependency_count": 0 if rng.random() < 0.8 else 1,
         "priority": rng.randrange(10),
         "_created": T0 + datetime.timedelta(milliseconds=i),
-        "requested_resources": {"cores": rng.randrange(1, 5), "memory": 2 ** 30},
+        "requested_resources": {"cores": rng.randrange(1, 5), "memory": 2**30},
         "command": "echo %d" % i,
         "continuations": [],
         "owner": rng.choice(["ann", "bob"]),
@@ -65,13 +64,12 @@ def measure(coll, ids, rng, seconds, max_ops):
     counter = [len(ids)]
 
     def by_id():
-        coll.find_one_and_update({"_id": rng.choice(ids)}, {"$inc": {"touched": 1}},
-                                 return_document=ReturnDocument.AFTER)
+        coll.find_one_and_update(
+            {"_id": rng.choice(ids)}, {"$inc": {"touched": 1}}, return_document=ReturnDocument.AFTER
+        )
 
     def claim():
-        doc = coll.find_one_and_update(CLAIM_FILTER, {"$set": {"state": "running",
-                                                               "worker": "w1"}},
-                                       sort=CLAIM_SORT)
+        doc = coll.find_one_and_update(CLAIM_FILTER, {"$set": {"state": "running", "worker": "w1"}}, sort=CLAIM_SORT)
         assert doc is not None
 
     def insert_one():
@@ -85,8 +83,7 @@ def measure(coll, ids, rng, seconds, max_ops):
 
     return {
         "foau by _id": rate(by_id, seconds, max_ops),
-        "sorted claim": rate(claim, seconds,
-                             min(max_ops, coll.count_documents(CLAIM_FILTER) - 1)),
+        "sorted claim": rate(claim, seconds, min(max_ops, coll.count_documents(CLAIM_FILTER) - 1)),
         "insert_one": rate(insert_one, seconds, max_ops),
         "insert_many(100)": rate(insert_many, seconds, max_ops),
     }
@@ -124,11 +121,13 @@ def main():
             rows.append(("mongomock", size, measure(coll, ids, rng, args.seconds, 50), None, None))
 
     cols = ["foau by _id", "sorted claim", "insert_one", "insert_many(100)"]
-    print("%-10s %8s" % ("store", "docs") + "".join("%18s" % c for c in cols)
-          + "%10s %10s" % ("load s", "reopen s"))
+    print("%-10s %8s" % ("store", "docs") + "".join("%18s" % c for c in cols) + "%10s %10s" % ("load s", "reopen s"))
     for name, size, result, load, reopen in rows:
-        print("%-10s %8d" % (name, size) + "".join("%18.0f" % result[c] for c in cols)
-              + ("%10.1f %10.1f" % (load, reopen) if load is not None else ""))
+        print(
+            "%-10s %8d" % (name, size)
+            + "".join("%18.0f" % result[c] for c in cols)
+            + ("%10.1f %10.1f" % (load, reopen) if load is not None else "")
+        )
     print("(ops/s; insert_many(100) counts calls, not documents)")
 
 

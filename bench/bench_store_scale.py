@@ -63,8 +63,15 @@ def build(data_dir, n):
     compacts (a million inserts through the store took far longer)."""
     client = connect(data_dir=data_dir)
     app = create_app(client, {"MONGO_DBNAME": "banyan"})
-    r = app.test_client().post("/tasks", json={"name": "model", "command": ["echo", "hello"],
-                                               "requested_resources": {"memory": "1 MiB"}, "state": "available"})
+    r = app.test_client().post(
+        "/tasks",
+        json={
+            "name": "model",
+            "command": ["echo", "hello"],
+            "requested_resources": {"memory": "1 MiB"},
+            "state": "available",
+        },
+    )
     assert r.status_code == 201, r.json
     model = client["banyan"].tasks.find_one()
     client.close()
@@ -82,10 +89,21 @@ def build(data_dir, n):
                 doc["command"] = ["echo", str(i)]
                 if i % 2:
                     ended = now - timedelta(seconds=MONTH * (n - i) / n)
-                    doc.update(state="terminated", exit_status="success", history=[{
-                        "worker": ObjectId(), "started": ended - timedelta(seconds=90),
-                        "ended": ended, "exit_status": "success", "exit_code": 0,
-                        "runtime": 90.0 + i % 7}], queue_wait=1.5 + i % 5)
+                    doc.update(
+                        state="terminated",
+                        exit_status="success",
+                        history=[
+                            {
+                                "worker": ObjectId(),
+                                "started": ended - timedelta(seconds=90),
+                                "ended": ended,
+                                "exit_status": "success",
+                                "exit_code": 0,
+                                "runtime": 90.0 + i % 7,
+                            }
+                        ],
+                        queue_wait=1.5 + i % 5,
+                    )
                 docs.append(doc)
             f.write(journal.frame([{"o": "p", "d": "banyan", "c": "tasks", "docs": docs}]))
         f.flush()
@@ -94,8 +112,12 @@ def build(data_dir, n):
 
 def start_server(data_dir):
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "banyan.cli", "server", "--port", "0", "--data-dir", data_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "banyan.cli", "server", "--port", "0", "--data-dir", data_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     url = re.search(r"(http://\S+)", proc.stdout.readline()).group(1)
     while True:
         try:
@@ -111,7 +133,7 @@ def progress(n, what):
 
 
 def rss_mib(proc):
-    return psutil.Process(proc.pid).memory_info().rss / 2 ** 20
+    return psutil.Process(proc.pid).memory_info().rss / 2**20
 
 
 def claims_per_second(url, target=1000, rounds=3):
@@ -144,8 +166,11 @@ def get_p99_during_scans(url, seconds):
 
     def scanner():
         scanning = requests.Session()
-        params = {"where": json.dumps({"state": {"$nin": ["cancelled"]}}), "sort": '[["command", -1]]',
-                  "max_results": 50}
+        params = {
+            "where": json.dumps({"state": {"$nin": ["cancelled"]}}),
+            "sort": '[["command", -1]]',
+            "max_results": 50,
+        }
         while not stop.is_set():
             t0 = time.perf_counter()
             scanning.get(url + "/tasks", params=params)
@@ -197,9 +222,21 @@ def run(n, seconds, tmp):
     finally:
         proc.terminate()
         proc.wait()
-    disk = sum(os.path.getsize(os.path.join(data_dir, f)) for f in os.listdir(data_dir)) / 2 ** 20
-    return dict(n=n, built=built, restart=restart, rss_start=rss_start, rss_end=rss_end, disk=disk,
-                stats=stats_s, stats_again=stats_again, p99=p99, gets=gets, scan=scan_s, claims=claims)
+    disk = sum(os.path.getsize(os.path.join(data_dir, f)) for f in os.listdir(data_dir)) / 2**20
+    return dict(
+        n=n,
+        built=built,
+        restart=restart,
+        rss_start=rss_start,
+        rss_end=rss_end,
+        disk=disk,
+        stats=stats_s,
+        stats_again=stats_again,
+        p99=p99,
+        gets=gets,
+        scan=scan_s,
+        claims=claims,
+    )
 
 
 def fits(n, done, budget_s, started):
@@ -216,7 +253,7 @@ def fits(n, done, budget_s, started):
     else:
         per_task = (last["rss_end"] - first["rss_end"]) / (last["n"] - first["n"])
     rss = last["rss_end"] + per_task * (n - last["n"])
-    available = psutil.virtual_memory().available / 2 ** 20
+    available = psutil.virtual_memory().available / 2**20
     if rss > 0.8 * available:
         return "needs ~%.0f MiB, %.0f MiB available" % (rss, available)
     if budget_s and last["n"] * 20 >= n:  # (a much smaller size's time is mostly fixed costs)
@@ -231,16 +268,34 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 100000])
     parser.add_argument("--seconds", type=float, default=10, help="length of the GET-during-scans run")
-    parser.add_argument("--time-limit", type=float, default=3000,
-                        help="seconds for the whole run: a size that would not end within it is skipped "
-                             "(and extrapolated from the largest size run)")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=3000,
+        help="seconds for the whole run: a size that would not end within it is skipped "
+        "(and extrapolated from the largest size run)",
+    )
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="banyan-bench-")
     started = time.perf_counter()
     done = []
-    print("%8s %9s %9s %9s %9s %8s %9s %9s %12s %9s %10s %9s"
-          % ("tasks", "restart", "RSS MiB", "RSS end", "KiB/task", "disk MiB", "/stats", "again", "GET p99",
-             "scan+stats", "claims/s", "claims x"))
+    print(
+        "%8s %9s %9s %9s %9s %8s %9s %9s %12s %9s %10s %9s"
+        % (
+            "tasks",
+            "restart",
+            "RSS MiB",
+            "RSS end",
+            "KiB/task",
+            "disk MiB",
+            "/stats",
+            "again",
+            "GET p99",
+            "scan+stats",
+            "claims/s",
+            "claims x",
+        )
+    )
     try:
         for n in sorted(args.sizes):
             why = fits(n, done, args.time_limit, started)
@@ -248,9 +303,11 @@ def main():
                 last = done[-1]
                 scale = n / float(last["n"])
                 grow = (last["rss_end"] - done[0]["rss_end"]) / max(1, last["n"] - done[0]["n"])
-                print("%8d skipped (%s); linear from %d tasks: RSS ~%.0f MiB, restart ~%.0f s"
-                      % (n, why, last["n"], last["rss_end"] + grow * (n - last["n"]), last["restart"] * scale),
-                      flush=True)
+                print(
+                    "%8d skipped (%s); linear from %d tasks: RSS ~%.0f MiB, restart ~%.0f s"
+                    % (n, why, last["n"], last["rss_end"] + grow * (n - last["n"]), last["restart"] * scale),
+                    flush=True,
+                )
                 continue
             t0 = time.perf_counter()
             f = run(n, args.seconds, tmp)
@@ -259,14 +316,31 @@ def main():
             done.append(f)
             base = done[0]["claims"]
             per_task = (f["rss_end"] - done[0]["rss_end"] * (len(done) > 1)) * 1024 / n
-            print("%8d %8.2fs %9.0f %9.0f %9.2f %8.1f %8.3fs %8.3fs %9.1f ms %8.2fs %10.0f %8.2fx   (%d GETs)"
-                  % (n, f["restart"], f["rss_start"], f["rss_end"], per_task, f["disk"], f["stats"],
-                     f["stats_again"], 1000 * f["p99"], f["scan"], f["claims"], f["claims"] / base, f["gets"]),
-                  flush=True)
+            print(
+                "%8d %8.2fs %9.0f %9.0f %9.2f %8.1f %8.3fs %8.3fs %9.1f ms %8.2fs %10.0f %8.2fx   (%d GETs)"
+                % (
+                    n,
+                    f["restart"],
+                    f["rss_start"],
+                    f["rss_end"],
+                    per_task,
+                    f["disk"],
+                    f["stats"],
+                    f["stats_again"],
+                    1000 * f["p99"],
+                    f["scan"],
+                    f["claims"],
+                    f["claims"] / base,
+                    f["gets"],
+                ),
+                flush=True,
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print("KiB/task: resident memory over that of the smallest size, per task; claims x: claims/s as a ratio "
-          "to the smallest size's")
+    print(
+        "KiB/task: resident memory over that of the smallest size, per task; claims x: claims/s as a ratio "
+        "to the smallest size's"
+    )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,13 @@ def run(tmp, mode, spawner, runs):
         cpu0, spawner0 = cpu_seconds(), None
         for i in range(runs):
             name = "%s-%d" % (mode, i)
-            proc = TaskProcess({"_id": name, "command": ["true"]}, 1, os.path.join(tmp, name),
-                               containment=found.spec_for(name), spawner=spawner)
+            proc = TaskProcess(
+                {"_id": name, "command": ["true"]},
+                1,
+                os.path.join(tmp, name),
+                containment=found.spec_for(name),
+                spawner=spawner,
+            )
             started = time.perf_counter()
             proc.start()
             while proc.poll() is None:
@@ -68,9 +73,11 @@ def main():
             try:
                 for mode in ("subreaper", "auto"):
                     median, p95, cpu, forks, used = run(tmp, mode, spawner, args.runs)
-                    print("%-11s %-9s start to outcome: median %.1f ms, p95 %.1f ms; CPU per attempt: "
-                          "this process and children %.1f ms, spawner %.1f ms"
-                          % (label, used, median * 1000, p95 * 1000, cpu * 1000, forks * 1000))
+                    print(
+                        "%-11s %-9s start to outcome: median %.1f ms, p95 %.1f ms; CPU per attempt: "
+                        "this process and children %.1f ms, spawner %.1f ms"
+                        % (label, used, median * 1000, p95 * 1000, cpu * 1000, forks * 1000)
+                    )
             finally:
                 if spawner:
                     spawner.close()

@@ -31,7 +31,6 @@ import time
 from datetime import datetime, timezone
 
 import requests
-
 from benchkit import stop_processes
 
 FINISHED = ["terminated", "cancelled"]
@@ -47,7 +46,9 @@ class Bench:
         self.http = requests.Session()
         self.server = subprocess.Popen(
             [sys.executable, "-m", "banyan.cli", "server", "--port", "0", "--data-dir", os.path.join(tmp, "data")],
-            stdout=subprocess.PIPE, stderr=open(os.path.join(tmp, "server.log"), "wb"))
+            stdout=subprocess.PIPE,
+            stderr=open(os.path.join(tmp, "server.log"), "wb"),
+        )
         line = self.server.stdout.readline().decode()
         match = re.search(r"listening on (http://\S+)", line)
         if not match:
@@ -58,10 +59,25 @@ class Bench:
         self.workers = []
         for i in range(workers):
             name = "bench-%d" % i
-            self.workers.append(subprocess.Popen(
-                command + ["--server", self.url, "--cores", str(cores), "--host", name,
-                           "--work-dir", os.path.join(tmp, "work", name), "--log-level", log_level],
-                stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, name + ".log"), "wb")))
+            self.workers.append(
+                subprocess.Popen(
+                    command
+                    + [
+                        "--server",
+                        self.url,
+                        "--cores",
+                        str(cores),
+                        "--host",
+                        name,
+                        "--work-dir",
+                        os.path.join(tmp, "work", name),
+                        "--log-level",
+                        log_level,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(os.path.join(tmp, name + ".log"), "wb"),
+                )
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             items = self.http.get(self.url + "/workers", params={"state": "active"}).json()["_items"]
@@ -114,15 +130,16 @@ def w1(bench, n):
     first = min(when(t["history"][0]["started"]) for t in docs.values())
     last = max(when(t["history"][-1]["ended"]) for t in docs.values())
     makespan = last - t0
-    print("W1  %d x `true`, %d workers x 1 core: makespan %.2f s (POST %.2f s, first start to last end %.2f s), "
-          "%.1f tasks/s" % (n, len(bench.workers), makespan, submitted, last - first, n / makespan))
+    print(
+        "W1  %d x `true`, %d workers x 1 core: makespan %.2f s (POST %.2f s, first start to last end %.2f s), "
+        "%.1f tasks/s" % (n, len(bench.workers), makespan, submitted, last - first, n / makespan)
+    )
     return makespan
 
 
 def w2(bench, fanout):
     sink = bench.submit({"name": "sink", "command": "true"})
-    middle = bench.submit([{"name": "mid-%d" % i, "command": "true", "continuations": [sink]}
-                           for i in range(fanout)])
+    middle = bench.submit([{"name": "mid-%d" % i, "command": "true", "continuations": [sink]} for i in range(fanout)])
     t0 = time.time()
     root = bench.submit({"name": "root", "command": "true", "continuations": middle, "state": "available"})
     ids = [root] + middle + [sink]
@@ -135,8 +152,10 @@ def w2(bench, fanout):
     check(docs, len(ids))
     end = when(docs[sink]["history"][-1]["ended"])
     span = end - when(docs[root]["history"][0]["started"])
-    print("W2  1 -> %d -> 1 graph of `true`: makespan %.2f s from the root's POST (%.2f s root start to sink end)"
-          % (fanout, end - t0, span))
+    print(
+        "W2  1 -> %d -> 1 graph of `true`: makespan %.2f s from the root's POST (%.2f s root start to sink end)"
+        % (fanout, end - t0, span)
+    )
     return end - t0
 
 
@@ -146,15 +165,18 @@ def w3(bench, runs):
         t0 = time.time()
         task_id = bench.submit({"command": "true", "state": "available"})
         while True:
-            doc = bench.http.get(bench.url + "/tasks/" + task_id,
-                                 params={"projection": json.dumps({"state": 1, "history": 1})}).json()
+            doc = bench.http.get(
+                bench.url + "/tasks/" + task_id, params={"projection": json.dumps({"state": 1, "history": 1})}
+            ).json()
             if doc["state"] in FINISHED:
                 break
             time.sleep(0.005)
         latencies.append(when(doc["history"][-1]["ended"]) - t0)
         time.sleep(0.3)  # idle again: the workers are back in their long polls
-    print("W3  one `true` on idle workers, POST to end of attempt: median %.1f ms (min %.1f, max %.1f, %d runs)"
-          % (1000 * statistics.median(latencies), 1000 * min(latencies), 1000 * max(latencies), runs))
+    print(
+        "W3  one `true` on idle workers, POST to end of attempt: median %.1f ms (min %.1f, max %.1f, %d runs)"
+        % (1000 * statistics.median(latencies), 1000 * min(latencies), 1000 * max(latencies), runs)
+    )
     return statistics.median(latencies)
 
 
@@ -192,8 +214,10 @@ def main():
     try:
         makespan = w1(bench, args.tasks)
         if baseline:
-            print("W1 / GNU parallel: %.1fx the makespan (Banyan %.2f s, parallel %.2f s)"
-                  % (makespan / baseline, makespan, baseline))
+            print(
+                "W1 / GNU parallel: %.1fx the makespan (Banyan %.2f s, parallel %.2f s)"
+                % (makespan / baseline, makespan, baseline)
+            )
         w2(bench, args.fanout)
         w3(bench, args.runs)
     finally:

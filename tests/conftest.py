@@ -139,8 +139,16 @@ class LiveServer:
         self.mongo_uri = (mongo_uri or live_mongo_uri(self.data_dir)) if MONGO_URI and not embedded else None
 
     def start(self, timeout=30):
-        args = [sys.executable, "-m", "banyan.cli", "server", "--port", str(self.port),
-                "--data-dir", self.data_dir] + self.extra_args
+        args = [
+            sys.executable,
+            "-m",
+            "banyan.cli",
+            "server",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            self.data_dir,
+        ] + self.extra_args
         if self.mongo_uri:
             args += ["--mongo-uri", self.mongo_uri]
             if "--auth" not in self.extra_args and "--host" not in self.extra_args:
@@ -195,7 +203,11 @@ class CheckedSession(TestSession):
     def request(self, method, url, *args, **kwargs):
         response = super().request(method, url, *args, **kwargs)
         assert response.status_code < 500, "%s %s answered %s: %s" % (
-            method, url, response.status_code, response.text[:2000])
+            method,
+            url,
+            response.status_code,
+            response.text[:2000],
+        )
         return response
 
 

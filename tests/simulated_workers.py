@@ -40,8 +40,18 @@ class Run:
 
 
 class SimulatedWorker:
-    def __init__(self, url, host, token=None, cores=1, claim_wait=5.0, heartbeat=5.0, run_seconds=0.0,
-                 outcome_of=succeed, timeout=60.0):
+    def __init__(
+        self,
+        url,
+        host,
+        token=None,
+        cores=1,
+        claim_wait=5.0,
+        heartbeat=5.0,
+        run_seconds=0.0,
+        outcome_of=succeed,
+        timeout=60.0,
+    ):
         self.url = url.rstrip("/")
         self.host = host
         self.cores = cores
@@ -56,7 +66,7 @@ class SimulatedWorker:
             self.session.headers["Authorization"] = "Bearer " + token
         self.wid = None
         self.runs = []
-        self.errors = []           # (what, status or exception text)
+        self.errors = []  # (what, status or exception text)
         self.claims = self.turned_away = 0
         self.stop_event = threading.Event()
         self.thread = None
@@ -66,8 +76,9 @@ class SimulatedWorker:
         return self.session.post(self.url + path, json=body, timeout=timeout or self.timeout)
 
     def register(self):
-        r = self._post("/workers", {"host": self.host, "resources": {"cores": self.cores, "memory": 1 << 30,
-                                                                     "gpus": 0}})
+        r = self._post(
+            "/workers", {"host": self.host, "resources": {"cores": self.cores, "memory": 1 << 30, "gpus": 0}}
+        )
         r.raise_for_status()
         self.wid = r.json()["_id"]
         return self.wid
@@ -83,12 +94,22 @@ class SimulatedWorker:
     def claim(self, finished=()):
         """One claim, carrying the reports of `finished` runs first (as
         banyan-worker sends them); returns (tasks, retry_after or None)."""
-        body = {"free": {"cores": self.cores, "memory": 1 << 30, "gpus": 0}, "max_tasks": self.cores,
-                "wait": 0 if finished else self.claim_wait}
+        body = {
+            "free": {"cores": self.cores, "memory": 1 << 30, "gpus": 0},
+            "max_tasks": self.cores,
+            "wait": 0 if finished else self.claim_wait,
+        }
         if finished:
-            body["finished"] = [{"task": run.task_id, "attempt": run.attempt, "outcome": run.outcome,
-                                 "exit_code": run.exit_code, "stdout": "simulated by %s\n" % self.host}
-                                for run in finished]
+            body["finished"] = [
+                {
+                    "task": run.task_id,
+                    "attempt": run.attempt,
+                    "outcome": run.outcome,
+                    "exit_code": run.exit_code,
+                    "stdout": "simulated by %s\n" % self.host,
+                }
+                for run in finished
+            ]
         r = self._post("/workers/%s/claim" % self.wid, body, timeout=self.timeout + self.claim_wait)
         self.claims += 1
         if r.status_code != 200:
@@ -98,17 +119,25 @@ class SimulatedWorker:
             return [], 1.0
         reply = r.json()
         for run, result in zip(finished, reply.get("finished") or []):
-            run.status, run.reported = (200 if result.get("_status") == "OK" else result["_error"]["code"]), \
-                time.monotonic()
+            run.status, run.reported = (
+                (200 if result.get("_status") == "OK" else result["_error"]["code"]),
+                time.monotonic(),
+            )
             if run.status != 200:
                 self.errors.append(("finish", run.status))
         return reply["_items"], reply.get("retry_after")
 
     def finish(self, run):
         outcome, exit_code = run.outcome, run.exit_code
-        r = self._post("/tasks/%s/finish" % run.task_id,
-                       {"attempt": run.attempt, "outcome": outcome, "exit_code": exit_code,
-                        "stdout": "simulated by %s\n" % self.host})
+        r = self._post(
+            "/tasks/%s/finish" % run.task_id,
+            {
+                "attempt": run.attempt,
+                "outcome": outcome,
+                "exit_code": exit_code,
+                "stdout": "simulated by %s\n" % self.host,
+            },
+        )
         run.status, run.reported = r.status_code, time.monotonic()
         if r.status_code != 200:
             self.errors.append(("finish", r.status_code))
@@ -212,8 +241,14 @@ class LatencyProbe:
     of simulated workers do not delay it in this one."""
 
     def __init__(self, url, task_id, out_path, token=None, interval=0.05):
-        self.args = [sys.executable, os.path.abspath(__file__), "probe", "%s/tasks/%s" % (url.rstrip("/"), task_id),
-                     str(out_path), str(interval)]
+        self.args = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "probe",
+            "%s/tasks/%s" % (url.rstrip("/"), task_id),
+            str(out_path),
+            str(interval),
+        ]
         self.env = dict(os.environ, PROBE_TOKEN=token or "")
         self.out_path = str(out_path)
         self.proc = None

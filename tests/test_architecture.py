@@ -19,9 +19,11 @@ def test_import_contracts_hold():
 def test_the_command_loads_no_server_framework():
     """`banyan ls` and `banyan --help` start without Eve, Flask, Cerberus or
     pymongo (the server's commands load them when they run)."""
-    code = ("import sys, banyan.cli; "
-            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} "
-            "& {'eve', 'flask', 'cerberus', 'pymongo', 'mongomock', 'werkzeug'})))")
+    code = (
+        "import sys, banyan.cli; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} "
+        "& {'eve', 'flask', 'cerberus', 'pymongo', 'mongomock', 'werkzeug'})))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", "banyan.cli loads %s" % result.stdout.strip()

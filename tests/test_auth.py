@@ -10,11 +10,11 @@ import sys
 import pytest
 import requests
 from bson import ObjectId
+from conftest import MONGO_URI, LiveServer, live_mongo_uri, make_app
 from flask import Blueprint, jsonify
 
 from banyan.server.auth import TOKEN_PREFIX, TokenStore, hash_token, owner_filter, require_role
 from banyan.server.identity import current_identity
-from conftest import MONGO_URI, LiveServer, live_mongo_uri, make_app
 
 # -- an app with authentication on ------------------------------------------
 
@@ -62,8 +62,9 @@ def basic(token, password=""):
 
 def snapshot(db):
     """Everything stored, to show that a refused request changed nothing."""
-    return {name: sorted(repr(sorted(d.items())) for d in db[name].find())
-            for name in sorted(db.list_collection_names())}
+    return {
+        name: sorted(repr(sorted(d.items())) for d in db[name].find()) for name in sorted(db.list_collection_names())
+    }
 
 
 def make_task(api, token, **body):
@@ -102,36 +103,73 @@ ENDPOINTS = [
     ("make a task available", "PATCH", "/tasks/{inactive}", {"state": "available"}, expect(200, 200, 404, 403)),
     ("cancel a task", "PATCH", "/tasks/{available}", {"state": "cancelled"}, expect(200, 200, 404, 403)),
     ("cancel a running task", "PATCH", "/tasks/{running}", {"state": "cancelled"}, expect(200, 200, 404, 403)),
-    ("claim a task (seed protocol)", "PATCH", "/tasks/{available}", {"state": "running", "worker": "{wid}"},
-     expect(200, 403, 404, 200)),
-    ("set the worker field without a claim", "PATCH", "/tasks/{inactive}", {"worker": WORKER_ID},
-     expect(422, 403, 404, 403)),
+    (
+        "claim a task (seed protocol)",
+        "PATCH",
+        "/tasks/{available}",
+        {"state": "running", "worker": "{wid}"},
+        expect(200, 403, 404, 200),
+    ),
+    (
+        "set the worker field without a claim",
+        "PATCH",
+        "/tasks/{inactive}",
+        {"worker": WORKER_ID},
+        expect(422, 403, 404, 403),
+    ),
     ("bulk PATCH", "PATCH", "/tasks", [{"_id": "{inactive}", "priority": 3}], expect(200, 200, 404, 403)),
     # virtual resources
-    ("add continuations (item)", "POST", "/tasks/{inactive}/add_continuations", ["{child}"],
-     expect(200, 200, 404, 403)),
-    ("add continuations (resource)", "POST", "/tasks/add_continuations",
-     [{"targets": ["{inactive}"], "values": ["{child}"]}], expect(200, 200, 404, 403)),
-    ("add continuations (PATCH field)", "PATCH", "/tasks/{inactive}", {"add_continuations": ["{child}"]},
-     expect(200, 200, 404, 403)),
-    ("remove continuations (item)", "POST", "/tasks/{parent}/remove_continuations", ["{child}"],
-     expect(200, 200, 404, 403)),
+    (
+        "add continuations (item)",
+        "POST",
+        "/tasks/{inactive}/add_continuations",
+        ["{child}"],
+        expect(200, 200, 404, 403),
+    ),
+    (
+        "add continuations (resource)",
+        "POST",
+        "/tasks/add_continuations",
+        [{"targets": ["{inactive}"], "values": ["{child}"]}],
+        expect(200, 200, 404, 403),
+    ),
+    (
+        "add continuations (PATCH field)",
+        "PATCH",
+        "/tasks/{inactive}",
+        {"add_continuations": ["{child}"]},
+        expect(200, 200, 404, 403),
+    ),
+    (
+        "remove continuations (item)",
+        "POST",
+        "/tasks/{parent}/remove_continuations",
+        ["{child}"],
+        expect(200, 200, 404, 403),
+    ),
     ("current history (gather)", "GET", "/tasks/current_history", None, expect(200, 200, 200, 200)),
     ("rank (gather)", "GET", "/tasks/rank", None, expect(200, 200, 200, 200)),
     ("rank (item)", "POST", "/tasks/{inactive}/rank", 5, expect(200, 200, 404, 403)),
-    ("rank (resource)", "POST", "/tasks/rank", [{"targets": ["{inactive}"], "value": 5}],
-     expect(200, 200, 404, 403)),
+    ("rank (resource)", "POST", "/tasks/rank", [{"targets": ["{inactive}"], "value": 5}], expect(200, 200, 404, 403)),
     # workers, claims, history writes
     ("register a worker", "POST", "/workers", {"host": "n2", "resources": FREE}, expect(201, 403, 403, 201)),
     ("list workers", "GET", "/workers", None, expect(200, 200, 200, 200)),
     ("show a worker", "GET", "/workers/{wid}", None, expect(200, 200, 200, 200)),
     ("claim tasks", "POST", "/workers/{wid}/claim", {"free": FREE, "max_tasks": 4}, expect(200, 403, 403, 200)),
-    ("heartbeat (writes history)", "POST", "/workers/{wid}/heartbeat",
-     {"tasks": {"{running}": {"attempt": 1, "progress": {"fraction": 0.5, "message": "half"}}}},
-     expect(200, 403, 403, 200)),
-    ("finish an attempt (writes history)", "POST", "/tasks/{running}/finish",
-     {"attempt": 1, "outcome": "success", "exit_code": 0, "stdout": "out", "stderr": ""},
-     expect(200, 403, 403, 200)),
+    (
+        "heartbeat (writes history)",
+        "POST",
+        "/workers/{wid}/heartbeat",
+        {"tasks": {"{running}": {"attempt": 1, "progress": {"fraction": 0.5, "message": "half"}}}},
+        expect(200, 403, 403, 200),
+    ),
+    (
+        "finish an attempt (writes history)",
+        "POST",
+        "/tasks/{running}/finish",
+        {"attempt": 1, "outcome": "success", "exit_code": 0, "stdout": "out", "stderr": ""},
+        expect(200, 403, 403, 200),
+    ),
     ("read logs", "GET", "/tasks/{running}/logs", None, expect(200, 200, 404, 200)),
     ("unregister a worker", "DELETE", "/workers/{wid}", None, expect(204, 403, 403, 204)),
     # statistics
@@ -205,8 +243,12 @@ def test_workers_cannot_report_by_patch_or_touch_user_fields(sapi, sdb, tokens):
     r = sapi.patch("/tasks/" + tid, json={"state": "running", "worker": wid}, headers=bearer(tokens["worker"]))
     assert r.status_code == 200, r.json
     before = snapshot(sdb)
-    for change in ({"state": "terminated"}, {"state": "cancelled"}, {"name": "mine now"},
-                   {"state": "running", "priority": 9}):
+    for change in (
+        {"state": "terminated"},
+        {"state": "cancelled"},
+        {"name": "mine now"},
+        {"state": "running", "priority": 9},
+    ):
         r = sapi.patch("/tasks/" + tid, json=change, headers=bearer(tokens["worker"]))
         assert r.status_code == 403, (change, r.json)
     assert snapshot(sdb) == before
@@ -231,6 +273,7 @@ def test_a_worker_claims_only_under_its_own_worker_id(sapi, sdb, tokens):
 
 # -- users see their own tasks; no query trick shows another's ----------------
 
+
 @pytest.fixture
 def two_users(sapi, tokens):
     alice = [make_task(sapi, tokens["user"], name="a%d" % i) for i in range(3)]
@@ -239,8 +282,11 @@ def two_users(sapi, tokens):
 
 
 def listed(sapi, token, **params):
-    r = sapi.get("/tasks", query_string={k: json.dumps(v) if isinstance(v, dict) else v
-                                         for k, v in params.items()}, headers=bearer(token))
+    r = sapi.get(
+        "/tasks",
+        query_string={k: json.dumps(v) if isinstance(v, dict) else v for k, v in params.items()},
+        headers=bearer(token),
+    )
     return r.status_code, [t["_id"] for t in r.json.get("_items", [])]
 
 
@@ -257,19 +303,22 @@ def test_tasks_belong_to_their_user_by_name(sapi, sdb, tokens, two_users):
     assert sorted(listed(sapi, again)[1]) == sorted(alice)
 
 
-@pytest.mark.parametrize("params", [
-    {"where": {"owner": "bob"}},
-    {"where": {"owner": {"$ne": "alice"}}},
-    {"where": {"$or": [{"owner": "bob"}, {"owner": "alice"}]}},
-    {"where": {"$or": [{"owner": "bob"}, {"name": {"$exists": True}}]}},
-    {"where": {"name": {"$in": ["b0", "b1"]}}},
-    {"where": {"$and": [{"owner": "alice"}, {"owner": "bob"}]}},
-    {"where": 'owner == "bob"'},
-    {"projection": {"owner": 0}},
-    {"projection": {"owner": 1, "name": 1}},
-    {"where": {"owner": "bob"}, "projection": {"owner": 0}},
-    {"max_results": 10000},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"where": {"owner": "bob"}},
+        {"where": {"owner": {"$ne": "alice"}}},
+        {"where": {"$or": [{"owner": "bob"}, {"owner": "alice"}]}},
+        {"where": {"$or": [{"owner": "bob"}, {"name": {"$exists": True}}]}},
+        {"where": {"name": {"$in": ["b0", "b1"]}}},
+        {"where": {"$and": [{"owner": "alice"}, {"owner": "bob"}]}},
+        {"where": 'owner == "bob"'},
+        {"projection": {"owner": 0}},
+        {"projection": {"owner": 1, "name": 1}},
+        {"where": {"owner": "bob"}, "projection": {"owner": 0}},
+        {"max_results": 10000},
+    ],
+)
 def test_no_where_or_projection_shows_another_users_tasks(sapi, tokens, two_users, params):
     alice, bob = two_users
     status, ids = listed(sapi, tokens["user"], **params)
@@ -304,13 +353,27 @@ def test_users_chain_their_own_tasks(sapi, tokens):
 
 # -- tokens ------------------------------------------------------------------
 
+
 def test_bearer_and_basic_with_token_as_user_name(sapi, tokens):
-    for headers in (bearer(tokens["user"]), basic(tokens["user"]), basic(tokens["user"], "ignored"),
-                    basic("", tokens["user"]), {"Authorization": "Token %s" % tokens["user"]}):
+    for headers in (
+        bearer(tokens["user"]),
+        basic(tokens["user"]),
+        basic(tokens["user"], "ignored"),
+        basic("", tokens["user"]),
+        {"Authorization": "Token %s" % tokens["user"]},
+    ):
         r = sapi.get("/tasks", headers=headers)
         assert r.status_code == 200, (headers, r.json)
-    for headers in ({}, bearer(""), {"Authorization": "Bearer"}, basic("nope"), {"Authorization": "Basic !!!"},
-                    bearer(tokens["user"] + "x"), bearer("x" * 10000), bearer(tokens["revoked"])):
+    for headers in (
+        {},
+        bearer(""),
+        {"Authorization": "Bearer"},
+        basic("nope"),
+        {"Authorization": "Basic !!!"},
+        bearer(tokens["user"] + "x"),
+        bearer("x" * 10000),
+        bearer(tokens["revoked"]),
+    ):
         r = sapi.get("/tasks", headers=headers)
         assert r.status_code == 401, (headers, r.json)
 
@@ -336,9 +399,15 @@ def test_token_endpoint_makes_working_tokens_and_refuses_bad_input(sapi, sdb, to
     assert sapi.get("/tasks", headers=bearer(r.json["token"])).status_code == 200
     assert sapi.post("/tasks", json={"command": "x"}, headers=bearer(r.json["token"])).status_code == 403
     before = snapshot(sdb)
-    for body, status in (({"role": "god"}, 422), ({"role": "user", "name": "a b"}, 422),
-                         ({"role": "user", "name": ""}, 422), ({"role": "user", "extra": 1}, 422),
-                         ({"role": "user", "name": "root"}, 409), ([1, 2], 400), ("x", 400)):
+    for body, status in (
+        ({"role": "god"}, 422),
+        ({"role": "user", "name": "a b"}, 422),
+        ({"role": "user", "name": ""}, 422),
+        ({"role": "user", "extra": 1}, 422),
+        ({"role": "user", "name": "root"}, 409),
+        ([1, 2], 400),
+        ("x", 400),
+    ):
         r = sapi.post("/tokens", json=body, headers=h)
         assert r.status_code == status, (body, r.json)
     r = sapi.post("/tokens", data="{not json", content_type="application/json", headers=h)
@@ -356,16 +425,16 @@ def test_no_token_is_stored_in_plain_text(sapi, sdb, store, tmp_path, tokens):
     assert hash_token(made["carol"]) in stored  # the scan does see the tokens collection
     for name, token in made.items():
         assert token not in stored, "token %s is stored in plain text" % name
-        assert token[len(TOKEN_PREFIX):] not in stored
+        assert token[len(TOKEN_PREFIX) :] not in stored
     if not MONGO_URI:  # and not on the embedded store's files either
-        files = b"".join(open(os.path.join(d, f), "rb").read()
-                         for d, _, fs in os.walk(tmp_path / "store") for f in fs)
+        files = b"".join(open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(tmp_path / "store") for f in fs)
         assert hash_token(made["carol"]).encode() in files
         for name, token in made.items():
             assert token.encode() not in files, "token %s is on disk in plain text" % name
 
 
 # -- helpers for blueprint views ----------------------------------------------
+
 
 def test_require_role_for_blueprint_views(store):
     client, dbname = store
@@ -408,16 +477,20 @@ def test_open_mode_lets_everyone_act_as_admin(api, db):
 
 # -- the server and the CLI -----------------------------------------------------
 
+
 def banyan(*args, timeout=60, env=None):
-    return subprocess.run([sys.executable, "-m", "banyan.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "banyan.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.mark.slow
 def test_server_beyond_loopback_without_auth_refuses_to_start(tmp_path):
-    for extra in (["--host", "0.0.0.0", "--no-auth"],
-                  ["--host", "::", "--no-auth"],
-                  ["--host", "127.0.0.1", "--no-auth", "--mongo-uri", "mongodb://127.0.0.1:9/x"]):
+    for extra in (
+        ["--host", "0.0.0.0", "--no-auth"],
+        ["--host", "::", "--no-auth"],
+        ["--host", "127.0.0.1", "--no-auth", "--mongo-uri", "mongodb://127.0.0.1:9/x"],
+    ):
         out = banyan("server", "--port", "0", "--data-dir", str(tmp_path / "d"), *extra)
         assert out.returncode == 2, (extra, out)
         assert "refusing to start without authentication" in out.stderr
@@ -437,8 +510,12 @@ def test_server_beyond_loopback_starts_with_auth_and_an_admin_token(tmp_path):
         assert requests.get(url + "/tasks").status_code == 401
         assert requests.get(url + "/tasks", headers=bearer(admin)).status_code == 200
         # curl as in the seed, with the token as user name
-        out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", admin + ":",
-                              url + "/tasks"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", admin + ":", url + "/tasks"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert out.stdout == "200"
         with open(server.data_dir + ".log") as f:
             log = f.read()

@@ -1,14 +1,14 @@
 """`GET /changes`: the dashboard's long poll, answered when what the caller
 sees changes (a task written, a worker registered or lost), held otherwise."""
 
-
+import conftest
 from bson import ObjectId
+from conftest import make_app
+from conftest import patch_task as patch
+from test_claims import register, submit
 
 from banyan.server import changes
 from banyan.server.services import services
-import conftest
-from conftest import make_app, patch_task as patch
-from test_claims import register, submit
 
 
 def poll(api, status=200, **params):
@@ -34,7 +34,7 @@ def test_a_poll_answers_at_once_without_the_current_version_and_says_who_asks(ap
 def test_a_held_poll_answers_when_a_task_changes_and_after_its_timeout_otherwise(store):
     app = make_app(store, CHANGES_RECHECK_INTERVAL=0.05)
     api = app.test_client()
-    tid, = submit(api, {"command": "true"})
+    (tid,) = submit(api, {"command": "true"})
     version = poll(api)["version"]
     quiet = poll(api, since=version, timeout=0.3)
     assert (quiet["changed"], quiet["version"]) == (False, version)

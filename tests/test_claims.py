@@ -8,22 +8,25 @@ from datetime import timedelta
 
 import pytest
 from bson import ObjectId
+from conftest import get_task as task
+from conftest import held, make_app
+from conftest import patch_task as patch
 
 from banyan.server.auth import TokenStore
-from banyan.server.states import ABANDONED, FAILURE, SUCCESS, TIMEOUT, utcnow
 from banyan.server.services import services
+from banyan.server.states import ABANDONED, FAILURE, SUCCESS, TIMEOUT, utcnow
 
-from conftest import get_task as task, held, make_app, patch_task as patch
-
-GiB = 1024 ** 3
-MiB = 1024 ** 2
+GiB = 1024**3
+MiB = 1024**2
 PLENTY = {"cores": 1e6, "memory": 1 << 50, "gpus": 1000}
 
 
 def register(api, host="node1", resources=None, headers=None):
-    r = api.post("/workers", json={"host": host, "resources": resources or {"cores": 8, "memory": 16 * GiB,
-                                                                             "gpus": 0}},
-                 headers=headers)
+    r = api.post(
+        "/workers",
+        json={"host": host, "resources": resources or {"cores": 8, "memory": 16 * GiB, "gpus": 0}},
+        headers=headers,
+    )
     assert r.status_code == 201, r.json
     return r.json["_id"]
 
@@ -36,15 +39,19 @@ def submit(api, *bodies, headers=None):
 
 
 def claim(api, wid, free=None, max_tasks=1, wait=0, status=200, headers=None):
-    r = api.post("/workers/%s/claim" % wid, json={"free": free or PLENTY, "max_tasks": max_tasks, "wait": wait},
-                 headers=headers)
+    r = api.post(
+        "/workers/%s/claim" % wid, json={"free": free or PLENTY, "max_tasks": max_tasks, "wait": wait}, headers=headers
+    )
     assert r.status_code == status, r.json
     return r.json
 
 
 def finish(api, tid, attempt, outcome, exit_code=None, status=200, headers=None, **extra):
-    r = api.post("/tasks/%s/finish" % tid, json=dict({"attempt": attempt, "outcome": outcome,
-                                                      "exit_code": exit_code}, **extra), headers=headers)
+    r = api.post(
+        "/tasks/%s/finish" % tid,
+        json=dict({"attempt": attempt, "outcome": outcome, "exit_code": exit_code}, **extra),
+        headers=headers,
+    )
     assert r.status_code == status, r.json
     return r.json
 
@@ -72,6 +79,7 @@ def run_threads(targets):
                 fn()
             except BaseException as e:  # noqa: B902 - reported below
                 errors.append(e)
+
         return run
 
     threads = [threading.Thread(target=wrap(fn)) for fn in targets]
@@ -85,6 +93,7 @@ def run_threads(targets):
 
 # -- registration -----------------------------------------------------------
 
+
 def test_register_list_show_and_unregister(api):
     wid = register(api, resources={"cores": 4, "memory": "2 GiB", "gpus": 1})
     listed = api.get("/workers").json["_items"]
@@ -93,7 +102,7 @@ def test_register_list_show_and_unregister(api):
     assert shown["state"] == "active" and shown["host"] == "node1" and shown["running"] == []
     assert shown["resources"] == {"cores": 4, "memory": 2 * GiB, "gpus": 1}
     assert "token_id" not in shown and shown["last_heartbeat"]
-    tid, = submit(api, {"command": "x", "state": "available"})
+    (tid,) = submit(api, {"command": "x", "state": "available"})
     claim_one(api, wid, tid)
     assert api.get("/workers/%s" % wid).json["running"] == [tid]
     assert api.get("/workers?state=active").json["_items"][0]["running"] == [tid]
@@ -110,14 +119,17 @@ def test_register_list_show_and_unregister(api):
     assert api.get("/workers?state=active").json["_items"] == []
 
 
-@pytest.mark.parametrize("body,word", [
-    ({"resources": {"cores": 1}}, "host"),
-    ({"host": "n", "resources": {"cores": -1}}, "cores"),
-    ({"host": "n", "resources": {"memory": "lots"}}, "memory"),
-    ({"host": "n", "resources": {"gpus": 1.5}}, "gpus"),
-    ({"host": "n", "resources": {"cpus": 1}}, "cpus"),
-    ({"host": "n", "colour": "blue"}, "colour"),
-])
+@pytest.mark.parametrize(
+    "body,word",
+    [
+        ({"resources": {"cores": 1}}, "host"),
+        ({"host": "n", "resources": {"cores": -1}}, "cores"),
+        ({"host": "n", "resources": {"memory": "lots"}}, "memory"),
+        ({"host": "n", "resources": {"gpus": 1.5}}, "gpus"),
+        ({"host": "n", "resources": {"cpus": 1}}, "cpus"),
+        ({"host": "n", "colour": "blue"}, "colour"),
+    ],
+)
 def test_bad_registrations_are_refused(api, db, body, word):
     r = api.post("/workers", json=body)
     assert r.status_code == 422 and word in str(r.json), r.json
@@ -129,14 +141,14 @@ def test_unknown_and_malformed_worker_ids(api):
     assert api.get("/workers/%s" % ObjectId()).status_code == 404
     claim(api, ObjectId(), status=404)
     heartbeat(api, "nope", status=404)
-    assert api.post("/workers/%s/claim" % register(api), data="{", content_type="application/json"
-                    ).status_code == 400
+    assert api.post("/workers/%s/claim" % register(api), data="{", content_type="application/json").status_code == 400
 
 
 # -- claims -----------------------------------------------------------------
 
+
 def test_per_item_claim_race_has_one_winner(api, db):
-    tid, = submit(api, {"command": "x", "state": "available"})
+    (tid,) = submit(api, {"command": "x", "state": "available"})
     workers = [register(api, host="n%d" % i) for i in range(8)]
     codes = []
     barrier = threading.Barrier(len(workers))
@@ -145,6 +157,7 @@ def test_per_item_claim_race_has_one_winner(api, db):
         def go():
             barrier.wait()
             codes.append((wid, api.patch("/tasks/%s" % tid, json={"state": "running", "worker": wid}).status_code))
+
         return go
 
     run_threads([claimer(w) for w in workers])
@@ -156,8 +169,8 @@ def test_per_item_claim_race_has_one_winner(api, db):
 
 
 def test_per_item_claim_waits_for_unfinished_parents(api, db):
-    child, = submit(api, {"command": "child"})
-    parent, = submit(api, {"command": "parent", "continuations": [child]})
+    (child,) = submit(api, {"command": "child"})
+    (parent,) = submit(api, {"command": "parent", "continuations": [child]})
     assert api.patch("/tasks/%s" % child, json={"state": "available"}).status_code == 200
     wid = register(api)
     r = api.patch("/tasks/%s" % child, json={"state": "running", "worker": wid})
@@ -168,7 +181,7 @@ def test_per_item_claim_waits_for_unfinished_parents(api, db):
 
 
 def test_per_item_claim_needs_an_active_worker(app, api, db):
-    tid, = submit(api, {"command": "x", "state": "available"})
+    (tid,) = submit(api, {"command": "x", "state": "available"})
     lost, stopped = register(api, host="lost"), register(api, host="stopped")
     services(app).reaper.run_once(utcnow() + timedelta(seconds=app.config["HEARTBEAT_TIMEOUT"] + 60))
     assert api.get("/workers/%s" % lost).json["state"] == "lost"
@@ -183,8 +196,8 @@ def test_per_item_claim_needs_an_active_worker(app, api, db):
 def test_per_item_claim_by_a_worker_lost_meanwhile_is_given_back(app, api, db, monkeypatch):
     """The worker is marked lost between the check and the claim's write:
     the reaper's sweep came too early, so the claim gives the task back."""
-    tid, = submit(api, {"command": "x", "state": "available", "max_retries": 0})
-    child, = submit(api, {"command": "after"})
+    (tid,) = submit(api, {"command": "x", "state": "available", "max_retries": 0})
+    (child,) = submit(api, {"command": "after"})
     api.post("/tasks/%s/add_continuations" % tid, json=[child])
     wid = register(api)
     check = services(app).queue.require_claiming_worker
@@ -193,6 +206,7 @@ def test_per_item_claim_by_a_worker_lost_meanwhile_is_given_back(app, api, db, m
         check(worker_id, identity)
         services(app).workers.mark_silent_lost(0, utcnow() + timedelta(seconds=1))
         services(app).reaper.run_once()
+
     monkeypatch.setattr(services(app).queue, "require_claiming_worker", check_then_lose)
     r = api.patch("/tasks/%s" % tid, json={"state": "running", "worker": wid})
     assert r.status_code == 404, r.json
@@ -216,6 +230,7 @@ def test_batch_claim_by_a_worker_lost_meanwhile_is_given_back(app, api, db, monk
         services(app).workers.mark_silent_lost(0, utcnow() + timedelta(seconds=1))
         services(app).reaper.run_once()
         return claim_batch(*args, **kwargs)
+
     monkeypatch.setattr(queue, "claim_batch", lost_then_claim)
     claim(api, wid, max_tasks=3, status=404)
     for doc in db.tasks.find({"_id": {"$in": [ObjectId(t) for t in tids]}}):
@@ -229,8 +244,16 @@ def seed_tasks(app, bodies):
     now = utcnow().replace(microsecond=0)
     docs = []
     for body in bodies:
-        doc = {"max_retries": 0, "max_shutdown_time": 10, "time_limit": None, "priority": 0,
-               "continuations": [], "_created": now, "_updated": now, "_etag": uuid.uuid4().hex}
+        doc = {
+            "max_retries": 0,
+            "max_shutdown_time": 10,
+            "time_limit": None,
+            "priority": 0,
+            "continuations": [],
+            "_created": now,
+            "_updated": now,
+            "_etag": uuid.uuid4().hex,
+        }
         doc.update(body)
         doc["requested_resources"] = dict({"cores": 1, "memory": 0, "gpus": 0}, **body.get("requested_resources", {}))
         docs.append(doc)
@@ -243,8 +266,18 @@ def seed_tasks(app, bodies):
 @pytest.mark.slow
 def test_eight_concurrent_claimers_take_every_task_exactly_once(app, api, db):
     n = 2000
-    seed_tasks(app, [{"command": "echo %d" % i, "state": "available", "priority": i % 7,
-                      "requested_resources": {"cores": 1, "memory": MiB}} for i in range(n)])
+    seed_tasks(
+        app,
+        [
+            {
+                "command": "echo %d" % i,
+                "state": "available",
+                "priority": i % 7,
+                "requested_resources": {"cores": 1, "memory": MiB},
+            }
+            for i in range(n)
+        ],
+    )
     claimed = {}
 
     def batch_claimer(wid):
@@ -255,6 +288,7 @@ def test_eight_concurrent_claimers_take_every_task_exactly_once(app, api, db):
                 if not items:
                     return
                 got += [t["_id"] for t in items]
+
         return go
 
     def item_claimer(wid):
@@ -262,8 +296,10 @@ def test_eight_concurrent_claimers_take_every_task_exactly_once(app, api, db):
             got = claimed.setdefault(wid, [])
             rng = random.Random(wid)
             while True:
-                r = api.get('/tasks?where={"state":"available","pending_dependency_count":0}'
-                            '&projection={"_id":1}&max_results=100&sort=[("priority",-1),("_created",1)]')
+                r = api.get(
+                    '/tasks?where={"state":"available","pending_dependency_count":0}'
+                    '&projection={"_id":1}&max_results=100&sort=[("priority",-1),("_created",1)]'
+                )
                 assert r.status_code == 200, r.json
                 ids = [t["_id"] for t in r.json["_items"]]
                 if not ids:
@@ -306,11 +342,19 @@ def greedy(tasks, free):
 
 def test_batch_claim_fits_free_resources_in_priority_order(api):
     rng = random.Random(5)
-    bodies = [{"command": "x", "state": "available", "priority": p,
-               "requested_resources": {"cores": rng.choice([0, 0.5, 1, 2, 3]),
-                                       "memory": rng.choice([0, 128 * MiB, 256 * MiB, 512 * MiB, GiB, 2 * GiB]),
-                                       "gpus": rng.choice([0, 0, 0, 1])}}
-              for p in rng.sample(range(1000), 80)]
+    bodies = [
+        {
+            "command": "x",
+            "state": "available",
+            "priority": p,
+            "requested_resources": {
+                "cores": rng.choice([0, 0.5, 1, 2, 3]),
+                "memory": rng.choice([0, 128 * MiB, 256 * MiB, 512 * MiB, GiB, 2 * GiB]),
+                "gpus": rng.choice([0, 0, 0, 1]),
+            },
+        }
+        for p in rng.sample(range(1000), 80)
+    ]
     ids = submit(api, *bodies)
     tasks = [dict(b, _id=i) for b, i in zip(bodies, ids)]
     free = {"cores": 2, "memory": GiB, "gpus": 0}
@@ -341,23 +385,29 @@ def test_batch_claim_takes_oldest_first_among_equal_priorities(api, db):
 
 
 def test_batch_claim_honours_max_tasks_and_skips_waiting_tasks(api):
-    child, = submit(api, {"command": "x"})
-    submit(api, {"command": "x", "state": "available", "continuations": [child]},
-           *[{"command": "x", "state": "available"} for _ in range(3)])
+    (child,) = submit(api, {"command": "x"})
+    submit(
+        api,
+        {"command": "x", "state": "available", "continuations": [child]},
+        *[{"command": "x", "state": "available"} for _ in range(3)],
+    )
     patch(api, child, {"state": "available"})  # available, but waits for its parent
     wid = register(api)
     assert len(claim(api, wid, max_tasks=2)["_items"]) == 2
     assert child not in [t["_id"] for t in claim(api, wid, max_tasks=10)["_items"]]
 
 
-@pytest.mark.parametrize("body,word", [
-    ({"free": {"cores": -1}}, "cores"),
-    ({"free": "all"}, "free"),
-    ({"free": {"cores": 1}, "max_tasks": 0}, "max_tasks"),
-    ({"free": {"cores": 1}, "max_tasks": "2"}, "max_tasks"),
-    ({"free": {"cores": 1}, "wait": -3}, "wait"),
-    ({"free": {"cores": 1}, "colour": 1}, "colour"),
-])
+@pytest.mark.parametrize(
+    "body,word",
+    [
+        ({"free": {"cores": -1}}, "cores"),
+        ({"free": "all"}, "free"),
+        ({"free": {"cores": 1}, "max_tasks": 0}, "max_tasks"),
+        ({"free": {"cores": 1}, "max_tasks": "2"}, "max_tasks"),
+        ({"free": {"cores": 1}, "wait": -3}, "wait"),
+        ({"free": {"cores": 1}, "colour": 1}, "colour"),
+    ],
+)
 def test_bad_claims_are_refused_and_claim_nothing(api, db, body, word):
     submit(api, {"command": "x", "state": "available"})
     wid = register(api)
@@ -371,9 +421,11 @@ def test_long_poll_returns_the_task_made_available(store):
     app = make_app(store, CLAIM_RECHECK_INTERVAL=60)
     api = app.test_client()
     wid = register(api)
-    tid, = submit(api, {"command": "x", "requested_resources": {"cores": 2}})
-    poller, result = held(lambda: claim(api, wid, free={"cores": 4, "memory": GiB, "gpus": 0}, max_tasks=4, wait=20),
-                          lambda: len(services(app).claim_waiters))
+    (tid,) = submit(api, {"command": "x", "requested_resources": {"cores": 2}})
+    poller, result = held(
+        lambda: claim(api, wid, free={"cores": 4, "memory": GiB, "gpus": 0}, max_tasks=4, wait=20),
+        lambda: len(services(app).claim_waiters),
+    )
     patch(api, tid, {"state": "available"})
     poller.join()
     assert [t["_id"] for t in result["reply"]["_items"]] == [tid]
@@ -386,10 +438,11 @@ def test_long_poll_ignores_tasks_that_do_not_fit(store):
     api = app.test_client()
     wid = register(api)
     result = {}
-    poller = threading.Thread(target=lambda: result.update(
-        reply=claim(api, wid, free={"cores": 1, "memory": GiB, "gpus": 0}, wait=1)))
+    poller = threading.Thread(
+        target=lambda: result.update(reply=claim(api, wid, free={"cores": 1, "memory": GiB, "gpus": 0}, wait=1))
+    )
     poller.start()
-    big, = submit(api, {"command": "x", "state": "available", "requested_resources": {"cores": 4}})
+    (big,) = submit(api, {"command": "x", "state": "available", "requested_resources": {"cores": 4}})
     poller.join()
     assert result["reply"] == {"_items": [], "cancel": []}
     assert task(api, big)["state"] == "available"
@@ -407,9 +460,17 @@ def test_long_poll_finds_tasks_made_ready_by_another_server(store):
     deadline = time.monotonic() + 10
     while len(services(app).claim_waiters) == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    docs = [{"command": "x", "state": "available", "priority": 0,
-             "requested_resources": {"cores": 1, "memory": 0, "gpus": 0},
-             "_created": utcnow(), "_updated": utcnow(), "_etag": uuid.uuid4().hex}]
+    docs = [
+        {
+            "command": "x",
+            "state": "available",
+            "priority": 0,
+            "requested_resources": {"cores": 1, "memory": 0, "gpus": 0},
+            "_created": utcnow(),
+            "_updated": utcnow(),
+            "_etag": uuid.uuid4().hex,
+        }
+    ]
     services(app).queue.prepare_new(docs)
     services(app).queue.tasks.insert_one(docs[0])  # no on_ready: "another process" did it
     poller.join()
@@ -442,9 +503,16 @@ def test_a_claim_that_queued_too_long_claims_nothing_and_takes_its_reports(app, 
     done, waiting = submit(api, {"command": "a", "state": "available"}, {"command": "b", "state": "available"})
     assert [t["_id"] for t in claim(api, wid)["_items"]] == [done]
     late = {"HTTP_X_BANYAN_QUEUED": str(app.config["CLAIM_MAX_QUEUED"] + 1)}
-    r = api.post("/workers/%s/claim" % wid, environ_overrides=late, json={
-        "free": PLENTY, "max_tasks": 1, "wait": 5,
-        "finished": [{"task": done, "attempt": 1, "outcome": "success", "exit_code": 0}]})
+    r = api.post(
+        "/workers/%s/claim" % wid,
+        environ_overrides=late,
+        json={
+            "free": PLENTY,
+            "max_tasks": 1,
+            "wait": 5,
+            "finished": [{"task": done, "attempt": 1, "outcome": "success", "exit_code": 0}],
+        },
+    )
     assert r.status_code == 200, r.json
     assert r.json["_items"] == [] and r.json["retry_after"] > 0
     assert [f["_status"] for f in r.json["finished"]] == ["OK"]
@@ -458,11 +526,13 @@ def test_a_claim_that_queued_too_long_claims_nothing_and_takes_its_reports(app, 
 
 # -- completion and retries -------------------------------------------------
 
+
 def test_three_failures_with_two_retries_fail_the_task_and_cancel_continuations(api):
     child, grandchild = submit(api, {"command": "c"}, {"command": "g"})
     db_child = submit(api, {"command": "c2", "continuations": [grandchild]})[0]
-    parent, = submit(api, {"command": "p", "state": "available", "max_retries": 2,
-                           "continuations": [child, db_child]})
+    (parent,) = submit(
+        api, {"command": "p", "state": "available", "max_retries": 2, "continuations": [child, db_child]}
+    )
     wid = register(api)
     for attempt in (1, 2, 3):
         assert claim_one(api, wid, parent) == attempt
@@ -471,15 +541,18 @@ def test_three_failures_with_two_retries_fail_the_task_and_cancel_continuations(
             assert done["state"] == "available" and done["retry_count"] == attempt
     t = task(api, parent)
     assert t["state"] == "terminated" and t["exit_status"] == FAILURE and t["retry_count"] == 2
-    assert [(h["attempt"], h["exit_status"], h["exit_code"]) for h in t["history"]] == \
-        [(1, FAILURE, 3), (2, FAILURE, 3), (3, FAILURE, 3)]
+    assert [(h["attempt"], h["exit_status"], h["exit_code"]) for h in t["history"]] == [
+        (1, FAILURE, 3),
+        (2, FAILURE, 3),
+        (3, FAILURE, 3),
+    ]
     assert all(h["ended"] for h in t["history"])
     assert [task(api, c)["state"] for c in (child, db_child, grandchild)] == ["cancelled"] * 3
 
 
 def test_success_releases_continuations(api):
-    child, = submit(api, {"command": "c"})
-    parent, = submit(api, {"command": "p", "state": "available", "continuations": [child]})
+    (child,) = submit(api, {"command": "c"})
+    (parent,) = submit(api, {"command": "p", "state": "available", "continuations": [child]})
     wid = register(api)
     attempt = claim_one(api, wid, parent)
     done = finish(api, parent, attempt, SUCCESS, exit_code=0, usage={"max_rss": 1000, "cpu_percent": 12.5})
@@ -489,7 +562,7 @@ def test_success_releases_continuations(api):
 
 
 def test_finish_refusals_change_nothing(api, db):
-    tid, = submit(api, {"command": "x", "state": "available"})
+    (tid,) = submit(api, {"command": "x", "state": "available"})
     wid = register(api)
 
     def unchanged(body, status, word):
@@ -515,19 +588,27 @@ def test_finish_refusals_change_nothing(api, db):
 
 def test_a_claim_delivers_reports_first_and_claims_what_they_free(api, db):
     first, second, later = submit(api, *[{"command": "x", "state": "available"} for _ in range(3)])
-    child, = submit(api, {"command": "c"})
+    (child,) = submit(api, {"command": "c"})
     db.tasks.update_one({"_id": ObjectId(second)}, {"$set": {"continuations": [ObjectId(child)]}})
-    db.tasks.update_one({"_id": ObjectId(child)}, {"$set": {"pending_parents": [ObjectId(second)],
-                                                             "pending_dependency_count": 1}})
+    db.tasks.update_one(
+        {"_id": ObjectId(child)}, {"$set": {"pending_parents": [ObjectId(second)], "pending_dependency_count": 1}}
+    )
     wid = register(api)
     one = {"cores": 1, "memory": GiB, "gpus": 0}
     items = claim(api, wid, free={"cores": 2, "memory": GiB, "gpus": 0}, max_tasks=2)["_items"]
     assert [t["_id"] for t in items] == [first, second]
-    reply = api.post("/workers/%s/claim" % wid, json={"free": one, "max_tasks": 1, "finished": [
-        {"task": first, "attempt": 1, "outcome": FAILURE, "exit_code": 3, "stdout": "out", "stderr": "err"},
-        {"task": second, "attempt": 2, "outcome": SUCCESS, "exit_code": 0},  # not its attempt
-        {"task": second, "attempt": 1, "outcome": SUCCESS, "exit_code": 0, "usage": {"max_rss": 5}},
-    ]})
+    reply = api.post(
+        "/workers/%s/claim" % wid,
+        json={
+            "free": one,
+            "max_tasks": 1,
+            "finished": [
+                {"task": first, "attempt": 1, "outcome": FAILURE, "exit_code": 3, "stdout": "out", "stderr": "err"},
+                {"task": second, "attempt": 2, "outcome": SUCCESS, "exit_code": 0},  # not its attempt
+                {"task": second, "attempt": 1, "outcome": SUCCESS, "exit_code": 0, "usage": {"max_rss": 5}},
+            ],
+        },
+    )
     assert reply.status_code == 200, reply.json
     assert [r["_status"] for r in reply.json["finished"]] == ["OK", "ERR", "OK"]
     assert reply.json["finished"][1]["_error"]["code"] == 409
@@ -540,16 +621,24 @@ def test_a_claim_delivers_reports_first_and_claims_what_they_free(api, db):
     # reporting alone: max_tasks 0
     reply = claim(api, wid, free=one, max_tasks=0, status=422)
     assert "max_tasks" in reply["_error"]["message"]
-    r = api.post("/workers/%s/claim" % wid, json={"free": one, "max_tasks": 0, "finished": [
-        {"task": later, "attempt": 1, "outcome": SUCCESS}]})
-    assert r.status_code == 200 and r.json == {"_items": [], "cancel": [], "finished": [
-        {"_id": later, "_status": "OK"}]}
+    r = api.post(
+        "/workers/%s/claim" % wid,
+        json={"free": one, "max_tasks": 0, "finished": [{"task": later, "attempt": 1, "outcome": SUCCESS}]},
+    )
+    assert r.status_code == 200 and r.json == {
+        "_items": [],
+        "cancel": [],
+        "finished": [{"_id": later, "_status": "OK"}],
+    }
     assert task(api, child)["state"] == "available"  # not claimed by a report-only request
 
 
 def test_a_claim_prefetches_beyond_free_within_the_workers_resources(api, db):
-    big, small, *rest = submit(api, {"command": "x", "state": "available", "requested_resources": {"cores": 9}},
-                               *[{"command": "x", "state": "available"} for _ in range(5)])
+    big, small, *rest = submit(
+        api,
+        {"command": "x", "state": "available", "requested_resources": {"cores": 9}},
+        *[{"command": "x", "state": "available"} for _ in range(5)],
+    )
     wid = register(api, resources={"cores": 2, "memory": GiB, "gpus": 0})
     nothing_free = {"cores": 0, "memory": GiB, "gpus": 0}
     r = api.post("/workers/%s/claim" % wid, json={"free": nothing_free, "max_tasks": 1, "prefetch": 4})
@@ -568,15 +657,16 @@ def test_prefetched_tasks_handed_back_go_to_another_worker_as_the_same_attempt(a
     busy, idle = register(api, "busy"), register(api, "idle")
     items = claim(api, busy, max_tasks=2)["_items"]
     assert [t["history"][-1]["attempt"] for t in items] == [1, 1]
-    r = api.post("/workers/%s/release" % busy, json={"prefetched": True, "tasks": [
-        {"_id": first, "attempt": 1}, {"_id": second, "attempt": 2}]})  # not its attempt: left alone
+    r = api.post(
+        "/workers/%s/release" % busy,
+        json={"prefetched": True, "tasks": [{"_id": first, "attempt": 1}, {"_id": second, "attempt": 2}]},
+    )  # not its attempt: left alone
     assert r.status_code == 200 and r.json == {"released": [first]}
     handed = task(api, first)
     assert handed["state"] == "available" and handed["history"] == [] and handed.get("worker") is None
     assert db.tokens.count_documents({"task": ObjectId(first)}) == 0  # the attempt's token is worth nothing
     again = claim(api, idle)["_items"]
-    assert [(t["_id"], t["history"][-1]["attempt"], t["history"][-1]["worker"]) for t in again] == [
-        (first, 1, idle)]
+    assert [(t["_id"], t["history"][-1]["attempt"], t["history"][-1]["worker"]) for t in again] == [(first, 1, idle)]
     # the busy worker learns it from its next exchange: that attempt is not its own any more
     assert heartbeat(api, busy, {first: {"attempt": 1}})["unknown"] == [first]
     finish(api, first, 1, SUCCESS, 0)
@@ -586,16 +676,19 @@ def test_prefetched_tasks_handed_back_go_to_another_worker_as_the_same_attempt(a
     assert task(api, second)["state"] == "running"
 
 
-@pytest.mark.parametrize("finished, word", [
-    ("all", "finished"),
-    ([{"task": "nope", "attempt": 1, "outcome": SUCCESS}], "not a task id"),
-    ([{"attempt": 1, "outcome": SUCCESS}], "task"),
-    ([{"task": "0" * 24, "attempt": 1, "outcome": "fine"}], "outcome"),
-    ([{"task": "0" * 24, "attempt": 1, "outcome": SUCCESS, "colour": 1}], "colour"),
-    ([5], "finished.0"),
-])
+@pytest.mark.parametrize(
+    "finished, word",
+    [
+        ("all", "finished"),
+        ([{"task": "nope", "attempt": 1, "outcome": SUCCESS}], "not a task id"),
+        ([{"attempt": 1, "outcome": SUCCESS}], "task"),
+        ([{"task": "0" * 24, "attempt": 1, "outcome": "fine"}], "outcome"),
+        ([{"task": "0" * 24, "attempt": 1, "outcome": SUCCESS, "colour": 1}], "colour"),
+        ([5], "finished.0"),
+    ],
+)
 def test_claims_with_bad_reports_are_refused_whole(api, db, finished, word):
-    tid, = submit(api, {"command": "x", "state": "available"})
+    (tid,) = submit(api, {"command": "x", "state": "available"})
     wid = register(api)
     before = list(db.tasks.find())
     r = api.post("/workers/%s/claim" % wid, json={"free": PLENTY, "max_tasks": 1, "finished": finished})
@@ -606,7 +699,7 @@ def test_claims_with_bad_reports_are_refused_whole(api, db, finished, word):
 def test_logs_are_kept_per_attempt_and_capped(store):
     app = make_app(store, LOG_CAP=16)
     api = app.test_client()
-    tid, = submit(api, {"command": "x", "state": "available", "max_retries": 1})
+    (tid,) = submit(api, {"command": "x", "state": "available", "max_retries": 1})
     wid = register(api)
     assert api.get("/tasks/%s/logs" % tid).json == {"attempt": None, "stdout": "", "stderr": ""}
     finish(api, tid, claim_one(api, wid, tid), FAILURE, 1, stdout="first", stderr="oops")
@@ -623,13 +716,23 @@ def test_logs_are_kept_per_attempt_and_capped(store):
 
 # -- heartbeats and lost workers ----------------------------------------------
 
+
 def test_heartbeat_records_usage_and_progress(api):
     tid, other = submit(api, {"command": "x", "state": "available"}, {"command": "y"})
     wid = register(api)
     attempt = claim_one(api, wid, tid)
-    reply = heartbeat(api, wid, {tid: {"attempt": attempt, "usage": {"max_rss": 5 * MiB, "cpu_percent": 97.5},
-                                       "progress": {"fraction": 0.5, "message": "half"}},
-                                 other: {"attempt": 1}})
+    reply = heartbeat(
+        api,
+        wid,
+        {
+            tid: {
+                "attempt": attempt,
+                "usage": {"max_rss": 5 * MiB, "cpu_percent": 97.5},
+                "progress": {"fraction": 0.5, "message": "half"},
+            },
+            other: {"attempt": 1},
+        },
+    )
     assert reply == {"cancel": [], "unknown": [other]}
     entry = task(api, tid)["history"][-1]
     assert entry["usage"]["max_rss"] == 5 * MiB and entry["usage"]["cpu_percent"] == 97.5
@@ -639,16 +742,19 @@ def test_heartbeat_records_usage_and_progress(api):
     assert heartbeat(api, wid, {tid: {"attempt": attempt + 1}})["unknown"] == [tid]
 
 
-@pytest.mark.parametrize("entry,word", [
-    ({"attempt": 0}, "attempt"),
-    ({"attempt": 1, "usage": {"max_rss": -1}}, "max_rss"),
-    ({"attempt": 1, "progress": {"fraction": 2}}, "fraction"),
-    ({"attempt": 1, "progress": {"fraction": 0.1, "message": 5}}, "message"),
-    ({"attempt": 1, "colour": 1}, "colour"),
-    ({"attempt": 1, "usage": {"rss.max": 1}}, "usage"),
-])
+@pytest.mark.parametrize(
+    "entry,word",
+    [
+        ({"attempt": 0}, "attempt"),
+        ({"attempt": 1, "usage": {"max_rss": -1}}, "max_rss"),
+        ({"attempt": 1, "progress": {"fraction": 2}}, "fraction"),
+        ({"attempt": 1, "progress": {"fraction": 0.1, "message": 5}}, "message"),
+        ({"attempt": 1, "colour": 1}, "colour"),
+        ({"attempt": 1, "usage": {"rss.max": 1}}, "usage"),
+    ],
+)
 def test_bad_heartbeats_are_refused(api, db, entry, word):
-    tid, = submit(api, {"command": "x", "state": "available"})
+    (tid,) = submit(api, {"command": "x", "state": "available"})
     wid = register(api)
     claim_one(api, wid, tid)
     before = db.tasks.find_one({"_id": ObjectId(tid)})
@@ -662,9 +768,10 @@ def test_bad_heartbeats_are_refused(api, db, entry, word):
 def test_silent_worker_is_lost_and_its_task_requeued(store):
     app = make_app(store, HEARTBEAT_TIMEOUT=1)
     api = app.test_client()
-    tid, last_try = submit(api, {"command": "x", "state": "available", "max_retries": 0},
-                           {"command": "y", "max_retries": 0})
-    child, = submit(api, {"command": "c"})
+    tid, last_try = submit(
+        api, {"command": "x", "state": "available", "max_retries": 0}, {"command": "y", "max_retries": 0}
+    )
+    (child,) = submit(api, {"command": "c"})
     wid = register(api)
     attempt = claim_one(api, wid, tid)
     alive = register(api, host="alive")
@@ -702,9 +809,10 @@ def test_silent_worker_is_lost_and_its_task_requeued(store):
 def test_a_task_lost_more_than_max_lost_times_fails(store):
     app = make_app(store, HEARTBEAT_TIMEOUT=1)
     api = app.test_client()
-    child, = submit(api, {"command": "c"})
-    tid, = submit(api, {"command": "x", "state": "available", "continuations": [child], "max_retries": 5,
-                        "max_lost": 1})
+    (child,) = submit(api, {"command": "c"})
+    (tid,) = submit(
+        api, {"command": "x", "state": "available", "continuations": [child], "max_retries": 5, "max_lost": 1}
+    )
     for attempt in (1, 2):
         wid = register(api, host="doomed%d" % attempt)
         assert claim_one(api, wid, tid) == attempt
@@ -721,14 +829,17 @@ def test_a_task_lost_more_than_max_lost_times_fails(store):
     assert [a["exit_status"] for a in t["history"]] == [ABANDONED, ABANDONED]
     assert task(api, child)["state"] == "cancelled"
     assert services(app).reaper.run_once(utcnow() + timedelta(seconds=6)) == {
-        "lost": [], "abandoned": [], "timed_out": []}
+        "lost": [],
+        "abandoned": [],
+        "timed_out": [],
+    }
 
 
 def test_max_lost_is_checked_and_write_once(api):
     for bad in (-1, 1001, "3", 1.5):
         r = api.post("/tasks", json={"command": "x", "max_lost": bad})
         assert r.status_code == 422 and "max_lost" in r.json["_issues"], r.json
-    tid, = submit(api, {"command": "x", "state": "available"})
+    (tid,) = submit(api, {"command": "x", "state": "available"})
     assert (task(api, tid)["max_lost"], task(api, tid)["lost_count"]) == (3, 0)
     r = api.patch("/tasks/%s" % tid, json={"max_lost": 5})
     assert r.status_code == 422 and "max_lost" in r.json["_issues"], r.json
@@ -747,8 +858,11 @@ def test_heartbeats_keep_a_worker_alive(store):
 
 
 def test_time_limit_cancels_with_status_timeout(app, api):
-    slow, free = submit(api, {"command": "x", "state": "available", "time_limit": 1, "priority": 1},
-                        {"command": "y", "state": "available"})
+    slow, free = submit(
+        api,
+        {"command": "x", "state": "available", "time_limit": 1, "priority": 1},
+        {"command": "y", "state": "available"},
+    )
     wid = register(api)
     items = claim(api, wid, max_tasks=2)["_items"]
     assert [t["_id"] for t in items] == [slow, free]
@@ -765,7 +879,7 @@ def test_time_limit_cancels_with_status_timeout(app, api):
 def test_time_limit_sweep_spares_a_retry_claimed_meanwhile(app, api, db, monkeypatch):
     """The reaper read attempt 1 as overdue; before it cancels, attempt 1
     failed and attempt 2 was claimed: attempt 2 keeps running."""
-    tid, = submit(api, {"command": "x", "state": "available", "time_limit": 1, "max_retries": 1})
+    (tid,) = submit(api, {"command": "x", "state": "available", "time_limit": 1, "max_retries": 1})
     wid = register(api)
     claim_one(api, wid, tid)
     queue, cancel = services(app).queue, services(app).queue.cancel
@@ -774,6 +888,7 @@ def test_time_limit_sweep_spares_a_retry_claimed_meanwhile(app, api, db, monkeyp
         finish(api, tid, 1, FAILURE, exit_code=1)
         assert claim_one(api, wid, tid) == 2
         return cancel(task_id, **kwargs)
+
     monkeypatch.setattr(queue, "cancel", retried_first)
     assert services(app).reaper.run_once(utcnow() + timedelta(seconds=2))["timed_out"] == []
     doc = db.tasks.find_one({"_id": ObjectId(tid)})
@@ -783,8 +898,11 @@ def test_time_limit_sweep_spares_a_retry_claimed_meanwhile(app, api, db, monkeyp
 def test_huge_time_limits_are_refused_and_the_reaper_keeps_working(app, api):
     r = api.post("/tasks", json={"command": "x", "time_limit": 1e12})
     assert r.status_code == 422 and "time_limit" in r.json["_issues"], r.json
-    long, short = submit(api, {"command": "x", "state": "available", "time_limit": 10 * 365 * 86400},
-                         {"command": "y", "state": "available", "time_limit": 1})
+    long, short = submit(
+        api,
+        {"command": "x", "state": "available", "time_limit": 10 * 365 * 86400},
+        {"command": "y", "state": "available", "time_limit": 1},
+    )
     wid = register(api)
     claim(api, wid, max_tasks=2)
     assert services(app).reaper.run_once(utcnow() + timedelta(seconds=2))["timed_out"] == [ObjectId(short)]
@@ -793,9 +911,11 @@ def test_huge_time_limits_are_refused_and_the_reaper_keeps_working(app, api):
 
 # -- cancellation from every state ------------------------------------------
 
+
 def assert_cancel_refused(api, db, tid):
     """Cancelling again changes nothing: refused (4xx), or for a task that is
     already `cancelled` accepted as the no-op it is."""
+
     def stored():
         doc = db.tasks.find_one({"_id": ObjectId(tid)})
         return {k: v for k, v in doc.items() if k not in ("_etag", "_updated")}
@@ -810,9 +930,9 @@ def assert_cancel_refused(api, db, tid):
 
 
 def test_cancel_inactive_and_available(api, db):
-    child, = submit(api, {"command": "c"})
-    inactive, = submit(api, {"command": "x", "continuations": [child]})
-    available, = submit(api, {"command": "x", "state": "available"})
+    (child,) = submit(api, {"command": "c"})
+    (inactive,) = submit(api, {"command": "x", "continuations": [child]})
+    (available,) = submit(api, {"command": "x", "state": "available"})
     for tid in (inactive, available):
         patch(api, tid, {"state": "cancelled"})
         t = task(api, tid)
@@ -824,8 +944,8 @@ def test_cancel_inactive_and_available(api, db):
 
 
 def test_cancel_running_worker_learns_it_and_reports_cancelled(api, db):
-    child, = submit(api, {"command": "c"})
-    tid, = submit(api, {"command": "x", "state": "available", "max_retries": 3, "continuations": [child]})
+    (child,) = submit(api, {"command": "c"})
+    (tid,) = submit(api, {"command": "x", "state": "available", "max_retries": 3, "continuations": [child]})
     wid = register(api)
     attempt = claim_one(api, wid, tid)
     patch(api, tid, {"state": "cancelled"})
@@ -841,11 +961,12 @@ def test_cancel_running_worker_learns_it_and_reports_cancelled(api, db):
     assert_cancel_refused(api, db, tid)
 
 
-@pytest.mark.parametrize("outcome,state,child_state", [(SUCCESS, "terminated", "available"),
-                                                       (FAILURE, "terminated", "cancelled")])
+@pytest.mark.parametrize(
+    "outcome,state,child_state", [(SUCCESS, "terminated", "available"), (FAILURE, "terminated", "cancelled")]
+)
 def test_cancel_running_task_that_finished_first(api, outcome, state, child_state):
-    child, = submit(api, {"command": "c"})
-    tid, = submit(api, {"command": "x", "state": "available", "max_retries": 3, "continuations": [child]})
+    (child,) = submit(api, {"command": "c"})
+    (tid,) = submit(api, {"command": "x", "state": "available", "max_retries": 3, "continuations": [child]})
     wid = register(api)
     attempt = claim_one(api, wid, tid)
     patch(api, tid, {"state": "cancelled"})
@@ -857,7 +978,7 @@ def test_cancel_running_task_that_finished_first(api, outcome, state, child_stat
 def test_cancel_running_task_whose_worker_is_lost(store):
     app = make_app(store, HEARTBEAT_TIMEOUT=1)
     api = app.test_client()
-    tid, = submit(api, {"command": "x", "state": "available", "max_retries": 3})
+    (tid,) = submit(api, {"command": "x", "state": "available", "max_retries": 3})
     wid = register(api)
     claim_one(api, wid, tid)
     patch(api, tid, {"state": "cancelled"})
@@ -878,13 +999,16 @@ def test_cancel_finished_tasks_is_refused(api, db):
 
 # -- tokens -------------------------------------------------------------------
 
+
 def test_worker_tokens_act_only_on_their_own_workers(store):
     app = make_app(store, AUTH=True)
     api = app.test_client()
     tokens = TokenStore(app.data.driver.db)
-    a, b, user = ({"Authorization": "Bearer %s" % tokens.create(role, name)[1]}
-                  for role, name in (("worker", "wa"), ("worker", "wb"), ("user", "alice")))
-    tid, = submit(api, {"command": "x", "state": "available"}, headers=user)
+    a, b, user = (
+        {"Authorization": "Bearer %s" % tokens.create(role, name)[1]}
+        for role, name in (("worker", "wa"), ("worker", "wb"), ("user", "alice"))
+    )
+    (tid,) = submit(api, {"command": "x", "state": "available"}, headers=user)
     assert api.post("/workers", json={"host": "n"}).status_code == 401
     assert api.post("/workers", json={"host": "n"}, headers=user).status_code == 403
     wid = register(api, headers=a)
@@ -909,6 +1033,7 @@ def task_state(api, tid, headers):
 
 # -- memory: outcome oom and retry_memory_factor -----------------------------
 
+
 def test_registration_tells_the_worker_the_heartbeat_timeout(store):
     api = make_app(store, HEARTBEAT_TIMEOUT=7).test_client()
     r = api.post("/workers", json={"host": "n1", "resources": {"cores": 1, "memory": GiB, "gpus": 0}})
@@ -917,12 +1042,15 @@ def test_registration_tells_the_worker_the_heartbeat_timeout(store):
 
 def test_an_oom_attempt_is_retried_with_more_memory_only_with_retry_memory_factor(api):
     wid = register(api)
-    plain, grows = submit(api, {"command": "x", "state": "available", "requested_resources": {"memory": "100 MiB"}},
-                          {"command": "x", "state": "available", "requested_resources": {"memory": "100 MiB"},
-                           "retry_memory_factor": 2})
+    plain, grows = submit(
+        api,
+        {"command": "x", "state": "available", "requested_resources": {"memory": "100 MiB"}},
+        {"command": "x", "state": "available", "requested_resources": {"memory": "100 MiB"}, "retry_memory_factor": 2},
+    )
     attempt = claim_one(api, wid, plain)
-    finish(api, plain, attempt, "oom", -9, usage={"max_rss": 90 * MiB, "peak_memory": 100 * MiB,
-                                                  "memory_limit": 100 * MiB})
+    finish(
+        api, plain, attempt, "oom", -9, usage={"max_rss": 90 * MiB, "peak_memory": 100 * MiB, "memory_limit": 100 * MiB}
+    )
     doc = task(api, plain)
     assert (doc["state"], doc["exit_status"], doc["retry_count"]) == ("terminated", "oom", 0)
     assert doc["history"][0]["usage"]["peak_memory"] == 100 * MiB

@@ -13,17 +13,38 @@ import uuid
 from datetime import datetime
 
 import pytest
-
 from conftest import TEST_TOKEN, CheckedSession, LiveServer, stop_process, wait_for
 
 BIN = os.path.dirname(sys.executable)
-BANYAN = [os.path.join(BIN, "banyan")] if os.path.exists(os.path.join(BIN, "banyan")) else \
-    [sys.executable, "-m", "banyan.cli"]
-WORKER = [os.path.join(BIN, "banyan-worker")] if os.path.exists(os.path.join(BIN, "banyan-worker")) else \
-    [sys.executable, "-m", "banyan.worker"]
+BANYAN = (
+    [os.path.join(BIN, "banyan")]
+    if os.path.exists(os.path.join(BIN, "banyan"))
+    else [sys.executable, "-m", "banyan.cli"]
+)
+WORKER = (
+    [os.path.join(BIN, "banyan-worker")]
+    if os.path.exists(os.path.join(BIN, "banyan-worker"))
+    else [sys.executable, "-m", "banyan.worker"]
+)
 
-COMMANDS = ["submit", "ls", "show", "cancel", "wait", "logs", "stats", "workers", "progress", "token",
-            "server", "up", "jobs", "retry", "hold", "release"]
+COMMANDS = [
+    "submit",
+    "ls",
+    "show",
+    "cancel",
+    "wait",
+    "logs",
+    "stats",
+    "workers",
+    "progress",
+    "token",
+    "server",
+    "up",
+    "jobs",
+    "retry",
+    "hold",
+    "release",
+]
 
 
 class Cluster:
@@ -40,9 +61,27 @@ class Cluster:
         # Cores beyond the machine's: the tasks here sleep or echo, and the
         # worker should take a whole array in one claim.
         self.worker = subprocess.Popen(
-            WORKER + ["--server", self.url, "--cores", "16", "--memory", "4 GiB", "--heartbeat", str(heartbeat),
-                      "--work-dir", str(base / "work"), "--claim-wait", "5", "--drain", "5"],
-            stdout=self.worker_log, stderr=subprocess.STDOUT, env=self.env())
+            WORKER
+            + [
+                "--server",
+                self.url,
+                "--cores",
+                "16",
+                "--memory",
+                "4 GiB",
+                "--heartbeat",
+                str(heartbeat),
+                "--work-dir",
+                str(base / "work"),
+                "--claim-wait",
+                "5",
+                "--drain",
+                "5",
+            ],
+            stdout=self.worker_log,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+        )
         self.worker_id = wait_for(self._active_worker, 30, "the worker to register")
 
     def _active_worker(self):
@@ -51,15 +90,20 @@ class Cluster:
 
     def env(self, **extra):
         """The environment of a user of this cluster (no config of the real user's)."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("BANYAN_TOKEN", "BANYAN_CONFIG", "XDG_CONFIG_HOME")}
+        env = {k: v for k, v in os.environ.items() if k not in ("BANYAN_TOKEN", "BANYAN_CONFIG", "XDG_CONFIG_HOME")}
         env.update(HOME=str(self.home), BANYAN_SERVER=self.url, BANYAN_TOKEN=TEST_TOKEN)
         env.update(extra)
         return {k: v for k, v in env.items() if v is not None}
 
     def run(self, *args, env=None, input=None, timeout=60):
-        return subprocess.run(BANYAN + [str(a) for a in args], capture_output=True, text=True, input=input,
-                              env=env or self.env(), timeout=timeout)
+        return subprocess.run(
+            BANYAN + [str(a) for a in args],
+            capture_output=True,
+            text=True,
+            input=input,
+            env=env or self.env(),
+            timeout=timeout,
+        )
 
     def ok(self, *args, **kw):
         result = self.run(*args, **kw)
@@ -96,8 +140,14 @@ def shared(cluster):
 def banyan(cluster, *args, cwd=None, env=None, ok=True, timeout=120):
     """Run `banyan ARGS` as a user of `cluster` (`env` added to their
     environment); it must not crash, and with `ok` must exit 0."""
-    result = subprocess.run(BANYAN + [str(a) for a in args], capture_output=True, text=True, cwd=cwd,
-                            env=cluster.env(**(env or {})), timeout=timeout)
+    result = subprocess.run(
+        BANYAN + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=cluster.env(**(env or {})),
+        timeout=timeout,
+    )
     assert "Traceback" not in result.stderr, result.stderr
     if ok:
         assert result.returncode == 0, (args, result.stdout, result.stderr)
@@ -122,11 +172,14 @@ def when(value):
 
 # -- help and errors ------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_every_command_answers_help():
     invocations = [[]] + [[c] for c in COMMANDS] + [["token", a] for a in ("create", "revoke", "list")]
-    procs = [(args, subprocess.Popen(BANYAN + args + ["--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)) for args in invocations]
+    procs = [
+        (args, subprocess.Popen(BANYAN + args + ["--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for args in invocations
+    ]
     for args, proc in procs:
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, (args, err)
@@ -141,10 +194,12 @@ def test_every_command_answers_help():
 def test_the_command_loads_nothing_of_the_server():
     # `banyan --help` and the parser of every command: no server library,
     # no HTTP library (a command that talks to a server loads `requests` then).
-    probe = ("import sys, banyan.cli\n"
-             "banyan.cli.build_parser()\n"
-             "print(' '.join(m for m in ('eve', 'flask', 'werkzeug', 'pymongo', 'mongomock', 'cerberus', "
-             "'waitress', 'requests', 'banyan.server.auth', 'banyan.server.app') if m in sys.modules))")
+    probe = (
+        "import sys, banyan.cli\n"
+        "banyan.cli.build_parser()\n"
+        "print(' '.join(m for m in ('eve', 'flask', 'werkzeug', 'pymongo', 'mongomock', 'cerberus', "
+        "'waitress', 'requests', 'banyan.server.auth', 'banyan.server.app') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
@@ -156,16 +211,24 @@ def test_unreachable_server_gives_one_line_and_a_nonzero_exit(tmp_path):
         s.bind(("127.0.0.1", 0))
         dead = "http://127.0.0.1:%d" % s.getsockname()[1]
     some_id = "0123456789abcdef01234567"
-    invocations = [["ls"], ["show", some_id], ["submit", "--", "true"], ["wait", some_id], ["cancel", some_id],
-                   ["logs", some_id], ["stats"], ["workers"], ["submit", "--array", "1-3", "--", "true"]]
+    invocations = [
+        ["ls"],
+        ["show", some_id],
+        ["submit", "--", "true"],
+        ["wait", some_id],
+        ["cancel", some_id],
+        ["logs", some_id],
+        ["stats"],
+        ["workers"],
+        ["submit", "--array", "1-3", "--", "true"],
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
     env.update(HOME=str(tmp_path), BANYAN_SERVER=dead)
     procs = []
     for args in invocations:
         # the server given by flag for some, by the environment for the others
         argv = BANYAN + args[:1] + (["--server", dead] if len(procs) % 2 else []) + args[1:]
-        procs.append((args, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                             env=env)))
+        procs.append((args, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)))
     for args, proc in procs:
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 3, (args, out, err)
@@ -187,9 +250,7 @@ def test_refused_input_gives_one_line(cluster, tmp_path):
     assert missing in one_line(result.stderr)
 
     graph = tmp_path / "cycle.yaml"
-    graph.write_text("tasks:\n"
-                     "  - {name: a, command: 'true', after: [b]}\n"
-                     "  - {name: b, command: 'true', after: [a]}\n")
+    graph.write_text("tasks:\n  - {name: a, command: 'true', after: [b]}\n  - {name: b, command: 'true', after: [a]}\n")
     result = cluster.run("submit", "--file", graph)
     assert result.returncode == 2
     assert "cycle" in one_line(result.stderr)
@@ -224,12 +285,14 @@ def test_refused_input_gives_one_line(cluster, tmp_path):
 
 # -- graphs and wait -------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_graph_from_a_file_runs_in_dependency_order_and_wait_exits_0(cluster, tmp_path):
     order = tmp_path / "order.txt"
     step = "echo start {n} >> %s; sleep {s}; echo end {n} >> %s" % (order, order)
     graph = tmp_path / "graph.yaml"
-    graph.write_text("""
+    graph.write_text(
+        """
 defaults:
   cores: 0.5
 tasks:
@@ -243,8 +306,14 @@ tasks:
   - name: join
     command: "%s"
     after: [left, right]
-""" % (step.format(n="prep", s=1.2), step.format(n="left", s=0.2), step.format(n="right", s=1.1),
-       step.format(n="join", s=0)))
+"""
+        % (
+            step.format(n="prep", s=1.2),
+            step.format(n="left", s=0.2),
+            step.format(n="right", s=1.1),
+            step.format(n="join", s=0),
+        )
+    )
     submitted = cluster.ok("submit", "--file", graph)
     ids = dict(reversed(line.split()) for line in submitted.stdout.splitlines())
     assert sorted(ids) == ["join", "left", "prep", "right"]
@@ -269,12 +338,15 @@ tasks:
 def test_wait_exits_nonzero_and_names_the_failed_tasks(cluster, tmp_path):
     tag = unique("g")
     graph = tmp_path / "failing.yaml"
-    graph.write_text("""
+    graph.write_text(
+        """
 tasks:
   %(t)s-fine: {command: "true"}
   %(t)s-doomed: {command: "exit 3", continuations: [%(t)s-never]}
   %(t)s-never: {command: "echo unreachable"}
-""" % {"t": tag})
+"""
+        % {"t": tag}
+    )
     ids = dict(reversed(line.split()) for line in cluster.ok("submit", "--file", graph).stdout.splitlines())
     result = cluster.run("wait", *ids.values())
     assert result.returncode == 1, result.stderr
@@ -319,8 +391,15 @@ def test_after_runs_once_the_parent_succeeded_and_is_refused_after_a_failure(clu
 @pytest.mark.slow
 def test_array_sets_the_index_and_logs_print_what_the_api_holds(cluster):
     name = unique("arr")
-    result = cluster.ok("submit", "--array", "1-5", "--name", name, "--",
-                        'echo index=$BANYAN_ARRAY_INDEX; echo err-$BANYAN_ARRAY_INDEX >&2')
+    result = cluster.ok(
+        "submit",
+        "--array",
+        "1-5",
+        "--name",
+        name,
+        "--",
+        "echo index=$BANYAN_ARRAY_INDEX; echo err-$BANYAN_ARRAY_INDEX >&2",
+    )
     ids = result.stdout.split()
     assert len(ids) == 5
     cluster.ok("wait", "-", input=result.stdout)
@@ -350,11 +429,25 @@ def test_logs_follow_prints_the_output_once_the_task_ends(cluster):
 
 # -- ls, show, cancel, stats, workers ----------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_ls_and_show_print_what_the_api_holds(cluster):
     name = unique("ls")
-    ids = cluster.ok("submit", "--array", "1-3", "--name", name, "--cores", "0.5", "--memory", "1 MiB",
-                     "--priority", "3", "--", "true").stdout.split()
+    ids = cluster.ok(
+        "submit",
+        "--array",
+        "1-3",
+        "--name",
+        name,
+        "--cores",
+        "0.5",
+        "--memory",
+        "1 MiB",
+        "--priority",
+        "3",
+        "--",
+        "true",
+    ).stdout.split()
     cluster.ok("wait", *ids)
     api = {t["_id"]: t for t in cluster.tasks({"name": name})}
     assert set(api) == set(ids)
@@ -447,8 +540,9 @@ def test_stats_and_workers_print_what_the_api_holds(cluster):
     cli_workers = json.loads(cluster.ok("workers", "--json").stdout)
     assert [w["_id"] for w in cli_workers] == [w["_id"] for w in api_workers]
     for mine, theirs in zip(cli_workers, api_workers):
-        assert {k: mine[k] for k in ("host", "state", "resources")} == \
-               {k: theirs[k] for k in ("host", "state", "resources")}
+        assert {k: mine[k] for k in ("host", "state", "resources")} == {
+            k: theirs[k] for k in ("host", "state", "resources")
+        }
     table = cluster.ok("workers").stdout.splitlines()
     row = next(line for line in table if line.startswith(cluster.worker_id))
     worker = next(w for w in api_workers if w["_id"] == cluster.worker_id)
@@ -496,28 +590,44 @@ def test_progress_reports_from_inside_a_task(cluster):
 
 # -- banyan up with authentication --------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_up_with_auth_gives_its_worker_a_token(tmp_path):
     data = tmp_path / "up-data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
     env["HOME"] = str(tmp_path)
-    up = subprocess.Popen(BANYAN + ["up", "--auth", "--port", "0", "--data-dir", str(data), "--cores", "2"],
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    up = subprocess.Popen(
+        BANYAN + ["up", "--auth", "--port", "0", "--data-dir", str(data), "--cores", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     try:
         url = up.stdout.readline().split("listening on ")[1].split()[0]
         admin = (data / "admin.token").read_text().strip()
-        user = subprocess.run(BANYAN + ["token", "create", "--role", "user", "--name", "alice", "--server", url,
-                                        "--token", admin], capture_output=True, text=True, env=env)
+        user = subprocess.run(
+            BANYAN + ["token", "create", "--role", "user", "--name", "alice", "--server", url, "--token", admin],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert user.returncode == 0, user.stderr
         env["BANYAN_TOKEN"] = user.stdout.strip()
-        submitted = subprocess.run(BANYAN + ["submit", "--server", url, "--wait", "--", "echo", "authenticated"],
-                                   capture_output=True, text=True, env=env, timeout=60)
+        submitted = subprocess.run(
+            BANYAN + ["submit", "--server", url, "--wait", "--", "echo", "authenticated"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert submitted.returncode == 0, submitted.stderr
         task_id = submitted.stdout.split()[0]
         logs = subprocess.run(BANYAN + ["logs", "--server", url, task_id], capture_output=True, text=True, env=env)
         assert logs.stdout == "authenticated\n"
-        no_token = subprocess.run(BANYAN + ["ls", "--server", url, "--token", "byn_wrong"], capture_output=True,
-                                  text=True, env=env)
+        no_token = subprocess.run(
+            BANYAN + ["ls", "--server", url, "--token", "byn_wrong"], capture_output=True, text=True, env=env
+        )
         assert no_token.returncode == 1 and "401" in one_line(no_token.stderr)
     finally:
         up.send_signal(signal.SIGTERM)
@@ -554,15 +664,24 @@ def test_ctrl_c_on_up_lets_running_tasks_finish_and_report(tmp_path):
     data = tmp_path / "up-data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
     env["HOME"] = str(tmp_path)
-    up = subprocess.Popen(BANYAN + ["up", "--port", "0", "--data-dir", str(data), "--cores", "1"],
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                          start_new_session=True)
+    up = subprocess.Popen(
+        BANYAN + ["up", "--port", "0", "--data-dir", str(data), "--cores", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         url = up.stdout.readline().split("listening on ")[1].split()[0]
         marker = tmp_path / "started"
-        submitted = subprocess.run(BANYAN + ["submit", "--server", url, "--", "sh", "-c",
-                                             "touch %s; sleep 2; echo finished" % marker],
-                                   capture_output=True, text=True, env=env, timeout=30)
+        submitted = subprocess.run(
+            BANYAN + ["submit", "--server", url, "--", "sh", "-c", "touch %s; sleep 2; echo finished" % marker],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
         assert submitted.returncode == 0, submitted.stderr
         task_id = submitted.stdout.split()[0]
         deadline = time.monotonic() + 20

@@ -21,13 +21,13 @@ import time
 
 import psutil
 import pytest
-
-from banyan.worker import containment
-from banyan.worker.executor import Spawner, TaskProcess
 from conftest import wait_for
 from test_worker_live import HEARTBEAT_TIMEOUT, cluster, gone  # noqa: F401 - cluster is a fixture
 
-MiB = 1024 ** 2
+from banyan.worker import containment
+from banyan.worker.executor import Spawner, TaskProcess
+
+MiB = 1024**2
 
 
 def cgroup_mode_or_skip(tmp_path):
@@ -50,9 +50,11 @@ def read_pids(*paths):
 
 # Two daemons: one in a new session (setsid), one double-forked (its parent
 # exits at once); each writes its pid, then the task goes on with `rest`.
-DAEMONS = ("setsid sh -c 'echo $$ > d1.tmp; mv d1.tmp d1; exec sleep 1000' </dev/null >/dev/null 2>&1 & "
-           "sh -c 'sh -c \"echo \\$\\$ > d2.tmp; mv d2.tmp d2; exec sleep 1000\" </dev/null >/dev/null 2>&1 &'; "
-           "while [ ! -e d1 ] || [ ! -e d2 ]; do sleep 0.05; done; ")
+DAEMONS = (
+    "setsid sh -c 'echo $$ > d1.tmp; mv d1.tmp d1; exec sleep 1000' </dev/null >/dev/null 2>&1 & "
+    "sh -c 'sh -c \"echo \\$\\$ > d2.tmp; mv d2.tmp d2; exec sleep 1000\" </dev/null >/dev/null 2>&1 &'; "
+    "while [ ! -e d1 ] || [ ! -e d2 ]; do sleep 0.05; done; "
+)
 
 
 # -- the supervisor on its own (TaskProcess) --------------------------------
@@ -73,9 +75,13 @@ def start(tmp_path, command, mode="subreaper", lease=None, name="t1"):
     here.mkdir()
     found = containment.detect(str(tmp_path / "work"), mode)
     DETECTED.append(found)
-    proc = TaskProcess({"_id": name, "command": command, "working_directory": str(here),
-                        "max_shutdown_time": 1}, 1, here / "attempt",
-                       lease=lease, containment=found.spec_for(name + "-1"))
+    proc = TaskProcess(
+        {"_id": name, "command": command, "working_directory": str(here), "max_shutdown_time": 1},
+        1,
+        here / "attempt",
+        lease=lease,
+        containment=found.spec_for(name + "-1"),
+    )
     proc.start()
     return proc, here, found
 
@@ -148,8 +154,13 @@ def test_supervisors_forked_by_the_spawner_contain_as_well_and_a_dead_spawner_is
             here.mkdir()
             # the task waits for a gate, so its supervisor is alive (not yet reaped) when looked at
             command = DAEMONS + "while [ ! -e gate ]; do sleep 0.05; done; echo done"
-            proc = TaskProcess({"_id": name, "command": command, "working_directory": str(here)},
-                               1, here / "attempt", containment=found.spec_for(name), spawner=spawner)
+            proc = TaskProcess(
+                {"_id": name, "command": command, "working_directory": str(here)},
+                1,
+                here / "attempt",
+                containment=found.spec_for(name),
+                spawner=spawner,
+            )
             proc.start()
             assert proc.supervisor_pid in [p.pid for p in psutil.Process(spawner._proc.pid).children()]
             (here / "gate").touch()
@@ -208,15 +219,19 @@ def test_a_worker_frozen_past_the_heartbeat_timeout_never_overlaps_the_rerun(clu
     (tmp_path / "task.py").write_text(MARKER_TASK)
     frozen = c.start_worker("frozen", "--cores", "1")
     c.worker_ids(["frozen"])
-    tid = c.submit({"command": [sys.executable, str(tmp_path / "task.py"), str(markers)],
-                    "state": "available", "max_retries": 1})
+    tid = c.submit(
+        {"command": [sys.executable, str(tmp_path / "task.py"), str(markers)], "state": "available", "max_retries": 1}
+    )
     wait_for(lambda: list(markers.glob("*.json")), 30, "the first attempt to start")
     frozen.send_signal(signal.SIGSTOP)  # the worker only: its supervisors and task go on
     stopped = time.time()
     try:
         c.start_worker("spare", "--cores", "1")
-        doc = wait_for(lambda: (lambda d: d if d["state"] == "terminated" else None)(c.task(tid)),
-                       60 + HEARTBEAT_TIMEOUT, "the task to run again elsewhere")
+        doc = wait_for(
+            lambda: (lambda d: d if d["state"] == "terminated" else None)(c.task(tid)),
+            60 + HEARTBEAT_TIMEOUT,
+            "the task to run again elsewhere",
+        )
         resumed = time.time()
     finally:
         frozen.send_signal(signal.SIGCONT)
@@ -241,9 +256,12 @@ def test_daemons_of_a_task_end_when_it_succeeds_and_when_it_is_cancelled_through
     ends.mkdir()
     cancelled.mkdir()
     c.start_worker("both", "--cores", "2")
-    done, stopped = c.submit([
-        {"command": DAEMONS + "exit 0", "working_directory": str(ends), "state": "available"},
-        {"command": DAEMONS + "sleep 1000", "working_directory": str(cancelled), "state": "available"}])
+    done, stopped = c.submit(
+        [
+            {"command": DAEMONS + "exit 0", "working_directory": str(ends), "state": "available"},
+            {"command": DAEMONS + "sleep 1000", "working_directory": str(cancelled), "state": "available"},
+        ]
+    )
     wait_for(lambda: all((d / n).exists() for d in (ends, cancelled) for n in ("d1", "d2")), 30, "the daemons")
     daemons = read_pids(ends / "d1", ends / "d2", cancelled / "d1", cancelled / "d2")
     [done_doc] = c.wait_finished([done], timeout=30)
@@ -288,6 +306,7 @@ def test_a_worker_restarted_after_a_crash_kills_what_its_tasks_left(cluster, tmp
         for path in records.glob("*.json"):
             found.update(pid for pid, _ in json.loads(path.read_text())["processes"])
         return found
+
     if mode == "subreaper":  # without a cgroup, the record is all a successor has
         wait_for(lambda: set(daemons) <= recorded(), 10, "the supervisor to record the daemons")
     worker.send_signal(signal.SIGSTOP)
@@ -304,8 +323,10 @@ def test_a_worker_restarted_after_a_crash_kills_what_its_tasks_left(cluster, tmp
     assert "killed what a previous worker's attempt left" in c.worker_log("crash")
 
 
-ALLOCATE = ("import time; b = bytearray(%d * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); "
-            "time.sleep(0.5); print('allocated')")
+ALLOCATE = (
+    "import time; b = bytearray(%d * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); "
+    "time.sleep(0.5); print('allocated')"
+)
 
 
 @pytest.mark.slow
@@ -317,10 +338,17 @@ def test_enforce_memory_ends_oom_and_retries_with_more_memory(cluster, tmp_path)
     c = cluster()
     c.start_worker("tight", "--cores", "2", "--enforce-memory")
     command = [sys.executable, "-c", ALLOCATE % 160]
-    over, retried = c.submit([
-        {"command": command, "state": "available", "requested_resources": {"memory": "100 MiB", "cores": 1}},
-        {"command": command, "state": "available", "requested_resources": {"memory": "100 MiB", "cores": 1},
-         "retry_memory_factor": 2}])
+    over, retried = c.submit(
+        [
+            {"command": command, "state": "available", "requested_resources": {"memory": "100 MiB", "cores": 1}},
+            {
+                "command": command,
+                "state": "available",
+                "requested_resources": {"memory": "100 MiB", "cores": 1},
+                "retry_memory_factor": 2,
+            },
+        ]
+    )
     over_doc, retried_doc = c.wait_finished([over, retried], timeout=60)
     assert (over_doc["state"], over_doc["exit_status"]) == ("terminated", "oom")
     usage = over_doc["history"][0]["usage"]

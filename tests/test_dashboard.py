@@ -18,24 +18,35 @@ CHROMIUM = os.environ.get("BANYAN_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("BANYAN_CHROMEDRIVER", "/usr/bin/chromedriver")
 OUTPUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-output")
 STATES = ("inactive", "available", "running", "pending_cancellation", "cancelled", "terminated")
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 @pytest.fixture
 def browser(tmp_path):
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
     if missing:
-        pytest.fail("headless Chromium is needed and %s is missing: "
-                    "apt-get install chromium chromium-driver (.ci/run does)" % ", ".join(missing))
+        pytest.fail(
+            "headless Chromium is needed and %s is missing: "
+            "apt-get install chromium chromium-driver (.ci/run does)" % ", ".join(missing)
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1400,1700",
-                "--user-data-dir=%s" % (tmp_path / "chromium-profile")):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1700",
+        "--user-data-dir=%s" % (tmp_path / "chromium-profile"),
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
@@ -58,6 +69,7 @@ def open_dashboard(browser, url, query="refresh=1"):
 
 def wait_for(predicate, timeout=20, what="the condition"):
     from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -93,18 +105,40 @@ def populate(url, http, auth=None):
         assert r.status_code in status, r.text
         return r.json()
 
-    workers = [post("/workers", {"host": host, "resources": {"cores": cores, "memory": memory, "gpus": gpus}})
-               for host, cores, memory, gpus in (("node-a", 8, 16 * GiB, 1), ("node-b", 4, 8 * GiB, 0))]
-    tasks = post("/tasks", [
-        {"name": "quick-%d" % i, "command": "echo %d" % i, "state": "available",
-         "requested_resources": {"cores": 1, "memory": "512 MiB"}} for i in range(4)]
-        + [{"name": "big", "command": "sleep 600", "state": "available", "priority": 10,
-            "requested_resources": {"cores": 3, "memory": "2 GiB", "gpus": 1}},
-           {"name": "later", "command": "true"},
-           {"name": "waiting", "command": "true"},
-           {"name": "dropped", "command": "true", "state": "available"}])
-    ids = {name: item["_id"] for name, item in zip(
-        ["quick-0", "quick-1", "quick-2", "quick-3", "big", "later", "waiting", "dropped"], tasks["_items"])}
+    workers = [
+        post("/workers", {"host": host, "resources": {"cores": cores, "memory": memory, "gpus": gpus}})
+        for host, cores, memory, gpus in (("node-a", 8, 16 * GiB, 1), ("node-b", 4, 8 * GiB, 0))
+    ]
+    tasks = post(
+        "/tasks",
+        [
+            {
+                "name": "quick-%d" % i,
+                "command": "echo %d" % i,
+                "state": "available",
+                "requested_resources": {"cores": 1, "memory": "512 MiB"},
+            }
+            for i in range(4)
+        ]
+        + [
+            {
+                "name": "big",
+                "command": "sleep 600",
+                "state": "available",
+                "priority": 10,
+                "requested_resources": {"cores": 3, "memory": "2 GiB", "gpus": 1},
+            },
+            {"name": "later", "command": "true"},
+            {"name": "waiting", "command": "true"},
+            {"name": "dropped", "command": "true", "state": "available"},
+        ],
+    )
+    ids = {
+        name: item["_id"]
+        for name, item in zip(
+            ["quick-0", "quick-1", "quick-2", "quick-3", "big", "later", "waiting", "dropped"], tasks["_items"]
+        )
+    }
     r = http.patch(url + "/tasks/" + ids["dropped"], json={"state": "cancelled"}, headers=headers)
     assert r.status_code == 200, r.text
 
@@ -117,10 +151,14 @@ def populate(url, http, auth=None):
     assert len(claimed_b["_items"]) == 2
     time.sleep(0.3)  # runtimes well above zero
     ids["ok"], ids["failed"] = claimed_a["_items"][1]["_id"], claimed_b["_items"][0]["_id"]
-    post("/tasks/%s/finish" % ids["ok"], {"attempt": 1, "outcome": "success", "exit_code": 0,
-                                          "stdout": "hello from a quick task\n", "stderr": ""})
-    post("/tasks/%s/finish" % ids["failed"], {"attempt": 1, "outcome": "failure", "exit_code": 3,
-                                              "stdout": "", "stderr": "boom\n"})
+    post(
+        "/tasks/%s/finish" % ids["ok"],
+        {"attempt": 1, "outcome": "success", "exit_code": 0, "stdout": "hello from a quick task\n", "stderr": ""},
+    )
+    post(
+        "/tasks/%s/finish" % ids["failed"],
+        {"attempt": 1, "outcome": "failure", "exit_code": 3, "stdout": "", "stderr": "boom\n"},
+    )
     return workers, ids
 
 
@@ -200,8 +238,14 @@ def test_dashboard_shows_the_api_numbers(live_server, http, browser):
     assert browser.find_element("id", "error").is_displayed() is False
     stats, load = compare_with_api(browser, url, http)
     # What the test made, as the API reports it.
-    assert stats["states"] == {"inactive": 2, "available": 1, "running": 2, "pending_cancellation": 0,
-                               "cancelled": 1, "terminated": 2}
+    assert stats["states"] == {
+        "inactive": 2,
+        "available": 1,
+        "running": 2,
+        "pending_cancellation": 0,
+        "cancelled": 1,
+        "terminated": 2,
+    }
     assert stats["attempts"]["count"] == 2 and stats["attempts"]["runtime"]["median"] >= 0.3
     assert (stats["succeeded"], stats["failed"], stats["throughput"]["finished"]) == (1, 1, 2)
     assert load["summary"]["cores"] == {"used": 4, "total": 12}
@@ -209,8 +253,9 @@ def test_dashboard_shows_the_api_numbers(live_server, http, browser):
 
     # One task's attempts and output.
     browser.find_element("id", "task-" + ids["ok"]).click()
-    wait_for(lambda: "hello from a quick task" in browser.find_element("id", "task-logs").text,
-             what="the task's output")
+    wait_for(
+        lambda: "hello from a quick task" in browser.find_element("id", "task-logs").text, what="the task's output"
+    )
     attempts = browser.find_elements("css selector", "#attempts-body tr")
     assert len(attempts) == 1 and "success" in attempts[0].text and "node-a" in attempts[0].text
     assert text(browser, "log-stdout") == "hello from a quick task"
@@ -219,8 +264,10 @@ def test_dashboard_shows_the_api_numbers(live_server, http, browser):
     # It refreshes itself: a change shows up without reloading.
     r = http.patch(url + "/tasks/" + ids["later"], json={"state": "available"})
     assert r.status_code == 200
-    wait_for(lambda: text(browser, "count-available") == str(stats["states"]["available"] + 1),
-             what="the new available task on the page")
+    wait_for(
+        lambda: text(browser, "count-available") == str(stats["states"]["available"] + 1),
+        what="the new available task on the page",
+    )
     wait_refreshed(browser, refreshes(browser))
     compare_with_api(browser, url, http)
 
@@ -254,12 +301,18 @@ def test_dashboard_honours_authentication(auth_server, http, browser):
         return r.json()["token"]
 
     worker, alice, bob = token("worker", "w1"), token("user", "alice"), token("user", "bob")
-    r = http.post(url + "/workers", json={"host": "node-a", "resources": {"cores": 4, "memory": GiB, "gpus": 0}},
-                  headers={"Authorization": "Bearer " + worker})
+    r = http.post(
+        url + "/workers",
+        json={"host": "node-a", "resources": {"cores": 4, "memory": GiB, "gpus": 0}},
+        headers={"Authorization": "Bearer " + worker},
+    )
     assert r.status_code == 201, r.text
     for user, count in ((alice, 2), (bob, 3)):
-        r = http.post(url + "/tasks", json=[{"command": "true", "state": "available"}] * count,
-                      headers={"Authorization": "Bearer " + user})
+        r = http.post(
+            url + "/tasks",
+            json=[{"command": "true", "state": "available"}] * count,
+            headers={"Authorization": "Bearer " + user},
+        )
         assert r.status_code == 201, r.text
 
     # Without a token the page loads but shows no data, only how to sign in.
@@ -297,12 +350,15 @@ def test_dashboard_honours_authentication(auth_server, http, browser):
     browser.find_element("id", "act-hold").click()
     wait_for(lambda: len(browser.find_elements("css selector", "#action-results tr")) == 2, what="the results")
     results = browser.execute_script(
-        "return [...document.querySelectorAll('#action-results tr')].map((r) => [r.id, r.dataset.status])")
+        "return [...document.querySelectorAll('#action-results tr')].map((r) => [r.id, r.dataset.status])"
+    )
     assert sorted(results) == sorted(["result-" + i, "OK"] for i in mine)
     assert all(http.get(url + "/tasks/" + i, headers=as_alice).json()["held"] for i in mine)
     assert not any(http.get(url + "/tasks/" + i, headers=as_bob).json()["held"] for i in bobs)
-    wait_for(lambda: len(browser.find_elements("css selector", "#tasks-body .t-reason[data-code=held]")) == 2,
-             what="the held reason on her tasks")
+    wait_for(
+        lambda: len(browser.find_elements("css selector", "#tasks-body .t-reason[data-code=held]")) == 2,
+        what="the held reason on her tasks",
+    )
     # Bob's tasks are not found, even by their id.
     field = browser.find_element("id", "filter-text")
     field.send_keys(bobs[0])
@@ -337,9 +393,11 @@ def screenshot(browser, name):
 # `?refresh=3600`: the page's periodic re-read never comes in these tests, so
 # whatever it shows after an action came through the live feed (GET /changes).
 
+
 def row_state(browser, task_id):
     return browser.execute_script(
-        "const r = document.getElementById('task-' + arguments[0]); return r ? r.dataset.state : null", task_id)
+        "const r = document.getElementById('task-' + arguments[0]); return r ? r.dataset.state : null", task_id
+    )
 
 
 def not_reloaded(browser):
@@ -355,8 +413,9 @@ def test_cancel_a_running_task_from_the_page(tmp_path, browser):
         c.start_worker("alpha", "--cores", "1")
         c.worker_ids(["alpha"])
         pid_file = tmp_path / "pid"
-        task_id = c.submit({"name": "sleeper", "command": "echo $$ > %s; exec sleep 300" % pid_file,
-                            "state": "available"})
+        task_id = c.submit(
+            {"name": "sleeper", "command": "echo $$ > %s; exec sleep 300" % pid_file, "state": "available"}
+        )
         pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the task to start"))
         open_dashboard(browser, c.url, "refresh=3600")
         wait_for(lambda: row_state(browser, task_id) == "running", what="the running task on the page")
@@ -394,36 +453,56 @@ def test_retry_a_failed_job_from_the_page_and_follow_it_to_success(tmp_path, bro
         assert r.status_code == 201, r.text
         job = r.json()["_id"]
         # Each task fails the first time (it leaves a marker) and succeeds the next.
-        ids = c.submit([{"name": "flaky", "job": job, "state": "available",
-                         "environment": {"BANYAN_ARRAY_INDEX": str(i)},
-                         "command": "test -e %s/m%d || { touch %s/m%d; exit 3; }" % (tmp_path, i, tmp_path, i)}
-                        for i in range(3)])
+        ids = c.submit(
+            [
+                {
+                    "name": "flaky",
+                    "job": job,
+                    "state": "available",
+                    "environment": {"BANYAN_ARRAY_INDEX": str(i)},
+                    "command": "test -e %s/m%d || { touch %s/m%d; exit 3; }" % (tmp_path, i, tmp_path, i),
+                }
+                for i in range(3)
+            ]
+        )
         docs = c.wait_finished(ids)
         assert [d["exit_status"] for d in docs] == ["failure"] * 3
 
         open_dashboard(browser, c.url, "refresh=3600")
         wait_for(lambda: browser.find_elements("id", "job-" + job), what="the job on the page")
         browser.find_element("css selector", "#job-%s .j-name" % job).click()
-        wait_for(lambda: text(browser, "tasks-title") == "Tasks of job flaky" and text(browser, "tasks-total") == "3",
-                 what="the job's tasks")
+        wait_for(
+            lambda: text(browser, "tasks-title") == "Tasks of job flaky" and text(browser, "tasks-total") == "3",
+            what="the job's tasks",
+        )
         assert all(row_state(browser, i) == "terminated" for i in ids)
         indices = browser.execute_script(
-            "return [...document.querySelectorAll('#tasks-body .t-index')].map((td) => td.textContent)")
+            "return [...document.querySelectorAll('#tasks-body .t-index')].map((td) => td.textContent)"
+        )
         assert sorted(indices) == ["0", "1", "2"]
         browser.execute_script("window.__banyan_test_marker = 1")
         browser.find_element("id", "job-retry").click()
-        wait_for(lambda: len(browser.find_elements("css selector", "#action-results tr[data-status=OK]")) == 3,
-                 what="three retries accepted")
+        wait_for(
+            lambda: len(browser.find_elements("css selector", "#action-results tr[data-status=OK]")) == 3,
+            what="three retries accepted",
+        )
 
         def succeeded():
             return browser.execute_script(
                 "return [...document.querySelectorAll('#tasks-body tr[id]')].map((r) => "
-                "[r.dataset.state, r.querySelector('.t-exit').textContent])")
-        wait_for(lambda: succeeded() == [["terminated", "success"]] * 3, timeout=40,
-                 what="the page to follow the job to success")
+                "[r.dataset.state, r.querySelector('.t-exit').textContent])"
+            )
+
+        wait_for(
+            lambda: succeeded() == [["terminated", "success"]] * 3,
+            timeout=40,
+            what="the page to follow the job to success",
+        )
         assert not_reloaded(browser)
-        wait_for(lambda: browser.find_element("css selector", "#job-%s .j-status" % job).text == "succeeded",
-                 what="the job succeeded on the page")
+        wait_for(
+            lambda: browser.find_element("css selector", "#job-%s .j-status" % job).text == "succeeded",
+            what="the job succeeded on the page",
+        )
         assert [d["exit_status"] for d in c.wait_finished(ids)] == ["success"] * 3
         screenshot(browser, "dashboard-retry.png")
     finally:
@@ -443,10 +522,19 @@ def test_filter_a_two_thousand_task_job_and_page_through_it(live_server, http, b
     assert r.status_code == 201, r.text
     job = r.json()["_id"]
     names = ("even", "odd")
-    r = http.post(url + "/tasks", json=[
-        {"name": names[i % 2], "job": job, "command": ["sh", "-c", "echo $BANYAN_ARRAY_INDEX"],
-         "environment": {"BANYAN_ARRAY_INDEX": str(i)}, "state": "available" if i % 3 else "inactive"}
-        for i in range(count)])
+    r = http.post(
+        url + "/tasks",
+        json=[
+            {
+                "name": names[i % 2],
+                "job": job,
+                "command": ["sh", "-c", "echo $BANYAN_ARRAY_INDEX"],
+                "environment": {"BANYAN_ARRAY_INDEX": str(i)},
+                "state": "available" if i % 3 else "inactive",
+            }
+            for i in range(count)
+        ],
+    )
     assert r.status_code == 201, r.text
 
     open_dashboard(browser, url, "refresh=3600")
@@ -469,12 +557,17 @@ def test_filter_a_two_thousand_task_job_and_page_through_it(live_server, http, b
     def counted(state):
         found = browser.find_elements("id", "fcount-" + state)
         return found and int(found[0].get_attribute("data-value"))
-    wait_for(lambda: counted("available") == stats["states"]["available"] == total, timeout=60,
-             what="the filtered count by state")
+
+    wait_for(
+        lambda: counted("available") == stats["states"]["available"] == total,
+        timeout=60,
+        what="the filtered count by state",
+    )
     assert counted("inactive") == 0
 
     def rows():
         return browser.execute_script("return [...document.querySelectorAll('#tasks-body tr[id]')].map((r) => r.id)")
+
     assert rows() == ["task-" + t["_id"] for t in api["_items"]]
     pages = int(browser.find_element("id", "page-info").get_attribute("data-pages"))
     assert pages == -(-total // 25)
@@ -482,12 +575,17 @@ def test_filter_a_two_thousand_task_job_and_page_through_it(live_server, http, b
     assert browser.find_element("css selector", "#tasks-body .t-command").text == "sh -c 'echo $BANYAN_ARRAY_INDEX'"
     for page in (2, 3):
         browser.find_element("id", "page-next").click()
-        wait_for(lambda: browser.find_element("id", "page-info").get_attribute("data-page") == str(page),
-                 timeout=60, what="page %d" % page)
-        api = http.get(url + "/tasks", params={"where": json.dumps(where), "max_results": 25, "sort": "_created",
-                                               "page": page}).json()
-        wait_for(lambda: rows() == ["task-" + t["_id"] for t in api["_items"]], timeout=60,
-                 what="the rows of page %d" % page)
+        wait_for(
+            lambda: browser.find_element("id", "page-info").get_attribute("data-page") == str(page),
+            timeout=60,
+            what="page %d" % page,
+        )
+        api = http.get(
+            url + "/tasks", params={"where": json.dumps(where), "max_results": 25, "sort": "_created", "page": page}
+        ).json()
+        wait_for(
+            lambda: rows() == ["task-" + t["_id"] for t in api["_items"]], timeout=60, what="the rows of page %d" % page
+        )
     screenshot(browser, "dashboard-filter.png")
 
 
@@ -502,14 +600,21 @@ def test_a_jobs_graph_is_drawn_with_its_edges_in_layers(live_server, http, brows
         r = http.post(url + "/tasks", json={"name": name, "job": job, "command": "true", "after": list(after)})
         assert r.status_code == 201, r.text
         return r.json()["_id"]
+
     # A diamond (top -> left, right -> bottom) and a fan-in (three -> sink).
     top = add("top")
     left, right = add("left", [top]), add("right", [top])
     bottom = add("bottom", [left, right])
     fans = [add("fan-%d" % i) for i in range(3)]
     sink = add("sink", fans)
-    names = {top: "top", left: "left", right: "right", bottom: "bottom", sink: "sink",
-             **{f: "fan-%d" % i for i, f in enumerate(fans)}}
+    names = {
+        top: "top",
+        left: "left",
+        right: "right",
+        bottom: "bottom",
+        sink: "sink",
+        **{f: "fan-%d" % i for i, f in enumerate(fans)},
+    }
 
     open_dashboard(browser, url, "refresh=3600")
     wait_for(lambda: browser.find_elements("id", "job-" + job), what="the job on the page")
@@ -518,11 +623,21 @@ def test_a_jobs_graph_is_drawn_with_its_edges_in_layers(live_server, http, brows
       edges: [...document.querySelectorAll('#graph path.edge')].map((e) => [e.dataset.from, e.dataset.to]),
       layers: Object.fromEntries([...document.querySelectorAll('#graph g.node')]
                                  .map((g) => [g.dataset.id, +g.dataset.layer]))}"""
-    drawn = wait_for(lambda: (lambda g: g if len(g["layers"]) == 8 else None)(browser.execute_script(graph)),
-                     what="the job's graph")
+    drawn = wait_for(
+        lambda: (lambda g: g if len(g["layers"]) == 8 else None)(browser.execute_script(graph)), what="the job's graph"
+    )
     edges = sorted((names[a], names[b]) for a, b in drawn["edges"])
-    assert edges == sorted([("top", "left"), ("top", "right"), ("left", "bottom"), ("right", "bottom"),
-                            ("fan-0", "sink"), ("fan-1", "sink"), ("fan-2", "sink")])
+    assert edges == sorted(
+        [
+            ("top", "left"),
+            ("top", "right"),
+            ("left", "bottom"),
+            ("right", "bottom"),
+            ("fan-0", "sink"),
+            ("fan-1", "sink"),
+            ("fan-2", "sink"),
+        ]
+    )
     layers = {names[i]: n for i, n in drawn["layers"].items()}
     assert layers == {"top": 0, "left": 1, "right": 1, "bottom": 2, "fan-0": 0, "fan-1": 0, "fan-2": 0, "sink": 1}
     browser.execute_script("document.getElementById('graph-section').scrollIntoView()")

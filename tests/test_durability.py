@@ -10,13 +10,11 @@ import subprocess
 import sys
 import threading
 import time
-
 from datetime import timedelta
 
 import pytest
 import requests
 from bson import ObjectId
-
 from conftest import MONGO_URI, LiveServer
 from test_store_files import fill, small_tmpfs
 
@@ -39,9 +37,14 @@ def test_acknowledged_posts_survive_sigkill(tmp_path, http):
     sent = {}
     try:
         for i in range(200):
-            body = {"name": "t%d" % i, "command": ["echo", str(i)], "priority": i % 7,
-                    "requested_resources": {"cores": 0.5, "memory": "%d MiB" % (i + 1)},
-                    "environment": {"I": str(i)}, "state": "available" if i % 2 else "inactive"}
+            body = {
+                "name": "t%d" % i,
+                "command": ["echo", str(i)],
+                "priority": i % 7,
+                "requested_resources": {"cores": 0.5, "memory": "%d MiB" % (i + 1)},
+                "environment": {"I": str(i)},
+                "state": "available" if i % 2 else "inactive",
+            }
             r = http.post(server.url + "/tasks", json=body)
             assert r.status_code == 201, r.text
             sent[r.json()["_id"]] = body
@@ -57,7 +60,7 @@ def test_acknowledged_posts_survive_sigkill(tmp_path, http):
             assert task["name"] == body["name"]
             assert task["command"] == ["echo", str(i)]
             assert task["priority"] == i % 7
-            assert task["requested_resources"] == {"cores": 0.5, "memory": (i + 1) * 1024 ** 2, "gpus": 0}
+            assert task["requested_resources"] == {"cores": 0.5, "memory": (i + 1) * 1024**2, "gpus": 0}
             assert task["environment"] == {"I": str(i)}
             assert task["state"] == body["state"]
         total = http.get(server.url + "/tasks", params={"max_results": 1}).json()["_meta"]["total"]
@@ -80,8 +83,10 @@ def test_disk_full_answers_507_changes_nothing_and_service_resumes(tmp_path):
             filler = fill(fs, 256 * 1024)
             acked, refused = {"kept"}, None
             for i in range(3000):
-                r = s.post(server.url + "/tasks", json={"name": "t%d" % i, "command": ["echo", "x" * 2000],
-                                                         "state": "inactive"})
+                r = s.post(
+                    server.url + "/tasks",
+                    json={"name": "t%d" % i, "command": ["echo", "x" * 2000], "state": "inactive"},
+                )
                 if r.status_code != 201:
                     refused = ("t%d" % i, r)
                     break
@@ -141,8 +146,9 @@ def test_a_flipped_byte_refuses_start_and_repair_salvages_the_rest(tmp_path, htt
         server.kill(signal.SIGKILL)
     path = os.path.join(str(data), journal.JOURNAL)
     offset, lost = _damage_middle_record(path)
-    refused = subprocess.run(BANYAN + ["server", "--port", "0", "--data-dir", str(data)],
-                             capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        BANYAN + ["server", "--port", "0", "--data-dir", str(data)], capture_output=True, text=True, timeout=120
+    )
     assert refused.returncode == 1
     assert path in refused.stderr and "offset %d" % offset in refused.stderr
     assert "banyan store repair %s" % data in refused.stderr
@@ -174,8 +180,9 @@ class _BulkWriter(threading.Thread):
             batch = ["%s-%d-%d" % (self.tag, n, i) for i in range(self.size)]
             self.sent.append(batch)
             try:
-                r = s.post(self.url + "/tasks", json=[{"name": b, "command": ["echo", b * 20]} for b in batch],
-                           timeout=60)
+                r = s.post(
+                    self.url + "/tasks", json=[{"name": b, "command": ["echo", b * 20]} for b in batch], timeout=60
+                )
             except requests.RequestException:
                 return
             if r.status_code != 201:
@@ -243,9 +250,21 @@ def _fill_store(data_dir, n):
         for i in range(n - 1):
             doc = dict(model, _id=ObjectId(), name="task %d" % i, command=["echo", str(i)])
             if i % 2:
-                doc.update(state="terminated", exit_status="success", history=[{
-                    "worker": ObjectId(), "started": now - timedelta(seconds=90), "ended": now,
-                    "exit_status": "success", "exit_code": 0, "runtime": 90.0}], queue_wait=1.5)
+                doc.update(
+                    state="terminated",
+                    exit_status="success",
+                    history=[
+                        {
+                            "worker": ObjectId(),
+                            "started": now - timedelta(seconds=90),
+                            "ended": now,
+                            "exit_status": "success",
+                            "exit_code": 0,
+                            "runtime": 90.0,
+                        }
+                    ],
+                    queue_wait=1.5,
+                )
             docs.append(doc)
         tasks.insert_many(docs)
     finally:
@@ -268,8 +287,11 @@ def test_long_scans_do_not_hold_up_single_task_requests(tmp_path):
 
     def scanner():
         s = requests.Session()
-        params = {"where": json.dumps({"state": {"$nin": ["cancelled"]}}), "sort": '[["command", -1]]',
-                  "max_results": 20}
+        params = {
+            "where": json.dumps({"state": {"$nin": ["cancelled"]}}),
+            "sort": '[["command", -1]]',
+            "max_results": 20,
+        }
         while not stop.is_set():
             for path, query in (("/tasks", params), ("/stats", None)):
                 started = time.monotonic()
@@ -280,8 +302,9 @@ def test_long_scans_do_not_hold_up_single_task_requests(tmp_path):
 
     s = requests.Session()
     try:
-        tid = s.post(server.url + "/tasks",
-                     json={"name": "mine", "command": ["true"], "state": "inactive"}).json()["_id"]
+        tid = s.post(server.url + "/tasks", json={"name": "mine", "command": ["true"], "state": "inactive"}).json()[
+            "_id"
+        ]
         thread = threading.Thread(target=scanner, daemon=True)
         thread.start()
         requests_done, priority = [], None

@@ -74,14 +74,15 @@ def test_supervisors_started_ahead_run_attempts_and_leave_when_let_go(tmp_path):
     spare = pool.ready_pids()
     assert len(spare) == 2 and not set(spare) & set(idle)  # taken ones were replaced
     pool.close()
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-                   for pid in spare)
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in spare)
     assert pool.take() is None  # closed: each attempt starts its own
 
 
 def test_tail_keeps_only_the_last_bytes_and_replaces_broken_utf8(tmp_path):
-    proc = make(tmp_path, [sys.executable, "-c",
-                           "import sys; sys.stdout.write('x' * 5000 + 'END'); sys.stdout.buffer.write(b'\\xff')"])
+    proc = make(
+        tmp_path,
+        [sys.executable, "-c", "import sys; sys.stdout.write('x' * 5000 + 'END'); sys.stdout.buffer.write(b'\\xff')"],
+    )
     proc.start()
     assert wait_outcome(proc).outcome == "success"
     text = proc.tail("stdout", limit=100)
@@ -93,9 +94,14 @@ def test_tail_keeps_only_the_last_bytes_and_replaces_broken_utf8(tmp_path):
 def test_environment_and_working_directory_are_applied(tmp_path):
     workdir = tmp_path / "here"
     workdir.mkdir()
-    proc = make(tmp_path, 'echo "$GREETING|$BANYAN_TASK_ID|$BANYAN_ATTEMPT|$BANYAN_PROGRESS_FILE|$PATH"; pwd',
-                _id="abc123", attempt=3, environment={"GREETING": "hi there", "NUMBER": 7},
-                working_directory=str(workdir))
+    proc = make(
+        tmp_path,
+        'echo "$GREETING|$BANYAN_TASK_ID|$BANYAN_ATTEMPT|$BANYAN_PROGRESS_FILE|$PATH"; pwd',
+        _id="abc123",
+        attempt=3,
+        environment={"GREETING": "hi there", "NUMBER": 7},
+        working_directory=str(workdir),
+    )
     proc.start()
     assert wait_outcome(proc).exit_code == 0
     first, second = proc.tail("stdout").splitlines()
@@ -113,12 +119,15 @@ def test_list_commands_are_executed_without_a_shell(tmp_path):
     assert proc.tail("stdout") == "$HOME a b\n"
 
 
-@pytest.mark.parametrize("command, code, outcome", [
-    ("exit 0", 0, "success"),
-    ("exit 1", 1, "failure"),
-    ("exit 42", 42, "failure"),
-    ("kill -9 $$", -9, "failure"),
-])
+@pytest.mark.parametrize(
+    "command, code, outcome",
+    [
+        ("exit 0", 0, "success"),
+        ("exit 1", 1, "failure"),
+        ("exit 42", 42, "failure"),
+        ("kill -9 $$", -9, "failure"),
+    ],
+)
 def test_exit_codes_map_to_outcomes(tmp_path, command, code, outcome):
     proc = make(tmp_path, command)
     proc.start()
@@ -185,8 +194,7 @@ def wait_ready(proc, ready, timeout=10):
 
 def test_terminate_lets_a_cooperative_task_exit_on_sigterm(tmp_path):
     marker, ready = tmp_path / "cleaned", tmp_path / "ready"
-    proc = make(tmp_path, f"trap 'echo bye > {marker}; exit 3' TERM; touch {ready}; "
-                          "while true; do sleep 0.05; done")
+    proc = make(tmp_path, f"trap 'echo bye > {marker}; exit 3' TERM; touch {ready}; while true; do sleep 0.05; done")
     proc.start()
     wait_ready(proc, ready)
     proc.terminate(grace=30, reason="cancelled")
@@ -224,10 +232,13 @@ def test_leftover_children_are_killed_when_the_leader_exits(tmp_path):
 
 
 def test_progress_file_is_read_from_the_last_complete_line(tmp_path):
-    proc = make(tmp_path, 'echo "0.25 warming up" >> "$BANYAN_PROGRESS_FILE"; '
-                          'echo "garbage" >> "$BANYAN_PROGRESS_FILE"; '
-                          'echo "0.5 half way there" >> "$BANYAN_PROGRESS_FILE"; '
-                          'printf "0.9 not fini" >> "$BANYAN_PROGRESS_FILE"')
+    proc = make(
+        tmp_path,
+        'echo "0.25 warming up" >> "$BANYAN_PROGRESS_FILE"; '
+        'echo "garbage" >> "$BANYAN_PROGRESS_FILE"; '
+        'echo "0.5 half way there" >> "$BANYAN_PROGRESS_FILE"; '
+        'printf "0.9 not fini" >> "$BANYAN_PROGRESS_FILE"',
+    )
     proc.start()
     wait_outcome(proc)
     assert proc.read_progress() == {"fraction": 0.5, "message": "half way there"}
@@ -295,7 +306,7 @@ def test_a_failing_hook_is_logged_and_the_others_still_run(tmp_path, caplog):
 def test_sampler_sees_the_memory_of_a_child_process(tmp_path):
     # The shell allocates nothing; its Python child holds ~200 MiB.
     script = "import time; b = bytearray(200 * 1024 * 1024); open('ready', 'w').close(); time.sleep(30)"
-    proc = make(tmp_path, f"{sys.executable} -c \"{script}\"; true", working_directory=str(tmp_path))
+    proc = make(tmp_path, f'{sys.executable} -c "{script}"; true', working_directory=str(tmp_path))
     proc.start()
     try:
         deadline = time.monotonic() + 10
@@ -363,10 +374,13 @@ def _fake_nvidia_smi(tmp_path, script):
     return str(bindir)
 
 
-@pytest.mark.parametrize("script, expected", [
-    ('echo 0; echo 1\n', 2),                          # two GPUs listed
-    ('echo "NVIDIA-SMI has failed" >&2; exit 9\n', 0),  # driver broken: none
-])
+@pytest.mark.parametrize(
+    "script, expected",
+    [
+        ("echo 0; echo 1\n", 2),  # two GPUs listed
+        ('echo "NVIDIA-SMI has failed" >&2; exit 9\n', 0),  # driver broken: none
+    ],
+)
 def test_gpus_are_counted_with_nvidia_smi_when_nvml_is_absent(tmp_path, monkeypatch, script, expected):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails as if not installed
     monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path, script) + os.pathsep + os.environ["PATH"])

@@ -3,10 +3,10 @@ server's cascade uses (`banyan.protocol.edge_satisfied`): a task after a
 failed parent is refused before anything is created."""
 
 import pytest
+from conftest import TEST_TOKEN
 
 from banyan.client import Client
 from banyan.graph import GraphError, check_parents
-from conftest import TEST_TOKEN
 
 FREE = {"cores": 8, "memory": 1 << 34, "gpus": 0}
 
@@ -17,8 +17,10 @@ def _ended(http, url, outcome):
     wid = http.post(url + "/workers", json={"host": "n1", "resources": FREE}).json()["_id"]
     items = http.post(url + "/workers/%s/claim" % wid, json={"free": FREE, "max_tasks": 1}).json()["_items"]
     assert [t["_id"] for t in items] == [tid]
-    r = http.post(url + "/tasks/%s/finish" % tid, json={"attempt": 1, "outcome": outcome,
-                                                          "exit_code": 0 if outcome == "success" else 1})
+    r = http.post(
+        url + "/tasks/%s/finish" % tid,
+        json={"attempt": 1, "outcome": outcome, "exit_code": 0 if outcome == "success" else 1},
+    )
     assert r.status_code == 200, r.text
     return tid
 

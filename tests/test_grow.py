@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import requests
-
 from conftest import CheckedSession, LiveServer, wait_for
 from test_cli import BANYAN, WORKER, Cluster, banyan, shared, unique, when
 
@@ -32,8 +31,12 @@ class AuthCluster(Cluster):
         admin = open(os.path.join(self.server.data_dir, "admin.token")).read().strip()
         self.tokens = {}
         for role, name in (("worker", "farm"), ("user", "alice"), ("user", "bob")):
-            r = requests.post(self.url + "/tokens", json={"role": role, "name": name},
-                              headers={"Authorization": "Bearer " + admin}, timeout=10)
+            r = requests.post(
+                self.url + "/tokens",
+                json={"role": role, "name": name},
+                headers={"Authorization": "Bearer " + admin},
+                timeout=10,
+            )
             assert r.status_code == 201, r.text
             self.tokens[name] = r.json()["token"]
         self.http = CheckedSession()
@@ -42,10 +45,29 @@ class AuthCluster(Cluster):
         self.home.mkdir()
         self.worker_log = open(base / "worker.log", "wb")
         self.worker = subprocess.Popen(
-            WORKER + ["--server", self.url, "--token", self.tokens["farm"], "--cores", "16", "--memory", "4 GiB",
-                      "--heartbeat", str(heartbeat), "--work-dir", str(base / "work"), "--claim-wait", "5",
-                      "--drain", "5"],
-            stdout=self.worker_log, stderr=subprocess.STDOUT, env=self.env(BANYAN_TOKEN=None))
+            WORKER
+            + [
+                "--server",
+                self.url,
+                "--token",
+                self.tokens["farm"],
+                "--cores",
+                "16",
+                "--memory",
+                "4 GiB",
+                "--heartbeat",
+                str(heartbeat),
+                "--work-dir",
+                str(base / "work"),
+                "--claim-wait",
+                "5",
+                "--drain",
+                "5",
+            ],
+            stdout=self.worker_log,
+            stderr=subprocess.STDOUT,
+            env=self.env(BANYAN_TOKEN=None),
+        )
         self.worker_id = wait_for(self._active_worker, 30, "the worker to register")
 
     def env(self, **extra):
@@ -76,17 +98,29 @@ def test_a_splitter_adds_shards_that_a_merge_declared_before_it_waits_for(cluste
     (work / "input").write_text("5\n")
     # how many shards is known only once the splitter read its input
     (work / "split.sh").write_text(
-        'env | grep ^BANYAN_ | cut -d= -f1 | sort > seen-env\n'
+        "env | grep ^BANYAN_ | cut -d= -f1 | sort > seen-env\n"
         'echo "$BANYAN_TOKEN" > token\n'
-        'n=$(cat input)\n'
-        '%s submit --child --name shard --array 1-$n -- '
-        'sh -c \'sleep 0.5; echo $BANYAN_ARRAY_INDEX > out.$BANYAN_ARRAY_INDEX\'\n'
-        % BANYAN_SH)
-    split = banyan(cluster, "submit", "--hold", "--name", "split", "--job-name", unique("split"), "--",
-                   "sh split.sh", cwd=work)
+        "n=$(cat input)\n"
+        "%s submit --child --name shard --array 1-$n -- "
+        "sh -c 'sleep 0.5; echo $BANYAN_ARRAY_INDEX > out.$BANYAN_ARRAY_INDEX'\n" % BANYAN_SH
+    )
+    split = banyan(
+        cluster, "submit", "--hold", "--name", "split", "--job-name", unique("split"), "--", "sh split.sh", cwd=work
+    )
     splitter, job = split.stdout.strip(), job_of(split)
-    merge = banyan(cluster, "submit", "--job", job, "--name", "merge", "--after", splitter, "--",
-                   "cat out.* | sort -n | tr '\\n' ' ' > merged", cwd=work).stdout.strip()
+    merge = banyan(
+        cluster,
+        "submit",
+        "--job",
+        job,
+        "--name",
+        "merge",
+        "--after",
+        splitter,
+        "--",
+        "cat out.* | sort -n | tr '\\n' ' ' > merged",
+        cwd=work,
+    ).stdout.strip()
     banyan(cluster, "release", splitter)
     banyan(cluster, "wait", "--job", job, timeout=180)
 
@@ -99,8 +133,9 @@ def test_a_splitter_adds_shards_that_a_merge_declared_before_it_waits_for(cluste
     assert merged["exit_status"] == "success"
     assert started(merged) >= max(ended(t) for t in shards)
     # the attempt ran with the four variables, and its token died with it
-    assert {"BANYAN_SERVER", "BANYAN_TASK_ID", "BANYAN_JOB_ID", "BANYAN_TOKEN"} <= \
-        set((work / "seen-env").read_text().split())
+    assert {"BANYAN_SERVER", "BANYAN_TASK_ID", "BANYAN_JOB_ID", "BANYAN_TOKEN"} <= set(
+        (work / "seen-env").read_text().split()
+    )
     token = (work / "token").read_text().strip()
     assert token.startswith("byn_") and token not in cluster.tokens.values()
     r = requests.get(cluster.url + "/tasks/" + splitter, headers={"Authorization": "Bearer " + token}, timeout=10)
@@ -117,20 +152,30 @@ def test_an_adaptive_sweep_refines_around_its_best_point(cluster, tmp_path):
     # score(x) = -(x - 2.6)^2; each coarse point waits for the other three,
     # and the best adds three refinements around itself
     (work / "point.sh").write_text(
-        'x=$1\n'
-        'awk -v x=$x \'BEGIN { printf "%%g %%g\\n", -(x - 2.6) ^ 2, x }\' > score.$x\n'
+        "x=$1\n"
+        "awk -v x=$x 'BEGIN { printf \"%%g %%g\\n\", -(x - 2.6) ^ 2, x }' > score.$x\n"
         '[ "$2" = fine ] && exit 0\n'
-        'i=0; while [ $(ls score.* | wc -l) -lt 4 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n'
+        "i=0; while [ $(ls score.* | wc -l) -lt 4 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n"
         'best=$(cat score.* | sort -g -r | head -1 | cut -d" " -f2)\n'
         '[ "$best" = "$x" ] || exit 0\n'
-        'for dx in -0.5 0.5 1; do\n'
-        '  %s submit --child --name refine -- sh point.sh $(awk -v x=$x -v d=$dx \'BEGIN { print x + d }\') fine\n'
-        'done\n' % BANYAN_SH)
-    (work / "graph.yaml").write_text(json.dumps({"tasks": [
-        {"name": "p%d" % x, "command": "sh point.sh %d" % x} for x in (0, 2, 4, 6)] + [
-        {"name": "report",
-         "command": "cat score.* | sort -g -r | head -1 | cut -d' ' -f2 > best; ls score.* | wc -l > n",
-         "after": ["p0", "p2", "p4", "p6"]}]}))
+        "for dx in -0.5 0.5 1; do\n"
+        "  %s submit --child --name refine -- sh point.sh $(awk -v x=$x -v d=$dx 'BEGIN { print x + d }') fine\n"
+        "done\n" % BANYAN_SH
+    )
+    (work / "graph.yaml").write_text(
+        json.dumps(
+            {
+                "tasks": [{"name": "p%d" % x, "command": "sh point.sh %d" % x} for x in (0, 2, 4, 6)]
+                + [
+                    {
+                        "name": "report",
+                        "command": "cat score.* | sort -g -r | head -1 | cut -d' ' -f2 > best; ls score.* | wc -l > n",
+                        "after": ["p0", "p2", "p4", "p6"],
+                    }
+                ]
+            }
+        )
+    )
     result = banyan(cluster, "submit", "--file", "graph.yaml", cwd=work)
     ids = dict(reversed(line.split()) for line in result.stdout.splitlines())
     job = job_of(result)
@@ -152,12 +197,16 @@ def test_the_attempt_token_reads_its_job_adds_to_it_and_nothing_else(cluster, tm
     work.mkdir()
     bob = {"Authorization": "Bearer " + cluster.tokens["bob"]}
     bob_job = requests.post(cluster.url + "/jobs", json={"name": "bobs"}, headers=bob, timeout=10).json()["_id"]
-    r = requests.post(cluster.url + "/tasks",
-                      json={"command": "true", "job": bob_job, "held": True, "state": "available"},
-                      headers=bob, timeout=10)
+    r = requests.post(
+        cluster.url + "/tasks",
+        json={"command": "true", "job": bob_job, "held": True, "state": "available"},
+        headers=bob,
+        timeout=10,
+    )
     assert r.status_code == 201, r.text
     bobs_task = r.json()["_id"]
-    (work / "probe.py").write_text('''
+    (work / "probe.py").write_text(
+        """
 import json, os, requests
 url, token = os.environ["BANYAN_SERVER"], os.environ["BANYAN_TOKEN"]
 me, job = os.environ["BANYAN_TASK_ID"], os.environ["BANYAN_JOB_ID"]
@@ -185,15 +234,30 @@ out = {
 }
 json.dump(out, open("probe.json", "w"))
 open("token", "w").write(token)
-''' % {"bob": bobs_task, "bob_job": bob_job, "worker": cluster.worker_id})
+"""
+        % {"bob": bobs_task, "bob_job": bob_job, "worker": cluster.worker_id}
+    )
     result = banyan(cluster, "submit", "--name", "probe", "--wait", "--", sys.executable, "probe.py", cwd=work)
     probe = result.stdout.split()[0]
     seen = json.loads((work / "probe.json").read_text())
     assert seen == {
-        "own task": 200, "own job": 200, "list": 1,
-        "bob's task": 404, "bob's task listed": 0, "change bob's task": 403, "cancel bob's task": 403,
-        "add to bob's job": 422, "child of bob's task": 422, "change own task": 403, "retry": 403,
-        "workers": 403, "tokens": 403, "jobs": 403, "claim": 403, "add child": 201}, seen
+        "own task": 200,
+        "own job": 200,
+        "list": 1,
+        "bob's task": 404,
+        "bob's task listed": 0,
+        "change bob's task": 403,
+        "cancel bob's task": 403,
+        "add to bob's job": 422,
+        "child of bob's task": 422,
+        "change own task": 403,
+        "retry": 403,
+        "workers": 403,
+        "tokens": 403,
+        "jobs": 403,
+        "claim": 403,
+        "add child": 201,
+    }, seen
     bobs = requests.get(cluster.url + "/tasks/" + bobs_task, headers=bob, timeout=10).json()
     assert (bobs["state"], bobs["priority"]) == ("available", 0)
     assert cluster.tasks({"job": bob_job}) == []  # alice sees none of bob's
@@ -203,8 +267,12 @@ open("token", "w").write(token)
     token = (work / "token").read_text()
     r = requests.get(cluster.url + "/tasks/" + probe, headers={"Authorization": "Bearer " + token}, timeout=10)
     assert r.status_code == 401
-    r = requests.post(cluster.url + "/tasks", json={"command": "true", "added_by": probe},
-                      headers={"Authorization": "Bearer " + token}, timeout=10)
+    r = requests.post(
+        cluster.url + "/tasks",
+        json={"command": "true", "added_by": probe},
+        headers={"Authorization": "Bearer " + token},
+        timeout=10,
+    )
     assert r.status_code == 401
     # a child is added only by a running task
     r = cluster.http.post(cluster.url + "/tasks", json={"command": "true", "added_by": probe})
@@ -248,21 +316,36 @@ def test_retry_of_a_parent_that_added_children_and_failed_gives_one_set(cluster,
     # attempt 1 adds three children that wait on a file, then fails;
     # attempt 2 adds three that finish, and succeeds
     (work / "parent.sh").write_text(
-        'a=$BANYAN_ATTEMPT\n'
+        "a=$BANYAN_ATTEMPT\n"
         '%s submit --child --name child --array 1-3 -- sh -c "while [ ! -e go ]; do sleep 0.1; done; '
         'echo $a >> out.\\$BANYAN_ARRAY_INDEX"\n'
-        '[ $a -ge 2 ] || exit 3\n' % BANYAN_SH)
+        "[ $a -ge 2 ] || exit 3\n" % BANYAN_SH
+    )
     result = banyan(cluster, "submit", "--hold", "--name", "parent", "--", "sh parent.sh", cwd=work)
     parent, job = result.stdout.strip(), job_of(result)
-    merge = banyan(cluster, "submit", "--job", job, "--name", "merge", "--after", parent, "--",
-                   "cat out.* | tr '\\n' ' ' > merged", cwd=work).stdout.strip()
+    merge = banyan(
+        cluster,
+        "submit",
+        "--job",
+        job,
+        "--name",
+        "merge",
+        "--after",
+        parent,
+        "--",
+        "cat out.* | tr '\\n' ' ' > merged",
+        cwd=work,
+    ).stdout.strip()
     banyan(cluster, "release", parent)
     failed = banyan(cluster, "wait", parent, ok=False)
     assert failed.returncode == 1
     first = cluster.tasks({"added_by": parent})
     assert len(first) == 3
-    assert wait_for(lambda: all(t["state"] == "cancelled" for t in cluster.tasks({"added_by": parent})), 30,
-                    "the failed attempt's children to be cancelled")
+    assert wait_for(
+        lambda: all(t["state"] == "cancelled" for t in cluster.tasks({"added_by": parent})),
+        30,
+        "the failed attempt's children to be cancelled",
+    )
     assert cluster.task(merge)["state"] == "cancelled"
 
     (work / "go").write_text("")
@@ -273,8 +356,11 @@ def test_retry_of_a_parent_that_added_children_and_failed_gives_one_set(cluster,
     assert len(children) == 6 and len(current) == 3
     assert {t["added_in_attempt"] for t in current} == {2}
     assert all(t["exit_status"] == "success" for t in current)
-    assert all(t["state"] == "cancelled" and t["superseded"] and t["history"] == [] or t["exit_status"] != "success"
-               for t in children if t["added_in_attempt"] == 1)
+    assert all(
+        t["state"] == "cancelled" and t["superseded"] and t["history"] == [] or t["exit_status"] != "success"
+        for t in children
+        if t["added_in_attempt"] == 1
+    )
     merged = cluster.task(merge)
     assert merged["exit_status"] == "success"
     assert (work / "merged").read_text() == "2 2 2 "

@@ -3,11 +3,11 @@
 children become; checked against the stored documents."""
 
 from bson import ObjectId
-
 from test_server import get, post
 from test_workflow_api import EVERYTHING, ids
-from banyan.server.states import FAILURE, SUCCESS
+
 from banyan.server.services import services
+from banyan.server.states import FAILURE, SUCCESS
 
 
 def claim(app, task_id):
@@ -23,16 +23,25 @@ def finish(app, task_id, held, outcome):
 
 def test_children_hold_back_the_continuations_and_a_failed_attempt_is_replaced(app, api, db):
     parent = post(api, {"command": "split", "name": "split", "state": "available"})["_id"]
-    merge, cleanup, alert = ids(api, [{"command": "merge", "state": "available", "after": [parent]},
-                                      {"command": "cleanup", "state": "available", "after_any": [parent]},
-                                      {"command": "alert", "state": "available", "after_failure": [parent]}])
+    merge, cleanup, alert = ids(
+        api,
+        [
+            {"command": "merge", "state": "available", "after": [parent]},
+            {"command": "cleanup", "state": "available", "after_any": [parent]},
+            {"command": "alert", "state": "available", "after_failure": [parent]},
+        ],
+    )
     job = get(api, parent)["job"]
     held = claim(app, parent)
 
-    shard1, shard2, restart = ids(api, [{"command": "shard 1", "added_by": parent, "state": "available"},
-                                        {"command": "shard 2", "added_by": parent, "state": "available"},
-                                        {"command": "restart", "added_by": parent, "state": "available",
-                                         "after": [parent]}])
+    shard1, shard2, restart = ids(
+        api,
+        [
+            {"command": "shard 1", "added_by": parent, "state": "available"},
+            {"command": "shard 2", "added_by": parent, "state": "available"},
+            {"command": "restart", "added_by": parent, "state": "available", "after": [parent]},
+        ],
+    )
     for shard in (shard1, shard2):
         doc = get(api, shard)
         assert (doc["job"], doc["depth"], doc["added_in_attempt"], doc["superseded"]) == (job, 1, 1, False)

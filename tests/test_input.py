@@ -6,9 +6,9 @@ import json
 import re
 
 import pytest
+from test_auth import bearer, sapi, sdb, secure_app, snapshot, tokens  # noqa: F401 (fixtures)
 
 from banyan.server.query import ALLOWED_OPERATORS
-from test_auth import bearer, sapi, sdb, secure_app, snapshot, tokens  # noqa: F401 (fixtures)
 
 FREE = {"cores": 8, "memory": 1 << 34, "gpus": 0}
 
@@ -44,8 +44,11 @@ def test_allowed_operators_work_on_every_endpoint(sapi, tokens):
     admin = bearer(tokens["admin"])
     r = sapi.post("/tasks", json={"command": "true", "name": "a", "priority": 3}, headers=admin)
     assert r.status_code == 201
-    where = {"$or": [{"name": {"$in": ["a", "b"]}}, {"priority": {"$gte": 5}}],
-             "history": {"$size": 0}, "name": {"$exists": True, "$not": {"$eq": "c"}}}
+    where = {
+        "$or": [{"name": {"$in": ["a", "b"]}}, {"priority": {"$gte": 5}}],
+        "history": {"$size": 0},
+        "name": {"$exists": True, "$not": {"$eq": "c"}},
+    }
     for endpoint in WHERE_ENDPOINTS:
         if endpoint == "/workers":
             where = {"$or": [{"host": {"$in": ["a", "b"]}}, {"resources.cores": {"$gte": 5}}]}
@@ -83,8 +86,12 @@ def test_workers_show_a_user_only_their_own_running_tasks(sapi, tokens):
     claimed = sapi.post("/workers/%s/claim" % wid, json={"free": FREE, "max_tasks": 2}, headers=worker).json
     assert {t["_id"] for t in claimed["_items"]} == {mine, theirs}
     for path in ("/workers", "/workers/%s" % wid):
-        for who, expected in ((alice, [mine]), (bob, [theirs]), (worker, sorted([mine, theirs])),
-                              (bearer(tokens["admin"]), sorted([mine, theirs]))):
+        for who, expected in (
+            (alice, [mine]),
+            (bob, [theirs]),
+            (worker, sorted([mine, theirs])),
+            (bearer(tokens["admin"]), sorted([mine, theirs])),
+        ):
             r = sapi.get(path, headers=who)
             doc = r.json["_items"][0] if "_items" in r.json else r.json
             assert sorted(doc["running"]) == expected, (path, doc["running"])
@@ -106,8 +113,16 @@ def test_token_dates_are_iso_8601(sapi, tokens):
 
 # -- sizes and durations, through the API -------------------------------------
 
-UNITS = [("2 GiB", 2 << 30), ("2G", 2 << 30), ("2g", 2 << 30), ("2 GB", 2 * 10 ** 9), ("2 kB", 2000),
-         ("512 MiB", 512 << 20), ("10B", 10), (1024, 1024)]
+UNITS = [
+    ("2 GiB", 2 << 30),
+    ("2G", 2 << 30),
+    ("2g", 2 << 30),
+    ("2 GB", 2 * 10**9),
+    ("2 kB", 2000),
+    ("512 MiB", 512 << 20),
+    ("10B", 10),
+    (1024, 1024),
+]
 
 
 @pytest.mark.parametrize("written, stored", UNITS)
@@ -142,8 +157,14 @@ def test_release_hands_back_only_what_the_registration_holds(api, db):
     tid = api.post("/tasks", json={"command": "true", "state": "available"}).json["_id"]
     assert [t["_id"] for t in api.post("/workers/%s/claim" % wid, json={"free": FREE}).json["_items"]] == [tid]
     before = snapshot(db)
-    for body in ({}, {"tasks": []}, {"tasks": [{"_id": "nope", "attempt": 1}]}, {"tasks": [{"_id": tid}]},
-                 {"tasks": [{"_id": tid, "attempt": 1, "x": 1}]}, {"tasks": "all"}):
+    for body in (
+        {},
+        {"tasks": []},
+        {"tasks": [{"_id": "nope", "attempt": 1}]},
+        {"tasks": [{"_id": tid}]},
+        {"tasks": [{"_id": tid, "attempt": 1, "x": 1}]},
+        {"tasks": "all"},
+    ):
         r = api.post("/workers/%s/release" % wid, json=body)
         assert r.status_code == 422, (body, r.json)
     assert api.post("/workers/%s/release" % wid, data="x").status_code == 400

@@ -13,13 +13,16 @@ import time
 import uuid
 
 import pytest
-
-from banyan.client import Client, ServerUnreachable
 from conftest import TEST_TOKEN, CheckedSession
 
+from banyan.client import Client, ServerUnreachable
+
 BIN = os.path.dirname(sys.executable)
-BANYAN = [os.path.join(BIN, "banyan")] if os.path.exists(os.path.join(BIN, "banyan")) else \
-    [sys.executable, "-m", "banyan.cli"]
+BANYAN = (
+    [os.path.join(BIN, "banyan")]
+    if os.path.exists(os.path.join(BIN, "banyan"))
+    else [sys.executable, "-m", "banyan.cli"]
+)
 
 
 class AnswerLosingProxy:
@@ -90,8 +93,9 @@ def test_a_keyed_post_is_done_once_and_answered_the_same(live_server):
     assert other.status_code == 422 and "different request body" in other.json()["_error"]["message"]
     # a refused request leaves its key free for the corrected one
     key2 = {"Idempotency-Key": str(uuid.uuid4())}
-    bad = http.post(live_server.url + "/tasks", json={"command": "true", "name": "fixed", "priority": "high"},
-                    headers=key2)
+    bad = http.post(
+        live_server.url + "/tasks", json={"command": "true", "name": "fixed", "priority": "high"}, headers=key2
+    )
     assert bad.status_code == 422
     good = http.post(live_server.url + "/tasks", json={"command": "true", "name": "fixed"}, headers=key2)
     assert good.status_code == 201 and "Idempotent-Replayed" not in good.headers
@@ -116,12 +120,20 @@ def test_a_submission_whose_answer_was_lost_is_retried_and_creates_one_set(live_
 @pytest.mark.slow
 def test_an_unknown_outcome_is_reported_as_maybe_accepted(live_server, tmp_path):
     proxy = AnswerLosingProxy(live_server.port, lose=100)
-    env = {k: v for k, v in os.environ.items()
-           if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")
+    }
     env.update(HOME=str(tmp_path))
     try:
-        result = subprocess.run(BANYAN + ["submit", "--server", proxy.url, "--name", "unknown", "--", "true"],
-                                capture_output=True, text=True, env=env, timeout=120)
+        result = subprocess.run(
+            BANYAN + ["submit", "--server", proxy.url, "--name", "unknown", "--", "true"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
     finally:
         proxy.close()
     assert result.returncode == 3, result.stderr
@@ -129,15 +141,19 @@ def test_an_unknown_outcome_is_reported_as_maybe_accepted(live_server, tmp_path)
     assert "cannot reach" not in result.stderr
     # every retry carried the same key: one job (or one task) made, not one per try
     http = CheckedSession()
-    jobs = http.get(live_server.url + "/jobs",
-                    params={"where": json.dumps({"name": "unknown"})}).json()["_meta"]["total"]
+    jobs = http.get(live_server.url + "/jobs", params={"where": json.dumps({"name": "unknown"})}).json()["_meta"][
+        "total"
+    ]
     assert (jobs, count(http, live_server.url, "unknown")) in ((1, 0), (1, 1), (0, 1)), jobs
 
 
 @pytest.mark.slow
 def test_https_to_an_http_server_fails_at_once_with_the_fix(live_server, tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")
+    }
     env.update(HOME=str(tmp_path))
     wrong = live_server.url.replace("http://", "https://")
     started = time.monotonic()
@@ -153,31 +169,38 @@ def test_https_to_an_http_server_fails_at_once_with_the_fix(live_server, tmp_pat
 
 
 def test_a_server_url_naming_an_endpoint_is_explained(live_server, tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")
+    }
     env.update(HOME=str(tmp_path))
     for url in (live_server.url + "/tasks", live_server.url + "/workers/", live_server.url + "?x=1"):
-        result = subprocess.run(BANYAN + ["ls", "--server", url], capture_output=True, text=True, env=env,
-                                timeout=60)
+        result = subprocess.run(BANYAN + ["ls", "--server", url], capture_output=True, text=True, env=env, timeout=60)
         assert result.returncode == 2, result.stderr
         assert "names an endpoint" in result.stderr and live_server.url in result.stderr, result.stderr
 
 
 def banyan(*args, home, timeout=60):
-    env = {k: v for k, v in os.environ.items()
-           if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")
+    }
     env.update(HOME=str(home), BANYAN_SERVER="http://127.0.0.1:9")  # never reached: refused first
-    return subprocess.run(BANYAN + [str(a) for a in args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(BANYAN + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--memory", "2Gb"], "lower-case 'b' means bits; for bytes write 2 GB (powers of 1000) or 2 GiB"),
-    (["--memory", "2 gib"], "lower-case 'b' means bits"),
-    (["--time-limit", "0"], "--time-limit must be more than 0 seconds"),
-    (["--time-limit", "-5s"], "must not be negative"),
-    (["--time-limit", "-1"], "must not be negative"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--memory", "2Gb"], "lower-case 'b' means bits; for bytes write 2 GB (powers of 1000) or 2 GiB"),
+        (["--memory", "2 gib"], "lower-case 'b' means bits"),
+        (["--time-limit", "0"], "--time-limit must be more than 0 seconds"),
+        (["--time-limit", "-5s"], "must not be negative"),
+        (["--time-limit", "-1"], "must not be negative"),
+    ],
+)
 def test_submit_refuses_bits_and_limits_that_are_not_positive(tmp_path, flags, message):
     result = banyan("submit", *flags, "--", "true", home=tmp_path)
     assert result.returncode == 2, result.stderr
@@ -186,8 +209,11 @@ def test_submit_refuses_bits_and_limits_that_are_not_positive(tmp_path, flags, m
 
 
 def test_graph_files_read_sizes_and_limits_the_same_way(tmp_path):
-    for body, message in (("memory: 2Gb", "means bits"), ("time_limit: 0", "more than 0 seconds"),
-                          ("time_limit: -3", "must not be negative")):
+    for body, message in (
+        ("memory: 2Gb", "means bits"),
+        ("time_limit: 0", "more than 0 seconds"),
+        ("time_limit: -3", "must not be negative"),
+    ):
         path = tmp_path / "graph.yaml"
         path.write_text("tasks:\n  a:\n    command: 'true'\n    %s\n" % body)
         result = banyan("submit", "--file", path, home=tmp_path)
@@ -196,18 +222,27 @@ def test_graph_files_read_sizes_and_limits_the_same_way(tmp_path):
 
 @pytest.mark.slow
 def test_up_on_another_port_prints_how_to_reach_it(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")
+    }
     env.update(HOME=str(tmp_path))
-    up = subprocess.Popen(BANYAN + ["up", "--port", "0", "--data-dir", tmp_path / "data", "--cores", "1"],
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    up = subprocess.Popen(
+        BANYAN + ["up", "--port", "0", "--data-dir", tmp_path / "data", "--cores", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     try:
         url = re.search(r"listening on (http://\S+)", up.stdout.readline()).group(1)
         hint = up.stdout.readline()
         assert "BANYAN_SERVER=%s banyan submit" % url in hint, hint
         # the hint works as printed
-        result = subprocess.run(BANYAN + ["ls"], capture_output=True, text=True, timeout=60,
-                                env=dict(env, BANYAN_SERVER=url))
+        result = subprocess.run(
+            BANYAN + ["ls"], capture_output=True, text=True, timeout=60, env=dict(env, BANYAN_SERVER=url)
+        )
         assert result.returncode == 0, result.stderr
     finally:
         up.send_signal(signal.SIGINT)
@@ -221,8 +256,17 @@ def test_a_claim_answer_for_a_registration_given_up_is_handed_back_at_once(live_
     used, instead of waiting to be abandoned as unconfirmed."""
     from banyan.worker.worker import Worker, WorkerConfig
 
-    worker = Worker(WorkerConfig(server=live_server.url, token=TEST_TOKEN, cores=1, memory=1 << 30, gpus=0,
-                                 work_dir=str(tmp_path / "work"), claim_wait=20))
+    worker = Worker(
+        WorkerConfig(
+            server=live_server.url,
+            token=TEST_TOKEN,
+            cores=1,
+            memory=1 << 30,
+            gpus=0,
+            work_dir=str(tmp_path / "work"),
+            claim_wait=20,
+        )
+    )
     worker.register()
     old = worker.worker_id
     http = CheckedSession()

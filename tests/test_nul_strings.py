@@ -12,18 +12,20 @@ import base64
 
 import pytest
 from bson import ObjectId
-
 from test_claims import claim_one, finish, heartbeat, register, submit
 
 from banyan.server.states import SUCCESS
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"name": "a\x00b", "command": "true"}, "name"),
-    ({"command": ["echo", "\x00"]}, "command"),
-    ({"command": "true", "environment": {"X": "1\x002"}}, "environment"),
-    ({"command": "true", "working_directory": "/tmp/\x00"}, "working_directory"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"name": "a\x00b", "command": "true"}, "name"),
+        ({"command": ["echo", "\x00"]}, "command"),
+        ({"command": "true", "environment": {"X": "1\x002"}}, "environment"),
+        ({"command": "true", "working_directory": "/tmp/\x00"}, "working_directory"),
+    ],
+)
 def test_a_task_with_a_nul_in_a_string_is_refused_naming_the_field(api, db, body, field):
     r = api.post("/tasks", json=[{"command": "true", "name": "fine"}, body])
     assert r.status_code == 422, r.json
@@ -34,7 +36,7 @@ def test_a_task_with_a_nul_in_a_string_is_refused_naming_the_field(api, db, body
 
 
 def test_a_patch_with_a_nul_changes_nothing(api, db):
-    tid, = submit(api, {"command": "true", "name": "before"})
+    (tid,) = submit(api, {"command": "true", "name": "before"})
     r = api.patch("/tasks/%s" % tid, json={"priority": 3, "name": "\x00"})
     assert r.status_code == 422 and "name" in str(r.json), r.json
     assert db.tasks.find_one({"_id": ObjectId(tid)}, {"name": 1, "priority": 1})["name"] == "before"
@@ -54,12 +56,14 @@ def test_worker_strings_with_a_nul_are_refused(api, db):
     r = api.post("/workers", json={"host": "node\x001", "resources": {"cores": 1}})
     assert r.status_code == 422 and "host" in str(r.json), r.json
     assert db.workers.count_documents({}) == 0
-    tid, = submit(api, {"command": "true", "state": "available"})
+    (tid,) = submit(api, {"command": "true", "state": "available"})
     wid = register(api)
     attempt = claim_one(api, wid, tid)
     before = db.tasks.find_one({"_id": ObjectId(tid)})
-    r = api.post("/workers/%s/heartbeat" % wid,
-                 json={"tasks": {tid: {"attempt": attempt, "progress": {"fraction": 0.5, "message": "half\x00"}}}})
+    r = api.post(
+        "/workers/%s/heartbeat" % wid,
+        json={"tasks": {tid: {"attempt": attempt, "progress": {"fraction": 0.5, "message": "half\x00"}}}},
+    )
     assert r.status_code == 422 and "message" in str(r.json), r.json
     r = api.post("/workers/%s/heartbeat" % wid, json={"tasks": {tid: {"attempt": attempt, "usage": {"a\x00": 1}}}})
     assert r.status_code == 422 and "usage" in str(r.json), r.json
@@ -67,7 +71,7 @@ def test_worker_strings_with_a_nul_are_refused(api, db):
 
 
 def test_output_holding_nul_characters_is_kept_and_read_back(api):
-    tid, = submit(api, {"command": "true", "state": "available"})
+    (tid,) = submit(api, {"command": "true", "state": "available"})
     wid = register(api)
     attempt = claim_one(api, wid, tid)
     live = {"stdout_base64": base64.b64encode(b"so far\x00").decode(), "stderr_base64": ""}

@@ -7,11 +7,11 @@ import threading
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
+from test_auth import snapshot
 
 from banyan.server import openapi
 from banyan.server.app import create_app
 from banyan.server.auth import TokenStore
-from test_auth import snapshot
 
 ROLES = ("admin", "user", "worker")
 
@@ -32,9 +32,21 @@ def test_the_description_is_public_and_covers_every_endpoint(store):
         path = openapi._path(rule)[0]
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert (path, method.lower()) in described, (path, method)
-    for path in ("/tasks", "/tasks/{_id}", "/workers/{worker_id}/claim", "/workers/{worker_id}/heartbeat",
-                 "/tasks/{task_id}/finish", "/tasks/{task_id}/logs", "/stats", "/metrics", "/tokens",
-                 "/tasks/add_continuations", "/tasks/{_id}/rank", "/tasks/current_history", "/openapi.json"):
+    for path in (
+        "/tasks",
+        "/tasks/{_id}",
+        "/workers/{worker_id}/claim",
+        "/workers/{worker_id}/heartbeat",
+        "/tasks/{task_id}/finish",
+        "/tasks/{task_id}/logs",
+        "/stats",
+        "/metrics",
+        "/tokens",
+        "/tasks/add_continuations",
+        "/tasks/{_id}/rank",
+        "/tasks/current_history",
+        "/openapi.json",
+    ):
         assert path in doc["paths"], path
     assert doc["paths"]["/openapi.json"]["get"]["security"] == []
 
@@ -69,6 +81,7 @@ def test_an_endpoint_nobody_described_fails_the_generation(store):
 
 # -- schemathesis against a live server ------------------------------------------
 
+
 class ServedApp:
     """The app served by waitress on a free loopback port, in this process
     (so a test can look at the store between two requests)."""
@@ -89,9 +102,17 @@ class ServedApp:
 @pytest.fixture
 def served(store):
     client, dbname = store
-    app = create_app(client, {"MONGO_DBNAME": dbname, "TESTING": True, "AUTH": True,
-                              # long polls answer at once: a fuzzer's request should not hang
-                              "CLAIM_MAX_WAIT": 0.1, "WAIT_MAX_TIMEOUT": 0.1})
+    app = create_app(
+        client,
+        {
+            "MONGO_DBNAME": dbname,
+            "TESTING": True,
+            "AUTH": True,
+            # long polls answer at once: a fuzzer's request should not hang
+            "CLAIM_MAX_WAIT": 0.1,
+            "WAIT_MAX_TIMEOUT": 0.1,
+        },
+    )
     db = client[dbname]
     tokens = TokenStore(db)
     made = {role: tokens.create(role, "fuzz-%s" % role)[1] for role in ROLES}
@@ -100,8 +121,12 @@ def served(store):
     live = ServedApp(app)
     try:
         requests.post(live.url + "/tasks", json={"command": "true", "name": "seed"}, headers=headers, timeout=30)
-        requests.post(live.url + "/workers", json={"host": "seed", "resources": {"cores": 1}}, timeout=30,
-                      headers={"Authorization": "Bearer " + made["worker"]})
+        requests.post(
+            live.url + "/workers",
+            json={"host": "seed", "resources": {"cores": 1}},
+            timeout=30,
+            headers={"Authorization": "Bearer " + made["worker"]},
+        )
         yield live, db, made
     finally:
         live.close()
@@ -112,8 +137,11 @@ def served(store):
 def test_schemathesis_finds_no_500_no_answer_off_the_spec_and_no_change_on_a_4xx(served, role):
     import schemathesis
     from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                                   status_code_conformance)
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     live, db, tokens = served
     headers = {"Authorization": "Bearer " + tokens[role]}
@@ -124,8 +152,10 @@ def test_schemathesis_finds_no_500_no_answer_off_the_spec_and_no_change_on_a_4xx
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-            @settings(max_examples=8, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
+
+            @settings(
+                max_examples=8, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+            )
             @given(case=operation.as_strategy(generation_mode=mode))
             def exchange(case):
                 before = snapshot(db) if case.method != "GET" else None
@@ -137,8 +167,10 @@ def test_schemathesis_finds_no_500_no_answer_off_the_spec_and_no_change_on_a_4xx
                     failures.append("%s %s (%s): %s" % (case.method, case.formatted_path, mode.value, e))
                     return
                 if before is not None and 400 <= response.status_code < 500 and snapshot(db) != before:
-                    failures.append("%s %s (%s): answered %s but changed the store"
-                                    % (case.method, case.formatted_path, mode.value, response.status_code))
+                    failures.append(
+                        "%s %s (%s): answered %s but changed the store"
+                        % (case.method, case.formatted_path, mode.value, response.status_code)
+                    )
 
             try:
                 exchange()
@@ -160,8 +192,11 @@ def test_schemathesis_stateful_follows_the_links_without_a_500(served, role):
     import schemathesis
     from hypothesis import settings as hypothesis_settings
     from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                                   status_code_conformance)
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     live, db, tokens = served
     headers = {"Authorization": "Bearer " + tokens[role]}
@@ -178,12 +213,20 @@ def test_schemathesis_stateful_follows_the_links_without_a_500(served, role):
             steps.append((case.method, case.path, response.status_code))
             case.validate_response(response, checks=checks, headers=headers)
 
-    Machine.run(settings=hypothesis_settings(max_examples=50, stateful_step_count=6, deadline=None,
-                                             database=None, derandomize=True,
-                                             suppress_health_check=list(HealthCheck)))
+    Machine.run(
+        settings=hypothesis_settings(
+            max_examples=50,
+            stateful_step_count=6,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
+    )
     followed = {(method, path) for method, path, status in steps}
     assert len(steps) > 25 and len(followed) > 3, followed
     # links were followed: an operation on a thing made earlier in the sequence answered 2xx
     # (checked for the role that may make every kind of thing; the others' sequences are shorter)
-    assert role != "admin" or any(status < 300 and "{" in path for method, path, status in steps), \
-        sorted({step for step in steps if step[0] != "GET"})
+    assert role != "admin" or any(status < 300 and "{" in path for method, path, status in steps), sorted(
+        {step for step in steps if step[0] != "GET"}
+    )

@@ -9,12 +9,14 @@ import sys
 import threading
 
 import pytest
-
 from test_worker_live import Cluster, wait_for, worker_command  # noqa: F401
 
 BIN = os.path.dirname(sys.executable)
-BANYAN = [os.path.join(BIN, "banyan")] if os.path.exists(os.path.join(BIN, "banyan")) else \
-    [sys.executable, "-m", "banyan.cli"]
+BANYAN = (
+    [os.path.join(BIN, "banyan")]
+    if os.path.exists(os.path.join(BIN, "banyan"))
+    else [sys.executable, "-m", "banyan.cli"]
+)
 
 #: Every byte value, a lone continuation byte, an overlong form, and a cut
 #: character at the end: nothing here is UTF-8 (nor NUL-free).
@@ -41,11 +43,14 @@ def test_binary_output_round_trips_byte_for_byte(cluster, tmp_path):
     c.start_worker("alpha", "--cores", "1")
     payload = tmp_path / "payload.bin"
     payload.write_bytes(BINARY)
-    text_id, binary_id, nul_id = c.submit([
-        {"command": "printf 'caf\\303\\251\\n'; printf 'plain\\n' >&2", "state": "available"},
-        {"command": ["sh", "-c", 'cat "$0"; cat "$0" "$0" >&2', str(payload)], "state": "available"},
-        # UTF-8 holding NUL characters, which no store is handed as a string
-        {"command": "printf 'a\\000b\\n'; printf '\\000' >&2", "state": "available"}])
+    text_id, binary_id, nul_id = c.submit(
+        [
+            {"command": "printf 'caf\\303\\251\\n'; printf 'plain\\n' >&2", "state": "available"},
+            {"command": ["sh", "-c", 'cat "$0"; cat "$0" "$0" >&2', str(payload)], "state": "available"},
+            # UTF-8 holding NUL characters, which no store is handed as a string
+            {"command": "printf 'a\\000b\\n'; printf '\\000' >&2", "state": "available"},
+        ]
+    )
     c.wait_finished([text_id, binary_id, nul_id])
     text = c.logs_of(text_id)
     assert (text["stdout"], text["stderr"]) == ("café\n", "plain\n") and "stdout_base64" not in text
@@ -56,8 +61,11 @@ def test_binary_output_round_trips_byte_for_byte(cluster, tmp_path):
     logs = c.logs_of(nul_id)
     assert (logs["stdout"], logs["stderr"]) == ("a\x00b\n", "\x00")
     assert (base64.b64decode(logs["stdout_base64"]), base64.b64decode(logs["stderr_base64"])) == (b"a\x00b\n", b"\x00")
-    env = {k: v for k, v in os.environ.items()
-           if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("BANYAN_TOKEN", "BANYAN_TEST_MONGO_URI") or not k.startswith("BANYAN_")
+    }
     env.update(HOME=str(tmp_path), BANYAN_SERVER=c.url)
     shown = subprocess.run(BANYAN + ["logs", binary_id], capture_output=True, env=env, timeout=60)
     assert shown.returncode == 0, shown.stderr
@@ -96,9 +104,13 @@ def test_a_task_printing_200_mb_leaves_at_most_the_cap_on_the_workers_disk(clust
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        task_id = c.submit({"command": "yes 0123456789abcdef | head -c 200000000; printf END; "
-                                       "printf 'to stderr' >&2; du -sk \"$(dirname \"$BANYAN_PROGRESS_FILE\")\" >&2",
-                            "state": "available"})
+        task_id = c.submit(
+            {
+                "command": "yes 0123456789abcdef | head -c 200000000; printf END; "
+                'printf \'to stderr\' >&2; du -sk "$(dirname "$BANYAN_PROGRESS_FILE")" >&2',
+                "state": "available",
+            }
+        )
         [task] = c.wait_finished([task_id], timeout=300)
     finally:
         done.set()

@@ -5,12 +5,14 @@ import subprocess
 
 import pytest
 from bson import ObjectId
+from conftest import TEST_TOKEN
+from conftest import get_task as get
+from conftest import patch_task as patch
 
-from banyan.server.states import SUCCESS, FAILURE
 from banyan.server.services import services
-from conftest import TEST_TOKEN, get_task as get, patch_task as patch
+from banyan.server.states import FAILURE, SUCCESS
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 def post(api, body, status=201):
@@ -31,28 +33,49 @@ def run_to_end(app, tid, outcome=SUCCESS, worker=None):
 
 # -- the seed's examples -------------------------------------------------
 
+
 def curl(*args):
     """curl as a user runs it (with the suite's token when the server wants one)."""
     auth = ["-u", TEST_TOKEN + ":"] if TEST_TOKEN else []
-    out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *auth, *args],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["curl", "-s", "-w", "\n%{http_code}", *auth, *args], capture_output=True, text=True, check=True
+    )
     body, code = out.stdout.rsplit("\n", 1)
     return int(code), json.loads(body)
 
 
 def test_seed_curl_examples_verbatim(live_server):
     entry = live_server.url.split("//", 1)[1]
-    code, first = curl("-X", "POST", "-H", "Content-Type: application/json", "-d",
-                       '{"command": "test", "requested_resources": {"memory": "1 GiB"}}',
-                       "http://%s/tasks" % entry)
+    code, first = curl(
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        '{"command": "test", "requested_resources": {"memory": "1 GiB"}}',
+        "http://%s/tasks" % entry,
+    )
     assert code == 201, first
     tid = first["_id"]
-    code, body = curl("-X", "PATCH", "-H", "Content-Type: application/json", "-d",
-                      '{"requested_resources": {"cores": 1, "memory": "1 GiB"}}',
-                      "http://%s/tasks/%s" % (entry, tid))
+    code, body = curl(
+        "-X",
+        "PATCH",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        '{"requested_resources": {"cores": 1, "memory": "1 GiB"}}',
+        "http://%s/tasks/%s" % (entry, tid),
+    )
     assert code == 200, body
-    code, parent = curl("-X", "POST", "-H", "Content-Type: application/json", "-d",
-                        '{"name": "parent", "continuations": ["%s"]}' % tid, "http://%s/tasks" % entry)
+    code, parent = curl(
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        '{"name": "parent", "continuations": ["%s"]}' % tid,
+        "http://%s/tasks" % entry,
+    )
     assert code == 201, parent
     code, task = curl("http://%s/tasks/%s" % (entry, tid))
     assert code == 200
@@ -62,8 +85,9 @@ def test_seed_curl_examples_verbatim(live_server):
     assert task["pending_parents"] == [parent["_id"]]
 
 
-@pytest.mark.parametrize("text,expected", [("1 GiB", GiB), ("512 MiB", 512 * 1024 ** 2), ("2GB", 2 * 10 ** 9),
-                                           (4096, 4096)])
+@pytest.mark.parametrize(
+    "text,expected", [("1 GiB", GiB), ("512 MiB", 512 * 1024**2), ("2GB", 2 * 10**9), (4096, 4096)]
+)
 def test_memory_strings_are_stored_as_bytes(api, db, text, expected):
     tid = post(api, {"command": "x", "requested_resources": {"memory": text}})["_id"]
     assert get(api, tid)["requested_resources"]["memory"] == expected
@@ -93,6 +117,7 @@ def test_bulk_post_with_one_bad_task_creates_none(api, db):
 
 
 # -- continuations ---------------------------------------------------------
+
 
 def diamond(api):
     """A -> B, A -> C, B -> D, C -> D, all created inactive (children first)."""
@@ -191,6 +216,7 @@ def test_cancelling_running_task_waits_for_worker(app, api):
 
 # -- refusals: 4xx, a message that names the problem, nothing changed ----
 
+
 def assert_refused(api, db, method, url, body, *words, status=(400, 404, 409, 422)):
     before = sorted(db.tasks.find({}), key=lambda d: d["_id"])
     r = getattr(api, method)(url, json=body)
@@ -222,13 +248,13 @@ def test_unknown_fields_are_refused(api, db):
 def test_server_fields_are_read_only(api, db):
     assert_refused(api, db, "post", "/tasks", {"command": "x", "retry_count": 3}, "retry_count", "read-only")
     tid = post(api, {"command": "x"})["_id"]
-    assert_refused(api, db, "patch", "/tasks/%s" % tid, {"pending_dependency_count": 0, "history": [1]},
-                   "read-only")
+    assert_refused(api, db, "patch", "/tasks/%s" % tid, {"pending_dependency_count": 0, "history": [1]}, "read-only")
 
 
 def test_malformed_and_missing_ids_are_refused(api, db):
-    assert_refused(api, db, "post", "/tasks", {"command": "x", "continuations": ["not-an-id"]},
-                   "continuations", "objectid")
+    assert_refused(
+        api, db, "post", "/tasks", {"command": "x", "continuations": ["not-an-id"]}, "continuations", "objectid"
+    )
     missing = str(ObjectId())
     assert_refused(api, db, "post", "/tasks", {"command": "x", "continuations": [missing]}, missing, "must exist")
     r = api.get("/tasks/not-an-id")
@@ -239,8 +265,9 @@ def test_malformed_and_missing_ids_are_refused(api, db):
 
 def test_continuation_that_is_not_inactive_is_refused(api, db):
     child = post(api, {"command": "x", "state": "available"})["_id"]
-    assert_refused(api, db, "post", "/tasks", {"command": "x", "continuations": [child]}, child, "available",
-                   "inactive")
+    assert_refused(
+        api, db, "post", "/tasks", {"command": "x", "continuations": [child]}, child, "available", "inactive"
+    )
 
 
 def test_frozen_fields_cannot_change_after_inactive(app, api, db):
@@ -253,18 +280,19 @@ def test_frozen_fields_cannot_change_after_inactive(app, api, db):
         assert_refused(api, db, "patch", "/tasks/%s" % tid, {field: value}, field, "inactive")
     patch(api, tid, {"priority": 5, "requested_resources": {"cores": 2}, "max_retries": 3, "time_limit": 60})
     assert services(app).queue.claim_next(ObjectId(), {"cores": 8, "memory": GiB, "gpus": 0})["_id"] == ObjectId(tid)
-    for field, value in [("priority", 6), ("requested_resources", {"cores": 4}), ("max_retries", 1),
-                         ("held", True)]:
+    for field, value in [("priority", 6), ("requested_resources", {"cores": 4}), ("max_retries", 1), ("held", True)]:
         assert_refused(api, db, "patch", "/tasks/%s" % tid, {field: value}, field, "queued", "running")
 
 
 def test_bad_values_are_refused(api, db):
-    for body, word in [({"requested_resources": {"memory": "lots"}}, "memory"),
-                       ({"requested_resources": {"cores": -1}}, "cores"),
-                       ({"requested_resources": {"gpus": 1.5}}, "gpus"),
-                       ({"max_retries": -1}, "max_retries"),
-                       ({"environment": {"A": 1}}, "environment"),
-                       ({"command": 5}, "command")]:
+    for body, word in [
+        ({"requested_resources": {"memory": "lots"}}, "memory"),
+        ({"requested_resources": {"cores": -1}}, "cores"),
+        ({"requested_resources": {"gpus": 1.5}}, "gpus"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"environment": {"A": 1}}, "environment"),
+        ({"command": 5}, "command"),
+    ]:
         assert_refused(api, db, "post", "/tasks", dict(body), word)
 
 
@@ -292,7 +320,7 @@ BAD_FILTERS_AND_SORTS = [
     ("sort", '{"name": "x"}'),
     ("sort", '[["$name", 1]]'),
     ("sort", '[["name"]]'),
-    ("sort", '[1]'),
+    ("sort", "[1]"),
 ]
 BAD_PROJECTIONS = [
     ("projection", '{"name": 2}'),
@@ -306,8 +334,11 @@ BAD_PROJECTIONS = [
 GOOD = {"where": '{"name": "a"}', "sort": '[["name", -1]]', "projection": '{"name": 1}'}
 
 
-@pytest.mark.parametrize("path,param,value", [("/tasks",) + case for case in BAD_FILTERS_AND_SORTS + BAD_PROJECTIONS]
-                         + [("/tasks/current_history",) + case for case in BAD_FILTERS_AND_SORTS])
+@pytest.mark.parametrize(
+    "path,param,value",
+    [("/tasks",) + case for case in BAD_FILTERS_AND_SORTS + BAD_PROJECTIONS]
+    + [("/tasks/current_history",) + case for case in BAD_FILTERS_AND_SORTS],
+)
 def test_bad_query_parameters_are_a_400_that_names_them(api, path, param, value):
     post(api, [{"name": "a", "command": "x"}, {"name": "b", "command": "y"}])
     r = api.get(path, query_string={param: value})
@@ -331,6 +362,7 @@ def test_a_task_too_large_to_store_is_a_422_and_links_nothing(app, api, db, monk
 
     def too_large(self, *args, **kwargs):
         raise pymongo.errors.DocumentTooLarge("BSON document too large")
+
     monkeypatch.setattr(type(db.tasks), "insert_many", too_large)  # whichever store serves
     r = api.post("/tasks", json={"command": "x", "continuations": [child]})
     assert r.status_code == 422 and "too large" in r.json["_error"]["message"], r.json

@@ -7,14 +7,14 @@ import textwrap
 
 from conftest import LiveServer
 
-SITE = textwrap.dedent('''
+SITE = textwrap.dedent("""
     DOMAIN = {"tasks": {"schema": {
         "labels": {"type": "list", "schema": {"type": "string"}, "default": [], "readonly": True},
     }}}
     VIRTUAL_RESOURCES = {
         "add_labels": {"kind": "append", "target": "labels", "writable_by": ["admin", "user"]},
     }
-''')
+""")
 
 
 def test_a_site_settings_file_adds_a_field_and_its_virtual_resource(tmp_path, http):
@@ -46,9 +46,23 @@ def test_a_site_settings_file_adds_a_field_and_its_virtual_resource(tmp_path, ht
 def test_a_broken_site_settings_file_stops_the_server_with_its_reason(tmp_path):
     settings = tmp_path / "broken.py"
     settings.write_text("VIRTUAL_RESOURCES = [\n")
-    result = subprocess.run([sys.executable, "-m", "banyan.cli", "server", "--port", "0", "--data-dir",
-                             str(tmp_path / "data"), "--settings", str(settings)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "banyan.cli",
+            "server",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--settings",
+            str(settings),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "broken.py" in result.stderr and "SyntaxError" in result.stderr, result.stderr
     assert not (tmp_path / "data").exists()  # nothing was opened

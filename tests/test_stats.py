@@ -12,24 +12,46 @@ from banyan.server.app import create_app
 from banyan.server.auth import TokenStore
 from banyan.server.states import ABANDONED, CANCELLED, FAILURE, SUCCESS, TaskQueue
 
-GiB = 1024 ** 3
+GiB = 1024**3
 NOW = datetime(2026, 3, 1, 12, 30, 30, tzinfo=timezone.utc)
 W1, W2, W3 = ObjectId(), ObjectId(), ObjectId()
 
 
 def attempt(number, started, runtime=None, status=None, worker=W1):
-    return {"attempt": number, "worker": worker, "host": "node", "started": started,
-            "ended": started + timedelta(seconds=runtime) if runtime is not None else None,
-            "exit_status": status, "exit_code": 0 if status == SUCCESS else (1 if status else None),
-            "usage": None, "progress": None}
+    return {
+        "attempt": number,
+        "worker": worker,
+        "host": "node",
+        "started": started,
+        "ended": started + timedelta(seconds=runtime) if runtime is not None else None,
+        "exit_status": status,
+        "exit_code": 0 if status == SUCCESS else (1 if status else None),
+        "usage": None,
+        "progress": None,
+    }
 
 
 def task(name, state, created, history=(), exit_status=None, worker=None, resources=None, owner=None, **extra):
-    doc = {"_id": ObjectId(), "name": name, "command": "true", "state": state, "_created": created,
-           "_updated": created, "_etag": "x", "history": list(history), "exit_status": exit_status,
-           "worker": worker, "requested_resources": resources or {"cores": 1, "memory": 0, "gpus": 0},
-           "pending_dependency_count": 0, "pending_parents": [], "retry_count": 0, "max_retries": 0,
-           "continuations": [], "owner": owner, "priority": 0}
+    doc = {
+        "_id": ObjectId(),
+        "name": name,
+        "command": "true",
+        "state": state,
+        "_created": created,
+        "_updated": created,
+        "_etag": "x",
+        "history": list(history),
+        "exit_status": exit_status,
+        "worker": worker,
+        "requested_resources": resources or {"cores": 1, "memory": 0, "gpus": 0},
+        "pending_dependency_count": 0,
+        "pending_parents": [],
+        "retry_count": 0,
+        "max_retries": 0,
+        "continuations": [],
+        "owner": owner,
+        "priority": 0,
+    }
     doc.update(extra)
     return doc
 
@@ -42,38 +64,78 @@ def ended_at(end, runtime):
 def known_tasks(now):
     """Eight tasks. Finished attempts run 10, 20, 30, 40 and 100 s; the five
     tasks that started waited 5, 15, 25, 75 and 35 s for their first start."""
-    a1 = ended_at(now - timedelta(minutes=2), 10)          # 12:28:30, in the window
-    b1 = ended_at(now - timedelta(minutes=2), 20)          # same minute
-    b2 = ended_at(now - timedelta(seconds=20), 30)         # 12:30:10, current minute
-    c1 = ended_at(now - timedelta(hours=2), 100)           # outside the last hour
-    c2 = ended_at(now - timedelta(minutes=90), 40)         # outside the last hour
+    a1 = ended_at(now - timedelta(minutes=2), 10)  # 12:28:30, in the window
+    b1 = ended_at(now - timedelta(minutes=2), 20)  # same minute
+    b2 = ended_at(now - timedelta(seconds=20), 30)  # 12:30:10, current minute
+    c1 = ended_at(now - timedelta(hours=2), 100)  # outside the last hour
+    c2 = ended_at(now - timedelta(minutes=90), 40)  # outside the last hour
     d1 = now - timedelta(minutes=5)
     h1 = now - timedelta(minutes=3)
     return [
         task("A", "terminated", a1 - timedelta(seconds=5), [attempt(1, a1, 10, SUCCESS)], SUCCESS),
-        task("B", "terminated", b1 - timedelta(seconds=15),
-             [attempt(1, b1, 20, FAILURE), attempt(2, b2, 30, FAILURE)], FAILURE, retry_count=1, max_retries=1),
-        task("C", "terminated", c1 - timedelta(seconds=25),
-             [attempt(1, c1, 100, ABANDONED, worker=W3), attempt(2, c2, 40, SUCCESS)], SUCCESS,
-             retry_count=1, max_retries=3),
-        task("D", "running", d1 - timedelta(seconds=75), [attempt(1, d1)], worker=W1,
-             resources={"cores": 2, "memory": GiB, "gpus": 1}),
+        task(
+            "B",
+            "terminated",
+            b1 - timedelta(seconds=15),
+            [attempt(1, b1, 20, FAILURE), attempt(2, b2, 30, FAILURE)],
+            FAILURE,
+            retry_count=1,
+            max_retries=1,
+        ),
+        task(
+            "C",
+            "terminated",
+            c1 - timedelta(seconds=25),
+            [attempt(1, c1, 100, ABANDONED, worker=W3), attempt(2, c2, 40, SUCCESS)],
+            SUCCESS,
+            retry_count=1,
+            max_retries=3,
+        ),
+        task(
+            "D",
+            "running",
+            d1 - timedelta(seconds=75),
+            [attempt(1, d1)],
+            worker=W1,
+            resources={"cores": 2, "memory": GiB, "gpus": 1},
+        ),
         task("E", "available", now - timedelta(minutes=1)),
         task("F", "inactive", now - timedelta(minutes=1)),
         task("G", "cancelled", now - timedelta(minutes=1), exit_status=CANCELLED),
-        task("H", "pending_cancellation", h1 - timedelta(seconds=35), [attempt(1, h1)], worker=W1,
-             resources={"cores": 1, "memory": GiB // 2, "gpus": 0}),
+        task(
+            "H",
+            "pending_cancellation",
+            h1 - timedelta(seconds=35),
+            [attempt(1, h1)],
+            worker=W1,
+            resources={"cores": 1, "memory": GiB // 2, "gpus": 0},
+        ),
     ]
 
 
 def known_workers(now):
     return [
-        {"_id": W1, "host": "node1", "state": "active", "last_heartbeat": now,
-         "resources": {"cores": 8, "memory": 16 * GiB, "gpus": 2}},
-        {"_id": W2, "host": "node2", "state": "active", "last_heartbeat": now,
-         "resources": {"cores": 4, "memory": 8 * GiB, "gpus": 0}},
-        {"_id": W3, "host": "node3", "state": "lost", "last_heartbeat": now - timedelta(hours=1),
-         "resources": {"cores": 4, "memory": 8 * GiB, "gpus": 0}},
+        {
+            "_id": W1,
+            "host": "node1",
+            "state": "active",
+            "last_heartbeat": now,
+            "resources": {"cores": 8, "memory": 16 * GiB, "gpus": 2},
+        },
+        {
+            "_id": W2,
+            "host": "node2",
+            "state": "active",
+            "last_heartbeat": now,
+            "resources": {"cores": 4, "memory": 8 * GiB, "gpus": 0},
+        },
+        {
+            "_id": W3,
+            "host": "node3",
+            "state": "lost",
+            "last_heartbeat": now - timedelta(hours=1),
+            "resources": {"cores": 4, "memory": 8 * GiB, "gpus": 0},
+        },
     ]
 
 
@@ -90,8 +152,14 @@ def known(db):
 def test_figures_of_known_tasks(known):
     s = stats.task_stats(known, {}, now=NOW)
     assert s["total"] == 8
-    assert s["states"] == {"inactive": 1, "available": 1, "running": 1, "pending_cancellation": 1,
-                           "cancelled": 1, "terminated": 3}
+    assert s["states"] == {
+        "inactive": 1,
+        "available": 1,
+        "running": 1,
+        "pending_cancellation": 1,
+        "cancelled": 1,
+        "terminated": 3,
+    }
     assert s["outcomes"] == {SUCCESS: 2, FAILURE: 1, CANCELLED: 1, "timeout": 0, ABANDONED: 0, "oom": 0}
     assert (s["succeeded"], s["failed"]) == (2, 1)
 
@@ -110,14 +178,17 @@ def test_figures_of_known_tasks(known):
     assert (t["finished"], t["succeeded"]) == (3, 1)
     assert t["per_minute_mean"] == pytest.approx(3 / 60)
     busy = {i: (b["minute"], b["finished"], b["succeeded"]) for i, b in enumerate(t["per_minute"]) if b["finished"]}
-    assert busy == {57: (datetime(2026, 3, 1, 12, 28, tzinfo=timezone.utc), 2, 1),
-                    59: (datetime(2026, 3, 1, 12, 30, tzinfo=timezone.utc), 1, 0)}
+    assert busy == {
+        57: (datetime(2026, 3, 1, 12, 28, tzinfo=timezone.utc), 2, 1),
+        59: (datetime(2026, 3, 1, 12, 30, tzinfo=timezone.utc), 1, 0),
+    }
 
 
 def test_even_count_median_is_the_mean_of_the_middle_two(db):
     start = NOW - timedelta(hours=3)
-    db["tasks"].insert_many([
-        task("t%d" % r, "terminated", start, [attempt(1, start, r, SUCCESS)], SUCCESS) for r in (1, 2, 3, 10)])
+    db["tasks"].insert_many(
+        [task("t%d" % r, "terminated", start, [attempt(1, start, r, SUCCESS)], SUCCESS) for r in (1, 2, 3, 10)]
+    )
     TaskQueue(db).fill_stored_figures()
     runtime = stats.task_stats(db, {}, now=NOW)["attempts"]["runtime"]
     assert runtime == {"count": 4, "mean": 4.0, "median": 2.5, "p95": 10.0, "max": 10.0}
@@ -151,20 +222,33 @@ def test_worker_load(known):
     assert items["node2"]["running"] == 0 and items["node2"]["load"]["gpus"] is None
     assert items["node3"]["state"] == "lost"
     assert load["summary"] == {
-        "workers": 3, "states": {"active": 2, "lost": 1, "stopped": 0}, "running": 2,
-        "cores": {"used": 3, "total": 12}, "memory": {"used": GiB + GiB // 2, "total": 24 * GiB},
-        "gpus": {"used": 1, "total": 2}}
+        "workers": 3,
+        "states": {"active": 2, "lost": 1, "stopped": 0},
+        "running": 2,
+        "cores": {"used": 3, "total": 12},
+        "memory": {"used": GiB + GiB // 2, "total": 24 * GiB},
+        "gpus": {"used": 1, "total": 2},
+    }
 
 
 def test_tasks_held_by_an_unregistered_worker_are_listed(db):
     stranger = ObjectId()
-    db["tasks"].insert_one(task("x", "running", NOW, [attempt(1, NOW, worker=stranger)], worker=stranger,
-                                resources={"cores": 4, "memory": 0, "gpus": 0}))
+    db["tasks"].insert_one(
+        task(
+            "x",
+            "running",
+            NOW,
+            [attempt(1, NOW, worker=stranger)],
+            worker=stranger,
+            resources={"cores": 4, "memory": 0, "gpus": 0},
+        )
+    )
     (item,) = stats.worker_load(db)["_items"]
     assert (item["_id"], item["state"], item["running"], item["used"]["cores"]) == (stranger, "unknown", 1, 4)
 
 
 # -- over HTTP -------------------------------------------------------------
+
 
 def test_http_stats_equal_the_computed_ones(api, known):
     body = api.get("/stats").json
@@ -187,10 +271,22 @@ def test_http_where_filter(api, known):
     assert body["total"] == 1 and body["states"]["running"] == 1
 
 
-@pytest.mark.parametrize("where", ['[1]', 'null', '{"$where": "1"}', '{"name": {"$regex": "A"}}', 'garbage((',
-                                   '{"x": {"$foo": 1}}', '{"state": {"$in": 5}}', '{"$and": []}', '{"$or": 3}',
-                                   # refused by the store only for a task that is not the first one
-                                   '{"$or": [{"name": "A"}, {"name": {"$mod": [0, 0]}}]}'])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "[1]",
+        "null",
+        '{"$where": "1"}',
+        '{"name": {"$regex": "A"}}',
+        "garbage((",
+        '{"x": {"$foo": 1}}',
+        '{"state": {"$in": 5}}',
+        '{"$and": []}',
+        '{"$or": 3}',
+        # refused by the store only for a task that is not the first one
+        '{"$or": [{"name": "A"}, {"name": {"$mod": [0, 0]}}]}',
+    ],
+)
 def test_http_bad_where_is_a_400(api, known, where):
     r = api.get("/stats", query_string={"where": where})
     assert r.status_code == 400, r.json
@@ -224,12 +320,19 @@ def test_dashboard_page_is_served(api):
     r = api.get("/dashboard")
     assert r.status_code == 200 and r.mimetype == "text/html"
     page = r.data.decode()
-    for element in ("count-available", "runtime-p95", "throughput-chart", "workers-body", "tasks-body",
-                    "attempts-body"):
+    for element in (
+        "count-available",
+        "runtime-p95",
+        "throughput-chart",
+        "workers-body",
+        "tasks-body",
+        "attempts-body",
+    ):
         assert 'id="%s"' % element in page
 
 
 # -- authentication --------------------------------------------------------
+
 
 @pytest.fixture
 def auth_api(store):
@@ -269,8 +372,11 @@ def test_a_user_counts_only_their_own_tasks(auth_api):
     assert (mine["states"]["terminated"], mine["states"]["running"], mine["states"]["inactive"]) == (1, 1, 1)
     assert mine["attempts"]["count"] == 1
     # A filter cannot reach past the owner restriction.
-    sneaky = api.get("/stats", headers=bearer(tokens["alice"]),
-                     query_string={"where": '{"$or": [{"owner": "bob"}, {"owner": "alice"}]}'}).json
+    sneaky = api.get(
+        "/stats",
+        headers=bearer(tokens["alice"]),
+        query_string={"where": '{"$or": [{"owner": "bob"}, {"owner": "alice"}]}'},
+    ).json
     assert sneaky["total"] == 3
     metrics = api.get("/metrics", headers=bearer(tokens["alice"])).data.decode()
     assert 'banyan_tasks{state="terminated"} 1.0' in metrics

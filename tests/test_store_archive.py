@@ -13,7 +13,6 @@ import time
 import pytest
 import requests
 from bson import ObjectId
-
 from conftest import MONGO_URI, LiveServer
 
 from banyan.server.store import EmbeddedClient
@@ -26,9 +25,16 @@ NEW = datetime.datetime(2026, 6, 1, tzinfo=UTC)
 
 
 def _task(name, state, updated=OLD, continuations=()):
-    return {"_id": ObjectId(), "name": name, "state": state, "_created": OLD, "_updated": updated,
-            "continuations": list(continuations), "owner": "ann",
-            "history": [{"worker": ObjectId(), "ended": updated, "exit_status": "success"}]}
+    return {
+        "_id": ObjectId(),
+        "name": name,
+        "state": state,
+        "_created": OLD,
+        "_updated": updated,
+        "continuations": list(continuations),
+        "owner": "ann",
+        "history": [{"worker": ObjectId(), "ended": updated, "exit_status": "success"}],
+    }
 
 
 def test_archive_moves_only_what_nothing_unfinished_depends_on(tmp_path):
@@ -48,12 +54,17 @@ def test_archive_moves_only_what_nothing_unfinished_depends_on(tmp_path):
     c["banyan"]["tasks"].insert_many(list(t.values()) + [running_child, done_child, unfinished_parent])
     c.close()
     with journal.locked(data):  # as a running server holds it
-        busy = subprocess.run(BANYAN + ["store", "archive", "--before", "2026-03-01", data],
-                              capture_output=True, text=True, timeout=120)
+        busy = subprocess.run(
+            BANYAN + ["store", "archive", "--before", "2026-03-01", data], capture_output=True, text=True, timeout=120
+        )
     assert busy.returncode != 0 and "in use" in busy.stderr
 
-    done = subprocess.run(BANYAN + ["store", "archive", "--before", "2026-03-01T00:00+00:00", data],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        BANYAN + ["store", "archive", "--before", "2026-03-01T00:00+00:00", data],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     expected = {"alone", "cancelled", "parent of done", "done child"}
     assert "archived %d finished tasks" % len(expected) in done.stdout
@@ -70,13 +81,17 @@ def test_archive_moves_only_what_nothing_unfinished_depends_on(tmp_path):
     c.close()
     assert left == {"parent of running", "recent", "child of unfinished", "running child", "unfinished parent"}
 
-    listed = subprocess.run(BANYAN + ["ls", "--archive", data, "--format", "name,raw_state"],
-                            capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        BANYAN + ["ls", "--archive", data, "--format", "name,raw_state"], capture_output=True, text=True, timeout=120
+    )
     assert listed.returncode == 0, listed.stderr
-    assert sorted(listed.stdout.splitlines()) == sorted(
-        "%s\t%s" % (d["name"], d["state"]) for d in archived)
-    cancelled = subprocess.run(BANYAN + ["ls", "--archive", data, "--state", "cancelled", "--json"],
-                               capture_output=True, text=True, timeout=120)
+    assert sorted(listed.stdout.splitlines()) == sorted("%s\t%s" % (d["name"], d["state"]) for d in archived)
+    cancelled = subprocess.run(
+        BANYAN + ["ls", "--archive", data, "--state", "cancelled", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert [d["name"] for d in json.loads(cancelled.stdout)] == ["cancelled"]
 
 
@@ -88,8 +103,9 @@ def test_the_server_archives_on_a_schedule(tmp_path):
     s = requests.Session()
     try:
         done = s.post(server.url + "/tasks", json={"name": "done", "command": ["true"], "state": "inactive"}).json()
-        waiting = s.post(server.url + "/tasks",
-                         json={"name": "waiting", "command": ["true"], "state": "inactive"}).json()
+        waiting = s.post(
+            server.url + "/tasks", json={"name": "waiting", "command": ["true"], "state": "inactive"}
+        ).json()
         assert s.patch(server.url + "/tasks/" + done["_id"], json={"state": "cancelled"}).status_code == 200
         deadline = time.monotonic() + 60
         while s.get(server.url + "/tasks/" + done["_id"]).status_code != 404 and time.monotonic() < deadline:
@@ -98,7 +114,8 @@ def test_the_server_archives_on_a_schedule(tmp_path):
         assert s.get(server.url + "/tasks/" + waiting["_id"]).status_code == 200
     finally:
         server.stop()
-    listed = subprocess.run(BANYAN + ["ls", "--archive", str(data), "--json"], capture_output=True, text=True,
-                            timeout=120)
+    listed = subprocess.run(
+        BANYAN + ["ls", "--archive", str(data), "--json"], capture_output=True, text=True, timeout=120
+    )
     assert [(d["_id"], d["state"]) for d in json.loads(listed.stdout)] == [(done["_id"], "cancelled")]
     assert server.server_errors() == []

@@ -13,9 +13,8 @@ import uuid
 import pymongo
 import pytest
 from bson import ObjectId
-from pymongo import ReturnDocument
-
 from conftest import MONGO_URI
+from pymongo import ReturnDocument
 
 from banyan.server.store import EmbeddedClient
 
@@ -27,17 +26,31 @@ STATES = ["inactive", "available", "running", "terminated", "cancelled"]
 
 
 def _task(rng, i):
-    doc = {"_id": ObjectId(), "n": i, "state": rng.choice(STATES), "priority": rng.randrange(-3, 4),
-           "owner": rng.choice(["ann", "bob", "cyd"]), "_created": T0 + datetime.timedelta(seconds=rng.randrange(100)),
-           "requested_resources": {"cores": rng.choice([0.5, 1, 2, 4]), "memory": rng.choice([0, 1 << 20, 1 << 30]),
-                                   "gpus": rng.choice([0, 0, 1])},
-           "continuations": [ObjectId() for _ in range(rng.randrange(3))],
-           "pending_dependency_count": rng.choice([0, 0, 1, 2])}
+    doc = {
+        "_id": ObjectId(),
+        "n": i,
+        "state": rng.choice(STATES),
+        "priority": rng.randrange(-3, 4),
+        "owner": rng.choice(["ann", "bob", "cyd"]),
+        "_created": T0 + datetime.timedelta(seconds=rng.randrange(100)),
+        "requested_resources": {
+            "cores": rng.choice([0.5, 1, 2, 4]),
+            "memory": rng.choice([0, 1 << 20, 1 << 30]),
+            "gpus": rng.choice([0, 0, 1]),
+        },
+        "continuations": [ObjectId() for _ in range(rng.randrange(3))],
+        "pending_dependency_count": rng.choice([0, 0, 1, 2]),
+    }
     if rng.random() < 0.5:
-        doc["history"] = [{"worker": rng.choice(["w1", "w2"]), "exit_status": rng.choice(["success", "failure"]),
-                           "runtime": float(rng.randrange(1, 500)),
-                           "ended": T0 + datetime.timedelta(minutes=rng.randrange(60))}
-                          for _ in range(rng.randrange(1, 3))]
+        doc["history"] = [
+            {
+                "worker": rng.choice(["w1", "w2"]),
+                "exit_status": rng.choice(["success", "failure"]),
+                "runtime": float(rng.randrange(1, 500)),
+                "ended": T0 + datetime.timedelta(minutes=rng.randrange(60)),
+            }
+            for _ in range(rng.randrange(1, 3))
+        ]
         doc["exit_status"] = doc["history"][-1]["exit_status"]
     if rng.random() < 0.3:
         doc["name"] = "job-%d" % rng.randrange(10)
@@ -70,8 +83,14 @@ FILTERS = [
 
 #: Not on array fields: mongomock (so the embedded store) sorts an array by
 #: its first element, MongoDB by its smallest (largest when descending).
-SORTS = [None, [("priority", -1), ("_created", 1)], [("state", 1)], [("name", -1)],
-         [("requested_resources.memory", 1)], [("queue_wait", -1)]]
+SORTS = [
+    None,
+    [("priority", -1), ("_created", 1)],
+    [("state", 1)],
+    [("name", -1)],
+    [("requested_resources.memory", 1)],
+    [("queue_wait", -1)],
+]
 
 
 def _pair(data_dir):
@@ -149,8 +168,10 @@ def _ferretdb_1(coll):
 @pytest.mark.parametrize("flt, update", UPDATES, ids=[str(i) for i in range(len(UPDATES))])
 def test_updates(both, flt, update):
     if UPDATES.index((flt, update)) in FERRETDB_UPDATE_GAP and _ferretdb_1(both[1]):
-        pytest.skip("FerretDB 1.x matches nothing in an update filtering on a field inside an array "
-                    "(docs/DATABASES.md); Banyan never sends one")
+        pytest.skip(
+            "FerretDB 1.x matches nothing in an update filtering on a field inside an array "
+            "(docs/DATABASES.md); Banyan never sends one"
+        )
     _same(both, lambda c: c.update_many(flt, update).modified_count)
     _same(both, lambda c: list(c.find({}, sort=[("_id", 1)])))
 
@@ -158,22 +179,47 @@ def test_updates(both, flt, update):
 def test_claims_in_priority_order(both):
     """The claim query: the best available task, taken atomically."""
     for _ in range(30):
-        _same(both, lambda c: c.find_one_and_update(
-            {"state": "available", "pending_dependency_count": 0}, {"$set": {"state": "running"}},
-            sort=[("priority", -1), ("_created", 1), ("_id", 1)], return_document=ReturnDocument.AFTER))
+        _same(
+            both,
+            lambda c: c.find_one_and_update(
+                {"state": "available", "pending_dependency_count": 0},
+                {"$set": {"state": "running"}},
+                sort=[("priority", -1), ("_created", 1), ("_id", 1)],
+                return_document=ReturnDocument.AFTER,
+            ),
+        )
 
 
 PIPELINES = [
-    [{"$match": {}}, {"$project": {"state": 1, "exit_status": 1}},
-     {"$group": {"_id": {"state": "$state", "exit_status": "$exit_status"}, "n": {"$sum": 1}}},
-     {"$sort": {"_id.state": 1, "_id.exit_status": 1}}],
-    [{"$match": {"history.runtime": {"$ne": None}}}, {"$project": {"history": 1}}, {"$unwind": "$history"},
-     {"$match": {"history.runtime": {"$ne": None}}},
-     {"$group": {"_id": "$history.exit_status", "v": {"$sum": 1}}}, {"$sort": {"_id": 1}}],
-    [{"$match": {"history.runtime": {"$ne": None}}}, {"$project": {"history": 1}}, {"$unwind": "$history"},
-     {"$group": {"_id": None, "v": {"$sum": "$history.runtime"}}}],
-    [{"$match": {"history.runtime": {"$ne": None}}}, {"$project": {"history": 1}}, {"$unwind": "$history"},
-     {"$sort": {"history.runtime": 1, "_id": 1}}, {"$skip": 10}, {"$limit": 5}, {"$project": {"history.runtime": 1}}],
+    [
+        {"$match": {}},
+        {"$project": {"state": 1, "exit_status": 1}},
+        {"$group": {"_id": {"state": "$state", "exit_status": "$exit_status"}, "n": {"$sum": 1}}},
+        {"$sort": {"_id.state": 1, "_id.exit_status": 1}},
+    ],
+    [
+        {"$match": {"history.runtime": {"$ne": None}}},
+        {"$project": {"history": 1}},
+        {"$unwind": "$history"},
+        {"$match": {"history.runtime": {"$ne": None}}},
+        {"$group": {"_id": "$history.exit_status", "v": {"$sum": 1}}},
+        {"$sort": {"_id": 1}},
+    ],
+    [
+        {"$match": {"history.runtime": {"$ne": None}}},
+        {"$project": {"history": 1}},
+        {"$unwind": "$history"},
+        {"$group": {"_id": None, "v": {"$sum": "$history.runtime"}}},
+    ],
+    [
+        {"$match": {"history.runtime": {"$ne": None}}},
+        {"$project": {"history": 1}},
+        {"$unwind": "$history"},
+        {"$sort": {"history.runtime": 1, "_id": 1}},
+        {"$skip": 10},
+        {"$limit": 5},
+        {"$project": {"history.runtime": 1}},
+    ],
     [{"$match": {"owner": "ann"}}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}, {"$sort": {"n": -1, "_id": 1}}],
 ]
 

@@ -24,8 +24,9 @@ def _coll(client):
 def small_tmpfs(path, size="4m"):
     """A tmpfs of `size` mounted at `path` (root only), unmounted after."""
     os.makedirs(path, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s" % size, "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=%s" % size, "tmpfs", str(path)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (%s): disk-full tests need root" % done.stderr.strip())
     try:
@@ -135,8 +136,9 @@ def test_a_write_cut_short_is_cut_from_the_journal(tmp_path, monkeypatch, code, 
     assert [r["v"] for r in coll.aggregate(sums)] == [1]  # the store now keeps each task's rows
 
     def half_then_fail(fd, record):
-        os.write(fd, record[:len(record) // 2])
+        os.write(fd, record[: len(record) // 2])
         raise OSError(code, os.strerror(code))
+
     monkeypatch.setattr(engine, "_write_all", half_then_fail)
     with pytest.raises(StoreUnavailable) as failed:
         coll.insert_one({"_id": 2})
@@ -164,6 +166,7 @@ def test_a_failed_sync_refuses_every_call_until_reopened(tmp_path, monkeypatch):
 
     def eio(fd):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
+
     monkeypatch.setattr(engine, "_fdatasync", eio)
     with pytest.raises(StoreUnavailable) as failed:
         coll.insert_one({"_id": 2})

@@ -5,49 +5,77 @@ import pytest
 from banyan.units import format_size, parse_size
 
 
-@pytest.mark.parametrize("text, expected", [
-    (0, 0),
-    (1024, 1024),
-    (2048.0, 2048),
-    ("1024", 1024),
-    ("  77  ", 77),
-    ("10B", 10),
-    ("512 MiB", 512 * 1024 ** 2),
-    ("512MiB", 512 * 1024 ** 2),
-    ("1 GiB", 1024 ** 3),
-    ("4 GiB", 4 * 1024 ** 3),
-    ("4g", 4 * 1024 ** 3),
-    ("2 TiB", 2 * 1024 ** 4),
-    ("3 KiB", 3 * 1024),
-    ("2GB", 2 * 1000 ** 3),
-    ("2 gB", 2 * 1000 ** 3),
-    ("5 kB", 5000),
-    ("7MB", 7 * 1000 ** 2),
-    ("1 TB", 1000 ** 4),
-    ("2 G", 2 * 1024 ** 3),
-    ("8M", 8 * 1024 ** 2),
-    ("1.5 GiB", 3 * 1024 ** 3 // 2),
-    ("0.5 KiB", 512),
-    (".5 kB", 500),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (0, 0),
+        (1024, 1024),
+        (2048.0, 2048),
+        ("1024", 1024),
+        ("  77  ", 77),
+        ("10B", 10),
+        ("512 MiB", 512 * 1024**2),
+        ("512MiB", 512 * 1024**2),
+        ("1 GiB", 1024**3),
+        ("4 GiB", 4 * 1024**3),
+        ("4g", 4 * 1024**3),
+        ("2 TiB", 2 * 1024**4),
+        ("3 KiB", 3 * 1024),
+        ("2GB", 2 * 1000**3),
+        ("2 gB", 2 * 1000**3),
+        ("5 kB", 5000),
+        ("7MB", 7 * 1000**2),
+        ("1 TB", 1000**4),
+        ("2 G", 2 * 1024**3),
+        ("8M", 8 * 1024**2),
+        ("1.5 GiB", 3 * 1024**3 // 2),
+        ("0.5 KiB", 512),
+        (".5 kB", 500),
+    ],
+)
 def test_parse_size_accepts(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("bad", [
-    "", "   ", "GiB", "-1", -5, "1 XB", "1 GiBs", "1e9", "1,5 GiB", "twelve",
-    1.5, float("nan"), float("inf"), None, True, [1], "1 2 GiB",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "   ",
+        "GiB",
+        "-1",
+        -5,
+        "1 XB",
+        "1 GiBs",
+        "1e9",
+        "1,5 GiB",
+        "twelve",
+        1.5,
+        float("nan"),
+        float("inf"),
+        None,
+        True,
+        [1],
+        "1 2 GiB",
+    ],
+)
 def test_parse_size_rejects_with_the_value_in_the_message(bad):
     with pytest.raises(ValueError) as info:
         parse_size(bad)
     assert repr(bad) in str(info.value)
 
 
-@pytest.mark.parametrize("bits, hint", [
-    ("2Gb", "2 GB (powers of 1000) or 2 GiB (powers of 1024)"),
-    ("2 gb", "2 GB"), ("4 gib", "4 GiB"), ("512 Mb", "512 MiB"), ("8b", "8 B"), ("1 kb", "1 KB"),
-])
+@pytest.mark.parametrize(
+    "bits, hint",
+    [
+        ("2Gb", "2 GB (powers of 1000) or 2 GiB (powers of 1024)"),
+        ("2 gb", "2 GB"),
+        ("4 gib", "4 GiB"),
+        ("512 Mb", "512 MiB"),
+        ("8b", "8 B"),
+        ("1 kb", "1 KB"),
+    ],
+)
 def test_a_lower_case_b_means_bits_and_is_refused(bits, hint):
     with pytest.raises(ValueError) as info:
         parse_size(bits)
@@ -61,8 +89,8 @@ def test_parse_size_rounds_fractions_down_to_whole_bytes():
 
 def test_format_size_round_trips_roughly():
     assert format_size(512) == "512 B"
-    assert format_size(1024 ** 3) == "1.0 GiB"
-    assert parse_size(format_size(3 * 1024 ** 2)) == 3 * 1024 ** 2
+    assert format_size(1024**3) == "1.0 GiB"
+    assert parse_size(format_size(3 * 1024**2)) == 3 * 1024**2
 
 
 def _resetting_server():
@@ -84,9 +112,13 @@ def _resetting_server():
                 return
             with conn:
                 request = conn.recv(65536)
-                key = [line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
-                       if line.lower().startswith(b"idempotency-key:")]
+                key = [
+                    line.split(b":", 1)[1].strip()
+                    for line in request.split(b"\r\n")
+                    if line.lower().startswith(b"idempotency-key:")
+                ]
                 seen.append((request.split(b" ", 1)[0], key[0] if key else None))
+
     threading.Thread(target=serve, daemon=True).start()
     return listener, seen
 

@@ -10,11 +10,11 @@ import time
 
 import pytest
 from bson import ObjectId
+from conftest import make_app
+from test_server import assert_refused, get, patch, post
 
 from banyan import settings
 from banyan.server.services import services
-from conftest import make_app
-from test_server import assert_refused, get, patch, post
 
 
 def task(api, **fields):
@@ -35,6 +35,7 @@ def pending(db, tid):
 
 
 # The three forms of writing a virtual field on one task.
+
 
 def by_resource(api, name, tid, values, status=200):
     r = api.post("/tasks/%s" % name, json=[{"targets": [tid], "values": values}])
@@ -69,6 +70,7 @@ def app_with(store):
 
 # -- add and remove, three forms ------------------------------------------
 
+
 @pytest.mark.parametrize("form", FORMS)
 def test_add_continuations_links_children_without_duplicates(api, db, form):
     parent = task(api)
@@ -100,8 +102,7 @@ def test_remove_continuations_unlinks_and_releases_the_last(api, db, form):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_appended_entry_with_allows_duplicates_pushes(app_with, form):
-    app = app_with({"push_continuations": {"kind": "append", "target": "continuations",
-                                            "allows_duplicates": True}})
+    app = app_with({"push_continuations": {"kind": "append", "target": "continuations", "allows_duplicates": True}})
     api, db = app.test_client(), services(app).queue.tasks.database
     parent, child = task(api), task(api)
     form(api, "push_continuations", parent, [child])
@@ -115,6 +116,7 @@ def test_appended_entry_with_allows_duplicates_pushes(app_with, form):
 
 def test_continuations_added_later_run_after_the_parent(app, api, db):
     from test_server import run_to_end
+
     parent = task(api)
     child = task(api)
     by_item(api, "add_continuations", parent, [child])
@@ -131,6 +133,7 @@ def test_continuations_added_to_a_finished_parent(app, api, db, monkeypatch):
     done, gone = task(api), task(api)
     patch(api, done, {"state": "available"})
     from test_server import run_to_end
+
     run_to_end(app, done)
     patch(api, gone, {"state": "cancelled"})
     free, doomed, spared = task(api), task(api), task(api)
@@ -142,7 +145,9 @@ def test_continuations_added_to_a_finished_parent(app, api, db, monkeypatch):
 
     def lost_race(*args):
         from flask import abort
+
         abort(409, description="changed meanwhile")
+
     monkeypatch.setattr(data, "_guarded_change", lost_race)
     by_patch(api, "add_continuations", gone, [spared], status=409)
     assert stored(db, spared)["state"] == "inactive"
@@ -159,11 +164,13 @@ def test_two_requests_closing_a_cycle_together_do_not_both_pass(app, api, db, mo
         found = find_cycle(*args, **kwargs)
         time.sleep(0.3)  # widen the window between the check and the write
         return found
+
     monkeypatch.setattr(queue, "find_cycle", slow_find_cycle)
     codes = {}
 
     def add(parent, child):
         codes[parent] = api.post("/tasks/%s/add_continuations" % parent, json=[child]).status_code
+
     threads = [threading.Thread(target=add, args=pair) for pair in ((a, b), (b, a))]
     for t in threads:
         t.start()
@@ -185,21 +192,31 @@ def test_resource_level_form_reports_per_target(api, db):
 
 # -- refusals: 4xx with a message, nothing changed --------------------------
 
+
 def test_wrong_payload_shapes_are_refused(api, db):
     parent, child = task(api), task(api)
-    for body, word in [({"targets": [parent], "values": [child]}, "list"),
-                       ([], "list"),
-                       ([{"targets": [parent]}], "values"),
-                       ([{"targets": [parent], "values": [child], "extra": 1}], "values"),
-                       ([{"targets": [], "values": [child]}], "targets"),
-                       ([{"targets": ["nope"], "values": [child]}], "nope")]:
+    for body, word in [
+        ({"targets": [parent], "values": [child]}, "list"),
+        ([], "list"),
+        ([{"targets": [parent]}], "values"),
+        ([{"targets": [parent], "values": [child], "extra": 1}], "values"),
+        ([{"targets": [], "values": [child]}], "targets"),
+        ([{"targets": ["nope"], "values": [child]}], "nope"),
+    ]:
         assert_refused(api, db, "post", "/tasks/add_continuations", body, word, status=400)
     assert_refused(api, db, "post", "/tasks/%s/add_continuations" % parent, {"ids": [child]}, "list")
     assert_refused(api, db, "patch", "/tasks/%s" % parent, {"add_continuations": child}, "list")
-    assert_refused(api, db, "post", "/tasks", {"command": "x", "add_continuations": [child]},
-                   "add_continuations", "existing")
-    assert_refused(api, db, "patch", "/tasks/%s" % parent,
-                   {"add_continuations": [child], "remove_continuations": [child]}, "separate")
+    assert_refused(
+        api, db, "post", "/tasks", {"command": "x", "add_continuations": [child]}, "add_continuations", "existing"
+    )
+    assert_refused(
+        api,
+        db,
+        "patch",
+        "/tasks/%s" % parent,
+        {"add_continuations": [child], "remove_continuations": [child]},
+        "separate",
+    )
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -208,11 +225,15 @@ def test_bad_values_are_refused_in_every_form(api, db, form, name):
     parent = task(api)
     running_child = task(api, state="available")
     missing = str(ObjectId())
-    for values, words in [(["not-an-id"], ["objectid"]),
-                          ([missing], [missing, "must exist"]),
-                          ([running_child], [running_child, "available", "inactive"]),
-                          ([parent] if name == "add_continuations" else [running_child],
-                           [parent if name == "add_continuations" else "inactive"])]:
+    for values, words in [
+        (["not-an-id"], ["objectid"]),
+        ([missing], [missing, "must exist"]),
+        ([running_child], [running_child, "available", "inactive"]),
+        (
+            [parent] if name == "add_continuations" else [running_child],
+            [parent if name == "add_continuations" else "inactive"],
+        ),
+    ]:
         before = list(db.tasks.find({}))
         body = form(api, name, parent, values, status=422)
         text = json.dumps(body)
@@ -239,22 +260,30 @@ def test_cycle_is_refused(api, db, form):
 def test_missing_target_task_is_refused(api, db):
     child, missing = task(api), str(ObjectId())
     assert_refused(api, db, "post", "/tasks/%s/add_continuations" % missing, [child], missing, status=404)
-    assert_refused(api, db, "post", "/tasks/add_continuations", [{"targets": [missing], "values": [child]}],
-                   missing, "does not exist", status=404)
+    assert_refused(
+        api,
+        db,
+        "post",
+        "/tasks/add_continuations",
+        [{"targets": [missing], "values": [child]}],
+        missing,
+        "does not exist",
+        status=404,
+    )
     assert_refused(api, db, "patch", "/tasks/%s" % missing, {"add_continuations": [child]}, status=404)
 
 
 def test_plain_patch_of_continuations_is_refused(api, db):
     parent, child = task(api), task(api)
-    assert_refused(api, db, "patch", "/tasks/%s" % parent, {"continuations": [child]}, "continuations",
-                   "add_continuations")
+    assert_refused(
+        api, db, "patch", "/tasks/%s" % parent, {"continuations": [child]}, "continuations", "add_continuations"
+    )
     assert_refused(api, db, "patch", "/tasks", [{"_id": parent, "continuations": [child]}], "continuations")
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_roles_not_in_writable_by_get_403(app_with, form):
-    app = app_with({"worker_continuations": {"kind": "append", "target": "continuations",
-                                              "writable_by": ["worker"]}})
+    app = app_with({"worker_continuations": {"kind": "append", "target": "continuations", "writable_by": ["worker"]}})
     api, db = app.test_client(), services(app).queue.tasks.database
     parent, child = task(api), task(api)
     before = sorted(db.tasks.find({}), key=lambda d: d["_id"])
@@ -264,6 +293,7 @@ def test_roles_not_in_writable_by_get_403(app_with, form):
 
 
 # -- hooks and logging -------------------------------------------------------
+
 
 @pytest.mark.parametrize("form", FORMS)
 def test_eve_hooks_fire_for_virtual_writes(app, api, form):
@@ -290,9 +320,11 @@ def test_virtual_writes_log_their_store_query(api, caplog):
 
 # -- aliases and projections ---------------------------------------------
 
+
 def claimed_task(app, api, attempts=2):
     """A task with `attempts` history entries (failed attempts, retried)."""
     from test_server import run_to_end
+
     tid = task(api, max_retries=5)
     patch(api, tid, {"state": "available"})
     for _ in range(attempts - 1):
@@ -359,11 +391,13 @@ def test_rank_alias_sets_priority_on_many_tasks(api, db):
 
 
 def test_new_entries_get_working_endpoints_with_no_other_code(app_with):
-    app = app_with({
-        "first_attempt": {"kind": "alias", "target": "history", "element": 0, "readonly": True},
-        "label": {"kind": "alias", "target": "name"},
-        "drop_continuations": {"kind": "remove", "target": "continuations"},
-    })
+    app = app_with(
+        {
+            "first_attempt": {"kind": "alias", "target": "history", "element": 0, "readonly": True},
+            "label": {"kind": "alias", "target": "name"},
+            "drop_continuations": {"kind": "remove", "target": "continuations"},
+        }
+    )
     api, db = app.test_client(), services(app).queue.tasks.database
     tid = claimed_task(app, api)
     first = get(api, tid)["history"][0]
@@ -380,21 +414,30 @@ def test_new_entries_get_working_endpoints_with_no_other_code(app_with):
 
 
 def test_bad_entries_fail_when_the_app_is_created(app_with):
-    for entry in [{"kind": "copy", "target": "name"}, {"kind": "append", "target": "nope"},
-                  {"kind": "append", "target": "name"}, {"kind": "append", "target": "continuations",
-                                                        "readonly": True}]:
+    for entry in [
+        {"kind": "copy", "target": "name"},
+        {"kind": "append", "target": "nope"},
+        {"kind": "append", "target": "name"},
+        {"kind": "append", "target": "continuations", "readonly": True},
+    ]:
         with pytest.raises(ValueError):
             app_with({"broken": entry})
 
 
 # -- bulk PATCH ---------------------------------------------------------------
 
+
 def test_bulk_patch_applies_each_item_and_reports_each(api, db):
     a, b, c, child = task(api), task(api), task(api), task(api)
-    r = api.patch("/tasks", json=[{"_id": a, "name": "first", "priority": 2},
-                                  {"_id": b, "add_continuations": [child]},
-                                  {"_id": c, "state": "terminated"},
-                                  {"_id": str(ObjectId()), "name": "ghost"}])
+    r = api.patch(
+        "/tasks",
+        json=[
+            {"_id": a, "name": "first", "priority": 2},
+            {"_id": b, "add_continuations": [child]},
+            {"_id": c, "state": "terminated"},
+            {"_id": str(ObjectId()), "name": "ghost"},
+        ],
+    )
     assert r.status_code == 422, r.json
     items = r.json["_items"]
     assert [i["_status"] for i in items] == ["OK", "OK", "ERR", "ERR"]
@@ -415,6 +458,7 @@ def test_bulk_patch_shape_is_checked(api, db):
 
 
 # -- concurrency ---------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_concurrent_adds_and_removes_keep_counts_consistent(app, db):

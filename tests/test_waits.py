@@ -5,13 +5,14 @@ top of it."""
 import threading
 import time
 
-import pytest
-
-from banyan.server.states import utcnow
-from banyan.server.services import services
 import conftest
-from conftest import make_app, patch_task as patch
+import pytest
+from conftest import make_app
+from conftest import patch_task as patch
 from test_claims import PLENTY, claim, finish, register, submit
+
+from banyan.server.services import services
+from banyan.server.states import utcnow
 
 
 def wait(api, body, status=200):
@@ -37,7 +38,7 @@ def running(api, count=1):
 def test_finished_and_unknown_tasks_answer_at_once_with_what_is_unfinished(api):
     (done, attempt), (busy, _) = running(api, 2)
     finish(api, done, attempt, "success", 0)
-    inactive, = submit(api, {"command": "x"})
+    (inactive,) = submit(api, {"command": "x"})
     reply = wait(api, {"ids": [done, busy, inactive, "0" * 24], "timeout": 0})
     assert reply == {"unfinished": {busy: "running", inactive: "inactive"}, "waited": True}
     assert wait(api, {"ids": [done, "0" * 24]}) == {"unfinished": {}, "waited": True}
@@ -63,9 +64,9 @@ def test_a_held_wait_answers_when_the_last_task_ends(store):
 def test_a_held_wait_is_woken_by_a_cascade_and_by_a_barrier(store):
     app = make_app(store, WAIT_RECHECK_INTERVAL=60)
     api = app.test_client()
-    barrier, = submit(api, {"name": "barrier"})
-    child, = submit(api, {"command": "x"})
-    parent, = submit(api, {"command": "x", "continuations": [child]})
+    (barrier,) = submit(api, {"name": "barrier"})
+    (child,) = submit(api, {"command": "x"})
+    (parent,) = submit(api, {"command": "x", "continuations": [child]})
     thread, result = held(app, api, {"ids": [barrier, child], "timeout": 20})
     patch(api, barrier, {"state": "available"})  # no command: succeeds at once
     patch(api, parent, {"state": "cancelled"})  # cancels its continuation
@@ -75,7 +76,7 @@ def test_a_held_wait_is_woken_by_a_cascade_and_by_a_barrier(store):
 
 
 def test_a_held_wait_ends_at_its_timeout_with_the_states(api):
-    (busy, _), = running(api)
+    ((busy, _),) = running(api)
     started = time.monotonic()
     reply = wait(api, {"ids": [busy], "timeout": 0.3})
     assert time.monotonic() - started >= 0.3
@@ -87,10 +88,12 @@ def test_a_wait_sees_tasks_finished_by_another_server(store):
     this one: the periodic re-check sees it."""
     app = make_app(store, WAIT_RECHECK_INTERVAL=0.1)
     api = app.test_client()
-    (busy, _), = running(api)
+    ((busy, _),) = running(api)
     thread, result = held(app, api, {"ids": [busy], "timeout": 20})
-    services(app).queue.tasks.update_one({"_id": services(app).queue.tasks.find_one()["_id"]},
-                               {"$set": {"state": "terminated", "exit_status": "success", "_updated": utcnow()}})
+    services(app).queue.tasks.update_one(
+        {"_id": services(app).queue.tasks.find_one()["_id"]},
+        {"$set": {"state": "terminated", "exit_status": "success", "_updated": utcnow()}},
+    )
     thread.join()
     assert result["reply"] == {"unfinished": {}, "waited": True}
 
@@ -98,7 +101,7 @@ def test_a_wait_sees_tasks_finished_by_another_server(store):
 def test_too_many_held_waits_answer_at_once(store):
     app = make_app(store, WAIT_MAX_WAITERS=1)
     api = app.test_client()
-    (busy, attempt), = running(api)
+    ((busy, attempt),) = running(api)
     thread, result = held(app, api, {"ids": [busy], "timeout": 20})
     assert wait(api, {"ids": [busy], "timeout": 20}) == {"unfinished": {busy: "running"}, "waited": False}
     finish(api, busy, attempt, "success", 0)
@@ -106,29 +109,33 @@ def test_too_many_held_waits_answer_at_once(store):
     assert result["reply"] == {"unfinished": {}, "waited": True}
 
 
-@pytest.mark.parametrize("body, word", [
-    ({"ids": "abc"}, "ids"),
-    ({"ids": []}, "ids"),
-    ({"ids": ["nope"]}, "not a task id"),
-    ({"ids": ["0" * 24] * 10001}, "10000"),
-    ({"ids": ["0" * 24], "timeout": -1}, "timeout"),
-    ({"ids": ["0" * 24], "timeout": "soon"}, "timeout"),
-    ({"ids": ["0" * 24], "every": 1}, "unknown field"),
-])
+@pytest.mark.parametrize(
+    "body, word",
+    [
+        ({"ids": "abc"}, "ids"),
+        ({"ids": []}, "ids"),
+        ({"ids": ["nope"]}, "not a task id"),
+        ({"ids": ["0" * 24] * 10001}, "10000"),
+        ({"ids": ["0" * 24], "timeout": -1}, "timeout"),
+        ({"ids": ["0" * 24], "timeout": "soon"}, "timeout"),
+        ({"ids": ["0" * 24], "every": 1}, "unknown field"),
+    ],
+)
 def test_bad_waits_are_refused(api, body, word):
     reply = wait(api, body, status=422)
     assert word in reply["_error"]["message"]
 
 
 def test_client_wait_returns_when_the_task_ends_not_at_the_next_round(live_server):
+    from conftest import TEST_TOKEN
+
     from banyan.client import Client
     from banyan.waiting import wait_for
-    from conftest import TEST_TOKEN
 
     client = Client(live_server.url, TEST_TOKEN)
     wid = client.register_worker("w", PLENTY)
-    task_id, = client.create_tasks([{"command": "x", "state": "available", "name": "quick"}])
-    item, = client.claim(wid, PLENTY, 1)["_items"]
+    (task_id,) = client.create_tasks([{"command": "x", "state": "available", "name": "quick"}])
+    (item,) = client.claim(wid, PLENTY, 1)["_items"]
     rounds = []
 
     def end_it(progress):

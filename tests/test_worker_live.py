@@ -22,7 +22,6 @@ from datetime import datetime, timezone
 
 import psutil
 import pytest
-
 from conftest import CheckedSession, LiveServer, wait_for
 
 pytestmark = pytest.mark.slow
@@ -74,20 +73,41 @@ class Cluster:
     def __init__(self, tmp_path, server_args=()):
         self.tmp = tmp_path
         tmp_path.mkdir(parents=True, exist_ok=True)
-        self.server = LiveServer(tmp_path / "server-data",
-                                 ["--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)] + list(server_args)).start()
+        self.server = LiveServer(
+            tmp_path / "server-data", ["--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)] + list(server_args)
+        ).start()
         self.url = self.server.url
         self.http = CheckedSession()
-        self.workers = {}   # name -> Popen
+        self.workers = {}  # name -> Popen
         self.logs = {}
 
     # -- workers --
 
     def start_worker(self, name, *args, token=None):
-        command = worker_command() + [
-            "--server", self.url, "--host", name, "--heartbeat", str(HEARTBEAT), "--timeout", "10",
-            "--claim-wait", "5", "--drain", "10", "--memory", "1 GiB", "--gpus", "0",
-            "--work-dir", str(self.tmp / "work" / name)] + list(args)
+        command = (
+            worker_command()
+            + [
+                "--server",
+                self.url,
+                "--host",
+                name,
+                "--heartbeat",
+                str(HEARTBEAT),
+                "--timeout",
+                "10",
+                "--claim-wait",
+                "5",
+                "--drain",
+                "10",
+                "--memory",
+                "1 GiB",
+                "--gpus",
+                "0",
+                "--work-dir",
+                str(self.tmp / "work" / name),
+            ]
+            + list(args)
+        )
         if token:
             command += ["--token", token]
         log = open(self.tmp / ("%s.log" % name), "ab")
@@ -97,10 +117,12 @@ class Cluster:
 
     def worker_ids(self, names, state="active"):
         """{name: worker id} once every named worker is registered and in `state`."""
+
         def registered():
             items = self.http.get(self.url + "/workers", params={"state": state}).json()["_items"]
             found = {w["host"]: w["_id"] for w in items if w["host"] in names}
             return found if len(found) == len(names) else None
+
         return wait_for(registered, 30, "workers %s to be %s" % (names, state))
 
     def stop_worker(self, name, sig=signal.SIGTERM, timeout=30):
@@ -138,6 +160,7 @@ class Cluster:
         def finished():
             docs = [self.task(t) for t in task_ids]
             return docs if all(d["state"] in FINISHED for d in docs) else None
+
         return wait_for(finished, timeout, "tasks %s to finish" % task_ids, interval=0.2)
 
     def logs_of(self, task_id, attempt=None):
@@ -187,9 +210,17 @@ def test_two_hundred_tasks_over_two_workers_each_run_once_with_their_output(clus
     c.start_worker("alpha", "--cores", "1")
     c.start_worker("beta", "--cores", "1")
     ids = c.worker_ids(["alpha", "beta"])
-    task_ids = c.submit([{"name": "echo-%d" % i, "command": ["sh", "-c", "echo $X"],
-                          "environment": {"X": "value-%d" % i}, "state": "available"}
-                         for i in range(200)])
+    task_ids = c.submit(
+        [
+            {
+                "name": "echo-%d" % i,
+                "command": ["sh", "-c", "echo $X"],
+                "environment": {"X": "value-%d" % i},
+                "state": "available",
+            }
+            for i in range(200)
+        ]
+    )
     assert len(task_ids) == 200
     wait_for(lambda: c.count(FINISHED) == 200, 120, "200 tasks to finish", interval=0.5)
 
@@ -199,7 +230,7 @@ def test_two_hundred_tasks_over_two_workers_each_run_once_with_their_output(clus
     for i, task_id in enumerate(task_ids):
         task = tasks[task_id]
         assert (task["state"], task["exit_status"], task["retry_count"]) == ("terminated", "success", 0), task
-        assert len(task["history"]) == 1, task["history"]   # ran exactly once
+        assert len(task["history"]) == 1, task["history"]  # ran exactly once
         attempt = task["history"][0]
         assert (attempt["attempt"], attempt["exit_status"], attempt["exit_code"]) == (1, "success", 0)
         assert attempt["worker"] in ids.values()
@@ -223,8 +254,11 @@ def test_cancelling_a_task_that_ignores_sigterm_kills_its_whole_group(cluster, t
 
     pgid = int(wait_for(lambda: leader_file.exists() and leader_file.read_text().strip(), 30, "the task to start"))
     leader = psutil.Process(pgid)
-    children = wait_for(lambda: len(leader.children(recursive=True)) == 2 and leader.children(recursive=True),
-                        10, "the task's two children")
+    children = wait_for(
+        lambda: len(leader.children(recursive=True)) == 2 and leader.children(recursive=True),
+        10,
+        "the task's two children",
+    )
     group = [pgid] + [p.pid for p in children]
     assert all(os.getpgid(pid) == pgid for pid in group)  # a group of its own, children included
     assert os.getpgid(pgid) != os.getpgid(c.workers["alpha"].pid)
@@ -256,8 +290,10 @@ def test_a_task_of_a_worker_killed_with_sigkill_runs_again_on_the_other_worker(c
     names = {wid: name for name, wid in ids.items()}
     runs = tmp_path / "runs"
     # The first attempt runs until its worker is killed, however long the test takes to get there.
-    command = ('echo "$BANYAN_ATTEMPT $$" >> %s; if [ "$BANYAN_ATTEMPT" = 1 ]; then sleep 60; fi; '
-               'echo "finished attempt $BANYAN_ATTEMPT"' % runs)
+    command = (
+        'echo "$BANYAN_ATTEMPT $$" >> %s; if [ "$BANYAN_ATTEMPT" = 1 ]; then sleep 60; fi; '
+        'echo "finished attempt $BANYAN_ATTEMPT"' % runs
+    )
     task_id = c.submit({"name": "survivor", "command": command, "max_retries": 0, "state": "available"})
     orphans = []
     try:
@@ -273,8 +309,12 @@ def test_a_task_of_a_worker_killed_with_sigkill_runs_again_on_the_other_worker(c
         [task] = c.wait_finished([task_id], timeout=60)
         orphans += [int(line.split()[1]) for line in runs.read_text().splitlines()[1:]]
         # a lost worker spends `lost_count`, not the task's retries (it has none)
-        assert (task["state"], task["exit_status"], task["retry_count"], task["lost_count"]) == \
-            ("terminated", "success", 0, 1)
+        assert (task["state"], task["exit_status"], task["retry_count"], task["lost_count"]) == (
+            "terminated",
+            "success",
+            0,
+            1,
+        )
         lost, rerun = task["history"]
         assert (lost["worker"], lost["exit_status"]) == (ids[victim], "abandoned (worker unreachable)")
         assert (rerun["worker"], rerun["attempt"], rerun["exit_status"]) == (ids[survivor], 2, "success")
@@ -296,8 +336,9 @@ def test_diamond_graph_runs_in_dependency_order_with_tokens(cluster, tmp_path):
     admin = open(os.path.join(c.server.data_dir, "admin.token")).read().strip()
     tokens = {}
     for role, name in (("worker", "farm"), ("user", "alice")):
-        r = c.http.post(c.url + "/tokens", json={"role": role, "name": name},
-                        headers={"Authorization": "Bearer " + admin})
+        r = c.http.post(
+            c.url + "/tokens", json={"role": role, "name": name}, headers={"Authorization": "Bearer " + admin}
+        )
         assert r.status_code == 201, r.text
         tokens[role] = r.json()["token"]
     c.http.headers["Authorization"] = "Bearer " + tokens["user"]
@@ -308,10 +349,14 @@ def test_diamond_graph_runs_in_dependency_order_with_tokens(cluster, tmp_path):
     trace = tmp_path / "trace"
 
     def step(name):
-        return ("echo %s start $(date +%%s.%%N) >> %s; sleep 0.5; echo %s end $(date +%%s.%%N) >> %s"
-                % (name, trace, name, trace))
+        return "echo %s start $(date +%%s.%%N) >> %s; sleep 0.5; echo %s end $(date +%%s.%%N) >> %s" % (
+            name,
+            trace,
+            name,
+            trace,
+        )
 
-    d = c.submit({"name": "D", "command": step("D")})                      # inactive until B and C end
+    d = c.submit({"name": "D", "command": step("D")})  # inactive until B and C end
     b = c.submit({"name": "B", "command": step("B"), "continuations": [d]})
     cc = c.submit({"name": "C", "command": step("C"), "continuations": [d]})
     assert c.task(d)["pending_dependency_count"] == 2
@@ -341,10 +386,20 @@ def test_a_two_core_worker_never_runs_more_than_two_cores_of_tasks(cluster, tmp_
     c.start_worker("alpha", "--cores", "2")
     c.worker_ids(["alpha"])
     trace = tmp_path / "trace"
-    command = ("echo $$ $CORES start $(date +%%s.%%N) >> %s; sleep 0.5; echo $$ $CORES end $(date +%%s.%%N) >> %s"
-               % (trace, trace))
-    tasks = [{"name": "one-%d" % i, "requested_resources": {"cores": 1}, "environment": {"CORES": "1"},
-              "command": command, "state": "available"} for i in range(6)]
+    command = "echo $$ $CORES start $(date +%%s.%%N) >> %s; sleep 0.5; echo $$ $CORES end $(date +%%s.%%N) >> %s" % (
+        trace,
+        trace,
+    )
+    tasks = [
+        {
+            "name": "one-%d" % i,
+            "requested_resources": {"cores": 1},
+            "environment": {"CORES": "1"},
+            "command": command,
+            "state": "available",
+        }
+        for i in range(6)
+    ]
     tasks.append(dict(tasks[0], name="two", requested_resources={"cores": 2}, environment={"CORES": "2"}))
     task_ids = c.submit(tasks)
     docs = c.wait_finished(task_ids, timeout=60)
@@ -352,18 +407,17 @@ def test_a_two_core_worker_never_runs_more_than_two_cores_of_tasks(cluster, tmp_
     for task in docs:
         assert (task["state"], task["exit_status"]) == ("terminated", "success")
         [attempt] = task["history"]
-        intervals.append((when(attempt["started"]), when(attempt["ended"]),
-                          task["requested_resources"]["cores"]))
-    assert max_overlap(intervals) == 2                                       # from history
+        intervals.append((when(attempt["started"]), when(attempt["ended"]), task["requested_resources"]["cores"]))
+    assert max_overlap(intervals) == 2  # from history
     one_core = [(s, e, w) for s, e, w in intervals if w == 1]
-    assert max_overlap(one_core) == 2    # two at a time, never three
+    assert max_overlap(one_core) == 2  # two at a time, never three
     times = {}
     for line in trace.read_text().splitlines():
         pid, cores, what, stamp = line.split()
         times.setdefault((pid, int(cores)), {})[what] = float(stamp)
     assert sorted(cores for _, cores in times) == [1] * 6 + [2]
     processes = [(t["start"], t["end"], cores) for (_, cores), t in times.items()]
-    assert max_overlap(processes) <= 2                                       # from the tasks' own clocks
+    assert max_overlap(processes) <= 2  # from the tasks' own clocks
 
 
 def test_output_is_capped_to_its_last_mebibyte_and_progress_is_reported(cluster, tmp_path):
@@ -373,11 +427,13 @@ def test_output_is_capped_to_its_last_mebibyte_and_progress_is_reported(cluster,
     first, second = tmp_path / "first", tmp_path / "second"
     banyan = os.path.join(os.path.dirname(sys.executable), "banyan")
     banyan = banyan if os.path.exists(banyan) else "%s -m banyan.cli" % sys.executable
-    command = ('%s progress 0.25 a quarter; '
-               'while [ ! -e %s ]; do sleep 0.05; done; '
-               'echo "0.5 half way there" >> "$BANYAN_PROGRESS_FILE"; '
-               'while [ ! -e %s ]; do sleep 0.05; done; '
-               'head -c 1572864 /dev/zero | tr "\\0" x; echo; echo END; echo oops >&2' % (banyan, first, second))
+    command = (
+        "%s progress 0.25 a quarter; "
+        "while [ ! -e %s ]; do sleep 0.05; done; "
+        'echo "0.5 half way there" >> "$BANYAN_PROGRESS_FILE"; '
+        "while [ ! -e %s ]; do sleep 0.05; done; "
+        'head -c 1572864 /dev/zero | tr "\\0" x; echo; echo END; echo oops >&2' % (banyan, first, second)
+    )
     task_id = c.submit({"name": "chatty", "command": command, "state": "available"})
 
     def progress(fraction):
@@ -393,10 +449,10 @@ def test_output_is_capped_to_its_last_mebibyte_and_progress_is_reported(cluster,
     second.touch()
     [task] = c.wait_finished([task_id])
     assert task["exit_status"] == "success"
-    assert c.stop_worker("alpha") == 0       # the logs outlive the worker
+    assert c.stop_worker("alpha") == 0  # the logs outlive the worker
     logs = c.logs_of(task_id)
     assert len(logs["stdout"].encode()) == 1024 * 1024
-    assert logs["stdout"].endswith("x\nEND\n") and set(logs["stdout"][:-len("\nEND\n")]) == {"x"}
+    assert logs["stdout"].endswith("x\nEND\n") and set(logs["stdout"][: -len("\nEND\n")]) == {"x"}
     assert logs["stderr"] == "oops\n"
 
 
@@ -405,11 +461,13 @@ def test_sigterm_drains_the_worker_then_terminates_what_is_left(cluster, tmp_pat
     c.start_worker("alpha", "--cores", "2", "--drain", "2.5")
     [wid] = c.worker_ids(["alpha"]).values()
     gate = tmp_path / "gate"  # `short` ends once the worker drains, however long getting there took
-    short = c.submit({"name": "short", "command": "while [ ! -e %s ]; do sleep 0.05; done; echo done" % gate,
-                      "state": "available"})
+    short = c.submit(
+        {"name": "short", "command": "while [ ! -e %s ]; do sleep 0.05; done; echo done" % gate, "state": "available"}
+    )
     long = c.submit({"name": "long", "command": "sleep 60", "max_shutdown_time": 1, "state": "available"})
-    wait_for(lambda: c.task(short)["state"] == "running" and c.task(long)["state"] == "running", 30,
-             "both tasks to run")
+    wait_for(
+        lambda: c.task(short)["state"] == "running" and c.task(long)["state"] == "running", 30, "both tasks to run"
+    )
     c.workers["alpha"].send_signal(signal.SIGTERM)
     wait_for(lambda: "stopping: no new tasks" in c.worker_log("alpha"), 10, "the worker to start draining")
     gate.touch()
@@ -429,10 +487,13 @@ def test_worker_outlives_a_server_restart_kills_its_task_and_registers_again(clu
     c.start_worker("alpha", "--cores", "1", "--timeout", "2")
     [old] = c.worker_ids(["alpha"]).values()
     runs = tmp_path / "runs"
-    command = ('echo "$BANYAN_ATTEMPT $$" >> %s; echo "attempt $BANYAN_ATTEMPT"; '
-               'if [ "$BANYAN_ATTEMPT" = 1 ]; then sleep 60; fi' % runs)
-    task_id = c.submit({"name": "interrupted", "command": command, "max_retries": 1,
-                        "max_shutdown_time": 1, "state": "available"})
+    command = (
+        'echo "$BANYAN_ATTEMPT $$" >> %s; echo "attempt $BANYAN_ATTEMPT"; '
+        'if [ "$BANYAN_ATTEMPT" = 1 ]; then sleep 60; fi' % runs
+    )
+    task_id = c.submit(
+        {"name": "interrupted", "command": command, "max_retries": 1, "max_shutdown_time": 1, "state": "available"}
+    )
     wait_for(lambda: runs.exists() and runs.read_text().strip(), 30, "the task to start")
     pid = int(runs.read_text().split()[1])
     c.server.kill(signal.SIGKILL)
@@ -440,9 +501,15 @@ def test_worker_outlives_a_server_restart_kills_its_task_and_registers_again(clu
     wait_for(lambda: group_gone(pid), 30, "the task to be killed while the server is away")
     assert c.workers["alpha"].poll() is None
     c.server.start()
-    new = wait_for(lambda: [w["_id"] for w in c.http.get(c.url + "/workers").json()["_items"]
-                            if w["host"] == "alpha" and w["_id"] != old and w["state"] == "active"],
-                   30, "the worker to register again")
+    new = wait_for(
+        lambda: [
+            w["_id"]
+            for w in c.http.get(c.url + "/workers").json()["_items"]
+            if w["host"] == "alpha" and w["_id"] != old and w["state"] == "active"
+        ],
+        30,
+        "the worker to register again",
+    )
     # The old registration goes silent, is marked lost, and the task runs again.
     [task] = c.wait_finished([task_id], timeout=60)
     assert (task["state"], task["exit_status"]) == ("terminated", "success")
@@ -472,16 +539,27 @@ def test_prefetched_tasks_of_a_busy_worker_are_run_once_by_an_idle_one(cluster, 
     gate, ran = tmp_path / "gate", tmp_path / "ran"
     ran.mkdir()
     # The long task takes every core of "busy"; the short ones are prefetched beyond them.
-    long_id = c.submit({"name": "long", "command": "while [ ! -e %s ]; do sleep 0.05; done" % gate,
-                        "requested_resources": {"cores": 3}, "state": "available"})
-    shorts = c.submit([{"name": "s%d" % i, "command": 'echo "$BANYAN_SERVER" >> %s/s%d' % (ran, i),
-                        "state": "available"} for i in range(3)])
+    long_id = c.submit(
+        {
+            "name": "long",
+            "command": "while [ ! -e %s ]; do sleep 0.05; done" % gate,
+            "requested_resources": {"cores": 3},
+            "state": "available",
+        }
+    )
+    shorts = c.submit(
+        [
+            {"name": "s%d" % i, "command": 'echo "$BANYAN_SERVER" >> %s/s%d' % (ran, i), "state": "available"}
+            for i in range(3)
+        ]
+    )
     c.start_worker("busy", "--cores", "3", "--prefetch", "3", "--prefetch-hold", "3")
     [busy] = c.worker_ids(["busy"]).values()
 
     def held_by_busy():
         docs = [c.task(t) for t in [long_id] + shorts]
         return all(d["state"] == "running" and d.get("worker") == busy for d in docs)
+
     wait_for(held_by_busy, 30, "the busy worker to run the long task and hold the short ones")
     c.start_worker("idle", "--cores", "1")
     [idle] = c.worker_ids(["idle"]).values()

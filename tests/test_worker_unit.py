@@ -26,20 +26,20 @@ class FakeBanyan:
 
     def __init__(self, port=0):
         self.lock = threading.Condition()
-        self.tasks = {}          # id -> task document
+        self.tasks = {}  # id -> task document
         self.order = []
-        self.workers = {}        # id -> {"state", "resources", "heartbeats"}
-        self.finished = []       # finish bodies, with "task_id"
-        self.claims = []         # claim bodies
-        self.requests = []       # (method, path)
+        self.workers = {}  # id -> {"state", "resources", "heartbeats"}
+        self.finished = []  # finish bodies, with "task_id"
+        self.claims = []  # claim bodies
+        self.requests = []  # (method, path)
         self.lost_workers = set()
-        self.failure = None      # "500" or "reset": how every request fails while set
-        self.fail_next = 0       # fail this many more requests (as "500" unless failure says otherwise)
-        self.failed = 0          # requests failed so far
-        self.finish_down = False # answer every report with 503 while set
-        self.refused_reports = 0 # requests with reports answered 503 so far
+        self.failure = None  # "500" or "reset": how every request fails while set
+        self.fail_next = 0  # fail this many more requests (as "500" unless failure says otherwise)
+        self.failed = 0  # requests failed so far
+        self.finish_down = False  # answer every report with 503 while set
+        self.refused_reports = 0  # requests with reports answered 503 so far
         self.retry_after = None  # seconds sent with an empty claim answer (the server's waiters are full)
-        self.claim_times = []    # monotonic time of each claim
+        self.claim_times = []  # monotonic time of each claim
         self.registration_gate = None  # an Event: while set here, registrations are answered once it is set
         self._start(port)
 
@@ -74,8 +74,14 @@ class FakeBanyan:
 
     def submit(self, task_id, command, **fields):
         with self.lock:
-            task = {"_id": task_id, "command": command, "state": "available", "history": [],
-                    "requested_resources": {"cores": 1, "memory": 0, "gpus": 0}, "max_shutdown_time": 10}
+            task = {
+                "_id": task_id,
+                "command": command,
+                "state": "available",
+                "history": [],
+                "requested_resources": {"cores": 1, "memory": 0, "gpus": 0},
+                "max_shutdown_time": 10,
+            }
             task.update(fields)
             self.tasks[task_id] = task
             self.order.append(task_id)
@@ -130,8 +136,12 @@ class FakeBanyan:
                 assert self.registration_gate.wait(30), "the test never let the registration through"
             with self.lock:
                 wid = f"w{len(self.workers) + 1}"
-                self.workers[wid] = {"state": "active", "resources": body["resources"],
-                                     "host": body["host"], "heartbeats": []}
+                self.workers[wid] = {
+                    "state": "active",
+                    "resources": body["resources"],
+                    "host": body["host"],
+                    "heartbeats": [],
+                }
             return 201, {"_id": wid, "_status": "OK"}
         m = re.fullmatch(r"/workers/([^/]+)(/claim|/heartbeat)?", path)
         if m:
@@ -159,8 +169,9 @@ class FakeBanyan:
         finished = []
         for report in body.get("finished") or []:
             status, reply = self.finish(report["task"], {k: v for k, v in report.items() if k != "task"})
-            finished.append({"_id": report["task"], "_status": "OK"} if status == 200 else
-                            dict(reply, _id=report["task"]))
+            finished.append(
+                {"_id": report["task"], "_status": "OK"} if status == 200 else dict(reply, _id=report["task"])
+            )
         deadline = time.monotonic() + min(float(body.get("wait") or 0), 5)
         with self.lock:
             self.claims.append(body)
@@ -189,8 +200,9 @@ class FakeBanyan:
                 if items or remaining <= 0:
                     break
                 self.lock.wait(min(remaining, 0.1))
-            cancel = [t["_id"] for t in self.tasks.values()
-                      if t.get("worker") == wid and t["state"] == "pending_cancellation"]
+            cancel = [
+                t["_id"] for t in self.tasks.values() if t.get("worker") == wid and t["state"] == "pending_cancellation"
+            ]
         reply = {"_items": items, "cancel": cancel}
         if body.get("finished"):
             reply["finished"] = finished
@@ -199,8 +211,11 @@ class FakeBanyan:
     def heartbeat(self, wid, body):
         with self.lock:
             self.workers[wid]["heartbeats"].append(body)
-            held = {t["_id"] for t in self.tasks.values()
-                    if t.get("worker") == wid and t["state"] in ("running", "pending_cancellation")}
+            held = {
+                t["_id"]
+                for t in self.tasks.values()
+                if t.get("worker") == wid and t["state"] in ("running", "pending_cancellation")
+            }
             cancel = [t for t in held if self.tasks[t]["state"] == "pending_cancellation"]
             unknown = [t for t in body["tasks"] if t not in held]
         return 200, {"cancel": cancel, "unknown": unknown}
@@ -213,8 +228,7 @@ class FakeBanyan:
             task = self.tasks.get(task_id)
             if task is None:
                 return self.error(404, f"no task {task_id}")
-            if task["state"] not in ("running", "pending_cancellation") \
-                    or body["attempt"] != len(task["history"]):
+            if task["state"] not in ("running", "pending_cancellation") or body["attempt"] != len(task["history"]):
                 return self.error(409, f"task {task_id} attempt {body['attempt']} is not current")
             task["state"] = "cancelled" if body["outcome"] == "cancelled" else "terminated"
             task["exit_status"] = body["outcome"]
@@ -258,8 +272,18 @@ def start_worker(fake, tmp_path):
     running = []
 
     def start(**overrides):
-        settings = dict(server=fake.url, cores=2, memory="1 GiB", gpus=0, heartbeat=0.2,
-                        timeout=1.5, drain=5, claim_wait=1, work_dir=str(tmp_path / "work"), host="testhost")
+        settings = dict(
+            server=fake.url,
+            cores=2,
+            memory="1 GiB",
+            gpus=0,
+            heartbeat=0.2,
+            timeout=1.5,
+            drain=5,
+            claim_wait=1,
+            work_dir=str(tmp_path / "work"),
+            host="testhost",
+        )
         settings.update(overrides)
         runner = RunningWorker(WorkerConfig(**settings))
         running.append(runner)
@@ -284,9 +308,9 @@ def test_claims_runs_and_reports_output(fake, start_worker):
     assert set(ok["usage"]) == {"max_rss", "cpu_percent"}
     assert (bad["outcome"], bad["exit_code"], bad["stdout"]) == ("failure", 3, "nope\n")
     # Registration carried the configured totals; claims never offered more than them.
-    assert fake.workers["w1"]["resources"] == {"cores": 2.0, "memory": 1024 ** 3, "gpus": 0}
+    assert fake.workers["w1"]["resources"] == {"cores": 2.0, "memory": 1024**3, "gpus": 0}
     assert fake.workers["w1"]["host"] == "testhost"
-    assert all(c["free"]["cores"] <= 2 and c["free"]["memory"] <= 1024 ** 3 for c in fake.claims)
+    assert all(c["free"]["cores"] <= 2 and c["free"]["memory"] <= 1024**3 for c in fake.claims)
     assert fake.tasks["big"]["state"] == "available"  # 4 cores never fit on 2
     assert runner.stop() == 0
     assert fake.workers["w1"]["state"] == "stopped"  # unregistered
@@ -349,8 +373,9 @@ def test_heartbeats_carry_usage_and_progress(fake, start_worker):
 
 def test_new_progress_goes_out_before_the_next_heartbeat_is_due(fake, start_worker, tmp_path):
     gate = tmp_path / "gate"
-    fake.submit("slow", f"while [ ! -e {gate} ]; do sleep 0.05; done; "
-                        "echo '0.5 half' >> \"$BANYAN_PROGRESS_FILE\"; sleep 30")
+    fake.submit(
+        "slow", f"while [ ! -e {gate} ]; do sleep 0.05; done; echo '0.5 half' >> \"$BANYAN_PROGRESS_FILE\"; sleep 30"
+    )
     start_worker(heartbeat=20, timeout=60)
     wait_for(lambda: fake.tasks["slow"]["state"] == "running", what="the task to start")
     gate.touch()
@@ -385,8 +410,10 @@ def test_unknown_tasks_are_killed_and_dropped(fake, start_worker, tmp_path):
     with fake.lock:  # the server no longer counts it as ours (e.g. requeued after we were marked lost)
         fake.tasks["stolen"]["state"] = "cancelled"
         fake.tasks["stolen"].pop("worker")
-    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-             what="the task to be killed")
+    wait_for(
+        lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+        what="the task to be killed",
+    )
     beats = len(fake.workers["w1"]["heartbeats"])
     wait_for(lambda: len(fake.workers["w1"]["heartbeats"]) >= beats + 3, what="three more heartbeats")
     assert fake.finish_of("stolen") is None  # still nothing reported
@@ -399,8 +426,10 @@ def test_server_gone_past_timeout_kills_tasks_then_registers_again(fake, start_w
     runner = start_worker(timeout=1.0, heartbeat=0.2)
     pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="task start"))
     fake.stop()
-    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-             what="the task to be killed")
+    wait_for(
+        lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+        what="the task to be killed",
+    )
     assert runner.thread.is_alive()  # the worker itself survives
     fake.restart()
     wait_for(lambda: "w2" in fake.workers, what="registration after the server came back")
@@ -449,10 +478,29 @@ def test_drain_timeout_terminates_running_tasks_as_failures(fake, start_worker, 
 def test_sigterm_drains_then_exits_cleanly(fake, tmp_path):
     started = tmp_path / "started"
     fake.submit("short", f"touch {started}; sleep 1; echo finished")
-    proc = subprocess.Popen([sys.executable, "-m", "banyan.worker", "--server", fake.url,
-                             "--heartbeat", "0.2", "--timeout", "10", "--drain", "8", "--claim-wait", "1",
-                             "--work-dir", str(tmp_path / "work"), "--log-level", "WARNING"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "banyan.worker",
+            "--server",
+            fake.url,
+            "--heartbeat",
+            "0.2",
+            "--timeout",
+            "10",
+            "--drain",
+            "8",
+            "--claim-wait",
+            "1",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--log-level",
+            "WARNING",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # the task runs on the worker (not only claimed: a claim answer still
         # in flight when the worker stops is the server's to give back)
@@ -475,10 +523,27 @@ def test_sigterm_while_registering_stops_once_registered(fake, tmp_path):
     server would only mark lost later)."""
     fake.registration_gate = threading.Event()
     fake.submit("unwanted", "echo should not run")
-    proc = subprocess.Popen([sys.executable, "-m", "banyan.worker", "--server", fake.url,
-                             "--heartbeat", "0.2", "--timeout", "10", "--claim-wait", "1",
-                             "--work-dir", str(tmp_path / "work"), "--log-level", "WARNING"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "banyan.worker",
+            "--server",
+            fake.url,
+            "--heartbeat",
+            "0.2",
+            "--timeout",
+            "10",
+            "--claim-wait",
+            "1",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--log-level",
+            "WARNING",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: ("POST", "/workers") in fake.requests, timeout=30, what="the registration")
         proc.send_signal(signal.SIGTERM)
@@ -494,10 +559,29 @@ def test_sigterm_while_registering_stops_once_registered(fake, tmp_path):
 def test_second_signal_kills_tasks_at_once(fake, tmp_path):
     pidfile = tmp_path / "pid"
     fake.submit("stubborn", f"echo $$ > {pidfile}; trap '' TERM; exec sleep 60", max_shutdown_time=60)
-    proc = subprocess.Popen([sys.executable, "-m", "banyan.worker", "--server", fake.url,
-                             "--heartbeat", "0.2", "--timeout", "10", "--drain", "60", "--claim-wait", "1",
-                             "--work-dir", str(tmp_path / "work"), "--log-level", "WARNING"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "banyan.worker",
+            "--server",
+            fake.url,
+            "--heartbeat",
+            "0.2",
+            "--timeout",
+            "10",
+            "--drain",
+            "60",
+            "--claim-wait",
+            "1",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--log-level",
+            "WARNING",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="task start"))
         proc.send_signal(signal.SIGTERM)
@@ -513,16 +597,31 @@ def test_second_signal_kills_tasks_at_once(fake, tmp_path):
 
 @pytest.mark.slow
 def test_cannot_reach_the_server_at_start_exits_3(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "banyan.worker", "--server", "http://127.0.0.1:9",
-                             "--work-dir", str(tmp_path / "w"), "--log-level", "CRITICAL"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "banyan.worker",
+            "--server",
+            "http://127.0.0.1:9",
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--log-level",
+            "CRITICAL",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 3
 
 
-@pytest.mark.parametrize("args", [["--memory", "lots"], ["--cores", "-1"], ["--max-tasks", "0"],
-                                  ["--heartbeat", "10", "--timeout", "5"], []])
+@pytest.mark.parametrize(
+    "args", [["--memory", "lots"], ["--cores", "-1"], ["--max-tasks", "0"], ["--heartbeat", "10", "--timeout", "5"], []]
+)
 def test_bad_arguments_exit_2(args, monkeypatch):
     from banyan.worker.__main__ import main
+
     monkeypatch.delenv("BANYAN_SERVER", raising=False)
     server = [] if args == [] else ["--server", "http://127.0.0.1:9"]
     try:
@@ -572,19 +671,21 @@ def test_a_late_unknown_kills_only_the_attempt_it_was_about(tmp_path):
     from banyan.worker.executor import TaskProcess
 
     stub = StubClient({"cancel": [], "unknown": ["t"]})
-    worker = Worker(WorkerConfig(server="http://127.0.0.1:9", cores=1, memory="1 GiB", gpus=0,
-                                 work_dir=str(tmp_path / "work")), client_factory=lambda **kw: stub)
+    worker = Worker(
+        WorkerConfig(server="http://127.0.0.1:9", cores=1, memory="1 GiB", gpus=0, work_dir=str(tmp_path / "work")),
+        client_factory=lambda **kw: stub,
+    )
     worker.worker_id = "w1"
     proc = TaskProcess({"_id": "t", "command": "sleep 30", "max_shutdown_time": 1}, 2, tmp_path / "a2")
     proc.start()
     try:
         worker.holdings.running["t"] = proc
         stale = {"t": {"attempt": 1, "usage": {"max_rss": 0, "cpu_percent": 0.0}}}
-        worker.heartbeats.payload = lambda: stale   # built while attempt 1 ran
+        worker.heartbeats.payload = lambda: stale  # built while attempt 1 ran
         worker.heartbeats.beat()
         worker.supervision.apply_control()
         assert worker.holdings.running.get("t") is proc and proc.poll() is None
-        del worker.heartbeats.payload                # now about attempt 2 itself
+        del worker.heartbeats.payload  # now about attempt 2 itself
         worker.heartbeats.beat()
         assert stub.sent[-1]["t"]["attempt"] == 2
         worker.supervision.apply_control()
@@ -611,11 +712,18 @@ def test_a_dying_attempt_frees_only_its_own_resources(tmp_path):
     """Attempt 1 is being killed (the server requeued it) when the same task
     comes back as attempt 2: attempt 1's end must not free what attempt 2
     holds, or the worker would take more than it has."""
-    worker = Worker(WorkerConfig(server="http://127.0.0.1:9", cores=4, memory=0, gpus=2,
-                                 work_dir=str(tmp_path / "work")), client_factory=ClaimStub)
+    worker = Worker(
+        WorkerConfig(server="http://127.0.0.1:9", cores=4, memory=0, gpus=2, work_dir=str(tmp_path / "work")),
+        client_factory=ClaimStub,
+    )
     worker.worker_id = "w1"
-    task = {"_id": "t" * 24, "command": "sleep 30", "max_shutdown_time": 1,
-            "requested_resources": {"cores": 2, "gpus": 1}, "history": [{"attempt": 1}]}
+    task = {
+        "_id": "t" * 24,
+        "command": "sleep 30",
+        "max_shutdown_time": 1,
+        "requested_resources": {"cores": 2, "gpus": 1},
+        "history": [{"attempt": 1}],
+    }
     claimer, supervision, holdings = worker.claimer, worker.supervision, worker.holdings
     claimer.client.reply = {"_items": [task], "cancel": []}
     claimer.claim_once(wait=0)
@@ -624,14 +732,15 @@ def test_a_dying_attempt_frees_only_its_own_resources(tmp_path):
     try:
         holdings.control.append(("unknown", task["_id"], 1))
         supervision.apply_control()
-        claimer.client.reply = {"_items": [dict(task, history=[{"attempt": 1}, {"attempt": 2}])],
-                                "cancel": []}
+        claimer.client.reply = {"_items": [dict(task, history=[{"attempt": 1}, {"attempt": 2}])], "cancel": []}
         claimer.claim_once(wait=0)
         supervision.start_claimed()
         second = holdings.running[task["_id"]]
         assert second is not first and holdings.free()["cores"] == 2
-        wait_for(lambda: (supervision.supervise(time.monotonic()), first.poll() is not None)[1],
-                 what="attempt 1 to be killed")
+        wait_for(
+            lambda: (supervision.supervise(time.monotonic()), first.poll() is not None)[1],
+            what="attempt 1 to be killed",
+        )
         supervision.supervise(time.monotonic())
         assert task["_id"] not in holdings.doomed and second.poll() is None
         assert holdings.free() == {"cores": 2, "memory": 0, "gpus": 1}
@@ -646,25 +755,40 @@ def test_tasks_are_told_their_cores_and_pinned_to_cpus_of_their_own(fake, start_
     cpus = resources.usable_cpus()
     if len(cpus) < 2:
         pytest.skip("this machine lets us use only one CPU")
-    script = ("import json, os, sys, time; here = sys.argv[1]; me, other = sys.argv[2:4]; "
-              "env = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', "
-              "'OPENBLAS_NUM_THREADS', 'NUMEXPR_NUM_THREADS', 'BANYAN_CORES', 'BANYAN_CPUS')}; "
-              "json.dump({'cpus': sorted(os.sched_getaffinity(0)), 'env': env}, open(os.path.join(here, me), 'w')); "
-              "deadline = time.time() + 20\n"
-              "while not os.path.exists(os.path.join(here, other)) and time.time() < deadline: time.sleep(0.02)")
+    script = (
+        "import json, os, sys, time; here = sys.argv[1]; me, other = sys.argv[2:4]; "
+        "env = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', "
+        "'OPENBLAS_NUM_THREADS', 'NUMEXPR_NUM_THREADS', 'BANYAN_CORES', 'BANYAN_CPUS')}; "
+        "json.dump({'cpus': sorted(os.sched_getaffinity(0)), 'env': env}, open(os.path.join(here, me), 'w')); "
+        "deadline = time.time() + 20\n"
+        "while not os.path.exists(os.path.join(here, other)) and time.time() < deadline: time.sleep(0.02)"
+    )
     for me, other in (("a", "b"), ("b", "a")):
         fake.submit(me, [sys.executable, "-c", script, str(tmp_path), me, other])
-    fake.submit("half", [sys.executable, "-c", script, str(tmp_path), "half", "half"],
-                requested_resources={"cores": 0.5, "memory": 0, "gpus": 0}, environment={"MKL_NUM_THREADS": "7"})
+    fake.submit(
+        "half",
+        [sys.executable, "-c", script, str(tmp_path), "half", "half"],
+        requested_resources={"cores": 0.5, "memory": 0, "gpus": 0},
+        environment={"MKL_NUM_THREADS": "7"},
+    )
     start_worker(pin=True, cores=2)
     wait_for(lambda: all(fake.finish_of(t) for t in ("a", "b", "half")), what="three reports")
     assert all(fake.finish_of(t)["outcome"] == "success" for t in ("a", "b", "half"))
     a, b, half = (json.loads((tmp_path / name).read_text()) for name in ("a", "b", "half"))
     assert len(a["cpus"]) == len(b["cpus"]) == 1 and not set(a["cpus"]) & set(b["cpus"])
-    assert a["env"] == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                        "NUMEXPR_NUM_THREADS": "1", "BANYAN_CORES": "1", "BANYAN_CPUS": str(a["cpus"][0])}
-    assert (half["env"]["OMP_NUM_THREADS"], half["env"]["MKL_NUM_THREADS"], half["env"]["BANYAN_CORES"]) == \
-        ("1", "7", "0.5")
+    assert a["env"] == {
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "NUMEXPR_NUM_THREADS": "1",
+        "BANYAN_CORES": "1",
+        "BANYAN_CPUS": str(a["cpus"][0]),
+    }
+    assert (half["env"]["OMP_NUM_THREADS"], half["env"]["MKL_NUM_THREADS"], half["env"]["BANYAN_CORES"]) == (
+        "1",
+        "7",
+        "0.5",
+    )
 
 
 def test_cpu_allocator_hands_out_distinct_cpus_then_shares_the_least_used():
@@ -674,6 +798,8 @@ def test_cpu_allocator_hands_out_distinct_cpus_then_shares_the_least_used():
     cpus.give_back("b")
     assert cpus.take("d", 3) == [1, 2, 3]
     assert cpus.take("e", 64) == [0, 1, 2, 3]  # never more than there are
+
+
 def test_a_finished_task_is_in_heartbeats_until_its_report_is_delivered(fake, start_worker):
     """While its report cannot be delivered, a finished attempt is still
     reported alive, so the server keeps it; once delivered, it is not."""

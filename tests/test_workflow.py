@@ -8,7 +8,6 @@ import subprocess
 import threading
 
 import pytest
-
 from conftest import wait_for
 from test_cli import BANYAN, Cluster, banyan, shared, unique, when
 
@@ -40,8 +39,13 @@ def sweep_graph(points, work):
     whatever their outcome, a cleanup after point 3's failure, and a report
     that needs point 3's success."""
     tasks = [{"name": "p%d" % i, "command": "sh ./point.sh %d" % i} for i in range(1, points + 1)]
-    tasks.append({"name": "reduce", "command": "cat out.* | wc -l > count",
-                  "after_any": ["p%d" % i for i in range(1, points + 1)]})
+    tasks.append(
+        {
+            "name": "reduce",
+            "command": "cat out.* | wc -l > count",
+            "after_any": ["p%d" % i for i in range(1, points + 1)],
+        }
+    )
     tasks.append({"name": "cleanup", "command": "echo cleaned > cleaned", "after_failure": ["p3"]})
     tasks.append({"name": "report", "command": "echo reported > reported", "after": ["p3"]})
     (work / "point.sh").write_text('if grep -qw "$1" bad; then exit 2; fi; echo "$1" > "out.$1"\n')
@@ -75,8 +79,7 @@ def test_dependency_kinds_and_retry_of_a_failed_sweep(cluster, tmp_path):
     counts = job_line(cluster, job)
     assert (counts["TOTAL"], counts["FAILED"], counts["CANCELLED"], counts["SUCCEEDED"]) == ("13", "2", "1", "10")
     api = cluster.http.get("%s/jobs/%s" % (cluster.url, job)).json()
-    assert api["counts"] == {"queued": 0, "running": 0, "succeeded": 10, "failed": 2, "cancelled": 1,
-                             "total": 13}
+    assert api["counts"] == {"queued": 0, "running": 0, "succeeded": 10, "failed": 2, "cancelled": 1, "total": 13}
 
     # fix the input and retry the failed points: the report comes back with p3
     (work / "bad").write_text("\n")
@@ -100,14 +103,33 @@ def test_submit_runs_where_it_was_run_with_the_environment_asked_for(cluster, tm
     project = tmp_path / "project"
     (project / "scripts").mkdir(parents=True)
     (project / "scripts" / "show.sh").write_text('echo "dir=$(pwd) foo=$FOO bar=$BAR"\n')
-    task = banyan(cluster, "submit", "--env", "FOO", "--env", "BAR=given", "--", "sh scripts/show.sh",
-                  cwd=project, env={"FOO": "from-my-shell"}).stdout.strip()
+    task = banyan(
+        cluster,
+        "submit",
+        "--env",
+        "FOO",
+        "--env",
+        "BAR=given",
+        "--",
+        "sh scripts/show.sh",
+        cwd=project,
+        env={"FOO": "from-my-shell"},
+    ).stdout.strip()
     banyan(cluster, "wait", task)
     assert banyan(cluster, "logs", task).stdout == "dir=%s foo=from-my-shell bar=given\n" % project
     assert cluster.task(task)["working_directory"] == str(project)
 
-    exported = banyan(cluster, "submit", "--export-env", "--cwd", project / "scripts", "--", "sh show.sh",
-                      cwd=tmp_path, env={"FOO": "exported", "BAR": "too"}).stdout.strip()
+    exported = banyan(
+        cluster,
+        "submit",
+        "--export-env",
+        "--cwd",
+        project / "scripts",
+        "--",
+        "sh show.sh",
+        cwd=tmp_path,
+        env={"FOO": "exported", "BAR": "too"},
+    ).stdout.strip()
     banyan(cluster, "wait", exported)
     assert banyan(cluster, "logs", exported).stdout == "dir=%s foo=exported bar=too\n" % (project / "scripts")
     assert "BANYAN_TOKEN" not in cluster.task(exported)["environment"]
@@ -128,8 +150,7 @@ def test_a_task_no_worker_can_fit_says_why(cluster):
     waited = banyan(cluster, "wait", "--timeout", "2", task, ok=False)
     assert waited.returncode == 4
     assert "no live worker could ever fit it" in waited.stderr
-    listed = banyan(cluster, "ls", "--format", "id,state,reason", "--where",
-                    json.dumps({"_id": task})).stdout
+    listed = banyan(cluster, "ls", "--format", "id,state,reason", "--where", json.dumps({"_id": task})).stdout
     assert listed.split("\t")[:2] == [task, "available"] and "gpus 1" in listed
     banyan(cluster, "cancel", task)
     assert cluster.task(task)["pending_reason"] is None
@@ -192,10 +213,16 @@ def test_hold_release_and_priority_changed_while_queued(cluster):
 
 def test_logs_follow_prints_output_while_the_task_runs(cluster, tmp_path):
     gate = tmp_path / "gate"
-    task = banyan(cluster, "submit", "--", "echo first; while [ ! -e %s ]; do sleep 0.05; done; echo second"
-                  % gate).stdout.strip()
-    follow = subprocess.Popen(BANYAN + ["logs", "--follow", task], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=cluster.env())
+    task = banyan(
+        cluster, "submit", "--", "echo first; while [ ! -e %s ]; do sleep 0.05; done; echo second" % gate
+    ).stdout.strip()
+    follow = subprocess.Popen(
+        BANYAN + ["logs", "--follow", task],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cluster.env(),
+    )
     watchdog = threading.Timer(60, follow.kill)  # a regression fails the test, never hangs it
     watchdog.start()
     try:

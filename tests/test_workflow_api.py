@@ -6,11 +6,11 @@ import threading
 
 import pytest
 from bson import ObjectId
-
 from conftest import MONGO_URI, CheckedSession, LiveServer
 from test_server import GiB, get, patch, post, run_to_end
-from banyan.server.states import FAILURE, SUCCESS
+
 from banyan.server.services import services
+from banyan.server.states import FAILURE, SUCCESS
 
 EVERYTHING = {"cores": 1e9, "memory": 1 << 60, "gpus": 1 << 30}
 
@@ -24,10 +24,14 @@ def ids(api, docs):
 @pytest.mark.parametrize("outcome", [SUCCESS, FAILURE])
 def test_each_kind_of_edge_runs_or_cancels_by_the_parent_outcome(app, api, db, outcome):
     parent = post(api, {"command": "x", "name": "parent", "state": "available"})["_id"]
-    ok, anyway, on_failure = ids(api, [
-        {"command": "y", "state": "available", "after": [parent]},
-        {"command": "y", "state": "available", "after_any": [parent]},
-        {"command": "y", "state": "available", "after_failure": [parent]}])
+    ok, anyway, on_failure = ids(
+        api,
+        [
+            {"command": "y", "state": "available", "after": [parent]},
+            {"command": "y", "state": "available", "after_any": [parent]},
+            {"command": "y", "state": "available", "after_failure": [parent]},
+        ],
+    )
     assert set(get(api, parent)["continuations"]) == {ok, anyway, on_failure}
     for child in (ok, anyway, on_failure):
         doc = get(api, child)
@@ -43,16 +47,25 @@ def test_each_kind_of_edge_runs_or_cancels_by_the_parent_outcome(app, api, db, o
             assert doc["pending_reason"]["code"] in ("workers_busy", "no_worker_fits")
         else:
             assert doc["state"] == "cancelled" and doc["pending_parents"] == []
-            assert doc["cancelled_by"] == {"task": parent, "name": "parent", "exit_status": outcome,
-                                           "needed": "success" if child == ok else "failure"}
+            assert doc["cancelled_by"] == {
+                "task": parent,
+                "name": "parent",
+                "exit_status": outcome,
+                "needed": "success" if child == ok else "failure",
+            }
             assert doc["pending_reason"] is None
 
 
 def test_a_parent_that_already_ended_settles_the_edge_at_creation(app, api):
     parent = post(api, {"command": "x", "state": "available"})["_id"]
     run_to_end(app, parent, FAILURE)
-    anyway, ok = ids(api, [{"command": "y", "state": "available", "after_any": [parent]},
-                           {"command": "y", "state": "available", "after": [parent]}])
+    anyway, ok = ids(
+        api,
+        [
+            {"command": "y", "state": "available", "after_any": [parent]},
+            {"command": "y", "state": "available", "after": [parent]},
+        ],
+    )
     assert get(api, anyway)["state"] == "available" and get(api, anyway)["pending_dependency_count"] == 0
     assert get(api, ok)["state"] == "cancelled" and get(api, ok)["cancelled_by"]["task"] == parent
     run_to_end(app, anyway)
@@ -61,9 +74,11 @@ def test_a_parent_that_already_ended_settles_the_edge_at_creation(app, api):
 def test_bad_edges_are_refused_and_change_nothing(api, db):
     parent = post(api, {"command": "x"})["_id"]
     before = db.tasks.count_documents({})
-    for body, word in [({"command": "y", "after": [parent], "after_any": [parent]}, "one kind"),
-                       ({"command": "y", "after_failure": [str(ObjectId())]}, "must exist"),
-                       ({"command": "y", "after": ["nope"]}, "objectid")]:
+    for body, word in [
+        ({"command": "y", "after": [parent], "after_any": [parent]}, "one kind"),
+        ({"command": "y", "after_failure": [str(ObjectId())]}, "must exist"),
+        ({"command": "y", "after": ["nope"]}, "objectid"),
+    ]:
         r = api.post("/tasks", json=body)
         assert r.status_code == 422 and word in r.get_data(as_text=True), r.json
     child = post(api, {"command": "y", "after": [parent]})["_id"]
@@ -151,8 +166,9 @@ def test_every_post_is_a_job_with_counts(app, api):
 
 
 def test_no_worker_fits_names_the_request_and_the_largest_offer(app, api):
-    services(app).queue.db["workers"].insert_one({"host": "h", "state": "active",
-                                        "resources": {"cores": 4, "memory": GiB, "gpus": 0}})
+    services(app).queue.db["workers"].insert_one(
+        {"host": "h", "state": "active", "resources": {"cores": 4, "memory": GiB, "gpus": 0}}
+    )
     task = post(api, {"command": "x", "state": "available", "requested_resources": {"gpus": 2}})["_id"]
     reason = get(api, task)["pending_reason"]
     assert reason["code"] == "no_worker_fits" and reason["asks"]["gpus"] == 2 and reason["largest"]["gpus"] == 0
@@ -216,16 +232,21 @@ def test_array_limit_holds_across_server_processes(tmp_path):
     try:
         http = CheckedSession()
         job = http.post(servers[0].url + "/jobs", json={"name": "capped", "array_limit": 3}).json()["_id"]
-        r = http.post(servers[0].url + "/tasks", json=[{"command": "x", "state": "available", "job": job}
-                                                       for _ in range(12)])
+        r = http.post(
+            servers[0].url + "/tasks", json=[{"command": "x", "state": "available", "job": job} for _ in range(12)]
+        )
         assert r.status_code == 201, r.text
-        workers = [http.post(s.url + "/workers", json={"host": "w%d" % i, "resources": EVERYTHING}).json()["_id"]
-                   for i, s in enumerate(servers * 2)]
+        workers = [
+            http.post(s.url + "/workers", json={"host": "w%d" % i, "resources": EVERYTHING}).json()["_id"]
+            for i, s in enumerate(servers * 2)
+        ]
         got = []
 
         def claim(server, wid):
-            reply = CheckedSession().post("%s/workers/%s/claim" % (server.url, wid),
-                                          json={"free": {"cores": 100, "memory": GiB, "gpus": 0}, "max_tasks": 3})
+            reply = CheckedSession().post(
+                "%s/workers/%s/claim" % (server.url, wid),
+                json={"free": {"cores": 100, "memory": GiB, "gpus": 0}, "max_tasks": 3},
+            )
             got.extend(reply.json()["_items"])
 
         threads = [threading.Thread(target=claim, args=(s, w)) for s, w in zip(servers * 2, workers)]
@@ -242,6 +263,7 @@ def test_array_limit_holds_across_server_processes(tmp_path):
 
 def test_live_output_from_heartbeats_until_the_report_replaces_it(api):
     import base64
+
     from test_claims import claim, finish, heartbeat, register
 
     wid = register(api)
@@ -249,9 +271,17 @@ def test_live_output_from_heartbeats_until_the_report_replaces_it(api):
     assert claim(api, wid)["_items"][0]["_id"] == tid
 
     def live(out, written):
-        return {tid: {"attempt": 1, "output": {"stdout_base64": base64.b64encode(out).decode(),
-                                               "stderr_base64": "", "stdout_written": written,
-                                               "stderr_written": 0}}}
+        return {
+            tid: {
+                "attempt": 1,
+                "output": {
+                    "stdout_base64": base64.b64encode(out).decode(),
+                    "stderr_base64": "",
+                    "stdout_written": written,
+                    "stderr_written": 0,
+                },
+            }
+        }
 
     for bad in ({"stdout_base64": "%%"}, {"stdout_written": -1}, {"colour": 1}, "text"):
         r = api.post("/workers/%s/heartbeat" % wid, json={"tasks": {tid: {"attempt": 1, "output": bad}}})

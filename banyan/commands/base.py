@@ -12,10 +12,10 @@ from banyan.units import format_size
 
 #: Exit codes of the `banyan` command.
 EXIT_OK = 0
-EXIT_FAILED = 1        # a task failed, or the server refused a request
-EXIT_USAGE = 2         # bad flags or input
-EXIT_UNREACHABLE = 3   # no server answered
-EXIT_TIMEOUT = 4       # `wait --timeout` ran out
+EXIT_FAILED = 1  # a task failed, or the server refused a request
+EXIT_USAGE = 2  # bad flags or input
+EXIT_UNREACHABLE = 3  # no server answered
+EXIT_TIMEOUT = 4  # `wait --timeout` ran out
 
 EXIT_CODES_HELP = """exit codes: 0 done; 1 a task failed or the server refused the request;
 2 bad arguments or input; 3 the server could not be reached; 4 `wait --timeout` ran out"""
@@ -32,16 +32,24 @@ class CommandError(Exception):
 def add_command(sub, name, func, help, description, epilog=None, connect=True):
     """A subcommand with a description, examples and (if it talks to a
     server) the --server/--token flags."""
-    parser = sub.add_parser(name, help=help, description=description,
-                            epilog=textwrap.dedent(epilog).strip() if epilog else None,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=textwrap.dedent(epilog).strip() if epilog else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     if connect:
         group = parser.add_argument_group("server")
-        group.add_argument("--server", metavar="URL",
-                           help="server URL (default: $BANYAN_SERVER, then 'server' in "
-                                "~/.config/banyan/config.toml, then http://127.0.0.1:5000)")
-        group.add_argument("--token", metavar="TOKEN",
-                           help="access token (default: $BANYAN_TOKEN, then 'token' in the config file)")
+        group.add_argument(
+            "--server",
+            metavar="URL",
+            help="server URL (default: $BANYAN_SERVER, then 'server' in "
+            "~/.config/banyan/config.toml, then http://127.0.0.1:5000)",
+        )
+        group.add_argument(
+            "--token", metavar="TOKEN", help="access token (default: $BANYAN_TOKEN, then 'token' in the config file)"
+        )
     parser.set_defaults(func=func)
     return parser
 
@@ -68,7 +76,7 @@ def parse_json_arg(text, flag):
     except ValueError as exc:
         raise CommandError("%s is not valid JSON: %s" % (flag, exc), EXIT_USAGE) from None
     if not isinstance(value, dict):
-        raise CommandError("%s must be a JSON object, such as '{\"name\": \"x\"}'" % flag, EXIT_USAGE)
+        raise CommandError('%s must be a JSON object, such as \'{"name": "x"}\'' % flag, EXIT_USAGE)
     return value
 
 
@@ -89,6 +97,7 @@ def task_ids(values, flag="ID"):
 
 # -- text output -----------------------------------------------------------------
 
+
 def print_json(value):
     json.dump(value, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
@@ -104,7 +113,7 @@ def print_table(header, rows, out=None, indent=""):
 
 def shorten(text, width):
     text = " ".join(str(text).split())
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def parse_time(value):
@@ -200,6 +209,7 @@ def label(doc):
 
 # -- choosing tasks: ids, --job, --where -----------------------------------------
 
+
 def add_job_flag(parser, help="only the tasks of this job (its id, or its name: the newest job of that name)"):
     parser.add_argument("--job", metavar="JOB", help=help)
 
@@ -241,6 +251,5 @@ def cancel_text(doc):
     parent = because.get("task")
     if because.get("name"):
         parent = "%s (%s)" % (parent, because["name"])
-    needed = {"success": "its success", "failure": "its failure", "any": "its end"}.get(because.get("needed"),
-                                                                                          "it")
+    needed = {"success": "its success", "failure": "its failure", "any": "its end"}.get(because.get("needed"), "it")
     return "parent %s ended %s; this task ran only after %s" % (parent, because.get("exit_status"), needed)

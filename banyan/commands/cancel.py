@@ -2,8 +2,19 @@
 
 import sys
 
-from banyan.commands.base import (EXIT_FAILED, EXIT_USAGE, CommandError, add_command, add_job_flag, connect,
-                                  job_query, label, outcome, parse_json_arg, task_ids)
+from banyan.commands.base import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    CommandError,
+    add_command,
+    add_job_flag,
+    connect,
+    job_query,
+    label,
+    outcome,
+    parse_json_arg,
+    task_ids,
+)
 from banyan.errors import describe_result
 from banyan.protocol import FINISHED, TaskState
 
@@ -22,12 +33,20 @@ examples:
 
 
 def register(sub):
-    parser = add_command(sub, "cancel", run, help="cancel tasks (running ones are stopped)",
-                         description="Cancel tasks, given by id or by a filter.", epilog=EPILOG)
+    parser = add_command(
+        sub,
+        "cancel",
+        run,
+        help="cancel tasks (running ones are stopped)",
+        description="Cancel tasks, given by id or by a filter.",
+        epilog=EPILOG,
+    )
     parser.add_argument("ids", nargs="*", metavar="ID", help="tasks to cancel ('-' reads ids from stdin)")
-    parser.add_argument("--where", metavar="JSON",
-                        help='cancel every unfinished task matching this MongoDB filter, e.g. '
-                             '\'{"name": "squares"}\'')
+    parser.add_argument(
+        "--where",
+        metavar="JSON",
+        help='cancel every unfinished task matching this MongoDB filter, e.g. \'{"name": "squares"}\'',
+    )
     add_job_flag(parser, help="cancel every unfinished task of this job (its id, or its name)")
 
 

@@ -3,10 +3,18 @@
 import functools
 import sys
 
+from banyan.commands.base import (
+    add_command,
+    connect,
+    format_bytes,
+    format_duration,
+    format_number,
+    format_time,
+    print_json,
+    print_table,
+)
 from banyan.errors import BanyanError
 from banyan.protocol import Outcome, TaskState, WorkerState
-from banyan.commands.base import (add_command, connect, format_bytes, format_duration, format_number, format_time,
-                                  print_json, print_table)
 
 STATS_EPILOG = """
 Users see the figures of their own tasks; admins and workers of all.
@@ -25,22 +33,35 @@ examples:
 
 
 def register(sub):
-    stats = add_command(sub, "stats", run_stats, help="statistics of the queue",
-                        description="Show task counts by state and outcome, attempt runtimes, "
-                                    "queue waits, throughput, and the workers' load.",
-                        epilog=STATS_EPILOG)
+    stats = add_command(
+        sub,
+        "stats",
+        run_stats,
+        help="statistics of the queue",
+        description="Show task counts by state and outcome, attempt runtimes, "
+        "queue waits, throughput, and the workers' load.",
+        epilog=STATS_EPILOG,
+    )
     stats.add_argument("--json", action="store_true", help="print the server's /stats answer as JSON")
-    workers = add_command(sub, "workers", run_workers, help="list the workers",
-                          description="List the workers: host, state, resources in use and in total, "
-                                      "running tasks and last heartbeat. Stopped workers are left out "
-                                      "unless --all.", epilog=WORKERS_EPILOG)
+    workers = add_command(
+        sub,
+        "workers",
+        run_workers,
+        help="list the workers",
+        description="List the workers: host, state, resources in use and in total, "
+        "running tasks and last heartbeat. Stopped workers are left out "
+        "unless --all.",
+        epilog=WORKERS_EPILOG,
+    )
     workers.add_argument("--all", action="store_true", help="include stopped workers")
     workers.add_argument("--json", action="store_true", help="print the workers as the API returns them")
 
 
 STATE_ORDER = tuple(s.value for s in TaskState)
-OUTCOME_ORDER = tuple(o.value for o in (Outcome.SUCCESS, Outcome.FAILURE, Outcome.OOM, Outcome.TIMEOUT,
-                                        Outcome.CANCELLED, Outcome.ABANDONED))
+OUTCOME_ORDER = tuple(
+    o.value
+    for o in (Outcome.SUCCESS, Outcome.FAILURE, Outcome.OOM, Outcome.TIMEOUT, Outcome.CANCELLED, Outcome.ABANDONED)
+)
 
 
 def _ordered(counts, order):
@@ -53,7 +74,8 @@ def _distribution(d):
     if not d or not d.get("count"):
         return "none yet"
     return "mean %s, median %s, p95 %s, max %s" % tuple(
-        format_duration(d.get(key)) for key in ("mean", "median", "p95", "max"))
+        format_duration(d.get(key)) for key in ("mean", "median", "p95", "max")
+    )
 
 
 def run_stats(args):
@@ -71,8 +93,11 @@ def run_stats(args):
         ("outcomes", ", ".join("%s %d" % kv for kv in outcomes.items())),
         ("attempts", "%d finished; runtime %s" % (attempts.get("count", 0), _distribution(attempts.get("runtime")))),
         ("queue wait", _distribution(stats.get("queue_wait"))),
-        ("throughput", "%d finished in the last hour (%d succeeded)" % (
-            throughput.get("finished", 0), throughput.get("succeeded", 0))),
+        (
+            "throughput",
+            "%d finished in the last hour (%d succeeded)"
+            % (throughput.get("finished", 0), throughput.get("succeeded", 0)),
+        ),
     ]
     try:
         summary = client.worker_stats().get("summary") or {}
@@ -80,13 +105,30 @@ def run_stats(args):
         summary = None
     if summary:
         worker_states = summary.get("states") or {}
-        used = ", ".join("%s %s/%s" % (
-            key, *((format_bytes(summary[key]["used"]), format_bytes(summary[key]["total"])) if key == "memory"
-                   else (format_number(summary[key]["used"]), format_number(summary[key]["total"]))))
-            for key in ("cores", "memory", "gpus") if key in summary)
-        lines.append(("workers", "%s; %d tasks running; in use: %s" % (
-            ", ".join("%d %s" % (n, state) for state, n in worker_states.items()),
-            summary.get("running", 0), used)))
+        used = ", ".join(
+            "%s %s/%s"
+            % (
+                key,
+                *(
+                    (format_bytes(summary[key]["used"]), format_bytes(summary[key]["total"]))
+                    if key == "memory"
+                    else (format_number(summary[key]["used"]), format_number(summary[key]["total"]))
+                ),
+            )
+            for key in ("cores", "memory", "gpus")
+            if key in summary
+        )
+        lines.append(
+            (
+                "workers",
+                "%s; %d tasks running; in use: %s"
+                % (
+                    ", ".join("%d %s" % (n, state) for state, n in worker_states.items()),
+                    summary.get("running", 0),
+                    used,
+                ),
+            )
+        )
     for key, value in lines:
         print("%-11s %s" % (key, value))
     return 0
@@ -111,17 +153,26 @@ def run_workers(args):
         resources = w.get("resources") or {}
         used = (load.get(w["_id"]) or {}).get("used") or {}
         pair = functools.partial(_used_of_total, resources, used)
-        rows.append([w["_id"], w.get("host") or "", w.get("state") or "", pair("cores", format_number),
-                     pair("memory", format_bytes), pair("gpus", format_number), len(w.get("running") or []),
-                     format_time(w.get("last_heartbeat"))])
+        rows.append(
+            [
+                w["_id"],
+                w.get("host") or "",
+                w.get("state") or "",
+                pair("cores", format_number),
+                pair("memory", format_bytes),
+                pair("gpus", format_number),
+                len(w.get("running") or []),
+                format_time(w.get("last_heartbeat")),
+            ]
+        )
     if rows:
         print_table(("ID", "HOST", "STATE", "CORES", "MEMORY", "GPUS", "RUNNING", "LAST HEARTBEAT"), rows)
     else:
-        print("no workers%s" % ("" if args.all else " (start one with banyan-worker, or banyan up)"),
-              file=sys.stderr)
+        print("no workers%s" % ("" if args.all else " (start one with banyan-worker, or banyan up)"), file=sys.stderr)
     if hidden:
-        print("(%d stopped worker%s not shown; --all shows them)" % (hidden, "" if hidden == 1 else "s"),
-              file=sys.stderr)
+        print(
+            "(%d stopped worker%s not shown; --all shows them)" % (hidden, "" if hidden == 1 else "s"), file=sys.stderr
+        )
     return 0
 
 

@@ -3,10 +3,21 @@ id, by job or by filter."""
 
 import sys
 
+from banyan.commands.base import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    CommandError,
+    add_command,
+    add_job_flag,
+    connect,
+    job_query,
+    label,
+    outcome,
+    parse_json_arg,
+    task_ids,
+)
 from banyan.errors import describe_result
 from banyan.protocol import FINISHED, QUEUED, Outcome
-from banyan.commands.base import (EXIT_FAILED, EXIT_USAGE, CommandError, add_command, add_job_flag, connect,
-                                  job_query, label, outcome, parse_json_arg, task_ids)
 
 #: Exit statuses of tasks that ran and did not succeed (`retry --failed`).
 FAILED = tuple(o.value for o in (Outcome.FAILURE, Outcome.TIMEOUT, Outcome.ABANDONED))
@@ -42,19 +53,39 @@ def _selection_flags(parser, verb):
 
 
 def register(sub):
-    retry = add_command(sub, "retry", run_retry, help="run failed or cancelled tasks again",
-                        description="Put failed, timed-out and cancelled tasks back in the queue as new "
-                                    "attempts, with the tasks that were cancelled because of them.",
-                        epilog=RETRY_EPILOG)
+    retry = add_command(
+        sub,
+        "retry",
+        run_retry,
+        help="run failed or cancelled tasks again",
+        description="Put failed, timed-out and cancelled tasks back in the queue as new "
+        "attempts, with the tasks that were cancelled because of them.",
+        epilog=RETRY_EPILOG,
+    )
     _selection_flags(retry, "retry")
-    retry.add_argument("--failed", action="store_true",
-                       help="only tasks that ran and failed (failure, timeout, abandoned); those cancelled "
-                            "because of them come back with them")
-    hold = add_command(sub, "hold", run_hold, help="keep queued tasks from starting",
-                       description="Hold queued tasks: they are not started until released.", epilog=HOLD_EPILOG)
+    retry.add_argument(
+        "--failed",
+        action="store_true",
+        help="only tasks that ran and failed (failure, timeout, abandoned); those cancelled "
+        "because of them come back with them",
+    )
+    hold = add_command(
+        sub,
+        "hold",
+        run_hold,
+        help="keep queued tasks from starting",
+        description="Hold queued tasks: they are not started until released.",
+        epilog=HOLD_EPILOG,
+    )
     _selection_flags(hold, "hold")
-    release = add_command(sub, "release", run_release, help="let held tasks start",
-                          description="Release held tasks: they may start again.", epilog=HOLD_EPILOG)
+    release = add_command(
+        sub,
+        "release",
+        run_release,
+        help="let held tasks start",
+        description="Release held tasks: they may start again.",
+        epilog=HOLD_EPILOG,
+    )
     _selection_flags(release, "release")
 
 
@@ -108,8 +139,10 @@ def run_retry(args):
     results = client.retry(list(tasks))
     code = _report("retry", tasks, results, "queued again")
     revived = len([r for r in results if r.get("_status") == "OK"])
-    print("%d task%s queued again (with the tasks cancelled because of them)"
-          % (revived, "" if revived == 1 else "s"), file=sys.stderr)
+    print(
+        "%d task%s queued again (with the tasks cancelled because of them)" % (revived, "" if revived == 1 else "s"),
+        file=sys.stderr,
+    )
     return code
 
 
@@ -120,9 +153,11 @@ def _hold(args, held):
     if args.ids:
         finished = [task_id for task_id, doc in tasks.items() if doc["state"] not in QUEUED]
         for task_id in finished:
-            print("banyan %s: %s: is %s; only queued tasks are held or released"
-                  % ("hold" if held else "release", label(tasks[task_id]), outcome(tasks[task_id])),
-                  file=sys.stderr)
+            print(
+                "banyan %s: %s: is %s; only queued tasks are held or released"
+                % ("hold" if held else "release", label(tasks[task_id]), outcome(tasks[task_id])),
+                file=sys.stderr,
+            )
         tasks = {k: v for k, v in tasks.items() if k not in finished}
         if finished and not tasks:
             return EXIT_FAILED

@@ -2,9 +2,18 @@
 
 import sys
 
+from banyan.commands.base import (
+    EXIT_USAGE,
+    CommandError,
+    add_command,
+    connect,
+    format_time,
+    print_json,
+    print_table,
+    resolve_job,
+    shorten,
+)
 from banyan.protocol import TaskState
-from banyan.commands.base import (EXIT_USAGE, CommandError, add_command, connect, format_time, print_json,
-                                  print_table, resolve_job, shorten)
 
 EPILOG = """
 Every `banyan submit` (one task, an array, a graph file) is a job. STATUS is
@@ -25,17 +34,22 @@ examples:
   banyan jobs --json
 """
 
-COLUMNS = ("ID", "NAME", "STATUS", "TOTAL", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "LIMIT",
-           "CREATED")
+COLUMNS = ("ID", "NAME", "STATUS", "TOTAL", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "LIMIT", "CREATED")
 
 
 def register(sub):
-    parser = add_command(sub, "jobs", run, help="list jobs with the counts of their tasks",
-                         description="List jobs, oldest first: one line per submission with how many of "
-                                     "its tasks are queued, running, succeeded, failed and cancelled.",
-                         epilog=EPILOG)
-    parser.add_argument("job", nargs="?", metavar="JOB",
-                        help="show this job's tasks (id or name), each under the task that added it")
+    parser = add_command(
+        sub,
+        "jobs",
+        run,
+        help="list jobs with the counts of their tasks",
+        description="List jobs, oldest first: one line per submission with how many of "
+        "its tasks are queued, running, succeeded, failed and cancelled.",
+        epilog=EPILOG,
+    )
+    parser.add_argument(
+        "job", nargs="?", metavar="JOB", help="show this job's tasks (id or name), each under the task that added it"
+    )
     parser.add_argument("--name", help="only jobs of this name")
     parser.add_argument("--last", type=int, metavar="N", help="only the N newest")
     parser.add_argument("--json", action="store_true", help="print the jobs as the API returns them")
@@ -50,7 +64,7 @@ def run(args):
     where = {"name": args.name} if args.name else None
     jobs = list(client.iter_jobs(where))
     if args.last:
-        jobs = jobs[-args.last:]
+        jobs = jobs[-args.last :]
     if args.json:
         for job in jobs:
             job.pop("_links", None)
@@ -59,10 +73,21 @@ def run(args):
     rows = []
     for job in jobs:
         counts = job.get("counts") or {}
-        rows.append([job["_id"], shorten(job.get("name") or "", 32), job.get("status") or "",
-                     counts.get("total", 0), counts.get("queued", 0), counts.get("running", 0),
-                     counts.get("succeeded", 0), counts.get("failed", 0), counts.get("cancelled", 0),
-                     job.get("array_limit") or "", format_time(job.get("_created"))])
+        rows.append(
+            [
+                job["_id"],
+                shorten(job.get("name") or "", 32),
+                job.get("status") or "",
+                counts.get("total", 0),
+                counts.get("queued", 0),
+                counts.get("running", 0),
+                counts.get("succeeded", 0),
+                counts.get("failed", 0),
+                counts.get("cancelled", 0),
+                job.get("array_limit") or "",
+                format_time(job.get("_created")),
+            ]
+        )
     if rows:
         print_table(COLUMNS, rows)
     else:
@@ -70,8 +95,15 @@ def run(args):
     return 0
 
 
-TREE_FIELDS = {"name": 1, "state": 1, "exit_status": 1, "added_by": 1, "added_in_attempt": 1, "superseded": 1,
-               "depth": 1}
+TREE_FIELDS = {
+    "name": 1,
+    "state": 1,
+    "exit_status": 1,
+    "added_by": 1,
+    "added_in_attempt": 1,
+    "superseded": 1,
+    "depth": 1,
+}
 
 
 def show_tree(client, job, as_json=False):

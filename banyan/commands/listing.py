@@ -1,21 +1,50 @@
 """`banyan ls` (a table of tasks) and `banyan show` (one task and its attempts)."""
 
 import sys
-
 from datetime import datetime, timedelta, timezone
 
-from banyan.commands.base import (EXIT_USAGE, CommandError, add_command, add_job_flag, attempt_runtime, cancel_text,
-                                  connect, format_bytes, format_duration, format_number, format_time, job_query,
-                                  outcome, parse_json_arg, print_json, print_table, reason_text,
-                                  shorten, task_ids)
+from banyan.commands.base import (
+    EXIT_USAGE,
+    CommandError,
+    add_command,
+    add_job_flag,
+    attempt_runtime,
+    cancel_text,
+    connect,
+    format_bytes,
+    format_duration,
+    format_number,
+    format_time,
+    job_query,
+    outcome,
+    parse_json_arg,
+    print_json,
+    print_table,
+    reason_text,
+    shorten,
+    task_ids,
+)
 from banyan.protocol import FINISHED, TaskState
 from banyan.units import parse_duration
 
 STATES = tuple(s.value for s in TaskState)
 #: What `ls` reads of each task for its table.
-LS_PROJECTION = {"name": 1, "state": 1, "exit_status": 1, "owner": 1, "requested_resources": 1,
-                 "priority": 1, "environment": 1, "pending_dependency_count": 1, "_created": 1,
-                 "current_history": 1, "pending_parents": 1, "held": 1, "job": 1, "array_limit": 1}
+LS_PROJECTION = {
+    "name": 1,
+    "state": 1,
+    "exit_status": 1,
+    "owner": 1,
+    "requested_resources": 1,
+    "priority": 1,
+    "environment": 1,
+    "pending_dependency_count": 1,
+    "_created": 1,
+    "current_history": 1,
+    "pending_parents": 1,
+    "held": 1,
+    "job": 1,
+    "array_limit": 1,
+}
 
 LS_EPILOG = """
 STATE is the task's state (`waiting` while it waits for parents, `held`
@@ -44,32 +73,59 @@ examples:
 
 
 def register(sub):
-    ls = add_command(sub, "ls", run_ls, help="list tasks (a table, or --json)",
-                     description="List tasks, oldest first: id, name, state or outcome, attempts, "
-                                 "resources, owner and creation time. Filters combine with AND.",
-                     epilog=LS_EPILOG)
-    ls.add_argument("--state", action="append", default=[], choices=STATES + ("finished", "unfinished"),
-                    metavar="STATE", help="only tasks in this state (repeatable): %s, or finished / "
-                                          "unfinished" % ", ".join(STATES))
+    ls = add_command(
+        sub,
+        "ls",
+        run_ls,
+        help="list tasks (a table, or --json)",
+        description="List tasks, oldest first: id, name, state or outcome, attempts, "
+        "resources, owner and creation time. Filters combine with AND.",
+        epilog=LS_EPILOG,
+    )
+    ls.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        choices=STATES + ("finished", "unfinished"),
+        metavar="STATE",
+        help="only tasks in this state (repeatable): %s, or finished / unfinished" % ", ".join(STATES),
+    )
     ls.add_argument("--name", action="append", default=[], help="only tasks of this name (repeatable)")
     ls.add_argument("--owner", help="only tasks of this owner (users see only their own anyway)")
     ls.add_argument("--where", metavar="JSON", help="a MongoDB filter on the tasks' fields")
     add_job_flag(ls)
-    ls.add_argument("--since", metavar="WHEN",
-                    help="only tasks created since WHEN: a duration ago (90s, 30m, 2h, 1d) or a date "
-                         "(2026-12-01 or 2026-12-01T10:00)")
-    ls.add_argument("--format", metavar="FIELDS",
-                    help="comma-separated fields, printed tab-separated without a header (for scripts)")
+    ls.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only tasks created since WHEN: a duration ago (90s, 30m, 2h, 1d) or a date "
+        "(2026-12-01 or 2026-12-01T10:00)",
+    )
+    ls.add_argument(
+        "--format",
+        metavar="FIELDS",
+        help="comma-separated fields, printed tab-separated without a header (for scripts)",
+    )
     ls.add_argument("--last", type=int, metavar="N", help="only the N newest of them")
     ls.add_argument("--json", action="store_true", help="print the tasks as JSON (all their fields)")
-    ls.add_argument("--archive", nargs="?", const="~/.banyan", metavar="DATA_DIR",
-                    help="list the archived tasks of an embedded store (`banyan store archive`) instead "
-                         "of the server's (default data directory: ~/.banyan)")
+    ls.add_argument(
+        "--archive",
+        nargs="?",
+        const="~/.banyan",
+        metavar="DATA_DIR",
+        help="list the archived tasks of an embedded store (`banyan store archive`) instead "
+        "of the server's (default data directory: ~/.banyan)",
+    )
 
-    show = add_command(sub, "show", run_show, help="show a task: its fields and attempts",
-                       description="Show one or more tasks in full: command, resources, state, "
-                                   "continuations, and each attempt (worker, times, exit code, "
-                                   "usage, progress).", epilog=SHOW_EPILOG)
+    show = add_command(
+        sub,
+        "show",
+        run_show,
+        help="show a task: its fields and attempts",
+        description="Show one or more tasks in full: command, resources, state, "
+        "continuations, and each attempt (worker, times, exit code, "
+        "usage, progress).",
+        epilog=SHOW_EPILOG,
+    )
     show.add_argument("ids", nargs="+", metavar="ID", help="task ids ('-' reads them from stdin)")
     show.add_argument("--json", action="store_true", help="print the tasks as the API returns them")
 
@@ -104,8 +160,9 @@ def parse_since(value, now=None):
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        raise CommandError("--since %r: give a duration (30m, 2h, 1d) or a date (2026-12-01T10:00)" % value,
-                           EXIT_USAGE) from None
+        raise CommandError(
+            "--since %r: give a duration (30m, 2h, 1d) or a date (2026-12-01T10:00)" % value, EXIT_USAGE
+        ) from None
     if moment.tzinfo is None:
         moment = moment.astimezone()
     return moment.astimezone(timezone.utc)
@@ -155,9 +212,11 @@ def run_ls(args):
         fields = [f.strip().lower() for f in args.format.split(",") if f.strip()]
         unknown = [f for f in fields if f not in FORMAT_FIELDS]
         if unknown or not fields:
-            raise CommandError("--format: unknown field%s %s (known: %s)" % (
-                "s" if len(unknown) > 1 else "", ", ".join(unknown) or "(none given)", ", ".join(FORMAT_FIELDS)),
-                EXIT_USAGE)
+            raise CommandError(
+                "--format: unknown field%s %s (known: %s)"
+                % ("s" if len(unknown) > 1 else "", ", ".join(unknown) or "(none given)", ", ".join(FORMAT_FIELDS)),
+                EXIT_USAGE,
+            )
     query = ls_query(args)
     if args.since:
         since = parse_since(args.since)
@@ -180,16 +239,46 @@ def run_ls(args):
         resources = doc.get("requested_resources") or {}
         attempt = _latest(doc)
         code = attempt.get("exit_code")
-        rows.append([doc["_id"], shorten(_index_name(doc), 32), outcome(doc), "" if code is None else code,
-                     attempt.get("attempt") or 0, doc.get("pending_dependency_count") or "",
-                     format_number(resources.get("cores")), format_bytes(resources.get("memory")) if
-                     resources.get("memory") else "", resources.get("gpus") or "",
-                     attempt.get("host") or "", format_duration(attempt_runtime(attempt)) if attempt else "",
-                     doc.get("owner") or "", format_time(doc.get("_created")), format_time(attempt.get("ended")),
-                     shorten(reason_text(doc), 60)])
+        rows.append(
+            [
+                doc["_id"],
+                shorten(_index_name(doc), 32),
+                outcome(doc),
+                "" if code is None else code,
+                attempt.get("attempt") or 0,
+                doc.get("pending_dependency_count") or "",
+                format_number(resources.get("cores")),
+                format_bytes(resources.get("memory")) if resources.get("memory") else "",
+                resources.get("gpus") or "",
+                attempt.get("host") or "",
+                format_duration(attempt_runtime(attempt)) if attempt else "",
+                doc.get("owner") or "",
+                format_time(doc.get("_created")),
+                format_time(attempt.get("ended")),
+                shorten(reason_text(doc), 60),
+            ]
+        )
     if rows:
-        print_table(("ID", "NAME", "STATE", "CODE", "ATTEMPTS", "WAITS", "CORES", "MEMORY", "GPUS", "HOST",
-                     "RUNTIME", "OWNER", "CREATED", "ENDED", "REASON"), rows)
+        print_table(
+            (
+                "ID",
+                "NAME",
+                "STATE",
+                "CODE",
+                "ATTEMPTS",
+                "WAITS",
+                "CORES",
+                "MEMORY",
+                "GPUS",
+                "HOST",
+                "RUNTIME",
+                "OWNER",
+                "CREATED",
+                "ENDED",
+                "REASON",
+            ),
+            rows,
+        )
     else:
         print("no tasks", file=sys.stderr)
     return 0
@@ -220,7 +309,7 @@ def _archived(args, query):
     if not os.path.isdir(data_dir):
         raise CommandError("--archive: no data directory at %s" % data_dir, EXIT_USAGE)
     tasks = sorted((doc for doc in archive.read(data_dir) if filter_applies(query, doc)), key=lambda d: d["_id"])
-    return tasks[-args.last:] if args.last else tasks
+    return tasks[-args.last :] if args.last else tasks
 
 
 def run_show(args):
@@ -249,6 +338,7 @@ def show_task(doc, out=None):
     command = doc.get("command")
     if isinstance(command, list):
         import shlex
+
         command = " ".join(shlex.quote(word) for word in command) + "   (executed directly)"
     elif command is None:
         command = "(none: a barrier)"
@@ -258,9 +348,15 @@ def show_task(doc, out=None):
         ("state", doc.get("state")),
         ("outcome", outcome(doc) if doc.get("state") in FINISHED else ""),
         ("command", command),
-        ("resources", "cores %s, memory %s, gpus %s" % (
-            format_number(resources.get("cores", 1)), format_bytes(resources.get("memory") or 0),
-            resources.get("gpus") or 0)),
+        (
+            "resources",
+            "cores %s, memory %s, gpus %s"
+            % (
+                format_number(resources.get("cores", 1)),
+                format_bytes(resources.get("memory") or 0),
+                resources.get("gpus") or 0,
+            ),
+        ),
         ("priority", doc.get("priority", 0)),
         ("retries", "%s of %s" % (doc.get("retry_count") or 0, doc.get("max_retries") or 0)),
         ("time limit", format_duration(doc.get("time_limit")) if doc.get("time_limit") else "none"),
@@ -287,8 +383,10 @@ def show_task(doc, out=None):
     history = doc.get("history") or []
     if not history:
         if doc.get("state") in FINISHED:
-            out.write("attempts:      none (it %s without running)\n" % (
-                "was cancelled" if doc.get("state") == TaskState.CANCELLED else "finished"))
+            out.write(
+                "attempts:      none (it %s without running)\n"
+                % ("was cancelled" if doc.get("state") == TaskState.CANCELLED else "finished")
+            )
         else:
             out.write("attempts:      none yet\n")
         return
@@ -303,9 +401,23 @@ def show_task(doc, out=None):
             if progress.get("message"):
                 progress_text += " " + shorten(progress["message"], 40)
         code = attempt.get("exit_code")
-        rows.append([attempt.get("attempt"), attempt.get("worker") or "", attempt.get("host") or "",
-                     format_time(attempt.get("started")), format_time(attempt.get("ended")),
-                     format_duration(attempt_runtime(attempt)), attempt.get("exit_status") or "running",
-                     "" if code is None else code, format_bytes(usage.get("max_rss")), progress_text])
-    print_table(("#", "WORKER", "HOST", "STARTED", "ENDED", "RUNTIME", "EXIT", "CODE", "MAX RSS", "PROGRESS"),
-                rows, out=out, indent="  ")
+        rows.append(
+            [
+                attempt.get("attempt"),
+                attempt.get("worker") or "",
+                attempt.get("host") or "",
+                format_time(attempt.get("started")),
+                format_time(attempt.get("ended")),
+                format_duration(attempt_runtime(attempt)),
+                attempt.get("exit_status") or "running",
+                "" if code is None else code,
+                format_bytes(usage.get("max_rss")),
+                progress_text,
+            ]
+        )
+    print_table(
+        ("#", "WORKER", "HOST", "STARTED", "ENDED", "RUNTIME", "EXIT", "CODE", "MAX RSS", "PROGRESS"),
+        rows,
+        out=out,
+        indent="  ",
+    )

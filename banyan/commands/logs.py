@@ -4,9 +4,9 @@ import base64
 import sys
 import time
 
+from banyan.commands.base import EXIT_USAGE, CommandError, add_command, connect, task_ids
 from banyan.errors import BanyanError
 from banyan.protocol import FINISHED
-from banyan.commands.base import EXIT_USAGE, CommandError, add_command, connect, task_ids
 
 EPILOG = """
 The worker hands a task's output to the server when an attempt ends (the
@@ -24,16 +24,29 @@ examples:
 
 
 def register(sub):
-    parser = add_command(sub, "logs", run, help="print a task's output",
-                         description="Print the output of a task's latest attempt, or of attempt N.",
-                         epilog=EPILOG)
+    parser = add_command(
+        sub,
+        "logs",
+        run,
+        help="print a task's output",
+        description="Print the output of a task's latest attempt, or of attempt N.",
+        epilog=EPILOG,
+    )
     parser.add_argument("id", metavar="ID", help="the task")
     parser.add_argument("--attempt", type=int, metavar="N", help="this attempt (1 is the first; default: latest)")
-    parser.add_argument("--follow", "-f", action="store_true",
-                        help="keep printing new output until the task (or attempt N) has finished")
-    parser.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
-                        help="with --follow: how often to look for new output (default 0.5); "
-                             "the task's end is seen at once")
+    parser.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="keep printing new output until the task (or attempt N) has finished",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="with --follow: how often to look for new output (default 0.5); the task's end is seen at once",
+    )
 
 
 def _task(client, task_id):
@@ -66,8 +79,7 @@ def run(args):
         _write(sys.stdout, output_bytes(logs, "stdout"))
         _write(sys.stderr, output_bytes(logs, "stderr"))
         if logs.get("attempt") is None:
-            print("banyan logs: task %s has not started yet (it is %s)" % (task_id, doc.get("state")),
-                  file=sys.stderr)
+            print("banyan logs: task %s has not started yet (it is %s)" % (task_id, doc.get("state")), file=sys.stderr)
         return 0
     return follow(client, task_id, args.attempt, doc, args.interval)
 
@@ -84,7 +96,7 @@ def new_output(data, written, shown):
         return b"", shown
     if shown < start:  # more came than the server keeps of a running task
         return b"[... %d bytes not shown ...]\n" % (start - shown) + data, written
-    return data[shown - start:], written
+    return data[shown - start :], written
 
 
 #: Seconds `logs --follow` waits, once the task is done, for the report
@@ -104,8 +116,7 @@ def follow(client, task_id, attempt, doc, interval):
             current = logs.get("attempt")
         for stream, out in (("stdout", sys.stdout), ("stderr", sys.stderr)):
             # output of a running attempt comes with the count of bytes written
-            data, shown[stream] = new_output(output_bytes(logs, stream), logs.get(stream + "_written"),
-                                             shown[stream])
+            data, shown[stream] = new_output(output_bytes(logs, stream), logs.get(stream + "_written"), shown[stream])
             _write(out, data)
         if _done(doc, attempt):
             # The attempt's report replaces its live output right after the

@@ -14,9 +14,15 @@ examples:
 
 
 def register(sub):
-    parser = add_command(sub, "progress", run, help="report progress from inside a task",
-                         description="Report how far the current task has got: a fraction between "
-                                     "0 and 1 and an optional message.", epilog=EPILOG, connect=False)
+    parser = add_command(
+        sub,
+        "progress",
+        run,
+        help="report progress from inside a task",
+        description="Report how far the current task has got: a fraction between 0 and 1 and an optional message.",
+        epilog=EPILOG,
+        connect=False,
+    )
     parser.add_argument("fraction", help="how much is done, from 0 to 1")
     parser.add_argument("message", nargs="*", help="what is happening")
 

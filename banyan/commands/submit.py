@@ -88,69 +88,117 @@ optional top-level `defaults:` mapping applies to every task (flags such as
 
 def register(sub):
     parser = add_command(
-        sub, "submit", run, help="queue a task, an array of tasks, or a graph",
+        sub,
+        "submit",
+        run,
+        help="queue a task, an array of tasks, or a graph",
         description="Queue a task to run on a worker: a command with the resources it needs. "
-                    "With --array, many copies of it in one request; with --file, a whole graph "
-                    "of named tasks and the order they run in. The tasks are ready to run at once "
-                    "(or, with --after, once those tasks have succeeded).",
-        epilog=EPILOG)
+        "With --array, many copies of it in one request; with --file, a whole graph "
+        "of named tasks and the order they run in. The tasks are ready to run at once "
+        "(or, with --after, once those tasks have succeeded).",
+        epilog=EPILOG,
+    )
     # Values such as "-5s" are read as values (then refused with a message),
     # not as unknown flags ("expected one argument"); no flag here starts "-<digit>".
     parser._negative_number_matcher = re.compile(r"^-\.?\d")
     what = parser.add_argument_group("the task")
     what.add_argument("--name", help="a name to find it by (default: the command's program name)")
     what.add_argument("--cores", help="cores it needs (default 1; may be fractional, or 0)")
-    what.add_argument("--memory", help="memory it needs, e.g. '512 MiB', '4 GiB' or '4G' (powers of 1024), "
-                                       "'2GB' (powers of 1000); a lower-case b (bits) is refused (default 0)")
+    what.add_argument(
+        "--memory",
+        help="memory it needs, e.g. '512 MiB', '4 GiB' or '4G' (powers of 1024), "
+        "'2GB' (powers of 1000); a lower-case b (bits) is refused (default 0)",
+    )
     what.add_argument("--gpus", help="GPUs it needs (default 0)")
-    what.add_argument("--retries", help="run it again up to N times after a failure (default 0)",
-                      metavar="N")
-    what.add_argument("--max-lost", metavar="N",
-                      help="run it again up to N times when its worker is lost (machine down, worker "
-                           "killed); these do not count as --retries (default 3)")
-    what.add_argument("--retry-memory-factor", metavar="X",
-                      help="killed for exceeding its memory (on a worker with --enforce-memory), run it "
-                           "again with X times more memory, up to 3 times (default: not)")
+    what.add_argument("--retries", help="run it again up to N times after a failure (default 0)", metavar="N")
+    what.add_argument(
+        "--max-lost",
+        metavar="N",
+        help="run it again up to N times when its worker is lost (machine down, worker "
+        "killed); these do not count as --retries (default 3)",
+    )
+    what.add_argument(
+        "--retry-memory-factor",
+        metavar="X",
+        help="killed for exceeding its memory (on a worker with --enforce-memory), run it "
+        "again with X times more memory, up to 3 times (default: not)",
+    )
     what.add_argument("--priority", help="higher runs first (default 0)", metavar="N")
-    what.add_argument("--time-limit", metavar="DURATION",
-                      help="stop it after this long, more than 0, e.g. 90s, 30m, 2h, 1:30:00 (default: none)")
-    what.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
-                      help="set an environment variable for it (repeatable); NAME alone passes its "
-                           "value in this shell")
-    what.add_argument("--export-env", action="store_true",
-                      help="pass this shell's whole environment (but BANYAN_TOKEN); --env adds to it")
-    what.add_argument("--cwd", metavar="DIR",
-                      help="directory to run it in, on the worker (default: the current directory)")
+    what.add_argument(
+        "--time-limit",
+        metavar="DURATION",
+        help="stop it after this long, more than 0, e.g. 90s, 30m, 2h, 1:30:00 (default: none)",
+    )
+    what.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="set an environment variable for it (repeatable); NAME alone passes its value in this shell",
+    )
+    what.add_argument(
+        "--export-env",
+        action="store_true",
+        help="pass this shell's whole environment (but BANYAN_TOKEN); --env adds to it",
+    )
+    what.add_argument(
+        "--cwd", metavar="DIR", help="directory to run it in, on the worker (default: the current directory)"
+    )
     how = parser.add_argument_group("how many, and when")
-    how.add_argument("--after", nargs="+", action="extend", default=[], metavar="ID",
-                     help="run only after these tasks have succeeded (it is cancelled if one does not)")
-    how.add_argument("--after-any", nargs="+", action="extend", default=[], metavar="ID",
-                     help="run after these tasks have ended, whatever their outcome")
-    how.add_argument("--after-failure", nargs="+", action="extend", default=[], metavar="ID",
-                     help="run only after these tasks have ended without success (failed, timed out, "
-                          "cancelled); it is cancelled if one succeeds")
-    how.add_argument("--array", metavar="SPEC",
-                     help="one task per index: '1-100', '0-99:10' (a step), '1,4,7-9'; each gets "
-                          "$%s. '1-100%%%%4' runs at most 4 at once" % ARRAY_ENV)
+    how.add_argument(
+        "--after",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="ID",
+        help="run only after these tasks have succeeded (it is cancelled if one does not)",
+    )
+    how.add_argument(
+        "--after-any",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="ID",
+        help="run after these tasks have ended, whatever their outcome",
+    )
+    how.add_argument(
+        "--after-failure",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="ID",
+        help="run only after these tasks have ended without success (failed, timed out, "
+        "cancelled); it is cancelled if one succeeds",
+    )
+    how.add_argument(
+        "--array",
+        metavar="SPEC",
+        help="one task per index: '1-100', '0-99:10' (a step), '1,4,7-9'; each gets "
+        "$%s. '1-100%%%%4' runs at most 4 at once" % ARRAY_ENV,
+    )
     how.add_argument("--job-name", metavar="NAME", help="name of the job (default: the task's name)")
-    how.add_argument("--job", metavar="JOB", help="add the tasks to this existing job (its id or name) "
-                                                  "instead of a new one")
-    how.add_argument("--child", action="store_true",
-                     help="run by a task: add the tasks to its job; what runs after it waits for them too")
-    how.add_argument("--after-self", action="store_true",
-                     help="run by a task: add the tasks to its job, to run after it (only)")
-    how.add_argument("--max-tasks", metavar="N",
-                     help="the most tasks this job's running tasks may add in all (default 1000)")
-    how.add_argument("--max-depth", metavar="N",
-                     help="how deep tasks added by added tasks may nest in this job (default 10)")
-    how.add_argument("--hold", action="store_true", help="submit it held: it runs once released "
-                                                         "(banyan release)")
+    how.add_argument(
+        "--job", metavar="JOB", help="add the tasks to this existing job (its id or name) instead of a new one"
+    )
+    how.add_argument(
+        "--child",
+        action="store_true",
+        help="run by a task: add the tasks to its job; what runs after it waits for them too",
+    )
+    how.add_argument(
+        "--after-self", action="store_true", help="run by a task: add the tasks to its job, to run after it (only)"
+    )
+    how.add_argument(
+        "--max-tasks", metavar="N", help="the most tasks this job's running tasks may add in all (default 1000)"
+    )
+    how.add_argument(
+        "--max-depth", metavar="N", help="how deep tasks added by added tasks may nest in this job (default 10)"
+    )
+    how.add_argument("--hold", action="store_true", help="submit it held: it runs once released (banyan release)")
     how.add_argument("--file", metavar="GRAPH.yaml", help="submit the tasks of a graph file (see below)")
-    how.add_argument("--wait", action="store_true",
-                     help="then wait for the tasks to finish, as `banyan wait` does")
+    how.add_argument("--wait", action="store_true", help="then wait for the tasks to finish, as `banyan wait` does")
     how.add_argument("--quiet", "-q", action="store_true", help="with --wait: no progress bar")
-    parser.add_argument("words", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
-                        help="what to run")
+    parser.add_argument("words", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="what to run")
     return parser
 
 
@@ -160,8 +208,7 @@ def parse_array_limit(spec):
     if not percent:
         return spec, None
     if not limit.isdigit() or int(limit) < 1:
-        raise CommandError("--array %s%%%s: the limit after %% must be a whole number >= 1" % (spec, limit),
-                           EXIT_USAGE)
+        raise CommandError("--array %s%%%s: the limit after %% must be a whole number >= 1" % (spec, limit), EXIT_USAGE)
     return spec, int(limit)
 
 
@@ -219,17 +266,20 @@ def environment_of(args, environ=None):
     environ = os.environ if environ is None else environ
     environment = {}
     if args.export_env:
-        environment = {name: value for name, value in environ.items()
-                       if _ENV_NAME.match(name) and name not in NOT_EXPORTED}
+        environment = {
+            name: value for name, value in environ.items() if _ENV_NAME.match(name) and name not in NOT_EXPORTED
+        }
     for item in args.env:
         name, eq, value = item.partition("=")
         if not _ENV_NAME.match(name):
-            raise CommandError("--env %r: expected NAME=VALUE or NAME (a name of letters, digits and _)" % item,
-                               EXIT_USAGE)
+            raise CommandError(
+                "--env %r: expected NAME=VALUE or NAME (a name of letters, digits and _)" % item, EXIT_USAGE
+            )
         if not eq:
             if name not in environ:
-                raise CommandError("--env %s: %s is not set in this shell (give --env %s=VALUE)"
-                                   % (name, name, name), EXIT_USAGE)
+                raise CommandError(
+                    "--env %s: %s is not set in this shell (give --env %s=VALUE)" % (name, name, name), EXIT_USAGE
+                )
             value = environ[name]
         environment[name] = value
     return environment or None
@@ -237,11 +287,18 @@ def environment_of(args, environ=None):
 
 def _fields(args):
     """The task fields the flags give (None for those not given)."""
-    return {"cores": args.cores, "memory": args.memory, "gpus": args.gpus, "retries": args.retries,
-            "max_lost": args.max_lost, "retry_memory_factor": args.retry_memory_factor, "priority": args.priority,
-            "time_limit": args.time_limit,
-            "environment": environment_of(args),
-            "working_directory": os.path.abspath(os.path.expanduser(args.cwd)) if args.cwd else os.getcwd()}
+    return {
+        "cores": args.cores,
+        "memory": args.memory,
+        "gpus": args.gpus,
+        "retries": args.retries,
+        "max_lost": args.max_lost,
+        "retry_memory_factor": args.retry_memory_factor,
+        "priority": args.priority,
+        "time_limit": args.time_limit,
+        "environment": environment_of(args),
+        "working_directory": os.path.abspath(os.path.expanduser(args.cwd)) if args.cwd else os.getcwd(),
+    }
 
 
 def build_graph(args):
@@ -256,8 +313,10 @@ def build_graph(args):
                 raise CommandError("--%s does not go with --file (name the tasks in the file)" % flag, EXIT_USAGE)
         return load_graph(args.file, defaults=fields)
     if command is None:
-        raise CommandError("nothing to run: give the command after --, e.g. "
-                           "banyan submit -- echo hello (or a graph with --file)", EXIT_USAGE)
+        raise CommandError(
+            "nothing to run: give the command after --, e.g. banyan submit -- echo hello (or a graph with --file)",
+            EXIT_USAGE,
+        )
     fields.update(name=args.name or _default_name(command), command=command)
     graph = TaskGraph()
     if not args.array:
@@ -276,25 +335,29 @@ def run(args):
         if args.hold:
             for doc in graph.docs.values():
                 doc["held"] = True
-        parents = {field: task_ids(getattr(args, field), "--" + field.replace("_", "-"))
-                   for field in ("after", "after_any", "after_failure")}
+        parents = {
+            field: task_ids(getattr(args, field), "--" + field.replace("_", "-"))
+            for field in ("after", "after_any", "after_failure")
+        }
         limit = parse_array_limit(args.array)[1] if args.array else None
-        caps = {key: _whole(getattr(args, key), "--" + key.replace("_", "-"))
-                for key in ("max_tasks", "max_depth")}
+        caps = {key: _whole(getattr(args, key), "--" + key.replace("_", "-")) for key in ("max_tasks", "max_depth")}
         client = connect(args)
         if args.child or args.after_self:
             return _run_child(args, client, graph, parents, limit, caps)
-        name = args.job_name or (args.name if not args.file else os.path.basename(args.file)) or \
-            next(iter(graph.docs.values())).get("name")
+        name = (
+            args.job_name
+            or (args.name if not args.file else os.path.basename(args.file))
+            or next(iter(graph.docs.values())).get("name")
+        )
         if args.job:
             if limit:
-                raise CommandError("--array ...%%N sets the limit of a new job; it does not go with --job",
-                                   EXIT_USAGE)
+                raise CommandError("--array ...%%N sets the limit of a new job; it does not go with --job", EXIT_USAGE)
             job = resolve_job(client, args.job)
             name = client.get_job(job).get("name") or ""
             if any(value is not None for value in caps.values()):
-                raise CommandError("--max-tasks and --max-depth are set when a job is made; they do not go "
-                                   "with --job", EXIT_USAGE)
+                raise CommandError(
+                    "--max-tasks and --max-depth are set when a job is made; they do not go with --job", EXIT_USAGE
+                )
         else:
             job = client.create_job(name, array_limit=limit, **caps)
         ids = submit_graph(client, graph, job=job, **parents)
@@ -306,11 +369,15 @@ def run(args):
         else:
             print(task_id)
     sys.stdout.flush()
-    print("job %s %s: %d task%s%s" % (job, name, len(ids), "" if len(ids) == 1 else "s",
-                                      ", at most %d at once" % limit if limit else ""), file=sys.stderr)
+    print(
+        "job %s %s: %d task%s%s"
+        % (job, name, len(ids), "" if len(ids) == 1 else "s", ", at most %d at once" % limit if limit else ""),
+        file=sys.stderr,
+    )
     warn_if_nothing_fits(client, graph)
     if args.wait:
         from banyan.commands.wait import wait_and_report
+
         return wait_and_report(client, list(ids.values()), quiet=args.quiet)
     return 0
 
@@ -328,11 +395,17 @@ def _run_child(args, client, graph, parents, limit, caps):
     runs in, as its children."""
     from banyan.client import running_task_id
 
-    for flag, value in (("--job", args.job), ("--job-name", args.job_name), ("--array ...%N", limit),
-                        ("--max-tasks", caps["max_tasks"]), ("--max-depth", caps["max_depth"])):
+    for flag, value in (
+        ("--job", args.job),
+        ("--job-name", args.job_name),
+        ("--array ...%N", limit),
+        ("--max-tasks", caps["max_tasks"]),
+        ("--max-depth", caps["max_depth"]),
+    ):
         if value:
-            raise CommandError("%s does not go with --child or --after-self (the tasks join the running "
-                               "task's job)" % flag, EXIT_USAGE)
+            raise CommandError(
+                "%s does not go with --child or --after-self (the tasks join the running task's job)" % flag, EXIT_USAGE
+            )
     try:
         task_id = running_task_id()
     except ValueError as exc:
@@ -343,10 +416,14 @@ def _run_child(args, client, graph, parents, limit, caps):
     for key, new in ids.items():
         print("%s %s" % (new, key) if args.file else new)
     sys.stdout.flush()
-    print("job %s: %d task%s added by task %s" % (os.environ.get("BANYAN_JOB_ID") or "?", len(ids),
-                                                   "" if len(ids) == 1 else "s", task_id), file=sys.stderr)
+    print(
+        "job %s: %d task%s added by task %s"
+        % (os.environ.get("BANYAN_JOB_ID") or "?", len(ids), "" if len(ids) == 1 else "s", task_id),
+        file=sys.stderr,
+    )
     if args.wait:
         from banyan.commands.wait import wait_and_report
+
         return wait_and_report(client, list(ids.values()), quiet=args.quiet)
     return 0
 
@@ -368,6 +445,9 @@ def warn_if_nothing_fits(client, graph):
             print("banyan submit: warning: no live worker: the tasks wait until one starts", file=sys.stderr)
             return
         short = short_of(asks, largest)
-        print("banyan submit: warning: no live worker could ever fit %s: it asks %s; the largest a worker "
-              "offers: %s" % (doc.get("name") or "the task", describe_request(asks, short),
-                              describe_request(largest, short)), file=sys.stderr)
+        print(
+            "banyan submit: warning: no live worker could ever fit %s: it asks %s; the largest a worker "
+            "offers: %s"
+            % (doc.get("name") or "the task", describe_request(asks, short), describe_request(largest, short)),
+            file=sys.stderr,
+        )

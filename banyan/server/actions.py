@@ -12,9 +12,9 @@ from flask import Blueprint, abort, request
 
 from banyan.server import states
 from banyan.server.auth import check_role, owner_filter
-from banyan.server.worker_requests import reply
 from banyan.server.refusals import status_of
 from banyan.server.services import services
+from banyan.server.worker_requests import reply
 
 #: Most tasks one retry request may name.
 MAX_RETRY = 10000
@@ -31,8 +31,9 @@ def retry_internal(task_ids):
     for task_id in task_ids:
         doc = queue.tasks.find_one(dict(owner_filter(), _id=task_id))
         if doc is None:
-            results.append({"_id": task_id, "_status": "ERR",
-                            "_error": {"code": 404, "message": "no task '%s'" % task_id}})
+            results.append(
+                {"_id": task_id, "_status": "ERR", "_error": {"code": 404, "message": "no task '%s'" % task_id}}
+            )
             continue
         if task_id in revived:  # brought back by a retry earlier in this request
             results.append({"_id": task_id, "_status": "OK", "state": doc["state"]})

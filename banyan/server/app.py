@@ -15,10 +15,22 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from banyan import settings as default_settings
-from banyan.server import (actions, auth, changes, claims, idempotency, limits, openapi, query, refusals, stats,
-                           store, waits)
+from banyan.server import (
+    actions,
+    auth,
+    changes,
+    claims,
+    idempotency,
+    limits,
+    openapi,
+    query,
+    refusals,
+    site_settings,
+    stats,
+    store,
+    waits,
+)
 from banyan.server import services as services_module
-from banyan.server import site_settings
 from banyan.server.claim_waiters import ClaimWaiters
 from banyan.server.datalayer import BanyanMongo, StoreDown, StoreFull, store_failure
 from banyan.server.hooks import register_hooks
@@ -33,8 +45,7 @@ log = logging.getLogger(__name__)
 
 def default_config():
     """A fresh copy of `banyan.settings` (Eve mutates DOMAIN in place)."""
-    return {k: copy.deepcopy(getattr(default_settings, k))
-            for k in dir(default_settings) if k.isupper()}
+    return {k: copy.deepcopy(getattr(default_settings, k)) for k in dir(default_settings) if k.isupper()}
 
 
 def create_app(client, config=None, site=None):
@@ -45,8 +56,12 @@ def create_app(client, config=None, site=None):
     settings = site_settings.apply(default_config(), site or {})
     settings.update(config or {})
     auth_on = bool(settings.get("AUTH"))
-    app = Eve(settings=settings, data=functools.partial(BanyanMongo, client=client),
-              validator=BanyanValidator, auth=auth.BanyanTokenAuth if auth_on else None)
+    app = Eve(
+        settings=settings,
+        data=functools.partial(BanyanMongo, client=client),
+        validator=BanyanValidator,
+        auth=auth.BanyanTokenAuth if auth_on else None,
+    )
     found = services_module.init_app(app)  # app.extensions["banyan"]
     limits.init_app(app)  # JSON nesting depth
     app.before_request(query.check_paging)
@@ -85,6 +100,7 @@ def _durable_answers(wsgi_app, client):
 
         def hold(status, headers, exc_info=None):
             held[:] = [status, headers, exc_info]
+
         try:
             with store.one_sync(client):
                 body = wsgi_app(environ, hold)
@@ -93,6 +109,7 @@ def _durable_answers(wsgi_app, client):
             return _error_response(store_failure(e))(environ, start_response)
         start_response(*held)
         return body
+
     return durable
 
 

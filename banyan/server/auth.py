@@ -46,8 +46,8 @@ from pymongo import ReturnDocument
 
 from banyan.protocol import ATTEMPT_ROLE, ROLES
 from banyan.server.identity import Identity, current_identity, set_identity
-from banyan.server.states import HELD, utcnow
 from banyan.server.services import services
+from banyan.server.states import HELD, utcnow
 from banyan.server.store import nul_path
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,18 @@ ANONYMOUS = Identity(role="anonymous")
 #: What an attempt token may ask: (method, path pattern). Reads are confined
 #: to its job (`owner_filter`, `confine_attempt_reads`), additions to it
 #: (`TaskQueue.prepare_new`).
-ATTEMPT_ROUTES = [(method, re.compile(pattern + r"/?\Z")) for method, pattern in (
-    ("GET", r"/tasks"), ("POST", r"/tasks"), ("GET", r"/tasks/[0-9a-f]{24}"),
-    ("GET", r"/tasks/[0-9a-f]{24}/logs"), ("POST", r"/tasks/wait"), ("GET", r"/jobs/[0-9a-f]{24}"))]
+ATTEMPT_ROUTES = [
+    (method, re.compile(pattern + r"/?\Z"))
+    for method, pattern in (
+        ("GET", r"/tasks"),
+        ("POST", r"/tasks"),
+        ("GET", r"/tasks/[0-9a-f]{24}"),
+        ("GET", r"/tasks/[0-9a-f]{24}/logs"),
+        ("POST", r"/tasks/wait"),
+        ("GET", r"/jobs/[0-9a-f]{24}"),
+    )
+]
+
 
 class TokenError(Exception):
     """A refused token operation (`status` is the HTTP code for it)."""
@@ -115,18 +124,19 @@ class TokenStore:
         if name is None:
             name = "%s-%s" % (role, str(_id)[-6:])
         if not isinstance(name, str) or not NAME_RE.match(name):
-            raise TokenError("a token name is 1 to 128 letters, digits or _.@+- (starting with a "
-                             "letter or digit), not %r" % (name,))
+            raise TokenError(
+                "a token name is 1 to 128 letters, digits or _.@+- (starting with a letter or digit), not %r" % (name,)
+            )
         other = self.tokens.find_one({"name": name, "revoked": None, "role": {"$ne": role}}, {"role": 1})
         if other is not None:
-            raise TokenError("the name %r already belongs to a %s; pick another name" % (name, other["role"]),
-                             status=409)
+            raise TokenError(
+                "the name %r already belongs to a %s; pick another name" % (name, other["role"]), status=409
+            )
         if token is None:
             token = new_token()
         elif not (isinstance(token, str) and token.startswith(TOKEN_PREFIX) and 16 <= len(token) <= 512):
             raise TokenError("a provisioned token starts with %r and is 16 to 512 characters" % TOKEN_PREFIX)
-        doc = {"_id": _id, "hash": hash_token(token), "role": role, "name": name,
-               "created": utcnow(), "revoked": None}
+        doc = {"_id": _id, "hash": hash_token(token), "role": role, "name": name, "created": utcnow(), "revoked": None}
         self.tokens.insert_one(doc)
         log.info("created %s token %s (%s)", role, name, _id)
         return public(doc), token
@@ -140,10 +150,20 @@ class TokenStore:
             attempt = task["history"][-1]["attempt"]
             token = new_token()
             tokens[task["_id"]] = token
-            docs.append({"_id": ObjectId(), "hash": hash_token(token), "role": ATTEMPT_ROLE,
-                         "name": "attempt-%s-%d" % (task["_id"], attempt), "created": now, "revoked": None,
-                         "task": task["_id"], "attempt": attempt, "job": task.get("job"),
-                         "owner": task.get("owner")})
+            docs.append(
+                {
+                    "_id": ObjectId(),
+                    "hash": hash_token(token),
+                    "role": ATTEMPT_ROLE,
+                    "name": "attempt-%s-%d" % (task["_id"], attempt),
+                    "created": now,
+                    "revoked": None,
+                    "task": task["_id"],
+                    "attempt": attempt,
+                    "job": task.get("job"),
+                    "owner": task.get("owner"),
+                }
+            )
         if docs:
             self.tokens.insert_many(docs)
         return tokens
@@ -158,8 +178,17 @@ class TokenStore:
 
     def attempt_running(self, doc):
         """Whether the attempt an attempt token was made for still runs."""
-        return self.tasks.find_one({"_id": doc.get("task"), "state": {"$in": [s.value for s in HELD]},
-                                    "history": {"$size": doc.get("attempt")}}, {"_id": 1}) is not None
+        return (
+            self.tasks.find_one(
+                {
+                    "_id": doc.get("task"),
+                    "state": {"$in": [s.value for s in HELD]},
+                    "history": {"$size": doc.get("attempt")},
+                },
+                {"_id": 1},
+            )
+            is not None
+        )
 
     def lookup(self, token):
         """The live (not revoked) token document for `token`, or None."""
@@ -187,9 +216,11 @@ class TokenStore:
             raise TokenError("no token has the id or name %r" % (id_or_name,), status=404)
         revoked = []
         for doc in docs:
-            done = self.tokens.find_one_and_update({"_id": doc["_id"], "revoked": None},
-                                                   {"$set": {"revoked": utcnow()}},
-                                                   return_document=ReturnDocument.AFTER)
+            done = self.tokens.find_one_and_update(
+                {"_id": doc["_id"], "revoked": None},
+                {"$set": {"revoked": utcnow()}},
+                return_document=ReturnDocument.AFTER,
+            )
             if done is not None:
                 revoked.append(public(done))
         if not revoked:
@@ -228,6 +259,7 @@ def write_secret(path, text):
 
 
 # -- requests ---------------------------------------------------------------
+
 
 def request_token():
     """The token a request carries: Bearer/Token, or HTTP Basic with the token
@@ -277,17 +309,29 @@ class BanyanTokenAuth(TokenAuth):
         if not store.attempt_running(doc):
             store.revoke_attempt(doc.get("task"), doc.get("attempt"))
             set_identity(ANONYMOUS)
-            abort(401, description="this token was made for attempt %s of task '%s', which has ended; it is "
-                                   "no longer valid" % (doc.get("attempt"), doc.get("task")))
-        identity = Identity(role=ATTEMPT_ROLE, name=doc.get("owner"), token_id=str(doc["_id"]),
-                            task_id=doc.get("task"), attempt=doc.get("attempt"), job_id=doc.get("job"))
+            abort(
+                401,
+                description="this token was made for attempt %s of task '%s', which has ended; it is "
+                "no longer valid" % (doc.get("attempt"), doc.get("task")),
+            )
+        identity = Identity(
+            role=ATTEMPT_ROLE,
+            name=doc.get("owner"),
+            token_id=str(doc["_id"]),
+            task_id=doc.get("task"),
+            attempt=doc.get("attempt"),
+            job_id=doc.get("job"),
+        )
         set_identity(identity)
         self.set_user_or_token(doc["name"])
         if identity.name:
             self.set_request_auth_value(identity.name)
         if not any(method == request.method and pattern.search(request.path) for method, pattern in ATTEMPT_ROUTES):
-            abort(403, description="an attempt token (task '%s') may only read the tasks of its job and add "
-                                   "tasks to it, not %s %s" % (identity.task_id, request.method, request.path))
+            abort(
+                403,
+                description="an attempt token (task '%s') may only read the tasks of its job and add "
+                "tasks to it, not %s %s" % (identity.task_id, request.method, request.path),
+            )
         return identity
 
     def check_auth(self, token, allowed_roles, resource, method):
@@ -297,19 +341,26 @@ class BanyanTokenAuth(TokenAuth):
         if identity is None:
             return False
         if allowed_roles and identity.role not in allowed_roles:
-            abort(403, description="a %s token may not %s %s (allowed: %s)" % (
-                identity.role, method, resource or request.path, ", ".join(sorted(set(allowed_roles)))))
+            abort(
+                403,
+                description="a %s token may not %s %s (allowed: %s)"
+                % (identity.role, method, resource or request.path, ", ".join(sorted(set(allowed_roles)))),
+            )
         return True
 
     def authorized(self, allowed_roles, resource, method):
         return self.check_auth(request_token(), allowed_roles, resource, method)
 
     def authenticate(self):
-        abort(401, description=(
-            "authentication required: send a token with 'Authorization: Bearer <token>' "
-            "(or curl -u TOKEN:); an admin makes tokens with 'banyan token create'"),
+        abort(
+            401,
+            description=(
+                "authentication required: send a token with 'Authorization: Bearer <token>' "
+                "(or curl -u TOKEN:); an admin makes tokens with 'banyan token create'"
+            ),
             # Eve's error handler adds this (name, value) pair as a header.
-            www_authenticate=("WWW-Authenticate", 'Bearer realm="banyan", Basic realm="banyan"'))
+            www_authenticate=("WWW-Authenticate", 'Bearer realm="banyan", Basic realm="banyan"'),
+        )
 
 
 def check_role(roles=()):
@@ -364,8 +415,9 @@ blueprint = Blueprint("tokens", __name__)
 def _reply(body, status=200):
     """JSON with dates in the server's DATE_FORMAT (ISO 8601), as every other
     answer has them (Flask's `jsonify` would write RFC 1123)."""
-    response = current_app.response_class(json.dumps(body, cls=current_app.data.json_encoder_class),
-                                          status=status, mimetype="application/json")
+    response = current_app.response_class(
+        json.dumps(body, cls=current_app.data.json_encoder_class), status=status, mimetype="application/json"
+    )
     return response
 
 
@@ -415,6 +467,7 @@ def init_app(app, enabled):
     services(app).tokens = TokenStore(app.data.driver.db)  # (makes the unique index on `hash`)
     app.register_blueprint(blueprint)
     if enabled:
+
         @app.before_request
         def _identify():
             app.auth.identify()

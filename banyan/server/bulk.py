@@ -36,8 +36,9 @@ def patch_item(resource, id_, updates):
     try:
         app.on_pre_PATCH(resource, request, lookup)
         getattr(app, "on_pre_PATCH_%s" % resource)(request, lookup)
-        result, _, _, status = patch_internal(resource, payload=updates, concurrency_check=False,
-                                              skip_validation=False, **lookup)
+        result, _, _, status = patch_internal(
+            resource, payload=updates, concurrency_check=False, skip_validation=False, **lookup
+        )
     except HTTPException as e:
         message = e.description
         if e.code == 404:
@@ -58,9 +59,14 @@ def batch_response(results):
         return {"_status": "OK", "_items": items}, None, None, 200
     first, status = refused[0]
     message = (first.get("_error") or {}).get("message") or "validation failed: %s" % first.get("_issues")
-    body = {"_status": "ERR", "_items": items,
-            "_error": {"code": status, "message": "%d of %d updates refused; the first: %s"
-                                                  % (len(refused), len(results), message)}}
+    body = {
+        "_status": "ERR",
+        "_items": items,
+        "_error": {
+            "code": status,
+            "message": "%d of %d updates refused; the first: %s" % (len(refused), len(results), message),
+        },
+    }
     return body, None, None, status
 
 
@@ -68,8 +74,7 @@ def batch_response(results):
 def bulk_patch(resource):
     body = request.get_json(silent=True)
     if not isinstance(body, list) or not body:
-        abort(400, description='PATCH %s needs a non-empty JSON list [{"_id": id, <updates>}, ...]'
-                               % request.path)
+        abort(400, description='PATCH %s needs a non-empty JSON list [{"_id": id, <updates>}, ...]' % request.path)
     id_field = app.config["DOMAIN"][resource]["id_field"]
     items = []
     for i, item in enumerate(body):
@@ -87,6 +92,7 @@ def bulk_patch(resource):
 def register_bulk_patch(app, resource="tasks"):
     blueprint = Blueprint("bulk_patch_%s" % resource, __name__)
     url = "%s/%s" % (app.api_prefix, app.config["DOMAIN"][resource]["url"])
-    blueprint.add_url_rule(url, "bulk_patch_%s" % resource, view_func=bulk_patch, methods=["PATCH"],
-                           defaults={"resource": resource})
+    blueprint.add_url_rule(
+        url, "bulk_patch_%s" % resource, view_func=bulk_patch, methods=["PATCH"], defaults={"resource": resource}
+    )
     app.register_blueprint(blueprint)

@@ -67,8 +67,12 @@ def version(db, visible):
     one read of the latest-updated tasks (newest first, ties by id, so the
     same tasks come back while nothing changes) and one of the workers."""
     digest = hashlib.sha256()
-    latest = list(db["tasks"].find(visible, {"_updated": 1, "_etag": 1})
-                  .sort([("_updated", -1), ("_id", -1)]).limit(ETAGS_PER_VERSION))
+    latest = list(
+        db["tasks"]
+        .find(visible, {"_updated": 1, "_etag": 1})
+        .sort([("_updated", -1), ("_id", -1)])
+        .limit(ETAGS_PER_VERSION)
+    )
     if latest:
         stamp = latest[0].get("_updated")
         etags = [str(doc["_id"]) + str(doc.get("_etag")) for doc in latest if doc.get("_updated") == stamp]

@@ -37,22 +37,22 @@ from werkzeug.exceptions import HTTPException
 
 from banyan.protocol import WorkerState
 from banyan.server import states
-from banyan.server.held import queued_seconds
-from banyan.server.auth import check_role, owner_filter
-from banyan.server.identity import acts_for, current_identity
-from banyan.server.refusals import refuse
-from banyan.server.store import NUL_REFUSED, aware, nul_path
-from banyan.server.states import utcnow
-from banyan.server.services import services
 from banyan.server import worker_requests as req
+from banyan.server.auth import check_role, owner_filter
+from banyan.server.held import queued_seconds
+from banyan.server.identity import acts_for, current_identity
 from banyan.server.logstore import LogStore
+from banyan.server.refusals import refuse
+from banyan.server.services import services
+from banyan.server.states import utcnow
+from banyan.server.store import NUL_REFUSED, aware, nul_path
 from banyan.server.workers import WORKERS, WorkerRegistry, abandon_worker
 
 log = logging.getLogger(__name__)
 
 
-
 # == the functions underneath ===============================================
+
 
 def _registry():
     return services().workers
@@ -122,15 +122,13 @@ def claim(worker_id, free, max_tasks=1, wait=0.0, prefetch=0):
     could not wait because CLAIM_MAX_WAITERS claims already do."""
     registry, queue = _registry(), _queue()
     worker = _worker_or_404(worker_id)
-    if worker["state"] != WorkerState.ACTIVE or (
-            not _touched_lately(worker) and registry.touch(worker_id) is None):
+    if worker["state"] != WorkerState.ACTIVE or (not _touched_lately(worker) and registry.touch(worker_id) is None):
         abort(404, description="worker '%s' is %s; register again" % (worker_id, worker["state"]))
     wait = min(max(0.0, wait), _config("CLAIM_MAX_WAIT"))
     deadline = time.monotonic() + wait
     recheck = _config("CLAIM_RECHECK_INTERVAL")
     waiters = services().claim_waiters
-    with (waiters.waiting(free, _config("CLAIM_MAX_WAITERS")) if wait > 0
-          else contextlib.nullcontext()) as event:
+    with waiters.waiting(free, _config("CLAIM_MAX_WAITERS")) if wait > 0 else contextlib.nullcontext() as event:
         while True:
             if event is not None:
                 event.clear()
@@ -144,8 +142,9 @@ def claim(worker_id, free, max_tasks=1, wait=0.0, prefetch=0):
                 # task claimed now would be held by a worker that is gone.
                 abort(404, description="worker '%s' is no longer active; register again" % worker_id)
     if prefetch > 0:
-        items += queue.claim_batch(worker_id, {}, prefetch, host=worker.get("host"),
-                                   each=dict(worker.get("resources") or {}))
+        items += queue.claim_batch(
+            worker_id, {}, prefetch, host=worker.get("host"), each=dict(worker.get("resources") or {})
+        )
     if items:
         confirm_claimer(worker_id, [(t["_id"], t["history"][-1]["attempt"]) for t in items])
         # Each attempt's own token, for the task's environment (BANYAN_TOKEN):
@@ -193,8 +192,9 @@ def release(worker_id, claimed, prefetched=False):
     abandoned, and its token revoked."""
     _worker_or_404(worker_id)
     queue = _queue()
-    released = [task_id for task_id, attempt in claimed
-                if queue.give_back(task_id, worker_id, attempt, erase=prefetched)]
+    released = [
+        task_id for task_id, attempt in claimed if queue.give_back(task_id, worker_id, attempt, erase=prefetched)
+    ]
     if prefetched:
         for task_id, attempt in claimed:
             if task_id in released:
@@ -219,17 +219,18 @@ def heartbeat(worker_id, tasks):
     worker = _worker_or_404(worker_id)
     if registry.touch(worker_id) is None:
         abort(404, description="worker '%s' is %s; register again" % (worker_id, worker["state"]))
-    unknown = [task_id for task_id, entry in tasks.items()
-               if not queue.record_usage(task_id, worker_id, entry["attempt"], entry.get("usage"),
-                                         entry.get("progress"))]
+    unknown = [
+        task_id
+        for task_id, entry in tasks.items()
+        if not queue.record_usage(task_id, worker_id, entry["attempt"], entry.get("usage"), entry.get("progress"))
+    ]
     for task_id, entry in tasks.items():
         if entry.get("output") and task_id not in unknown:
             services().logs.save_live(task_id, entry["attempt"], entry["output"])
     # Claims whose answer was lost: twice the heartbeat timeout leaves a
     # finished attempt's report, retried with backoff after an outage
     # shorter than the timeout, the time to arrive first.
-    queue.abandon_unconfirmed(worker_id, set(tasks),
-                              utcnow() - timedelta(seconds=2 * _config("HEARTBEAT_TIMEOUT")))
+    queue.abandon_unconfirmed(worker_id, set(tasks), utcnow() - timedelta(seconds=2 * _config("HEARTBEAT_TIMEOUT")))
     return {"cancel": queue.pending_cancellations(worker_id), "unknown": unknown}
 
 
@@ -239,8 +240,7 @@ def finish(task_id, attempt, outcome, exit_code=None, stdout="", stderr="", usag
     already gave up is kept in that attempt's entry (`late_report`) rather
     than refused. Output is kept once the report was accepted."""
     queue = _queue()
-    task = queue.tasks.find_one({"_id": task_id}, {"worker": 1, "state": 1, "history.attempt": 1,
-                                                    "history.worker": 1})
+    task = queue.tasks.find_one({"_id": task_id}, {"worker": 1, "state": 1, "history.attempt": 1, "history.worker": 1})
     if task is None:
         abort(404, description="no task '%s'" % task_id)
     entry = next((h for h in task.get("history") or [] if h.get("attempt") == attempt), None)
@@ -310,10 +310,17 @@ def task_logs(task_id, attempt=None):
 
 
 def public_worker(doc, running):
-    return {"_id": doc["_id"], "host": doc.get("host"), "resources": doc.get("resources"),
-            "state": doc["state"], "registered": doc.get("registered"),
-            "last_heartbeat": doc.get("last_heartbeat"), "stopped": doc.get("stopped"),
-            "lost": doc.get("lost"), "running": running}
+    return {
+        "_id": doc["_id"],
+        "host": doc.get("host"),
+        "resources": doc.get("resources"),
+        "state": doc["state"],
+        "registered": doc.get("registered"),
+        "last_heartbeat": doc.get("last_heartbeat"),
+        "stopped": doc.get("stopped"),
+        "lost": doc.get("lost"),
+        "running": running,
+    }
 
 
 # == the HTTP views ==========================================================
@@ -370,8 +377,9 @@ def claim_view(worker_id):
     reports = req.parse_finish_reports(body.get("finished"), issues)
     free = req.parse_resources(body.get("free"), "free", issues)
     # reporting alone (max_tasks 0) is allowed only with reports
-    max_tasks = req.parse_integer(body.get("max_tasks", 1), "max_tasks", issues, 0 if reports else 1,
-                         _config("CLAIM_MAX_TASKS"))
+    max_tasks = req.parse_integer(
+        body.get("max_tasks", 1), "max_tasks", issues, 0 if reports else 1, _config("CLAIM_MAX_TASKS")
+    )
     prefetch = req.parse_integer(body.get("prefetch", 0), "prefetch", issues, 0, _config("CLAIM_MAX_TASKS"))
     wait = body.get("wait") or 0
     if not req.is_number(wait) or wait < 0:
@@ -411,10 +419,12 @@ def heartbeat_view(worker_id):
             issues[field] = "must be {attempt, usage, progress}, not %r" % (entry,)
             continue
         req.check_unknown(entry, ("attempt", "usage", "progress", "output"), issues, field + ".")
-        tasks[task_id] = {"attempt": req.parse_integer(entry.get("attempt"), field + ".attempt", issues, 1),
-                          "usage": req.parse_usage(entry.get("usage"), field + ".usage", issues),
-                          "progress": req.parse_progress(entry.get("progress"), field + ".progress", issues),
-                          "output": req.parse_live_output(entry.get("output"), field + ".output", issues)}
+        tasks[task_id] = {
+            "attempt": req.parse_integer(entry.get("attempt"), field + ".attempt", issues, 1),
+            "usage": req.parse_usage(entry.get("usage"), field + ".usage", issues),
+            "progress": req.parse_progress(entry.get("progress"), field + ".progress", issues),
+            "output": req.parse_live_output(entry.get("output"), field + ".output", issues),
+        }
     issues.refuse()
     return req.reply(heartbeat(worker_id, tasks))
 
@@ -432,7 +442,9 @@ def release_view(worker_id):
     claimed = []
     if not isinstance(reported, list) or not reported or len(reported) > _config("CLAIM_MAX_TASKS"):
         issues["tasks"] = "must be a list of 1 to %d {_id, attempt}, not %r" % (
-            _config("CLAIM_MAX_TASKS"), reported if not isinstance(reported, list) else "%d items" % len(reported))
+            _config("CLAIM_MAX_TASKS"),
+            reported if not isinstance(reported, list) else "%d items" % len(reported),
+        )
         reported = []
     for i, entry in enumerate(reported):
         field = "tasks.%d" % i

@@ -11,16 +11,17 @@ import logging
 
 import bson
 import pymongo
+from eve.auth import auth_field_and_value
 from eve.io.mongo import Mongo
 from eve.utils import ParsedRequest, config, validate_filters
-from eve.auth import auth_field_and_value
 from flask import abort, g, has_request_context, request
 from werkzeug.exceptions import BadRequest, HTTPException
 
 from banyan.protocol import INT64_MAX, INT64_MIN
-from banyan.server import query as query_rules, store, virtual
-from banyan.store.errors import StoreUnavailable
+from banyan.server import query as query_rules
+from banyan.server import store, virtual
 from banyan.server.services import services
+from banyan.store.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,13 @@ QUERY_ERRORS = store.QUERY_ERRORS
 
 class StoreFull(HTTPException):
     """507: the store's disk is full; the write changed nothing."""
+
     code = 507
 
 
 class StoreDown(HTTPException):
     """503: the store could not write to its disk; the write changed nothing."""
+
     code = 503
 
 
@@ -64,13 +67,16 @@ def _answers_store_failures(method):
             return method(*args, **kwargs)
         except StoreUnavailable as e:
             raise store_failure(e) from e
+
     return guarded
 
 
 #: What a `where` may be, said when one cannot be parsed.
-WHERE_HELP = ("'where' is not a filter this server accepts: a JSON object with MongoDB query operators "
-              "(such as {\"state\": {\"$in\": [\"running\", \"available\"]}}; %s), or Eve's python "
-              "syntax (name==\"x\")" % ", ".join(sorted(query_rules.ALLOWED_OPERATORS)))
+WHERE_HELP = (
+    "'where' is not a filter this server accepts: a JSON object with MongoDB query operators "
+    '(such as {"state": {"$in": ["running", "available"]}}; %s), or Eve\'s python '
+    'syntax (name=="x")' % ", ".join(sorted(query_rules.ALLOWED_OPERATORS))
+)
 
 
 def _field_path(name):
@@ -81,11 +87,17 @@ def _check_projection(projection):
     """`?projection=`: field paths to 1 (include) or 0 (exclude), not both
     kinds but for `_id`; what MongoDB accepts beyond that (`$slice`,
     expressions) is refused here with a 400 rather than failing later."""
-    bad = [k for k, v in projection.items()
-           if not _field_path(k) or not (isinstance(v, bool) or type(v) is int and v in (0, 1))]
+    bad = [
+        k
+        for k, v in projection.items()
+        if not _field_path(k) or not (isinstance(v, bool) or type(v) is int and v in (0, 1))
+    ]
     if bad:
-        abort(400, description="'projection' maps field names to 1 (include) or 0 (exclude), "
-                               "such as {\"name\": 1}; not %s: %r" % (bad[0], projection[bad[0]]))
+        abort(
+            400,
+            description="'projection' maps field names to 1 (include) or 0 (exclude), "
+            'such as {"name": 1}; not %s: %r' % (bad[0], projection[bad[0]]),
+        )
     kinds = {bool(v) for k, v in projection.items() if k != "_id"}
     if len(kinds) > 1:
         abort(400, description="'projection' either includes fields (1) or excludes them (0), not both")
@@ -95,10 +107,15 @@ def _check_sort(sort):
     """`?sort=`: [[field, 1 or -1], ...] (or {field: 1 or -1}, or "-a,b")."""
     pairs = list(sort.items()) if isinstance(sort, dict) else sort
     ok = isinstance(pairs, (list, tuple)) and all(
-        isinstance(p, (list, tuple)) and len(p) == 2 and _field_path(p[0])
-        and not isinstance(p[1], bool) and p[1] in (1, -1) for p in pairs)
+        isinstance(p, (list, tuple))
+        and len(p) == 2
+        and _field_path(p[0])
+        and not isinstance(p[1], bool)
+        and p[1] in (1, -1)
+        for p in pairs
+    )
     if not ok:
-        abort(400, description="'sort' takes [[\"field\", 1 or -1], ...] or \"-field,other\", not %r" % (sort,))
+        abort(400, description='\'sort\' takes [["field", 1 or -1], ...] or "-field,other", not %r' % (sort,))
 
 
 def _integral(value):
@@ -173,7 +190,7 @@ class BanyanMongo(Mongo):
         `query.ALLOWED_OPERATORS` answer 400 naming the one refused (Eve's
         own check answers a generic 400 for some and lets `$expr` through)."""
         if not isinstance(spec, dict):
-            abort(400, description="'where' must be a JSON object, such as {\"name\": \"x\"}")
+            abort(400, description='\'where\' must be a JSON object, such as {"name": "x"}')
         return query_rules.check_filter(spec)
 
     def _convert_where_request_to_dict(self, resource, req):
@@ -197,7 +214,7 @@ class BanyanMongo(Mongo):
         req.where = where
         query = self._convert_where_request_to_dict(resource, req)
         if not isinstance(query, dict):
-            abort(400, description="'where' must be a JSON object, such as {\"name\": \"x\"}")
+            abort(400, description='\'where\' must be a JSON object, such as {"name": "x"}')
         bad = validate_filters(query, resource)
         if bad:
             abort(400, description=bad)
@@ -213,12 +230,20 @@ class BanyanMongo(Mongo):
             cause = e.__context__ if isinstance(e.__context__, QUERY_ERRORS) else e
             abort(400, description="the store refused the filter in 'where': %s" % cause)
 
-    def _datasource_ex(self, resource, query=None, client_projection=None, client_sort=None,
-                       check_auth_value=True, force_auth_field_projection=False):
+    def _datasource_ex(
+        self,
+        resource,
+        query=None,
+        client_projection=None,
+        client_sort=None,
+        check_auth_value=True,
+        force_auth_field_projection=False,
+    ):
         if client_projection is not None:
             client_projection = virtual.plan_projection(resource, client_projection)
         datasource, query, fields, sort = super()._datasource_ex(
-            resource, query, client_projection, client_sort, check_auth_value, force_auth_field_projection)
+            resource, query, client_projection, client_sort, check_auth_value, force_auth_field_projection
+        )
         if check_auth_value and has_request_context() and request.method == "POST":
             # Eve leaves the user's `owner` filter out of every query of a POST
             # (it expects POST to create), but virtual writes (POST
@@ -257,6 +282,10 @@ class BanyanMongo(Mongo):
             abort(422, description="the store refused the update: %s" % e)
         if result.matched_count == 0:
             current = coll.find_one({id_field: id_}, {"state": 1}) or {}
-            abort(409, description=(
-                "%s '%s' changed while this request was handled (its state is now '%s'); "
-                "read it again and retry" % (resource[:-1], id_, current.get("state"))))
+            abort(
+                409,
+                description=(
+                    "%s '%s' changed while this request was handled (its state is now '%s'); "
+                    "read it again and retry" % (resource[:-1], id_, current.get("state"))
+                ),
+            )

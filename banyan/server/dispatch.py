@@ -46,7 +46,7 @@ LIVENESS = {
 
 
 def request_kind(method, path):
-    """"claim", "liveness" (a worker's other requests) or "user"."""
+    """ "claim", "liveness" (a worker's other requests) or "user"."""
     path = path or ""
     if method == "POST" and CLAIM.match(path):
         return "claim"
@@ -65,8 +65,8 @@ class UsersFirstDispatcher(ThreadedTaskDispatcher):
         CLAIM_MAX_WAITERS). Call `wake` when one parks. `users_first()`: a
         context a user's request runs in (its store calls go first)."""
         super().__init__()
-        self.worker_queue = collections.deque()     # claims
-        self.liveness_queue = collections.deque()   # workers' other requests
+        self.worker_queue = collections.deque()  # claims
+        self.liveness_queue = collections.deque()  # workers' other requests
         self.worker_threads = max(1, min(worker_threads, threads))
         self.parked = parked
         self.users_first = users_first
@@ -94,8 +94,10 @@ class UsersFirstDispatcher(ThreadedTaskDispatcher):
             self.queue_cv.notify()
 
     def _has_work(self):
-        return bool(self.queue) or ((bool(self.liveness_queue) or bool(self.worker_queue))
-                                    and self.serving_workers - self.parked() < self.worker_threads)
+        return bool(self.queue) or (
+            (bool(self.liveness_queue) or bool(self.worker_queue))
+            and self.serving_workers - self.parked() < self.worker_threads
+        )
 
     def handler_thread(self, thread_no):
         while True:
@@ -117,7 +119,7 @@ class UsersFirstDispatcher(ThreadedTaskDispatcher):
             if claim:
                 task.requests[0].headers[QUEUED_HEADER] = "%.6f" % (time.monotonic() - task.banyan_queued)
             try:
-                with (contextlib.nullcontext() if worker else self.users_first()):
+                with contextlib.nullcontext() if worker else self.users_first():
                     task.service()
             except BaseException:
                 self.logger.exception("Exception when servicing %r", task)

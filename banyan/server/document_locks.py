@@ -103,16 +103,14 @@ class LockingClient(MongoClient):
 
 
 def _wrap(client, db):
-    return LockingDatabase(client, db.name, db.codec_options, db.read_preference, db.write_concern,
-                           db.read_concern)
+    return LockingDatabase(client, db.name, db.codec_options, db.read_preference, db.write_concern, db.read_concern)
 
 
 class LockingDatabase(Database):
     def __getitem__(self, name):
         return LockingCollection(self, name)
 
-    def get_collection(self, name, codec_options=None, read_preference=None, write_concern=None,
-                       read_concern=None):
+    def get_collection(self, name, codec_options=None, read_preference=None, write_concern=None, read_concern=None):
         return LockingCollection(self, name, False, codec_options, read_preference, write_concern, read_concern)
 
 
@@ -123,8 +121,15 @@ class LockingCollection(Collection):
     def with_options(self, codec_options=None, read_preference=None, write_concern=None, read_concern=None):
         # (pymongo's makes a plain Collection; Eve writes through one)
         plain = super().with_options(codec_options, read_preference, write_concern, read_concern)
-        return LockingCollection(self.database, self.name, False, plain.codec_options, plain.read_preference,
-                                 plain.write_concern, plain.read_concern)
+        return LockingCollection(
+            self.database,
+            self.name,
+            False,
+            plain.codec_options,
+            plain.read_preference,
+            plain.write_concern,
+            plain.read_concern,
+        )
 
     def _locking(self):
         return self.name != LOCKS and self.database.client.uses_document_locks()
@@ -160,7 +165,7 @@ class LockingCollection(Collection):
         now = datetime.now(timezone.utc)
         others = set()
         wanted = [key for key in keys if key not in mine]
-        for held in (locks.find({"key": {"$in": wanted}}, {"key": 1, "expires": 1}) if wanted else ()):
+        for held in locks.find({"key": {"$in": wanted}}, {"key": 1, "expires": 1}) if wanted else ():
             if held.get("expires") is not None and held["expires"].replace(tzinfo=timezone.utc) < now:
                 locks.delete_one({"_id": held["_id"]})  # its writer died: break it
             else:
@@ -170,8 +175,9 @@ class LockingCollection(Collection):
         if wanted:
             expires = now + timedelta(seconds=LEASE)
             try:
-                locks.insert_many([{"_id": _id, "key": key, "expires": expires} for _id, key in wanted.items()],
-                                  ordered=False)
+                locks.insert_many(
+                    [{"_id": _id, "key": key, "expires": expires} for _id, key in wanted.items()], ordered=False
+                )
             except BulkWriteError:  # some were taken meanwhile
                 taken = {d["_id"] for d in locks.find({"_id": {"$in": list(wanted)}}, {"_id": 1})}
         got = {wanted[_id] for _id in taken}
@@ -249,22 +255,34 @@ class LockingCollection(Collection):
 
     # -- the updates ------------------------------------------------------------
 
-    def find_one_and_update(self, filter, update, projection=None, sort=None, upsert=False,
-                            return_document=ReturnDocument.BEFORE, *args, **kwargs):
+    def find_one_and_update(
+        self,
+        filter,
+        update,
+        projection=None,
+        sort=None,
+        upsert=False,
+        return_document=ReturnDocument.BEFORE,
+        *args,
+        **kwargs,
+    ):
         if not self._locking():
-            return super().find_one_and_update(filter, update, projection, sort, upsert, return_document,
-                                               *args, **kwargs)
+            return super().find_one_and_update(
+                filter, update, projection, sort, upsert, return_document, *args, **kwargs
+            )
 
         def write(narrowed):
             doc = super(LockingCollection, self).find_one_and_update(
-                narrowed, update, projection, None, upsert and pinned, return_document, *args, **kwargs)
+                narrowed, update, projection, None, upsert and pinned, return_document, *args, **kwargs
+            )
             return doc is not None or (upsert and pinned), doc
 
         pinned = self._pinned(filter) is not None
         found, doc = self._one(filter, sort, write)
         if not found and upsert and not pinned:
-            return super().find_one_and_update(filter, update, projection, sort, upsert, return_document,
-                                               *args, **kwargs)
+            return super().find_one_and_update(
+                filter, update, projection, sort, upsert, return_document, *args, **kwargs
+            )
         return doc
 
     def update_one(self, filter, update, upsert=False, *args, **kwargs):
@@ -289,8 +307,9 @@ class LockingCollection(Collection):
         pinned = self._pinned(filter) is not None
 
         def write(narrowed):
-            result = super(LockingCollection, self).replace_one(narrowed, replacement, upsert and pinned,
-                                                                *args, **kwargs)
+            result = super(LockingCollection, self).replace_one(
+                narrowed, replacement, upsert and pinned, *args, **kwargs
+            )
             return result.matched_count > 0 or result.upserted_id is not None, result
 
         found, result = self._one(filter, None, write)

@@ -21,8 +21,11 @@ def register_hooks(app, queue):
         if request.is_json:
             body = request.get_json(silent=True)
             if body is not None and not isinstance(body, (dict, list)):
-                abort(400, description="POST %s takes an object or a list of them, not %s"
-                                       % (request.path, type(body).__name__))
+                abort(
+                    400,
+                    description="POST %s takes an object or a list of them, not %s"
+                    % (request.path, type(body).__name__),
+                )
 
     def on_pre_POST_jobs(request):
         on_pre_POST_tasks(request)

@@ -33,9 +33,9 @@ from flask import abort, current_app, g, request
 
 from banyan.protocol import ATTEMPT_ROLE
 from banyan.server.identity import current_identity
+from banyan.server.services import services
 from banyan.server.states import utcnow
 from banyan.server.store import aware
-from banyan.server.services import services
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,15 @@ class KeyStore:
         now = now or utcnow()
         self._sweep(now)
         for _ in range(2):
-            record = {"_id": ObjectId(), "owner": owner, "key": key, "fingerprint": fingerprint,
-                      "state": "pending", "created": now, "expires": now + timedelta(seconds=self.ttl)}
+            record = {
+                "_id": ObjectId(),
+                "owner": owner,
+                "key": key,
+                "fingerprint": fingerprint,
+                "state": "pending",
+                "created": now,
+                "expires": now + timedelta(seconds=self.ttl),
+            }
             try:
                 self.keys.insert_one(record)
                 return None, record["_id"]
@@ -80,9 +87,10 @@ class KeyStore:
         abort(409, description="Idempotency-Key %r is being used by another request right now; retry" % key)
 
     def finish(self, record_id, status, body, content_type):
-        self.keys.update_one({"_id": record_id, "state": "pending"},
-                             {"$set": {"state": "done", "status": status, "body": body,
-                                       "content_type": content_type}})
+        self.keys.update_one(
+            {"_id": record_id, "state": "pending"},
+            {"$set": {"state": "done", "status": status, "body": body, "content_type": content_type}},
+        )
 
     def drop(self, record_id):
         self.keys.delete_one({"_id": record_id, "state": "pending"})
@@ -102,9 +110,12 @@ def _owner():
 def _applies():
     """A POST to an Eve collection (`/tasks`, `/jobs`), with the header, by
     a role that may create there."""
-    return (request.method == "POST" and (request.endpoint or "").endswith("|resource")
-            and request.headers.get("Idempotency-Key") is not None
-            and current_identity().role in ("admin", "user", ATTEMPT_ROLE))
+    return (
+        request.method == "POST"
+        and (request.endpoint or "").endswith("|resource")
+        and request.headers.get("Idempotency-Key") is not None
+        and current_identity().role in ("admin", "user", ATTEMPT_ROLE)
+    )
 
 
 def before_request():
@@ -112,8 +123,7 @@ def before_request():
         return None
     key = request.headers["Idempotency-Key"]
     if not 0 < len(key) <= MAX_KEY_LENGTH or not key.isprintable():
-        abort(400, description="Idempotency-Key must be 1 to %d printable characters, such as a UUID"
-                               % MAX_KEY_LENGTH)
+        abort(400, description="Idempotency-Key must be 1 to %d printable characters, such as a UUID" % MAX_KEY_LENGTH)
     fingerprint = hashlib.sha256(request.get_data(cache=True)).hexdigest()
     store = services().idempotency
     stored, record_id = store.claim(_owner(), key, fingerprint)
@@ -121,14 +131,22 @@ def before_request():
         g.banyan_idempotency = record_id
         return None
     if stored["fingerprint"] != fingerprint:
-        abort(422, description="Idempotency-Key %r was already used for a different request body; "
-                               "use a new key for a new request" % key)
+        abort(
+            422,
+            description="Idempotency-Key %r was already used for a different request body; "
+            "use a new key for a new request" % key,
+        )
     if stored["state"] != "done":
-        abort(409, description=(
-            "a request with Idempotency-Key %r is still being handled, or its server stopped while "
-            "handling it; its tasks may exist: look (banyan ls, GET /tasks) before submitting again" % key))
-    response = current_app.response_class(stored["body"], status=stored["status"],
-                                          content_type=stored.get("content_type") or "application/json")
+        abort(
+            409,
+            description=(
+                "a request with Idempotency-Key %r is still being handled, or its server stopped while "
+                "handling it; its tasks may exist: look (banyan ls, GET /tasks) before submitting again" % key
+            ),
+        )
+    response = current_app.response_class(
+        stored["body"], status=stored["status"], content_type=stored.get("content_type") or "application/json"
+    )
     response.headers[HEADER] = "true"
     return response
 

@@ -33,7 +33,8 @@ def acts_for(identity, worker):
         return True
     return identity.role == WORKER and (
         (identity.token_id is not None and worker.get("token_id") == identity.token_id)
-        or identity.worker_id == worker["_id"])
+        or identity.worker_id == worker["_id"]
+    )
 
 
 #: Authentication off (loopback trial): every caller may do everything.

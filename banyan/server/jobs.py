@@ -41,9 +41,10 @@ def add_counts(db, jobs):
     if not jobs:
         return
     counts = {job["_id"]: dict.fromkeys(CATEGORIES + ("total",), 0) for job in jobs}
-    pipeline = [{"$match": {"job": {"$in": list(counts)}}},
-                {"$group": {"_id": {"job": "$job", "state": "$state", "exit_status": "$exit_status"},
-                            "n": {"$sum": 1}}}]
+    pipeline = [
+        {"$match": {"job": {"$in": list(counts)}}},
+        {"$group": {"_id": {"job": "$job", "state": "$state", "exit_status": "$exit_status"}, "n": {"$sum": 1}}},
+    ]
     for row in db["tasks"].aggregate(pipeline):
         key = row["_id"]
         entry = counts.get(key.get("job"))

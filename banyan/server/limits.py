@@ -77,15 +77,21 @@ def check_document_body():
     number, a string; a list for an item PATCH) answers 400, which Eve
     itself would not (it takes `len()` of a number)."""
     endpoint = request.endpoint or ""
-    if not (request.method == "POST" and endpoint.endswith("|resource")
-            or request.method in ("PATCH", "PUT") and endpoint.endswith("|item_lookup")):
+    if not (
+        request.method == "POST"
+        and endpoint.endswith("|resource")
+        or request.method in ("PATCH", "PUT")
+        and endpoint.endswith("|item_lookup")
+    ):
         return
     body = request.get_json(silent=True)
     if body is None or isinstance(body, dict) or isinstance(body, list) and request.method == "POST":
         return  # a document, a list of them, or nothing Eve will not refuse itself
     shape = "a JSON object, or a list of them" if request.method == "POST" else "a JSON object"
-    abort(400, description="the body of %s %s must be %s, not %s"
-                           % (request.method, request.path, shape, type(body).__name__))
+    abort(
+        400,
+        description="the body of %s %s must be %s, not %s" % (request.method, request.path, shape, type(body).__name__),
+    )
 
 
 def init_app(app):

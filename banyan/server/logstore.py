@@ -27,11 +27,11 @@ class LogStore:
         """The last `cap` bytes of `output`: bytes stay bytes (exact), text
         stays text (cut at a character boundary)."""
         if isinstance(output, bytes):
-            return output[-self.cap:] if len(output) > self.cap else output
+            return output[-self.cap :] if len(output) > self.cap else output
         data = (output or "").encode("utf-8", errors="replace")
         if len(data) <= self.cap:
             return output or ""
-        return data[len(data) - self.cap:].decode("utf-8", errors="ignore")
+        return data[len(data) - self.cap :].decode("utf-8", errors="ignore")
 
     @staticmethod
     def _fields(name, output):
@@ -56,8 +56,12 @@ class LogStore:
         if not stdout and not stderr:
             return
         unset = {name: "" for name in self.LIVE_FIELDS + ("stdout_bytes", "stderr_bytes")}
-        fields = dict(self._fields("stdout", self.tail(stdout)), **self._fields("stderr", self.tail(stderr)),
-                      updated=utcnow(), final=True)
+        fields = dict(
+            self._fields("stdout", self.tail(stdout)),
+            **self._fields("stderr", self.tail(stderr)),
+            updated=utcnow(),
+            final=True,
+        )
         for name in fields:
             unset.pop(name, None)
         self.logs.update_one({"task": task_id, "attempt": attempt}, {"$set": fields, "$unset": unset}, upsert=True)
@@ -77,8 +81,11 @@ class LogStore:
             unset[other] = ""
             fields[name + "_written"] = output.get(name + "_written", len(data))
         try:
-            self.logs.update_one({"task": task_id, "attempt": attempt, "final": {"$ne": True}},
-                                 {"$set": fields, "$unset": unset}, upsert=True)
+            self.logs.update_one(
+                {"task": task_id, "attempt": attempt, "final": {"$ne": True}},
+                {"$set": fields, "$unset": unset},
+                upsert=True,
+            )
         except DuplicateKeyError:
             pass  # the attempt's end was reported meanwhile: its output stays
 
@@ -97,5 +104,4 @@ class LogStore:
         if raw is None:
             return {name: doc.get(name) or ""}
         raw = bytes(raw)
-        return {name: raw.decode("utf-8", errors="replace"),
-                name + "_base64": base64.b64encode(raw).decode("ascii")}
+        return {name: raw.decode("utf-8", errors="replace"), name + "_base64": base64.b64encode(raw).decode("ascii")}

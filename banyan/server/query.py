@@ -28,13 +28,28 @@ from flask import abort, request
 from banyan.server.store import NUL_REFUSED, nul_path
 
 #: Operators a `where` may contain.
-ALLOWED_OPERATORS = frozenset({
-    "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin",
-    "$and", "$or", "$nor", "$not",
-    "$exists", "$type",
-    "$all", "$elemMatch", "$size",
-    "$mod",
-})
+ALLOWED_OPERATORS = frozenset(
+    {
+        "$eq",
+        "$ne",
+        "$gt",
+        "$gte",
+        "$lt",
+        "$lte",
+        "$in",
+        "$nin",
+        "$and",
+        "$or",
+        "$nor",
+        "$not",
+        "$exists",
+        "$type",
+        "$all",
+        "$elemMatch",
+        "$size",
+        "$mod",
+    }
+)
 
 #: Why some well-known operators are refused (the message names the reason).
 REASONS = {
@@ -50,8 +65,11 @@ REASONS = {
 def refused(operator):
     """The 400 message for a refused `operator`."""
     reason = REASONS.get(operator, "it is not one this server runs")
-    return ("'where' may not use %s: %s. Allowed operators: %s"
-            % (operator, reason, ", ".join(sorted(ALLOWED_OPERATORS))))
+    return "'where' may not use %s: %s. Allowed operators: %s" % (
+        operator,
+        reason,
+        ", ".join(sorted(ALLOWED_OPERATORS)),
+    )
 
 
 def _first_found(spec, look):
@@ -83,8 +101,11 @@ def first_refused(spec):
 
 
 def _bad_mod(key, value):
-    if key == "$mod" and not (isinstance(value, list) and len(value) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+    if key == "$mod" and not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
         return "'where': $mod takes [divisor, remainder], two numbers, not %r" % (value,)
     return None
 
@@ -113,7 +134,7 @@ def check_filter(spec):
 
 #: The largest `page` or `max_results` taken (Eve would pass a larger one to
 #: the store's `skip`, which holds 64 bits, or fail to make it an integer).
-MAX_PAGING = 2 ** 31 - 1
+MAX_PAGING = 2**31 - 1
 
 
 def check_paging():

@@ -17,9 +17,9 @@ import logging
 import threading
 import time
 
-from banyan.server.workers import WorkerRegistry, abandon_worker
-from banyan.server.states import utcnow
 from banyan.server.services import services
+from banyan.server.states import utcnow
+from banyan.server.workers import WorkerRegistry, abandon_worker
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,12 @@ class Reaper:
             try:
                 done = self.run_once()
                 if any(done.values()):
-                    log.info("reaper: lost workers %s, abandoned tasks %s, timed out tasks %s",
-                             done["lost"], done["abandoned"], done["timed_out"])
+                    log.info(
+                        "reaper: lost workers %s, abandoned tasks %s, timed out tasks %s",
+                        done["lost"],
+                        done["abandoned"],
+                        done["timed_out"],
+                    )
             except Exception:
                 log.exception("reaper pass failed; trying again in %.1fs", self.interval)
             self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))

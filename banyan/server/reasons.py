@@ -15,7 +15,8 @@ finished have none (null). Codes, in the order they are checked:
 """
 
 from banyan.fit import describe_request, fits, largest_offers, short_of
-from banyan.protocol import QUEUED, TaskState as S
+from banyan.protocol import QUEUED
+from banyan.protocol import TaskState as S
 
 #: Task fields a reason is computed from (added to projections that ask for it).
 NEEDS = ("state", "pending_parents", "held", "requested_resources", "job", "array_limit")
@@ -33,8 +34,11 @@ def add_pending_reasons(db, docs, workers):
     for doc in docs:
         doc["pending_reason"] = None
     # (a projection without the fields a reason needs gets none)
-    queued = [doc for doc in docs if doc["state"] in [s.value for s in QUEUED]
-              and "pending_parents" in doc and "requested_resources" in doc]
+    queued = [
+        doc
+        for doc in docs
+        if doc["state"] in [s.value for s in QUEUED] and "pending_parents" in doc and "requested_resources" in doc
+    ]
     for doc in queued:
         doc["pending_reason"] = own_reason(doc)
     queued = [doc for doc in queued if doc["pending_reason"] is None]
@@ -56,13 +60,21 @@ def own_reason(doc):
     (inactive, waiting for parents, held), or None."""
     parents = doc.get("pending_parents") or []
     if doc.get("state") == S.INACTIVE and not parents:
-        return {"code": "inactive", "message": "inactive: not queued until it is made available "
-                                               "(PATCH {\"state\": \"available\"})"}
+        return {
+            "code": "inactive",
+            "message": 'inactive: not queued until it is made available (PATCH {"state": "available"})',
+        }
     if parents:
-        return {"code": "waiting_for_parents", "parents": parents,
-                "message": "waiting for %d parent%s to finish: %s" % (
-                    len(parents), "" if len(parents) == 1 else "s",
-                    ", ".join(str(p) for p in parents[:5]) + (" ..." if len(parents) > 5 else ""))}
+        return {
+            "code": "waiting_for_parents",
+            "parents": parents,
+            "message": "waiting for %d parent%s to finish: %s"
+            % (
+                len(parents),
+                "" if len(parents) == 1 else "s",
+                ", ".join(str(p) for p in parents[:5]) + (" ..." if len(parents) > 5 else ""),
+            ),
+        }
     if doc.get("held"):
         return {"code": "held", "message": "held: it will not run until it is released (banyan release)"}
     return None
@@ -81,7 +93,9 @@ def pending_reason(doc, workers, largest, slots):
         else:
             short = short_of(asks, largest)
             message = "no live worker could ever fit it: it asks %s; the largest a worker offers: %s" % (
-                describe_request(asks, short), describe_request(largest, short))
+                describe_request(asks, short),
+                describe_request(largest, short),
+            )
         return {"code": "no_worker_fits", "asks": asks, "largest": largest, "message": message}
     limit = doc.get("array_limit")
     if limit and slots.get(doc.get("job"), 0) >= limit:

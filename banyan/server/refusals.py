@@ -15,8 +15,12 @@ from werkzeug.exceptions import UnprocessableEntity
 from banyan.server.states import Conflict, Forbidden, NotFound, TransitionError
 
 #: Most specific first: a refusal answers the status of the first class it is.
-_STATUSES = ((NotFound, HTTPNotFound), (Forbidden, HTTPForbidden), (Conflict, HTTPConflict),
-             (TransitionError, UnprocessableEntity))
+_STATUSES = (
+    (NotFound, HTTPNotFound),
+    (Forbidden, HTTPForbidden),
+    (Conflict, HTTPConflict),
+    (TransitionError, UnprocessableEntity),
+)
 
 
 def http_error(error):

@@ -19,42 +19,80 @@ SWITCH_INTERVAL = 0.001
 
 
 def add_arguments(parser):
-    parser.add_argument("--host", default=os.environ.get("BANYAN_HOST", "127.0.0.1"),
-                        help="address to listen on (default 127.0.0.1; anything beyond "
-                             "loopback requires authentication)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("BANYAN_PORT", 5000)),
-                        help="port to listen on (default 5000; 0 picks a free one)")
-    parser.add_argument("--settings", metavar="PATH", default=os.environ.get("BANYAN_SETTINGS") or default_path(),
-                        help="a Python file of site settings (schema additions, VIRTUAL_RESOURCES entries, "
-                             "limits) applied over the package's defaults (default: $BANYAN_SETTINGS, else "
-                             "the repository's settings.py when run from a checkout)")
-    parser.add_argument("--mongo-uri", default=os.environ.get("BANYAN_MONGO_URI"),
-                        help="MongoDB URI (e.g. mongodb://db1,db2/banyan?replicaSet=rs0); "
-                             "default: the embedded store under --data-dir")
-    parser.add_argument("--data-dir", default=os.environ.get("BANYAN_DATA_DIR", DEFAULT_DATA_DIR),
-                        help="where the embedded store keeps its data (default ~/.banyan)")
-    parser.add_argument("--threads", type=int, default=32,
-                        help="request threads (default 32); at most a quarter of them hold workers' long "
-                             "polls, the others answer everything else")
-    parser.add_argument("--connection-limit", type=int, default=4096, metavar="N",
-                        help="open connections accepted at once (default 4096: a worker keeps 2 to 4; "
-                             "the open-files limit is raised to fit when the system allows)")
-    parser.add_argument("--auth", action=argparse.BooleanOptionalAction, default=None,
-                        help="require tokens (default: on, except on loopback with the embedded "
-                             "store, where the server may run open for a one-machine trial)")
-    parser.add_argument("--archive-after", type=float, metavar="DAYS",
-                        default=float(os.environ.get("BANYAN_ARCHIVE_AFTER", 0)) or None,
-                        help="embedded store: every hour, move the tasks finished more than DAYS ago "
-                             "(and that nothing unfinished depends on) to DATA_DIR/archive (see `banyan "
-                             "store archive`, `banyan ls --archive`); default: keep them")
-    parser.add_argument("--archive-every", type=float, default=3600.0, metavar="SECONDS",
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--heartbeat-timeout", type=float,
-                        default=float(os.environ.get("BANYAN_HEARTBEAT_TIMEOUT", 30)), metavar="SECONDS",
-                        help="mark a worker lost after this many seconds without a heartbeat (default 30)")
-    parser.add_argument("--admin-token-file", default=None,
-                        help="with --auth and no admin token yet, the first start makes one and "
-                             "writes it here (default: DATA_DIR/admin.token, mode 0600)")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("BANYAN_HOST", "127.0.0.1"),
+        help="address to listen on (default 127.0.0.1; anything beyond loopback requires authentication)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("BANYAN_PORT", 5000)),
+        help="port to listen on (default 5000; 0 picks a free one)",
+    )
+    parser.add_argument(
+        "--settings",
+        metavar="PATH",
+        default=os.environ.get("BANYAN_SETTINGS") or default_path(),
+        help="a Python file of site settings (schema additions, VIRTUAL_RESOURCES entries, "
+        "limits) applied over the package's defaults (default: $BANYAN_SETTINGS, else "
+        "the repository's settings.py when run from a checkout)",
+    )
+    parser.add_argument(
+        "--mongo-uri",
+        default=os.environ.get("BANYAN_MONGO_URI"),
+        help="MongoDB URI (e.g. mongodb://db1,db2/banyan?replicaSet=rs0); default: the embedded store under --data-dir",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("BANYAN_DATA_DIR", DEFAULT_DATA_DIR),
+        help="where the embedded store keeps its data (default ~/.banyan)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=32,
+        help="request threads (default 32); at most a quarter of them hold workers' long "
+        "polls, the others answer everything else",
+    )
+    parser.add_argument(
+        "--connection-limit",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="open connections accepted at once (default 4096: a worker keeps 2 to 4; "
+        "the open-files limit is raised to fit when the system allows)",
+    )
+    parser.add_argument(
+        "--auth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require tokens (default: on, except on loopback with the embedded "
+        "store, where the server may run open for a one-machine trial)",
+    )
+    parser.add_argument(
+        "--archive-after",
+        type=float,
+        metavar="DAYS",
+        default=float(os.environ.get("BANYAN_ARCHIVE_AFTER", 0)) or None,
+        help="embedded store: every hour, move the tasks finished more than DAYS ago "
+        "(and that nothing unfinished depends on) to DATA_DIR/archive (see `banyan "
+        "store archive`, `banyan ls --archive`); default: keep them",
+    )
+    parser.add_argument("--archive-every", type=float, default=3600.0, metavar="SECONDS", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=float(os.environ.get("BANYAN_HEARTBEAT_TIMEOUT", 30)),
+        metavar="SECONDS",
+        help="mark a worker lost after this many seconds without a heartbeat (default 30)",
+    )
+    parser.add_argument(
+        "--admin-token-file",
+        default=None,
+        help="with --auth and no admin token yet, the first start makes one and "
+        "writes it here (default: DATA_DIR/admin.token, mode 0600)",
+    )
 
 
 def database_config(mongo_uri):
@@ -62,6 +100,7 @@ def database_config(mongo_uri):
     if not mongo_uri:
         return {}
     from pymongo import uri_parser
+
     name = uri_parser.parse_uri(mongo_uri).get("database")
     return {"MONGO_DBNAME": name} if name else {}
 
@@ -94,7 +133,8 @@ def auth_decision(args):
         "writes it to a file (see --admin-token-file); make user and worker tokens with "
         "'banyan token create --role user|worker --server URL --token ADMIN_TOKEN'.\n"
         "  Or, for a one-machine trial, listen on loopback (--host 127.0.0.1) with the "
-        "embedded store." % where)
+        "embedded store." % where
+    )
 
 
 def run(args):
@@ -129,13 +169,19 @@ def run(args):
     except StoreCorrupt as e:
         print("banyan server: %s" % e, file=sys.stderr, flush=True)
         return 1
-    app = create_app(client, dict(database_config(args.mongo_uri), AUTH=auth_on,
-                                  HEARTBEAT_TIMEOUT=args.heartbeat_timeout,
-                                  # long polls may hold at most a quarter of the request
-                                  # threads (each re-checks the store twice a second)
-                                  CLAIM_MAX_WAITERS=max(1, args.threads // 4),
-                                  WAIT_MAX_WAITERS=max(1, args.threads // 4)),
-                     site=site)
+    app = create_app(
+        client,
+        dict(
+            database_config(args.mongo_uri),
+            AUTH=auth_on,
+            HEARTBEAT_TIMEOUT=args.heartbeat_timeout,
+            # long polls may hold at most a quarter of the request
+            # threads (each re-checks the store twice a second)
+            CLAIM_MAX_WAITERS=max(1, args.threads // 4),
+            WAIT_MAX_WAITERS=max(1, args.threads // 4),
+        ),
+        site=site,
+    )
     _settle_memory()
     if auth_on:
         _bootstrap_admin(app, args)
@@ -147,24 +193,37 @@ def run(args):
     # and run on a quarter of them (8 of 32); users' requests are taken
     # first, then workers' heartbeats and reports, then claims
     # (banyan.server.dispatch).
-    dispatcher = UsersFirstDispatcher(args.threads, worker_threads=max(1, args.threads // 4),
-                                      parked=lambda: services(app).claim_waiters.parked,
-                                      users_first=lambda: first(client))
+    dispatcher = UsersFirstDispatcher(
+        args.threads,
+        worker_threads=max(1, args.threads // 4),
+        parked=lambda: services(app).claim_waiters.parked,
+        users_first=lambda: first(client),
+    )
     services(app).claim_waiters.on_park = dispatcher.wake
-    server = create_server(app, host=args.host, port=args.port, ident="banyan",
-                           max_request_body_size=app.config["MAX_CONTENT_LENGTH"],
-                           _dispatcher=dispatcher, **waitress_limits(args, app.config["CLAIM_MAX_WAIT"]))
+    server = create_server(
+        app,
+        host=args.host,
+        port=args.port,
+        ident="banyan",
+        max_request_body_size=app.config["MAX_CONTENT_LENGTH"],
+        _dispatcher=dispatcher,
+        **waitress_limits(args, app.config["CLAIM_MAX_WAIT"]),
+    )
     host, port = server.effective_host, server.effective_port
     store = args.mongo_uri and "MongoDB" or "embedded store in %s" % data_dir
     print("banyan server listening on http://%s:%s (%s)" % (host, port, store), flush=True)
     if not auth_on:
-        print("banyan server: authentication is OFF: anyone who can connect to %s:%s may do "
-              "anything (a one-machine trial; start with --auth to require tokens)" % (host, port),
-              file=sys.stderr, flush=True)
+        print(
+            "banyan server: authentication is OFF: anyone who can connect to %s:%s may do "
+            "anything (a one-machine trial; start with --auth to require tokens)" % (host, port),
+            file=sys.stderr,
+            flush=True,
+        )
     services(app).reaper.start()
     archiver = None
     if args.archive_after is not None and not args.mongo_uri:
         from banyan.store.archive import Archiver
+
         archiver = Archiver(app.data.driver.db, data_dir, args.archive_after * 86400, args.archive_every)
         archiver.start()
     try:
@@ -189,9 +248,14 @@ def waitress_limits(args, claim_max_wait):
     `channel_timeout` (longer than a long poll plus a heartbeat interval,
     so a live worker's connections stay open)."""
     _raise_open_files_limit(args.connection_limit + 256)
-    return {"threads": args.threads, "connection_limit": args.connection_limit,
-            "asyncore_use_poll": True, "backlog": 2048,
-            "channel_timeout": int(max(60, 2 * claim_max_wait)), "cleanup_interval": 15}
+    return {
+        "threads": args.threads,
+        "connection_limit": args.connection_limit,
+        "asyncore_use_poll": True,
+        "backlog": 2048,
+        "channel_timeout": int(max(60, 2 * claim_max_wait)),
+        "cleanup_interval": 15,
+    }
 
 
 def _raise_open_files_limit(wanted):
@@ -199,6 +263,7 @@ def _raise_open_files_limit(wanted):
     (never above the hard limit)."""
     try:
         import resource
+
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         if soft != resource.RLIM_INFINITY and soft < target:
@@ -226,9 +291,16 @@ def _bootstrap_admin(app, args):
     path = args.admin_token_file or os.path.join(os.path.expanduser(args.data_dir), "admin.token")
     written = TokenStore(app.data.driver.db).bootstrap_admin(path)
     if written:
-        print("banyan server: authentication is on; no admin token existed, so one was made and "
-              "written to %s (mode 0600). Use it with: banyan token create --role user --name NAME "
-              "--server URL --token $(cat %s)" % (written, written), file=sys.stderr, flush=True)
+        print(
+            "banyan server: authentication is on; no admin token existed, so one was made and "
+            "written to %s (mode 0600). Use it with: banyan token create --role user --name NAME "
+            "--server URL --token $(cat %s)" % (written, written),
+            file=sys.stderr,
+            flush=True,
+        )
     else:
-        print("banyan server: authentication is on (tokens: 'banyan token list|create|revoke')",
-              file=sys.stderr, flush=True)
+        print(
+            "banyan server: authentication is on (tokens: 'banyan token list|create|revoke')",
+            file=sys.stderr,
+            flush=True,
+        )

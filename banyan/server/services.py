@@ -15,8 +15,17 @@ EXTENSION = "banyan"
 class Services:
     """What one Banyan app runs on (set once while the app is built)."""
 
-    __slots__ = ("queue", "workers", "logs", "tokens", "idempotency", "claim_waiters", "finish_waiters",
-                 "changes_waiters", "reaper")
+    __slots__ = (
+        "queue",
+        "workers",
+        "logs",
+        "tokens",
+        "idempotency",
+        "claim_waiters",
+        "finish_waiters",
+        "changes_waiters",
+        "reaper",
+    )
 
 
 def services(app=None):

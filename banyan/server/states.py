@@ -25,13 +25,29 @@ from bson.errors import InvalidId
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from banyan.protocol import (AFTER_FIELDS, DEFAULT_MAX_LOST, FINISHED, HELD,
-                             INT64_MAX, QUEUED, RESOURCES, WORKER_OUTCOMES, DependencyKind, Outcome, TaskState)
 from banyan.fit import fits
-from banyan.protocol import ADMIN, ATTEMPT_ROLE, USER, WORKER, WorkerState, edge_satisfied
+from banyan.protocol import (
+    ADMIN,
+    AFTER_FIELDS,
+    ATTEMPT_ROLE,
+    DEFAULT_MAX_LOST,
+    FINISHED,
+    HELD,
+    INT64_MAX,
+    QUEUED,
+    RESOURCES,
+    USER,
+    WORKER,
+    WORKER_OUTCOMES,
+    DependencyKind,
+    Outcome,
+    TaskState,
+    WorkerState,
+    edge_satisfied,
+)
+from banyan.server.document_locks import locked_documents, takes_document_locks
 from banyan.server.identity import acts_for
 from banyan.server.store import aware, find_in
-from banyan.server.document_locks import locked_documents, takes_document_locks
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +155,11 @@ def check_transition(current, requested, role):
     if allowed_from is None or current not in allowed_from:
         if role == WORKER and requested in FINISHED:
             raise TransitionError(
-                "workers report the end of an attempt with POST /tasks/<id>/finish, not a PATCH of 'state'")
+                "workers report the end of an attempt with POST /tasks/<id>/finish, not a PATCH of 'state'"
+            )
         raise TransitionError(
-            "cannot change state from '%s' to '%s'%s" % (
-                current, requested, "" if role == ADMIN else " as a %s" % role))
+            "cannot change state from '%s' to '%s'%s" % (current, requested, "" if role == ADMIN else " as a %s" % role)
+        )
 
 
 def check_creation_state(state):
@@ -157,11 +174,11 @@ def check_field_change(rule, field, state):
     write-once fields until the task leaves `inactive`, queued-only ones
     (priority, resources, limits, retries, `held`) while it waits to be claimed."""
     if rule == "write_once" and state != S.INACTIVE:
-        raise TransitionError("'%s' cannot change once a task has left 'inactive' (this one is '%s')"
-                              % (field, state))
+        raise TransitionError("'%s' cannot change once a task has left 'inactive' (this one is '%s')" % (field, state))
     if rule == "queued_only" and state not in QUEUED:
-        raise TransitionError("'%s' can change only while a task is queued ('inactive' or 'available'); "
-                              "this one is '%s'" % (field, state))
+        raise TransitionError(
+            "'%s' can change only while a task is queued ('inactive' or 'available'); this one is '%s'" % (field, state)
+        )
 
 
 def stored_state(current, requested):
@@ -273,13 +290,17 @@ class TaskQueue:
         grown = None
         try:
             grown = self.prepare_children(docs, adder, visible)
-            jobs = {d["_id"]: d for d in self.jobs.find(
-                {"_id": {"$in": list({doc["job"] for doc in docs if doc.get("job")})}}, {"array_limit": 1})}
+            jobs = {
+                d["_id"]: d
+                for d in self.jobs.find(
+                    {"_id": {"$in": list({doc["job"] for doc in docs if doc.get("job")})}}, {"array_limit": 1}
+                )
+            }
             new_job = None
             for doc in docs:
                 doc.setdefault("_id", ObjectId())
             for start in range(0, len(docs), LINK_WINDOW):
-                some = docs[start:start + LINK_WINDOW]
+                some = docs[start : start + LINK_WINDOW]
                 children = [c for doc in some for c in doc.get("continuations") or []]
                 # (one lock for each child on a store that needs them: `document_locks`)
                 with locked_documents(self.tasks, children):
@@ -303,10 +324,21 @@ class TaskQueue:
         if not doc.get("job"):
             new_job = new_job or self._new_job(docs[0].get("name"), owner)
             doc["job"] = new_job
-        doc.update(state=state.value, pending_dependency_count=len(parents), pending_parents=parents,
-                   retry_count=0, memory_retry_count=0, lost_count=0, exit_status=None, worker=None,
-                   owner=owner, history=[], held=bool(doc.get("held")), cancelled_by=None,
-                   array_limit=(jobs.get(doc["job"]) or {}).get("array_limit"))
+        doc.update(
+            state=state.value,
+            pending_dependency_count=len(parents),
+            pending_parents=parents,
+            retry_count=0,
+            memory_retry_count=0,
+            lost_count=0,
+            exit_status=None,
+            worker=None,
+            owner=owner,
+            history=[],
+            held=bool(doc.get("held")),
+            cancelled_by=None,
+            array_limit=(jobs.get(doc["job"]) or {}).get("array_limit"),
+        )
         detour = grown["detour"].get(doc["_id"], ()) if grown else ()
         for child in dict.fromkeys(doc.get("continuations") or []):
             if child not in detour:  # (linked by `prepare_children`)
@@ -315,8 +347,10 @@ class TaskQueue:
         if parents and doc.get("continuations"):
             for parent in parents:
                 if self.find_cycle(parent, list(doc["continuations"])):
-                    raise TransitionError("task '%s' runs after '%s', which already runs after one of "
-                                          "its continuations: that is a cycle" % (doc["_id"], parent))
+                    raise TransitionError(
+                        "task '%s' runs after '%s', which already runs after one of "
+                        "its continuations: that is a cycle" % (doc["_id"], parent)
+                    )
         return new_job
 
     # -- tasks that running tasks add (a graph that grows) ----------------
@@ -345,26 +379,43 @@ class TaskQueue:
         if not children:
             return None
         adder_ids = list({doc["added_by"] for doc in children})
-        adders = {d["_id"]: d for d in self.tasks.find(
-            dict(visible or {}, _id={"$in": adder_ids}),
-            {"state": 1, "job": 1, "history.attempt": 1, "depth": 1, "continuations": 1})}
+        adders = {
+            d["_id"]: d
+            for d in self.tasks.find(
+                dict(visible or {}, _id={"$in": adder_ids}),
+                {"state": 1, "job": 1, "history.attempt": 1, "depth": 1, "continuations": 1},
+            )
+        }
         for adder_id in adder_ids:
             doc = adders.get(adder_id)
             if doc is None:
                 raise NotFound("'added_by': no task '%s'" % adder_id)
             if doc["state"] != S.RUNNING:
-                raise Conflict("'added_by': task '%s' is '%s'; only a running task adds children "
-                               "(--child is for commands run by a task)" % (adder_id, doc["state"]))
+                raise Conflict(
+                    "'added_by': task '%s' is '%s'; only a running task adds children "
+                    "(--child is for commands run by a task)" % (adder_id, doc["state"])
+                )
             doc["attempt"] = len(doc.get("history") or [])
-        grown: dict = {"adders": {a: adders[a]["attempt"] for a in adder_ids}, "jobs": {}, "after_any": [],
-                 "linked": [], "detour": {}}
-        jobs = {d["_id"]: d for d in self.jobs.find({"_id": {"$in": list({a["job"] for a in adders.values()})}},
-                                                     {"max_tasks": 1, "max_depth": 1, "added_tasks": 1})}
+        grown: dict = {
+            "adders": {a: adders[a]["attempt"] for a in adder_ids},
+            "jobs": {},
+            "after_any": [],
+            "linked": [],
+            "detour": {},
+        }
+        jobs = {
+            d["_id"]: d
+            for d in self.jobs.find(
+                {"_id": {"$in": list({a["job"] for a in adders.values()})}},
+                {"max_tasks": 1, "max_depth": 1, "added_tasks": 1},
+            )
+        }
         for doc in children:
             parent = adders[doc["added_by"]]
             if doc.get("job") not in (None, parent["job"]):
-                raise TransitionError("a child joins the job of the task that adds it ('%s'), not job '%s'"
-                                      % (parent["job"], doc["job"]))
+                raise TransitionError(
+                    "a child joins the job of the task that adds it ('%s'), not job '%s'" % (parent["job"], doc["job"])
+                )
             job = jobs.get(parent["job"]) or {}
             depth = (parent.get("depth") or 0) + 1
             max_depth = job.get("max_depth")
@@ -372,7 +423,8 @@ class TaskQueue:
             if depth > max_depth:
                 raise TransitionError(
                     "job '%s' allows tasks added by tasks down to depth %d (--max-depth), and task '%s' is "
-                    "at depth %d: it may not add children" % (parent["job"], max_depth, parent["_id"], depth - 1))
+                    "at depth %d: it may not add children" % (parent["job"], max_depth, parent["_id"], depth - 1)
+                )
             doc.update(job=parent["job"], depth=depth, added_in_attempt=parent["attempt"], superseded=False)
             grown["jobs"][parent["job"]] = grown["jobs"].get(parent["job"], 0) + 1
         try:
@@ -387,8 +439,8 @@ class TaskQueue:
                 detour = grown["detour"][doc["_id"]] = set()
                 for child, kind in waiting[parent_id]:
                     if not self.tasks.update_one(
-                            {"_id": child, "pending_parents": parent_id},
-                            {"$push": {"pending_parents": doc["_id"]}, "$inc": {"pending_dependency_count": 1}}
+                        {"_id": child, "pending_parents": parent_id},
+                        {"$push": {"pending_parents": doc["_id"]}, "$inc": {"pending_dependency_count": 1}},
                     ).modified_count:
                         continue  # it no longer waits for the adding task (cancelled, unlinked)
                     grown["linked"].append((doc["_id"], child))
@@ -397,8 +449,9 @@ class TaskQueue:
                         # the detour edge has the kind of the edge it extends
                         self.tasks.update_one({"_id": child}, {"$addToSet": {"after_any": doc["_id"]}})
                         grown["after_any"].append((child, doc["_id"]))
-                doc["continuations"] = list(doc.get("continuations") or []) + \
-                    [c for c in detour if c not in (doc.get("continuations") or [])]
+                doc["continuations"] = list(doc.get("continuations") or []) + [
+                    c for c in detour if c not in (doc.get("continuations") or [])
+                ]
         except TransitionError:
             self._undo_growth(grown)
             raise
@@ -411,11 +464,13 @@ class TaskQueue:
         named: set = set()
         for doc in docs:
             if doc.get("added_by") not in (None, task_id):
-                raise Forbidden("an attempt token adds children of its own task '%s', not of '%s'"
-                                % (task_id, doc["added_by"]))
+                raise Forbidden(
+                    "an attempt token adds children of its own task '%s', not of '%s'" % (task_id, doc["added_by"])
+                )
             if doc.get("job") not in (None, job_id):
-                raise Forbidden("an attempt token adds tasks to its own job '%s', not to job '%s'"
-                                % (job_id, doc["job"]))
+                raise Forbidden(
+                    "an attempt token adds tasks to its own job '%s', not to job '%s'" % (job_id, doc["job"])
+                )
             doc["added_by"] = task_id
             for field in list(AFTER_FIELDS) + ["continuations"]:
                 named.update(doc.get(field) or [])
@@ -429,9 +484,13 @@ class TaskQueue:
         for it, on its success or on any end; one waiting on its failure
         is about the task alone)."""
         ids = {c for doc in adders.values() for c in doc.get("continuations") or []}
-        found = {d["_id"]: d for d in self.tasks.find(
-            {"_id": {"$in": list(ids)}, "pending_parents": {"$in": list(adders)}},
-            {"after_any": 1, "after_failure": 1})}
+        found = {
+            d["_id"]: d
+            for d in self.tasks.find(
+                {"_id": {"$in": list(ids)}, "pending_parents": {"$in": list(adders)}},
+                {"after_any": 1, "after_failure": 1},
+            )
+        }
         waiting: dict = {}
         for adder_id, doc in adders.items():
             waiting[adder_id] = []
@@ -448,12 +507,15 @@ class TaskQueue:
         cap = job.get("max_tasks")
         cap = DEFAULT_MAX_ADDED if cap is None else cap
         self.jobs.update_one({"_id": job["_id"], "added_tasks": {"$exists": False}}, {"$set": {"added_tasks": 0}})
-        if self.jobs.update_one({"_id": job["_id"], "added_tasks": {"$lte": cap - count}},
-                                {"$inc": {"added_tasks": count}}).modified_count:
+        if self.jobs.update_one(
+            {"_id": job["_id"], "added_tasks": {"$lte": cap - count}}, {"$inc": {"added_tasks": count}}
+        ).modified_count:
             return
         now = self.jobs.find_one({"_id": job["_id"]}, {"added_tasks": 1}) or {}
-        raise TransitionError("job '%s' allows its tasks to add %d tasks in all (--max-tasks); they added %s, "
-                              "and this adds %d" % (job["_id"], cap, now.get("added_tasks", 0), count))
+        raise TransitionError(
+            "job '%s' allows its tasks to add %d tasks in all (--max-tasks); they added %s, "
+            "and this adds %d" % (job["_id"], cap, now.get("added_tasks", 0), count)
+        )
 
     def _undo_growth(self, grown):
         for child, waiting in grown.pop("linked", []):
@@ -468,10 +530,15 @@ class TaskQueue:
         detour edges are in place: an attempt that ended before they were
         may have released its continuations without them)."""
         for task_id, attempt in adders.items():
-            if self.tasks.find_one({"_id": task_id, "state": S.RUNNING.value, "history": {"$size": attempt}},
-                                   {"_id": 1}) is None:
-                raise Conflict("task '%s' ended its attempt %d while it added children; they were not "
-                               "added" % (task_id, attempt))
+            if (
+                self.tasks.find_one(
+                    {"_id": task_id, "state": S.RUNNING.value, "history": {"$size": attempt}}, {"_id": 1}
+                )
+                is None
+            ):
+                raise Conflict(
+                    "task '%s' ended its attempt %d while it added children; they were not added" % (task_id, attempt)
+                )
 
     def drop_children(self, task_id, attempt=None):
         """The tasks attempt `attempt` of `task_id` added (all its attempts'
@@ -483,8 +550,7 @@ class TaskQueue:
         query = {"added_by": task_id, "superseded": {"$ne": True}}
         if attempt is not None:
             query["added_in_attempt"] = attempt
-        parent = self.tasks.find_one({"_id": task_id}, {"continuations": 1, "name": 1, "exit_status": 1,
-                                                        "state": 1})
+        parent = self.tasks.find_one({"_id": task_id}, {"continuations": 1, "name": 1, "exit_status": 1, "state": 1})
         if parent is None:
             return
         theirs = set(parent.get("continuations") or [])
@@ -499,8 +565,13 @@ class TaskQueue:
                 self.tasks.update_one({"_id": child["_id"]}, {"$pullAll": {"continuations": detour}})
             if child["_id"] in theirs:  # --after-self: the parent's retry must not bring it back
                 self.tasks.update_one({"_id": task_id}, {"$pullAll": {"continuations": [child["_id"]]}})
-            because = {"task": task_id, "name": parent.get("name"), "attempt": child.get("added_in_attempt"),
-                       "exit_status": parent.get("exit_status") or parent.get("state"), "needed": SUCCESS_KIND}
+            because = {
+                "task": task_id,
+                "name": parent.get("name"),
+                "attempt": child.get("added_in_attempt"),
+                "exit_status": parent.get("exit_status") or parent.get("state"),
+                "needed": SUCCESS_KIND,
+            }
             self.cancel(child["_id"], cancelled_by=because)
             self.tasks.update_one({"_id": child["_id"]}, {"$set": {"superseded": True}})
 
@@ -510,12 +581,19 @@ class TaskQueue:
         attempt's end would have dropped them."""
         for doc in docs:
             adder, attempt = doc.get("added_by"), doc.get("added_in_attempt")
-            if adder and self.tasks.find_one({"_id": adder, "state": {"$in": [s.value for s in HELD]},
-                                              "history": {"$size": attempt}}, {"_id": 1}) is None:
-                ended = self.tasks.find_one({"_id": adder}, {"state": 1, "exit_status": 1,
-                                                             "history.attempt": 1}) or {}
-                if not (ended.get("state") == S.TERMINATED and ended.get("exit_status") == SUCCESS
-                        and len(ended.get("history") or []) == attempt):
+            if (
+                adder
+                and self.tasks.find_one(
+                    {"_id": adder, "state": {"$in": [s.value for s in HELD]}, "history": {"$size": attempt}}, {"_id": 1}
+                )
+                is None
+            ):
+                ended = self.tasks.find_one({"_id": adder}, {"state": 1, "exit_status": 1, "history.attempt": 1}) or {}
+                if not (
+                    ended.get("state") == S.TERMINATED
+                    and ended.get("exit_status") == SUCCESS
+                    and len(ended.get("history") or []) == attempt
+                ):
                     self.drop_children(adder, attempt)
 
     @staticmethod
@@ -526,17 +604,27 @@ class TaskQueue:
         for field in AFTER_FIELDS:
             for parent in doc.get(field) or []:
                 if parents.get(parent, field) != field:
-                    raise TransitionError("task '%s' is named in both '%s' and '%s'; an edge has one kind"
-                                          % (parent, parents[parent], field))
+                    raise TransitionError(
+                        "task '%s' is named in both '%s' and '%s'; an edge has one kind"
+                        % (parent, parents[parent], field)
+                    )
                 parents[parent] = field
         return list(parents)
 
     def _new_job(self, name, owner):
         """A job for tasks submitted without one (one per request)."""
         now = utcnow()
-        job = {"_id": ObjectId(), "name": name, "array_limit": None, "owner": owner, "added_tasks": 0,
-               "max_tasks": None, "max_depth": None,
-               "_created": now, **stamp(now)}
+        job = {
+            "_id": ObjectId(),
+            "name": name,
+            "array_limit": None,
+            "owner": owner,
+            "added_tasks": 0,
+            "max_tasks": None,
+            "max_depth": None,
+            "_created": now,
+            **stamp(now),
+        }
         self.jobs.insert_one(job)
         return job["_id"]
 
@@ -580,7 +668,8 @@ class TaskQueue:
         """Make `child_id` wait for `parent_id` (`_require_inactive`'s rule)."""
         result = self.tasks.update_one(
             {"_id": child_id, "state": CONTINUATION_STATE.value, "pending_parents": {"$ne": parent_id}},
-            {"$push": {"pending_parents": parent_id}, "$inc": {"pending_dependency_count": 1}})
+            {"$push": {"pending_parents": parent_id}, "$inc": {"pending_dependency_count": 1}},
+        )
         if result.matched_count == 0:
             self._require_inactive(child_id)
 
@@ -589,7 +678,8 @@ class TaskQueue:
         return self.tasks.find_one_and_update(
             {"_id": child_id, "pending_parents": parent_id},
             {"$pull": {"pending_parents": parent_id}, "$inc": {"pending_dependency_count": -1}},
-            return_document=ReturnDocument.AFTER)
+            return_document=ReturnDocument.AFTER,
+        )
 
     def link(self, parent, child_ids):
         """Add continuations to an existing task: children wait for it unless
@@ -668,16 +758,20 @@ class TaskQueue:
         TransitionError with nothing left changed."""
         add, remove = list(dict.fromkeys(add)), list(dict.fromkeys(remove))
         token, now = str(ObjectId()), utcnow()
-        query = {"_id": parent["_id"],
-                 "$or": [{"continuation_lease": None}, {"continuation_lease.expires": {"$lt": now}}]}
+        query = {
+            "_id": parent["_id"],
+            "$or": [{"continuation_lease": None}, {"continuation_lease.expires": {"$lt": now}}],
+        }
         for key in ("_etag", "state"):
             if key in parent:
                 query[key] = parent[key]
         lease = {"token": token, "expires": now + timedelta(seconds=self.CONTINUATION_LEASE_SECONDS)}
         log.debug("continuation lease: filter %s, update %s", query, {"$set": {"continuation_lease": lease}})
         if not self.tasks.update_one(query, {"$set": {"continuation_lease": lease}}).matched_count:
-            raise Conflict("task '%s' changed or is having its continuations changed by another request; "
-                           "read it again and retry" % parent["_id"])
+            raise Conflict(
+                "task '%s' changed or is having its continuations changed by another request; "
+                "read it again and retry" % parent["_id"]
+            )
         linked, doomed, graph = [], [], False
         try:
             if add:
@@ -685,10 +779,13 @@ class TaskQueue:
             for child in remove:
                 self._require_inactive(child)
             if add and self.find_cycle(parent["_id"], add):
-                raise TransitionError("adding %s to the continuations of '%s' would create a cycle"
-                                      % (", ".join("'%s'" % c for c in add), parent["_id"]))
-            waiting = {d["_id"] for d in find_in(self.tasks, "_id", add, {"pending_parents": parent["_id"]},
-                                                 {"_id": 1})}
+                raise TransitionError(
+                    "adding %s to the continuations of '%s' would create a cycle"
+                    % (", ".join("'%s'" % c for c in add), parent["_id"])
+                )
+            waiting = {
+                d["_id"] for d in find_in(self.tasks, "_id", add, {"pending_parents": parent["_id"]}, {"_id": 1})
+            }
             for child in add:
                 doomed += self.link(parent, [child])
                 if child not in waiting:
@@ -732,7 +829,8 @@ class TaskQueue:
                 self.leases.update_one(
                     {"_id": "continuation_graph", "$or": [{"token": None}, {"expires": {"$lt": now}}]},
                     {"$set": {"token": token, "expires": now + timedelta(seconds=self.GRAPH_LEASE_SECONDS)}},
-                    upsert=True)
+                    upsert=True,
+                )
                 return True
             except DuplicateKeyError:  # held by another request
                 if time.monotonic() > deadline:
@@ -741,8 +839,9 @@ class TaskQueue:
 
     def _release_lease(self, parent_id, token, graph=False):
         try:
-            self.tasks.update_one({"_id": parent_id, "continuation_lease.token": token},
-                                  {"$unset": {"continuation_lease": ""}})
+            self.tasks.update_one(
+                {"_id": parent_id, "continuation_lease.token": token}, {"$unset": {"continuation_lease": ""}}
+            )
         finally:
             if graph:
                 self.leases.update_one({"_id": "continuation_graph", "token": token}, {"$set": {"token": None}})
@@ -766,7 +865,8 @@ class TaskQueue:
                 raise Forbidden(
                     "a worker may only claim a task by PATCH ({'state': 'running', 'worker': <id>}); "
                     "it reports attempts with POST /tasks/<id>/finish and cannot change %s"
-                    % ", ".join(sorted(extra or {"state"})))
+                    % ", ".join(sorted(extra or {"state"}))
+                )
             self.require_claiming_worker(updates.get("worker"), identity)
             return
         if claiming or "worker" in updates:
@@ -799,20 +899,31 @@ class TaskQueue:
         if updates.get("state") == S.RUNNING and original.get("state") != S.AVAILABLE:
             # A claim that lost the race read the task before the winner wrote
             # it; without this the "no-op" state change would rewrite `worker`.
-            raise Conflict("task '%s' is '%s' (worker '%s'), not 'available'"
-                           % (original.get("_id"), original.get("state"), original.get("worker")))
+            raise Conflict(
+                "task '%s' is '%s' (worker '%s'), not 'available'"
+                % (original.get("_id"), original.get("state"), original.get("worker"))
+            )
         if updates.get("state") == S.RUNNING and original.get("held"):
             raise Conflict("task '%s' is held and cannot be claimed until it is released" % original.get("_id"))
-        if updates.get("state") == S.RUNNING and original.get("array_limit") and original.get("job") and \
-                original.get("state") == S.AVAILABLE and not original.get("pending_dependency_count"):
+        if (
+            updates.get("state") == S.RUNNING
+            and original.get("array_limit")
+            and original.get("job")
+            and original.get("state") == S.AVAILABLE
+            and not original.get("pending_dependency_count")
+        ):
             if self._take_slot(original["job"], original["array_limit"], original["_id"]) is None:
-                raise Conflict("task '%s': its job runs at most %d tasks at once, and that many run"
-                               % (original["_id"], original["array_limit"]))
+                raise Conflict(
+                    "task '%s': its job runs at most %d tasks at once, and that many run"
+                    % (original["_id"], original["array_limit"])
+                )
         if updates.get("state") == S.RUNNING and original.get("pending_dependency_count"):
             # An available task's count only goes down (continuations are
             # added to inactive tasks only), so the value read decides.
-            raise Conflict("task '%s' waits for %d unfinished parent(s) and cannot be claimed yet"
-                           % (original.get("_id"), original["pending_dependency_count"]))
+            raise Conflict(
+                "task '%s' waits for %d unfinished parent(s) and cannot be claimed yet"
+                % (original.get("_id"), original["pending_dependency_count"])
+            )
         if "worker" in updates and updates.get("state") != S.RUNNING:
             raise TransitionError("'worker' is set only by a claim ({'state': 'running', 'worker': <id>})")
         if "state" not in updates or updates["state"] == original.get("state"):
@@ -857,10 +968,21 @@ class TaskQueue:
         now = utcnow()
         updated = self.tasks.find_one_and_update(
             {"_id": task_id, "state": state, "_etag": doc.get("_etag"), "cascade_pending": {"$ne": True}},
-            {"$set": {"state": S.AVAILABLE.value, "exit_status": None, "cancelled_by": None, "cancel_reason": None,
-                      "worker": None, "retry_count": 0, "pending_parents": pending,
-                      "pending_dependency_count": len(pending), **stamp(now)}},
-            return_document=ReturnDocument.AFTER)
+            {
+                "$set": {
+                    "state": S.AVAILABLE.value,
+                    "exit_status": None,
+                    "cancelled_by": None,
+                    "cancel_reason": None,
+                    "worker": None,
+                    "retry_count": 0,
+                    "pending_parents": pending,
+                    "pending_dependency_count": len(pending),
+                    **stamp(now),
+                }
+            },
+            return_document=ReturnDocument.AFTER,
+        )
         if updated is None:
             raise Conflict("task '%s' changed while it was being retried; read it again" % task_id)
         updated["revived"] = self.revive_descendants(task_id)
@@ -881,9 +1003,14 @@ class TaskQueue:
                 raise Conflict(
                     "task '%s' runs only after the %s of task '%s'%s, which ended %s; retry that task "
                     "(the tasks cancelled because of it come back with it)"
-                    % (doc["_id"], kind if kind != ANY_KIND else "end", parent["_id"],
-                       " (%s)" % parent["name"] if parent.get("name") else "",
-                       parent.get("exit_status") or parent["state"]))
+                    % (
+                        doc["_id"],
+                        kind if kind != ANY_KIND else "end",
+                        parent["_id"],
+                        " (%s)" % parent["name"] if parent.get("name") else "",
+                        parent.get("exit_status") or parent["state"],
+                    )
+                )
         return pending
 
     def revive_descendants(self, task_id):
@@ -894,18 +1021,31 @@ class TaskQueue:
         while queue:
             current = queue.pop(0)
             doc = self.tasks.find_one({"_id": current}, {"continuations": 1})
-            for child in find_in(self.tasks, "_id", (doc or {}).get("continuations") or [],
-                                 {"state": S.CANCELLED.value, "cancelled_by.task": current}):
+            for child in find_in(
+                self.tasks,
+                "_id",
+                (doc or {}).get("continuations") or [],
+                {"state": S.CANCELLED.value, "cancelled_by.task": current},
+            ):
                 try:
                     pending = self.parents_to_wait_for(child)
                 except TransitionError:
                     continue  # another parent rules it out too
                 now = utcnow()
                 if self.tasks.update_one(
-                        {"_id": child["_id"], "state": S.CANCELLED.value, "cancelled_by.task": current},
-                        {"$set": {"state": S.AVAILABLE.value, "exit_status": None, "cancelled_by": None,
-                                  "retry_count": 0, "pending_parents": pending,
-                                  "pending_dependency_count": len(pending), **stamp(now)}}).modified_count:
+                    {"_id": child["_id"], "state": S.CANCELLED.value, "cancelled_by.task": current},
+                    {
+                        "$set": {
+                            "state": S.AVAILABLE.value,
+                            "exit_status": None,
+                            "cancelled_by": None,
+                            "retry_count": 0,
+                            "pending_parents": pending,
+                            "pending_dependency_count": len(pending),
+                            **stamp(now),
+                        }
+                    },
+                ).modified_count:
                     queue.append(child["_id"])
                     revived.append(child["_id"])
         return revived
@@ -917,8 +1057,9 @@ class TaskQueue:
         if state == S.CANCELLED and original.get("state") != S.CANCELLED:
             self.on_finished(original["_id"])
             self._cascade(original["_id"])
-        elif (state == S.AVAILABLE and original.get("state") != S.AVAILABLE) or \
-                (updates.get("held") is False and original.get("held")):
+        elif (state == S.AVAILABLE and original.get("state") != S.AVAILABLE) or (
+            updates.get("held") is False and original.get("held")
+        ):
             doc = self.tasks.find_one({"_id": original["_id"]})
             if doc is not None and is_ready(doc):
                 self._became_ready(doc)
@@ -975,13 +1116,14 @@ class TaskQueue:
         if not candidates:
             return None
         claimed: list = []
+
         def enough():
             return len(claimed) >= want or (bool(claimed) and deadline is not None and time.monotonic() > deadline)
 
         for start in range(0, len(candidates), window):
             if enough():
                 break
-            some = candidates[start:start + window]
+            some = candidates[start : start + window]
             with locked_documents(self.tasks, [doc["_id"] for doc in some]) as held:
                 for doc in some:
                     if enough():
@@ -1015,9 +1157,12 @@ class TaskQueue:
         # the task or changed its resources since it was read.
         done = self.tasks.find_one_and_update(
             dict(self._ready_query(bound), _id=doc["_id"], history={"$size": attempt["attempt"] - 1}),
-            {"$set": {"state": S.RUNNING.value, "worker": worker_id, **stamp(now), **claim_changes(doc, attempt)},
-             "$push": {"history": attempt}},
-            return_document=ReturnDocument.AFTER)
+            {
+                "$set": {"state": S.RUNNING.value, "worker": worker_id, **stamp(now), **claim_changes(doc, attempt)},
+                "$push": {"history": attempt},
+            },
+            return_document=ReturnDocument.AFTER,
+        )
         if done is None:
             if slot:
                 self._free_slot(doc["_id"], doc["job"], slot)
@@ -1051,9 +1196,13 @@ class TaskQueue:
                         return key, token
                     except DuplicateKeyError:
                         continue
-            stale = {d["_id"] for d in self.tasks.find(
-                {"_id": {"$in": list(set(taken.values()))}, "state": {"$in": [s.value for s in FINISHED]}},
-                {"_id": 1})}
+            stale = {
+                d["_id"]
+                for d in self.tasks.find(
+                    {"_id": {"$in": list(set(taken.values()))}, "state": {"$in": [s.value for s in FINISHED]}},
+                    {"_id": 1},
+                )
+            }
             if not stale:
                 return None
             for key, task in taken.items():
@@ -1080,26 +1229,40 @@ class TaskQueue:
             if doc is None:
                 raise NotFound("task '%s' does not exist" % task_id)
             history = doc.get("history") or []
-            if (doc["state"] not in HELD or doc.get("worker") != worker_id
-                    or not history or history[-1]["attempt"] != attempt):
-                raise Conflict("task '%s' is not running attempt %s on worker '%s' (it is '%s')"
-                               % (task_id, attempt, worker_id, doc["state"]))
+            if (
+                doc["state"] not in HELD
+                or doc.get("worker") != worker_id
+                or not history
+                or history[-1]["attempt"] != attempt
+            ):
+                raise Conflict(
+                    "task '%s' is not running attempt %s on worker '%s' (it is '%s')"
+                    % (task_id, attempt, worker_id, doc["state"])
+                )
             if outcome == CANCELLED and doc.get("cancel_reason") == TIMEOUT:
                 outcome = TIMEOUT  # the server cancelled it for exceeding its time limit
             changes = self._outcome_changes(doc, outcome)
             index = len(history) - 1
             now = utcnow()
-            sets = {"history.%d.ended" % index: now,
-                    "history.%d.runtime" % index: seconds_between(history[-1].get("started"), now),
-                    "history.%d.exit_status" % index: outcome,
-                    "history.%d.exit_code" % index: exit_code,
-                    **stamp(now), **changes}
+            sets = {
+                "history.%d.ended" % index: now,
+                "history.%d.runtime" % index: seconds_between(history[-1].get("started"), now),
+                "history.%d.exit_status" % index: outcome,
+                "history.%d.exit_code" % index: exit_code,
+                **stamp(now),
+                **changes,
+            }
             if usage:
                 sets["history.%d.usage" % index] = usage
-            held = {"_id": task_id, "state": doc["state"], "worker": worker_id,
-                    "retry_count": doc.get("retry_count", 0), "history": {"$size": len(history)},
-                    # tasks stored before `lost_count` existed have none
-                    "lost_count": doc["lost_count"] if "lost_count" in doc else {"$exists": False}}
+            held = {
+                "_id": task_id,
+                "state": doc["state"],
+                "worker": worker_id,
+                "retry_count": doc.get("retry_count", 0),
+                "history": {"$size": len(history)},
+                # tasks stored before `lost_count` existed have none
+                "lost_count": doc["lost_count"] if "lost_count" in doc else {"$exists": False},
+            }
             if changes.get("cascade_pending") and not doc.get("continuations"):
                 # Nothing to cascade to: no marker, no cascade (while no
                 # continuation is added meanwhile: else this update misses
@@ -1133,20 +1296,19 @@ class TaskQueue:
         if not 1 <= attempt <= len(history):
             return None
         entry = history[attempt - 1]
-        if entry.get("attempt") != attempt or entry.get("worker") != worker_id \
-                or entry.get("exit_status") != ABANDONED:
+        if entry.get("attempt") != attempt or entry.get("worker") != worker_id or entry.get("exit_status") != ABANDONED:
             return None
         if entry.get("late_report") is None:
             late = {"outcome": outcome, "exit_code": exit_code, "received": utcnow()}
             if usage:
                 late["usage"] = usage
-            log.warning("task %s attempt %s: report %r arrived after the attempt was abandoned; kept",
-                        task_id, attempt, outcome)
+            log.warning(
+                "task %s attempt %s: report %r arrived after the attempt was abandoned; kept", task_id, attempt, outcome
+            )
             # An ended attempt's entry changes no more (attempts are only
             # appended), so its position is precondition enough; no new
             # `_etag`: nothing a user set changed.
-            self.tasks.update_one({"_id": task_id},
-                                  {"$set": {"history.%d.late_report" % (attempt - 1): late}})
+            self.tasks.update_one({"_id": task_id}, {"$set": {"history.%d.late_report" % (attempt - 1): late}})
         return self.tasks.find_one({"_id": task_id})
 
     def give_back(self, task_id, worker_id, attempt, erase=False):
@@ -1163,14 +1325,20 @@ class TaskQueue:
             return False
         started = doc["history"][index].get("started")
         if erase:
-            changes = {"$set": {"state": S.AVAILABLE.value, "worker": None, **stamp(now)},
-                       "$pop": {"history": 1}}
+            changes = {"$set": {"state": S.AVAILABLE.value, "worker": None, **stamp(now)}, "$pop": {"history": 1}}
             if attempt == 1:
                 changes["$unset"] = {"queue_wait": ""}  # set again by the next first claim
         else:
-            changes = {"$set": {"state": S.AVAILABLE.value, "worker": None, "history.%d.ended" % index: now,
-                                "history.%d.runtime" % index: seconds_between(started, now),
-                                "history.%d.exit_status" % index: ABANDONED, **stamp(now)}}
+            changes = {
+                "$set": {
+                    "state": S.AVAILABLE.value,
+                    "worker": None,
+                    "history.%d.ended" % index: now,
+                    "history.%d.runtime" % index: seconds_between(started, now),
+                    "history.%d.exit_status" % index: ABANDONED,
+                    **stamp(now),
+                }
+            }
         updated = self.tasks.find_one_and_update(held, changes, return_document=ReturnDocument.AFTER)
         if updated is not None and updated.get("array_limit"):
             self._free_slot(task_id, updated.get("job"))
@@ -1187,12 +1355,21 @@ class TaskQueue:
             return {"state": S.CANCELLED.value, "exit_status": outcome, "worker": None, "cascade_pending": True}
         if outcome == ABANDONED and doc["state"] == S.PENDING_CANCELLATION:
             # Its cancellation was asked for; the lost worker cannot report it.
-            return {"state": S.CANCELLED.value, "exit_status": doc.get("cancel_reason") or CANCELLED,
-                    "worker": None, "cascade_pending": True}
+            return {
+                "state": S.CANCELLED.value,
+                "exit_status": doc.get("cancel_reason") or CANCELLED,
+                "worker": None,
+                "cascade_pending": True,
+            }
         grown = TaskQueue._grown_memory(doc) if outcome == OOM and doc["state"] == S.RUNNING else None
         if grown is not None:
-            return {"state": S.AVAILABLE.value, "memory_retry_count": doc.get("memory_retry_count", 0) + 1,
-                    "requested_resources.memory": grown, "exit_status": outcome, "worker": None}
+            return {
+                "state": S.AVAILABLE.value,
+                "memory_retry_count": doc.get("memory_retry_count", 0) + 1,
+                "requested_resources.memory": grown,
+                "exit_status": outcome,
+                "worker": None,
+            }
         if outcome == ABANDONED:
             # The worker was lost, not the task at fault: its own count and limit.
             lost = doc.get("lost_count", 0)
@@ -1201,8 +1378,12 @@ class TaskQueue:
             return {"state": S.TERMINATED.value, "exit_status": outcome, "worker": None, "cascade_pending": True}
         retries_left = doc.get("retry_count", 0) < doc.get("max_retries", 0)
         if retries_left and doc["state"] == S.RUNNING:
-            return {"state": S.AVAILABLE.value, "retry_count": doc.get("retry_count", 0) + 1,
-                    "exit_status": outcome, "worker": None}
+            return {
+                "state": S.AVAILABLE.value,
+                "retry_count": doc.get("retry_count", 0) + 1,
+                "exit_status": outcome,
+                "worker": None,
+            }
         return {"state": S.TERMINATED.value, "exit_status": outcome, "worker": None, "cascade_pending": True}
 
     @staticmethod
@@ -1220,8 +1401,7 @@ class TaskQueue:
         """A lost worker's tasks: end their attempts as abandoned and apply
         the retry rules, exactly as if the worker had reported a failure."""
         ended = []
-        for doc in self.tasks.find({"worker": worker_id, "state": {"$in": [s.value for s in HELD]}},
-                                   {"history": 1}):
+        for doc in self.tasks.find({"worker": worker_id, "state": {"$in": [s.value for s in HELD]}}, {"history": 1}):
             attempt = doc["history"][-1]["attempt"] if doc.get("history") else None
             try:
                 ended.append(self.finish(doc["_id"], worker_id, attempt, ABANDONED))
@@ -1246,12 +1426,18 @@ class TaskQueue:
             target = stored_state(state, S.CANCELLED)
             sets = {"state": target.value, **stamp()}
             if target == S.CANCELLED:
-                sets.update(exit_status=exit_status, cascade_pending=True, pending_parents=[],
-                            pending_dependency_count=0, cancelled_by=cancelled_by)
+                sets.update(
+                    exit_status=exit_status,
+                    cascade_pending=True,
+                    pending_parents=[],
+                    pending_dependency_count=0,
+                    cancelled_by=cancelled_by,
+                )
             else:
                 sets["cancel_reason"] = exit_status  # what `finish` records when the worker reports
-            if self.tasks.update_one(dict(only_if or {}, _id=task_id, state=state.value),
-                                     {"$set": sets}).modified_count:
+            if self.tasks.update_one(
+                dict(only_if or {}, _id=task_id, state=state.value), {"$set": sets}
+            ).modified_count:
                 if target == S.CANCELLED:
                     self.on_finished(task_id)
                     if doc.get("array_limit"):
@@ -1268,16 +1454,14 @@ class TaskQueue:
         queue = [task_id]
         while queue:
             current = queue.pop(0)
-            doc = self.tasks.find_one({"_id": current},
-                                      {"state": 1, "exit_status": 1, "continuations": 1, "name": 1})
+            doc = self.tasks.find_one({"_id": current}, {"state": 1, "exit_status": 1, "continuations": 1, "name": 1})
             if doc is None:
                 continue
             if doc["state"] in FINISHED:  # (not if it was retried meanwhile)
                 for child in doc.get("continuations") or []:
                     if self._settle(doc, child):
                         queue.append(child)
-            self.tasks.update_one({"_id": current, "cascade_pending": True},
-                                  {"$set": {"cascade_pending": False}})
+            self.tasks.update_one({"_id": current, "cascade_pending": True}, {"$set": {"cascade_pending": False}})
 
     def _settle(self, parent, child_id, release=True):
         """The finished `parent` decides the edge to `child_id` by its kind:
@@ -1298,10 +1482,16 @@ class TaskQueue:
             if release and released is not None and released.get("pending_dependency_count") == 0:
                 return self._release(released)
             return False
-        because = {"task": parent["_id"], "name": parent.get("name"),
-                   "exit_status": parent.get("exit_status") or parent.get("state"), "needed": kind}
-        return self.cancel(child_id, cascade=False, only_if={"pending_parents": parent["_id"]},
-                           cancelled_by=because) == S.CANCELLED
+        because = {
+            "task": parent["_id"],
+            "name": parent.get("name"),
+            "exit_status": parent.get("exit_status") or parent.get("state"),
+            "needed": kind,
+        }
+        return (
+            self.cancel(child_id, cascade=False, only_if={"pending_parents": parent["_id"]}, cancelled_by=because)
+            == S.CANCELLED
+        )
 
     def _release(self, doc):
         """A task whose last parent finished: an inactive one becomes
@@ -1311,7 +1501,8 @@ class TaskQueue:
             doc = self.tasks.find_one_and_update(
                 {"_id": doc["_id"], "state": S.INACTIVE.value, "pending_dependency_count": 0},
                 {"$set": {"state": S.AVAILABLE.value, **stamp()}},
-                return_document=ReturnDocument.AFTER)
+                return_document=ReturnDocument.AFTER,
+            )
             if doc is None:
                 return False
         if is_ready(doc):
@@ -1327,8 +1518,8 @@ class TaskQueue:
             return False
         done = self.tasks.update_one(
             {"_id": doc["_id"], "state": S.AVAILABLE.value, "pending_dependency_count": 0},
-            {"$set": {"state": S.TERMINATED.value, "exit_status": SUCCESS, "cascade_pending": True,
-                      **stamp()}})
+            {"$set": {"state": S.TERMINATED.value, "exit_status": SUCCESS, "cascade_pending": True, **stamp()}},
+        )
         if not done.modified_count:
             return False
         self.on_finished(doc["_id"])
@@ -1345,8 +1536,10 @@ class TaskQueue:
         (a restart on FerretDB took over 30 s reading them again). Two
         servers starting at once may both run one; each is idempotent."""
         upgrades = self.db["upgrades"]
-        steps = [("held", lambda: self.tasks.update_many({"held": {"$exists": False}}, {"$set": {"held": False}})),
-                 ("stored_figures", self.fill_stored_figures)]
+        steps = [
+            ("held", lambda: self.tasks.update_many({"held": {"$exists": False}}, {"$set": {"held": False}})),
+            ("stored_figures", self.fill_stored_figures),
+        ]
         for name, step in steps:
             if upgrades.find_one({"_id": name}, {"_id": 1}) is None:
                 step()
@@ -1364,8 +1557,9 @@ class TaskQueue:
         """Tasks stored by an earlier version lack the figures claims and
         finishes now keep (`queue_wait`, each ended attempt's `runtime`):
         compute them (once per store: `upgrade_stored`)."""
-        for doc in self.tasks.find({"history.0": {"$exists": True}, "queue_wait": {"$exists": False}},
-                                   {"history": 1, "_created": 1}):
+        for doc in self.tasks.find(
+            {"history.0": {"$exists": True}, "queue_wait": {"$exists": False}}, {"history": 1, "_created": 1}
+        ):
             history = doc["history"]
             sets = {"queue_wait": seconds_between(doc.get("_created"), history[0].get("started"))}
             for index, entry in enumerate(history):
@@ -1405,8 +1599,12 @@ class TaskQueue:
         task was requeued, finished or given to another worker)."""
         if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
             return False
-        held = {"_id": task_id, "worker": worker_id, "state": {"$in": [s.value for s in HELD]},
-                "history": {"$size": attempt}}
+        held = {
+            "_id": task_id,
+            "worker": worker_id,
+            "state": {"$in": [s.value for s in HELD]},
+            "history": {"$size": attempt},
+        }
         now = utcnow()
         sets = {"history.%d.seen" % (attempt - 1): now}
         if usage is not None:
@@ -1428,8 +1626,7 @@ class TaskQueue:
         or report it. It ends as abandoned and the retry rules apply, as for
         a lost worker. Returns the tasks as stored after the change."""
         ended = []
-        for doc in self.tasks.find({"worker": worker_id, "state": {"$in": [s.value for s in HELD]}},
-                                   {"history": 1}):
+        for doc in self.tasks.find({"worker": worker_id, "state": {"$in": [s.value for s in HELD]}}, {"history": 1}):
             last = (doc.get("history") or [None])[-1]
             if doc["_id"] in reported or not last or last.get("seen") is not None:
                 continue
@@ -1438,8 +1635,13 @@ class TaskQueue:
                 continue
             if aware(started) >= claimed_before:
                 continue
-            log.warning("task %s attempt %s: claimed by worker %s at %s, never reported by its heartbeats; "
-                        "abandoned", doc["_id"], last["attempt"], worker_id, started)
+            log.warning(
+                "task %s attempt %s: claimed by worker %s at %s, never reported by its heartbeats; abandoned",
+                doc["_id"],
+                last["attempt"],
+                worker_id,
+                started,
+            )
             try:
                 ended.append(self.finish(doc["_id"], worker_id, last["attempt"], ABANDONED))
             except TransitionError:
@@ -1448,8 +1650,10 @@ class TaskQueue:
 
     def pending_cancellations(self, worker_id):
         """Ids of the tasks `worker_id` holds that it is asked to stop."""
-        return [doc["_id"] for doc in self.tasks.find(
-            {"worker": worker_id, "state": S.PENDING_CANCELLATION.value}, {"_id": 1})]
+        return [
+            doc["_id"]
+            for doc in self.tasks.find({"worker": worker_id, "state": S.PENDING_CANCELLATION.value}, {"_id": 1})
+        ]
 
     def held_by(self, worker_ids, visible=None):
         """Ids of the tasks held (running or being cancelled) by each of
@@ -1477,9 +1681,10 @@ class TaskQueue:
         if not worker_ids:
             return []
         overdue = []
-        for doc in self.tasks.find({"worker": {"$in": list(worker_ids)}, "state": S.RUNNING.value,
-                                    "time_limit": {"$gt": 0}},
-                                   {"time_limit": 1, "history": 1}):
+        for doc in self.tasks.find(
+            {"worker": {"$in": list(worker_ids)}, "state": S.RUNNING.value, "time_limit": {"$gt": 0}},
+            {"time_limit": 1, "history": 1},
+        ):
             started = (doc.get("history") or [{}])[-1].get("started")
             if started is None:
                 continue

@@ -45,10 +45,19 @@ from flask import Blueprint, Response, abort, current_app, jsonify, request, sen
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from banyan.protocol import (EXIT_STATUSES, FINISHED, HELD, RESOURCES as RESOURCE_KEYS, WORKER_STATES, TaskState,
-                             WorkerState)
+from banyan.protocol import (
+    EXIT_STATUSES,
+    FINISHED,
+    HELD,
+    WORKER_STATES,
+    TaskState,
+    WorkerState,
+)
+from banyan.protocol import (
+    RESOURCES as RESOURCE_KEYS,
+)
 from banyan.server import auth, store
-from banyan.server.states import WORKERS, ABANDONED, FAILURE, OOM, SUCCESS, TIMEOUT, seconds_between, utcnow
+from banyan.server.states import ABANDONED, FAILURE, OOM, SUCCESS, TIMEOUT, WORKERS, seconds_between, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,7 @@ STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 
 
 # -- the figures ---------------------------------------------------------
+
 
 def task_stats(db, query=None, now=None):
     """Statistics of the tasks matching `query` (a Mongo filter, already
@@ -95,8 +105,11 @@ def state_counts(tasks, query):
     tasks by final exit status), `succeeded` and `failed`."""
     states = {s.value: 0 for s in TaskState}
     outcomes = {status: 0 for status in EXIT_STATUSES}
-    pipeline = [{"$match": query}, _only("state", "exit_status"),
-                {"$group": {"_id": {"state": "$state", "exit_status": "$exit_status"}, "n": {"$sum": 1}}}]
+    pipeline = [
+        {"$match": query},
+        _only("state", "exit_status"),
+        {"$group": {"_id": {"state": "$state", "exit_status": "$exit_status"}, "n": {"$sum": 1}}},
+    ]
     for row in tasks.aggregate(pipeline):
         state, status = row["_id"].get("state"), row["_id"].get("exit_status")
         states[state] = states.get(state, 0) + row["n"]
@@ -203,8 +216,12 @@ def _at_ranks(tasks, prefix, field, first, last):
     """The values of `field` at 0-based ranks `first` to `last` in
     ascending order: one `$sort`/`$skip`/`$limit` pipeline (the embedded
     store answers it from a sorted view, reading just those rows)."""
-    return [_path(row, field) for row in tasks.aggregate(prefix + [
-        {"$sort": {field: 1}}, {"$skip": first}, {"$limit": last - first + 1}, {"$project": {field: 1}}])]
+    return [
+        _path(row, field)
+        for row in tasks.aggregate(
+            prefix + [{"$sort": {field: 1}}, {"$skip": first}, {"$limit": last - first + 1}, {"$project": {field: 1}}]
+        )
+    ]
 
 
 def throughput(tasks, query, now):
@@ -220,8 +237,9 @@ def throughput(tasks, query, now):
         {"$match": {"history.ended": {"$gte": start}}},
         {"$project": {"_id": 0, "history.ended": 1, "history.exit_status": 1}},
     ]
-    buckets = [{"minute": start + timedelta(minutes=i), "finished": 0, "succeeded": 0}
-               for i in range(THROUGHPUT_MINUTES)]
+    buckets = [
+        {"minute": start + timedelta(minutes=i), "finished": 0, "succeeded": 0} for i in range(THROUGHPUT_MINUTES)
+    ]
     for row in tasks.aggregate(pipeline):
         index = int(seconds_between(start, row["history"]["ended"]) // 60)
         if 0 <= index < THROUGHPUT_MINUTES:  # an `ended` in the future (clock skew) is left out
@@ -244,15 +262,24 @@ def worker_load(db):
     workers in state `unknown`."""
     held = {}
     # Held tasks are as many as the workers' slots: summed here, in one read.
-    for doc in db[TASKS].find({"state": {"$in": [s.value for s in HELD]}, "worker": {"$ne": None}},
-                              {"worker": 1, "requested_resources": 1}):
+    for doc in db[TASKS].find(
+        {"state": {"$in": [s.value for s in HELD]}, "worker": {"$ne": None}}, {"worker": 1, "requested_resources": 1}
+    ):
         row = held.setdefault(doc["worker"], dict({key: 0 for key in RESOURCE_KEYS}, running=0))
         row["running"] += 1
         for key in RESOURCE_KEYS:
             row[key] += (doc.get("requested_resources") or {}).get(key) or 0
     items = []
-    projection = {"host": 1, "state": 1, "resources": 1, "last_heartbeat": 1, "_created": 1,
-                  "registered": 1, "lost": 1, "stopped": 1}
+    projection = {
+        "host": 1,
+        "state": 1,
+        "resources": 1,
+        "last_heartbeat": 1,
+        "_created": 1,
+        "registered": 1,
+        "lost": 1,
+        "stopped": 1,
+    }
     for doc in db[WORKERS].find({}, projection):
         items.append(_worker_item(doc, held.pop(doc["_id"], None)))
     for worker_id, row in held.items():
@@ -293,6 +320,7 @@ def _worker_item(doc, row):
 
 # -- Prometheus ----------------------------------------------------------
 
+
 class _Snapshot:
     """A prometheus_client collector over figures computed for one scrape
     (nothing is kept between requests, so any server process can answer)."""
@@ -307,38 +335,41 @@ class _Snapshot:
         for state, n in stats["states"].items():
             g.add_metric([state], n)
         yield g
-        g = GaugeMetricFamily("banyan_tasks_finished", "Finished tasks by final exit status.",
-                              labels=["exit_status"])
+        g = GaugeMetricFamily("banyan_tasks_finished", "Finished tasks by final exit status.", labels=["exit_status"])
         for status, n in stats["outcomes"].items():
             g.add_metric([status], n)
         yield g
-        c = CounterMetricFamily("banyan_attempts_finished", "Finished attempts by exit status.",
-                                labels=["exit_status"])
+        c = CounterMetricFamily("banyan_attempts_finished", "Finished attempts by exit status.", labels=["exit_status"])
         for status, n in stats["attempts"]["by_exit_status"].items():
             c.add_metric([status], n)
         yield c
         for name, doc, figures in (
-                ("banyan_attempt_runtime_seconds", "Runtime of finished attempts.", stats["attempts"]["runtime"]),
-                ("banyan_queue_wait_seconds", "Time from a task's creation to its first start.",
-                 stats["queue_wait"])):
+            ("banyan_attempt_runtime_seconds", "Runtime of finished attempts.", stats["attempts"]["runtime"]),
+            ("banyan_queue_wait_seconds", "Time from a task's creation to its first start.", stats["queue_wait"]),
+        ):
             g = GaugeMetricFamily(name, doc, labels=["stat"])
             for key in ("mean", "median", "p95", "max"):
                 if figures[key] is not None:
                     g.add_metric([key], figures[key])
             yield g
-        yield GaugeMetricFamily("banyan_attempts_finished_last_hour",
-                                "Attempts that finished in the last 60 minutes.",
-                                value=stats["throughput"]["finished"])
+        yield GaugeMetricFamily(
+            "banyan_attempts_finished_last_hour",
+            "Attempts that finished in the last 60 minutes.",
+            value=stats["throughput"]["finished"],
+        )
         g = GaugeMetricFamily("banyan_workers", "Workers by state.", labels=["state"])
         for state, n in workers["summary"]["states"].items():
             g.add_metric([state], n)
         yield g
-        running = GaugeMetricFamily("banyan_worker_running_tasks", "Tasks a worker holds.",
-                                    labels=["worker", "host"])
-        used = GaugeMetricFamily("banyan_worker_resources_used", "Resources requested by a worker's tasks.",
-                                 labels=["worker", "host", "resource"])
-        total = GaugeMetricFamily("banyan_worker_resources_total", "A worker's total resources.",
-                                  labels=["worker", "host", "resource"])
+        running = GaugeMetricFamily("banyan_worker_running_tasks", "Tasks a worker holds.", labels=["worker", "host"])
+        used = GaugeMetricFamily(
+            "banyan_worker_resources_used",
+            "Resources requested by a worker's tasks.",
+            labels=["worker", "host", "resource"],
+        )
+        total = GaugeMetricFamily(
+            "banyan_worker_resources_total", "A worker's total resources.", labels=["worker", "host", "resource"]
+        )
         for item in workers["_items"]:
             if item["state"] not in (WorkerState.ACTIVE, "unknown"):
                 continue

@@ -14,11 +14,24 @@ import os
 from datetime import timezone
 
 import pymongo.errors
+
 from banyan.store.adapter import DEFAULT_COMPACT_BYTES, DEFAULT_DATABASE, EmbeddedClient, EmbeddedCollection
 from banyan.store.errors import StoreCorrupt, StoreUnavailable
 
-__all__ = ['connect', 'one_sync', 'sync_visible', 'first', 'nul_path', 'find_in', 'NUL_REFUSED', 'EmbeddedClient',
-           'EmbeddedCollection', 'StoreCorrupt', 'StoreUnavailable', 'DEFAULT_DATABASE']
+__all__ = [
+    "connect",
+    "one_sync",
+    "sync_visible",
+    "first",
+    "nul_path",
+    "find_in",
+    "NUL_REFUSED",
+    "EmbeddedClient",
+    "EmbeddedCollection",
+    "StoreCorrupt",
+    "StoreUnavailable",
+    "DEFAULT_DATABASE",
+]
 
 #: Why a string holding a NUL character is refused (see `nul_path`).
 NUL_REFUSED = "must not contain a NUL character (\\u0000)"
@@ -34,10 +47,11 @@ def connect(mongo_uri=None, data_dir=None):
     if mongo_uri:
         # pymongo's client, with updates made atomic where the store's are not
         from banyan.server.document_locks import LockingClient
+
         return LockingClient(mongo_uri, tz_aware=True)
     if data_dir is None:
-        data_dir = os.path.join(os.path.expanduser('~'), '.banyan')
-    compact_bytes = int(os.environ.get('BANYAN_STORE_COMPACT_BYTES') or DEFAULT_COMPACT_BYTES)
+        data_dir = os.path.join(os.path.expanduser("~"), ".banyan")
+    compact_bytes = int(os.environ.get("BANYAN_STORE_COMPACT_BYTES") or DEFAULT_COMPACT_BYTES)
     return EmbeddedClient(data_dir, compact_bytes=compact_bytes)
 
 
@@ -129,8 +143,12 @@ def find_in(collection, key, values, filter=None, projection=None):
     values = list(dict.fromkeys(values))
     filter = filter or {}
     if len(values) > FIND_IN_ONE_BY_ONE:
-        return list(collection.find({"$and": [{key: {"$in": values}}, filter]} if key in filter
-                                    else dict(filter, **{key: {"$in": values}}), projection))
+        return list(
+            collection.find(
+                {"$and": [{key: {"$in": values}}, filter]} if key in filter else dict(filter, **{key: {"$in": values}}),
+                projection,
+            )
+        )
     found = []
     for value in values:
         one = {"$and": [{key: value}, filter]} if key in filter else dict(filter, **{key: value})

@@ -11,12 +11,11 @@ from eve.io.mongo import Validator
 from flask import current_app as app
 
 from banyan.server import auth, states, virtual
-from banyan.server.store import NUL_REFUSED, find_in, nul_path
 from banyan.server.identity import current_identity
 from banyan.server.refusals import refuse
-from banyan.units import parse_size
 from banyan.server.services import services
-
+from banyan.server.store import NUL_REFUSED, find_in, nul_path
+from banyan.units import parse_size
 
 #: The largest task a client may store, in BSON bytes: MongoDB refuses
 #: documents over 16 MiB, and a task keeps growing by its attempts.
@@ -29,7 +28,6 @@ _DEFINITIONS = {}
 
 
 class BanyanValidator(Validator):
-
     @property
     def schema(self):
         return self._schema
@@ -84,8 +82,9 @@ class BanyanValidator(Validator):
                 return ok  # not BSON as it stands: Eve's own checks and the store answer for it
             if size > MAX_DOCUMENT_BYTES:
                 largest = max(self.document, key=lambda k: len(repr(self.document[k])))
-                self._error(largest, "makes the task %d bytes; a task may take at most %d (15 MiB)"
-                            % (size, MAX_DOCUMENT_BYTES))
+                self._error(
+                    largest, "makes the task %d bytes; a task may take at most %d (15 MiB)" % (size, MAX_DOCUMENT_BYTES)
+                )
                 return False
         return ok
 
@@ -98,8 +97,9 @@ class BanyanValidator(Validator):
                 services(app).queue.authorize_update(document, current_identity())
             except states.TransitionError as e:
                 refuse(e)
-        return self._fits(super().validate_update(document, document_id, persisted_document, normalize_document),
-                          update=True)
+        return self._fits(
+            super().validate_update(document, document_id, persisted_document, normalize_document), update=True
+        )
 
     def _validate_maxlength(self, max_length, field, value):
         """{'type': 'integer'}"""
@@ -152,8 +152,9 @@ class BanyanValidator(Validator):
         if not (creation_only and self.is_update_operation):
             return
         if field == "continuations":
-            self._error(field, "'%s' is set when a task is created; change it with "
-                        "add_%s / remove_%s" % (field, field, field))
+            self._error(
+                field, "'%s' is set when a task is created; change it with add_%s / remove_%s" % (field, field, field)
+            )
         else:
             self._error(field, "'%s' is set when a task is created and cannot change" % field)
 
@@ -181,13 +182,18 @@ class BanyanValidator(Validator):
         if spec is None or spec.get("readonly"):
             return
         if not self.is_update_operation:
-            self._error(field, "'%s' changes an existing %s: PATCH it or POST /%s/<id>/%s"
-                        % (field, self.resource[:-1], self.resource, field))
+            self._error(
+                field,
+                "'%s' changes an existing %s: PATCH it or POST /%s/<id>/%s"
+                % (field, self.resource[:-1], self.resource, field),
+            )
             return
         for other, other_spec in virtual.specs(self.resource, virtual.LIST_KINDS).items():
             if other != field and other in self.document and other_spec["target"] == spec["target"]:
-                self._error(field, "'%s' and '%s' both change '%s'; send them in separate requests"
-                            % (field, other, spec["target"]))
+                self._error(
+                    field,
+                    "'%s' and '%s' both change '%s'; send them in separate requests" % (field, other, spec["target"]),
+                )
 
     def _validate_writable_by(self, roles, field, value):
         """{'type': 'list', 'schema': {'type': 'string', 'allowed': ['admin', 'user', 'worker']}}"""
@@ -216,14 +222,23 @@ class BanyanValidator(Validator):
         # per value costs Cerberus quadratic time on a long list.
         missing = [v for v in values if v not in related]
         if missing:
-            self._error(field, "value%s %s must exist in resource '%s', field '%s'."
-                        % ("s" if len(missing) > 1 else "", _first(missing), data_relation["resource"],
-                           data_relation["field"]))
+            self._error(
+                field,
+                "value%s %s must exist in resource '%s', field '%s'."
+                % ("s" if len(missing) > 1 else "", _first(missing), data_relation["resource"], data_relation["field"]),
+            )
         required = states.CONTINUATION_STATE.value if data_relation.get("continuation") else None
         wrong = [v for v in values if v in related and required and related[v].get("state") != required]
         if wrong:
-            self._error(field, "%s must be '%s' (%s)" % (
-                _first(wrong), required, ", ".join("'%s' is '%s'" % (v, related[v].get("state")) for v in wrong[:5])))
+            self._error(
+                field,
+                "%s must be '%s' (%s)"
+                % (
+                    _first(wrong),
+                    required,
+                    ", ".join("'%s' is '%s'" % (v, related[v].get("state")) for v in wrong[:5]),
+                ),
+            )
 
     @staticmethod
     def related_documents(resource, key, values):

@@ -70,11 +70,20 @@ KINDS = ("append", "remove", "alias")
 LIST_KINDS = ("append", "remove")
 #: Rules of a target field that only say "not directly"; a virtual field
 #: exists precisely to write the target in its own way.
-_TARGET_ONLY_RULES = ("default", "creation_only", "readonly", "required", "write_once", "writable_by",
-                      "unique", "nullable")
+_TARGET_ONLY_RULES = (
+    "default",
+    "creation_only",
+    "readonly",
+    "required",
+    "write_once",
+    "writable_by",
+    "unique",
+    "nullable",
+)
 
 
 # -- settings -------------------------------------------------------------
+
 
 def normalize_spec(name, spec, domain):
     """A complete, checked copy of one VIRTUAL_RESOURCES entry (raises
@@ -104,8 +113,11 @@ def normalize_spec(name, spec, domain):
 def specs(resource=None, kinds=KINDS):
     """The current app's virtual fields {name: spec}, optionally only those
     of `resource` and of the given kinds."""
-    return {name: spec for name, spec in app.config["VIRTUAL_RESOURCES"].items()
-            if spec["kind"] in kinds and (resource is None or spec["resource"] == resource)}
+    return {
+        name: spec
+        for name, spec in app.config["VIRTUAL_RESOURCES"].items()
+        if spec["kind"] in kinds and (resource is None or spec["resource"] == resource)
+    }
 
 
 def field_schema(name, spec, target_schema):
@@ -122,6 +134,7 @@ def field_schema(name, spec, target_schema):
 
 
 # -- registration -----------------------------------------------------------
+
 
 def register_virtual_resources(app):
     """Build every entry of VIRTUAL_RESOURCES (one blueprint for all), the
@@ -149,14 +162,13 @@ def register_virtual_resource(app, name, spec, blueprint):
     if spec["kind"] == "alias":
         blueprint.add_url_rule(url, endpoint + "_gather", view_func=gather, methods=["GET"], defaults=defaults)
     if not spec["readonly"]:
-        blueprint.add_url_rule(url, endpoint + "_resource", view_func=write_many, methods=["POST"],
-                               defaults=defaults)
-        blueprint.add_url_rule(item_url, endpoint + "_item", view_func=write_one, methods=["POST"],
-                               defaults=defaults)
+        blueprint.add_url_rule(url, endpoint + "_resource", view_func=write_many, methods=["POST"], defaults=defaults)
+        blueprint.add_url_rule(item_url, endpoint + "_item", view_func=write_one, methods=["POST"], defaults=defaults)
     log.debug("virtual field %s.%s: %s", resource, name, spec)
 
 
 # -- views --------------------------------------------------------------------
+
 
 @requires_auth("resource")
 def gather(resource, name):
@@ -190,8 +202,11 @@ def write_many(resource, name):
     updates = []
     for i, group in enumerate(groups):
         if not isinstance(group, dict) or set(group) != {"targets", key}:
-            abort(400, description="item %d of the body must be an object with exactly the keys "
-                                   "'targets' and '%s' (%s), not %s" % (i, key, shape, json.dumps(group)[:200]))
+            abort(
+                400,
+                description="item %d of the body must be an object with exactly the keys "
+                "'targets' and '%s' (%s), not %s" % (i, key, shape, json.dumps(group)[:200]),
+            )
         targets = group["targets"]
         if not isinstance(targets, list) or not targets:
             abort(400, description="item %d: 'targets' must be a non-empty list of task ids" % i)
@@ -217,12 +232,15 @@ def _object_id(value, status):
 
 # -- writes: checks shared by every form ---------------------------------------
 
+
 def check_writable(name, spec):
     """403 unless the caller's role may write the virtual field `name`."""
     role = current_identity().role
     if role not in spec["writable_by"]:
-        abort(403, description="'%s' may be written only by %s, not by a %s"
-                               % (name, " or ".join(spec["writable_by"]), role))
+        abort(
+            403,
+            description="'%s' may be written only by %s, not by a %s" % (name, " or ".join(spec["writable_by"]), role),
+        )
 
 
 def prepare_update(resource, document):
@@ -277,6 +295,7 @@ def update_operators(resource, updates):
 
 # -- reads: aliases in projections ---------------------------------------------
 
+
 def plan_projection(resource, projection):
     """Map a client projection over virtual fields to one over stored
     fields, and remember (per request) which aliases to show and which
@@ -295,8 +314,11 @@ def plan_projection(resource, projection):
         if inclusive and not projection.get(target):
             parts = [k for k in projection if k.startswith(target + ".")]
             if parts:
-                abort(400, description="'projection' asks for '%s', computed from all of '%s', and for "
-                                       "'%s' alone: ask for one or the other" % (name, target, parts[0]))
+                abort(
+                    400,
+                    description="'projection' asks for '%s', computed from all of '%s', and for "
+                    "'%s' alone: ask for one or the other" % (name, target, parts[0]),
+                )
             projection[target] = 1
             hide.append(target)
         elif not inclusive and target in projection and not projection[target]:

@@ -26,8 +26,8 @@ from bson.errors import InvalidId
 from flask import Blueprint, current_app
 
 from banyan.server import store, worker_requests
-from banyan.server.held import HeldRequests
 from banyan.server.auth import check_role, owner_filter
+from banyan.server.held import HeldRequests
 from banyan.server.services import services
 
 
@@ -78,8 +78,7 @@ def wait_finished(task_ids, timeout):
     deadline = time.monotonic() + timeout
     recheck = config["WAIT_RECHECK_INTERVAL"]
     left = list(task_ids)
-    with (waiters.waiting(left, config["WAIT_MAX_WAITERS"]) if timeout > 0
-          else contextlib.nullcontext()) as event:
+    with waiters.waiting(left, config["WAIT_MAX_WAITERS"]) if timeout > 0 else contextlib.nullcontext() as event:
         while True:
             if event is not None:
                 event.clear()
@@ -94,8 +93,10 @@ def wait_finished(task_ids, timeout):
     # What was read may be writes another request has made visible and not
     # yet synced: an answer never reports what a crash could still undo.
     store.sync_visible(queue.tasks.database.client)
-    return {"unfinished": {str(task_id): state for task_id, state in unfinished.items()},
-            "waited": event is not None or timeout == 0}
+    return {
+        "unfinished": {str(task_id): state for task_id, state in unfinished.items()},
+        "waited": event is not None or timeout == 0,
+    }
 
 
 blueprint = Blueprint("waits", __name__)
@@ -111,7 +112,9 @@ def wait_view():
     limit = current_app.config["WAIT_MAX_IDS"]
     if not isinstance(ids, list) or not 0 < len(ids) <= limit:
         issues["ids"] = "must be a list of 1 to %d task ids, not %s" % (
-            limit, "%d ids" % len(ids) if isinstance(ids, list) else repr(ids)[:100])
+            limit,
+            "%d ids" % len(ids) if isinstance(ids, list) else repr(ids)[:100],
+        )
     else:
         for value in ids:
             try:

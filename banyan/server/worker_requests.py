@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 class Issues(dict):
     def refuse(self):
         if self:
-            body = {"_status": "ERR", "_issues": dict(self),
-                    "_error": {"code": 422, "message": "; ".join("%s: %s" % kv for kv in self.items())}}
+            body = {
+                "_status": "ERR",
+                "_issues": dict(self),
+                "_error": {"code": 422, "message": "; ".join("%s: %s" % kv for kv in self.items())},
+            }
             abort(reply(body, 422))
 
 
@@ -91,8 +94,9 @@ def parse_usage(value, field, issues):
         return None
     bad = [k for k in value if not USAGE_NAME.match(k)]
     if bad:
-        issues[field] = ("names must be letters, digits and '_' (up to 64, not starting with a digit), "
-                         "not %r" % (bad[0],))
+        issues[field] = "names must be letters, digits and '_' (up to 64, not starting with a digit), not %r" % (
+            bad[0],
+        )
         return None
     for key, v in value.items():
         if v is not None and (not is_number(v) or v < 0):
@@ -119,8 +123,9 @@ def parse_live_output(value, field, issues):
             output[name] = None
         if output[name] is None:
             issues["%s.%s_base64" % (field, name)] = "must be a base64 string"
-        output[name + "_written"] = parse_integer(value.get(name + "_written", len(output[name] or b"")),
-                                             "%s.%s_written" % (field, name), issues, 0)
+        output[name + "_written"] = parse_integer(
+            value.get(name + "_written", len(output[name] or b"")), "%s.%s_written" % (field, name), issues, 0
+        )
     return output
 
 
@@ -144,10 +149,17 @@ def parse_progress(value, field, issues):
 def parse_integer(value, field, issues, low=None, high=None, default=None, nullable=False):
     if value is None and (nullable or default is not None):
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) \
-            or (high is not None and value > high):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+    ):
         issues[field] = "must be an integer%s%s, not %r" % (
-            "" if low is None else " >= %s" % low, "" if high is None else " <= %s" % high, value)
+            "" if low is None else " >= %s" % low,
+            "" if high is None else " <= %s" % high,
+            value,
+        )
         return None
     return value
 
@@ -182,6 +194,7 @@ def reply(body, status=200):
     response.mimetype = "application/json"
     return response
 
+
 REPORT_FIELDS = ("attempt", "outcome", "exit_code", "stdout", "stderr", "stdout_base64", "stderr_base64", "usage")
 
 
@@ -195,8 +208,14 @@ def parse_finish_report(body, prefix, issues):
     exit_code = parse_integer(body.get("exit_code"), prefix + "exit_code", issues, nullable=True)
     output = {name: parse_output(body, name, issues, prefix) for name in ("stdout", "stderr")}
     usage = parse_usage(body.get("usage") or None, prefix + "usage", issues)
-    return {"attempt": attempt, "outcome": outcome, "exit_code": exit_code,
-            "stdout": output["stdout"], "stderr": output["stderr"], "usage": usage}
+    return {
+        "attempt": attempt,
+        "outcome": outcome,
+        "exit_code": exit_code,
+        "stdout": output["stdout"],
+        "stderr": output["stderr"],
+        "usage": usage,
+    }
 
 
 def parse_finish_reports(value, issues):
@@ -205,7 +224,9 @@ def parse_finish_reports(value, issues):
         return []
     if not isinstance(value, list) or len(value) > current_app.config["CLAIM_MAX_TASKS"]:
         issues["finished"] = "must be a list of at most %d reports {task, attempt, outcome, ...}, not %s" % (
-            current_app.config["CLAIM_MAX_TASKS"], "%d" % len(value) if isinstance(value, list) else repr(value)[:100])
+            current_app.config["CLAIM_MAX_TASKS"],
+            "%d" % len(value) if isinstance(value, list) else repr(value)[:100],
+        )
         return []
     reports = []
     for i, entry in enumerate(value):

@@ -34,9 +34,19 @@ class WorkerRegistry:
 
     def register(self, host, resources, token_id=None):
         now = utcnow()
-        doc = {"_id": ObjectId(), "host": host, "resources": resources, "state": WorkerState.ACTIVE.value,
-               "registered": now, "last_heartbeat": now, "stopped": None, "token_id": token_id,
-               "abandon_pending": False, "_created": now, "_updated": now}
+        doc = {
+            "_id": ObjectId(),
+            "host": host,
+            "resources": resources,
+            "state": WorkerState.ACTIVE.value,
+            "registered": now,
+            "last_heartbeat": now,
+            "stopped": None,
+            "token_id": token_id,
+            "abandon_pending": False,
+            "_created": now,
+            "_updated": now,
+        }
         self.workers.insert_one(doc)
         self._offers = None
         return doc
@@ -55,7 +65,9 @@ class WorkerRegistry:
         now = now or utcnow()
         return self.workers.find_one_and_update(
             {"_id": worker_id, "state": WorkerState.ACTIVE.value},
-            {"$set": {"last_heartbeat": now, "_updated": now}}, return_document=ReturnDocument.AFTER)
+            {"$set": {"last_heartbeat": now, "_updated": now}},
+            return_document=ReturnDocument.AFTER,
+        )
 
     def is_active(self, worker_id):
         return self.workers.find_one({"_id": worker_id, "state": WorkerState.ACTIVE.value}, {"_id": 1}) is not None
@@ -100,10 +112,20 @@ class WorkerRegistry:
         need abandoning (`abandon_pending`)."""
         now = utcnow()
         self._offers = None
-        return self.workers.update_one(
-            {"_id": worker_id, "state": WorkerState.ACTIVE.value},
-            {"$set": {"state": WorkerState.STOPPED.value, "stopped": now, "_updated": now,
-                      "abandon_pending": True}}).modified_count == 1
+        return (
+            self.workers.update_one(
+                {"_id": worker_id, "state": WorkerState.ACTIVE.value},
+                {
+                    "$set": {
+                        "state": WorkerState.STOPPED.value,
+                        "stopped": now,
+                        "_updated": now,
+                        "abandon_pending": True,
+                    }
+                },
+            ).modified_count
+            == 1
+        )
 
     def mark_silent_lost(self, timeout, now=None):
         """Mark lost the active workers silent for more than `timeout`
@@ -112,11 +134,13 @@ class WorkerRegistry:
         now = now or utcnow()
         cutoff = now - timedelta(seconds=timeout)
         lost = []
-        for doc in self.workers.find({"state": WorkerState.ACTIVE.value, "last_heartbeat": {"$lt": cutoff}},
-                                     {"last_heartbeat": 1}):
+        for doc in self.workers.find(
+            {"state": WorkerState.ACTIVE.value, "last_heartbeat": {"$lt": cutoff}}, {"last_heartbeat": 1}
+        ):
             result = self.workers.update_one(
                 {"_id": doc["_id"], "state": WorkerState.ACTIVE.value, "last_heartbeat": doc["last_heartbeat"]},
-                {"$set": {"state": WorkerState.LOST.value, "lost": now, "_updated": now, "abandon_pending": True}})
+                {"$set": {"state": WorkerState.LOST.value, "lost": now, "_updated": now, "abandon_pending": True}},
+            )
             if result.modified_count:
                 log.warning("worker %s silent since %s: marked lost", doc["_id"], doc["last_heartbeat"])
                 lost.append(doc["_id"])
@@ -128,8 +152,7 @@ class WorkerRegistry:
         return [d["_id"] for d in self.workers.find({"abandon_pending": True}, {"_id": 1})]
 
     def abandoned(self, worker_id):
-        self.workers.update_one({"_id": worker_id, "abandon_pending": True},
-                                {"$set": {"abandon_pending": False}})
+        self.workers.update_one({"_id": worker_id, "abandon_pending": True}, {"$set": {"abandon_pending": False}})
 
 
 def abandon_worker(registry, queue, worker_id):

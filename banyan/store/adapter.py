@@ -18,13 +18,12 @@ classes over mongomock, made fit for serving.
 
 import collections.abc
 import copy
-
-import bson
 import datetime
 import functools
 import itertools
 import re
 
+import bson
 import mongomock
 import pymongo
 from bson import ObjectId
@@ -33,30 +32,28 @@ from mongomock import codec_options as mm_codec_options
 from mongomock import collection as mm_collection
 from mongomock import command_cursor as mm_command_cursor
 from mongomock import database as mm_database
-from mongomock import filtering
-from mongomock import helpers
+from mongomock import filtering, helpers
 from mongomock import read_preferences as mm_read_preferences
 from mongomock import store as mm_store
 from mongomock.filtering import filter_applies
 from pymongo import ReturnDocument
-from pymongo.errors import (BulkWriteError, ConfigurationError, DuplicateKeyError,
-                            OperationFailure, WriteError)
+from pymongo.errors import BulkWriteError, ConfigurationError, DuplicateKeyError, OperationFailure, WriteError
 from pymongo.results import BulkWriteResult
 
-from banyan.store.documents import Documents, decode, encode, raw_id
 from banyan.store.aggregation import _READ_ONLY_STAGES, fast_stage, inclusion_projection, stage_name
 from banyan.store.aggregation import _unwind_stage as _unwind_rows
+from banyan.store.documents import Documents, decode, encode, raw_id
 from banyan.store.engine import Engine
 from banyan.store.indexes import EMPTY_KEY, TOP, SecondaryIndex, asc_key, indexable_spec
-from banyan.store.views import GroupView, SortView, ViewSet
 from banyan.store.planning import eq_conditions, lower_bounds, matcher, mongomock_sort, norm_sort, store_key
+from banyan.store.views import GroupView, SortView, ViewSet
 
 #: The mongomock versions this adapter is tested with (it subclasses
 #: mongomock's classes and calls a few of their internals); pyproject.toml
 #: pins the same range.
 TESTED_MONGOMOCK = ((4, 3), (4, 4))  # >= 4.3, < 4.4
 DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
-DEFAULT_DATABASE = 'banyan'
+DEFAULT_DATABASE = "banyan"
 _MAX_RANGES = 256
 #: Documents a long read examines per hold of the lock.
 SCAN_SLICE = 50
@@ -64,7 +61,7 @@ SCAN_SLICE = 50
 VIEWS = 24
 #: Stages that act on each document alone: a pipeline's leading run of them
 #: gives each document's rows independently of the others.
-_PER_DOCUMENT_STAGES = {'$match', '$project', '$unwind', '$addFields', '$set', '$unset'}
+_PER_DOCUMENT_STAGES = {"$match", "$project", "$unwind", "$addFields", "$set", "$unset"}
 
 
 def _sort_key(field, doc):
@@ -80,13 +77,14 @@ def _sort_key(field, doc):
         value = copy.deepcopy(value)
     return asc_key(value)
 
+
 # mongomock deep-copies a document for every read and update, and the undo
 # copy of `touch` is one more. ObjectIds and datetimes are immutable, yet
 # `copy.deepcopy` rebuilds each through `__reduce_ex__`: a task whose
 # `pending_parents` lists 500 ids cost ~5 ms of copies per update (a
 # 1 -> 500 -> 1 graph: O(n^2)). Copying them as the atoms they are halves
 # the CPU per finished task there. Only speed depends on this private table.
-_DEEPCOPY_ATOMS = getattr(copy, '_deepcopy_dispatch', None)
+_DEEPCOPY_ATOMS = getattr(copy, "_deepcopy_dispatch", None)
 if _DEEPCOPY_ATOMS is not None:
     for _atom in (ObjectId, datetime.datetime):
         _DEEPCOPY_ATOMS.setdefault(_atom, lambda value, memo: value)
@@ -96,6 +94,7 @@ if _DEEPCOPY_ATOMS is not None:
 # Stores: mongomock's in-memory stores, with secondary indexes and journaling
 # hooks on every change.
 # ---------------------------------------------------------------------------
+
 
 class _CollectionStore(mm_store.CollectionStore):
     """mongomock CollectionStore keeping secondary indexes in sync.
@@ -113,12 +112,12 @@ class _CollectionStore(mm_store.CollectionStore):
         self._seq_counter = itertools.count()
         self._key_seq = {}
         self._seq_key = {}
-        self._sec = {}          # index name -> SecondaryIndex
-        self._pending = []      # store keys touched in place, to write back and re-index
-        self._undo = None       # store key of the document the update under way changes
-        self.view_sets = {}     # per-document stages (encoded) -> ViewSet
-        self.recording = None   # None, 'one' or 'multi' while in _update
-        self.deferred = False   # while loading: index everything at the end
+        self._sec = {}  # index name -> SecondaryIndex
+        self._pending = []  # store keys touched in place, to write back and re-index
+        self._undo = None  # store key of the document the update under way changes
+        self.view_sets = {}  # per-document stages (encoded) -> ViewSet
+        self.recording = None  # None, 'one' or 'multi' while in _update
+        self.deferred = False  # while loading: index everything at the end
 
     # -- index maintenance -------------------------------------------------
     # A document's index entries are computed from its stored BSON, when it
@@ -129,7 +128,7 @@ class _CollectionStore(mm_store.CollectionStore):
         ObjectId (the index entries then share it instead of a copy each)."""
         doc = decode(raw)
         if type(key) is ObjectId:  # pylint: disable=unidiomatic-typecheck
-            doc['_id'] = key
+            doc["_id"] = key
         return doc
 
     def _index_doc(self, key):
@@ -180,10 +179,10 @@ class _CollectionStore(mm_store.CollectionStore):
 
     def touch(self, doc):
         """`doc` (read from the store) is about to be changed in place by an update."""
-        key = store_key(doc['_id'])
+        key = store_key(doc["_id"])
         self._pending.append(key)
         before = self._documents.raw(key)
-        self._engine.note_touch(self, key, doc['_id'], before)
+        self._engine.note_touch(self, key, doc["_id"], before)
         self._engine.note_undo(self, key, before)
         self._documents.live[key] = doc
         self._undo = key
@@ -221,8 +220,7 @@ class _CollectionStore(mm_store.CollectionStore):
         if not self.deferred:
             self._index_doc(key)
         if not self._engine.replaying:
-            self._engine.note_doc(self, key, val['_id'] if isinstance(val, dict) else raw_id(encode(val)),
-                                  forced=True)
+            self._engine.note_doc(self, key, val["_id"] if isinstance(val, dict) else raw_id(encode(val)), forced=True)
 
     def __delitem__(self, key):
         old = self._documents.raw(key)
@@ -237,7 +235,7 @@ class _CollectionStore(mm_store.CollectionStore):
 
     def create(self):
         super().create()
-        self._engine.note({'o': 'mk', 'd': self.db_name, 'c': self.name})
+        self._engine.note({"o": "mk", "d": self.db_name, "c": self.name})
 
     def drop(self):
         super().drop()
@@ -247,23 +245,22 @@ class _CollectionStore(mm_store.CollectionStore):
         self._seq_key.clear()
         self._sec.clear()
         self._pending = []
-        self._engine.note({'o': 'drop', 'd': self.db_name, 'c': self.name})
+        self._engine.note({"o": "drop", "d": self.db_name, "c": self.name})
 
     def create_index(self, index_name, index_dict):
         unchanged = self.indexes.get(index_name) == index_dict
         super().create_index(index_name, index_dict)
         if unchanged and (index_name in self._sec or not indexable_spec(index_dict)):
             return
-        self._engine.note({'o': 'ix', 'd': self.db_name, 'c': self.name,
-                           'n': index_name, 's': index_dict})
+        self._engine.note({"o": "ix", "d": self.db_name, "c": self.name, "n": index_name, "s": index_dict})
         self._sec.pop(index_name, None)
         if not indexable_spec(index_dict):
             return
         if self.deferred:
-            self._sec[index_name] = SecondaryIndex(index_dict['key'])
+            self._sec[index_name] = SecondaryIndex(index_dict["key"])
             return
         self.flush_touched()
-        self._build_indexes({index_name: SecondaryIndex(index_dict['key'])})
+        self._build_indexes({index_name: SecondaryIndex(index_dict["key"])})
 
     def _build_indexes(self, indexes):
         """Fill the new, empty `indexes` ({name: SecondaryIndex}) from every
@@ -299,8 +296,7 @@ class _CollectionStore(mm_store.CollectionStore):
     def drop_index(self, index_name):
         super().drop_index(index_name)
         self._sec.pop(index_name, None)
-        self._engine.note({'o': 'dx', 'd': self.db_name, 'c': self.name,
-                           'n': index_name})
+        self._engine.note({"o": "dx", "d": self.db_name, "c": self.name, "n": index_name})
 
     # -- query planning ----------------------------------------------------
     def _ordered_by_seq(self, keys):
@@ -321,9 +317,9 @@ class _CollectionStore(mm_store.CollectionStore):
         conds = eq_conditions(spec, {})
         if not conds:
             return self._range_plan(spec, sort)
-        if '_id' in conds:
+        if "_id" in conds:
             keys = set()
-            for v in conds['_id']:
+            for v in conds["_id"]:
                 if isinstance(v, dict):
                     return None
                 try:
@@ -349,22 +345,22 @@ class _CollectionStore(mm_store.CollectionStore):
             if not prefix:
                 continue
             aligned = False
-            if (sort_fields is not None and nranges == 1 and all(
-                    isinstance(d, (int, float)) and d for _, d in sort_fields)):
+            if (
+                sort_fields is not None
+                and nranges == 1
+                and all(isinstance(d, (int, float)) and d for _, d in sort_fields)
+            ):
                 j = len(prefix)
                 fixed = {f for (f, _), st in zip(idx.fields[:j], idx.stats) if not st[0]}
                 wanted = [(f, 1 if d > 0 else -1) for f, d in sort_fields if f not in fixed]
-                aligned = (wanted == idx.fields[j:]
-                           and not any(st[0] for st in idx.stats[j:]))
+                aligned = wanted == idx.fields[j:] and not any(st[0] for st in idx.stats[j:])
             score = (len(prefix), aligned, -len(idx.fields))
             if best is None or score > best[0]:
                 best = (score, name, idx, prefix, aligned)
         if best is None:
             return self._range_plan(spec, sort)
         _, _, idx, prefix, aligned = best
-        per_field = [
-            [k for v in conds[field] for k in idx.lookup_keys(pos, v)]
-            for pos, field in enumerate(prefix)]
+        per_field = [[k for v in conds[field] for k in idx.lookup_keys(pos, v)] for pos, field in enumerate(prefix)]
         ranges = list(itertools.product(*per_field))
         if aligned and len(ranges) == 1:
             return self._iter_range(idx, ranges[0]), True
@@ -416,13 +412,12 @@ class _DatabaseStore(mm_store.DatabaseStore):
         try:
             return self._collections[col_name]
         except KeyError:
-            col = self._collections[col_name] = _CollectionStore(
-                col_name, self._engine, self._db_name)
+            col = self._collections[col_name] = _CollectionStore(col_name, self._engine, self._db_name)
             col.deferred = self._engine.replaying
             return col
 
     def rename(self, name, new_name):
-        raise NotImplementedError('rename is not supported by the embedded store')
+        raise NotImplementedError("rename is not supported by the embedded store")
 
 
 class _ServerStore(mm_store.ServerStore):
@@ -442,6 +437,7 @@ class _ServerStore(mm_store.ServerStore):
 # pymongo-shaped classes
 # ---------------------------------------------------------------------------
 
+
 class _Cursor(mm_collection.Cursor):
     """mongomock Cursor that only materializes skip+limit documents."""
 
@@ -459,8 +455,7 @@ class _Cursor(mm_collection.Cursor):
         if self._results is None or self._cache_key not in (wanted, full):
             results = self._factory(stop=stop)
             if self.collection.codec_options.tz_aware:
-                results = [helpers.make_datetime_timezone_aware_in_document(x)
-                           for x in results]
+                results = [helpers.make_datetime_timezone_aware_in_document(x) for x in results]
             self._results = results
             self._cache_key = wanted
             self._window_key = None
@@ -470,16 +465,15 @@ class _Cursor(mm_collection.Cursor):
             # anew each time made iterating n documents cost n squared.
             key = (self._skip, self._limit)
             if self._window_key != key:
-                window = results[self._skip:]
+                window = results[self._skip :]
                 if self._limit:
-                    window = window[:abs(self._limit)]
+                    window = window[: abs(self._limit)]
                 self._window, self._window_key = window, key
             results = self._window
         return results
 
     def clone(self):
-        cursor = _Cursor(self.collection, self._spec, self._sort, self._projection,
-                         self._skip, self._limit)
+        cursor = _Cursor(self.collection, self._spec, self._sort, self._projection, self._skip, self._limit)
         cursor._factory = self._factory
         return cursor
 
@@ -491,6 +485,7 @@ def _locked(name):
     def method(self, *args, **kwargs):
         with self._engine.op():
             return base(self, *args, **kwargs)
+
     return method
 
 
@@ -502,27 +497,45 @@ class EmbeddedCollection(mm_collection.Collection):
         return self.database.client._engine  # pylint: disable=protected-access
 
     def __reduce__(self):  # pragma: no cover - defensive
-        raise TypeError('EmbeddedCollection cannot be pickled')
+        raise TypeError("EmbeddedCollection cannot be pickled")
 
     # -- reads ---------------------------------------------------------------
-    def find(self, filter=None, projection=None, skip=0, limit=0,  # pylint: disable=redefined-builtin
-             no_cursor_timeout=False, cursor_type=None, sort=None,
-             allow_partial_results=False, oplog_replay=False, modifiers=None,
-             batch_size=0, manipulate=True, collation=None, session=None,
-             max_time_ms=None, allow_disk_use=False, **kwargs):
+    def find(
+        self,
+        filter=None,
+        projection=None,
+        skip=0,
+        limit=0,  # pylint: disable=redefined-builtin
+        no_cursor_timeout=False,
+        cursor_type=None,
+        sort=None,
+        allow_partial_results=False,
+        oplog_replay=False,
+        modifiers=None,
+        batch_size=0,
+        manipulate=True,
+        collation=None,
+        session=None,
+        max_time_ms=None,
+        allow_disk_use=False,
+        **kwargs,
+    ):
         spec = {} if filter is None else filter
-        mm_collection.validate_is_mapping('filter', spec)
+        mm_collection.validate_is_mapping("filter", spec)
         for kwarg, value in kwargs.items():
             if value:
                 raise OperationFailure("Unrecognized field '%s'" % kwarg)
-        return _Cursor(self, spec, sort, projection, skip, limit,
-                       collation=collation).max_time_ms(max_time_ms).allow_disk_use(allow_disk_use)
+        return (
+            _Cursor(self, spec, sort, projection, skip, limit, collation=collation)
+            .max_time_ms(max_time_ms)
+            .allow_disk_use(allow_disk_use)
+        )
 
     def find_one(self, filter=None, *args, **kwargs):  # pylint: disable=keyword-arg-before-vararg,redefined-builtin
         if filter is None:
             filter = {}
         if not isinstance(filter, collections.abc.Mapping):
-            filter = {'_id': filter}
+            filter = {"_id": filter}
         for doc in self.find(filter, *args, **kwargs).limit(-1):
             return doc
         return None
@@ -538,7 +551,7 @@ class EmbeddedCollection(mm_collection.Collection):
             match = matcher(spec)
             keys, ordered = self._scan_keys(plan, sort)
             sort_fields = [] if ordered else norm_sort(sort)
-            if keys is None or sort_fields is None or any(k.startswith('$') for k, _ in sort_fields):
+            if keys is None or sort_fields is None or any(k.startswith("$") for k, _ in sort_fields):
                 return self._dataset_now(plan, sort, match, fields, as_class, stop)
         if stop is not None and stop <= 0:
             return []
@@ -549,10 +562,11 @@ class EmbeddedCollection(mm_collection.Collection):
         copy_later = bool(sort_fields) and stop is not None
 
         def take(doc):
-            rows.append(store_key(doc['_id']) if copy_later else self._copy_only_fields(doc, fields, as_class))
+            rows.append(store_key(doc["_id"]) if copy_later else self._copy_only_fields(doc, fields, as_class))
             for (field, _), keys_of_field in zip(sort_fields, sort_keys):
                 keys_of_field.append(_sort_key(field, doc))
             return not sort_fields and stop is not None and len(rows) >= stop
+
         self._scan(keys, match, take)
         if not sort_fields:
             return rows
@@ -601,7 +615,7 @@ class EmbeddedCollection(mm_collection.Collection):
             return list(store._documents), not sort  # pylint: disable=protected-access
         docs, ordered = plan
         if isinstance(docs, list) and len(docs) > SCAN_SLICE:
-            return [store_key(d['_id']) for d in docs], ordered
+            return [store_key(d["_id"]) for d in docs], ordered
         return None, ordered
 
     def _scan(self, keys, match, visit):
@@ -616,7 +630,7 @@ class EmbeddedCollection(mm_collection.Collection):
                 self._engine.let_waiters_in()
             with self._engine.op():
                 documents = self._store._documents  # pylint: disable=protected-access  # (a drop replaces it)
-                for key in keys[start:start + SCAN_SLICE]:
+                for key in keys[start : start + SCAN_SLICE]:
                     doc = documents.get(key)
                     if doc is not None and match(doc) and visit(doc):
                         return
@@ -632,7 +646,7 @@ class EmbeddedCollection(mm_collection.Collection):
             docs = (doc for doc in map(documents.get, list(documents)) if doc is not None)
         else:
             docs = plan[0]
-            if recording == 'multi':
+            if recording == "multi":
                 docs = list(docs)
         return self._yield_matching(matcher(filter), docs, store, recording)
 
@@ -663,6 +677,7 @@ class EmbeddedCollection(mm_collection.Collection):
 
         def one(_doc):
             count[0] += 1
+
         self._scan(keys, match, one)
         return count[0]
 
@@ -684,16 +699,16 @@ class EmbeddedCollection(mm_collection.Collection):
         (`banyan.store.views`) the writes keep up to date, so asking it again
         (`/stats`) costs the size of its answer."""
         if session:
-            raise NotImplementedError('the embedded store has no sessions')
+            raise NotImplementedError("the embedded store has no sessions")
         pipeline = list(pipeline)
         answer = self._from_view(pipeline)
         if answer is not None:
             return mm_command_cursor.CommandCursor(answer)
         spec, projection = {}, None
-        if pipeline and stage_name(pipeline[0]) == '$match':
-            spec = pipeline.pop(0)['$match']
+        if pipeline and stage_name(pipeline[0]) == "$match":
+            spec = pipeline.pop(0)["$match"]
         if pipeline and inclusion_projection(pipeline[0]):
-            projection = pipeline.pop(0)['$project']
+            projection = pipeline.pop(0)["$project"]
         docs = list(self.find(spec, projection))  # in slices when it scans
         return mm_command_cursor.CommandCursor(self._run_stages(pipeline, 0, len(pipeline), docs))
 
@@ -711,7 +726,7 @@ class EmbeddedCollection(mm_collection.Collection):
     def _per_document_prefix(pipeline):
         """How many leading stages of `pipeline` act on each document alone
         (0: it does not start with `$match` and an inclusion `$project`)."""
-        if len(pipeline) < 2 or stage_name(pipeline[0]) != '$match' or not inclusion_projection(pipeline[1]):
+        if len(pipeline) < 2 or stage_name(pipeline[0]) != "$match" or not inclusion_projection(pipeline[1]):
             return 0
         n = 2
         while n < len(pipeline) and stage_name(pipeline[n]) in _PER_DOCUMENT_STAGES:
@@ -727,18 +742,18 @@ class EmbeddedCollection(mm_collection.Collection):
         sort = SortView.fits(tail)
         if sort is None and not GroupView.fits(tail):
             return None
-        if sort is not None and not all(stage_name(s) in _READ_ONLY_STAGES for s in tail[sort[4]:]):
+        if sort is not None and not all(stage_name(s) in _READ_ONLY_STAGES for s in tail[sort[4] :]):
             return None
         try:
-            prefix_key = bson.encode({'p': pipeline[:n]})
-            view_key = bson.encode({'t': tail[:1] if sort is None else sort[0]})
+            prefix_key = bson.encode({"p": pipeline[:n]})
+            view_key = bson.encode({"t": tail[:1] if sort is None else sort[0]})
         except Exception:  # pylint: disable=broad-except  # not encodable: no view
             return None
         with self._engine.op():
             store = self._store
             view_set = store.view_sets.pop(prefix_key, None)
             if view_set is None:
-                spec = helpers.patch_datetime_awareness_in_document(pipeline[0]['$match'])
+                spec = helpers.patch_datetime_awareness_in_document(pipeline[0]["$match"])
                 if store.plan(spec, None) is not None:
                     return None  # an index finds the documents: reading them costs less than a view
                 if len(store.view_sets) >= VIEWS:  # the least recently used goes
@@ -750,7 +765,7 @@ class EmbeddedCollection(mm_collection.Collection):
                 if sort is not None:
                     view = SortView(sort[0], _sort_key)
                 else:
-                    view = GroupView(tail[0]['$group'])
+                    view = GroupView(tail[0]["$group"])
                 view_set.views[view_key] = view
         if not view_set.built(view):
             if not self._build_view(prefix_key, view_set, view):
@@ -783,7 +798,7 @@ class EmbeddedCollection(mm_collection.Collection):
                 documents = store._documents  # pylint: disable=protected-access
                 key_seq = store._key_seq  # pylint: disable=protected-access
                 last = begin + SCAN_SLICE >= len(keys)
-                for k in keys[begin:begin + SCAN_SLICE]:
+                for k in keys[begin : begin + SCAN_SLICE]:
                     doc = documents.get(k)
                     if doc is not None and key_seq[k] > view.seen:
                         if not view_set.add_to(view, doc, key_seq[k]):
@@ -795,35 +810,35 @@ class EmbeddedCollection(mm_collection.Collection):
                         if not view_set.add_to(view, documents[store._seq_key[seq]], seq):  # pylint: disable=protected-access
                             store.view_sets.pop(prefix_key, None)
                             return False
-                    view.seen = float('inf')
+                    view.seen = float("inf")
                     return True
         return True
 
     def _rows_of(self, pipeline, n):
         """rows_of(doc): the rows pipeline[:n] gives one document (a fresh
         one, decoded for the call: its values are taken, not copied)."""
-        spec = helpers.patch_datetime_awareness_in_document(pipeline[0]['$match'])
-        projection = dict(pipeline[1]['$project'])
-        plain = all('.' not in field for field in projection)
-        fields = [field for field in projection if field != '_id']
+        spec = helpers.patch_datetime_awareness_in_document(pipeline[0]["$match"])
+        projection = dict(pipeline[1]["$project"])
+        plain = all("." not in field for field in projection)
+        fields = [field for field in projection if field != "_id"]
         match = matcher(spec)
         tz_aware = self.codec_options.tz_aware
         steps = []
         for i in range(2, n):
             name = stage_name(pipeline[i])
             value = pipeline[i][name]
-            if name == '$match':
-                steps.append(('match', matcher(helpers.patch_datetime_awareness_in_document(value))))
-            elif name == '$unwind' and isinstance(value, str) and value.startswith('$') and '.' not in value:
-                steps.append(('unwind', value))
+            if name == "$match":
+                steps.append(("match", matcher(helpers.patch_datetime_awareness_in_document(value))))
+            elif name == "$unwind" and isinstance(value, str) and value.startswith("$") and "." not in value:
+                steps.append(("unwind", value))
             else:
-                steps.append(('stage', i))
+                steps.append(("stage", i))
 
         def rows_of(doc):
             if not match(doc):
                 return ()
             if plain:
-                row = {'_id': doc['_id']} if '_id' in doc else {}
+                row = {"_id": doc["_id"]} if "_id" in doc else {}
                 for field in fields:
                     if field in doc:
                         row[field] = doc[field]
@@ -833,13 +848,14 @@ class EmbeddedCollection(mm_collection.Collection):
                 row = helpers.make_datetime_timezone_aware_in_document(row)
             rows = [row]
             for kind, what in steps:
-                if kind == 'match':
+                if kind == "match":
                     rows = [r for r in rows if what(r)]
-                elif kind == 'unwind':
+                elif kind == "unwind":
                     rows = _unwind_rows(rows, what)
                 else:
                     rows = self._run_stages(pipeline, what, what + 1, rows)
             return rows
+
         return rows_of
 
     def list_indexes(self, session=None):
@@ -847,18 +863,40 @@ class EmbeddedCollection(mm_collection.Collection):
             return iter(list(super().list_indexes(session=session)))
 
     # -- writes --------------------------------------------------------------
-    def _update(self, spec, document, upsert=False, manipulate=False, multi=False,
-                check_keys=False, hint=None, session=None, collation=None, let=None,
-                array_filters=None, **kwargs):
+    def _update(
+        self,
+        spec,
+        document,
+        upsert=False,
+        manipulate=False,
+        multi=False,
+        check_keys=False,
+        hint=None,
+        session=None,
+        collation=None,
+        let=None,
+        array_filters=None,
+        **kwargs,
+    ):
         with self._engine.op():
             store = self._store
             previous = store.recording
-            store.recording = 'multi' if multi else 'one'
+            store.recording = "multi" if multi else "one"
             try:
                 return super()._update(
-                    spec, document, upsert=upsert, manipulate=manipulate, multi=multi,
-                    check_keys=check_keys, hint=hint, session=session, collation=collation,
-                    let=let, array_filters=array_filters, **kwargs)
+                    spec,
+                    document,
+                    upsert=upsert,
+                    manipulate=manipulate,
+                    multi=multi,
+                    check_keys=check_keys,
+                    hint=hint,
+                    session=session,
+                    collation=collation,
+                    let=let,
+                    array_filters=array_filters,
+                    **kwargs,
+                )
             except (TypeError, AttributeError) as err:
                 # an operator on a value of the wrong type (`$inc` on a
                 # string, `$push` to a non-array): MongoDB's TypeMismatch
@@ -872,18 +910,25 @@ class EmbeddedCollection(mm_collection.Collection):
                 store._undo = None  # pylint: disable=protected-access
                 store.flush_touched()
 
-    def _find_and_modify(self, query, projection=None, update=None, upsert=False,
-                         sort=None, return_document=ReturnDocument.BEFORE, session=None,
-                         **kwargs):
+    def _find_and_modify(
+        self,
+        query,
+        projection=None,
+        update=None,
+        upsert=False,
+        sort=None,
+        return_document=ReturnDocument.BEFORE,
+        session=None,
+        **kwargs,
+    ):
         with self._engine.op():
             if session:
-                mm_collection.raise_not_implemented(
-                    'session', 'Mongomock does not handle sessions yet')
-            remove = kwargs.get('remove', False)
-            if kwargs.get('new', False) and remove:
+                mm_collection.raise_not_implemented("session", "Mongomock does not handle sessions yet")
+            remove = kwargs.get("remove", False)
+            if kwargs.get("new", False) and remove:
                 raise OperationFailure("remove and returnNew can't co-exist")
             if not (remove or update):
-                raise ValueError('Must either update or remove')
+                raise ValueError("Must either update or remove")
             if remove and update:
                 raise ValueError("Can't do both update and remove")
             old = self.find_one(query, projection=projection, sort=sort)
@@ -891,17 +936,17 @@ class EmbeddedCollection(mm_collection.Collection):
                 return None
             target = query
             if old is not None:
-                if '_id' in old:
-                    target = {'_id': old['_id']}
+                if "_id" in old:
+                    target = {"_id": old["_id"]}
                 else:
-                    target = {'_id': self.find_one(query, projection={'_id': 1}, sort=sort)['_id']}
+                    target = {"_id": self.find_one(query, projection={"_id": 1}, sort=sort)["_id"]}
             if remove:
                 self.delete_one(target)
             else:
                 updated = self._update(target, update, upsert)
-                if updated['upserted'] is not None:
-                    target = {'_id': updated['upserted']}
-            if return_document is ReturnDocument.AFTER or kwargs.get('new'):
+                if updated["upserted"] is not None:
+                    target = {"_id": updated["upserted"]}
+            if return_document is ReturnDocument.AFTER or kwargs.get("new"):
                 return self.find_one(target, projection)
             return old
 
@@ -910,37 +955,43 @@ class EmbeddedCollection(mm_collection.Collection):
             try:
                 return super().create_index(key_or_list, cache_for, session=session, **kwargs)
             except OperationFailure as err:
-                if err.code is None and 'already exists with different options' in str(err):
+                if err.code is None and "already exists with different options" in str(err):
                     raise OperationFailure(str(err), code=85) from err
                 raise
 
-    def bulk_write(self, requests, ordered=True, bypass_document_validation=False,
-                   session=None, **unused_kwargs):
+    def bulk_write(self, requests, ordered=True, bypass_document_validation=False, session=None, **unused_kwargs):
         """pymongo bulk_write, run as one atomic call with one journal record.
 
         (mongomock 4.3's own bulk_write breaks on pymongo >= 4.9 operations.)
         """
         with self._engine.op():
-            result = {'writeErrors': [], 'writeConcernErrors': [], 'nInserted': 0,
-                      'nUpserted': 0, 'nMatched': 0, 'nModified': 0, 'nRemoved': 0,
-                      'upserted': []}
+            result = {
+                "writeErrors": [],
+                "writeConcernErrors": [],
+                "nInserted": 0,
+                "nUpserted": 0,
+                "nMatched": 0,
+                "nModified": 0,
+                "nRemoved": 0,
+                "upserted": [],
+            }
             for index, request in enumerate(requests):
                 try:
                     self._bulk_one(index, request, result)
                 except (DuplicateKeyError, OperationFailure) as err:
-                    result['writeErrors'].append({
-                        'index': index, 'code': getattr(err, 'code', None) or 2,
-                        'errmsg': str(err), 'op': request})
+                    result["writeErrors"].append(
+                        {"index": index, "code": getattr(err, "code", None) or 2, "errmsg": str(err), "op": request}
+                    )
                     if ordered:
                         break
-            if result['writeErrors']:
+            if result["writeErrors"]:
                 raise BulkWriteError(result)
             return BulkWriteResult(result, True)
 
     def _bulk_one(self, index, request, result):
         if isinstance(request, pymongo.InsertOne):
             self.insert_one(request._doc)  # pylint: disable=protected-access
-            result['nInserted'] += 1
+            result["nInserted"] += 1
         elif isinstance(request, (pymongo.UpdateOne, pymongo.UpdateMany, pymongo.ReplaceOne)):
             flt, doc = request._filter, request._doc  # pylint: disable=protected-access
             upsert = bool(request._upsert)  # pylint: disable=protected-access
@@ -951,48 +1002,67 @@ class EmbeddedCollection(mm_collection.Collection):
             else:
                 res = self.update_many(flt, doc, upsert=upsert)
             if res.upserted_id is not None:
-                result['nUpserted'] += 1
-                result['upserted'].append({'index': index, '_id': res.upserted_id})
+                result["nUpserted"] += 1
+                result["upserted"].append({"index": index, "_id": res.upserted_id})
             else:
-                result['nMatched'] += res.matched_count
-                result['nModified'] += res.modified_count
+                result["nMatched"] += res.matched_count
+                result["nModified"] += res.modified_count
         elif isinstance(request, (pymongo.DeleteOne, pymongo.DeleteMany)):
             flt = request._filter  # pylint: disable=protected-access
             if isinstance(request, pymongo.DeleteOne):
-                result['nRemoved'] += self.delete_one(flt).deleted_count
+                result["nRemoved"] += self.delete_one(flt).deleted_count
             else:
-                result['nRemoved'] += self.delete_many(flt).deleted_count
+                result["nRemoved"] += self.delete_many(flt).deleted_count
         else:
-            raise TypeError(f'{request!r} is not a valid request')
+            raise TypeError(f"{request!r} is not a valid request")
 
     def drop_indexes(self, session=None):
         with self._engine.op():
             if session:
-                mm_collection.raise_not_implemented(
-                    'session', 'Mongomock does not handle sessions yet')
+                mm_collection.raise_not_implemented("session", "Mongomock does not handle sessions yet")
             for name in list(self._store.indexes):
                 self._store.drop_index(name)
 
     def rename(self, new_name, session=None, **kwargs):
-        raise NotImplementedError('rename is not supported by the embedded store')
+        raise NotImplementedError("rename is not supported by the embedded store")
 
-    def with_options(self, codec_options=None, read_preference=None, write_concern=None,
-                     read_concern=None):
-        base = super().with_options(codec_options=codec_options,
-                                    read_preference=read_preference,
-                                    write_concern=write_concern, read_concern=read_concern)
+    def with_options(self, codec_options=None, read_preference=None, write_concern=None, read_concern=None):
+        base = super().with_options(
+            codec_options=codec_options,
+            read_preference=read_preference,
+            write_concern=write_concern,
+            read_concern=read_concern,
+        )
         if base is self:
             return self
         return EmbeddedCollection(
-            self.database, self.name, _db_store=self._db_store,
-            write_concern=base.write_concern, read_concern=base.read_concern,
-            read_preference=base.read_preference, codec_options=base.codec_options)
+            self.database,
+            self.name,
+            _db_store=self._db_store,
+            write_concern=base.write_concern,
+            read_concern=base.read_concern,
+            read_preference=base.read_preference,
+            codec_options=base.codec_options,
+        )
 
 
-for _name in ('insert_one', 'insert_many', 'update_one', 'update_many', 'replace_one',
-              'delete_one', 'delete_many', 'distinct', 'create_indexes',
-              'drop_index', 'drop', 'index_information', 'find_one_and_delete',
-              'find_one_and_replace', 'find_one_and_update'):
+for _name in (
+    "insert_one",
+    "insert_many",
+    "update_one",
+    "update_many",
+    "replace_one",
+    "delete_one",
+    "delete_many",
+    "distinct",
+    "create_indexes",
+    "drop_index",
+    "drop",
+    "index_information",
+    "find_one_and_delete",
+    "find_one_and_replace",
+    "find_one_and_update",
+):
     setattr(EmbeddedCollection, _name, _locked(_name))
 del _name
 
@@ -1000,23 +1070,29 @@ del _name
 class EmbeddedDatabase(mm_database.Database):
     """mongomock Database handing out EmbeddedCollections."""
 
-    def get_collection(self, name, codec_options=None, read_preference=None,
-                       write_concern=None, read_concern=None):
+    def get_collection(self, name, codec_options=None, read_preference=None, write_concern=None, read_concern=None):
         with self._client._engine.op():  # pylint: disable=protected-access
             if read_preference is not None:
-                mm_read_preferences.ensure_read_preference_type('read_preference', read_preference)
+                mm_read_preferences.ensure_read_preference_type("read_preference", read_preference)
             mm_codec_options.is_supported(codec_options)
             try:
                 return self._collection_accesses[name].with_options(
                     codec_options=codec_options or self._codec_options,
                     read_preference=read_preference or self.read_preference,
-                    read_concern=read_concern, write_concern=write_concern)
+                    read_concern=read_concern,
+                    write_concern=write_concern,
+                )
             except KeyError:
                 self._ensure_valid_collection_name(name)
                 collection = self._collection_accesses[name] = EmbeddedCollection(
-                    self, name=name, read_concern=read_concern, write_concern=write_concern,
+                    self,
+                    name=name,
+                    read_concern=read_concern,
+                    write_concern=write_concern,
                     read_preference=read_preference or self.read_preference,
-                    codec_options=codec_options or self._codec_options, _db_store=self._store)
+                    codec_options=codec_options or self._codec_options,
+                    _db_store=self._store,
+                )
                 return collection
 
     def drop_collection(self, name_or_collection, session=None):
@@ -1032,20 +1108,21 @@ class EmbeddedDatabase(mm_database.Database):
             return super().list_collection_names(filter=filter, session=session)
 
     def rename_collection(self, name, new_name, dropTarget=False):
-        raise NotImplementedError('rename is not supported by the embedded store')
+        raise NotImplementedError("rename is not supported by the embedded store")
 
-    def with_options(self, codec_options=None, read_preference=None, write_concern=None,
-                     read_concern=None):
+    def with_options(self, codec_options=None, read_preference=None, write_concern=None, read_concern=None):
         """write_concern is accepted and ignored: every write is fsynced."""
         mm_codec_options.is_supported(codec_options)
-        if (read_preference is None or read_preference == self._read_preference) \
-                and codec_options is None:
+        if (read_preference is None or read_preference == self._read_preference) and codec_options is None:
             return self
         return EmbeddedDatabase(
-            self._client, self.name, self._store,
+            self._client,
+            self.name,
+            self._store,
             read_preference=read_preference or self._read_preference,
             codec_options=codec_options or self._codec_options,
-            read_concern=read_concern or self._read_concern)
+            read_concern=read_concern or self._read_concern,
+        )
 
 
 def check_mongomock(version=None):
@@ -1054,13 +1131,14 @@ def check_mongomock(version=None):
     wrong answer rather than an error."""
     version = version or mongomock.__version__
     low, high = TESTED_MONGOMOCK
-    tested = '>=%d.%d,<%d.%d' % (low + high)
-    found = tuple(int(p) for p in re.findall(r'\d+', version)[:2])
+    tested = ">=%d.%d,<%d.%d" % (low + high)
+    found = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
     if not low <= found < high:
         raise RuntimeError(
             "the embedded store is tested with mongomock %s, and mongomock %s is installed: "
             "install a tested version (pip install 'mongomock%s'), or use MongoDB with --mongo-uri"
-            % (tested, version, tested))
+            % (tested, version, tested)
+        )
 
 
 class EmbeddedClient(mongomock.MongoClient):
@@ -1080,7 +1158,7 @@ class EmbeddedClient(mongomock.MongoClient):
         self.data_dir = self._engine.data_dir
 
     def __repr__(self):
-        return f'EmbeddedClient({self._engine.data_dir!r})'
+        return f"EmbeddedClient({self._engine.data_dir!r})"
 
     def __eq__(self, other):
         return self is other
@@ -1088,17 +1166,20 @@ class EmbeddedClient(mongomock.MongoClient):
     def __hash__(self):
         return id(self)
 
-    def get_database(self, name=None, codec_options=None, read_preference=None,
-                     write_concern=None, read_concern=None):
+    def get_database(self, name=None, codec_options=None, read_preference=None, write_concern=None, read_concern=None):
         if name is None:
             name = DEFAULT_DATABASE
         with self._engine.op():
             db = self._database_accesses.get(name)
             if db is None:
                 db = self._database_accesses[name] = EmbeddedDatabase(
-                    self, name, read_preference=read_preference or self.read_preference,
+                    self,
+                    name,
+                    read_preference=read_preference or self.read_preference,
                     codec_options=codec_options or self._codec_options,
-                    _store=self._store[name], read_concern=read_concern)
+                    _store=self._store[name],
+                    read_concern=read_concern,
+                )
             return db
 
     def get_default_database(self, default=None, **kwargs):
@@ -1113,7 +1194,7 @@ class EmbeddedClient(mongomock.MongoClient):
             return super().drop_database(name_or_db)
 
     def start_session(self, causal_consistency=True, default_transaction_options=None):
-        raise ConfigurationError('the embedded store does not support sessions')
+        raise ConfigurationError("the embedded store does not support sessions")
 
     def close(self):
         """Flush and close the journal; the client is unusable afterwards."""

@@ -15,12 +15,14 @@ from mongomock import aggregate as mm_aggregate
 def inclusion_projection(stage):
     """True for `{"$project": {field: 1, ...}}` naming plain fields only,
     which a find projection gives exactly."""
-    if stage_name(stage) != '$project':
+    if stage_name(stage) != "$project":
         return False
-    spec = stage['$project']
-    return (isinstance(spec, dict) and bool(spec)
-            and all(isinstance(k, str) and not k.startswith('$') and v in (1, True)
-                    for k, v in spec.items()))
+    spec = stage["$project"]
+    return (
+        isinstance(spec, dict)
+        and bool(spec)
+        and all(isinstance(k, str) and not k.startswith("$") and v in (1, True) for k, v in spec.items())
+    )
 
 
 def _hashable(value):
@@ -28,17 +30,17 @@ def _hashable(value):
     groups together (1 and 1.0 alike, True apart from 1); None for values
     it cannot stand in for."""
     if isinstance(value, bool):
-        return ('bool', value)
+        return ("bool", value)
     if isinstance(value, (int, float)):
-        return ('number', 'NaN' if value != value else value)  # MongoDB groups NaNs together
+        return ("number", "NaN" if value != value else value)  # MongoDB groups NaNs together
     if value is None or isinstance(value, (str, ObjectId, datetime.datetime)):
-        return ('value', value)
+        return ("value", value)
     if isinstance(value, dict):
         items = tuple((k, _hashable(v)) for k, v in value.items())
-        return None if any(v is None for _, v in items) else ('object', items)
+        return None if any(v is None for _, v in items) else ("object", items)
     if isinstance(value, list):
         items = tuple(_hashable(v) for v in value)
-        return None if any(v is None for v in items) else ('array', items)
+        return None if any(v is None for v in items) else ("array", items)
     return None
 
 
@@ -46,12 +48,12 @@ def _group_stage(docs, options):
     """`$group` by hashing each key once. mongomock sorts every document by
     its key with BSON comparisons first, which made most of a `/stats`
     request's time. None (use mongomock's) for keys this cannot hash."""
-    if not isinstance(options, dict) or not options.get('_id'):
+    if not isinstance(options, dict) or not options.get("_id"):
         return None
     groups = {}
     for doc in docs:
         try:
-            key = mm_aggregate._parse_expression(options['_id'], doc, ignore_missing_keys=True)  # pylint: disable=protected-access
+            key = mm_aggregate._parse_expression(options["_id"], doc, ignore_missing_keys=True)  # pylint: disable=protected-access
         except KeyError:
             key = None
         hashed = _hashable(key)
@@ -61,7 +63,7 @@ def _group_stage(docs, options):
     out = []
     for key, members in groups.values():
         row = mm_aggregate._accumulate_group(options, members)  # pylint: disable=protected-access
-        row['_id'] = key
+        row["_id"] = key
         out.append(row)
     return out
 
@@ -72,8 +74,8 @@ def _sort_stage(docs, options):
     otherwise."""
     if not isinstance(options, dict) or len(options) != 1:
         return None
-    (field, direction), = options.items()
-    if not isinstance(field, str) or '.' in field or field.startswith('$'):
+    ((field, direction),) = options.items()
+    if not isinstance(field, str) or "." in field or field.startswith("$"):
         return None
     keys = []
     for doc in docs:
@@ -91,7 +93,7 @@ def _unwind_stage(docs, options):
     element). The documents are the pipeline's own copies, and `aggregate`
     takes this path only when no later stage changes one in place. None
     (use mongomock's) otherwise."""
-    if not isinstance(options, str) or not options.startswith('$') or '.' in options:
+    if not isinstance(options, str) or not options.startswith("$") or "." in options:
         return None
     field = options[1:]
     out = []
@@ -107,10 +109,10 @@ def _unwind_stage(docs, options):
 
 
 #: Stages the embedded store runs itself when it can (see their docstrings).
-_FAST_STAGES = {'$group': _group_stage, '$sort': _sort_stage, '$unwind': _unwind_stage}
+_FAST_STAGES = {"$group": _group_stage, "$sort": _sort_stage, "$unwind": _unwind_stage}
 #: Stages that build new documents and never change their input in place:
 #: after `$unwind`'s shallow copies, only these may follow.
-_READ_ONLY_STAGES = {'$match', '$project', '$group', '$sort', '$skip', '$limit', '$count'}
+_READ_ONLY_STAGES = {"$match", "$project", "$group", "$sort", "$skip", "$limit", "$count"}
 
 
 def stage_name(stage):
@@ -120,6 +122,6 @@ def stage_name(stage):
 def fast_stage(pipeline, i):
     """The embedded store's own runner for stage `i`, or None."""
     name = stage_name(pipeline[i])
-    if name == '$unwind' and not all(stage_name(s) in _READ_ONLY_STAGES for s in pipeline[i + 1:]):
+    if name == "$unwind" and not all(stage_name(s) in _READ_ONLY_STAGES for s in pipeline[i + 1 :]):
         return None
     return _FAST_STAGES.get(name)

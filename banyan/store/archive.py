@@ -48,23 +48,30 @@ def archivable(tasks, before):
     """Ids of the finished tasks last changed before `before` that nothing
     unfinished depends on."""
     finished = {}
-    for doc in tasks.find({"state": {"$in": list(FINISHED)}, "_updated": {"$lt": before}},
-                          {"_id": 1, "continuations": 1}):
+    for doc in tasks.find(
+        {"state": {"$in": list(FINISHED)}, "_updated": {"$lt": before}}, {"_id": 1, "continuations": 1}
+    ):
         finished[doc["_id"]] = doc.get("continuations") or []
     unfinished_children = set()
     children = {c for kids in finished.values() for c in kids}
     for start in range(0, len(children), _BATCH):
-        batch = list(children)[start:start + _BATCH]
-        unfinished_children.update(d["_id"] for d in tasks.find(
-            {"_id": {"$in": batch}, "state": {"$nin": list(FINISHED)}}, {"_id": 1}))
+        batch = list(children)[start : start + _BATCH]
+        unfinished_children.update(
+            d["_id"] for d in tasks.find({"_id": {"$in": batch}, "state": {"$nin": list(FINISHED)}}, {"_id": 1})
+        )
     held_by_parent = set()
     ids = list(finished)
     for start in range(0, len(ids), _BATCH):
-        for parent in tasks.find({"continuations": {"$in": ids[start:start + _BATCH]},
-                                  "state": {"$nin": list(FINISHED)}}, {"continuations": 1}):
+        for parent in tasks.find(
+            {"continuations": {"$in": ids[start : start + _BATCH]}, "state": {"$nin": list(FINISHED)}},
+            {"continuations": 1},
+        ):
             held_by_parent.update(parent.get("continuations") or [])
-    return [tid for tid, kids in finished.items()
-            if tid not in held_by_parent and not any(k in unfinished_children for k in kids)]
+    return [
+        tid
+        for tid, kids in finished.items()
+        if tid not in held_by_parent and not any(k in unfinished_children for k in kids)
+    ]
 
 
 def archive(db, data_dir, before):
@@ -81,7 +88,7 @@ def archive(db, data_dir, before):
     with open(tmp, "wb") as raw:
         with gzip.GzipFile(fileobj=raw, mode="wb") as out:
             for start in range(0, len(ids), _BATCH):
-                for doc in tasks.find({"_id": {"$in": ids[start:start + _BATCH]}}):
+                for doc in tasks.find({"_id": {"$in": ids[start : start + _BATCH]}}):
                     out.write(json.dumps(_jsonable(doc), sort_keys=True).encode() + b"\n")
         raw.flush()
         os.fsync(raw.fileno())

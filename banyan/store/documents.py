@@ -10,8 +10,8 @@ reads meanwhile, until the update writes them back (`put_raw`).
 """
 
 import bson
-from bson.objectid import ObjectId
 from bson.codec_options import CodecOptions
+from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 
 #: As mongomock keeps documents: plain dicts, naive datetimes in UTC.
@@ -35,9 +35,9 @@ def raw_id(raw):
     """The `_id` of a document in BSON, without decoding the rest when it
     is an ObjectId in first place (as the store writes them); decoding a
     whole task only for its id made most of a restart's time and memory."""
-    if raw[4:9] == b'\x07_id\x00':
+    if raw[4:9] == b"\x07_id\x00":
         return ObjectId(raw[9:21])
-    return decode(raw)['_id']
+    return decode(raw)["_id"]
 
 
 def decode(raw):
@@ -50,7 +50,7 @@ class Documents(dict):
     Keys, `in`, `len` and order are a dict's; `[key]`, `get`, `values` and
     `items` decode. `raw(key)` is the stored form, for the journal."""
 
-    __slots__ = ('live',)
+    __slots__ = ("live",)
 
     def __init__(self):
         super().__init__()

@@ -48,7 +48,7 @@ def _write_all(fd, data):
         view = view[n:]
 
 
-_fdatasync = getattr(os, 'fdatasync', os.fsync)
+_fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
 class Engine:
@@ -71,7 +71,7 @@ class Engine:
         self.lock = threading.RLock()
         self.sync_lock = threading.Lock()
         self.waiters_lock = threading.Lock()
-        self.waiters = 0        # threads waiting for `lock`
+        self.waiters = 0  # threads waiting for `lock`
         self.urgent = threading.local()  # .on: this thread's calls go first (`first`)
         self.urgent_waiters = 0  # of them, those of threads marked urgent
         self.urgent_longest = 0.005  # seconds a call lets them in first, at most
@@ -79,10 +79,10 @@ class Engine:
         self.depth = 0
         self.events = []
         self.docinfo = {}
-        self.undo = {}          # (id(store), key) -> (store, key, document before the call or None)
-        self.carried = []       # schema actions of a rolled-back call, journaled with the next record
+        self.undo = {}  # (id(store), key) -> (store, key, document before the call or None)
+        self.carried = []  # schema actions of a rolled-back call, journaled with the next record
         self.tail_dirty = False  # a failed append may have left part of a record at the end
-        self.broken = None      # why every call is refused (a failed sync), or None
+        self.broken = None  # why every call is refused (a failed sync), or None
         self.replaying = False
         self.closed = False
         self.server_store = None
@@ -95,7 +95,7 @@ class Engine:
     # -- change tracking ---------------------------------------------------
     def note(self, action):
         if not self.replaying:
-            self.events.append(('raw', action))
+            self.events.append(("raw", action))
 
     def note_undo(self, store, key, before):
         """`store[key]` is about to change; `before` is what to put back
@@ -115,7 +115,7 @@ class Engine:
             self.docinfo[k] = [store, key, doc_id, before, forced]
         elif forced:
             info[4] = True
-        self.events.append(('doc', k))
+        self.events.append(("doc", k))
 
     def note_touch(self, store, key, doc_id, before):
         """`store[key]` (BSON `before`) is about to change in place."""
@@ -123,7 +123,7 @@ class Engine:
             return
         k = (id(store), key)
         if k in self.docinfo:
-            self.events.append(('doc', k))
+            self.events.append(("doc", k))
         else:
             self.note_doc(store, key, doc_id, before=before)
 
@@ -132,7 +132,7 @@ class Engine:
     def op(self):
         """Run one client call atomically; journal its changes durably."""
         self._acquire()
-        if self.urgent_waiters and self.depth == 0 and not getattr(self.urgent, 'on', False):
+        if self.urgent_waiters and self.depth == 0 and not getattr(self.urgent, "on", False):
             # a call of a thread marked urgent waits: it goes first
             self.lock.release()
             self.let_waiters_in(self.urgent_longest, urgent=True)
@@ -140,7 +140,7 @@ class Engine:
         seq = None
         try:
             if self.closed:
-                raise InvalidOperation('Cannot use the embedded store after close()')
+                raise InvalidOperation("Cannot use the embedded store after close()")
             if self.broken:
                 raise StoreUnavailable(self.broken)
             self.depth += 1
@@ -155,14 +155,14 @@ class Engine:
         finally:
             self.lock.release()
         if seq is not None:
-            if getattr(self.batch, 'seq', None) is not None:
+            if getattr(self.batch, "seq", None) is not None:
                 self.batch.seq = max(self.batch.seq, seq)
             else:
                 self._sync(seq)
 
     def _acquire(self):
         if not self.lock.acquire(blocking=False):
-            urgent = getattr(self.urgent, 'on', False)
+            urgent = getattr(self.urgent, "on", False)
             with self.waiters_lock:
                 self.waiters += 1
                 self.urgent_waiters += urgent
@@ -189,7 +189,7 @@ class Engine:
         wait for the lock with them (a server's answers to its users, while
         its workers' requests take turns): each other thread's next call
         lets them in first, for at most a few milliseconds."""
-        before = getattr(self.urgent, 'on', False)
+        before = getattr(self.urgent, "on", False)
         self.urgent.on = True
         try:
             yield
@@ -202,7 +202,7 @@ class Engine:
         a request's writes are durable before its answer, for one sync
         instead of one per write. The journal is sequential, so any later
         sync (another thread's) covers them too."""
-        if getattr(self.batch, 'seq', None) is not None:  # nested: the outer one syncs
+        if getattr(self.batch, "seq", None) is not None:  # nested: the outer one syncs
             yield
             return
         self.batch.seq = 0
@@ -226,9 +226,9 @@ class Engine:
         except BaseException as err:
             self._roll_back(undo)
             # creations, drops and indexes stay in memory: journal them next time
-            self.carried = carried + [payload for kind, payload in events if kind == 'raw']
+            self.carried = carried + [payload for kind, payload in events if kind == "raw"]
             if isinstance(err, OSError):
-                raise StoreUnavailable.from_os_error(err, 'writing the journal', self.journal_path) from err
+                raise StoreUnavailable.from_os_error(err, "writing the journal", self.journal_path) from err
             raise
         self.written_seq += 1
         seq = self.written_seq
@@ -240,11 +240,11 @@ class Engine:
     def _actions(events, docinfo):
         last = {}
         for i, (kind, k) in enumerate(events):
-            if kind == 'doc':
+            if kind == "doc":
                 last[k] = i
         actions = []
         for i, (kind, payload) in enumerate(events):
-            if kind == 'raw':
+            if kind == "raw":
                 actions.append(payload)
                 continue
             if last[payload] != i:
@@ -252,11 +252,10 @@ class Engine:
             store, key, doc_id, before, forced = docinfo[payload]
             raw = store._documents.raw(key)  # pylint: disable=protected-access
             if raw is None:
-                actions.append({'o': 'x', 'd': store.db_name, 'c': store.name, 'id': doc_id})
+                actions.append({"o": "x", "d": store.db_name, "c": store.name, "id": doc_id})
                 continue
             if forced or raw != before:
-                actions.append({'o': 'p', 'd': store.db_name, 'c': store.name,
-                                'docs': [RawBSONDocument(raw)]})
+                actions.append({"o": "p", "d": store.db_name, "c": store.name, "docs": [RawBSONDocument(raw)]})
         return actions
 
     def _append(self, record):
@@ -303,11 +302,13 @@ class Engine:
             try:
                 _fdatasync(self.fd)
             except OSError as err:
-                failure = StoreUnavailable.from_os_error(err, 'syncing the journal', self.journal_path)
-                self.broken = ('the embedded store stopped after a failed journal sync (%s): the last '
-                               'changes may not be on disk, so it refuses every request until the '
-                               'server is restarted' % (err.strerror or err))
-                logger.error('%s', self.broken)
+                failure = StoreUnavailable.from_os_error(err, "syncing the journal", self.journal_path)
+                self.broken = (
+                    "the embedded store stopped after a failed journal sync (%s): the last "
+                    "changes may not be on disk, so it refuses every request until the "
+                    "server is restarted" % (err.strerror or err)
+                )
+                logger.error("%s", self.broken)
                 raise failure from err
             if target > self.synced_seq:
                 self.synced_seq = target
@@ -317,15 +318,13 @@ class Engine:
         self.server_store = server_store
         os.makedirs(self.data_dir, exist_ok=True)
         if fcntl is not None:
-            self.lock_fd = os.open(os.path.join(self.data_dir, journal.LOCKFILE),
-                                   os.O_RDWR | os.O_CREAT, 0o644)
+            self.lock_fd = os.open(os.path.join(self.data_dir, journal.LOCKFILE), os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
                 os.close(self.lock_fd)
                 self.lock_fd = None
-                raise RuntimeError(
-                    f'{self.data_dir} is in use by another Banyan process') from err
+                raise RuntimeError(f"{self.data_dir} is in use by another Banyan process") from err
         collecting = gc.isenabled()
         gc.disable()  # a load makes millions of objects, none of them garbage: the collector's passes cost 40% of it
         try:
@@ -339,7 +338,7 @@ class Engine:
 
     def _load(self):
         with contextlib.suppress(FileNotFoundError):
-            os.remove(self.snapshot_path + '.tmp')  # a compaction cut short
+            os.remove(self.snapshot_path + ".tmp")  # a compaction cut short
         snapshot = journal.read(self.snapshot_path)
         if snapshot is not None:
             self._check_snapshot(snapshot)
@@ -358,70 +357,77 @@ class Engine:
                 store.finish_loading()
         self.fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if log is not None and log.tail is not None:
-            logger.warning('journal %s: dropped a torn last record, %d bytes at offset %d (%s): '
-                           'a write cut short by a crash, never acknowledged',
-                           log.path, log.tail.length, log.tail.offset, log.tail.reason)
+            logger.warning(
+                "journal %s: dropped a torn last record, %d bytes at offset %d (%s): "
+                "a write cut short by a crash, never acknowledged",
+                log.path,
+                log.tail.length,
+                log.tail.offset,
+                log.tail.reason,
+            )
             os.ftruncate(self.fd, log.valid_end)
             os.fsync(self.fd)
         self.journal_size = log.valid_end if log is not None else 0
         journal.fsync_dir(self.data_dir)
         replayed = log is not None and any(True for _ in log.actions())
         if replayed:
-            logger.info('replayed %d journal records from %s', len(log.records), log.path)
+            logger.info("replayed %d journal records from %s", len(log.records), log.path)
         # A valid journal is as good as a snapshot: fold it in at start only
         # when it is long (or the snapshot is missing or in an older format).
-        if self.journal_size > self.compact_bytes or snapshot is None \
-                or snapshot.version < journal.FORMAT_VERSION:
+        if self.journal_size > self.compact_bytes or snapshot is None or snapshot.version < journal.FORMAT_VERSION:
             self.compact()
 
     def _check_snapshot(self, scan):
         """A snapshot is written whole and renamed into place: any damage,
         even at its end, is corruption."""
         bad = scan.damage + ([scan.tail] if scan.tail is not None else [])
-        complete = any(a.get('o') == 'end' for a in scan.actions())
+        complete = any(a.get("o") == "end" for a in scan.actions())
         if bad or not complete:
-            what = bad[0].describe() if bad else 'it has no end record'
+            what = bad[0].describe() if bad else "it has no end record"
             raise StoreCorrupt(
-                '%s is damaged: %s. The store refuses to start rather than lose what it holds. See '
-                'the damage with `banyan store check %s`, then salvage every valid record with '
-                '`banyan store repair %s` (it keeps the original file).'
-                % (scan.path, what, self.data_dir, self.data_dir))
+                "%s is damaged: %s. The store refuses to start rather than lose what it holds. See "
+                "the damage with `banyan store check %s`, then salvage every valid record with "
+                "`banyan store repair %s` (it keeps the original file)."
+                % (scan.path, what, self.data_dir, self.data_dir)
+            )
 
     def _replay(self, path, offset, actions):
         for action in actions:
-            if action.get('o') in ('format', 'end'):
+            if action.get("o") in ("format", "end"):
                 continue
             try:
                 self._apply(action)
             except Exception as err:  # pylint: disable=broad-except
-                raise StoreCorrupt('%s: the record at offset %d cannot be applied (%s); see '
-                                   '`banyan store check %s`' % (path, offset, err, self.data_dir)) from err
+                raise StoreCorrupt(
+                    "%s: the record at offset %d cannot be applied (%s); see "
+                    "`banyan store check %s`" % (path, offset, err, self.data_dir)
+                ) from err
 
     def _apply(self, action):
         """Apply one journal action (idempotent)."""
-        store = self.server_store[action['d']][action['c']]
-        op = action['o']
-        if op == 'p':
-            for doc in action['docs']:
+        store = self.server_store[action["d"]][action["c"]]
+        op = action["o"]
+        if op == "p":
+            for doc in action["docs"]:
                 raw = encode(doc)
                 store[store_key(raw_id(raw))] = raw
-        elif op == 'x':
-            key = store_key(action['id'])
+        elif op == "x":
+            key = store_key(action["id"])
             if key in store._documents:  # pylint: disable=protected-access
                 del store[key]
-        elif op == 'drop':
+        elif op == "drop":
             store.drop()
-        elif op == 'mk':
+        elif op == "mk":
             store.create()
-        elif op == 'ix':
-            spec = dict(action['s'])
-            spec['key'] = [tuple(k) for k in spec['key']]
-            store.create_index(action['n'], spec)
-        elif op == 'dx':
-            if action['n'] in store.indexes:
-                store.drop_index(action['n'])
+        elif op == "ix":
+            spec = dict(action["s"])
+            spec["key"] = [tuple(k) for k in spec["key"]]
+            store.create_index(action["n"], spec)
+        elif op == "dx":
+            if action["n"] in store.indexes:
+                store.drop_index(action["n"])
         else:
-            raise RuntimeError(f'unknown journal action {op!r}')
+            raise RuntimeError(f"unknown journal action {op!r}")
 
     def _snapshot_frames(self):
         yield journal.format_record()
@@ -429,23 +435,22 @@ class Engine:
             for col_name, store in list(db_store._collections.items()):  # pylint: disable=protected-access
                 if not store.is_created:
                     continue
-                head = [{'o': 'mk', 'd': db_name, 'c': col_name}]
+                head = [{"o": "mk", "d": db_name, "c": col_name}]
                 for name, spec in store.indexes.items():
-                    head.append({'o': 'ix', 'd': db_name, 'c': col_name, 'n': name, 's': spec})
+                    head.append({"o": "ix", "d": db_name, "c": col_name, "n": name, "s": spec})
                 yield _frame(head)
                 docs = [RawBSONDocument(raw) for _, raw in store._documents.raw_items()]  # pylint: disable=protected-access
                 for i in range(0, len(docs), _SNAPSHOT_CHUNK):
-                    yield _frame([{'o': 'p', 'd': db_name, 'c': col_name,
-                                   'docs': docs[i:i + _SNAPSHOT_CHUNK]}])
-        yield _frame([{'o': 'end'}])
+                    yield _frame([{"o": "p", "d": db_name, "c": col_name, "docs": docs[i : i + _SNAPSHOT_CHUNK]}])
+        yield _frame([{"o": "end"}])
 
     def compact(self):
         """Write a snapshot atomically, then empty the journal. Fails safe:
         when the snapshot cannot be written (no space) the journal is kept
         as it is, and compaction is tried again after more writes."""
-        tmp = self.snapshot_path + '.tmp'
+        tmp = self.snapshot_path + ".tmp"
         try:
-            with open(tmp, 'wb') as f:
+            with open(tmp, "wb") as f:
                 for frame in self._snapshot_frames():
                     f.write(frame)
                 f.flush()
@@ -456,8 +461,12 @@ class Engine:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             self.next_compact = self.journal_size + max(self.compact_bytes // 4, 1 << 20)
-            logger.warning('could not compact the embedded store in %s (%s); the journal is kept '
-                           'as it is and compaction is tried again later', self.data_dir, err)
+            logger.warning(
+                "could not compact the embedded store in %s (%s); the journal is kept "
+                "as it is and compaction is tried again later",
+                self.data_dir,
+                err,
+            )
             return False
         # The snapshot holds everything the journal does; replaying the
         # journal over it is harmless, so a crash before this is too.
@@ -467,10 +476,10 @@ class Engine:
             self.tail_dirty = False
             os.fsync(self.fd)
         except OSError as err:
-            logger.warning('could not empty the journal %s after compaction (%s)', self.journal_path, err)
+            logger.warning("could not empty the journal %s after compaction (%s)", self.journal_path, err)
         self.next_compact = self.compact_bytes
         self.synced_seq = self.written_seq
-        logger.debug('compacted embedded store in %s', self.data_dir)
+        logger.debug("compacted embedded store in %s", self.data_dir)
         return True
 
     def close(self):

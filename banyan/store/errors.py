@@ -22,10 +22,16 @@ class StoreUnavailable(pymongo.errors.PyMongoError):
     def from_os_error(cls, err, doing, path):
         cause = errno.errorcode.get(err.errno, str(err.errno)) if err.errno else type(err).__name__
         if err.errno in _NO_SPACE:
-            return cls("the store is out of disk space while %s %s (%s: %s); nothing was changed: "
-                       "free some space and retry" % (doing, path, cause, err.strerror), 507)
-        return cls("the store could not write to disk while %s %s (%s: %s); nothing was changed"
-                   % (doing, path, cause, err.strerror or err), 503)
+            return cls(
+                "the store is out of disk space while %s %s (%s: %s); nothing was changed: "
+                "free some space and retry" % (doing, path, cause, err.strerror),
+                507,
+            )
+        return cls(
+            "the store could not write to disk while %s %s (%s: %s); nothing was changed"
+            % (doing, path, cause, err.strerror or err),
+            503,
+        )
 
 
 class StoreCorrupt(RuntimeError):

@@ -51,7 +51,7 @@ def _bson_cmp(op, a, b):
 class _Bson:
     """Wraps values without a native order (dicts, lists, binary...)."""
 
-    __slots__ = ('v',)
+    __slots__ = ("v",)
 
     def __init__(self, v):
         self.v = v
@@ -84,7 +84,7 @@ class _Bson:
 class _Rev:
     """Reverses the order of a value, for descending index fields."""
 
-    __slots__ = ('v',)
+    __slots__ = ("v",)
 
     def __init__(self, v):
         self.v = v
@@ -185,8 +185,7 @@ def _field_elements(field, doc, parts=None):
 
 
 def _is_num01(v):
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)
-            and (v == 0 or v == 1))
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (v == 0 or v == 1)
 
 
 #: Index components and flags of plain values, one object for all the
@@ -219,7 +218,7 @@ class SecondaryIndex:
 
     def __init__(self, fields):
         self.fields = [(f, int(d)) for f, d in fields]
-        self._plan = [(f, d < 0, f.split('.') if '.' in f else None) for f, d in self.fields]
+        self._plan = [(f, d < 0, f.split(".") if "." in f else None) for f, d in self.fields]
         self.entries = SortedList()
         self.stats = [[0, 0, 0] for _ in self.fields]
 
@@ -313,9 +312,8 @@ class SecondaryIndex:
 
 
 def indexable_spec(index_dict):
-    key = index_dict.get('key') or []
+    key = index_dict.get("key") or []
     try:
-        return all(int(d) in (1, -1) and not isinstance(d, bool)
-                   for _, d in key) and bool(key)
+        return all(int(d) in (1, -1) and not isinstance(d, bool) for _, d in key) and bool(key)
     except (TypeError, ValueError):
         return False

@@ -99,8 +99,10 @@ class Scan:
             if first and first[0].get("o") == "format":
                 self.version = first[0].get("v")
         if not isinstance(self.version, int) or self.version > FORMAT_VERSION:
-            raise StoreCorrupt("%s is in store format %r, newer than this Banyan reads (%d): "
-                               "run a newer Banyan" % (path, self.version, FORMAT_VERSION))
+            raise StoreCorrupt(
+                "%s is in store format %r, newer than this Banyan reads (%d): "
+                "run a newer Banyan" % (path, self.version, FORMAT_VERSION)
+            )
 
     @property
     def valid_end(self):
@@ -117,11 +119,12 @@ class Scan:
         """The message a damaged file refuses to open with."""
         first = self.damage[0]
         after = sum(1 for r in self.records if r[0] > first.offset)
-        return ("%s is damaged: %s, with %d valid record%s after it. The store refuses to start "
-                "rather than silently drop them. See the damage with `banyan store check %s`, "
-                "then salvage every valid record with `banyan store repair %s` (it keeps the "
-                "original file)." % (self.path, first.describe(), after, "s" * (after != 1),
-                                     data_dir, data_dir))
+        return (
+            "%s is damaged: %s, with %d valid record%s after it. The store refuses to start "
+            "rather than silently drop them. See the damage with `banyan store check %s`, "
+            "then salvage every valid record with `banyan store repair %s` (it keeps the "
+            "original file)." % (self.path, first.describe(), after, "s" * (after != 1), data_dir, data_dir)
+        )
 
 
 def _record_at(data, pos):
@@ -135,7 +138,7 @@ def _record_at(data, pos):
     start = pos + HEADER.size
     if start + length > size:
         return None, "record of %d bytes runs past the end of the file" % length
-    payload = bytes(data[start:start + length])
+    payload = bytes(data[start : start + length])
     if zlib.crc32(payload) != crc:
         return None, "checksum mismatch"
     try:
@@ -229,6 +232,7 @@ def fsync_dir(path):
 # `banyan store check` / `banyan store repair`
 # ---------------------------------------------------------------------------
 
+
 def check(data_dir):
     """(report lines, starts): what each file holds, and whether the store
     would open (a torn tail alone does not stop it)."""
@@ -244,17 +248,22 @@ def check(data_dir):
             lines.append("  DAMAGED: %s" % d.describe())
         if scan.tail is not None:
             if name == SNAPSHOT:
-                lines.append("  DAMAGED: %s at the end (a snapshot is written whole, so this is damage)"
-                             % scan.tail.describe())
+                lines.append(
+                    "  DAMAGED: %s at the end (a snapshot is written whole, so this is damage)" % scan.tail.describe()
+                )
             else:
-                lines.append("  torn tail: %s (dropped at start, as a write cut short by a crash)"
-                             % scan.tail.describe())
+                lines.append(
+                    "  torn tail: %s (dropped at start, as a write cut short by a crash)" % scan.tail.describe()
+                )
         if scan.damage or (name == SNAPSHOT and (scan.tail is not None or not _complete(scan))):
             starts = False
         if name == SNAPSHOT and not _complete(scan) and scan.tail is None:
             lines.append("  DAMAGED: the snapshot has no end record (it was cut short)")
-    lines.append("the store opens cleanly" if starts else
-                 "the store will refuse to start: run `banyan store repair %s`" % data_dir)
+    lines.append(
+        "the store opens cleanly"
+        if starts
+        else "the store will refuse to start: run `banyan store repair %s`" % data_dir
+    )
     return lines, starts
 
 
@@ -298,6 +307,8 @@ def repair(data_dir):
             for d in scan.damage + ([scan.tail] if scan.tail else []):
                 lines.append("  could not salvage %s: the changes it held are lost" % d.describe())
             if not complete:
-                lines.append("  the snapshot had no end record: documents written after its last valid record "
-                             "are lost unless the journal holds them")
+                lines.append(
+                    "  the snapshot had no end record: documents written after its last valid record "
+                    "are lost unless the journal holds them"
+                )
     return lines

@@ -27,20 +27,19 @@ def eq_conditions(spec, out):
     if not isinstance(spec, dict):
         return out
     for k, v in spec.items():
-        if k == '$and' and isinstance(v, list):
+        if k == "$and" and isinstance(v, list):
             for sub in v:
                 eq_conditions(sub, out)
             continue
-        if not isinstance(k, str) or k.startswith('$'):
+        if not isinstance(k, str) or k.startswith("$"):
             continue
         vals = None
         if isinstance(v, dict):
-            if v and all(isinstance(o, str) and o.startswith('$') for o in v):
-                if '$eq' in v and _eq_scalar(v['$eq']):
-                    vals = [v['$eq']]
-                elif ('$in' in v and isinstance(v['$in'], (list, tuple))
-                      and all(_eq_scalar(x) for x in v['$in'])):
-                    vals = list(v['$in'])
+            if v and all(isinstance(o, str) and o.startswith("$") for o in v):
+                if "$eq" in v and _eq_scalar(v["$eq"]):
+                    vals = [v["$eq"]]
+                elif "$in" in v and isinstance(v["$in"], (list, tuple)) and all(_eq_scalar(x) for x in v["$in"]):
+                    vals = list(v["$in"])
         elif _eq_scalar(v):
             vals = [v]
         if vals is not None and (k not in out or len(vals) < len(out[k])):
@@ -56,21 +55,24 @@ def lower_bounds(spec, out):
     if not isinstance(spec, dict):
         return out
     for k, v in spec.items():
-        if k == '$and' and isinstance(v, list):
+        if k == "$and" and isinstance(v, list):
             for sub in v:
                 lower_bounds(sub, out)
             continue
-        if not isinstance(k, str) or k.startswith('$') or not isinstance(v, dict):
+        if not isinstance(k, str) or k.startswith("$") or not isinstance(v, dict):
             continue
-        for op in ('$gt', '$gte'):
+        for op in ("$gt", "$gte"):
             bound = v.get(op)
-            if isinstance(bound, (datetime.datetime, int, float, str)) and not isinstance(bound, bool) \
-                    and bound == bound:
+            if (
+                isinstance(bound, (datetime.datetime, int, float, str))
+                and not isinstance(bound, bool)
+                and bound == bound
+            ):
                 out.setdefault(k, []).append(bound)
     return out
 
 
-_CMP_OPS = {'$lt': operator.lt, '$lte': operator.le, '$gt': operator.gt, '$gte': operator.ge}
+_CMP_OPS = {"$lt": operator.lt, "$lte": operator.le, "$gt": operator.gt, "$gte": operator.ge}
 
 
 def _compile_rejects(spec, out):
@@ -85,21 +87,21 @@ def _compile_rejects(spec, out):
     if not isinstance(spec, dict):
         return out
     for k, cond in spec.items():
-        if k == '$and' and isinstance(cond, list):
+        if k == "$and" and isinstance(cond, list):
             for sub in cond:
                 _compile_rejects(sub, out)
             continue
-        if not isinstance(k, str) or k.startswith('$'):
+        if not isinstance(k, str) or k.startswith("$"):
             continue
-        parts = k.split('.')
+        parts = k.split(".")
         if isinstance(cond, dict):
-            if not cond or not all(isinstance(o, str) and o.startswith('$') for o in cond):
+            if not cond or not all(isinstance(o, str) and o.startswith("$") for o in cond):
                 continue
             for o, sv in cond.items():
-                if o in ('$eq', '$ne'):
+                if o in ("$eq", "$ne"):
                     if _eq_scalar(sv):
                         out.append((parts, o, sv))
-                elif o in ('$in', '$nin'):
+                elif o in ("$in", "$nin"):
                     if isinstance(sv, (list, tuple)) and all(_eq_scalar(x) for x in sv):
                         out.append((parts, o, sv))
                 elif o in _CMP_OPS:
@@ -109,7 +111,7 @@ def _compile_rejects(spec, out):
                         continue
                     out.append((parts, _CMP_OPS[o], (rank, sv)))
         elif _eq_scalar(cond):
-            out.append((parts, '$eq', cond))
+            out.append((parts, "$eq", cond))
     return out
 
 
@@ -127,16 +129,16 @@ def _rejected(checks, doc):
             rank = 10
         else:
             continue
-        if op == '$eq':
+        if op == "$eq":
             if not v == sv:
                 return True
-        elif op == '$ne':
+        elif op == "$ne":
             if v == sv:
                 return True
-        elif op == '$in':
+        elif op == "$in":
             if v not in sv:
                 return True
-        elif op == '$nin':
+        elif op == "$nin":
             if v in sv:
                 return True
         else:
@@ -154,17 +156,23 @@ def matcher(spec):
     tasks by id cost 4 million comparisons. An ObjectId equals nothing but
     an equal ObjectId, so for a document whose `_id` is one the lookup is
     exact; any other document goes to mongomock's filter."""
-    cond = spec.get('_id') if isinstance(spec, dict) else None
-    if (isinstance(cond, dict) and list(cond) == ['$in'] and isinstance(cond['$in'], (list, tuple))
-            and len(cond['$in']) > 8 and all(type(v) is ObjectId for v in cond['$in'])):  # pylint: disable=unidiomatic-typecheck
-        ids = frozenset(cond['$in'])
-        rest = matcher({k: v for k, v in spec.items() if k != '_id'})
+    cond = spec.get("_id") if isinstance(spec, dict) else None
+    if (
+        isinstance(cond, dict)
+        and list(cond) == ["$in"]
+        and isinstance(cond["$in"], (list, tuple))
+        and len(cond["$in"]) > 8
+        and all(type(v) is ObjectId for v in cond["$in"])
+    ):  # pylint: disable=unidiomatic-typecheck
+        ids = frozenset(cond["$in"])
+        rest = matcher({k: v for k, v in spec.items() if k != "_id"})
 
         def match(doc):
-            doc_id = doc.get('_id')
+            doc_id = doc.get("_id")
             if type(doc_id) is ObjectId:  # pylint: disable=unidiomatic-typecheck
                 return doc_id in ids and rest(doc)
             return filter_applies(spec, doc)
+
         return match
     checks = _compile_rejects(spec, [])
     if not checks:
@@ -189,14 +197,13 @@ def mongomock_sort(dataset, sort):
     if isinstance(sort, dict):
         sort = sort.items()
     for sort_key, sort_direction in reversed(list(sort)):
-        if sort_key == '$natural':
+        if sort_key == "$natural":
             if sort_direction < 0:
                 dataset = iter(reversed(list(dataset)))
             continue
-        if sort_key.startswith('$'):
-            raise NotImplementedError(
-                f'Sorting by {sort_key} is not implemented in mongomock yet')
-        dataset = iter(sorted(
-            dataset, key=lambda x, k=sort_key: filtering.resolve_sort_key(k, x),
-            reverse=sort_direction < 0))
+        if sort_key.startswith("$"):
+            raise NotImplementedError(f"Sorting by {sort_key} is not implemented in mongomock yet")
+        dataset = iter(
+            sorted(dataset, key=lambda x, k=sort_key: filtering.resolve_sort_key(k, x), reverse=sort_direction < 0)
+        )
     return dataset

@@ -32,24 +32,24 @@ class GroupView:
     """`{"$group": {"_id": K, name: {"$sum": X}}}` over the rows."""
 
     def __init__(self, group):
-        self.key = group['_id']
-        (self.name, acc), = ((k, v) for k, v in group.items() if k != '_id')
-        self.summed = acc['$sum']
+        self.key = group["_id"]
+        ((self.name, acc),) = ((k, v) for k, v in group.items() if k != "_id")
+        self.summed = acc["$sum"]
         self.groups = {}  # hashed key -> [key, exact total, rows, float rows]
-        self.seen = -1    # the documents up to this sequence number are counted in
+        self.seen = -1  # the documents up to this sequence number are counted in
 
     @staticmethod
     def fits(tail):
-        if len(tail) != 1 or stage_name(tail[0]) != '$group':
+        if len(tail) != 1 or stage_name(tail[0]) != "$group":
             return False
-        group = tail[0]['$group']
-        if not isinstance(group, dict) or len(group) != 2 or '_id' not in group:
+        group = tail[0]["$group"]
+        if not isinstance(group, dict) or len(group) != 2 or "_id" not in group:
             return False
-        (name, acc), = ((k, v) for k, v in group.items() if k != '_id')
-        if not isinstance(acc, dict) or list(acc) != ['$sum']:
+        ((name, acc),) = ((k, v) for k, v in group.items() if k != "_id")
+        if not isinstance(acc, dict) or list(acc) != ["$sum"]:
             return False
-        summed = acc['$sum']
-        return _number(summed) or (isinstance(summed, str) and summed.startswith('$') and '$' not in summed[1:])
+        summed = acc["$sum"]
+        return _number(summed) or (isinstance(summed, str) and summed.startswith("$") and "$" not in summed[1:])
 
     def change(self, rows, sign, seq):
         for row in rows:
@@ -82,7 +82,7 @@ class GroupView:
     def answer(self):
         out = []
         for key, total, _, floats in self.groups.values():
-            out.append({'_id': key, self.name: float(total) if floats else int(total)})
+            out.append({"_id": key, self.name: float(total) if floats else int(total)})
         return out
 
 
@@ -102,21 +102,21 @@ class SortView:
 
     @staticmethod
     def fits(tail):
-        if not tail or stage_name(tail[0]) != '$sort':
+        if not tail or stage_name(tail[0]) != "$sort":
             return None
-        spec = tail[0]['$sort']
+        spec = tail[0]["$sort"]
         if not isinstance(spec, dict) or len(spec) != 1:
             return None
-        (field, direction), = spec.items()
-        if not isinstance(field, str) or field.startswith('$') or direction not in (1, -1):
+        ((field, direction),) = spec.items()
+        if not isinstance(field, str) or field.startswith("$") or direction not in (1, -1):
             return None
         i, skip = 1, 0
-        if i < len(tail) and stage_name(tail[i]) == '$skip':
-            skip = tail[i]['$skip']
+        if i < len(tail) and stage_name(tail[i]) == "$skip":
+            skip = tail[i]["$skip"]
             i += 1
-        if i >= len(tail) or stage_name(tail[i]) != '$limit':
+        if i >= len(tail) or stage_name(tail[i]) != "$limit":
             return None
-        limit = tail[i]['$limit']
+        limit = tail[i]["$limit"]
         if not (isinstance(skip, int) and isinstance(limit, int)) or skip < 0 or limit <= 0:
             return None
         return field, direction, skip, limit, i + 1
@@ -160,7 +160,7 @@ class ViewSet:
 
     @staticmethod
     def built(view):
-        return view.seen == float('inf')
+        return view.seen == float("inf")
 
     def change(self, doc, sign, seq):
         """Add (sign 1) or take away (-1) a document's rows; False if a

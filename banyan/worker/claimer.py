@@ -37,9 +37,9 @@ class Claimer:
         self.holdings = holdings
         self.registration = registration
         self.stopping = stopping  # Event: warm stop, no more claims
-        self.wake = wake          # Event: the supervisor has something to do
+        self.wake = wake  # Event: the supervisor has something to do
         self.lock = threading.Lock()
-        self.retry_after = None   # the server's hint when it could not hold a claim open
+        self.retry_after = None  # the server's hint when it could not hold a claim open
 
     def capacity(self):
         """How many tasks to ask for now."""
@@ -87,11 +87,14 @@ class Claimer:
         cancellations); returns how many."""
         items = reply.get("_items") or []
         retry_after = reply.get("retry_after")
-        self.retry_after = (min(float(retry_after), RETRY_AFTER_MAX)
-                            if isinstance(retry_after, (int, float)) and retry_after > 0 else None)
+        self.retry_after = (
+            min(float(retry_after), RETRY_AFTER_MAX)
+            if isinstance(retry_after, (int, float)) and retry_after > 0
+            else None
+        )
         holdings = self.holdings
         with holdings.lock:
-            stale = self.registration.worker_id != wid   # reset while the claim was in flight
+            stale = self.registration.worker_id != wid  # reset while the claim was in flight
             if not stale:
                 for task in items:
                     holdings.claimed(task)
@@ -114,11 +117,22 @@ class Claimer:
         try:
             released = self.client.release(wid, items)
         except BanyanError as exc:
-            log.warning("cannot hand back %d task(s) claimed by the previous registration %s (%s); the "
-                        "server abandons them later: %s", len(items), wid, exc, ids)
+            log.warning(
+                "cannot hand back %d task(s) claimed by the previous registration %s (%s); the "
+                "server abandons them later: %s",
+                len(items),
+                wid,
+                exc,
+                ids,
+            )
             return
-        log.warning("handed back %d of %d task(s) claimed by the previous registration %s: %s",
-                    len(released), len(items), wid, ids)
+        log.warning(
+            "handed back %d of %d task(s) claimed by the previous registration %s: %s",
+            len(released),
+            len(items),
+            wid,
+            ids,
+        )
 
     def next_claim(self):
         """``(wait, free)`` for the next claim, or None to wait for resources to come back first."""

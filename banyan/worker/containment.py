@@ -91,6 +91,7 @@ class Containment:
 
 # == finding the hierarchies ==================================================
 
+
 def _mounts():
     """``[(mount point, fstype, super options)]`` of cgroup file systems."""
     found = []
@@ -124,7 +125,7 @@ def _place(mount_point, mount_root, path):
     """The directory of cgroup ``path`` under a mount of ``mount_root``, or None."""
     if not path.startswith(mount_root):
         return None
-    directory = os.path.join(mount_point, path[len(mount_root):].lstrip("/"))
+    directory = os.path.join(mount_point, path[len(mount_root) :].lstrip("/"))
     return directory if os.path.isdir(directory) else None
 
 
@@ -139,9 +140,17 @@ def _usable(parent):
     try:
         os.makedirs(probe, exist_ok=True)
         done = subprocess.run(
-            [sys.executable, "-I", "-S", "-c",
-             "import sys; open(sys.argv[1] + '/cgroup.procs', 'w').write('0')", probe],
-            capture_output=True, timeout=30)
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                "import sys; open(sys.argv[1] + '/cgroup.procs', 'w').write('0')",
+                probe,
+            ],
+            capture_output=True,
+            timeout=30,
+        )
         return done.returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
@@ -180,12 +189,14 @@ def _parent(work_dir, controller):
 
 def _v2_memory(parent):
     """Enable the memory controller for the attempts' cgroups under ``parent``, if it can be."""
+
     def controllers(path, name="cgroup.controllers"):
         try:
             with open(os.path.join(path, name)) as fh:
                 return fh.read().split()
         except OSError:
             return []
+
     if "memory" not in controllers(parent):
         # The worker's own cgroup must hand it down; that fails (EBUSY) when
         # processes live in it, unless it is the root.
@@ -225,6 +236,7 @@ def detect(work_dir, mode="auto", memory=False):
 
 # == the work directory =======================================================
 
+
 def lock_work_dir(work_dir):
     """Take the work directory for this worker; the open lock file (keep it
     open while the worker lives). WorkDirBusy if another worker has it."""
@@ -236,8 +248,7 @@ def lock_work_dir(work_dir):
         handle.seek(0)
         owner = handle.read().strip() or "?"
         handle.close()
-        raise WorkDirBusy("work directory %s is in use by another banyan-worker (pid %s)"
-                          % (work_dir, owner)) from None
+        raise WorkDirBusy("work directory %s is in use by another banyan-worker (pid %s)" % (work_dir, owner)) from None
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))

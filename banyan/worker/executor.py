@@ -35,8 +35,7 @@ from .resources import ProcessTreeSampler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Outcome", "TaskProcess", "SupervisorPool", "Spawner", "OUTPUT_LIMIT", "become_subreaper",
-           "reap_orphans"]
+__all__ = ["Outcome", "TaskProcess", "SupervisorPool", "Spawner", "OUTPUT_LIMIT", "become_subreaper", "reap_orphans"]
 
 #: How much of each stream is sent to the server (the server keeps the same cap).
 OUTPUT_LIMIT = 1024 * 1024
@@ -46,13 +45,19 @@ OUTPUT_DRAIN_TIMEOUT = 10.0
 
 #: How the supervisor is started: the standard library only, no site packages;
 #: imported rather than run as a script, so its compiled code is cached.
-SUPERVISOR = [sys.executable, "-I", "-S", "-c",
-              "import sys; sys.path.insert(0, sys.argv[1]); import supervisor; sys.exit(supervisor.main())",
-              os.path.dirname(os.path.abspath(sup.__file__))]
+SUPERVISOR = [
+    sys.executable,
+    "-I",
+    "-S",
+    "-c",
+    "import sys; sys.path.insert(0, sys.argv[1]); import supervisor; sys.exit(supervisor.main())",
+    os.path.dirname(os.path.abspath(sup.__file__)),
+]
 #: A worker's spawner of supervisors (see ``Spawner``).
 SPAWNER = SUPERVISOR[:4] + [
     "import sys; sys.path.insert(0, sys.argv[1]); import supervisor; sys.exit(supervisor.serve_spawner())",
-    SUPERVISOR[5]]
+    SUPERVISOR[5],
+]
 #: Longest wait for a supervisor to say it started the task (a loaded machine).
 START_TIMEOUT = 60.0
 
@@ -71,8 +76,14 @@ def start_supervisor(pass_fds=(), spawner=None):
             return spawner.spawn(*pass_fds)
         except OSError as exc:
             log.warning("spawner unavailable (%s); starting a supervisor interpreter", exc)
-    return subprocess.Popen(SUPERVISOR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=pass_fds,
-                            start_new_session=True, close_fds=True)
+    return subprocess.Popen(
+        SUPERVISOR,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        pass_fds=pass_fds,
+        start_new_session=True,
+        close_fds=True,
+    )
 
 
 class Standby:
@@ -200,9 +211,20 @@ class TaskProcess:
     ``SupervisorPool`` (else a supervisor is started for this attempt).
     """
 
-    def __init__(self, task, attempt, attempt_dir, extra_env=None, thread_env=None,
-                 lease=None, containment=None, cpus=None, output_cap=DEFAULT_OUTPUT_CAP, supervisors=None,
-                 spawner=None):
+    def __init__(
+        self,
+        task,
+        attempt,
+        attempt_dir,
+        extra_env=None,
+        thread_env=None,
+        lease=None,
+        containment=None,
+        cpus=None,
+        output_cap=DEFAULT_OUTPUT_CAP,
+        supervisors=None,
+        spawner=None,
+    ):
         self.task = task
         self.supervisors = supervisors  # a SupervisorPool to take a started supervisor from
         #: bytes of output kept on disk, per stream (two files of half each)
@@ -216,25 +238,25 @@ class TaskProcess:
         self.lease = lease
         self.containment = dict(containment or {})
         self.cpus = list(cpus) if cpus else None
-        self.spawner = spawner         # forks the supervisor; None: a new interpreter
+        self.spawner = spawner  # forks the supervisor; None: a new interpreter
         self.stdout_path = os.path.join(self.attempt_dir, "stdout")
         self.stderr_path = os.path.join(self.attempt_dir, "stderr")
         self.progress_path = os.path.join(self.attempt_dir, "progress")
-        self.popen = None              # the supervisor
+        self.popen = None  # the supervisor
         self.pgid = None
         self.sampler = None
-        self.started = None            # time.monotonic() at start
-        self.stop_reason = None        # outcome to report if we stopped it
-        self.kill_deadline = None      # monotonic time for SIGKILL after SIGTERM
-        self.start_error = None        # why the attempt could not even get its files
-        self.reservation = None        # the worker's record of what this attempt holds
-        self.result = None             # the supervisor's last word (see supervisor.py)
+        self.started = None  # time.monotonic() at start
+        self.stop_reason = None  # outcome to report if we stopped it
+        self.kill_deadline = None  # monotonic time for SIGKILL after SIGTERM
+        self.start_error = None  # why the attempt could not even get its files
+        self.reservation = None  # the worker's record of what this attempt holds
+        self.result = None  # the supervisor's last word (see supervisor.py)
         self._task_pid = None
         self._task_start = None
         self._kill_sent = None
         self._status = b""
         self._outcome = None
-        self._start_err = None         # start(wait=False): a copy of stderr's pipe until it started
+        self._start_err = None  # start(wait=False): a copy of stderr's pipe until it started
         self._start_deadline = None
 
     # -- starting ---------------------------------------------------------
@@ -299,8 +321,7 @@ class TaskProcess:
                     else:
                         err = pipe
             except OSError as exc:  # disk full, permissions, no file descriptors left
-                self.start_error = (f"banyan-worker: cannot prepare {self.attempt_dir} "
-                                    f"for task {self.task_id}: {exc}\n")
+                self.start_error = f"banyan-worker: cannot prepare {self.attempt_dir} for task {self.task_id}: {exc}\n"
                 log.error("task %s attempt %s: %s", self.task_id, self.attempt, self.start_error.strip())
                 self._outcome = Outcome(None, Ended.FAILURE.value)
                 return
@@ -319,16 +340,25 @@ class TaskProcess:
         cwd = self.task.get("working_directory") or None
         if cwd:
             cwd = os.path.expanduser(cwd)
-        spec = dict(self.containment, args=args, cwd=cwd, env=self.environment(),
-                    stdout_fd=out.fileno(), stderr_fd=err.fileno(), lease=self.lease, cpus=self.cpus)
+        spec = dict(
+            self.containment,
+            args=args,
+            cwd=cwd,
+            env=self.environment(),
+            stdout_fd=out.fileno(),
+            stderr_fd=err.fileno(),
+            lease=self.lease,
+            cpus=self.cpus,
+        )
         try:
             # (a supervisor started ahead has `out` and `err` under the same numbers)
-            self.popen = standby.popen if standby is not None else \
-                start_supervisor((out.fileno(), err.fileno()), self.spawner)
+            self.popen = (
+                standby.popen if standby is not None else start_supervisor((out.fileno(), err.fileno()), self.spawner)
+            )
             packed = marshal.dumps(spec)
             data = len(packed).to_bytes(8, "big") + packed
             while data:  # blocking: the supervisor reads the spec before anything else
-                data = data[os.write(self.popen.stdin.fileno(), data):]
+                data = data[os.write(self.popen.stdin.fileno(), data) :]
             os.set_blocking(self.popen.stdin.fileno(), False)
         except (OSError, ValueError, TypeError) as exc:
             self._cannot_start(err, exc)
@@ -348,7 +378,7 @@ class TaskProcess:
             self.sampler = ProcessTreeSampler(self.popen.pid, include_root=False)
             log.info("task %s attempt %s started as pid %s", self.task_id, self.attempt, self.pgid)
             return
-        reason = line[len("error "):] if line and line.startswith("error ") else "its supervisor did not start it"
+        reason = line[len("error ") :] if line and line.startswith("error ") else "its supervisor did not start it"
         self._cannot_start(err_fd, reason)
         self._send("kill")
         self._wait_supervisor()
@@ -455,7 +485,7 @@ class TaskProcess:
         for line in self._status.decode(errors="replace").splitlines():
             if line.startswith("result "):
                 try:
-                    return json.loads(line[len("result "):])
+                    return json.loads(line[len("result ") :])
                 except ValueError:
                     return None
         return None
@@ -484,8 +514,12 @@ class TaskProcess:
             return None
         self.result = self._read_result()
         if self.result is None:
-            log.error("task %s: supervisor %s died (exit code %s); killing what it left",
-                      self.task_id, self.popen.pid, self.popen.returncode)
+            log.error(
+                "task %s: supervisor %s died (exit code %s); killing what it left",
+                self.task_id,
+                self.popen.pid,
+                self.popen.returncode,
+            )
             self._kill_leftovers()
             code, outcome = None, self.stop_reason or Ended.FAILURE.value
         else:
@@ -498,8 +532,7 @@ class TaskProcess:
                 succeeded = code == 0 and not self.result.get("lease_expired")
                 outcome = Ended.SUCCESS.value if succeeded else Ended.FAILURE.value
             if self.result.get("lease_expired"):
-                log.error("task %s attempt %s: its lease ran out; the supervisor killed it",
-                          self.task_id, self.attempt)
+                log.error("task %s attempt %s: its lease ran out; the supervisor killed it", self.task_id, self.attempt)
         self._outcome = Outcome(code, outcome)
         log.info("task %s attempt %s exited with %s (%s)", self.task_id, self.attempt, code, outcome)
         return self._outcome
@@ -620,6 +653,7 @@ class TaskProcess:
 
 # -- the spawner -------------------------------------------------------------
 
+
 class SpawnedSupervisor:
     """A supervisor forked by the spawner, with the parts of ``Popen`` a
     ``TaskProcess`` uses. It is not our child: it has exited once its status
@@ -717,6 +751,7 @@ class Spawner:
 
 
 # -- orphans ---------------------------------------------------------------
+
 
 def become_subreaper():
     """Make this process the child subreaper of everything it starts (Linux).

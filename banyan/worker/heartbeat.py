@@ -33,10 +33,10 @@ class Heartbeat:
         self.client = client
         self.holdings = holdings
         self.registration = registration
-        self.done = done    # Event: every result reported, stop
-        self.wake = wake    # Event: the supervisor has something to do
+        self.done = done  # Event: every result reported, stop
+        self.wake = wake  # Event: the supervisor has something to do
         self.sent_progress = {}  # task id -> progress the last heartbeat carried
-        self.sent_output = {}    # task id -> (attempt, bytes written) the last heartbeat carried
+        self.sent_output = {}  # task id -> (attempt, bytes written) the last heartbeat carried
 
     def payload(self):
         """Running attempts, finished ones whose report is not delivered
@@ -44,8 +44,7 @@ class Heartbeat:
         attempt while its worker reports it."""
         with self.holdings.lock:
             running = list(self.holdings.running.items())
-            unreported = [r for r in self.holdings.unreported.values()
-                          if r["worker_id"] == self.registration.worker_id]
+            unreported = [r for r in self.holdings.unreported.values() if r["worker_id"] == self.registration.worker_id]
             waiting = [task for task, _ in self.holdings.waiting]
         tasks = {str(task["_id"]): {"attempt": attempt_of(task)} for task in waiting}
         tasks.update({r["task_id"]: {"attempt": r["attempt"], "usage": r["usage"]} for r in unreported})
@@ -81,10 +80,14 @@ class Heartbeat:
         with self.holdings.lock:
             running = list(self.holdings.running.items())
         sent, output = self.sent_progress, self.sent_output
-        return any(proc.pid is not None and (
-                   proc.read_progress() not in (None, sent.get(task_id))
-                   or (any(proc.output_written()) and output.get(task_id) != (proc.attempt, proc.output_written())))
-                   for task_id, proc in running)
+        return any(
+            proc.pid is not None
+            and (
+                proc.read_progress() not in (None, sent.get(task_id))
+                or (any(proc.output_written()) and output.get(task_id) != (proc.attempt, proc.output_written()))
+            )
+            for task_id, proc in running
+        )
 
     def beat(self):
         """Send one heartbeat and queue what the server answers."""
@@ -108,8 +111,10 @@ class Heartbeat:
             if registration.worker_id != wid:
                 return
             holdings.control.extend(("cancel", str(t), None) for t in reply.get("cancel") or [])
-            holdings.control.extend(("unknown", str(t), (payload.get(str(t)) or {}).get("attempt"))
-                                    for t in self._unknown(reply.get("unknown") or [], built))
+            holdings.control.extend(
+                ("unknown", str(t), (payload.get(str(t)) or {}).get("attempt"))
+                for t in self._unknown(reply.get("unknown") or [], built)
+            )
             if holdings.control:
                 self.wake.set()
             registration.renew(sent)

@@ -28,9 +28,11 @@ def requested(task):
     cores = req.get("cores")
     memory = req.get("memory")
     gpus = req.get("gpus")
-    return {"cores": 1.0 if cores is None else float(cores),
-            "memory": 0 if memory is None else parse_size(memory),
-            "gpus": 0 if gpus is None else int(gpus)}
+    return {
+        "cores": 1.0 if cores is None else float(cores),
+        "memory": 0 if memory is None else parse_size(memory),
+        "gpus": 0 if gpus is None else int(gpus),
+    }
 
 
 def attempt_of(task):
@@ -55,15 +57,15 @@ class Holdings:
     def __init__(self, total, pin=False):
         self.total = total
         self.lock = threading.RLock()
-        self.running = {}      # task id -> TaskProcess, running and reported in heartbeats
-        self.doomed = {}       # task id -> TaskProcess, being killed, never reported
+        self.running = {}  # task id -> TaskProcess, running and reported in heartbeats
+        self.doomed = {}  # task id -> TaskProcess, being killed, never reported
         self.waiting: list = []  # [(task, monotonic arrival)]: claimed, waiting for room to start
         self.handing_back: list = []  # prefetched tasks that waited too long: never started here, to go back
-        self.inbox = []        # claimed task documents that fit, being started
+        self.inbox = []  # claimed task documents that fit, being started
         self.control: collections.deque = collections.deque()  # ("cancel"|"unknown", task id, attempt or None)
         self.reserved: dict[str, dict] = {}  # task id -> requested resources (inbox, running, doomed)
-        self.unreported = {}   # task id -> report not yet delivered, still held in heartbeats
-        self.gpus = {}         # task id -> GPU indices handed to it
+        self.unreported = {}  # task id -> report not yet delivered, still held in heartbeats
+        self.gpus = {}  # task id -> GPU indices handed to it
         self.cpus = resources.CpuAllocator(resources.usable_cpus()) if pin else None
         # Set when a reservation is given back: the claimer waits on it while
         # every core is taken.
@@ -86,9 +88,11 @@ class Holdings:
         for req in requests:
             for key in used:
                 used[key] += req[key]
-        return {"cores": max(0.0, round(self.total["cores"] - used["cores"], 6)),
-                "memory": max(0, self.total["memory"] - used["memory"]),
-                "gpus": max(0, self.total["gpus"] - used["gpus"])}
+        return {
+            "cores": max(0.0, round(self.total["cores"] - used["cores"], 6)),
+            "memory": max(0, self.total["memory"] - used["memory"]),
+            "gpus": max(0, self.total["gpus"] - used["gpus"]),
+        }
 
     def free_after(self, batch):
         """What is free once the attempts in ``batch`` (reports) are delivered:

@@ -45,10 +45,10 @@ class RotatingOutput:
         while data:
             if self.size >= self.segment:
                 self._rotate()
-            part = data[:self.segment - self.size]
+            part = data[: self.segment - self.size]
             self.file.write(part)
             self.size += len(part)
-            data = data[len(part):]
+            data = data[len(part) :]
         # on disk at once: `tail` reads it back while the task runs (live output)
         self.file.flush()
         self.written += total

@@ -11,5 +11,4 @@ BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 
 def transient(exc):
     """A failure worth retrying: no answer, a 5xx, a timeout or throttling answer."""
-    return isinstance(exc, ServerUnreachable) or exc.status is None or exc.status >= 500 \
-        or exc.status in (408, 429)
+    return isinstance(exc, ServerUnreachable) or exc.status is None or exc.status >= 500 or exc.status in (408, 429)

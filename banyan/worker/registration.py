@@ -66,9 +66,13 @@ class Registration:
             if lease != self.lease:
                 self.lease = lease
                 self.heartbeat_interval = min(self.config.heartbeat, lease / 3)
-                log.info("server heartbeat timeout %gs: tasks are killed %.1fs after the last "
-                         "acknowledged heartbeat; heartbeats every %.1fs",
-                         timeout, lease, self.heartbeat_interval)
+                log.info(
+                    "server heartbeat timeout %gs: tasks are killed %.1fs after the last "
+                    "acknowledged heartbeat; heartbeats every %.1fs",
+                    timeout,
+                    lease,
+                    self.heartbeat_interval,
+                )
         self.renew(sent)
         self.contact()
         return reply["_id"]

@@ -28,7 +28,7 @@ class Reporter:
         self.registration = registration
         self.claimer = claimer
         self.stopping = stopping  # Event: warm stop, no more claims
-        self.done = done          # Event: stop retrying
+        self.done = done  # Event: stop retrying
         self.queue: queue.Queue = queue.Queue()
 
     def pending(self):
@@ -37,10 +37,18 @@ class Reporter:
 
     def put(self, task, attempt, outcome, stdout, stderr, usage, proc=None, reservation=None):
         """Queue the report of an ended attempt (``outcome``: an executor ``Outcome``)."""
-        report = {"task_id": str(task["_id"]), "attempt": attempt, "outcome": outcome.outcome,
-                  "exit_code": outcome.exit_code, "stdout": stdout, "stderr": stderr,
-                  "usage": usage, "proc": proc, "reservation": reservation,
-                  "worker_id": self.registration.worker_id}
+        report = {
+            "task_id": str(task["_id"]),
+            "attempt": attempt,
+            "outcome": outcome.outcome,
+            "exit_code": outcome.exit_code,
+            "stdout": stdout,
+            "stderr": stderr,
+            "usage": usage,
+            "proc": proc,
+            "reservation": reservation,
+            "worker_id": self.registration.worker_id,
+        }
         with self.holdings.lock:
             self.holdings.unreported[report["task_id"]] = report
         self.queue.put(report)
@@ -59,28 +67,42 @@ class Reporter:
         task_id = report["task_id"]
         client = client or self.client
         try:
-            stored = client.finish(task_id, report["attempt"], report["outcome"], report["exit_code"],
-                                   report["stdout"], report["stderr"], report["usage"])
+            stored = client.finish(
+                task_id,
+                report["attempt"],
+                report["outcome"],
+                report["exit_code"],
+                report["stdout"],
+                report["stderr"],
+                report["usage"],
+            )
         except BanyanError as exc:
             if transient(exc):
                 log.warning("cannot report task %s yet: %s", task_id, exc)
                 return False
             self.registration.contact()
             if exc.status in (404, 409):
-                log.warning("report of task %s attempt %s refused (%s): dropping it",
-                            task_id, report["attempt"], exc)
+                log.warning("report of task %s attempt %s refused (%s): dropping it", task_id, report["attempt"], exc)
             else:
-                log.error("report of task %s attempt %s rejected, dropping it: %s",
-                          task_id, report["attempt"], exc)
+                log.error("report of task %s attempt %s rejected, dropping it: %s", task_id, report["attempt"], exc)
             return True
         self.registration.contact()
         history = (stored or {}).get("history") or []
         if len(history) >= report["attempt"] and history[report["attempt"] - 1].get("late_report"):
-            log.warning("reported task %s attempt %s (%s) after the server had given it up: kept as "
-                        "the attempt's late report", task_id, report["attempt"], report["outcome"])
+            log.warning(
+                "reported task %s attempt %s (%s) after the server had given it up: kept as the attempt's late report",
+                task_id,
+                report["attempt"],
+                report["outcome"],
+            )
         else:
-            log.info("reported task %s attempt %s: %s (exit code %s)", task_id, report["attempt"],
-                     report["outcome"], report["exit_code"])
+            log.info(
+                "reported task %s attempt %s: %s (exit code %s)",
+                task_id,
+                report["attempt"],
+                report["outcome"],
+                report["exit_code"],
+            )
         return True
 
     def deliver(self, batch):
@@ -98,14 +120,25 @@ class Reporter:
             return not batch
         claiming = not self.stopping.is_set() and claimer.lock.acquire(blocking=False)
         try:
-            free, count = ((self.holdings.free_after(batch), claimer.capacity()) if claiming
-                           else (self.holdings.free(), 0))
-            reports = [{"task": item["task_id"], "attempt": item["attempt"], "outcome": item["outcome"],
-                        "exit_code": item["exit_code"], "stdout": item["stdout"], "stderr": item["stderr"],
-                        "usage": item["usage"]} for item in batch]
+            free, count = (
+                (self.holdings.free_after(batch), claimer.capacity()) if claiming else (self.holdings.free(), 0)
+            )
+            reports = [
+                {
+                    "task": item["task_id"],
+                    "attempt": item["attempt"],
+                    "outcome": item["outcome"],
+                    "exit_code": item["exit_code"],
+                    "stdout": item["stdout"],
+                    "stderr": item["stderr"],
+                    "usage": item["usage"],
+                }
+                for item in batch
+            ]
             try:
-                reply = self.client.claim(wid, free, max(0, count), 0, finished=reports,
-                                          **(claimer.prefetch_args(free) if claiming else {}))
+                reply = self.client.claim(
+                    wid, free, max(0, count), 0, finished=reports, **(claimer.prefetch_args(free) if claiming else {})
+                )
             except BanyanError as exc:
                 if transient(exc):
                     log.warning("cannot report %d task(s) yet: %s", len(batch), exc)
@@ -130,17 +163,34 @@ class Reporter:
     def _log_report(self, item, result):
         error = result.get("_error") if isinstance(result, dict) else None
         if not error and result.get("late_report"):
-            log.warning("reported task %s attempt %s (%s) after the server had given it up: kept as "
-                        "the attempt's late report", item["task_id"], item["attempt"], item["outcome"])
+            log.warning(
+                "reported task %s attempt %s (%s) after the server had given it up: kept as the attempt's late report",
+                item["task_id"],
+                item["attempt"],
+                item["outcome"],
+            )
         elif not error:
-            log.info("reported task %s attempt %s: %s (exit code %s)", item["task_id"], item["attempt"],
-                     item["outcome"], item["exit_code"])
+            log.info(
+                "reported task %s attempt %s: %s (exit code %s)",
+                item["task_id"],
+                item["attempt"],
+                item["outcome"],
+                item["exit_code"],
+            )
         elif error.get("code") in (404, 409):
-            log.warning("report of task %s attempt %s refused (%s): dropping it",
-                        item["task_id"], item["attempt"], error.get("message"))
+            log.warning(
+                "report of task %s attempt %s refused (%s): dropping it",
+                item["task_id"],
+                item["attempt"],
+                error.get("message"),
+            )
         else:
-            log.error("report of task %s attempt %s rejected, dropping it: %s",
-                      item["task_id"], item["attempt"], error.get("message"))
+            log.error(
+                "report of task %s attempt %s rejected, dropping it: %s",
+                item["task_id"],
+                item["attempt"],
+                error.get("message"),
+            )
 
     def hand_back(self, client=None):
         """Hand back (``release``, ``prefetched``) the tasks the supervisor
@@ -163,8 +213,11 @@ class Reporter:
             log.warning("cannot hand back %d prefetched task(s) yet: %s", len(tasks), exc)
             return
         self.registration.contact()
-        log.info("handed back %d prefetched task(s) that found no room here: %s", len(released),
-                 ", ".join(str(t) for t in released))
+        log.info(
+            "handed back %d prefetched task(s) that found no room here: %s",
+            len(released),
+            ", ".join(str(t) for t in released),
+        )
 
     def run(self):
         """The reporter thread: deliver until stopped and nothing is queued."""
@@ -190,8 +243,9 @@ class Reporter:
             try:
                 while not self.deliver(batch):
                     if self.done.wait(delay):
-                        log.error("giving up on the reports of task(s) %s",
-                                  ", ".join(item["task_id"] for item in batch))
+                        log.error(
+                            "giving up on the reports of task(s) %s", ", ".join(item["task_id"] for item in batch)
+                        )
                         break
                     delay = min(BACKOFF_MAX, delay * 2)
                 left = {id(item) for item in batch}
@@ -199,8 +253,9 @@ class Reporter:
                     if id(item) not in left and item["proc"] is not None:
                         self.holdings.remove_attempt_dir(item["proc"], item["reservation"])
             except Exception:
-                log.exception("unexpected error while reporting task(s) %s",
-                              ", ".join(item["task_id"] for item in taken))
+                log.exception(
+                    "unexpected error while reporting task(s) %s", ", ".join(item["task_id"] for item in taken)
+                )
             finally:
                 for item in taken:
                     self.settle(item)

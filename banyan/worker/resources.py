@@ -18,17 +18,39 @@ from . import supervisor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["total_cores", "total_memory", "free_memory", "cpu_load", "gpu_count", "detect_resources",
-           "ProcessTreeSampler", "Usage", "THREAD_VARIABLES", "thread_environment", "usable_cpus",
-           "CpuAllocator"]
+__all__ = [
+    "total_cores",
+    "total_memory",
+    "free_memory",
+    "cpu_load",
+    "gpu_count",
+    "detect_resources",
+    "ProcessTreeSampler",
+    "Usage",
+    "THREAD_VARIABLES",
+    "thread_environment",
+    "usable_cpus",
+    "CpuAllocator",
+]
 
 #: Variables that tell multithreaded libraries (OpenMP, BLAS, MKL, numexpr,
 #: numba, Julia, Rayon, TensorFlow, Go) how many threads to use. A task's own
 #: ``environment`` overrides them.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
-                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
-                    "NUMEXPR_MAX_THREADS", "NUMBA_NUM_THREADS", "JULIA_NUM_THREADS", "RAYON_NUM_THREADS",
-                    "TF_NUM_INTRAOP_THREADS", "GOMAXPROCS")
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "GOTO_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "NUMEXPR_MAX_THREADS",
+    "NUMBA_NUM_THREADS",
+    "JULIA_NUM_THREADS",
+    "RAYON_NUM_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+    "GOMAXPROCS",
+)
 
 
 def threads_for(cores):
@@ -121,8 +143,9 @@ def gpu_count():
     if smi is None:
         return 0
     try:
-        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            [smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("nvidia-smi failed, assuming no GPUs: %s", exc)
         return 0
@@ -173,7 +196,7 @@ class ProcessTreeSampler:
         self.max_rss = 0
         self.rss = 0
         self.cpu_percent = 0.0
-        self._cpu_times = {}     # pid -> (create_time, last cumulative cpu seconds)
+        self._cpu_times = {}  # pid -> (create_time, last cumulative cpu seconds)
         self._last_total = None  # cpu seconds summed over seen processes
         self._last_time = None
         self._first_time = None
@@ -185,10 +208,10 @@ class ProcessTreeSampler:
             root = psutil.Process(self.pid)
             pids = descendant_pids(self.pid)
             if pids is None:
-                return [root][:self.include_root] + root.children(recursive=True)
+                return [root][: self.include_root] + root.children(recursive=True)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return []
-        found = [root][:self.include_root]
+        found = [root][: self.include_root]
         for pid in pids:
             try:
                 found.append(psutil.Process(pid))
@@ -224,8 +247,7 @@ class ProcessTreeSampler:
 
     def usage(self):
         """The latest figures without sampling again."""
-        return Usage(max_rss=int(self.max_rss), rss=int(self.rss),
-                     cpu_percent=round(self.cpu_percent, 1))
+        return Usage(max_rss=int(self.max_rss), rss=int(self.rss), cpu_percent=round(self.cpu_percent, 1))
 
     def average_cpu_percent(self):
         """CPU percent averaged from the first sample to the last (for the final report)."""

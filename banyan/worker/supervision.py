@@ -16,8 +16,8 @@ import time
 from ..protocol import Outcome as Ended
 from . import containment, resources
 from .executor import OUTPUT_LIMIT, Outcome, Spawner, SupervisorPool, TaskProcess, become_subreaper, reap_orphans
-from .hooks import run_hooks
 from .holdings import attempt_of, requested
+from .hooks import run_hooks
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,15 @@ class Supervision:
         self.registration = registration
         self.reporter = reporter
         self.hooks = hooks
-        self.stopping = stopping        # Event: warm stop, register no more
-        self.wake = wake                # Event: something to do now
+        self.stopping = stopping  # Event: warm stop, register no more
+        self.wake = wake  # Event: something to do now
         # Supervisors started ahead of their attempts (one per core, up to 4),
         # forked by the spawner once it runs (`contain`).
         self.supervisors = SupervisorPool(size=max(1, min(4, int(holdings.total["cores"]))))
-        self.containment = None         # what keeps tasks' processes together (`contain`)
+        self.containment = None  # what keeps tasks' processes together (`contain`)
         self.spawner = None
-        self.subreaper = False          # reaps the orphans of tasks (`contain`)
-        self.drain_deadline = None      # monotonic, once a warm stop began
+        self.subreaper = False  # reaps the orphans of tasks (`contain`)
+        self.drain_deadline = None  # monotonic, once a warm stop began
         self._work_dir_lock = None
         self._last_sample = {}
         self._last_reap = 0.0
@@ -64,8 +64,9 @@ class Supervision:
         CannotContain when the directory is taken or no containment works."""
         try:
             self._work_dir_lock = containment.lock_work_dir(self.config.work_dir)
-            found = self.containment = containment.detect(self.config.work_dir, self.config.containment,
-                                                          memory=self.config.enforce_memory)
+            found = self.containment = containment.detect(
+                self.config.work_dir, self.config.containment, memory=self.config.enforce_memory
+            )
         except (containment.WorkDirBusy, RuntimeError, OSError) as exc:
             raise CannotContain(str(exc)) from exc
         if self.config.enforce_memory and found.memory_cgroup is None:
@@ -126,7 +127,7 @@ class Supervision:
             for task in holdings.inbox:
                 holdings.release(str(task["_id"]))
             holdings.inbox.clear()
-            holdings.waiting.clear()        # the server gives them to others
+            holdings.waiting.clear()  # the server gives them to others
             holdings.handing_back.clear()
             holdings.control.clear()
             for task_id, proc in victims:
@@ -166,8 +167,14 @@ class Supervision:
                 waiting = next((e for e in holdings.waiting if str(e[0]["_id"]) == task_id), None)
                 if waiting is not None and action == "cancel":  # prefetched: it never started
                     holdings.waiting.remove(waiting)
-                    self.reporter.put(waiting[0], attempt_of(waiting[0]), Outcome(None, "cancelled"),
-                                      "", "", {"max_rss": 0, "cpu_percent": 0.0})
+                    self.reporter.put(
+                        waiting[0],
+                        attempt_of(waiting[0]),
+                        Outcome(None, "cancelled"),
+                        "",
+                        "",
+                        {"max_rss": 0, "cpu_percent": 0.0},
+                    )
                 if action == "unknown":
                     if proc is not None and attempt is not None and proc.attempt != attempt:
                         proc = None
@@ -183,8 +190,14 @@ class Supervision:
                     log.info("task %s: cancellation requested", task_id)
                     proc.terminate(proc.max_shutdown_time, reason=Ended.CANCELLED.value, wait=False)
                 elif pending is not None:
-                    self.reporter.put(pending, attempt_of(pending), Outcome(None, Ended.CANCELLED.value),
-                                      "", "", {"max_rss": 0, "cpu_percent": 0.0})
+                    self.reporter.put(
+                        pending,
+                        attempt_of(pending),
+                        Outcome(None, Ended.CANCELLED.value),
+                        "",
+                        "",
+                        {"max_rss": 0, "cpu_percent": 0.0},
+                    )
             elif proc is not None:
                 log.warning("task %s: the server says it is no longer ours; killing it", task_id)
                 proc.terminate(proc.max_shutdown_time, reason=Ended.FAILURE.value, wait=False)
@@ -195,8 +208,7 @@ class Supervision:
         worker stops, it goes back (the reporter hands it back)."""
         holdings = self.holdings
         holdings.promote()
-        holdings.give_up_waiting(None if self.stopping.is_set()
-                                 else time.monotonic() - self.config.prefetch_hold)
+        holdings.give_up_waiting(None if self.stopping.is_set() else time.monotonic() - self.config.prefetch_hold)
         while True:
             with holdings.lock:
                 if not holdings.inbox:
@@ -210,19 +222,31 @@ class Supervision:
                 reservation = holdings.reserved.get(task_id)
                 lease = self.registration.lease_deadline
             attempt = attempt_of(task)
-            extra_env = {"BANYAN_CORES": "%g" % wanted["cores"], "BANYAN_SERVER": self.config.server,
-                         "BANYAN_JOB_ID": str(task.get("job") or "")}
+            extra_env = {
+                "BANYAN_CORES": "%g" % wanted["cores"],
+                "BANYAN_SERVER": self.config.server,
+                "BANYAN_JOB_ID": str(task.get("job") or ""),
+            }
             if cpus:
                 extra_env["BANYAN_CPUS"] = ",".join(map(str, cpus))
             if holdings.total["gpus"] > 0:
                 extra_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
             limit = wanted["memory"] if self.config.enforce_memory else None
-            proc = TaskProcess(task, attempt, self.attempt_dir(task_id, attempt), extra_env,
-                               thread_env=resources.thread_environment(wanted["cores"]), lease=lease,
-                               containment=self.containment.spec_for(f"{task_id}-{attempt}", limit)
-                               if self.containment is not None else None,
-                               cpus=cpus, output_cap=self.config.output_cap, supervisors=self.supervisors,
-                               spawner=self.spawner)
+            proc = TaskProcess(
+                task,
+                attempt,
+                self.attempt_dir(task_id, attempt),
+                extra_env,
+                thread_env=resources.thread_environment(wanted["cores"]),
+                lease=lease,
+                containment=self.containment.spec_for(f"{task_id}-{attempt}", limit)
+                if self.containment is not None
+                else None,
+                cpus=cpus,
+                output_cap=self.config.output_cap,
+                supervisors=self.supervisors,
+                spawner=self.spawner,
+            )
             proc.reservation = reservation
             run_hooks(self.hooks, "before_start", proc)
             proc.start(wait=False)  # its supervisor says "started" to a later poll()
@@ -241,11 +265,12 @@ class Supervision:
             return
 
         if not isinstance(proc.popen, subprocess.Popen):  # forked by the spawner: not our child
+
             def watch_spawned(supervisor=proc.popen):
                 supervisor.wait()
                 self.wake.set()
-            threading.Thread(target=watch_spawned, name=f"banyan-watch-{proc.supervisor_pid}",
-                             daemon=True).start()
+
+            threading.Thread(target=watch_spawned, name=f"banyan-watch-{proc.supervisor_pid}", daemon=True).start()
             return
 
         def watch(pid=proc.supervisor_pid):
@@ -295,8 +320,10 @@ class Supervision:
                 holdings.doomed[task_id] = proc
             registered = self.registration.worker_id is not None
         if registered:
-            self.reset("no heartbeat acknowledged for %.1fs (the lease on task %s ran out)"
-                       % (self.registration.lease, task_id))
+            self.reset(
+                "no heartbeat acknowledged for %.1fs (the lease on task %s ran out)"
+                % (self.registration.lease, task_id)
+            )
 
     def reap_orphans(self, now):
         """As subreaper, reap the dead leftovers of task trees now and then."""
@@ -304,9 +331,11 @@ class Supervision:
             return
         self._last_reap = now
         with self.holdings.lock:
-            keep = {p.supervisor_pid
-                    for p in list(self.holdings.running.values()) + list(self.holdings.doomed.values())
-                    if p.supervisor_pid is not None}
+            keep = {
+                p.supervisor_pid
+                for p in list(self.holdings.running.values()) + list(self.holdings.doomed.values())
+                if p.supervisor_pid is not None
+            }
         reap_orphans(keep)
 
     def finish_attempt(self, task_id, proc, outcome):
@@ -322,9 +351,16 @@ class Supervision:
             # until then the server counts it as running here, and a claim
             # made now would put more on this worker than it has.
             reservation = proc.reservation
-        self.reporter.put(proc.task, proc.attempt, outcome,
-                          proc.tail_bytes("stdout", OUTPUT_LIMIT), proc.tail_bytes("stderr", OUTPUT_LIMIT),
-                          usage, proc, reservation)
+        self.reporter.put(
+            proc.task,
+            proc.attempt,
+            outcome,
+            proc.tail_bytes("stdout", OUTPUT_LIMIT),
+            proc.tail_bytes("stderr", OUTPUT_LIMIT),
+            usage,
+            proc,
+            reservation,
+        )
 
     def check_drain(self, now):
         """Past the drain deadline: terminate what is still running (outcome "failure")."""
@@ -356,6 +392,11 @@ class Supervision:
             holdings.doomed.clear()
             unstarted, holdings.inbox = holdings.inbox, []
         for task in unstarted:  # claimed during a cold stop: hand them back as failed attempts
-            self.reporter.put(task, attempt_of(task), Outcome(None, Ended.FAILURE.value), "",
-                              "banyan-worker stopped before starting this task\n",
-                              {"max_rss": 0, "cpu_percent": 0.0})
+            self.reporter.put(
+                task,
+                attempt_of(task),
+                Outcome(None, Ended.FAILURE.value),
+                "",
+                "banyan-worker stopped before starting this task\n",
+                {"max_rss": 0, "cpu_percent": 0.0},
+            )

@@ -55,6 +55,7 @@ RESET_SIGNALS = ("SIGPIPE", "SIGXFZ", "SIGXFSZ", "SIGCHLD", "SIGTERM", "SIGINT",
 
 # == processes ================================================================
 
+
 def start_time(pid):
     """The process's start time in clock ticks since boot, or None if it is gone.
 
@@ -67,7 +68,7 @@ def start_time(pid):
     except OSError:
         return None
     # The command name (field 2) may contain spaces and parentheses.
-    fields = data[data.rfind(b")") + 2:].split()
+    fields = data[data.rfind(b")") + 2 :].split()
     if fields[0] == b"Z":
         return None  # a zombie is already dead
     return int(fields[19])
@@ -138,6 +139,7 @@ def kill_recorded(processes, cgroups=(), attempts=20):
 
 
 # == cgroups ==================================================================
+
 
 def cgroup_pids(path):
     """Pids in a cgroup (v1 or v2), empty when it is gone."""
@@ -229,6 +231,7 @@ def to_json(value):
 
 # == the supervisor ===========================================================
 
+
 class Supervisor:
     """One attempt. ``spec`` (from the worker):
 
@@ -252,8 +255,8 @@ class Supervisor:
         self.exit_code = None
         self.lease_expired = False
         self.killing = False
-        self.asked = False         # the worker asked to stop the task ("term"/"kill")
-        self.stopped = False       # ... before the task exited on its own
+        self.asked = False  # the worker asked to stop the task ("term"/"kill")
+        self.stopped = False  # ... before the task exited on its own
         self.buffer = b""
         self.recorded = {}
         self.worker_gone = False
@@ -346,9 +349,11 @@ class Supervisor:
                     changed = True
         if not changed and os.path.exists(path):
             return
-        doc = {"supervisor": [os.getpid(), start_time(os.getpid())],
-               "processes": [[pid, started] for pid, started in self.recorded.items()],
-               "cgroups": self.cgroups}
+        doc = {
+            "supervisor": [os.getpid(), start_time(os.getpid())],
+            "processes": [[pid, started] for pid, started in self.recorded.items()],
+            "cgroups": self.cgroups,
+        }
         tmp = path + ".tmp"
         write_file(tmp, to_json(doc))
         os.replace(tmp, path)
@@ -504,9 +509,14 @@ class Supervisor:
                 for command in self.read_commands():
                     self.apply(command)
         kills, peak = self.memory_figures()
-        result = {"exit_code": self.exit_code, "oom": kills > 0, "peak_memory": peak,
-                  "lease_expired": self.lease_expired, "worker_gone": self.worker_gone,
-                  "stopped": self.stopped}
+        result = {
+            "exit_code": self.exit_code,
+            "oom": kills > 0,
+            "peak_memory": peak,
+            "lease_expired": self.lease_expired,
+            "worker_gone": self.worker_gone,
+            "stopped": self.stopped,
+        }
         self.say("result " + to_json(result))
         self.cleanup()
         return 0
@@ -536,8 +546,6 @@ def read_spec(fd):
     return marshal.loads(data[8:size]), data[size:]
 
 
-
-
 def _reap_children(*unused):
     while True:
         try:
@@ -555,6 +563,7 @@ def serve_spawner(sock_fd=0):
     fork of this process costs ~1 ms where a new interpreter costs ~20 ms of
     CPU. Ends when the worker closes the socket (its supervisors go on)."""
     import socket
+
     sock = socket.socket(fileno=sock_fd)
     signal.signal(signal.SIGCHLD, _reap_children)
     while True:

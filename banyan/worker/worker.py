@@ -36,8 +36,8 @@ from ..units import parse_size
 from . import containment, resources
 from .claimer import Claimer
 from .heartbeat import Heartbeat
-from .hooks import TimeLimit
 from .holdings import Holdings, attempt_of, requested
+from .hooks import TimeLimit
 from .output import DEFAULT_OUTPUT_CAP, MIN_OUTPUT_CAP
 from .pacing import BACKOFF_MAX, BACKOFF_START, TICK, transient
 from .registration import Registration, lease_duration
@@ -46,8 +46,7 @@ from .supervision import CannotContain, Supervision
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WorkerConfig", "Worker", "StartupError", "HEARTBEAT_INTERVAL", "lease_duration", "requested",
-           "attempt_of"]
+__all__ = ["WorkerConfig", "Worker", "StartupError", "HEARTBEAT_INTERVAL", "lease_duration", "requested", "attempt_of"]
 
 #: Default seconds between heartbeats (the server's HEARTBEAT_TIMEOUT / 3).
 HEARTBEAT_INTERVAL = 10.0
@@ -79,18 +78,18 @@ class WorkerConfig:
     gpus: Optional[int] = None
     drain: float = 60.0
     heartbeat: float = HEARTBEAT_INTERVAL
-    timeout: Optional[float] = None       # unreachable this long -> kill tasks; default 3 heartbeats
+    timeout: Optional[float] = None  # unreachable this long -> kill tasks; default 3 heartbeats
     work_dir: str = field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".banyan", "work"))
-    max_tasks: Optional[int] = None       # tasks running at once; None = as many as fit
-    claim_wait: float = 20.0              # long-poll seconds per claim
-    claim_batch: int = 32                 # most tasks asked for in one claim
-    prefetch: int = 0                     # tasks claimed beyond free slots, started as slots free
-    prefetch_hold: float = 1.0            # seconds a prefetched task may wait before it goes back
+    max_tasks: Optional[int] = None  # tasks running at once; None = as many as fit
+    claim_wait: float = 20.0  # long-poll seconds per claim
+    claim_batch: int = 32  # most tasks asked for in one claim
+    prefetch: int = 0  # tasks claimed beyond free slots, started as slots free
+    prefetch_hold: float = 1.0  # seconds a prefetched task may wait before it goes back
     output_cap: int = DEFAULT_OUTPUT_CAP  # bytes of output kept on disk per attempt
     host: str = field(default_factory=socket.gethostname)
-    pin: bool = False                     # CPU affinity: distinct CPUs per task
-    enforce_memory: bool = False          # memory limits in a cgroup, where one can be made
-    containment: str = "auto"             # see containment.MODES
+    pin: bool = False  # CPU affinity: distinct CPUs per task
+    enforce_memory: bool = False  # memory limits in a cgroup, where one can be made
+    containment: str = "auto"  # see containment.MODES
 
     def __post_init__(self):
         if not self.server:
@@ -109,8 +108,9 @@ class WorkerConfig:
         if self.timeout is None:
             object.__setattr__(self, "timeout", 3 * self.heartbeat)
         if not self.timeout > self.heartbeat:
-            raise ValueError(f"timeout ({self.timeout}s) must be longer than "
-                             f"the heartbeat interval ({self.heartbeat}s)")
+            raise ValueError(
+                f"timeout ({self.timeout}s) must be longer than the heartbeat interval ({self.heartbeat}s)"
+            )
         if self.max_tasks is not None and self.max_tasks < 1:
             raise ValueError(f"max_tasks must be >= 1, got {self.max_tasks!r}")
         object.__setattr__(self, "output_cap", parse_size(self.output_cap))
@@ -123,8 +123,7 @@ class WorkerConfig:
         if self.claim_batch < 1:
             raise ValueError(f"claim_batch must be >= 1, got {self.claim_batch!r}")
         if self.containment not in containment.MODES:
-            raise ValueError(f"containment must be one of {', '.join(containment.MODES)}, "
-                             f"not {self.containment!r}")
+            raise ValueError(f"containment must be one of {', '.join(containment.MODES)}, not {self.containment!r}")
 
 
 class Worker:
@@ -145,6 +144,7 @@ class Worker:
 
             def client_factory(**kw):
                 return Client(config.server, config.token, session=self._session, **kw)
+
         make = client_factory
         self.client = make(timeout=10.0, attempts=1)
 
@@ -157,21 +157,39 @@ class Worker:
         self.holdings = Holdings(self.total, pin=config.pin)
         self.registration = Registration(config, self.client, self.total, self.holdings)
 
-        self._stop_event = threading.Event()     # warm stop: no more claims, drain
-        self._force_event = threading.Event()    # cold stop: kill and exit
-        self._done_event = threading.Event()     # everything reported: stop helper threads
-        wake = threading.Event()                 # main loop: something to do now
+        self._stop_event = threading.Event()  # warm stop: no more claims, drain
+        self._force_event = threading.Event()  # cold stop: kill and exit
+        self._done_event = threading.Event()  # everything reported: stop helper threads
+        wake = threading.Event()  # main loop: something to do now
 
-        self.claimer = Claimer(config, make(timeout=15.0, attempts=1), self.holdings, self.registration,
-                               self._stop_event, wake)
-        self.heartbeats = Heartbeat(make(timeout=max(1.0, min(30.0, config.heartbeat)), attempts=1),
-                                    self.holdings, self.registration, self._done_event, wake)
-        self.reporter = Reporter(make(timeout=30.0, attempts=1), self.holdings, self.registration, self.claimer,
-                                 self._stop_event, self._done_event)
-        self.supervision = Supervision(config, self.holdings, self.registration, self.reporter,
-                                       list(hooks) if hooks is not None else [TimeLimit()],
-                                       self._stop_event, wake)
-        self._signals = collections.deque()   # signals received, for the main loop to act on
+        self.claimer = Claimer(
+            config, make(timeout=15.0, attempts=1), self.holdings, self.registration, self._stop_event, wake
+        )
+        self.heartbeats = Heartbeat(
+            make(timeout=max(1.0, min(30.0, config.heartbeat)), attempts=1),
+            self.holdings,
+            self.registration,
+            self._done_event,
+            wake,
+        )
+        self.reporter = Reporter(
+            make(timeout=30.0, attempts=1),
+            self.holdings,
+            self.registration,
+            self.claimer,
+            self._stop_event,
+            self._done_event,
+        )
+        self.supervision = Supervision(
+            config,
+            self.holdings,
+            self.registration,
+            self.reporter,
+            list(hooks) if hooks is not None else [TimeLimit()],
+            self._stop_event,
+            wake,
+        )
+        self._signals = collections.deque()  # signals received, for the main loop to act on
         self._threads = []
 
     @property
@@ -257,8 +275,11 @@ class Worker:
         """Warm stop: claim nothing more, let running tasks finish within ``drain`` seconds."""
         if self._stop_event.is_set():
             return self.request_force_stop(signum, frame)
-        log.warning("stopping: no new tasks; waiting up to %gs for %d running task(s) "
-                    "(signal again to kill them now)", self.config.drain, len(self.holdings.running))
+        log.warning(
+            "stopping: no new tasks; waiting up to %gs for %d running task(s) (signal again to kill them now)",
+            self.config.drain,
+            len(self.holdings.running),
+        )
         self.supervision.drain_deadline = time.monotonic() + self.config.drain
         self._stop_event.set()
         self._nudge()
@@ -306,8 +327,11 @@ class Worker:
     # == threads and teardown ===============================================
 
     def _start_threads(self):
-        for name, target in (("claimer", self.claimer.run), ("heartbeat", self.heartbeats.run),
-                             ("reporter", self.reporter.run)):
+        for name, target in (
+            ("claimer", self.claimer.run),
+            ("heartbeat", self.heartbeats.run),
+            ("reporter", self.reporter.run),
+        ):
             thread = threading.Thread(target=target, name=f"banyan-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -322,8 +346,12 @@ class Worker:
             self._done_event.set()
         else:
             deadline = time.monotonic() + self.config.timeout
-            while self.reporter.pending() and self.worker_id is not None \
-                    and time.monotonic() < deadline and not self._force_event.is_set():
+            while (
+                self.reporter.pending()
+                and self.worker_id is not None
+                and time.monotonic() < deadline
+                and not self._force_event.is_set()
+            ):
                 self._force_event.wait(TICK)
                 self._take_signals()  # a signal now: stop waiting for the server
             self._done_event.set()

@@ -19,7 +19,6 @@ import threading
 import time
 
 import requests
-
 from conftest import LiveServer, TestSession, stop_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,30 +34,62 @@ TASK_SCRIPT = (
     'if [ -e "$f" ]; then echo "$BANYAN_TASK_ID.$BANYAN_ATTEMPT" >> "$M/DUPLICATES"; exit 3; fi; '
     'echo started > "$f"; '
     'sleep "$SLEEP"; '
-    'r=$(od -An -N2 -tu2 /dev/urandom); '
+    "r=$(od -An -N2 -tu2 /dev/urandom); "
     'if [ $((r % 100)) -lt "$FAIL_PERCENT" ]; then c=1; else c=0; fi; '
-    'echo "exit $c" >> "$f"; exit $c')
+    'echo "exit $c" >> "$f"; exit $c'
+)
 
 
 def task_body(markers, fail_percent, sleep=0.0, max_retries=2, **fields):
-    body = {"command": TASK_SCRIPT, "max_retries": max_retries, "requested_resources": {"cores": 1},
-            "state": "available",
-            "environment": {"M": str(markers), "FAIL_PERCENT": str(fail_percent), "SLEEP": str(sleep)}}
+    body = {
+        "command": TASK_SCRIPT,
+        "max_retries": max_retries,
+        "requested_resources": {"cores": 1},
+        "state": "available",
+        "environment": {"M": str(markers), "FAIL_PERCENT": str(fail_percent), "SLEEP": str(sleep)},
+    }
     body.update(fields)
     return body
 
 
 # -- processes ------------------------------------------------------------------
 
+
 class Worker:
     """A `banyan-worker` process (optionally wrapped, e.g. by `ip netns exec`)."""
 
-    def __init__(self, url, work_dir, log_path, cores=2, heartbeat=0.5, timeout=None, prefix=(), token=None,
-                 claim_wait=0.2, host=None):
+    def __init__(
+        self,
+        url,
+        work_dir,
+        log_path,
+        cores=2,
+        heartbeat=0.5,
+        timeout=None,
+        prefix=(),
+        token=None,
+        claim_wait=0.2,
+        host=None,
+    ):
         self.args = list(prefix) + [
-            sys.executable, "-m", "banyan.worker", "--server", url, "--cores", str(cores),
-            "--heartbeat", str(heartbeat), "--work-dir", str(work_dir), "--claim-wait", str(claim_wait),
-            "--drain", "5", "--log-level", "INFO"]
+            sys.executable,
+            "-m",
+            "banyan.worker",
+            "--server",
+            url,
+            "--cores",
+            str(cores),
+            "--heartbeat",
+            str(heartbeat),
+            "--work-dir",
+            str(work_dir),
+            "--claim-wait",
+            str(claim_wait),
+            "--drain",
+            "5",
+            "--log-level",
+            "INFO",
+        ]
         if timeout is not None:
             self.args += ["--timeout", str(timeout)]
         if token:
@@ -70,8 +101,7 @@ class Worker:
 
     def start(self):
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def kill(self, sig=signal.SIGKILL):
@@ -93,13 +123,15 @@ class Worker:
 class Cluster:
     """A live server on `data_dir` and `workers` workers of `cores` slots."""
 
-    def __init__(self, tmp_path, workers=4, cores=2, heartbeat_timeout=3.0, server_args=(), worker_args=None,
-                 token=None):
+    def __init__(
+        self, tmp_path, workers=4, cores=2, heartbeat_timeout=3.0, server_args=(), worker_args=None, token=None
+    ):
         self.tmp = tmp_path
         self.markers = tmp_path / "markers"
         self.markers.mkdir()
-        self.server = LiveServer(tmp_path / "server-data",
-                                 ["--heartbeat-timeout", str(heartbeat_timeout)] + list(server_args))
+        self.server = LiveServer(
+            tmp_path / "server-data", ["--heartbeat-timeout", str(heartbeat_timeout)] + list(server_args)
+        )
         self.cores = cores
         self.worker_args = dict(worker_args or {})
         self.workers = []
@@ -122,8 +154,13 @@ class Cluster:
         i = len(self.workers)
         args = dict(self.worker_args, **kwargs)
         args.setdefault("host", "w%d" % i)
-        worker = Worker(args.pop("url", self.url), self.tmp / ("work%d" % i), self.tmp / ("worker%d.log" % i),
-                        cores=self.cores, **args).start()
+        worker = Worker(
+            args.pop("url", self.url),
+            self.tmp / ("work%d" % i),
+            self.tmp / ("worker%d.log" % i),
+            cores=self.cores,
+            **args,
+        ).start()
         self.workers.append(worker)
         return worker
 
@@ -154,7 +191,7 @@ class Cluster:
         """POST `bodies` in batches; returns their ids in order."""
         ids = []
         for i in range(0, len(bodies), batch):
-            chunk = bodies[i:i + batch]
+            chunk = bodies[i : i + batch]
             r = self.request("POST", "/tasks", json=chunk)
             assert r.status_code == 201, r.text[:2000]
             reply = r.json()
@@ -163,13 +200,28 @@ class Cluster:
         return ids
 
     def all_tasks(self, projection=None):
-        projection = projection or {"state": 1, "exit_status": 1, "history": 1, "continuations": 1,
-                                    "max_retries": 1, "max_lost": 1, "retry_count": 1, "pending_dependency_count": 1}
+        projection = projection or {
+            "state": 1,
+            "exit_status": 1,
+            "history": 1,
+            "continuations": 1,
+            "max_retries": 1,
+            "max_lost": 1,
+            "retry_count": 1,
+            "pending_dependency_count": 1,
+        }
         tasks, page = {}, 1
         while True:
-            r = self.request("GET", "/tasks", params={
-                "max_results": 5000, "page": page, "projection": json.dumps(projection),
-                "sort": json.dumps([["_created", 1], ["_id", 1]])})
+            r = self.request(
+                "GET",
+                "/tasks",
+                params={
+                    "max_results": 5000,
+                    "page": page,
+                    "projection": json.dumps(projection),
+                    "sort": json.dumps([["_created", 1], ["_id", 1]]),
+                },
+            )
             assert r.status_code == 200, r.text[:2000]
             body = r.json()
             for item in body["_items"]:
@@ -179,8 +231,11 @@ class Cluster:
             page += 1
 
     def counts(self):
-        r = self.request("GET", "/tasks", params={"max_results": 1, "where": json.dumps(
-            {"state": {"$nin": ["terminated", "cancelled"]}})})
+        r = self.request(
+            "GET",
+            "/tasks",
+            params={"max_results": 1, "where": json.dumps({"state": {"$nin": ["terminated", "cancelled"]}})},
+        )
         return r.json()["_meta"]["total"]
 
     def wait_all_finished(self, timeout, poll=0.5, on_poll=None):
@@ -204,6 +259,7 @@ class Cluster:
 
 
 # -- graphs -----------------------------------------------------------------------
+
 
 def graph_bodies(markers, count, fail_percent, rng, sleep=0.0, max_retries=2, graph_share=0.5):
     """`count` task bodies in submission order: independent tasks and small
@@ -260,7 +316,7 @@ def submit_graph(cluster, levels, chunk=None):
     for level in levels:
         step = chunk or max(1, len(level))
         for start in range(0, len(level), step):
-            part = level[start:start + step]
+            part = level[start : start + step]
             bodies = []
             for _key, body in part:
                 body = dict(body)
@@ -273,6 +329,7 @@ def submit_graph(cluster, levels, chunk=None):
 
 
 # -- markers and the rules ---------------------------------------------------------
+
 
 def read_markers(markers):
     """{task id: {attempt: exit code or None (started, never ended)}} and
@@ -343,49 +400,62 @@ def check_against_rules(tasks, runs, duplicates, parents_of, strict=True):
         if recorded != list(range(1, len(history) + 1)):
             problems.append("%s: attempts recorded out of order: %s" % (task_id, recorded))
         if not set(attempts) <= set(recorded):
-            problems.append("%s: attempts %s ran but the server recorded only %s"
-                            % (task_id, sorted(attempts), recorded))
+            problems.append(
+                "%s: attempts %s ran but the server recorded only %s" % (task_id, sorted(attempts), recorded)
+            )
         successes = [h["attempt"] for h in history if h.get("exit_status") == "success"]
         if len(successes) > 1 or (successes and successes[-1] != len(history)):
-            problems.append("%s finished with success more than once or then ran again: %s"
-                            % (task_id, [(h["attempt"], h.get("exit_status")) for h in history]))
+            problems.append(
+                "%s finished with success more than once or then ran again: %s"
+                % (task_id, [(h["attempt"], h.get("exit_status")) for h in history])
+            )
         if strict:
             if sorted(attempts) != recorded:
                 problems.append("%s: attempts that ran %s != recorded %s" % (task_id, sorted(attempts), recorded))
             for h in history:
                 code = attempts.get(h["attempt"])
                 if code is None or h.get("exit_code") != code:
-                    problems.append("%s attempt %s: exit code %s recorded, %s left by the command"
-                                    % (task_id, h["attempt"], h.get("exit_code"), code))
+                    problems.append(
+                        "%s attempt %s: exit code %s recorded, %s left by the command"
+                        % (task_id, h["attempt"], h.get("exit_code"), code)
+                    )
             if got != expected[task_id]:
-                problems.append("%s ended %s; the rules say %s (attempts %s)"
-                                % (task_id, got, expected[task_id], attempts))
+                problems.append(
+                    "%s ended %s; the rules say %s (attempts %s)" % (task_id, got, expected[task_id], attempts)
+                )
         else:
             # Faults: an attempt may have been abandoned (worker lost), so
             # the server's own record of each attempt decides.
             statuses = [h.get("exit_status") for h in history]
-            parent_ok = all((tasks[p]["state"], tasks[p].get("exit_status")) == ("terminated", "success")
-                            for p in parents_of.get(task_id, []))
+            parent_ok = all(
+                (tasks[p]["state"], tasks[p].get("exit_status")) == ("terminated", "success")
+                for p in parents_of.get(task_id, [])
+            )
             if not parent_ok:
                 if got != ("cancelled", "cancelled") or history:
-                    problems.append("%s has a parent that did not succeed but ended %s after %d attempts"
-                                    % (task_id, got, len(history)))
+                    problems.append(
+                        "%s has a parent that did not succeed but ended %s after %d attempts"
+                        % (task_id, got, len(history))
+                    )
             elif "success" in statuses:
                 if got != ("terminated", "success"):
                     problems.append("%s had a successful attempt but ended %s" % (task_id, got))
             elif got[0] != "terminated" or (
-                    sum(1 for s in statuses if s != "abandoned (worker unreachable)") != task["max_retries"] + 1
-                    and statuses.count("abandoned (worker unreachable)") <= task.get("max_lost", 3)):
+                sum(1 for s in statuses if s != "abandoned (worker unreachable)") != task["max_retries"] + 1
+                and statuses.count("abandoned (worker unreachable)") <= task.get("max_lost", 3)
+            ):
                 # attempts lost with their worker count against max_lost, not max_retries
-                problems.append("%s: attempts %s, ended %s; the rules say failed after %d attempts (and at "
-                                "most %d lost)" % (task_id, statuses, got, task["max_retries"] + 1,
-                                                   task.get("max_lost", 3)))
+                problems.append(
+                    "%s: attempts %s, ended %s; the rules say failed after %d attempts (and at "
+                    "most %d lost)" % (task_id, statuses, got, task["max_retries"] + 1, task.get("max_lost", 3))
+                )
             for h in history:
                 code = attempts.get(h["attempt"])
-                if h.get("exit_status") in ("success", "failure") and code is not None \
-                        and h.get("exit_code") != code:
-                    problems.append("%s attempt %s: exit code %s recorded, %s left by the command"
-                                    % (task_id, h["attempt"], h.get("exit_code"), code))
+                if h.get("exit_status") in ("success", "failure") and code is not None and h.get("exit_code") != code:
+                    problems.append(
+                        "%s attempt %s: exit code %s recorded, %s left by the command"
+                        % (task_id, h["attempt"], h.get("exit_code"), code)
+                    )
     return problems
 
 
@@ -434,12 +504,24 @@ def report(section, lost, duplicates, problems, **figures):
 
 
 def render_table(data):
-    lines = ["| run | load held | faults injected | tasks lost | duplicate runs | other rule violations "
-             "| requests fuzzed | wall time |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | load held | faults injected | tasks lost | duplicate runs | other rule violations "
+        "| requests fuzzed | wall time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for section in sorted(data):
         d = data[section]
-        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
-            section, d.get("load", "-"), d.get("faults", "-"), d.get("lost", "-"), d.get("duplicates", "-"),
-            d.get("violations", "-"), d.get("fuzzed", "-"), ("%.0f s" % d["seconds"]) if "seconds" in d else "-"))
+        lines.append(
+            "| %s | %s | %s | %s | %s | %s | %s | %s |"
+            % (
+                section,
+                d.get("load", "-"),
+                d.get("faults", "-"),
+                d.get("lost", "-"),
+                d.get("duplicates", "-"),
+                d.get("violations", "-"),
+                d.get("fuzzed", "-"),
+                ("%.0f s" % d["seconds"]) if "seconds" in d else "-",
+            )
+        )
     return "\n".join(lines) + "\n"

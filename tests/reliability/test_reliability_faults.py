@@ -40,7 +40,7 @@ class Submitter(threading.Thread):
         try:
             i = 0
             while i < len(self.bodies):
-                chunk = self.bodies[i:i + self.batch]
+                chunk = self.bodies[i : i + self.batch]
                 try:
                     r = session.post(self.cluster.url + "/tasks", json=chunk, timeout=30)
                 except requests.RequestException:
@@ -91,13 +91,19 @@ def test_server_killed_twice_mid_run(tmp_path):
         cluster.stop()
     seconds = time.monotonic() - started
     acknowledged = set(ids.values()) | set(submitter.acknowledged)
-    _, duplicates, lost, problems = judge(cluster.markers, tasks, acknowledged, parents_by_id(ids, parents),
-                                          strict=False)
-    report("server SIGKILL", lost, duplicates, problems,
-           load="%d tasks acknowledged (%d in all), 4 workers x 2 slots" % (len(acknowledged), len(tasks)),
-           faults="server SIGKILLed %d times mid-run and restarted; %d submissions unanswered"
-                  % (kills, submitter.unanswered),
-           seconds=seconds)
+    _, duplicates, lost, problems = judge(
+        cluster.markers, tasks, acknowledged, parents_by_id(ids, parents), strict=False
+    )
+    report(
+        "server SIGKILL",
+        lost,
+        duplicates,
+        problems,
+        load="%d tasks acknowledged (%d in all), 4 workers x 2 slots" % (len(acknowledged), len(tasks)),
+        faults="server SIGKILLed %d times mid-run and restarted; %d submissions unanswered"
+        % (kills, submitter.unanswered),
+        seconds=seconds,
+    )
     # the workers carried on: those registered at the start are still active
     assert sum(1 for w in workers if w["state"] == "active") >= 4, workers
     assert cluster.server_log_errors() == []
@@ -116,28 +122,42 @@ def test_workers_killed_mid_run(tmp_path):
         for victim in cluster.workers[:2]:
             victim.kill(signal.SIGKILL)
         # what the dead workers held: the server still counts them running
-        victims = [w for w in cluster.request("GET", "/workers").json()["_items"]
-                   if w["host"] in ("w0", "w1") and w["state"] == "active"]
+        victims = [
+            w
+            for w in cluster.request("GET", "/workers").json()["_items"]
+            if w["host"] in ("w0", "w1") and w["state"] == "active"
+        ]
         victim_ids = [w["_id"] for w in victims]
         orphaned = [t for w in victims for t in w["running"]]
-        wait_for(lambda: all(cluster.request("GET", "/workers/" + wid).json()["state"] == "lost"
-                             for wid in victim_ids), 30, "the killed workers marked lost")
+        wait_for(
+            lambda: all(cluster.request("GET", "/workers/" + wid).json()["state"] == "lost" for wid in victim_ids),
+            30,
+            "the killed workers marked lost",
+        )
         cluster.wait_all_finished(timeout=180)
         tasks = cluster.all_tasks()
     finally:
         cluster.stop()
     seconds = time.monotonic() - started
-    _, duplicates, lost, problems = judge(cluster.markers, tasks, ids.values(), parents_by_id(ids, parents),
-                                          strict=False)
-    report("worker SIGKILL", lost, duplicates, problems, load="%d tasks, 4 workers x 2 slots" % len(ids),
-           faults="2 workers SIGKILLed holding %d tasks" % len(orphaned), seconds=seconds)
+    _, duplicates, lost, problems = judge(
+        cluster.markers, tasks, ids.values(), parents_by_id(ids, parents), strict=False
+    )
+    report(
+        "worker SIGKILL",
+        lost,
+        duplicates,
+        problems,
+        load="%d tasks, 4 workers x 2 slots" % len(ids),
+        faults="2 workers SIGKILLed holding %d tasks" % len(orphaned),
+        seconds=seconds,
+    )
     assert orphaned, "the killed workers held no task; nothing was tested"
     for task_id in orphaned:
         history = tasks[task_id]["history"]
         # the attempt it was running when its worker died
         killed = [h for h in history if h["worker"] in victim_ids][-1:]
         assert killed and killed[0]["exit_status"] == "abandoned (worker unreachable)", history
-        later = history[history.index(killed[-1]) + 1:]
+        later = history[history.index(killed[-1]) + 1 :]
         if tasks[task_id]["exit_status"] != "abandoned (worker unreachable)":
             # retried elsewhere (unless abandonment used up its last retry)
             assert later and all(h["worker"] not in victim_ids for h in later), history
@@ -145,6 +165,7 @@ def test_workers_killed_mid_run(tmp_path):
 
 
 # -- a worker cut off from the network -------------------------------------------
+
 
 def _netns_unavailable():
     """Why a network namespace cannot be made here, or None."""
@@ -203,8 +224,13 @@ def test_worker_cut_off_from_the_server(tmp_path):
         pytest.skip("a worker cannot be cut off in its own network namespace here: " + reason)
     net = NetNamespace().create()
     token_file = tmp_path / "admin.token"
-    cluster = Cluster(tmp_path, workers=0, cores=2, heartbeat_timeout=3,
-                      server_args=["--host", net.host_ip, "--auth", "--admin-token-file", str(token_file)])
+    cluster = Cluster(
+        tmp_path,
+        workers=0,
+        cores=2,
+        heartbeat_timeout=3,
+        server_args=["--host", net.host_ip, "--auth", "--admin-token-file", str(token_file)],
+    )
     started = time.monotonic()
     try:
         cluster.server.start()
@@ -244,8 +270,15 @@ def test_worker_cut_off_from_the_server(tmp_path):
     seconds = time.monotonic() - started
     time.sleep(1)
     runs, duplicates, lost, problems = judge(cluster.markers, tasks, ids + more, {}, strict=False)
-    report("worker cut off (netns)", lost, duplicates, problems, load="%d tasks, 3 workers x 2 slots" % len(tasks),
-           faults="link of a worker holding %d tasks taken down for 6 s" % len(held), seconds=seconds)
+    report(
+        "worker cut off (netns)",
+        lost,
+        duplicates,
+        problems,
+        load="%d tasks, 3 workers x 2 slots" % len(tasks),
+        faults="link of a worker holding %d tasks taken down for 6 s" % len(held),
+        seconds=seconds,
+    )
     assert held
     for task_id in held:
         history = tasks[task_id]["history"]

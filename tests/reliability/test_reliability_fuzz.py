@@ -19,14 +19,14 @@ import os
 
 import pytest
 from bson import ObjectId
+from conftest import NoServerErrorClient
+from harness import record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from banyan import settings as banyan_settings
 from banyan.server.app import create_app
 from banyan.server.auth import TokenStore
-from banyan import settings as banyan_settings
-from conftest import NoServerErrorClient
-from harness import record
 
 EXAMPLES = int(os.environ.get("BANYAN_FUZZ_EXAMPLES", "120"))
 COLLECTIONS = ("tasks", "workers", "logs", "tokens")
@@ -39,30 +39,41 @@ STATES = ["inactive", "available", "running", "pending_cancellation", "cancelled
 
 # -- the world the requests land in ---------------------------------------------------
 
+
 class World:
     """An app with authentication on, tokens for each role, a registered
     worker and tasks in every state, owned by two users."""
 
     def __init__(self, store):
         client, dbname = store
-        self.app = create_app(client, {"MONGO_DBNAME": dbname, "TESTING": True, "AUTH": True,
-                                       "CLAIM_MAX_WAIT": 0.01})
+        self.app = create_app(client, {"MONGO_DBNAME": dbname, "TESTING": True, "AUTH": True, "CLAIM_MAX_WAIT": 0.01})
         self.app.test_client_class = NoServerErrorClient
         self.client = self.app.test_client()
         self.db = client[dbname]
         tokens = TokenStore(self.db)
-        self.tokens = {"admin": tokens.create("admin", "root")[1], "user": tokens.create("user", "alice")[1],
-                       "other": tokens.create("user", "bob")[1], "worker": tokens.create("worker", "node1")[1],
-                       "anonymous": None}
+        self.tokens = {
+            "admin": tokens.create("admin", "root")[1],
+            "user": tokens.create("user", "alice")[1],
+            "other": tokens.create("user", "bob")[1],
+            "worker": tokens.create("worker", "node1")[1],
+            "anonymous": None,
+        }
         self.requests = 0
         self.refused = 0
-        self.wid = self.call("worker", "POST", "/workers",
-                             {"host": "node1", "resources": {"cores": 64, "memory": 1 << 40, "gpus": 0}}).json["_id"]
+        self.wid = self.call(
+            "worker", "POST", "/workers", {"host": "node1", "resources": {"cores": 64, "memory": 1 << 40, "gpus": 0}}
+        ).json["_id"]
         self.ids = {}
         for owner in ("user", "other"):
-            made = self.call(owner, "POST", "/tasks", [
-                {"name": "%s-%d" % (owner, i), "command": "true", "state": "available",
-                 "priority": 100 - i} for i in range(6)]).json["_items"]
+            made = self.call(
+                owner,
+                "POST",
+                "/tasks",
+                [
+                    {"name": "%s-%d" % (owner, i), "command": "true", "state": "available", "priority": 100 - i}
+                    for i in range(6)
+                ],
+            ).json["_items"]
             ids = [m["_id"] for m in made]
             # 6 available; claim 4 (running), then finish / cancel some
             self.call("worker", "POST", "/workers/%s/claim" % self.wid, {"free": {"cores": 4}, "max_tasks": 4})
@@ -70,10 +81,13 @@ class World:
             self.call("worker", "POST", "/tasks/%s/finish" % ids[1], {"attempt": 1, "outcome": "failure"})
             self.call(owner, "PATCH", "/tasks/%s" % ids[2], {"state": "cancelled"})  # pending_cancellation
             self.call(owner, "PATCH", "/tasks/%s" % ids[5], {"state": "cancelled"})
-            children = [self.call(owner, "POST", "/tasks", {"name": "%s-child%d" % (owner, i), "command": "true"})
-                        .json["_id"] for i in range(3)]
-            parent = self.call(owner, "POST", "/tasks", {"name": "%s-parent" % owner, "command": "true",
-                                                         "continuations": children[:2]}).json["_id"]
+            children = [
+                self.call(owner, "POST", "/tasks", {"name": "%s-child%d" % (owner, i), "command": "true"}).json["_id"]
+                for i in range(3)
+            ]
+            parent = self.call(
+                owner, "POST", "/tasks", {"name": "%s-parent" % owner, "command": "true", "continuations": children[:2]}
+            ).json["_id"]
             self.ids[owner] = ids + children + [parent]
         self.all_ids = self.ids["user"] + self.ids["other"]
         states = {d["state"] for d in self.db.tasks.find({}, {"state": 1})}
@@ -104,44 +118,135 @@ def changed(before, after):
 
 # -- strategies ------------------------------------------------------------------------
 
+
 def world_ids(world):
-    return st.sampled_from(world.all_ids) | st.just(str(ObjectId())) | st.sampled_from(
-        ["", "x", "0" * 24, "z" * 24, "../tasks", "%00", "1e3"]) | st.text(max_size=30)
+    return (
+        st.sampled_from(world.all_ids)
+        | st.just(str(ObjectId()))
+        | st.sampled_from(["", "x", "0" * 24, "z" * 24, "../tasks", "%00", "1e3"])
+        | st.text(max_size=30)
+    )
 
 
-KEYS = st.sampled_from(FIELDS + sorted(VIRTUAL) + [
-    "_id", "_etag", "_created", "$set", "$where", "a.b", "targets", "values", "value", "free", "max_tasks",
-    "wait", "tasks", "attempt", "outcome", "exit_code", "stdout", "stderr", "usage", "progress", "host",
-    "resources", "cores", "memory", "gpus", "fraction", "message"]) | st.text(max_size=10)
+KEYS = st.sampled_from(
+    FIELDS
+    + sorted(VIRTUAL)
+    + [
+        "_id",
+        "_etag",
+        "_created",
+        "$set",
+        "$where",
+        "a.b",
+        "targets",
+        "values",
+        "value",
+        "free",
+        "max_tasks",
+        "wait",
+        "tasks",
+        "attempt",
+        "outcome",
+        "exit_code",
+        "stdout",
+        "stderr",
+        "usage",
+        "progress",
+        "host",
+        "resources",
+        "cores",
+        "memory",
+        "gpus",
+        "fraction",
+        "message",
+    ]
+) | st.text(max_size=10)
 
 #: Values at the edges of what JSON, BSON and the store can hold.
-EDGE_VALUES = [2 ** 63, 2 ** 63 - 1, -(2 ** 63) - 1, 2 ** 64, 10 ** 30, 1e308, -0.0, 5e-324,
-               float("nan"), float("inf"), "\ud800", "a\udfff", "\x00", "a\x00b", "$in", "a.b",
-               "x" * 2000, -1, 0, True, None, "", [], {}]
+EDGE_VALUES = [
+    2**63,
+    2**63 - 1,
+    -(2**63) - 1,
+    2**64,
+    10**30,
+    1e308,
+    -0.0,
+    5e-324,
+    float("nan"),
+    float("inf"),
+    "\ud800",
+    "a\udfff",
+    "\x00",
+    "a\x00b",
+    "$in",
+    "a.b",
+    "x" * 2000,
+    -1,
+    0,
+    True,
+    None,
+    "",
+    [],
+    {},
+]
 EDGES = st.sampled_from(EDGE_VALUES)
 
-LEAVES = (st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70) | st.integers(-3, 1001)
-          | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=40)
-          # any code point, unpaired surrogates included ("\ud800" in the JSON)
-          | st.text(st.characters(exclude_categories=()), max_size=10) | EDGES
-          | st.sampled_from(STATES + ["success", "failure", "timeout", "cancelled",
-                                      "abandoned (worker unreachable)", "512 MiB", "1 GiB", "-1 GiB", "1e400",
-                                      "2GB", "0", "true", "null", "{}", "[]"]))
+LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.integers(-3, 1001)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=40)
+    # any code point, unpaired surrogates included ("\ud800" in the JSON)
+    | st.text(st.characters(exclude_categories=()), max_size=10)
+    | EDGES
+    | st.sampled_from(
+        STATES
+        + [
+            "success",
+            "failure",
+            "timeout",
+            "cancelled",
+            "abandoned (worker unreachable)",
+            "512 MiB",
+            "1 GiB",
+            "-1 GiB",
+            "1e400",
+            "2GB",
+            "0",
+            "true",
+            "null",
+            "{}",
+            "[]",
+        ]
+    )
+)
 
 
 def json_values(ids):
     leaves = LEAVES | ids
-    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=4)
-                        | st.dictionaries(KEYS, inner, max_size=4), max_leaves=12)
+    return st.recursive(
+        leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4), max_leaves=12
+    )
 
 
 def field_values(ids):
     """Plausible values for each task field, mixed with anything."""
     anything = json_values(ids)
-    resources = st.fixed_dictionaries({}, optional={
-        "cores": st.integers(-2, 64) | st.floats(-1, 64) | anything,
-        "memory": st.sampled_from(["512 MiB", "1 GiB", "2GB", "-5", "lots"]) | st.integers(-1, 2 ** 64) | anything,
-        "gpus": st.integers(-1, 4) | st.floats(0, 2) | anything}) | anything
+    resources = (
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "cores": st.integers(-2, 64) | st.floats(-1, 64) | anything,
+                "memory": st.sampled_from(["512 MiB", "1 GiB", "2GB", "-5", "lots"])
+                | st.integers(-1, 2**64)
+                | anything,
+                "gpus": st.integers(-1, 4) | st.floats(0, 2) | anything,
+            },
+        )
+        | anything
+    )
     per_field = {
         "name": st.text(max_size=50) | anything,
         "command": st.text(max_size=50) | st.lists(st.text(max_size=10), max_size=4) | anything,
@@ -160,11 +265,16 @@ def near_valid(ids):
     """A valid task with one or two fields set to anything: gets past most
     rules, so the odd value reaches the deep end (store, hooks, cascades)."""
     fields = field_values(ids)
-    base = st.sampled_from([{"name": "n", "command": "true"},
-                            {"command": ["echo", "x"], "state": "available", "priority": 3},
-                            {"name": "b", "state": "inactive", "requested_resources": {"cores": 1}}])
-    change = (st.sampled_from(sorted(fields)).flatmap(lambda k: (EDGES | fields[k]).map(lambda v: (k, v)))
-              | st.tuples(KEYS, EDGES | json_values(ids)))
+    base = st.sampled_from(
+        [
+            {"name": "n", "command": "true"},
+            {"command": ["echo", "x"], "state": "available", "priority": 3},
+            {"name": "b", "state": "inactive", "requested_resources": {"cores": 1}},
+        ]
+    )
+    change = st.sampled_from(sorted(fields)).flatmap(lambda k: (EDGES | fields[k]).map(lambda v: (k, v))) | st.tuples(
+        KEYS, EDGES | json_values(ids)
+    )
     return st.tuples(base, st.lists(change, min_size=1, max_size=2)).map(lambda t: dict(t[0], **dict(t[1])))
 
 
@@ -175,8 +285,9 @@ def task_documents(ids):
 
 
 ROLES = st.sampled_from(["admin", "user", "other", "worker", "anonymous"])
-RAW = st.sampled_from([b"", b"{", b"[1,", b"\xff\xfe", b"null", b"NaN", b'{"a": 1}{"b": 2}',
-                       b"[" * 100 + b"]" * 100]) | st.binary(max_size=60)
+RAW = st.sampled_from(
+    [b"", b"{", b"[1,", b"\xff\xfe", b"null", b"NaN", b'{"a": 1}{"b": 2}', b"[" * 100 + b"]" * 100]
+) | st.binary(max_size=60)
 
 
 def run_fuzz(world, method, path_strategy, body_strategy, label):
@@ -184,12 +295,19 @@ def run_fuzz(world, method, path_strategy, body_strategy, label):
     as it was (for a multi-item request: except the items it applied)."""
     ids = world_ids(world)
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                     HealthCheck.function_scoped_fixture])
-    @given(role=ROLES, path=path_strategy(ids), body=body_strategy(ids),
-           raw=st.one_of(st.none(), st.none(), st.none(), RAW),
-           content_type=st.sampled_from(["application/json"] * 6 + ["text/plain", "application/x-www-form-urlencoded"]))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    )
+    @given(
+        role=ROLES,
+        path=path_strategy(ids),
+        body=body_strategy(ids),
+        raw=st.one_of(st.none(), st.none(), st.none(), RAW),
+        content_type=st.sampled_from(["application/json"] * 6 + ["text/plain", "application/x-www-form-urlencoded"]),
+    )
     def one(role, path, body, raw, content_type):
         before = world.snapshot()
         response = world.call(role, method, path, body, raw=raw, content_type=content_type)
@@ -197,12 +315,19 @@ def run_fuzz(world, method, path_strategy, body_strategy, label):
         if response.status_code >= 400:
             world.refused += 1
             allowed, after = applied_items(response), world.snapshot()
-            unexpected = {c: [i for i in d if i not in allowed(before, after, c)]
-                          for c, d in changed(before, after).items()}
+            unexpected = {
+                c: [i for i in d if i not in allowed(before, after, c)] for c, d in changed(before, after).items()
+            }
             unexpected = {c: d for c, d in unexpected.items() if d}
             assert not unexpected, "%s: %s %s %s -> %s changed %s: %s" % (
-                label, method, path, json.dumps(body, default=str)[:500], response.status_code, unexpected,
-                response.get_data(as_text=True)[:500])
+                label,
+                method,
+                path,
+                json.dumps(body, default=str)[:500],
+                response.status_code,
+                unexpected,
+                response.get_data(as_text=True)[:500],
+            )
 
     one()
 
@@ -230,6 +355,7 @@ def applied_items(response):
 
 # -- the endpoints ---------------------------------------------------------------------------
 
+
 @pytest.fixture
 def world(store):
     return World(store)
@@ -237,8 +363,13 @@ def world(store):
 
 @pytest.mark.slow
 def test_fuzz_post_tasks(world):
-    run_fuzz(world, "POST", lambda ids: st.just("/tasks"),
-             lambda ids: task_documents(ids) | st.lists(task_documents(ids), max_size=3), "POST /tasks")
+    run_fuzz(
+        world,
+        "POST",
+        lambda ids: st.just("/tasks"),
+        lambda ids: task_documents(ids) | st.lists(task_documents(ids), max_size=3),
+        "POST /tasks",
+    )
     world_record(world)
 
 
@@ -251,8 +382,11 @@ def test_fuzz_patch_task(world):
 @pytest.mark.slow
 def test_fuzz_bulk_patch(world):
     def items(ids):
-        return st.lists(st.tuples(ids, task_documents(ids)).map(
-            lambda t: dict(t[1], _id=t[0]) if isinstance(t[1], dict) else t[1]), max_size=3) | json_values(ids)
+        return st.lists(
+            st.tuples(ids, task_documents(ids)).map(lambda t: dict(t[1], _id=t[0]) if isinstance(t[1], dict) else t[1]),
+            max_size=3,
+        ) | json_values(ids)
+
     run_fuzz(world, "PATCH", lambda ids: st.just("/tasks"), items, "PATCH /tasks")
     world_record(world)
 
@@ -264,9 +398,17 @@ def test_fuzz_virtual_resource_level(world, name):
     values = field_values(world_ids(world))[name]
 
     def bodies(ids):
-        group = st.fixed_dictionaries({}, optional={"targets": st.lists(ids, max_size=3) | json_values(ids),
-                                                    key: values, "values": values, "value": values})
+        group = st.fixed_dictionaries(
+            {},
+            optional={
+                "targets": st.lists(ids, max_size=3) | json_values(ids),
+                key: values,
+                "values": values,
+                "value": values,
+            },
+        )
         return st.lists(group | json_values(ids), max_size=3) | json_values(ids)
+
     run_fuzz(world, "POST", lambda ids: st.just("/tasks/%s" % name), bodies, "POST /tasks/%s" % name)
     world_record(world)
 
@@ -275,8 +417,13 @@ def test_fuzz_virtual_resource_level(world, name):
 @pytest.mark.slow
 def test_fuzz_virtual_item_level(world, name):
     values = field_values(world_ids(world))[name]
-    run_fuzz(world, "POST", lambda ids: ids.map(lambda i: "/tasks/%s/%s" % (i, name)),
-             lambda ids: values, "POST /tasks/<id>/%s" % name)
+    run_fuzz(
+        world,
+        "POST",
+        lambda ids: ids.map(lambda i: "/tasks/%s/%s" % (i, name)),
+        lambda ids: values,
+        "POST /tasks/<id>/%s" % name,
+    )
     world_record(world)
 
 
@@ -292,25 +439,48 @@ def test_fuzz_readonly_virtual_is_not_writable(world):
 def test_fuzz_worker_endpoints(world):
     def paths(ids):
         wids = st.just(world.wid) | ids
-        return (st.just("/workers") | wids.map(lambda w: "/workers/%s/claim" % w)
-                | wids.map(lambda w: "/workers/%s/heartbeat" % w) | ids.map(lambda i: "/tasks/%s/finish" % i))
+        return (
+            st.just("/workers")
+            | wids.map(lambda w: "/workers/%s/claim" % w)
+            | wids.map(lambda w: "/workers/%s/heartbeat" % w)
+            | ids.map(lambda i: "/tasks/%s/finish" % i)
+        )
 
     def bodies(ids):
         anything = json_values(ids)
         numbers = st.integers(-2, 10) | st.floats(allow_nan=True) | anything
         resources = st.fixed_dictionaries({}, optional={"cores": numbers, "memory": numbers, "gpus": numbers})
-        entry = st.fixed_dictionaries({}, optional={
-            "attempt": numbers, "usage": st.dictionaries(st.text(max_size=5), numbers, max_size=2) | anything,
-            "progress": st.fixed_dictionaries({}, optional={"fraction": numbers, "message": anything}) | anything})
-        return (st.fixed_dictionaries({}, optional={"host": st.text(max_size=10) | anything, "resources": resources})
-                | st.fixed_dictionaries({}, optional={"free": resources | anything, "max_tasks": numbers,
-                                                      "wait": st.floats(0, 0.01) | anything})
-                | st.fixed_dictionaries({}, optional={"tasks": st.dictionaries(ids, entry | anything, max_size=2)})
-                | st.fixed_dictionaries({}, optional={
-                    "attempt": numbers, "outcome": st.sampled_from(["success", "failure", "timeout", "cancelled",
-                                                                    "abandoned (worker unreachable)"]) | anything,
-                    "exit_code": numbers, "stdout": anything, "stderr": anything, "usage": anything})
-                | anything)
+        entry = st.fixed_dictionaries(
+            {},
+            optional={
+                "attempt": numbers,
+                "usage": st.dictionaries(st.text(max_size=5), numbers, max_size=2) | anything,
+                "progress": st.fixed_dictionaries({}, optional={"fraction": numbers, "message": anything}) | anything,
+            },
+        )
+        return (
+            st.fixed_dictionaries({}, optional={"host": st.text(max_size=10) | anything, "resources": resources})
+            | st.fixed_dictionaries(
+                {}, optional={"free": resources | anything, "max_tasks": numbers, "wait": st.floats(0, 0.01) | anything}
+            )
+            | st.fixed_dictionaries({}, optional={"tasks": st.dictionaries(ids, entry | anything, max_size=2)})
+            | st.fixed_dictionaries(
+                {},
+                optional={
+                    "attempt": numbers,
+                    "outcome": st.sampled_from(
+                        ["success", "failure", "timeout", "cancelled", "abandoned (worker unreachable)"]
+                    )
+                    | anything,
+                    "exit_code": numbers,
+                    "stdout": anything,
+                    "stderr": anything,
+                    "usage": anything,
+                },
+            )
+            | anything
+        )
+
     run_fuzz(world, "POST", paths, bodies, "worker endpoints")
     world_record(world)
 
@@ -322,8 +492,11 @@ def test_every_field_takes_every_edge_value(world, method):
     included, and a nested resource) set to each edge value, alone in an
     otherwise valid request."""
     inactive = world.ids["user"][6]
-    fields = FIELDS + sorted(VIRTUAL) + ["requested_resources.cores", "requested_resources.memory",
-                                         "environment.X", "unknown"]
+    fields = (
+        FIELDS
+        + sorted(VIRTUAL)
+        + ["requested_resources.cores", "requested_resources.memory", "environment.X", "unknown"]
+    )
     for field in fields:
         for value in EDGE_VALUES:
             if "." in field:
@@ -337,19 +510,26 @@ def test_every_field_takes_every_edge_value(world, method):
     if method == "POST":
         # the worker endpoints, each number and name in turn
         running = world.db.tasks.find_one({"state": "running"})["_id"]
-        templates = [("/workers", lambda v: {"host": "h", "resources": {"cores": v}}),
-                     ("/workers", lambda v: {"host": "h", "resources": {"memory": v}}),
-                     ("/workers", lambda v: {"host": v}),
-                     ("/workers/%s/claim" % world.wid, lambda v: {"free": {"gpus": v}, "wait": 0}),
-                     ("/workers/%s/claim" % world.wid, lambda v: {"free": {"cores": 1}, "max_tasks": v}),
-                     ("/workers/%s/heartbeat" % world.wid,
-                      lambda v: {"tasks": {str(running): {"attempt": 1, "usage": {"max_rss": v}}}}),
-                     ("/workers/%s/heartbeat" % world.wid,
-                      lambda v: {"tasks": {str(running): {"attempt": 1, "progress": {"fraction": 0.5,
-                                                                                     "message": v}}}}),
-                     ("/tasks/%s/finish" % running, lambda v: {"attempt": v, "outcome": "failure"}),
-                     ("/tasks/%s/finish" % running, lambda v: {"attempt": 99, "outcome": "failure",
-                                                               "exit_code": v, "stdout": v})]
+        templates = [
+            ("/workers", lambda v: {"host": "h", "resources": {"cores": v}}),
+            ("/workers", lambda v: {"host": "h", "resources": {"memory": v}}),
+            ("/workers", lambda v: {"host": v}),
+            ("/workers/%s/claim" % world.wid, lambda v: {"free": {"gpus": v}, "wait": 0}),
+            ("/workers/%s/claim" % world.wid, lambda v: {"free": {"cores": 1}, "max_tasks": v}),
+            (
+                "/workers/%s/heartbeat" % world.wid,
+                lambda v: {"tasks": {str(running): {"attempt": 1, "usage": {"max_rss": v}}}},
+            ),
+            (
+                "/workers/%s/heartbeat" % world.wid,
+                lambda v: {"tasks": {str(running): {"attempt": 1, "progress": {"fraction": 0.5, "message": v}}}},
+            ),
+            ("/tasks/%s/finish" % running, lambda v: {"attempt": v, "outcome": "failure"}),
+            (
+                "/tasks/%s/finish" % running,
+                lambda v: {"attempt": 99, "outcome": "failure", "exit_code": v, "stdout": v},
+            ),
+        ]
         for path, template in templates:
             for value in EDGE_VALUES:
                 send_checked(world, "worker", "POST", path, template(value))
@@ -369,9 +549,14 @@ def world_record(world):
     assert world.refused > 0  # the fuzz reached the validation paths
     FUZZED["requests"] += world.requests
     FUZZED["refused"] += world.refused
-    record("fuzz", fuzzed="%d requests (%d refused with 4xx), 0 answered 500, 0 changes on a 4xx"
-                          % (FUZZED["requests"], FUZZED["refused"]),
-           load="%d examples per endpoint" % EXAMPLES, lost=0, duplicates="-")
+    record(
+        "fuzz",
+        fuzzed="%d requests (%d refused with 4xx), 0 answered 500, 0 changes on a 4xx"
+        % (FUZZED["requests"], FUZZED["refused"]),
+        load="%d examples per endpoint" % EXAMPLES,
+        lost=0,
+        duplicates="-",
+    )
 
 
 FUZZED = {"requests": 0, "refused": 0}
@@ -382,36 +567,76 @@ FUZZED = {"requests": 0, "refused": 0}
 from banyan.server.query import ALLOWED_OPERATORS, REASONS  # noqa: E402 (the query section's own)
 
 #: Every GET that takes a filter (and the paging and shaping of `/tasks`).
-QUERY_ENDPOINTS = ["/tasks", "/tasks/current_history", "/tasks/rank", "/stats", "/metrics", "/workers",
-                   "/stats/workers"]
+QUERY_ENDPOINTS = [
+    "/tasks",
+    "/tasks/current_history",
+    "/tasks/rank",
+    "/stats",
+    "/metrics",
+    "/workers",
+    "/stats/workers",
+]
 OPERATORS = sorted(ALLOWED_OPERATORS) + sorted(REASONS) + ["$text", "$near", "$jsonSchema", "$comment", "$foo"]
-QUERY_KEYS = st.sampled_from(FIELDS + sorted(VIRTUAL) + OPERATORS + [
-    "_id", "host", "state", "resources.cores", "history.exit_status", "requested_resources.memory",
-    "owner", "token_id", "a.b", "", "$", "."]) | st.text(max_size=8)
+QUERY_KEYS = st.sampled_from(
+    FIELDS
+    + sorted(VIRTUAL)
+    + OPERATORS
+    + [
+        "_id",
+        "host",
+        "state",
+        "resources.cores",
+        "history.exit_status",
+        "requested_resources.memory",
+        "owner",
+        "token_id",
+        "a.b",
+        "",
+        "$",
+        ".",
+    ]
+) | st.text(max_size=8)
 
 
 def filters(ids):
     leaves = LEAVES | ids | st.sampled_from(OPERATORS)
-    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=3)
-                        | st.dictionaries(QUERY_KEYS, inner, max_size=3), max_leaves=10)
+    return st.recursive(
+        leaves,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(QUERY_KEYS, inner, max_size=3),
+        max_leaves=10,
+    )
 
 
 def query_strings(ids):
     as_json = lambda s: s.map(lambda v: json.dumps(v, default=str))  # noqa: E731
     text = st.text(max_size=30) | st.sampled_from(['name=="x"', "priority>1", "{", "[[", "null", "1e400", "NaN"])
     where = as_json(filters(ids)) | text
-    projection = as_json(st.dictionaries(QUERY_KEYS, st.sampled_from([0, 1, -1, 2, True, "1", None, {}]),
-                                         max_size=3)) | text
-    sort = (as_json(st.lists(st.lists(QUERY_KEYS | st.integers(-2, 2), max_size=3), max_size=3))
-            | st.sampled_from(["-name", "name,-priority", "-", ",", "$where", "history.0"]) | text)
-    number = st.integers(-3, 10 ** 6).map(str) | text
-    return st.fixed_dictionaries({}, optional={"where": where, "projection": projection, "sort": sort,
-                                               "page": number, "max_results": number, "state": text})
+    projection = (
+        as_json(st.dictionaries(QUERY_KEYS, st.sampled_from([0, 1, -1, 2, True, "1", None, {}]), max_size=3)) | text
+    )
+    sort = (
+        as_json(st.lists(st.lists(QUERY_KEYS | st.integers(-2, 2), max_size=3), max_size=3))
+        | st.sampled_from(["-name", "name,-priority", "-", ",", "$where", "history.0"])
+        | text
+    )
+    number = st.integers(-3, 10**6).map(str) | text
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "where": where,
+            "projection": projection,
+            "sort": sort,
+            "page": number,
+            "max_results": number,
+            "state": text,
+        },
+    )
 
 
 def _refused_operator(where):
     """The operator the server must refuse in `where` (JSON text), if any."""
     from banyan.server.query import first_refused
+
     try:
         parsed = json.loads(where) if where else None
     except ValueError:
@@ -427,9 +652,12 @@ def test_fuzz_query_strings(world):
     ids = world_ids(world)
     mine = set(world.ids["user"])
 
-    @settings(max_examples=EXAMPLES * 3, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                     HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=EXAMPLES * 3,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    )
     @given(role=ROLES, path=st.sampled_from(QUERY_ENDPOINTS), query=query_strings(ids))
     def one(role, path, query):
         before = world.snapshot()
@@ -438,8 +666,7 @@ def test_fuzz_query_strings(world):
         response = world.client.get(path, query_string=query, headers=headers)
         assert response.status_code < 500
         assert changed(before, world.snapshot()) == {}, (path, query)
-        operator = _refused_operator(query.get("where")) if path != "/stats/workers" and role != "anonymous" \
-            else None
+        operator = _refused_operator(query.get("where")) if path != "/stats/workers" and role != "anonymous" else None
         if operator is not None:  # the allow-list, whatever else is wrong with the request
             assert response.status_code == 400, (path, query, response.status_code)
         if response.status_code >= 400:

@@ -11,7 +11,6 @@ import random
 import time
 
 import pytest
-
 from harness import Cluster, graph_bodies, judge, parents_by_id, report, submit_graph
 
 TASKS = int(os.environ.get("BANYAN_RELIABILITY_TASKS", "1000"))
@@ -42,11 +41,17 @@ def test_load_with_graphs_and_random_failures(tmp_path):
         key = "%s/%s" % (task["state"], task["exit_status"])
         by_state[key] = by_state.get(key, 0) + 1
     in_graphs = {k for k, ps in parents.items() if ps} | {p for ps in parents.values() for p in ps}
-    report("load, %d tasks" % TASKS, lost, duplicates, problems,
-           load="%d tasks (%d in graphs), %d workers x %d slots, %d attempts, %.0f%% of them failed"
-                % (TASKS, len(in_graphs), WORKERS, SLOTS, attempts, 100.0 * failed_attempts / max(1, attempts)),
-           faults="random exit 1 in %d%% of attempts, max_retries 2" % FAIL_PERCENT,
-           seconds=seconds, end_states=by_state)
+    report(
+        "load, %d tasks" % TASKS,
+        lost,
+        duplicates,
+        problems,
+        load="%d tasks (%d in graphs), %d workers x %d slots, %d attempts, %.0f%% of them failed"
+        % (TASKS, len(in_graphs), WORKERS, SLOTS, attempts, 100.0 * failed_attempts / max(1, attempts)),
+        faults="random exit 1 in %d%% of attempts, max_retries 2" % FAIL_PERCENT,
+        seconds=seconds,
+        end_states=by_state,
+    )
     assert cluster.server_log_errors() == []
     # the failures really happened, and the rules had something to decide
     assert failed_attempts > 0 and by_state.get("terminated/success") and by_state.get("cancelled/cancelled")

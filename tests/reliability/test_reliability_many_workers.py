@@ -27,7 +27,6 @@ import time
 
 import pytest
 import requests
-
 from conftest import MONGO_URI, TEST_TOKEN, LiveServer
 from harness import Worker, read_markers, record
 from simulated_workers import Fleet, LatencyProbe
@@ -49,9 +48,11 @@ SUBMIT_CHUNK = 100
 
 #: What a task does on a real worker: refuse a second run of an attempt
 #: (noted in DUPLICATES), leave a marker, exit with $EXIT.
-SCRIPT = ('f="$M/$BANYAN_TASK_ID.$BANYAN_ATTEMPT"; '
-          'if [ -e "$f" ]; then echo "$BANYAN_TASK_ID.$BANYAN_ATTEMPT" >> "$M/DUPLICATES"; exit 99; fi; '
-          'echo started > "$f"; echo "exit $EXIT" >> "$f"; exit "$EXIT"')
+SCRIPT = (
+    'f="$M/$BANYAN_TASK_ID.$BANYAN_ATTEMPT"; '
+    'if [ -e "$f" ]; then echo "$BANYAN_TASK_ID.$BANYAN_ATTEMPT" >> "$M/DUPLICATES"; exit 99; fi; '
+    'echo started > "$f"; echo "exit $EXIT" >> "$f"; exit "$EXIT"'
+)
 
 pytestmark = pytest.mark.slow
 
@@ -73,11 +74,28 @@ def test_300_simulated_and_4_real_workers_share_10000_tasks(tmp_path):
     http = requests.Session()
     if TEST_TOKEN:
         http.headers["Authorization"] = "Bearer " + TEST_TOKEN
-    real = [Worker(server.url, tmp_path / ("work%d" % i), tmp_path / ("worker%d.log" % i), cores=REAL_CORES,
-                   heartbeat=REAL_HEARTBEAT, claim_wait=5, host="real%d" % i, token=TEST_TOKEN).start()
-            for i in range(REAL_WORKERS)]
-    fleet = Fleet(server.url, SIMULATED, token=TEST_TOKEN, claim_wait=5, heartbeat=5, run_seconds=0.02,
-                  outcome_of=simulated_outcome)
+    real = [
+        Worker(
+            server.url,
+            tmp_path / ("work%d" % i),
+            tmp_path / ("worker%d.log" % i),
+            cores=REAL_CORES,
+            heartbeat=REAL_HEARTBEAT,
+            claim_wait=5,
+            host="real%d" % i,
+            token=TEST_TOKEN,
+        ).start()
+        for i in range(REAL_WORKERS)
+    ]
+    fleet = Fleet(
+        server.url,
+        SIMULATED,
+        token=TEST_TOKEN,
+        claim_wait=5,
+        heartbeat=5,
+        run_seconds=0.02,
+        outcome_of=simulated_outcome,
+    )
     probe = None
     try:
         fleet.start()
@@ -87,9 +105,16 @@ def test_300_simulated_and_4_real_workers_share_10000_tasks(tmp_path):
         probe = LatencyProbe(server.url, r.json()["_id"], tmp_path / "latencies", token=TEST_TOKEN).start()
         ids = []
         for start in range(0, TASKS, SUBMIT_CHUNK):
-            chunk = [{"name": "t%d" % i, "command": SCRIPT, "state": "available", "max_retries": 0,
-                      "environment": {"M": str(markers), "EXIT": "3" if i % 7 == 3 else "0"}}
-                     for i in range(start, min(TASKS, start + SUBMIT_CHUNK))]
+            chunk = [
+                {
+                    "name": "t%d" % i,
+                    "command": SCRIPT,
+                    "state": "available",
+                    "max_retries": 0,
+                    "environment": {"M": str(markers), "EXIT": "3" if i % 7 == 3 else "0"},
+                }
+                for i in range(start, min(TASKS, start + SUBMIT_CHUNK))
+            ]
             r = http.post(server.url + "/tasks", json=chunk, timeout=120)
             assert r.status_code == 201, r.text[:2000]
             ids += [item["_id"] for item in r.json()["_items"]]
@@ -102,15 +127,23 @@ def test_300_simulated_and_4_real_workers_share_10000_tasks(tmp_path):
             assert time.monotonic() < deadline, "%d tasks still unfinished" % left
             time.sleep(0.5)
         probe.stop()
-        real_ids = {w["_id"] for w in http.get(server.url + "/workers").json()["_items"]
-                    if w["host"].startswith("real")}
+        real_ids = {
+            w["_id"] for w in http.get(server.url + "/workers").json()["_items"] if w["host"].startswith("real")
+        }
         tasks = {}
         page = 1
         while True:
-            body = http.get(server.url + "/tasks", params={
-                "where": json.dumps({"name": {"$ne": "watched"}}), "max_results": 5000, "page": page,
-                "projection": json.dumps({"state": 1, "exit_status": 1, "history": 1, "environment": 1,
-                                          "lost_count": 1})}).json()
+            body = http.get(
+                server.url + "/tasks",
+                params={
+                    "where": json.dumps({"name": {"$ne": "watched"}}),
+                    "max_results": 5000,
+                    "page": page,
+                    "projection": json.dumps(
+                        {"state": 1, "exit_status": 1, "history": 1, "environment": 1, "lost_count": 1}
+                    ),
+                },
+            ).json()
             tasks.update((t["_id"], t) for t in body["_items"])
             if len(body["_items"]) < 5000:
                 break
@@ -135,8 +168,10 @@ def test_300_simulated_and_4_real_workers_share_10000_tasks(tmp_path):
     assert [t for t, given in simulated.items() if len(given) > 1] == []
     assert [t for t, attempts in runs.items() if len(attempts) > 1] == []
     both = set(simulated) & set(runs)
-    assert both == set(), [(t, tasks.get(t, {}).get("history"), runs[t],
-                            [(r.worker, r.attempt, r.status) for r in simulated[t]]) for t in sorted(both)[:5]]
+    assert both == set(), [
+        (t, tasks.get(t, {}).get("history"), runs[t], [(r.worker, r.attempt, r.status) for r in simulated[t]])
+        for t in sorted(both)[:5]
+    ]
     assert set(simulated) | set(runs) == set(ids)
     # none recorded wrongly: one attempt, by the worker that ran it, ended as it ended
     wrong = []
@@ -152,8 +187,14 @@ def test_300_simulated_and_4_real_workers_share_10000_tasks(tmp_path):
             ran_by = entry.get("worker") if entry.get("worker") in real_ids else "a real worker"
             if runs[task_id] != {1: expected_code}:
                 wrong.append((task_id, "markers %s" % runs[task_id]))
-        recorded = (task["state"], task["exit_status"], len(history), entry.get("worker"), entry.get("exit_code"),
-                    task.get("lost_count"))
+        recorded = (
+            task["state"],
+            task["exit_status"],
+            len(history),
+            entry.get("worker"),
+            entry.get("exit_code"),
+            task.get("lost_count"),
+        )
         if recorded != ("terminated", "success" if expected_code == 0 else "failure", 1, ran_by, expected_code, 0):
             wrong.append((task_id, recorded))
     assert wrong == [], wrong[:20]
@@ -164,11 +205,26 @@ def test_300_simulated_and_4_real_workers_share_10000_tasks(tmp_path):
     # a user's read was answered promptly throughout
     assert probe.statuses and set(probe.statuses) == {200}, set(probe.statuses)
     p99 = probe.p99()
-    print("\n%d tasks, %d simulated + %d real workers: %d by simulated, %d by real; user GET p99 %.1f ms "
-          "(max %.1f ms, %d reads)" % (TASKS, SIMULATED, REAL_WORKERS, len(simulated), len(runs), p99 * 1000,
-                                        max(probe.seconds) * 1000, len(probe.seconds)))
-    record("many workers, %d tasks" % TASKS,
-           load="%d tasks, %d simulated + %d real workers" % (TASKS, SIMULATED, REAL_WORKERS),
-           lost=0, duplicates=0, violations=0,
-           faults="user GET p99 %.0f ms, max %.0f ms" % (p99 * 1000, max(probe.seconds) * 1000))
+    print(
+        "\n%d tasks, %d simulated + %d real workers: %d by simulated, %d by real; user GET p99 %.1f ms "
+        "(max %.1f ms, %d reads)"
+        % (
+            TASKS,
+            SIMULATED,
+            REAL_WORKERS,
+            len(simulated),
+            len(runs),
+            p99 * 1000,
+            max(probe.seconds) * 1000,
+            len(probe.seconds),
+        )
+    )
+    record(
+        "many workers, %d tasks" % TASKS,
+        load="%d tasks, %d simulated + %d real workers" % (TASKS, SIMULATED, REAL_WORKERS),
+        lost=0,
+        duplicates=0,
+        violations=0,
+        faults="user GET p99 %.0f ms, max %.0f ms" % (p99 * 1000, max(probe.seconds) * 1000),
+    )
     assert p99 < USER_GET_P99, "user GET p99 %.0f ms" % (p99 * 1000)

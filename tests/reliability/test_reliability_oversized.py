@@ -7,10 +7,10 @@ import json
 
 import pytest
 from bson import ObjectId
-
-from banyan import settings
 from conftest import LiveServer, TestSession
 from harness import record
+
+from banyan import settings
 
 pytestmark = pytest.mark.slow
 
@@ -33,21 +33,45 @@ def oversized_requests(task_id):
     deep_object = '{"a":' * 100000 + "1" + "}" * 100000
     return [
         ("10 MB command", "POST", "/tasks", json.dumps({"command": "x" * 10_000_000}), "max length"),
-        ("10 MB command (list)", "POST", "/tasks", json.dumps({"command": ["sh", "-c", "x" * 10_000_000]}),
-         "max length"),
-        ("100,000 continuations", "POST", "/tasks",
-         json.dumps({"command": "true", "continuations": ids}), "max length is 10000"),
-        ("100,000 continuations added", "POST", "/tasks/%s/add_continuations" % task_id, json.dumps(ids),
-         "max length is 10000"),
-        ("100,000 continuations by PATCH", "PATCH", "/tasks/%s" % task_id,
-         json.dumps({"add_continuations": ids}), "max length is 10000"),
+        (
+            "10 MB command (list)",
+            "POST",
+            "/tasks",
+            json.dumps({"command": ["sh", "-c", "x" * 10_000_000]}),
+            "max length",
+        ),
+        (
+            "100,000 continuations",
+            "POST",
+            "/tasks",
+            json.dumps({"command": "true", "continuations": ids}),
+            "max length is 10000",
+        ),
+        (
+            "100,000 continuations added",
+            "POST",
+            "/tasks/%s/add_continuations" % task_id,
+            json.dumps(ids),
+            "max length is 10000",
+        ),
+        (
+            "100,000 continuations by PATCH",
+            "PATCH",
+            "/tasks/%s" % task_id,
+            json.dumps({"add_continuations": ids}),
+            "max length is 10000",
+        ),
         ("deep JSON list", "POST", "/tasks", '{"name": %s}' % deep_list, "nested more than"),
-        ("deep JSON object", "PATCH", "/tasks/%s" % task_id, '{"environment": %s}' % deep_object,
-         "nested more than"),
+        ("deep JSON object", "PATCH", "/tasks/%s" % task_id, '{"environment": %s}' % deep_object, "nested more than"),
         ("deep JSON to bulk PATCH", "PATCH", "/tasks", deep_list, "nested more than"),
         ("deep JSON to a claim", "POST", "/workers", '{"host": %s}' % deep_list, "nested more than"),
-        ("body over MAX_CONTENT_LENGTH", "POST", "/tasks",
-         '{"command": "%s"}' % ("x" * (settings.MAX_CONTENT_LENGTH + 1)), ""),
+        (
+            "body over MAX_CONTENT_LENGTH",
+            "POST",
+            "/tasks",
+            '{"command": "%s"}' % ("x" * (settings.MAX_CONTENT_LENGTH + 1)),
+            "",
+        ),
     ]
 
 
@@ -58,8 +82,9 @@ def test_oversized_input_is_refused_and_the_server_keeps_serving(tmp_path):
         http = TestSession()
         task = http.post(server.url + "/tasks", json={"name": "keep", "command": "true"}).json()
         for label, method, path, body, expected in oversized_requests(task["_id"]):
-            r = http.request(method, server.url + path, data=body, timeout=TIMEOUT,
-                             headers={"Content-Type": "application/json"})
+            r = http.request(
+                method, server.url + path, data=body, timeout=TIMEOUT, headers={"Content-Type": "application/json"}
+            )
             assert r.status_code in (413, 422), (label, r.status_code, r.text[:500])
             assert expected in message(r), (label, message(r)[:500])
             refused.append("%s: %d" % (label, r.status_code))
@@ -73,5 +98,10 @@ def test_oversized_input_is_refused_and_the_server_keeps_serving(tmp_path):
     finally:
         server.stop()
     assert server.server_errors() == []
-    record("oversized input", load="%d oversized requests" % len(refused),
-           faults="; ".join(refused), lost=0, duplicates="-")
+    record(
+        "oversized input",
+        load="%d oversized requests" % len(refused),
+        faults="; ".join(refused),
+        lost=0,
+        duplicates="-",
+    )

@@ -10,9 +10,8 @@
 
 import time
 
-from bson import ObjectId
-
 import conftest
+from bson import ObjectId
 
 HEARTBEAT_TIMEOUT = 0.3
 
@@ -26,8 +25,12 @@ def make_app(store):
 def test_a_claim_whose_answer_was_lost_is_abandoned_and_retried(store):
     app, api, db = make_app(store)
     wid = api.post("/workers", json={"host": "n1", "resources": {"cores": 4}}).json["_id"]
-    ids = [api.post("/tasks", json={"name": n, "command": "true", "state": "available", "max_retries": 1,
-                                    "priority": p}).json["_id"] for n, p in (("got", 2), ("lost", 1))]
+    ids = [
+        api.post(
+            "/tasks", json={"name": n, "command": "true", "state": "available", "max_retries": 1, "priority": p}
+        ).json["_id"]
+        for n, p in (("got", 2), ("lost", 1))
+    ]
     claimed = api.post("/workers/%s/claim" % wid, json={"free": {"cores": 2}, "max_tasks": 2}).json["_items"]
     assert [t["_id"] for t in claimed] == ids
     got, lost = ids
@@ -54,15 +57,18 @@ def test_a_claim_whose_answer_was_lost_is_abandoned_and_retried(store):
 def test_a_cascade_cut_short_before_the_release_is_finished_on_restart(store):
     app, api, db = make_app(store)
     child = api.post("/tasks", json={"name": "child", "command": "true"}).json["_id"]
-    parent = api.post("/tasks", json={"name": "parent", "command": "true", "state": "available",
-                                      "continuations": [child]}).json["_id"]
+    parent = api.post(
+        "/tasks", json={"name": "parent", "command": "true", "state": "available", "continuations": [child]}
+    ).json["_id"]
     wid = api.post("/workers", json={"host": "n1", "resources": {"cores": 1}}).json["_id"]
     assert api.post("/workers/%s/claim" % wid, json={"free": {"cores": 1}}).json["_items"][0]["_id"] == parent
     # The parent's success was written, and the cascade unlinked the child;
     # then the server died before releasing it (as the store has it after kill -9).
     pid, cid = ObjectId(parent), ObjectId(child)
-    db.tasks.update_one({"_id": pid}, {"$set": {"state": "terminated", "exit_status": "success", "worker": None,
-                                                "cascade_pending": True}})
+    db.tasks.update_one(
+        {"_id": pid},
+        {"$set": {"state": "terminated", "exit_status": "success", "worker": None, "cascade_pending": True}},
+    )
     db.tasks.update_one({"_id": cid}, {"$pull": {"pending_parents": pid}, "$inc": {"pending_dependency_count": -1}})
     assert db.tasks.find_one({"_id": cid})["state"] == "inactive"
     # restart: a new app on the same store resumes the cascade

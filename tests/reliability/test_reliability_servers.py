@@ -16,13 +16,13 @@ import uuid
 
 import pytest
 import requests
-
 from conftest import MONGO_URI, LiveServer, TestSession, mongo_uri_for, wait_for
 from harness import Worker, graph_bodies, judge, parents_by_id, report, submit_graph, task_body
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not MONGO_URI, reason="several servers need a shared database "
-                                                       "(set BANYAN_TEST_MONGO_URI)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not MONGO_URI, reason="several servers need a shared database (set BANYAN_TEST_MONGO_URI)"),
+]
 
 HEARTBEAT_TIMEOUT = 5
 FAIL_PERCENT = 10
@@ -33,8 +33,14 @@ class Servers:
 
     def __init__(self, tmp_path, n=3, args=()):
         self.uri = mongo_uri_for("banyan_multi_%s" % uuid.uuid4().hex[:12])
-        self.servers = [LiveServer(tmp_path / ("server%d" % i), ["--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)]
-                                   + list(args), mongo_uri=self.uri).start() for i in range(n)]
+        self.servers = [
+            LiveServer(
+                tmp_path / ("server%d" % i),
+                ["--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)] + list(args),
+                mongo_uri=self.uri,
+            ).start()
+            for i in range(n)
+        ]
         self.http = TestSession()
         self._next = 0
         self._lock = threading.Lock()
@@ -70,24 +76,45 @@ class Servers:
 
     def all_tasks(self):
         tasks, page = {}, 1
-        projection = {"state": 1, "exit_status": 1, "history": 1, "continuations": 1, "max_retries": 1, "max_lost": 1,
-                      "retry_count": 1, "pending_dependency_count": 1, "pending_parents": 1, "name": 1}
+        projection = {
+            "state": 1,
+            "exit_status": 1,
+            "history": 1,
+            "continuations": 1,
+            "max_retries": 1,
+            "max_lost": 1,
+            "retry_count": 1,
+            "pending_dependency_count": 1,
+            "pending_parents": 1,
+            "name": 1,
+        }
         while True:
-            body = self.request("GET", "/tasks", params={
-                "max_results": 5000, "page": page, "projection": json.dumps(projection),
-                "sort": json.dumps([["_created", 1], ["_id", 1]])}).json()
+            body = self.request(
+                "GET",
+                "/tasks",
+                params={
+                    "max_results": 5000,
+                    "page": page,
+                    "projection": json.dumps(projection),
+                    "sort": json.dumps([["_created", 1], ["_id", 1]]),
+                },
+            ).json()
             tasks.update((item["_id"], item) for item in body["_items"])
             if len(body["_items"]) < 5000:
                 return tasks
             page += 1
 
     def unfinished(self):
-        return self.request("GET", "/tasks", params={"max_results": 1, "where": json.dumps(
-            {"state": {"$nin": ["terminated", "cancelled"]}})}).json()["_meta"]["total"]
+        return self.request(
+            "GET",
+            "/tasks",
+            params={"max_results": 1, "where": json.dumps({"state": {"$nin": ["terminated", "cancelled"]}})},
+        ).json()["_meta"]["total"]
 
     def finished(self):
-        return self.request("GET", "/tasks", params={"max_results": 1, "where": json.dumps(
-            {"state": "terminated"})}).json()["_meta"]["total"]
+        return self.request(
+            "GET", "/tasks", params={"max_results": 1, "where": json.dumps({"state": "terminated"})}
+        ).json()["_meta"]["total"]
 
     def stop(self):
         for server in self.servers:
@@ -154,8 +181,17 @@ def test_three_servers_one_database_with_a_server_killed(tmp_path):
     markers = tmp_path / "markers"
     markers.mkdir()
     servers = Servers(tmp_path)
-    workers = [Worker(servers.url(i), tmp_path / ("work%d" % i), tmp_path / ("worker%d.log" % i), cores=2,
-                      timeout=15, host="w%d" % i).start() for i in range(4)]
+    workers = [
+        Worker(
+            servers.url(i),
+            tmp_path / ("work%d" % i),
+            tmp_path / ("worker%d.log" % i),
+            cores=2,
+            timeout=15,
+            host="w%d" % i,
+        ).start()
+        for i in range(4)
+    ]
     started = time.monotonic()
     try:
         # The editable group: inactive tasks whose continuations change under
@@ -204,10 +240,16 @@ def test_three_servers_one_database_with_a_server_killed(tmp_path):
             first = tasks[tid]["history"][0]["started"]
             for p in ps:
                 assert tasks[p]["history"] and tasks[p]["history"][-1]["ended"] <= first, (p, tid)
-    report("3 servers, one database", lost, duplicates, problems,
-           load="%d tasks on 3 servers, 4 workers x 2 slots, %d continuation edits"
-                % (len(tasks), sum(e.rounds for e in editors)),
-           faults="one server SIGKILLed mid-run and restarted", seconds=seconds)
+    report(
+        "3 servers, one database",
+        lost,
+        duplicates,
+        problems,
+        load="%d tasks on 3 servers, 4 workers x 2 slots, %d continuation edits"
+        % (len(tasks), sum(e.rounds for e in editors)),
+        faults="one server SIGKILLed mid-run and restarted",
+        seconds=seconds,
+    )
     assert sum(1 for w in workers_seen if w["state"] == "active") >= 4
     assert servers.errors() == []
 
@@ -218,18 +260,25 @@ def test_eight_claimers_over_three_servers_claim_each_task_once(tmp_path):
     try:
         n = 2000
         for start in range(0, n, 500):
-            servers.submit([{"command": "true", "state": "available", "priority": i % 5}
-                            for i in range(start, start + 500)])
-        worker_ids = [servers.request("POST", "/workers", json={"host": "c%d" % i, "resources": {"cores": 64}})
-                      .json()["_id"] for i in range(8)]
+            servers.submit(
+                [{"command": "true", "state": "available", "priority": i % 5} for i in range(start, start + 500)]
+            )
+        worker_ids = [
+            servers.request("POST", "/workers", json={"host": "c%d" % i, "resources": {"cores": 64}}).json()["_id"]
+            for i in range(8)
+        ]
         claimed = {wid: [] for wid in worker_ids}
         errors = []
 
         def claimer(i, wid):
             try:
                 while True:
-                    r = servers.request("POST", "/workers/%s/claim" % wid, server=i,
-                                        json={"free": {"cores": 64, "memory": 0, "gpus": 0}, "max_tasks": 32})
+                    r = servers.request(
+                        "POST",
+                        "/workers/%s/claim" % wid,
+                        server=i,
+                        json={"free": {"cores": 64, "memory": 0, "gpus": 0}, "max_tasks": 32},
+                    )
                     assert r.status_code == 200, r.text[:500]
                     items = r.json()["_items"]
                     if not items:
@@ -282,8 +331,9 @@ def test_a_long_poll_in_one_server_sees_a_task_made_ready_in_another(tmp_path):
         answer = {}
 
         def claim():
-            answer["r"] = servers.request("POST", "/workers/%s/claim" % wid, server=0,
-                                          json={"free": {"cores": 1}, "max_tasks": 1, "wait": 20})
+            answer["r"] = servers.request(
+                "POST", "/workers/%s/claim" % wid, server=0, json={"free": {"cores": 1}, "max_tasks": 1, "wait": 20}
+            )
 
         waiter = threading.Thread(target=claim)
         waiter.start()
