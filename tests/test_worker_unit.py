@@ -474,33 +474,19 @@ def test_drain_timeout_terminates_running_tasks_as_failures(fake, start_worker, 
     assert fake.workers["w1"]["state"] == "stopped"
 
 
+def worker_process(fake, tmp_path, *flags):
+    """A real `banyan-worker` process against the fake server (heartbeats
+    every 0.2 s, 1 s claims), for the tests about signals; stderr piped."""
+    command = [sys.executable, "-m", "banyan.worker", "--server", fake.url, "--heartbeat", "0.2"]
+    command += ["--timeout", "10", *flags, "--claim-wait", "1", "--work-dir", str(tmp_path / "work")]
+    return subprocess.Popen(command + ["--log-level", "WARNING"], stderr=subprocess.PIPE, text=True)
+
+
 @pytest.mark.slow
 def test_sigterm_drains_then_exits_cleanly(fake, tmp_path):
     started = tmp_path / "started"
     fake.submit("short", f"touch {started}; sleep 1; echo finished")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "banyan.worker",
-            "--server",
-            fake.url,
-            "--heartbeat",
-            "0.2",
-            "--timeout",
-            "10",
-            "--drain",
-            "8",
-            "--claim-wait",
-            "1",
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--log-level",
-            "WARNING",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = worker_process(fake, tmp_path, "--drain", "8")
     try:
         # the task runs on the worker (not only claimed: a claim answer still
         # in flight when the worker stops is the server's to give back)
@@ -523,27 +509,7 @@ def test_sigterm_while_registering_stops_once_registered(fake, tmp_path):
     server would only mark lost later)."""
     fake.registration_gate = threading.Event()
     fake.submit("unwanted", "echo should not run")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "banyan.worker",
-            "--server",
-            fake.url,
-            "--heartbeat",
-            "0.2",
-            "--timeout",
-            "10",
-            "--claim-wait",
-            "1",
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--log-level",
-            "WARNING",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = worker_process(fake, tmp_path)
     try:
         wait_for(lambda: ("POST", "/workers") in fake.requests, timeout=30, what="the registration")
         proc.send_signal(signal.SIGTERM)
@@ -559,29 +525,7 @@ def test_sigterm_while_registering_stops_once_registered(fake, tmp_path):
 def test_second_signal_kills_tasks_at_once(fake, tmp_path):
     pidfile = tmp_path / "pid"
     fake.submit("stubborn", f"echo $$ > {pidfile}; trap '' TERM; exec sleep 60", max_shutdown_time=60)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "banyan.worker",
-            "--server",
-            fake.url,
-            "--heartbeat",
-            "0.2",
-            "--timeout",
-            "10",
-            "--drain",
-            "60",
-            "--claim-wait",
-            "1",
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--log-level",
-            "WARNING",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = worker_process(fake, tmp_path, "--drain", "60")
     try:
         pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="task start"))
         proc.send_signal(signal.SIGTERM)
