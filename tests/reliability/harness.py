@@ -55,6 +55,43 @@ def task_body(markers, fail_percent, sleep=0.0, max_retries=2, **fields):
 # -- processes ------------------------------------------------------------------
 
 
+#: The task fields the reliability checks read (`judge`, the counts).
+TASK_FIELDS = {
+    "state": 1,
+    "exit_status": 1,
+    "history": 1,
+    "continuations": 1,
+    "max_retries": 1,
+    "max_lost": 1,
+    "retry_count": 1,
+    "pending_dependency_count": 1,
+}
+
+
+def read_all_tasks(request, projection=None):
+    """Every task, by id, read page by page through `request(method, path,
+    **kwargs)` (a cluster's or a set of servers')."""
+    tasks, page = {}, 1
+    while True:
+        r = request(
+            "GET",
+            "/tasks",
+            params={
+                "max_results": 5000,
+                "page": page,
+                "projection": json.dumps(projection or TASK_FIELDS),
+                "sort": json.dumps([["_created", 1], ["_id", 1]]),
+            },
+        )
+        assert r.status_code == 200, r.text[:2000]
+        body = r.json()
+        for item in body["_items"]:
+            tasks[item["_id"]] = item
+        if len(body["_items"]) < 5000:
+            return tasks
+        page += 1
+
+
 class Worker:
     """A `banyan-worker` process (optionally wrapped, e.g. by `ip netns exec`)."""
 
@@ -200,35 +237,7 @@ class Cluster:
         return ids
 
     def all_tasks(self, projection=None):
-        projection = projection or {
-            "state": 1,
-            "exit_status": 1,
-            "history": 1,
-            "continuations": 1,
-            "max_retries": 1,
-            "max_lost": 1,
-            "retry_count": 1,
-            "pending_dependency_count": 1,
-        }
-        tasks, page = {}, 1
-        while True:
-            r = self.request(
-                "GET",
-                "/tasks",
-                params={
-                    "max_results": 5000,
-                    "page": page,
-                    "projection": json.dumps(projection),
-                    "sort": json.dumps([["_created", 1], ["_id", 1]]),
-                },
-            )
-            assert r.status_code == 200, r.text[:2000]
-            body = r.json()
-            for item in body["_items"]:
-                tasks[item["_id"]] = item
-            if len(body["_items"]) < 5000:
-                return tasks
-            page += 1
+        return read_all_tasks(self.request, projection)
 
     def counts(self):
         r = self.request(

@@ -17,7 +17,17 @@ import uuid
 import pytest
 import requests
 from conftest import MONGO_URI, LiveServer, TestSession, mongo_uri_for, wait_for
-from harness import Worker, graph_bodies, judge, parents_by_id, report, submit_graph, task_body
+from harness import (
+    TASK_FIELDS,
+    Worker,
+    graph_bodies,
+    judge,
+    parents_by_id,
+    read_all_tasks,
+    report,
+    submit_graph,
+    task_body,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -75,34 +85,7 @@ class Servers:
         return [item["_id"] for item in body["_items"]] if "_items" in body else [body["_id"]]
 
     def all_tasks(self):
-        tasks, page = {}, 1
-        projection = {
-            "state": 1,
-            "exit_status": 1,
-            "history": 1,
-            "continuations": 1,
-            "max_retries": 1,
-            "max_lost": 1,
-            "retry_count": 1,
-            "pending_dependency_count": 1,
-            "pending_parents": 1,
-            "name": 1,
-        }
-        while True:
-            body = self.request(
-                "GET",
-                "/tasks",
-                params={
-                    "max_results": 5000,
-                    "page": page,
-                    "projection": json.dumps(projection),
-                    "sort": json.dumps([["_created", 1], ["_id", 1]]),
-                },
-            ).json()
-            tasks.update((item["_id"], item) for item in body["_items"])
-            if len(body["_items"]) < 5000:
-                return tasks
-            page += 1
+        return read_all_tasks(self.request, dict(TASK_FIELDS, pending_parents=1, name=1))
 
     def unfinished(self):
         return self.request(
