@@ -144,7 +144,7 @@ def idle(args):
             % (claims / wall, away / wall, len(errors))
         )
         print(
-            "  user GET /tasks/<id>: %d reads, p50 %s ms, p99 %s ms, max %s ms, statuses %s"
+            "  user GET /tasks/<id>: %d reads, p50 %s ms, p99 %s ms (goal: under 200 ms), max %s ms, statuses %s"
             % (
                 len(probe.seconds),
                 ms(percentile(probe.seconds, 0.5)),
@@ -183,7 +183,8 @@ def throughput(args, count):
         done = len(fleet.runs)
         print(
             "throughput: %d simulated workers, %d tasks: %.0f tasks claimed and reported per second "
-            "(%.1f s); server CPU %.0f%% of a core, %d connections; user GET p99 %s ms (max %s ms, %d reads); "
+            "(%.1f s); server CPU %.0f%% of a core, %d connections; user GET p99 %s ms (goal: under 200 ms; "
+            "max %s ms, %d reads); "
             "worker errors: %d"
             % (
                 count,
