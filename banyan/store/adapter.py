@@ -46,6 +46,7 @@ from banyan.store.documents import Documents, decode, encode, raw_id
 from banyan.store.engine import Engine
 from banyan.store.indexes import EMPTY_KEY, TOP, SecondaryIndex, asc_key, indexable_spec
 from banyan.store.planning import eq_conditions, lower_bounds, matcher, mongomock_sort, norm_sort, store_key
+from banyan.store.state import Mismatch
 from banyan.store.views import GroupView, SortView, ViewSet
 
 #: The mongomock versions this adapter is tested with (it subclasses
@@ -289,9 +290,67 @@ class _CollectionStore(mm_store.CollectionStore):
 
     def finish_loading(self):
         """Index all documents at once after a bulk load (much faster than
-        one SortedList insertion at a time)."""
+        one SortedList insertion at a time); a collection whose state the
+        snapshot held (`import_state`) is indexed already."""
+        if not self.deferred:
+            return
         self.deferred = False
         self._build_indexes({name: SecondaryIndex(idx.fields) for name, idx in self._sec.items()})
+
+    # -- the state a snapshot keeps (banyan.store.state) ---------------------
+    def export_state(self):
+        """The documents' sequence numbers (in store order), the indexes
+        and the built views, for the snapshot; None while an update is
+        under way (the snapshot then holds none: it is computed at start)."""
+        if self.deferred or self._pending or self._documents.live:
+            return None
+        key_seq = self._key_seq
+        views = {}
+        for prefix, view_set in self.view_sets.items():
+            built = {name: view for name, view in view_set.views.items() if view_set.built(view)}
+            if built:
+                views[prefix] = built
+        return {
+            "seqs": [key_seq[key] for key in self._documents],
+            "indexes": self._sec,
+            "views": views,
+        }
+
+    def import_state(self, state, rows_factory):
+        """Take the state a snapshot held for the documents just loaded
+        (`state.load` checked it was computed from them): the journal's
+        changes are then indexed one by one, and nothing is built at the
+        end. Raises state.Mismatch, changing nothing, if it does not fit."""
+        seqs = state.get("seqs")
+        indexes = state.get("indexes")
+        views = state.get("views")
+        if not isinstance(seqs, list) or len(seqs) != len(self._documents):
+            raise Mismatch("its sequence numbers are not one per document")
+        if any(type(s) is not int for s in seqs) or any(a >= b for a, b in zip(seqs, seqs[1:])):  # pylint: disable=unidiomatic-typecheck
+            raise Mismatch("its sequence numbers are not increasing integers")
+        if not isinstance(indexes, dict) or not all(isinstance(idx, SecondaryIndex) for idx in indexes.values()):
+            raise Mismatch("its indexes are not indexes")
+        wanted = {name: idx.fields for name, idx in self._sec.items()}
+        if {name: idx.fields for name, idx in indexes.items()} != wanted:
+            raise Mismatch("its indexes are not the collection's (%s)" % (", ".join(sorted(wanted)) or "none"))
+        if not isinstance(views, dict) or not all(
+            isinstance(prefix, bytes)
+            and isinstance(built, dict)
+            and all(isinstance(v, (GroupView, SortView)) and v.seen == float("inf") for v in built.values())
+            for prefix, built in views.items()
+        ):
+            raise Mismatch("its views are not built views")
+        keys = list(self._documents)
+        self._key_seq = dict(zip(keys, seqs))
+        self._seq_key = dict(zip(seqs, keys))
+        self._seq_counter = itertools.count(seqs[-1] + 1 if seqs else 0)
+        self._sec = dict(indexes)
+        self.view_sets = {}
+        for prefix, built in views.items():
+            view_set = ViewSet(_LazyRows(rows_factory, self.db_name, self.name, prefix))
+            view_set.views.update(built)
+            self.view_sets[prefix] = view_set
+        self.deferred = False
 
     def drop_index(self, index_name):
         super().drop_index(index_name)
@@ -400,6 +459,22 @@ class _CollectionStore(mm_store.CollectionStore):
         seq_key = self._seq_key
         for e in idx.entries.irange(lo, lo + (TOP,)):
             yield docs[seq_key[e[-1]]]
+
+
+class _LazyRows:
+    """rows_of(doc) of a view set a snapshot held: the per-document stages
+    of its pipeline (`prefix`, encoded), made into a function by the
+    collection the first time a write or a read needs it."""
+
+    def __init__(self, rows_factory, db_name, col_name, prefix):
+        self.rows_factory = rows_factory
+        self.where = (db_name, col_name, prefix)
+        self.rows_of = None
+
+    def __call__(self, doc):
+        if self.rows_of is None:
+            self.rows_of = self.rows_factory(*self.where)
+        return self.rows_of(doc)
 
 
 class _DatabaseStore(mm_store.DatabaseStore):
@@ -1154,11 +1229,18 @@ class EmbeddedClient(mongomock.MongoClient):
         # attributes to databases.
         self._engine = Engine(data_dir, compact_bytes)
         super().__init__(tz_aware=True, _store=_ServerStore(self._engine))
-        self._engine.open(self._store)
+        self._engine.open(self._store, self._rows_factory)
         self.data_dir = self._engine.data_dir
 
     def __repr__(self):
         return f"EmbeddedClient({self._engine.data_dir!r})"
+
+    def _rows_factory(self, db_name, col_name, prefix):
+        """rows_of(doc) of the per-document stages `prefix` (a view set's
+        key: the encoded stages) in a collection, for a view a snapshot held."""
+        stages = bson.decode(prefix)["p"]
+        collection = self.get_database(db_name).get_collection(col_name)
+        return collection._rows_of(stages, len(stages))  # pylint: disable=protected-access
 
     def __eq__(self, other):
         return self is other

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - non-POSIX
 from bson.raw_bson import RawBSONDocument
 from pymongo.errors import InvalidOperation
 
-from banyan.store import journal
+from banyan.store import journal, state
 from banyan.store.documents import encode, raw_id
 from banyan.store.errors import StoreCorrupt, StoreUnavailable
 from banyan.store.planning import store_key
@@ -86,6 +86,7 @@ class Engine:
         self.replaying = False
         self.closed = False
         self.server_store = None
+        self.rows_factory = None
         self.fd = None
         self.lock_fd = None
         self.journal_size = 0
@@ -314,8 +315,12 @@ class Engine:
                 self.synced_seq = target
 
     # -- files -------------------------------------------------------------
-    def open(self, server_store):
+    def open(self, server_store, rows_factory=None):
+        """Load the snapshot and the journal into `server_store`.
+        `rows_factory(db, collection, prefix)` makes the rows_of function of
+        a view set a snapshot held (`banyan.store.state`)."""
         self.server_store = server_store
+        self.rows_factory = rows_factory
         os.makedirs(self.data_dir, exist_ok=True)
         if fcntl is not None:
             self.lock_fd = os.open(os.path.join(self.data_dir, journal.LOCKFILE), os.O_RDWR | os.O_CREAT, 0o644)
@@ -347,9 +352,10 @@ class Engine:
             raise StoreCorrupt(log.refusal(self.data_dir))
         self.replaying = True
         try:
-            for scan in (snapshot, log):
-                for offset, _, actions in scan.records if scan else ():
-                    self._replay(scan.path, offset, actions)
+            if snapshot is not None:
+                self._replay_snapshot(snapshot)
+            for offset, _, actions in log.records if log else ():
+                self._replay(log.path, offset, actions)
         finally:
             self.replaying = False
         for db_store in self.server_store._databases.values():  # pylint: disable=protected-access
@@ -390,6 +396,40 @@ class Engine:
                 "`banyan store repair %s` (it keeps the original file)."
                 % (scan.path, what, self.data_dir, self.data_dir)
             )
+
+    def _replay_snapshot(self, scan):
+        """Replay the snapshot, taking the state it holds of each
+        collection (`banyan.store.state`) when it was computed from the
+        documents just read, and computing it again otherwise."""
+        digests = {}  # (database, collection) -> digest of its document records so far
+        for (offset, _, actions), crc in zip(scan.records, scan.crcs):
+            first = actions[0] if len(actions) == 1 else {}
+            if first.get("o") == "p":
+                where = (first["d"], first["c"])
+                digests[where] = state.chain(digests.get(where, 0), crc)
+            elif first.get("o") == "state":
+                self._take_state(scan.path, first, digests.get((first.get("d"), first.get("c")), 0))
+                continue
+            self._replay(scan.path, offset, actions)
+
+    def _take_state(self, path, action, digest):
+        try:
+            store = self.server_store[action["d"]][action["c"]]
+            documents = len(store._documents)  # pylint: disable=protected-access
+            store.import_state(state.load(action, documents, digest), self.rows_factory)
+        except (state.Mismatch, KeyError, TypeError) as why:
+            logger.warning(
+                "%s: the indexes and views of %s.%s it holds are not used (%s): "
+                "they are computed again from the documents",
+                path,
+                action.get("d"),
+                action.get("c"),
+                why,
+            )
+            return
+        logger.info(
+            "%s: loaded the indexes and views of %s.%s (%d documents)", path, action["d"], action["c"], documents
+        )
 
     def _replay(self, path, offset, actions):
         for action in actions:
@@ -440,8 +480,26 @@ class Engine:
                     head.append({"o": "ix", "d": db_name, "c": col_name, "n": name, "s": spec})
                 yield _frame(head)
                 docs = [RawBSONDocument(raw) for _, raw in store._documents.raw_items()]  # pylint: disable=protected-access
+                digest = 0
                 for i in range(0, len(docs), _SNAPSHOT_CHUNK):
-                    yield _frame([{"o": "p", "d": db_name, "c": col_name, "docs": docs[i : i + _SNAPSHOT_CHUNK]}])
+                    record = _frame([{"o": "p", "d": db_name, "c": col_name, "docs": docs[i : i + _SNAPSHOT_CHUNK]}])
+                    digest = state.chain(digest, journal.HEADER.unpack_from(record)[2])
+                    yield record
+                exported = store.export_state()
+                if exported is not None:
+                    yield _frame(
+                        [
+                            {
+                                "o": "state",
+                                "d": db_name,
+                                "c": col_name,
+                                "v": state.VERSION,
+                                "n": len(docs),
+                                "digest": digest,
+                                "state": state.dump(exported),
+                            }
+                        ]
+                    )
         yield _frame([{"o": "end"}])
 
     def compact(self):

@@ -78,6 +78,7 @@ class Scan:
         self.path = path
         self.size = len(data)
         self.records = []
+        self.crcs = []  # the CRC32 of each valid record's payload, as its header holds it
         self.damage = []
         self.tail = None
         pos = 0
@@ -85,6 +86,7 @@ class Scan:
             end, got = _record_at(data, pos)
             if end is not None:
                 self.records.append((pos, end, got))
+                self.crcs.append(HEADER.unpack_from(data, pos)[2])
                 pos = end
                 continue
             following = _next_record(data, pos + 1)

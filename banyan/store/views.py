@@ -16,7 +16,7 @@ from mongomock import aggregate as mm_aggregate
 from sortedcontainers import SortedList
 
 from banyan.store.aggregation import _hashable, stage_name
-from banyan.store.indexes import _shared
+from banyan.store.indexes import _shared, sorted_list
 
 
 class Unsupported(Exception):
@@ -99,6 +99,15 @@ class SortView:
         self.sort_key = sort_key
         self.entries = SortedList()
         self.seen = -1
+
+    def __getstate__(self):
+        """As a snapshot keeps it (`banyan.store.state`): entries in order."""
+        return {"field": self.field, "sort_key": self.sort_key, "entries": list(self.entries), "seen": self.seen}
+
+    def __setstate__(self, state):
+        self.__init__(state["field"], state["sort_key"])
+        self.entries = sorted_list(state["entries"])
+        self.seen = state["seen"]
 
     @staticmethod
     def fits(tail):
