@@ -1,0 +1,170 @@
+"""The state a snapshot keeps beside the documents (banyan/store/state.py):
+index entries, sequence numbers and built views. A restart loads it; a
+state that does not match the documents, or cannot be read, is computed
+again from them, and every document is there and found."""
+
+import logging
+import os
+import pickle
+from datetime import datetime, timedelta
+
+import bson
+from bson import ObjectId
+
+from banyan.server.store import EmbeddedClient
+from banyan.store import journal, state
+
+STATES = ("available", "running", "terminated")
+COUNTS = [{"$match": {"v": {"$ne": None}}}, {"$project": {"state": 1}}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}]
+LARGEST = [{"$match": {"v": {"$ne": None}}}, {"$project": {"v": 1}}, {"$sort": {"v": -1}}, {"$limit": 3}]
+LOADED = "loaded the indexes and views of banyan.tasks"
+NOT_USED = "the indexes and views of banyan.tasks it holds are not used"
+
+
+def _coll(client):
+    return client["banyan"]["tasks"]
+
+
+def _store_with_state(data, n=300):
+    """A store whose snapshot holds the tasks collection's state: an index
+    and two views, built before the last write (each write compacts)."""
+    c = EmbeddedClient(data, compact_bytes=1)
+    coll = _coll(c)
+    coll.create_index([("state", 1), ("created", -1), ("_id", 1)], name="by_state")
+    start = datetime(2026, 1, 1)
+    coll.insert_many(
+        [
+            {"_id": ObjectId(), "state": STATES[i % 3], "created": start + timedelta(minutes=i % 50), "v": i}
+            for i in range(n)
+        ]
+    )
+    list(coll.aggregate(COUNTS))
+    list(coll.aggregate(LARGEST))
+    coll.insert_one({"_id": ObjectId(), "state": "running", "created": start, "v": n})  # compacts, views built
+    c.close()
+
+
+def _expected(client):
+    """What the index and the views must answer, from a plain scan of
+    every document (no index, no view)."""
+    docs = list(_coll(client).find({}, {"_id": 1, "state": 1, "created": 1, "v": 1}))
+    running = sorted(
+        (d for d in docs if d["state"] == "running"), key=lambda d: (-d["created"].timestamp(), d["_id"].binary)
+    )
+    counts = {}
+    for d in docs:
+        counts[d["state"]] = counts.get(d["state"], 0) + 1
+    largest = sorted((d["v"] for d in docs), reverse=True)[:3]
+    return [d["_id"] for d in running], counts, largest
+
+
+def _answers(client):
+    coll = _coll(client)
+    running = [d["_id"] for d in coll.find({"state": "running"}, sort=[("created", -1), ("_id", 1)])]
+    counts = {row["_id"]: row["n"] for row in coll.aggregate(COUNTS)}
+    largest = [row["v"] for row in coll.aggregate(LARGEST)]
+    return running, counts, largest
+
+
+def test_a_restart_loads_the_state_and_the_journal_changes_it(tmp_path, caplog):
+    data = str(tmp_path / "data")
+    _store_with_state(data)
+    c = EmbeddedClient(data)  # loads the state; its changes go to the journal
+    coll = _coll(c)
+    assert coll._store.view_sets, "the views came back with the snapshot"  # pylint: disable=protected-access
+    moved = coll.find_one({"state": "available"})
+    coll.update_one({"_id": moved["_id"]}, {"$set": {"state": "running", "v": 10000}})
+    coll.delete_one({"state": "terminated"})
+    coll.insert_one({"_id": ObjectId(), "state": "running", "created": datetime(2027, 1, 1), "v": -1})
+    assert _answers(c) == _expected(c)
+    c.close()
+    with caplog.at_level(logging.INFO, logger="banyan.store.engine"):
+        c = EmbeddedClient(data)  # the snapshot's state, then the journal's changes one by one
+    assert LOADED in caplog.text and NOT_USED not in caplog.text
+    running, counts, largest = _answers(c)
+    assert (running, counts, largest) == _expected(c)
+    assert moved["_id"] in running and largest[0] == 10000 and sum(counts.values()) == 301
+    c.close()
+
+
+def _rewrite_snapshot(data, change):
+    """Write the snapshot again, record by record, each through
+    change(actions) (which returns the actions to write), with valid
+    checksums: damage a checksum cannot see."""
+    path = os.path.join(data, journal.SNAPSHOT)
+    scan = journal.read(path)
+    with open(path, "wb") as f:
+        for _, _, actions in scan.records:
+            f.write(journal.frame(change(actions)))
+
+
+def test_a_state_that_does_not_match_the_documents_is_computed_again(tmp_path, caplog):
+    """One task changed in the snapshot (its record valid), the state not:
+    an index trusted as it is would not find it under its new state."""
+    data = str(tmp_path / "data")
+    _store_with_state(data)
+    changed = []
+
+    def change(actions):
+        out = []
+        for action in actions:
+            if action.get("o") == "p" and action["c"] == "tasks" and not changed:
+                docs = [bson.decode(d.raw) for d in action["docs"]]
+                docs[0]["state"], docs[0]["v"] = "terminated", 5000
+                changed.append(docs[0]["_id"])
+                action = dict(action, docs=docs)
+            out.append(action)
+        return out
+
+    _rewrite_snapshot(data, change)
+    with caplog.at_level(logging.INFO, logger="banyan.store.engine"):
+        c = EmbeddedClient(data)
+    assert NOT_USED in caplog.text and "digest" in caplog.text and LOADED not in caplog.text
+    assert _coll(c).count_documents({}) == 301
+    assert _coll(c).find_one({"state": "terminated", "_id": changed[0]})["v"] == 5000
+    assert _answers(c) == _expected(c)
+    assert _answers(c)[2][0] == 5000
+    c.close()
+
+
+class _Planted:
+    """What a state must never run: a pickle that calls a function."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_an_unreadable_state_is_computed_again_and_never_run(tmp_path, caplog):
+    data = str(tmp_path / "data")
+    _store_with_state(data)
+    marker = str(tmp_path / "ran")
+
+    def change(actions):
+        if actions[0].get("o") == "state" and actions[0]["c"] == "tasks":
+            return [dict(actions[0], state=pickle.dumps({"seqs": _Planted(marker)}))]
+        return actions
+
+    _rewrite_snapshot(data, change)
+    with caplog.at_level(logging.INFO, logger="banyan.store.engine"):
+        c = EmbeddedClient(data)
+    assert NOT_USED in caplog.text and "not the store's" in caplog.text
+    assert not os.path.exists(marker)
+    assert _coll(c).count_documents({}) == 301
+    assert _answers(c) == _expected(c)
+    c.close()
+
+
+def test_a_state_of_another_version_is_computed_again(tmp_path, caplog):
+    data = str(tmp_path / "data")
+    _store_with_state(data)
+    _rewrite_snapshot(
+        data, lambda actions: [dict(a, v=state.VERSION + 1) if a.get("o") == "state" else a for a in actions]
+    )
+    with caplog.at_level(logging.INFO, logger="banyan.store.engine"):
+        c = EmbeddedClient(data)
+    assert NOT_USED in caplog.text and "version" in caplog.text
+    assert _answers(c) == _expected(c)
+    c.close()
