@@ -8,6 +8,11 @@ Since format 2 the first record of each file is `{"o": "format", "v": 2}`;
 format 1 files (the seed's) are the same records without it and are read
 as they are (start-up compaction rewrites them in format 2).
 
+A snapshot ends each collection's documents with an optional `state`
+record: its indexes and views, and what they were computed from
+(`banyan.store.state`); a start that finds it not matching the documents
+computes them again.
+
 Reading tells a torn tail (the last record of a crash, cut short: nothing
 valid follows it) from damage (a bad record with valid records after it).
 The first may be dropped; the second refuses to open (`StoreCorrupt`) until
