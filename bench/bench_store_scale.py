@@ -12,6 +12,9 @@ it, and:
   smallest size (1,000 tasks) stored;
 - /stats: time of the first `GET /stats` after the start, and of the next
   one (the store then keeps each task's rows of its pipelines);
+- restart2, /stats2: after a clean stop (SIGINT) of that server, which
+  writes the views `/stats` built into a snapshot, the next start and its
+  first `GET /stats`;
 - GET p99 during a full scan: single-task `GET /tasks/<id>` latencies while
   another client loops full scans (`where` with `$nin`, sort on an
   unindexed field) and `GET /stats`.
@@ -31,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -219,6 +223,13 @@ def run(n, seconds, tmp):
         progress(n, "GET p99 %.1f ms during scans" % (1000 * p99))
         claims = claims_per_second(url)
         rss_end = rss_mib(proc)
+        proc.send_signal(signal.SIGINT)  # a clean stop, as Ctrl-C: the store writes the views it built
+        proc.wait()
+        proc, url, restart_used = start_server(data_dir)
+        t0 = time.perf_counter()
+        requests.get(url + "/stats").raise_for_status()
+        stats_used = time.perf_counter() - t0
+        progress(n, "after a clean stop: restart %.1f s, first /stats %.3f s" % (restart_used, stats_used))
     finally:
         proc.terminate()
         proc.wait()
@@ -236,6 +247,8 @@ def run(n, seconds, tmp):
         gets=gets,
         scan=scan_s,
         claims=claims,
+        restart_used=restart_used,
+        stats_used=stats_used,
     )
 
 
@@ -280,7 +293,7 @@ def main():
     started = time.perf_counter()
     done = []
     print(
-        "%8s %9s %9s %9s %9s %8s %9s %9s %12s %9s %10s %9s"
+        "%8s %9s %9s %9s %9s %8s %9s %9s %12s %9s %10s %9s %9s %9s"
         % (
             "tasks",
             "restart",
@@ -294,6 +307,8 @@ def main():
             "scan+stats",
             "claims/s",
             "claims x",
+            "restart2",
+            "/stats2",
         )
     )
     try:
@@ -317,7 +332,8 @@ def main():
             base = done[0]["claims"]
             per_task = (f["rss_end"] - done[0]["rss_end"] * (len(done) > 1)) * 1024 / n
             print(
-                "%8d %8.2fs %9.0f %9.0f %9.2f %8.1f %8.3fs %8.3fs %9.1f ms %8.2fs %10.0f %8.2fx   (%d GETs)"
+                "%8d %8.2fs %9.0f %9.0f %9.2f %8.1f %8.3fs %8.3fs %9.1f ms %8.2fs %10.0f %8.2fx %8.2fs %8.3fs"
+                "   (%d GETs)"
                 % (
                     n,
                     f["restart"],
@@ -331,6 +347,8 @@ def main():
                     f["scan"],
                     f["claims"],
                     f["claims"] / base,
+                    f["restart_used"],
+                    f["stats_used"],
                     f["gets"],
                 ),
                 flush=True,
@@ -339,7 +357,8 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
     print(
         "KiB/task: resident memory over that of the smallest size, per task; claims x: claims/s as a ratio "
-        "to the smallest size's"
+        "to the smallest size's; restart2, /stats2: a start after a clean stop (SIGINT) of the server that "
+        "served the runs, and its first /stats"
     )
 
 

@@ -168,3 +168,26 @@ def test_a_state_of_another_version_is_computed_again(tmp_path, caplog):
     assert NOT_USED in caplog.text and "version" in caplog.text
     assert _answers(c) == _expected(c)
     c.close()
+
+
+def test_views_built_since_the_snapshot_are_written_at_close(tmp_path, caplog):
+    """The first `/stats` after a start builds its views (a pass over every
+    task): closing writes them into a snapshot, so the next start has them."""
+    data = str(tmp_path / "data")
+    c = EmbeddedClient(data)
+    coll = _coll(c)
+    coll.insert_many([{"_id": i, "state": STATES[i % 3], "created": datetime(2026, 1, 1), "v": i} for i in range(30)])
+    c.close()
+    assert os.path.getsize(os.path.join(data, journal.JOURNAL)) > 0, "no views: closing leaves the journal"
+    c = EmbeddedClient(data)
+    assert not _coll(c)._store.view_sets  # pylint: disable=protected-access
+    counts = list(_coll(c).aggregate(COUNTS))
+    c.close()
+    assert os.path.getsize(os.path.join(data, journal.JOURNAL)) == 0, "compacted at close"
+    with caplog.at_level(logging.INFO, logger="banyan.store.engine"):
+        c = EmbeddedClient(data)
+    assert LOADED in caplog.text
+    assert _coll(c)._store.view_sets  # pylint: disable=protected-access
+    assert list(_coll(c).aggregate(COUNTS)) == counts
+    assert {row["_id"]: row["n"] for row in counts} == {"available": 10, "running": 10, "terminated": 10}
+    c.close()

@@ -87,6 +87,8 @@ class Engine:
         self.closed = False
         self.server_store = None
         self.rows_factory = None
+        self.saved_views = set()  # (database, collection, stages, view) of the views the snapshot holds
+        self.writing_views = None  # those of the snapshot being written
         self.fd = None
         self.lock_fd = None
         self.journal_size = 0
@@ -427,6 +429,11 @@ class Engine:
                 why,
             )
             return
+        self.saved_views.update(
+            (action["d"], action["c"], prefix, name)
+            for prefix, view_set in store.view_sets.items()
+            for name in view_set.views
+        )
         logger.info(
             "%s: loaded the indexes and views of %s.%s (%d documents)", path, action["d"], action["c"], documents
         )
@@ -486,7 +493,17 @@ class Engine:
                     digest = state.chain(digest, journal.HEADER.unpack_from(record)[2])
                     yield record
                 exported = store.export_state()
-                if exported is not None:
+                try:
+                    dumped = None if exported is None else state.dump(exported)
+                except Exception as err:  # pylint: disable=broad-except  # the next start computes it: no loss
+                    logger.warning("could not write the indexes and views of %s.%s (%s)", db_name, col_name, err)
+                    dumped = None
+                if dumped is not None:
+                    self.writing_views.update(
+                        (db_name, col_name, prefix, name)
+                        for prefix, built in exported["views"].items()
+                        for name in built
+                    )
                     yield _frame(
                         [
                             {
@@ -496,7 +513,7 @@ class Engine:
                                 "v": state.VERSION,
                                 "n": len(docs),
                                 "digest": digest,
-                                "state": state.dump(exported),
+                                "state": dumped,
                             }
                         ]
                     )
@@ -507,6 +524,7 @@ class Engine:
         when the snapshot cannot be written (no space) the journal is kept
         as it is, and compaction is tried again after more writes."""
         tmp = self.snapshot_path + ".tmp"
+        self.writing_views = set()
         try:
             with open(tmp, "wb") as f:
                 for frame in self._snapshot_frames():
@@ -535,15 +553,35 @@ class Engine:
             os.fsync(self.fd)
         except OSError as err:
             logger.warning("could not empty the journal %s after compaction (%s)", self.journal_path, err)
+        self.saved_views = self.writing_views
         self.next_compact = self.compact_bytes
         self.synced_seq = self.written_seq
         logger.debug("compacted embedded store in %s", self.data_dir)
         return True
 
+    def built_views(self):
+        """(database, collection, stages, view) of every built view."""
+        out = set()
+        for db_name, db_store in self.server_store._databases.items():  # pylint: disable=protected-access
+            for col_name, store in db_store._collections.items():  # pylint: disable=protected-access
+                for prefix, view_set in store.view_sets.items():
+                    out.update(
+                        (db_name, col_name, prefix, name)
+                        for name, view in view_set.views.items()
+                        if view_set.built(view)
+                    )
+        return out
+
     def close(self):
+        """Sync and close the journal. Views built since the last snapshot
+        (the first `/stats` after a start builds them: a pass over every
+        task) are first written into a new one, so that the next start
+        loads them; a compaction that fails here changes nothing."""
         with self.lock:
             if self.closed:
                 return
+            if self.fd is not None and not self.broken and not self.built_views() <= self.saved_views:
+                self.compact()
             self.closed = True
             with self.sync_lock:
                 if self.fd is not None:
