@@ -340,6 +340,12 @@ class _CollectionStore(mm_store.CollectionStore):
             for prefix, built in views.items()
         ):
             raise Mismatch("its views are not built views")
+        canon = {seq: seq for seq in seqs}
+        try:
+            for idx in indexes.values():
+                idx.take_seqs(canon)
+        except (KeyError, AttributeError) as err:
+            raise Mismatch("its indexes name documents it does not hold (%s)" % err) from err
         keys = list(self._documents)
         self._key_seq = dict(zip(keys, seqs))
         self._seq_key = dict(zip(seqs, keys))

@@ -8,6 +8,8 @@ fdatasync (group commit: the sync runs outside the lock).
 """
 
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import logging
 import os
@@ -49,6 +51,17 @@ def _write_all(fd, data):
 
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+def _give_back_memory():
+    """Hand the memory a load used and freed (the files' records, their
+    decoding) back to the system: glibc keeps it in its heap otherwise, a
+    fifth of the server's resident memory after a start."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return
+    trim(0)
 
 
 class Engine:
@@ -342,6 +355,7 @@ class Engine:
         finally:
             if collecting:
                 gc.enable()
+        _give_back_memory()
 
     def _load(self):
         with contextlib.suppress(FileNotFoundError):

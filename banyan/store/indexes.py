@@ -5,6 +5,7 @@ ordered like mongomock's sort; `SecondaryIndex` keeps one entry per
 (key combination, document sequence number).
 """
 
+import array
 import datetime
 import itertools
 import operator
@@ -249,13 +250,30 @@ class SecondaryIndex:
         self.stats = [[0, 0, 0] for _ in self.fields]
 
     def __getstate__(self):
-        """As a snapshot keeps it (`banyan.store.state`): entries in order."""
-        return {"fields": self.fields, "entries": list(self.entries), "stats": self.stats}
+        """As a snapshot keeps it (`banyan.store.state`): the entries in
+        order, their keys apart from their sequence numbers (an array):
+        read back, each number is then one object shared with the
+        collection's own tables (`take_seqs`) instead of one per index."""
+        return {
+            "fields": self.fields,
+            "keys": [e[:-1] for e in self.entries],
+            "seqs": array.array("q", [e[-1] for e in self.entries]),
+            "stats": self.stats,
+        }
 
     def __setstate__(self, state):
         self.__init__(state["fields"])
-        self.entries = sorted_list(state["entries"])
         self.stats = [list(st) for st in state["stats"]]
+        self.loaded = (state["keys"], state["seqs"])
+        if len(self.loaded[0]) != len(self.loaded[1]):
+            raise ValueError("as many keys as sequence numbers")
+
+    def take_seqs(self, seqs):
+        """Make the entries of an index read from a snapshot, with the
+        sequence numbers `seqs` ({number: the collection's object})."""
+        keys, numbers = self.loaded
+        del self.loaded
+        self.entries = sorted_list([key + (seqs[n],) for key, n in zip(keys, numbers)])
 
     def doc_entries(self, doc, seq, memo=None):
         """(entries, flags) of `doc`. `memo` ({}), shared by the indexes of

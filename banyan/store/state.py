@@ -28,7 +28,7 @@ from banyan.store.indexes import _Bson, _Rev
 
 #: Bump when what is pickled changes (index keys, view fields): a state of
 #: another version is computed again.
-VERSION = 2
+VERSION = 3
 
 _CRC = struct.Struct("<I")
 
@@ -51,6 +51,8 @@ _ALLOWED = {
     ("bson.min_key", "MinKey"),
     ("bson.max_key", "MaxKey"),
     ("bson.dbref", "DBRef"),
+    ("array", "_array_reconstructor"),
+    ("array", "array"),
     ("datetime", "datetime"),
     ("datetime", "timezone"),
     ("datetime", "timedelta"),
