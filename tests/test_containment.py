@@ -25,6 +25,7 @@ from conftest import wait_for
 from test_worker_live import HEARTBEAT_TIMEOUT, cluster, gone  # noqa: F401 - cluster is a fixture
 
 from banyan.worker import containment
+from banyan.worker import supervisor as sup
 from banyan.worker.executor import Spawner, TaskProcess
 
 MiB = 1024**2
@@ -88,6 +89,55 @@ def start(tmp_path, command, mode="subreaper", lease=None, name="t1"):
 
 def outcome_of(proc, timeout=30):
     return wait_for(proc.poll, timeout, "the attempt to end", interval=0.02)
+
+
+def test_a_task_leads_its_session_with_only_its_streams_and_default_signals(tmp_path, mode):
+    """However its supervisor starts it (``posix_spawn`` without a cgroup, a
+    fork born in its cgroup v2 with one), the task leads a session of its
+    own, inherits no descriptor but stdin, stdout and stderr, gets SIGPIPE
+    and SIGXFSZ back at their defaults (Python, the supervisor's language,
+    ignores them), and runs in its attempt's cgroup."""
+    proc, here, found = start(
+        tmp_path,
+        "echo session $$ $(cut -d' ' -f6 /proc/$$/stat); grep SigIgn /proc/self/status; "
+        "echo fds $(ls /proc/self/fd); cat /proc/self/cgroup",
+        mode,
+    )
+    assert outcome_of(proc) == (0, "success")
+    lines = proc.tail("stdout").splitlines()
+    session = next(line.split()[1:] for line in lines if line.startswith("session "))
+    assert session[0] == session[1]  # its pid is its session's id
+    ignored = int(next(line.split()[1] for line in lines if line.startswith("SigIgn:")), 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1))
+    # ls's own descriptor of the directory it lists is the fourth
+    assert next(line for line in lines if line.startswith("fds ")).split()[1:] == ["0", "1", "2", "3"]
+    v2 = next(line for line in lines if line.startswith("0::"))
+    if mode == "cgroup":
+        assert v2.endswith("/" + os.path.basename(found.spec_for("t1-1")["cgroup"]))
+
+
+def test_fork_into_cgroup_gives_birth_inside_the_cgroup(tmp_path):
+    """The supervisor's way into a cgroup v2 (clone3): the child is in it
+    from its first instruction, with no move (which waits for the kernel)."""
+    cgroup_mode_or_skip(tmp_path)
+    found = containment.detect(str(tmp_path / "work"), "cgroup")
+    DETECTED.append(found)
+    path = found.spec_for("born-1")["cgroup"]
+    os.makedirs(path)
+    read_end, write_end = os.pipe()
+    pid = sup.fork_into_cgroup(path)
+    if pid == 0:  # pragma: no cover (child)
+        try:
+            with open("/proc/self/cgroup", "rb") as fh:
+                os.write(write_end, fh.read())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as fh:
+        seen = fh.read().decode()
+    assert os.waitpid(pid, 0)[1] == 0
+    os.rmdir(path)
+    assert any(line.startswith("0::") and line.endswith("/born-1") for line in seen.splitlines())
 
 
 def test_daemons_end_when_their_task_ends(tmp_path, mode):

@@ -50,7 +50,11 @@ SCAN_INTERVAL = 0.5
 #: reports anyway (a process stuck in uninterruptible sleep).
 KILL_WAIT = 10.0
 #: Signals the task gets back to their default disposition.
-RESET_SIGNALS = ("SIGPIPE", "SIGXFZ", "SIGXFSZ", "SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP")
+RESET_SIGNALS = ("SIGPIPE", "SIGXFSZ", "SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP")
+#: clone3(2) (the same number on every architecture) and its flag that
+#: starts the child inside a cgroup v2 (Linux >= 5.7).
+SYS_CLONE3 = 435
+CLONE_INTO_CGROUP = 0x200000000
 
 
 # == processes ================================================================
@@ -191,6 +195,77 @@ def read_int(path, key=None):
     except ValueError:
         return None
     return None
+
+
+class CloneArgs(ctypes.Structure):
+    """``struct clone_args`` of clone3(2), up to ``cgroup`` (its version 2)."""
+
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "flags",
+            "pidfd",
+            "child_tid",
+            "parent_tid",
+            "exit_signal",
+            "stack",
+            "stack_size",
+            "tls",
+            "set_tid",
+            "set_tid_size",
+            "cgroup",
+        )
+    ]
+
+
+def fork_into_cgroup(path):
+    """``os.fork()`` whose child is born inside the cgroup v2 ``path``
+    (clone3 with CLONE_INTO_CGROUP): 0 in the child, its pid in the parent;
+    OSError when the kernel cannot (older than 5.7, or the cgroup refuses).
+
+    Moving a process into a cgroup after its fork (writing
+    ``cgroup.procs``) waits for an RCU grace period, 10-20 ms per task on
+    a machine with little else moving between cgroups; a child born in
+    it costs no more than a fork. The calls around the system call are
+    those ``os.fork`` makes (the interpreter's locks, at-fork hooks); ctypes'
+    ``PyDLL`` keeps the GIL through it, as ``os.fork``'s C code does."""
+    libc = ctypes.PyDLL(None, use_errno=True)
+    syscall = libc.syscall
+    syscall.restype = ctypes.c_long
+    api = ctypes.pythonapi
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    args = CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=fd)
+    number, pointer, size = ctypes.c_long(SYS_CLONE3), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args))
+    api.PyOS_BeforeFork()
+    pid = syscall(number, pointer, size)
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0  # `fd` is close-on-exec
+    error = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    os.close(fd)
+    if pid < 0:
+        raise OSError(error, "clone3 into %s: %s" % (path, os.strerror(error)))
+    return pid
+
+
+def find_program(name, env):
+    """The file ``execvpe`` would run for ``name`` with ``env``'s PATH (relative
+    to the current directory); OSError as execvpe's: the first error other
+    than "not here" wins."""
+    if os.path.dirname(name):
+        return name
+    denied = None
+    for directory in (env.get("PATH") or os.defpath).split(os.pathsep):
+        path = os.path.join(directory, name)
+        try:
+            if os.path.isfile(path) and os.access(path, os.X_OK):
+                return path
+        except (OSError, ValueError):
+            continue
+        if denied is None and os.path.exists(path):
+            denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
+    raise denied or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
 def exec_command(args, env):
@@ -395,12 +470,77 @@ class Supervisor:
     # -- starting the task ------------------------------------------------
 
     def start(self):
+        """Start the task; the message of a failure, or None.
+
+        Without a cgroup, ``posix_spawn`` (a vfork: the task's exec comes
+        ~1 ms after, where a fork of this process takes several and copies
+        it); into its one cgroup v2, a fork born in it (``fork_into_cgroup``);
+        else a fork that joins its cgroups before its exec."""
+        if not self.cgroups:
+            try:
+                self.pid = self._spawn()
+            except OSError as exc:
+                return str(exc) or type(exc).__name__
+            return None
+        return self._fork_exec()
+
+    def _spawn(self):
+        """``posix_spawn`` the task: what ``_become_task`` does, by the
+        spawn's own means or on this process before it (which the task
+        inherits: the directory, only for the spawn, and the CPU
+        affinity); its pid."""
+        spec = self.spec
+        for name in os.listdir("/proc/self/fd"):  # only the task's 0, 1 and 2 cross its exec
+            if int(name) > 2:
+                try:
+                    os.set_inheritable(int(name), False)
+                except OSError:
+                    pass
+        if spec.get("cpus"):
+            os.sched_setaffinity(0, spec["cpus"])
+        here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if spec.get("cwd") else None
+        try:
+            if here is not None:
+                os.chdir(spec["cwd"])
+            return os.posix_spawn(
+                find_program(spec["args"][0], spec["env"]),
+                spec["args"],
+                spec["env"],
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, spec["stdout_fd"], 1),
+                    (os.POSIX_SPAWN_DUP2, spec["stderr_fd"], 2),
+                ],
+                setsid=True,
+                setsigdef=[getattr(signal, name) for name in RESET_SIGNALS if hasattr(signal, name)],
+            )
+        finally:
+            if here is not None:
+                os.fchdir(here)
+                os.close(here)
+
+    def _born_in(self):
+        """The cgroup v2 the task can be born in: its only cgroup, if v2."""
+        if len(self.cgroups) == 1 and (
+            self.cgroups[0] == self.spec.get("cgroup") or self.spec.get("memory_version") == 2
+        ):
+            return self.cgroups[0]
+        return None
+
+    def _fork_exec(self):
         """Fork and exec the task; the message of a failure, or None."""
         err_r, err_w = os.pipe()  # close-on-exec: empty at EOF means exec worked
-        pid = os.fork()
+        pid, born_in = None, self._born_in()
+        if born_in is not None:
+            try:
+                pid = fork_into_cgroup(born_in)
+            except OSError:
+                born_in = None  # an older kernel: the child joins it after the fork
+        if pid is None:
+            pid = os.fork()
         if pid == 0:  # pragma: no cover (child)
             try:
-                self._become_task(err_w)
+                self._become_task(err_w, join_cgroups=born_in is None)
             except BaseException as exc:  # noqa: BLE001 - anything is reported, then exit
                 try:
                     os.write(err_w, str(exc).encode() or type(exc).__name__.encode())
@@ -421,10 +561,10 @@ class Supervisor:
             return message.decode(errors="replace")
         return None
 
-    def _become_task(self, err_w):
+    def _become_task(self, err_w, join_cgroups=True):
         spec = self.spec
         os.setsid()
-        for path in self.cgroups:
+        for path in self.cgroups if join_cgroups else ():
             write_file(os.path.join(path, "cgroup.procs"), "0")
         if spec.get("cpus"):
             os.sched_setaffinity(0, spec["cpus"])
