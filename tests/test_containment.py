@@ -24,8 +24,7 @@ import pytest
 from conftest import wait_for
 from test_worker_live import HEARTBEAT_TIMEOUT, cluster, gone  # noqa: F401 - cluster is a fixture
 
-from banyan.worker import containment
-from banyan.worker import supervisor as sup
+from banyan.worker import containment, supervisor
 from banyan.worker.executor import Spawner, TaskProcess
 
 MiB = 1024**2
@@ -125,7 +124,7 @@ def test_fork_into_cgroup_gives_birth_inside_the_cgroup(tmp_path):
     path = found.spec_for("born-1")["cgroup"]
     os.makedirs(path)
     read_end, write_end = os.pipe()
-    pid = sup.fork_into_cgroup(path)
+    pid = supervisor.fork_into_cgroup(path)
     if pid == 0:  # pragma: no cover (child)
         try:
             with open("/proc/self/cgroup", "rb") as fh:

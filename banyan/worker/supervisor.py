@@ -1,14 +1,18 @@
 """The supervisor of one attempt: a small process between the worker and the task.
 
-The worker starts one per attempt (``python -I -S``, ``import supervisor``: built-in
-modules and ctypes only, no json or re, so it starts in ~15 ms of CPU) and
-talks to it through a pipe on the supervisor's stdin. The supervisor:
+The worker's spawner (``serve_spawner``, one per worker) forks one per attempt,
+ahead of time; without a spawner the worker starts one (``python -I -S``,
+``import supervisor``: built-in modules and ctypes only, no json or re, so it
+starts in ~15 ms of CPU). The worker talks to it through a pipe each way. The
+supervisor:
 
 - becomes a child subreaper, so every process the task starts stays in its
   subtree, even ``setsid`` and double-fork daemons, whose parents exit;
 - starts the task in a session of its own, inside the attempt's cgroups when
   the worker gave some (v2 for containment, v1/v2 memory for the limit), with
-  the CPU affinity it was given;
+  the CPU affinity it was given: without a cgroup by ``posix_spawn`` (no copy
+  of this process), into a cgroup v2 by a fork born in it (clone3), not by
+  a move after the fork, which waits for the kernel (see ``start``);
 - holds a lease: a deadline on the machine's monotonic clock that the worker
   moves forward after every heartbeat the server acknowledged. When the lease
   runs out (the worker is frozen, or cut off from the server) it kills the
