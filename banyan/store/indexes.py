@@ -251,29 +251,31 @@ class SecondaryIndex:
 
     def __getstate__(self):
         """As a snapshot keeps it (`banyan.store.state`): the entries in
-        order, their keys apart from their sequence numbers (an array):
-        read back, each number is then one object shared with the
-        collection's own tables (`take_seqs`) instead of one per index."""
+        order, as a column per field (no tuple per entry to write) and the
+        sequence numbers (an array: read back, each number is then one
+        object shared with the collection's tables, `take_seqs`)."""
+        entries = self.entries
         return {
             "fields": self.fields,
-            "keys": [e[:-1] for e in self.entries],
-            "seqs": array.array("q", [e[-1] for e in self.entries]),
+            "columns": [[e[i] for e in entries] for i in range(len(self.fields))],
+            "seqs": array.array("q", [e[-1] for e in entries]),
             "stats": self.stats,
         }
 
     def __setstate__(self, state):
         self.__init__(state["fields"])
         self.stats = [list(st) for st in state["stats"]]
-        self.loaded = (state["keys"], state["seqs"])
-        if len(self.loaded[0]) != len(self.loaded[1]):
-            raise ValueError("as many keys as sequence numbers")
+        columns, numbers = state["columns"], state["seqs"]
+        if len(columns) != len(self.fields) or any(len(c) != len(numbers) for c in columns):
+            raise ValueError("a column per field, an entry per sequence number")
+        self.loaded = (columns, numbers)
 
     def take_seqs(self, seqs):
         """Make the entries of an index read from a snapshot, with the
         sequence numbers `seqs` ({number: the collection's object})."""
-        keys, numbers = self.loaded
+        columns, numbers = self.loaded
         del self.loaded
-        self.entries = sorted_list([key + (seqs[n],) for key, n in zip(keys, numbers)])
+        self.entries = sorted_list(list(zip(*columns, [seqs[n] for n in numbers])))
 
     def doc_entries(self, doc, seq, memo=None):
         """(entries, flags) of `doc`. `memo` ({}), shared by the indexes of

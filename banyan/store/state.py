@@ -28,7 +28,7 @@ from banyan.store.indexes import _Bson, _Rev
 
 #: Bump when what is pickled changes (index keys, view fields): a state of
 #: another version is computed again.
-VERSION = 3
+VERSION = 4
 
 _CRC = struct.Struct("<I")
 
