@@ -234,6 +234,30 @@ def _within(free, cap):
     return {key: min(free.get(key, 0), cap.get(key, 0)) for key in RESOURCES}
 
 
+def _round_size(free, want):
+    """How many of `want` tasks one read of candidates looks for: as many
+    as `free`'s cores hold at a core each (at least one), or all of them
+    when no core is left (then only tasks of no core fit). A worker asks
+    for a batch whatever is free, and each candidate read costs the store
+    a decode and a match: a busy worker's claim read 40 to take the one
+    that fit its freed core. Smaller tasks are claimed over several reads
+    (`claim_batch` reads again while there is room)."""
+    cores = free.get("cores", 0)
+    if cores <= 0:
+        return want
+    return max(1, math.ceil(min(want, cores)))
+
+
+#: What `_release` reads of a task whose parent finished: whether it is
+#: ready, and what a waiting claim is told of it (a child of a wide fan-in
+#: holds hundreds of `pending_parents`, each a copy when read whole).
+RELEASE_FIELDS = {
+    "state": 1,
+    "pending_dependency_count": 1,
+    "held": 1,
+    "command": 1,
+    "requested_resources": 1,
+}
 READY_FILTER = {"state": S.AVAILABLE.value, "pending_dependency_count": 0, "held": False}
 CLAIM_ORDER = [("priority", -1), ("_created", 1), ("_id", 1)]
 #: Candidates read beyond those a claim asks for (some may be taken by
@@ -674,10 +698,12 @@ class TaskQueue:
             self._require_inactive(child_id)
 
     def _unlink(self, parent_id, child_id):
-        """Stop `child_id` waiting for `parent_id` (idempotent)."""
+        """Stop `child_id` waiting for `parent_id` (idempotent). Returns the
+        child's fields `_release` needs, or None if it did not wait for it."""
         return self.tasks.find_one_and_update(
             {"_id": child_id, "pending_parents": parent_id},
             {"$pull": {"pending_parents": parent_id}, "$inc": {"pending_dependency_count": -1}},
+            projection=RELEASE_FIELDS,
             return_document=ReturnDocument.AFTER,
         )
 
@@ -1478,7 +1504,9 @@ class TaskQueue:
             if released is None:
                 # Unlinked already: by a cascade that a crash cut
                 # short, perhaps before it released the child.
-                released = self.tasks.find_one({"_id": child_id, "pending_parents": {"$ne": parent["_id"]}})
+                released = self.tasks.find_one(
+                    {"_id": child_id, "pending_parents": {"$ne": parent["_id"]}}, RELEASE_FIELDS
+                )
             if release and released is not None and released.get("pending_dependency_count") == 0:
                 return self._release(released)
             return False
@@ -1501,6 +1529,7 @@ class TaskQueue:
             doc = self.tasks.find_one_and_update(
                 {"_id": doc["_id"], "state": S.INACTIVE.value, "pending_dependency_count": 0},
                 {"$set": {"state": S.AVAILABLE.value, **stamp()}},
+                projection=RELEASE_FIELDS,
                 return_document=ReturnDocument.AFTER,
             )
             if doc is None:
@@ -1587,7 +1616,8 @@ class TaskQueue:
         busy: set = set()
         deadline = time.monotonic() + CLAIM_BATCH_SECONDS
         while len(claimed) < max_tasks and not (claimed and time.monotonic() > deadline):
-            got = self._claim_some(worker_id, left, max_tasks - len(claimed), host, full, busy, each, deadline)
+            want = _round_size(left, max_tasks - len(claimed))
+            got = self._claim_some(worker_id, left, want, host, full, busy, each, deadline)
             if got is None:
                 break
             claimed += got

@@ -23,6 +23,7 @@ __all__ = [
     "one_sync",
     "sync_visible",
     "first",
+    "sole_writer",
     "nul_path",
     "find_in",
     "NUL_REFUSED",
@@ -99,6 +100,14 @@ def first(client):
     turns. With MongoDB, which serves each connection on its own, nothing."""
     engine = _engine(client)
     return engine.first() if engine is not None else contextlib.nullcontext()
+
+
+def sole_writer(client):
+    """True when no other process can change what `client` stores: the
+    embedded store's lock file keeps every other process out, so what this
+    process's own writes announce (a task finished, a task ready) is every
+    change there is. False for MongoDB, which several server processes share."""
+    return _engine(client) is not None
 
 
 def nul_path(value, path=""):
