@@ -248,16 +248,6 @@ def _round_size(free, want):
     return max(1, math.ceil(min(want, cores)))
 
 
-#: What `_release` reads of a task whose parent finished: whether it is
-#: ready, and what a waiting claim is told of it (a child of a wide fan-in
-#: holds hundreds of `pending_parents`, each a copy when read whole).
-RELEASE_FIELDS = {
-    "state": 1,
-    "pending_dependency_count": 1,
-    "held": 1,
-    "command": 1,
-    "requested_resources": 1,
-}
 READY_FILTER = {"state": S.AVAILABLE.value, "pending_dependency_count": 0, "held": False}
 CLAIM_ORDER = [("priority", -1), ("_created", 1), ("_id", 1)]
 #: Candidates read beyond those a claim asks for (some may be taken by
@@ -701,12 +691,10 @@ class TaskQueue:
             self._require_inactive(child_id)
 
     def _unlink(self, parent_id, child_id):
-        """Stop `child_id` waiting for `parent_id` (idempotent). Returns the
-        child's fields `_release` needs, or None if it did not wait for it."""
+        """Stop `child_id` waiting for `parent_id` (idempotent)."""
         return self.tasks.find_one_and_update(
             {"_id": child_id, "pending_parents": parent_id},
             {"$pull": {"pending_parents": parent_id}, "$inc": {"pending_dependency_count": -1}},
-            projection=RELEASE_FIELDS,
             return_document=ReturnDocument.AFTER,
         )
 
@@ -1507,9 +1495,7 @@ class TaskQueue:
             if released is None:
                 # Unlinked already: by a cascade that a crash cut
                 # short, perhaps before it released the child.
-                released = self.tasks.find_one(
-                    {"_id": child_id, "pending_parents": {"$ne": parent["_id"]}}, RELEASE_FIELDS
-                )
+                released = self.tasks.find_one({"_id": child_id, "pending_parents": {"$ne": parent["_id"]}})
             if release and released is not None and released.get("pending_dependency_count") == 0:
                 return self._release(released)
             return False
@@ -1532,7 +1518,6 @@ class TaskQueue:
             doc = self.tasks.find_one_and_update(
                 {"_id": doc["_id"], "state": S.INACTIVE.value, "pending_dependency_count": 0},
                 {"$set": {"state": S.AVAILABLE.value, **stamp()}},
-                projection=RELEASE_FIELDS,
                 return_document=ReturnDocument.AFTER,
             )
             if doc is None:
