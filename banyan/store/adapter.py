@@ -154,6 +154,27 @@ class _CollectionStore(mm_store.CollectionStore):
             idx.remove(entries, flags)
         self._change_views(doc, -1, seq)
 
+    def _reindex_doc(self, key, old, new):
+        """The document under `key` changed from the BSON `old` to `new`:
+        its entries move from those of one to those of the other, in the
+        indexes where they differ. An update changes the fields of few of a
+        task's eleven indexes, and taking out and putting back the same
+        entries cost a tenth of a finished task."""
+        if not (self._sec or self.view_sets):
+            return
+        before, after = self._decoded(old, key), self._decoded(new, key)
+        seq = self._key_seq[key]
+        memo_before, memo_after = {}, {}
+        for idx in self._sec.values():
+            old_entries, old_flags = idx.doc_entries(before, seq, memo_before)
+            new_entries, new_flags = idx.doc_entries(after, seq, memo_after)
+            if old_entries != new_entries or old_flags != new_flags:
+                idx.remove(old_entries, old_flags)
+                idx.add(new_entries, new_flags)
+        if self.view_sets:
+            self._change_views(before, -1, seq)
+            self._change_views(after, 1, seq)
+
     def _change_views(self, doc, sign, seq):
         for prefix, view_set in list(self.view_sets.items()):
             if not view_set.change(doc, sign, seq):
@@ -172,11 +193,9 @@ class _CollectionStore(mm_store.CollectionStore):
                 new = encode(doc)
                 if new == old:
                     continue
-                if not self.deferred:
-                    self._unindex_doc(key, old)
                 docs.put_raw(key, new)
                 if not self.deferred:
-                    self._index_doc(key)
+                    self._reindex_doc(key, old, new)
 
     def touch(self, doc):
         """`doc` (read from the store) is about to be changed in place by an update."""
