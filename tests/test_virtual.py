@@ -507,3 +507,69 @@ def test_concurrent_adds_and_removes_keep_counts_consistent(app, db):
         assert stored(db, child)["state"] == "inactive"
     for p in parents:
         assert "continuation_lease" not in stored(db, p)
+
+
+@pytest.mark.slow
+def test_edits_through_two_apps_while_a_worker_runs_the_tasks_keep_the_graph(store):
+    """Continuations added and removed through two apps on one store while a
+    worker claims and finishes the same tasks (a task whose last parent is
+    removed becomes available and runs): once all is quiet, each task that
+    has not ended waits for exactly the unfinished parents that list it, and
+    each task that ran started after every parent listing it succeeded."""
+    apps = [make_app(store), make_app(store)]
+    tasks = [post(apps[0].test_client(), {"command": "x", "name": "t%d" % i})["_id"] for i in range(6)]
+    quiet, errors, answers = threading.Event(), [], []
+
+    def some_ran():
+        return services(apps[0]).queue.tasks.find_one({"history.0": {"$exists": True}}, {"_id": 1}) is not None
+
+    def editor(seed):
+        rng, client = random.Random(seed), apps[seed % 2].test_client()
+        try:
+            # 20 edits, and more until a task they released has run
+            for edit in range(200):
+                if edit >= 20 and some_ran():
+                    break
+                parent, child = rng.sample(tasks, 2)
+                name = rng.choice(["add_continuations", "remove_continuations"])
+                answers.append(client.post("/tasks/%s/%s" % (parent, name), json=[child]).status_code)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    def worker():
+        queue, wid = services(apps[1]).queue, ObjectId()
+        try:
+            while not quiet.is_set():
+                claimed = queue.claim_next(wid, {"cores": 64, "memory": 1 << 40, "gpus": 0})
+                if claimed is None:
+                    time.sleep(0.01)
+                else:
+                    queue.finish(claimed["_id"], wid, claimed["history"][-1]["attempt"], "success")
+        except BaseException as e:
+            errors.append(e)
+
+    running = threading.Thread(target=worker)
+    running.start()
+    editors = [threading.Thread(target=editor, args=(seed,)) for seed in range(3)]
+    for thread in editors:
+        thread.start()
+    for thread in editors:
+        thread.join()
+    quiet.set()
+    running.join()
+    assert errors == []
+    # 422: the child had left 'inactive' (or a cycle); 409: another edit held the parent
+    assert set(answers) <= {200, 409, 422} and 200 in answers, answers
+    db = services(apps[0]).queue.tasks
+    docs = {str(d["_id"]): d for d in db.find({"_id": {"$in": [ObjectId(t) for t in tasks]}})}
+    assert any(docs[t]["history"] for t in tasks), "no task was released and run while edited; nothing was tested"
+    for child in tasks:
+        listing = [p for p in tasks if ObjectId(child) in docs[p]["continuations"]]
+        unfinished = [p for p in listing if docs[p]["state"] not in ("terminated", "cancelled")]
+        doc = docs[child]
+        assert sorted(str(p) for p in doc["pending_parents"]) == sorted(unfinished), (child, doc["state"])
+        assert doc["pending_dependency_count"] == len(unfinished), child
+        if doc["history"]:
+            for parent in listing:
+                assert (docs[parent]["state"], docs[parent]["exit_status"]) == ("terminated", "success")
+                assert docs[parent]["history"][-1]["ended"] <= doc["history"][0]["started"], (parent, child)

@@ -179,12 +179,18 @@ def test_three_servers_one_database_with_a_server_killed(tmp_path):
     try:
         # The editable group: inactive tasks whose continuations change under
         # concurrent edits through every server; made available at the end.
+        # Each also waits for an anchor, so that none is released while the
+        # edits run: a task whose last parent is removed becomes available
+        # (the rule `test_remove_continuations_unlinks_and_releases_the_last`
+        # shows), a worker would run it, and its success would settle the
+        # edges the edits gave it, which the check below counts as pending.
         group = servers.submit([task_body(markers, 0, name="edit%d" % i, state="inactive") for i in range(24)])
+        anchor = servers.submit(task_body(markers, 0, name="edit-anchor", state="inactive", continuations=group))[0]
         editors = [Editor(servers, group, seed, rounds=60) for seed in range(4)]
         for editor in editors:
             editor.start()
         levels, parents = graph_bodies(markers, 2000 - len(group), FAIL_PERCENT, rng)
-        ids = submit_graph(servers, levels, chunk=100)  # each chunk through another server
+        ids = submit_graph(servers, levels, chunk=25)  # each chunk through another server
         for editor in editors:
             editor.join(timeout=300)
             assert not editor.is_alive() and editor.error is None, editor.error
@@ -198,12 +204,12 @@ def test_three_servers_one_database_with_a_server_killed(tmp_path):
         tasks = servers.all_tasks()
         edges = {tid: [c for c in tasks[tid].get("continuations") or []] for tid in group}
         assert find_cycle(edges) is None, find_cycle(edges)
+        group_parents = {tid: [anchor] + [p for p in group if tid in edges[p]] for tid in group}
         for tid in group:
-            named_by = sorted(p for p in group if tid in edges[p])
-            assert sorted(tasks[tid]["pending_parents"]) == named_by, tid
-            assert tasks[tid]["pending_dependency_count"] == len(named_by), tid
-        group_parents = {tid: [p for p in group if tid in edges[p]] for tid in group}
-        for tid in group:
+            assert tasks[tid]["state"] == "inactive", (tid, tasks[tid]["state"])
+            assert sorted(tasks[tid]["pending_parents"]) == sorted(group_parents[tid]), tid
+            assert tasks[tid]["pending_dependency_count"] == len(group_parents[tid]), tid
+        for tid in group + [anchor]:
             r = servers.request("PATCH", "/tasks/" + tid, json={"state": "available"})
             assert r.status_code == 200, r.text[:500]
 
@@ -216,7 +222,9 @@ def test_three_servers_one_database_with_a_server_killed(tmp_path):
         servers.stop()
     seconds = time.monotonic() - started
     parents_of = dict(parents_by_id(ids, parents), **group_parents)
-    _, duplicates, lost, problems = judge(markers, tasks, set(ids.values()) | set(group), parents_of, strict=False)
+    _, duplicates, lost, problems = judge(
+        markers, tasks, set(ids.values()) | set(group) | {anchor}, parents_of, strict=False
+    )
     # a released continuation never ran before its parents ended
     for tid, ps in group_parents.items():
         if tasks[tid]["history"]:
