@@ -303,3 +303,28 @@ def test_live_output_from_heartbeats_until_the_report_replaces_it(api):
     # a heartbeat that raced the report does not overwrite it
     heartbeat(api, wid, live(b"late\n", 5))
     assert api.get("/tasks/%s/logs" % tid).json["stdout"] == "first\nsecond\n"
+
+
+def test_a_retry_while_its_parent_ends_still_runs(app, api, monkeypatch):
+    """A retried task waits for its parents that have not ended; one that
+    ends between the retry's read of them and its write (through another
+    server, say) passes the task over in its cascade, since it is still
+    cancelled then: the retry itself must settle that edge."""
+    parent = post(api, {"command": "x", "state": "available"})["_id"]
+    child = post(api, {"command": "y", "state": "available", "after": [parent]})["_id"]
+    patch(api, child, {"state": "cancelled"})
+    queue = services(app).queue
+    read_parents = queue.parents_to_wait_for
+
+    def and_the_parent_ends(doc):
+        pending = read_parents(doc)
+        if get(api, parent)["state"] == "available":
+            run_to_end(app, parent)
+        return pending
+
+    monkeypatch.setattr(queue, "parents_to_wait_for", and_the_parent_ends)
+    r = api.post("/tasks/retry", json={"ids": [child]})
+    assert r.status_code == 200, r.json
+    doc = get(api, child)
+    assert (doc["state"], doc["pending_parents"], doc["pending_dependency_count"]) == ("available", [], 0)
+    run_to_end(app, child)

@@ -1021,10 +1021,30 @@ class TaskQueue:
         )
         if updated is None:
             raise Conflict("task '%s' changed while it was being retried; read it again" % task_id)
+        if self._settle_ended_meanwhile(task_id, pending):
+            updated = self.tasks.find_one({"_id": task_id})
         updated["revived"] = self.revive_descendants(task_id)
         if is_ready(updated):
             self._became_ready(updated)
         return updated
+
+    def _settle_ended_meanwhile(self, task_id, pending):
+        """`task_id` was just written back to the queue waiting for
+        `pending`, its parents that had not ended when it was read. One
+        that ended since cascaded while the task was still finished and
+        passed it over: settle that edge now (settling twice changes
+        nothing). True if any had ended."""
+        ended = find_in(
+            self.tasks,
+            "_id",
+            pending,
+            {"state": {"$in": [s.value for s in FINISHED]}},
+            {"state": 1, "exit_status": 1, "name": 1},
+        )
+        for parent in ended:
+            if self._settle(parent, task_id):
+                self._cascade(task_id)
+        return bool(ended)
 
     def parents_to_wait_for(self, doc):
         """The parents of `doc` that have not finished. TransitionError (409)
@@ -1082,6 +1102,7 @@ class TaskQueue:
                         }
                     },
                 ).modified_count:
+                    self._settle_ended_meanwhile(child["_id"], pending)
                     queue.append(child["_id"])
                     revived.append(child["_id"])
         return revived

@@ -34,7 +34,13 @@ pytestmark = [
     pytest.mark.skipif(not MONGO_URI, reason="several servers need a shared database (set BANYAN_TEST_MONGO_URI)"),
 ]
 
-HEARTBEAT_TIMEOUT = 5
+#: The servers' heartbeat timeout and the workers' interval: on FerretDB,
+#: busy with 4 workers' claims, a heartbeat took over a second at times, and
+#: workers beating every 0.5 s under a 5 s timeout were marked lost 26 times
+#: in 3 minutes (their tasks run again while they still ran them). The
+#: workers keep their tasks as long as the servers keep them (15 s).
+HEARTBEAT_TIMEOUT = 15
+WORKER_HEARTBEAT = 5
 FAIL_PERCENT = 10
 
 
@@ -170,7 +176,8 @@ def test_three_servers_one_database_with_a_server_killed(tmp_path):
             tmp_path / ("work%d" % i),
             tmp_path / ("worker%d.log" % i),
             cores=2,
-            timeout=15,
+            heartbeat=WORKER_HEARTBEAT,
+            timeout=HEARTBEAT_TIMEOUT,
             host="w%d" % i,
         ).start()
         for i in range(4)
@@ -198,7 +205,7 @@ def test_three_servers_one_database_with_a_server_killed(tmp_path):
         victim = servers.servers[1]
         victim.kill(signal.SIGKILL)
         servers.submit([task_body(markers, FAIL_PERCENT, name="while-down") for _ in range(50)], server=0)
-        victim.start()
+        victim.start(timeout=120)  # (its first answer waits for a database busy with 4 workers)
 
         # The edited graph has no cycle, and each count matches its parents.
         tasks = servers.all_tasks()
