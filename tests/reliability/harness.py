@@ -107,6 +107,7 @@ class Worker:
         token=None,
         claim_wait=0.2,
         host=None,
+        prefetch=None,
     ):
         self.args = list(prefix) + [
             sys.executable,
@@ -133,6 +134,8 @@ class Worker:
             self.args += ["--token", token]
         if host:
             self.args += ["--host", host]
+        if prefetch:
+            self.args += ["--prefetch", str(prefetch)]
         self.log_path = str(log_path)
         self.proc = None
 

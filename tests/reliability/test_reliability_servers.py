@@ -41,6 +41,10 @@ pytestmark = [
 #: workers keep their tasks as long as the servers keep them (15 s).
 HEARTBEAT_TIMEOUT = 15
 WORKER_HEARTBEAT = 5
+#: Tasks a worker claims beyond its free slots: one claim (one sorted read
+#: of the ready tasks, which FerretDB 1.x makes in its own process) brings
+#: several of these short tasks, not one.
+PREFETCH = 4
 FAIL_PERCENT = 10
 
 
@@ -178,6 +182,7 @@ def test_three_servers_one_database_with_a_server_killed(tmp_path):
             cores=2,
             heartbeat=WORKER_HEARTBEAT,
             timeout=HEARTBEAT_TIMEOUT,
+            prefetch=PREFETCH,
             host="w%d" % i,
         ).start()
         for i in range(4)
