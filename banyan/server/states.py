@@ -47,6 +47,7 @@ from banyan.protocol import (
 )
 from banyan.server.document_locks import locked_documents, takes_document_locks
 from banyan.server.identity import acts_for
+from banyan.server.ready_candidates import ReadyCandidates, shares_claim_reads
 from banyan.server.store import aware, find_in
 
 log = logging.getLogger(__name__)
@@ -250,6 +251,15 @@ def _round_size(free, want):
 
 READY_FILTER = {"state": S.AVAILABLE.value, "pending_dependency_count": 0, "held": False}
 CLAIM_ORDER = [("priority", -1), ("_created", 1), ("_id", 1)]
+#: What a claim reads of its candidates.
+CLAIM_FIELDS = {
+    "history.attempt": 1,
+    "_created": 1,
+    "priority": 1,
+    "job": 1,
+    "array_limit": 1,
+    "requested_resources": 1,
+}
 #: Candidates read beyond those a claim asks for (some may be taken by
 #: other claimers, or not fit what the first ones leave). Without document
 #: locks, as many as it asks for, up to this: each costs the embedded store
@@ -274,6 +284,9 @@ class TaskQueue:
     waiting claims can wake at once; `on_finished` with the id of each task
     that reaches a finished state (`cancelled`, `terminated`), so that
     waits on it (`banyan.server.waits`) can answer at once.
+    `share_claim_reads`: whether the claims made through this queue share
+    one sorted read of the ready tasks (`ready_candidates`); None: where
+    the store sorts in its own process (FerretDB 1.x).
     """
 
     #: How long an addition of continuations waits for another one to end,
@@ -281,7 +294,7 @@ class TaskQueue:
     GRAPH_LEASE_WAIT = 5.0
     GRAPH_LEASE_SECONDS = 30
 
-    def __init__(self, db, on_ready=None, on_finished=None):
+    def __init__(self, db, on_ready=None, on_finished=None, share_claim_reads=None):
         self.db = db
         self.tasks = db["tasks"]
         self.jobs = db["jobs"]
@@ -289,6 +302,8 @@ class TaskQueue:
         self.leases = db["leases"]
         self.on_ready = on_ready or (lambda doc: None)
         self.on_finished = on_finished or (lambda task_id: None)
+        #: ReadyCandidates, False when the store needs none, None: ask the store
+        self._shared = None if share_claim_reads is None else share_claim_reads and self._shared_read()
 
     # -- creation ---------------------------------------------------------
 
@@ -1109,8 +1124,12 @@ class TaskQueue:
 
     def after_update(self, updates, original):
         """React to a PATCH that was written: cascade a cancellation, run a
-        task that became ready (made available, or released from a hold)."""
+        task that became ready (made available, or released from a hold).
+        A change of a queued task (its priority, resources, hold) is new to
+        the claims' shared read."""
         state = updates.get("state")
+        if self._shared and original.get("state") == S.AVAILABLE:
+            self._shared.forget()
         if state == S.CANCELLED and original.get("state") != S.CANCELLED:
             self.on_finished(original["_id"])
             self._cascade(original["_id"])
@@ -1126,8 +1145,14 @@ class TaskQueue:
     def claim_next(self, worker_id, free, host=None):
         """Claim the best ready task that fits `free` (cores, memory, gpus):
         one atomic update, so of racing claimers exactly one gets each task."""
-        claimed = self._claim_some(worker_id, dict(free), 1, host, set(), set())
-        return claimed[0] if claimed else None
+        free, full, busy = dict(free), set(), set()
+        while True:
+            claimed = self._claim_some(worker_id, free, 1, host, full, busy)
+            if claimed is None:
+                return None
+            if claimed:
+                return claimed[0]
+            # every candidate was taken by another claimer meanwhile: the next ones
 
     @staticmethod
     def _ready_query(free):
@@ -1144,58 +1169,103 @@ class TaskQueue:
     def _claim_some(self, worker_id, free, want, host, full, busy, cap=None, deadline=None):
         """Claim up to `want` of the best ready tasks that together fit
         `free` (which is reduced by what they request), each within `cap`
-        when given. The candidates come
-        from one sorted read (a store that sorts in its own process, as
-        FerretDB does, reads the ready tasks once per batch, not once per
-        task); each is then claimed by one atomic update whose filter is the
-        query again, so of racing claimers exactly one gets each task.
+        when given. The candidates come from one sorted read (on a store
+        that sorts in its own process, as FerretDB 1.x does, the read shared
+        by the claims of this process: `ready_candidates`); each is then
+        claimed by one atomic update whose filter is the query again, so of
+        racing claimers exactly one gets each task.
 
-        On a store that needs document locks (`document_locks`), the read
-        takes CLAIM_SPREAD times as many candidates; their locks are taken a
-        window at a time, and those another writer holds (another claim's,
-        mostly) are passed over and added to `busy`, which later reads of
-        this batch leave out: concurrent claimers spread over the queue
-        instead of queueing behind one another on the same tasks.
+        On a store that needs document locks (`document_locks`), the
+        candidates' locks are taken a window at a time, and those another
+        writer holds (another claim's, mostly) are passed over and added to
+        `busy`, which later reads of this batch leave out: concurrent
+        claimers spread over the queue instead of queueing behind one
+        another on the same tasks.
         `full`: jobs found at their array limit (grows). Past `deadline`
         (time.monotonic()), it stops once it has claimed one. Returns the
         tasks claimed, as stored after the claim; an empty list when every
         candidate was taken by another claimer meanwhile; None when none is
         ready."""
+        shared = self._shared_candidates()
+        candidates = None
+        if shared is not None:
+            bound = _within(free, cap)
+
+            def accept(doc):
+                return (
+                    fits(doc.get("requested_resources") or {}, bound)
+                    and doc.get("job") not in full
+                    and doc["_id"] not in busy
+                )
+
+            candidates = shared.take(accept, want)
+        if candidates is None:
+            candidates = self._read_candidates(free, want, full, busy, cap)
+            shared = None
+        if not candidates:
+            return None
+        claimed: list = []
+        gone: set = set()  # candidates claimed, or no longer ready as read
+
+        def enough():
+            return len(claimed) >= want or (bool(claimed) and deadline is not None and time.monotonic() > deadline)
+
+        window = want + CLAIM_SPARES
+        try:
+            for start in range(0, len(candidates), window):
+                if enough():
+                    break
+                some = candidates[start : start + window]
+                with locked_documents(self.tasks, [doc["_id"] for doc in some]) as held:
+                    for doc in some:
+                        if enough():
+                            break
+                        if doc["_id"] not in held:
+                            busy.add(doc["_id"])
+                            continue
+                        done = self._claim_one(doc, worker_id, free, host, full, cap, gone)
+                        if done is not None:
+                            claimed.append(done)
+        finally:
+            # not again in this batch: a candidate that failed its precondition
+            busy.update(gone.difference(doc["_id"] for doc in claimed))
+            if shared is not None:
+                shared.drop(gone)
+                shared.give_back([doc for doc in candidates if doc["_id"] not in gone])
+        return claimed
+
+    def _read_candidates(self, free, want, full, busy, cap):
+        """The best ready tasks that fit `free` (within `cap`), other than
+        those of `full` jobs and `busy` tasks, in the claim order: `want`
+        of them and as many spares (at most CLAIM_SPARES); on a store with
+        document locks, CLAIM_SPREAD windows of `want` and CLAIM_SPARES."""
         query = self._ready_query(_within(free, cap))
         if full:
             query["job"] = {"$nin": list(full)}
         if busy:
             query["_id"] = {"$nin": list(busy)}
-        fields = {"history.attempt": 1, "_created": 1, "job": 1, "array_limit": 1, "requested_resources": 1}
         window = want + CLAIM_SPARES
         limit = window * CLAIM_SPREAD if takes_document_locks(self.tasks) else want + min(want, CLAIM_SPARES)
-        candidates = list(self.tasks.find(query, fields, sort=CLAIM_ORDER, limit=limit, batch_size=limit))
-        if not candidates:
-            return None
-        claimed: list = []
+        return list(self.tasks.find(query, CLAIM_FIELDS, sort=CLAIM_ORDER, limit=limit, batch_size=limit))
 
-        def enough():
-            return len(claimed) >= want or (bool(claimed) and deadline is not None and time.monotonic() > deadline)
+    def _shared_candidates(self):
+        """The sorted read shared by this process's claims, on a store that
+        sorts in its own process (`ready_candidates`); else None."""
+        if self._shared is None:
+            self._shared = shares_claim_reads(self.tasks) and self._shared_read()
+        return self._shared or None
 
-        for start in range(0, len(candidates), window):
-            if enough():
-                break
-            some = candidates[start : start + window]
-            with locked_documents(self.tasks, [doc["_id"] for doc in some]) as held:
-                for doc in some:
-                    if enough():
-                        break
-                    if doc["_id"] not in held:
-                        busy.add(doc["_id"])
-                        continue
-                    done = self._claim_one(doc, worker_id, free, host, full, cap)
-                    if done is not None:
-                        claimed.append(done)
-        return claimed
+    def _shared_read(self):
+        return ReadyCandidates(
+            lambda limit: list(
+                self.tasks.find(READY_FILTER, CLAIM_FIELDS, sort=CLAIM_ORDER, limit=limit, batch_size=limit)
+            )
+        )
 
-    def _claim_one(self, doc, worker_id, free, host, full, cap=None):
+    def _claim_one(self, doc, worker_id, free, host, full, cap=None, gone=None):
         """Claim the candidate `doc` if it still fits `free` (then reduced by
-        what it requests) and `cap`; the task as stored after the claim, or None."""
+        what it requests) and `cap`; the task as stored after the claim, or
+        None. Its id joins `gone` when it is claimed or no longer ready as read."""
         requested = doc.get("requested_resources") or {}
         bound = _within(free, cap)
         if not fits(requested, bound):
@@ -1220,6 +1290,8 @@ class TaskQueue:
             },
             return_document=ReturnDocument.AFTER,
         )
+        if gone is not None:
+            gone.add(doc["_id"])
         if done is None:
             if slot:
                 self._free_slot(doc["_id"], doc["job"], slot)
@@ -1571,6 +1643,8 @@ class TaskQueue:
         anything else is announced to waiting claims. Returns True for a
         barrier that finished."""
         if doc.get("command"):
+            if self._shared:
+                self._shared.add(doc)
             self.on_ready(doc)
             return False
         done = self.tasks.update_one(

@@ -1,0 +1,156 @@
+"""One sorted read of the ready tasks, shared by the claims of a server process.
+
+A claim picks its tasks from the ready ones in the claim order (priority,
+then age, then id) and takes each with one conditional update whose filter
+is the ready query again (`TaskQueue._claim_one`). On MongoDB and on the
+embedded store the sorted read is answered from an index, a few documents
+at a time. FerretDB 1.x hands PostgreSQL only the top-level equalities of a
+filter and makes every sort and limit in its own process: each claim's read
+fetched and sorted every ready task (1,500 in the three-server test, a claim
+every few tens of milliseconds), and that alone saturated FerretDB.
+
+So on such a store (`shares_claim_reads`) the claims of one process share
+the read: `ReadyCandidates` keeps the first `size` ready tasks in the claim
+order, read at most every `seconds` (or when it is found wanting), and
+hands each candidate to one claimer of the process at a time (`take`), so
+concurrent claimers of one server never chase the same task. Nothing here
+decides who gets a task: the claim's conditional update does, in whatever
+process; a candidate another process took, held or changed meanwhile just
+fails that update and is dropped (`drop`), one a claim could not use is
+given back (`give_back`). Tasks made ready through this process are added
+at once (`add`), a change of a queued task through it forgets the read
+(`forget`), and a claim that finds nothing reads again, so "nothing to
+claim" is always the store's answer of that moment, never the shared read's.
+Tasks made ready through another server join within `seconds`.
+"""
+
+import bisect
+import threading
+import time
+from datetime import datetime, timezone
+
+from banyan.server.document_locks import takes_document_locks
+from banyan.server.store import aware
+
+#: Candidates one shared read keeps.
+SHARED_READ_SIZE = 512
+#: Seconds a shared read serves claims before it is read again (tasks made
+#: ready through other servers wait at most this long to be seen).
+SHARED_READ_SECONDS = 0.5
+
+_EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+
+
+def shares_claim_reads(collection):
+    """Whether claims on `collection` share one sorted read per process: on
+    FerretDB 1.x, which sorts in its own process (the same stores whose
+    updates take document locks)."""
+    return takes_document_locks(collection)
+
+
+def claim_key(doc):
+    """The claim order (`states.CLAIM_ORDER`) of a task, as a sort key."""
+    return (-(doc.get("priority") or 0), aware(doc.get("_created")) or _EARLIEST, doc["_id"])
+
+
+class ReadyCandidates:
+    """The first ready tasks in the claim order, shared by the claimers of
+    one process. `read(limit)` returns up to `limit` ready tasks in the claim
+    order (with the fields a claim needs)."""
+
+    def __init__(self, read, size=SHARED_READ_SIZE, seconds=SHARED_READ_SECONDS, clock=time.monotonic):
+        self._read = read
+        self.size = size
+        self.seconds = seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._keys: list = []  # claim_key of each candidate, sorted
+        self._docs: dict = {}  # _id -> candidate
+        self._taken: dict = {}  # _id -> candidate, handed to a claimer of this process
+        self._read_at = None  # clock of the last read; None: read again
+        self._complete = False  # the last read held every ready task
+        self._boundary = None  # claim_key of the last task the last read held
+        self.reads = 0
+
+    def take(self, accept, n):
+        """Up to `n` candidates, best first, for which `accept(doc)` is true,
+        now this caller's until given back or dropped. An empty list when no
+        ready task is accepted; None when none of the first `size` is but
+        tasks beyond them may be (the caller then reads by itself)."""
+        reads = self.reads
+        with self._lock:
+            if self._read_at is None or self._clock() - self._read_at > self.seconds:
+                self._refresh()
+            picked = self._pick(accept, n)
+            if not picked and self.reads == reads:
+                # nothing here: ask the store, unless a claimer did while this one waited
+                self._refresh()
+                picked = self._pick(accept, n)
+            if picked or self._complete:
+                return picked
+            return None
+
+    def give_back(self, docs):
+        """Candidates a claimer took and did not claim, for the next claimer."""
+        with self._lock:
+            for doc in docs:
+                if self._taken.pop(doc["_id"], None) is not None:
+                    self._insert(doc)
+
+    def drop(self, ids):
+        """Candidates a claimer took that are claimed or no longer ready."""
+        with self._lock:
+            for doc_id in ids:
+                self._taken.pop(doc_id, None)
+
+    def add(self, doc):
+        """A task that became ready through this process (as stored)."""
+        with self._lock:
+            if self._read_at is not None and doc["_id"] not in self._taken:
+                self._discard(doc["_id"])
+                self._insert(doc)
+
+    def forget(self):
+        """A queued task changed (its priority, resources or hold): the next
+        claim reads again."""
+        with self._lock:
+            self._read_at = None
+
+    def _refresh(self):
+        docs = self._read(self.size)
+        self.reads += 1
+        self._read_at = self._clock()
+        self._complete = len(docs) < self.size
+        self._boundary = claim_key(docs[-1]) if docs else None
+        self._docs = {doc["_id"]: doc for doc in docs if doc["_id"] not in self._taken}
+        self._keys = sorted(claim_key(doc) for doc in self._docs.values())
+
+    def _pick(self, accept, n):
+        picked = []
+        for key in self._keys:
+            if len(picked) >= n:
+                break
+            doc = self._docs[key[2]]
+            if accept(doc):
+                picked.append(doc)
+        for doc in picked:
+            self._discard(doc["_id"])
+            self._taken[doc["_id"]] = doc
+        return picked
+
+    def _insert(self, doc):
+        """Keep `doc` among the candidates, unless the last read stopped
+        before it (then tasks it did not read may come first)."""
+        key = claim_key(doc)
+        if self._read_at is None or (not self._complete and key > self._boundary):
+            return
+        self._docs[doc["_id"]] = doc
+        bisect.insort(self._keys, key)
+
+    def _discard(self, doc_id):
+        doc = self._docs.pop(doc_id, None)
+        if doc is not None:
+            key = claim_key(doc)
+            index = bisect.bisect_left(self._keys, key)
+            if index < len(self._keys) and self._keys[index] == key:
+                del self._keys[index]

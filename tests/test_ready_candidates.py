@@ -1,0 +1,127 @@
+"""Claims that share one sorted read of the ready tasks per server process
+(banyan/server/ready_candidates.py, used where the store sorts in its own
+process: FerretDB 1.x). Here it is turned on for any store: two `TaskQueue`s
+over one database stand for two server processes, each with its own read."""
+
+import threading
+import uuid
+from datetime import timedelta
+
+from bson import ObjectId
+
+from banyan.server.states import TaskQueue, utcnow
+
+EVERYTHING = {"cores": 64, "memory": 1 << 40, "gpus": 0}
+
+
+def queue_pair(db):
+    return TaskQueue(db, share_claim_reads=True), TaskQueue(db, share_claim_reads=True)
+
+
+def seed(queue, bodies, age=0):
+    """Ready tasks, stored as `POST /tasks` would, made ready through `queue`."""
+    now = utcnow().replace(microsecond=0) - timedelta(seconds=age)
+    docs = [
+        dict(
+            {
+                "command": "x",
+                "state": "available",
+                "priority": 0,
+                "max_retries": 0,
+                "continuations": [],
+                "requested_resources": {"cores": 1, "memory": 0, "gpus": 0},
+                "_created": now,
+                "_updated": now,
+                "_etag": uuid.uuid4().hex,
+            },
+            **body,
+        )
+        for body in bodies
+    ]
+    for doc in docs:
+        doc["requested_resources"] = dict({"cores": 1, "memory": 0, "gpus": 0}, **doc["requested_resources"])
+    queue.prepare_new(docs)
+    queue.tasks.insert_many(docs)
+    queue.after_insert(docs)
+    return [d["_id"] for d in docs]
+
+
+def claim_all(queue, free=None):
+    got = []
+    while True:
+        doc = queue.claim_next(ObjectId(), free or EVERYTHING)
+        if doc is None:
+            return got
+        got.append(doc["_id"])
+
+
+def test_shared_read_claims_in_priority_then_age_then_id_order(db):
+    one, _ = queue_pair(db)
+    old = seed(one, [{"priority": 1}, {"priority": 1}], age=60)
+    new = seed(one, [{"priority": 5}, {"priority": 1}])
+    assert one.claim_next(ObjectId(), EVERYTHING)["_id"] == new[0]
+    # made ready through this queue after its read: in its place at once
+    (urgent,) = seed(one, [{"priority": 9}])
+    (later,) = seed(one, [{"priority": 0}], age=120)
+    assert claim_all(one) == [urgent, old[0], old[1], new[1], later]
+    assert db.tasks.count_documents({"state": "running"}) == 6
+
+
+def test_a_task_too_big_is_passed_over_for_a_smaller_one(db):
+    one, _ = queue_pair(db)
+    big, small = seed(one, [{"priority": 5, "requested_resources": {"cores": 8}}, {"priority": 1}])
+    assert one.claim_next(ObjectId(), {"cores": 2, "memory": 0, "gpus": 0})["_id"] == small
+    assert one.claim_next(ObjectId(), {"cores": 2, "memory": 0, "gpus": 0}) is None
+    assert one.claim_next(ObjectId(), {"cores": 8, "memory": 0, "gpus": 0})["_id"] == big
+
+
+def test_a_change_through_this_queue_reorders_its_read(db):
+    one, _ = queue_pair(db)
+    first, second, third = seed(one, [{}, {}, {}])
+    assert one.claim_next(ObjectId(), EVERYTHING)["_id"] == first  # the read is made
+    db.tasks.update_one({"_id": third}, {"$set": {"priority": 3}})
+    one.after_update({"priority": 3}, db.tasks.find_one({"_id": third}))
+    assert claim_all(one) == [third, second]
+
+
+def test_tasks_claimed_or_made_ready_by_another_process_are_seen(db):
+    one, two = queue_pair(db)
+    ids = seed(one, [{} for _ in range(4)])
+    assert one.claim_next(ObjectId(), EVERYTHING)["_id"] == ids[0]  # both reads hold ids[1:]
+    assert two.claim_next(ObjectId(), EVERYTHING)["_id"] == ids[1]
+    assert claim_all(two) == ids[2:]
+    # `one` still holds ids[1:] in its read: each fails its claim's precondition
+    assert one.claim_next(ObjectId(), EVERYTHING) is None
+    (fresh,) = seed(two, [{}])  # not in `one`'s read: found when it has nothing else
+    assert one.claim_next(ObjectId(), EVERYTHING)["_id"] == fresh
+    for doc in db.tasks.find({}):
+        assert doc["state"] == "running" and len(doc["history"]) == 1
+
+
+def test_concurrent_claimers_of_two_processes_take_each_task_once(db):
+    one, two = queue_pair(db)
+    n = 200
+    seed(one, [{"priority": i % 3} for i in range(n)])
+    claimed, errors = [], []
+
+    def claimer(queue):
+        try:
+            while True:
+                got = queue.claim_batch(ObjectId(), {"cores": 8, "memory": 0, "gpus": 0}, 8)
+                if not got:
+                    return
+                claimed.extend(doc["_id"] for doc in got)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=claimer, args=(q,)) for q in (one, two) * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(claimed) == len(set(claimed)) == n
+    docs = list(db.tasks.find({}, {"state": 1, "history": 1}))
+    assert len(docs) == n and all(d["state"] == "running" and len(d["history"]) == 1 for d in docs)
+    # the claims of one process shared their reads
+    assert one._shared.reads + two._shared.reads < n / 4
