@@ -38,6 +38,9 @@ SHARED_READ_SIZE = 512
 #: ready through other servers wait at most this long to be seen).
 SHARED_READ_SECONDS = 0.5
 
+#: The fields of a task its place among the candidates and its claim need.
+CANDIDATE_FIELDS = frozenset({"_id", "_created", "priority", "requested_resources", "history"})
+
 _EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 
 
@@ -104,11 +107,17 @@ class ReadyCandidates:
                 self._taken.pop(doc_id, None)
 
     def add(self, doc):
-        """A task that became ready through this process (as stored)."""
+        """A task that became ready through this process (as stored; read
+        with fewer fields than a claim needs, it makes the next claim read
+        again)."""
         with self._lock:
-            if self._read_at is not None and doc["_id"] not in self._taken:
-                self._discard(doc["_id"])
+            if self._read_at is None or doc["_id"] in self._taken:
+                return
+            self._discard(doc["_id"])
+            if CANDIDATE_FIELDS.issubset(doc):
                 self._insert(doc)
+            else:
+                self._read_at = None
 
     def forget(self):
         """A queued task changed (its priority, resources or hold): the next
