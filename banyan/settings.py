@@ -320,7 +320,8 @@ CLAIM_MAX_TASKS = 1000
 #: Longest a wait is held open, in seconds.
 WAIT_MAX_TIMEOUT = 30
 #: Seconds between re-checks of a held wait (another server process may have
-#: finished its tasks without waking this one).
+#: finished its tasks without waking this one); on the embedded store, which
+#: no other process writes, the first one, each next one twice as long.
 WAIT_RECHECK_INTERVAL = 0.5
 #: Waits held open at once per server process; more answer at once.
 WAIT_MAX_WAITERS = 4
