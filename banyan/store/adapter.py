@@ -570,7 +570,8 @@ class _Cursor(mm_collection.Cursor):
         if self._results is None or self._cache_key not in (wanted, full):
             results = self._factory(stop=stop)
             if self.collection.codec_options.tz_aware:
-                results = [helpers.make_datetime_timezone_aware_in_document(x) for x in results]
+                for doc in results:
+                    _make_aware(doc)
             self._results = results
             self._cache_key = wanted
             self._window_key = None
@@ -591,6 +592,24 @@ class _Cursor(mm_collection.Cursor):
         cursor = _Cursor(self.collection, self._spec, self._sort, self._projection, self._skip, self._limit)
         cursor._factory = self._factory
         return cursor
+
+
+def _make_aware(value):
+    """mongomock's `make_datetime_timezone_aware_in_document`, in place: the
+    documents a read answers are its own (decoded for it, or copied), so
+    their datetimes are made aware where they are instead of every dict
+    and list being built again (a read of a task with 500 parents did)."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return
+    for key, item in items:
+        if isinstance(item, datetime.datetime):
+            value[key] = item.replace(tzinfo=helpers.utc)
+        elif isinstance(item, (dict, list)):
+            _make_aware(item)
 
 
 def _locked(name):
