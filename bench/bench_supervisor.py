@@ -7,8 +7,11 @@ worker's spawner) and each containment (subreaper tracking only, and a cgroup
 v2 per attempt where this user can make one): the median and p95 of the time
 from `start()` to the attempt's outcome, and the CPU per attempt of this
 process and its children (the spawner's forks are not its children: their
-CPU shows in the spawner's, which is printed as well). Prints, asserts
-nothing; figures depend on what else runs on the machine.
+CPU shows in the spawner's, which is printed as well). Attempts are
+`--gap` seconds apart (default 0.05, as one task at a time sees it: moving
+a process into a cgroup is cheap only right after another move, and costs
+an RCU grace period, 10-20 ms, otherwise; `--gap 0` runs them back to back).
+Prints, asserts nothing; figures depend on what else runs on the machine.
 """
 
 import argparse
@@ -32,7 +35,7 @@ def cpu_seconds():
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run(tmp, mode, spawner, runs):
+def run(tmp, mode, spawner, runs, gap=0.0):
     found = containment.detect(os.path.join(tmp, "work-" + mode), mode)
     spawner_cpu = (lambda: sum(psutil.Process(spawner._proc.pid).cpu_times()[:4])) if spawner else (lambda: 0.0)
     times = []
@@ -52,6 +55,7 @@ def run(tmp, mode, spawner, runs):
             while proc.poll() is None:
                 time.sleep(0.0005)
             times.append(time.perf_counter() - started)
+            time.sleep(gap)
             if spawner0 is None:  # the spawner starts with the first attempt: not counted
                 spawner0 = spawner_cpu()
         cpu = (cpu_seconds() - cpu0) / runs
@@ -65,14 +69,18 @@ def run(tmp, mode, spawner, runs):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--gap", type=float, default=0.05, help="seconds between two attempts")
     args = parser.parse_args()
-    print("machine: %d CPUs, load average %s" % (os.cpu_count(), " ".join("%.2f" % x for x in os.getloadavg())))
+    print(
+        "machine: %d CPUs, load average %s; %g s between attempts"
+        % (os.cpu_count(), " ".join("%.2f" % x for x in os.getloadavg()), args.gap)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for label in ("interpreter", "spawner"):
             spawner = Spawner() if label == "spawner" else None
             try:
                 for mode in ("subreaper", "auto"):
-                    median, p95, cpu, forks, used = run(tmp, mode, spawner, args.runs)
+                    median, p95, cpu, forks, used = run(tmp, mode, spawner, args.runs, args.gap)
                     print(
                         "%-11s %-9s start to outcome: median %.1f ms, p95 %.1f ms; CPU per attempt: "
                         "this process and children %.1f ms, spawner %.1f ms"

@@ -115,6 +115,29 @@ def test_a_task_leads_its_session_with_only_its_streams_and_default_signals(tmp_
         assert v2.endswith("/" + os.path.basename(found.spec_for("t1-1")["cgroup"]))
 
 
+@pytest.mark.parametrize(
+    "command, environment, where, why",
+    [
+        (["/nonexistent/program"], {}, None, "No such file or directory: '/nonexistent/program'"),
+        (["no-such-program-anywhere"], {}, None, "no-such-program-anywhere"),
+        (["true"], {"X": "1\x002"}, None, "null byte"),  # no exec can take it
+        (["true"], {}, "missing", "No such file or directory"),
+    ],
+)
+def test_a_task_that_cannot_start_fails_with_its_reason(tmp_path, mode, command, environment, where, why):
+    found = containment.detect(str(tmp_path / "work"), mode)
+    DETECTED.append(found)
+    task = {"_id": "t1", "command": command, "environment": environment}
+    if where:
+        task["working_directory"] = str(tmp_path / where)
+    proc = TaskProcess(task, 1, tmp_path / "attempt", containment=found.spec_for("t1-1"))
+    proc.start()
+    assert outcome_of(proc) == (None, "failure")
+    message = proc.tail("stderr")
+    assert "cannot start task t1: " in message and why in message
+    assert where or environment or "No such file or directory" in message
+
+
 def test_fork_into_cgroup_gives_birth_inside_the_cgroup(tmp_path):
     """The supervisor's way into a cgroup v2 (clone3): the child is in it
     from its first instruction, with no move (which waits for the kernel)."""

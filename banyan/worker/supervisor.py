@@ -483,7 +483,7 @@ class Supervisor:
         if not self.cgroups:
             try:
                 self.pid = self._spawn()
-            except OSError as exc:
+            except (OSError, ValueError, TypeError) as exc:  # as the fork's child reports any
                 return str(exc) or type(exc).__name__
             return None
         return self._fork_exec()
