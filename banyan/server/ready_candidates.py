@@ -11,7 +11,8 @@ every few tens of milliseconds), and that alone saturated FerretDB.
 
 So on such a store (`shares_claim_reads`) the claims of one process share
 the read: `ReadyCandidates` keeps the first `size` ready tasks in the claim
-order, read at most every `seconds` (or when it is found wanting), and
+order, read again after `seconds` (longer on a store so busy that a read
+takes a good part of that) or when it is found wanting, and
 hands each candidate to one claimer of the process at a time (`take`), so
 concurrent claimers of one server never chase the same task. Nothing here
 decides who gets a task: the claim's conditional update does, in whatever
@@ -35,8 +36,12 @@ from banyan.server.store import aware
 #: Candidates one shared read keeps.
 SHARED_READ_SIZE = 512
 #: Seconds a shared read serves claims before it is read again (tasks made
-#: ready through other servers wait at most this long to be seen).
+#: ready through other servers wait this long to be seen)...
 SHARED_READ_SECONDS = 0.5
+#: ... or this many times as long as the read took, on a store so busy that
+#: a read takes longer (FerretDB at 0.3 s a query: reads again at most a
+#: fifth of the time, not for every claim).
+SHARED_READ_SPACING = 4
 
 #: The fields of a task its place among the candidates and its claim need.
 CANDIDATE_FIELDS = frozenset({"_id", "_created", "priority", "requested_resources", "history"})
@@ -71,6 +76,7 @@ class ReadyCandidates:
         self._docs: dict = {}  # _id -> candidate
         self._taken: dict = {}  # _id -> candidate, handed to a claimer of this process
         self._read_at = None  # clock of the last read; None: read again
+        self._read_took = 0.0  # seconds the last read took
         self._complete = False  # the last read held every ready task
         self._boundary = None  # claim_key of the last task the last read held
         self.reads = 0
@@ -82,7 +88,9 @@ class ReadyCandidates:
         tasks beyond them may be (the caller then reads by itself)."""
         reads = self.reads
         with self._lock:
-            if self._read_at is None or self._clock() - self._read_at > self.seconds:
+            if self._read_at is None or self._clock() - self._read_at > max(
+                self.seconds, SHARED_READ_SPACING * self._read_took
+            ):
                 self._refresh()
             picked = self._pick(accept, n)
             if not picked and self.reads == reads:
@@ -126,9 +134,11 @@ class ReadyCandidates:
             self._read_at = None
 
     def _refresh(self):
+        started = self._clock()
         docs = self._read(self.size)
         self.reads += 1
         self._read_at = self._clock()
+        self._read_took = self._read_at - started
         self._complete = len(docs) < self.size
         self._boundary = claim_key(docs[-1]) if docs else None
         self._docs = {doc["_id"]: doc for doc in docs if doc["_id"] not in self._taken}
