@@ -126,9 +126,10 @@ def db(app, store):
 class LiveServer:
     """A `banyan server` process on a free loopback port."""
 
-    def __init__(self, data_dir, extra_args=(), env=None, mongo_uri=None, embedded=False):
+    def __init__(self, data_dir, extra_args=(), env=None, mongo_uri=None, embedded=False, log_level=None):
         self.data_dir = str(data_dir)
         self.extra_args = list(extra_args)
+        self.log_level = log_level  # `banyan --log-level`: what the log (data_dir + ".log") shows
         self.env = dict(os.environ, **(env or {}))
         self.proc = None
         self.url = None
@@ -143,6 +144,7 @@ class LiveServer:
             sys.executable,
             "-m",
             "banyan.cli",
+        ] + (["--log-level", self.log_level] if self.log_level else []) + [
             "server",
             "--port",
             str(self.port),

@@ -6,10 +6,13 @@ again from them, and every document is there and found."""
 import logging
 import os
 import pickle
+import signal
 from datetime import datetime, timedelta
 
 import bson
+import pytest
 from bson import ObjectId
+from conftest import CheckedSession, LiveServer
 
 from banyan.server.store import EmbeddedClient
 from banyan.store import journal, state
@@ -191,3 +194,35 @@ def test_views_built_since_the_snapshot_are_written_at_close(tmp_path, caplog):
     assert list(_coll(c).aggregate(COUNTS)) == counts
     assert {row["_id"]: row["n"] for row in counts} == {"available": 10, "running": 10, "terminated": 10}
     c.close()
+
+
+@pytest.mark.slow
+def test_sigterm_closes_the_server_cleanly_and_the_next_start_loads_the_views(tmp_path):
+    """`kill` (SIGTERM, as a service manager stops a server) is a clean stop
+    like Ctrl-C: the server exits 0 and its store's close writes the views
+    the first `/stats` built into a snapshot, which the next start loads."""
+    data = tmp_path / "data"
+    server = LiveServer(data, embedded=True).start()
+    http = CheckedSession()
+    for i in range(30):
+        assert http.post(server.url + "/tasks", json={"command": "echo %d" % i}).status_code == 201
+    stats = http.get(server.url + "/stats").json()
+    assert stats["total"] == 30
+    server.kill(signal.SIGTERM)
+    assert server.proc.returncode == 0
+    assert os.path.getsize(data / journal.JOURNAL) == 0, "the close compacted the journal into a snapshot"
+    saved = [
+        actions[0]
+        for _, _, actions in journal.read(str(data / journal.SNAPSHOT)).records
+        if actions[0].get("o") == "state"
+    ]
+    assert ("banyan", "tasks") in {(a["d"], a["c"]) for a in saved}
+
+    again = LiveServer(data, embedded=True, log_level="INFO").start()
+    try:
+        assert http.get(again.url + "/stats").json()["states"] == stats["states"]
+    finally:
+        again.stop()
+    with open(str(data) + ".log", encoding="utf-8", errors="replace") as log:
+        assert LOADED + " (30 documents)" in log.read()
+    assert again.server_errors() == []

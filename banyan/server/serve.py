@@ -5,6 +5,7 @@ import gc
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -138,8 +139,9 @@ def auth_decision(args):
 
 
 def run(args):
-    """Serve until interrupted. Prints the listening URL on one line so that
-    scripts (and tests) can wait for it."""
+    """Serve until interrupted (SIGINT or SIGTERM, see `_stop_on_sigterm`).
+    Prints the listening URL on one line so that scripts (and tests) can
+    wait for it."""
     from waitress.server import create_server
 
     from banyan.server.app import create_app
@@ -227,16 +229,29 @@ def run(args):
         archiver = Archiver(app.data.driver.db, data_dir, args.archive_after * 86400, args.archive_every)
         archiver.start()
     try:
+        _stop_on_sigterm()
         server.run()
     except KeyboardInterrupt:
         pass
     finally:
+        # A second stop request (a script's or a service manager's retry)
+        # must not cut the store's close short; SIGKILL still ends it, and a
+        # start then recovers from the journal as after any crash.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         services(app).reaper.stop()
         if archiver is not None:
             archiver.stop()
         server.close()
         client.close()
     return 0
+
+
+def _stop_on_sigterm():
+    """SIGTERM (`kill`, a service manager's stop, `banyan up`) stops the
+    server as Ctrl-C does: waitress stops taking requests and the store is
+    closed, writing the snapshot its close writes (`Engine.close`). Without
+    this, SIGTERM ends the process where it stands and nothing is written."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def waitress_limits(args, claim_max_wait):
