@@ -137,11 +137,14 @@ def claim(worker_id, free, max_tasks=1, wait=0.0, prefetch=0):
             if items or event is None or remaining <= 0:
                 break
             waiters.park(event, min(remaining, recheck))
+            if waiters.released:
+                event = None  # the server stops: answered as a claim turned away, claiming nothing
+                break
             if not registry.is_active(worker_id):
                 # Unregistered (or marked lost) while its claim waited: a
                 # task claimed now would be held by a worker that is gone.
                 abort(404, description="worker '%s' is no longer active; register again" % worker_id)
-    if prefetch > 0:
+    if prefetch > 0 and not waiters.released:
         items += queue.claim_batch(
             worker_id, {}, prefetch, host=worker.get("host"), each=dict(worker.get("resources") or {})
         )

@@ -71,6 +71,9 @@ class UsersFirstDispatcher(ThreadedTaskDispatcher):
         self.parked = parked
         self.users_first = users_first
         self.serving_workers = 0
+        #: Called first when the pool shuts down: requests held open (long
+        #: polls) must end then, not after the pool's 5 s grace.
+        self.on_shutdown = lambda: None
         self.set_thread_count(threads)
 
     def wake(self):
@@ -131,6 +134,7 @@ class UsersFirstDispatcher(ThreadedTaskDispatcher):
                             self.queue_cv.notify()  # a thread may take the next one now
 
     def shutdown(self, cancel_pending=True, timeout=5):
+        self.on_shutdown()
         with self.lock:  # pending workers' requests are cancelled with the others
             self.queue.extend(self.liveness_queue)
             self.queue.extend(self.worker_queue)

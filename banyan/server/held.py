@@ -15,6 +15,17 @@ class HeldRequests:
     def __init__(self):
         self._lock = threading.Lock()
         self._waiting = {}  # Event -> what the request waits for
+        #: The server is stopping: held requests are woken and none is held
+        #: anew, so that they are answered before the store is closed.
+        self.released = False
+
+    def release_all(self):
+        """Wake every held request and hold no more (the server stops)."""
+        with self._lock:
+            self.released = True
+            events = list(self._waiting)
+        for event in events:
+            event.set()
 
     def __len__(self):
         with self._lock:
@@ -23,10 +34,10 @@ class HeldRequests:
     @contextlib.contextmanager
     def waiting(self, condition, limit):
         """An Event to wait on for `condition`; None (do not wait) when
-        `limit` requests are already held."""
+        `limit` requests are already held, or the server is stopping."""
         event = threading.Event()
         with self._lock:
-            if len(self._waiting) >= limit:
+            if self.released or len(self._waiting) >= limit:
                 event = None
             else:
                 self._waiting[event] = condition

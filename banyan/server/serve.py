@@ -202,6 +202,7 @@ def run(args):
         users_first=lambda: first(client),
     )
     services(app).claim_waiters.on_park = dispatcher.wake
+    dispatcher.on_shutdown = lambda: _release_held(services(app))
     server = create_server(
         app,
         host=args.host,
@@ -252,6 +253,13 @@ def _stop_on_sigterm():
     closed, writing the snapshot its close writes (`Engine.close`). Without
     this, SIGTERM ends the process where it stands and nothing is written."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _release_held(held_by):
+    """At a stop: end the long polls (claims, waits) this server holds, so
+    that the pool's threads are done before the store closes."""
+    held_by.claim_waiters.release_all()
+    held_by.finish_waiters.release_all()
 
 
 def waitress_limits(args, claim_max_wait):

@@ -90,6 +90,8 @@ def wait_finished(task_ids, timeout):
                 break
             waiters.narrow(event, unfinished)
             event.wait(min(remaining, recheck))
+            if waiters.released:
+                break  # the server stops: answered as at the end of the wait
             if sole and event is not None and not event.is_set():
                 # Only this process writes: its finishes wake the wait, and a
                 # re-check (a read of every id left) is a safety net that may
