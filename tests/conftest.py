@@ -140,22 +140,8 @@ class LiveServer:
         self.mongo_uri = (mongo_uri or live_mongo_uri(self.data_dir)) if MONGO_URI and not embedded else None
 
     def start(self, timeout=30):
-        args = (
-            [
-                sys.executable,
-                "-m",
-                "banyan.cli",
-            ]
-            + (["--log-level", self.log_level] if self.log_level else [])
-            + [
-                "server",
-                "--port",
-                str(self.port),
-                "--data-dir",
-                self.data_dir,
-            ]
-            + self.extra_args
-        )
+        cli = [sys.executable, "-m", "banyan.cli"] + (["--log-level", self.log_level] if self.log_level else [])
+        args = cli + ["server", "--port", str(self.port), "--data-dir", self.data_dir] + self.extra_args
         if self.mongo_uri:
             args += ["--mongo-uri", self.mongo_uri]
             if "--auth" not in self.extra_args and "--host" not in self.extra_args:
