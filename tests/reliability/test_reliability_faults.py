@@ -15,12 +15,18 @@ import uuid
 
 import pytest
 import requests
-from conftest import TestSession, wait_for
+from conftest import MONGO_URI, TestSession, wait_for
 from harness import Cluster, graph_bodies, judge, parents_by_id, report, submit_graph, task_body
 
 pytestmark = pytest.mark.slow
 
 FAIL_PERCENT = 20
+#: The killed-workers test's heartbeat timeout (server) and interval
+#: (workers): on a busy FerretDB a heartbeat took over a second at times,
+#: and workers beating every 0.5 s under a 2 s timeout were marked lost 142
+#: times in 2 minutes. The workers keep their tasks as long as the server
+#: keeps them.
+KILLED_HEARTBEAT_TIMEOUT, KILLED_HEARTBEAT = (10, 2) if MONGO_URI else (2, 0.5)
 
 
 class Submitter(threading.Thread):
@@ -113,7 +119,13 @@ def test_workers_killed_mid_run(tmp_path):
     """SIGKILL two of four workers while they hold tasks: after the
     heartbeat timeout their tasks run again on the others and end."""
     rng = random.Random(92)
-    cluster = Cluster(tmp_path, workers=4, cores=2, heartbeat_timeout=2).start()
+    cluster = Cluster(
+        tmp_path,
+        workers=4,
+        cores=2,
+        heartbeat_timeout=KILLED_HEARTBEAT_TIMEOUT,
+        worker_args={"heartbeat": KILLED_HEARTBEAT, "timeout": KILLED_HEARTBEAT_TIMEOUT},
+    ).start()
     started = time.monotonic()
     try:
         levels, parents = graph_bodies(cluster.markers, 120, FAIL_PERCENT, rng, sleep=0.5)
@@ -133,7 +145,7 @@ def test_workers_killed_mid_run(tmp_path):
         orphaned = [t for w in victims for t in w["running"]]
         wait_for(
             lambda: all(cluster.request("GET", "/workers/" + wid).json()["state"] == "lost" for wid in victim_ids),
-            30,
+            KILLED_HEARTBEAT_TIMEOUT + 30,
             "the killed workers marked lost",
         )
         cluster.wait_all_finished(timeout=180)
