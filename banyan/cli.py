@@ -55,7 +55,10 @@ def build_parser():
     register_all(sub)
 
     server = sub.add_parser(
-        "server", help="run the Banyan server", description="Run the Banyan server (REST API for tasks and workers)."
+        "server",
+        help="run the Banyan server",
+        description="Run the Banyan server (REST API for tasks and workers). Ctrl-C or SIGTERM "
+        "stops it cleanly: it stops taking requests, closes its store and exits 0.",
     )
     serve.add_arguments(server)
     server.set_defaults(func=serve.run)
