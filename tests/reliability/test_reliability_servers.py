@@ -88,8 +88,23 @@ class Servers:
             assert r.status_code < 500, "%s %s%s answered %s: %s" % (method, url, path, r.status_code, r.text[:2000])
             return r
 
-    def submit(self, bodies, server=None):
-        r = self.request("POST", "/tasks", server=server, json=bodies)
+    def submit(self, bodies, server=None, deadline=300):
+        """POST tasks as a client that retries a lost answer does: under an
+        `Idempotency-Key`, sent again (through the next server) after a
+        timeout or while the first is still being handled (409), until the
+        answer comes; nothing is created twice."""
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+        end = time.monotonic() + deadline
+        while True:
+            try:
+                r = self.request("POST", "/tasks", server=server, json=bodies, headers=key)
+            except requests.Timeout:
+                if time.monotonic() > end:
+                    raise
+                continue
+            if r.status_code != 409 or time.monotonic() > end:
+                break
+            time.sleep(1)
         assert r.status_code == 201, r.text[:2000]
         body = r.json()
         return [item["_id"] for item in body["_items"]] if "_items" in body else [body["_id"]]
