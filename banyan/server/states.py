@@ -1145,7 +1145,9 @@ class TaskQueue:
     def claim_next(self, worker_id, free, host=None):
         """Claim the best ready task that fits `free` (cores, memory, gpus):
         one atomic update, so of racing claimers exactly one gets each task."""
-        free, full, busy = dict(free), set(), set()
+        free = dict(free)
+        full: set[object] = set()  # jobs at their array limit
+        busy: set[object] = set()  # tasks another writer holds
         while True:
             claimed = self._claim_some(worker_id, free, 1, host, full, busy)
             if claimed is None:
