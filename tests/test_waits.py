@@ -11,6 +11,7 @@ from conftest import make_app
 from conftest import patch_task as patch
 from test_claims import PLENTY, claim, finish, register, submit
 
+from banyan.server import serve
 from banyan.server.services import services
 from banyan.server.states import utcnow
 
@@ -153,21 +154,27 @@ def test_client_wait_returns_when_the_task_ends_not_at_the_next_round(live_serve
 def test_a_stopping_server_answers_its_held_claims_and_waits_at_once(store):
     """At a stop (SIGTERM or Ctrl-C) `banyan server` releases its long polls
     before it closes the store: a held claim is answered as one turned away
-    (nothing claimed, `retry_after`), a held wait as at its end (re-checks
-    every 60 s, waits of 20 s: only the release ends them), and no long poll
-    is held anew."""
-    app = make_app(store, CLAIM_RECHECK_INTERVAL=60, WAIT_RECHECK_INTERVAL=60)
+    (nothing claimed, `retry_after`), a held wait and a held `/changes` as
+    at their end (re-checks every 60 s, polls of 20 s: only the release
+    ends them), and no long poll is held anew."""
+    app = make_app(store, CLAIM_RECHECK_INTERVAL=60, WAIT_RECHECK_INTERVAL=60, CHANGES_RECHECK_INTERVAL=60)
     api = app.test_client()
     ((busy, _),) = running(api)
     idle = register(api)
+    version = api.get("/changes").json["version"]
     claiming, claimed = conftest.held(lambda: claim(api, idle, wait=20), lambda: len(services(app).claim_waiters))
     waiting, waited = held(app, api, {"ids": [busy], "timeout": 20})
-    services(app).claim_waiters.release_all()
-    services(app).finish_waiters.release_all()
+    following, followed = conftest.held(
+        lambda: api.get("/changes?since=%s&timeout=20" % version).json, lambda: services(app).changes_waiters.held
+    )
+    serve._release_held(services(app))
     claiming.join()
     waiting.join()
+    following.join()
     assert claimed["reply"]["_items"] == [] and claimed["reply"]["retry_after"] > 0
     assert waited["reply"] == {"unfinished": {busy: "running"}, "waited": True}
+    assert followed["reply"]["changed"] is False and followed["reply"]["version"] == version
     assert claim(api, idle, wait=20)["retry_after"] > 0  # turned away, not held
     assert wait(api, {"ids": [busy], "timeout": 20}) == {"unfinished": {busy: "running"}, "waited": False}
+    assert api.get("/changes?since=%s&timeout=20" % version).json["retry_after"] > 0
     assert len(services(app).claim_waiters) == len(services(app).finish_waiters) == 0

@@ -44,18 +44,28 @@ blueprint = Blueprint("changes", __name__)
 
 class Waiters:
     """How many polls this process holds open (a bound on request threads,
-    not a guard on any data)."""
+    not a guard on any data), and the server's stop, which ends them."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.held = 0
+        self._stopping = threading.Event()
 
     def enter(self, limit):
         with self._lock:
-            if self.held >= limit:
+            if self.held >= limit or self._stopping.is_set():
                 return False
             self.held += 1
             return True
+
+    def release_all(self):
+        """The server stops: held polls answer at once, none is held anew,
+        so that none reads the store after it is closed."""
+        self._stopping.set()
+
+    def pause(self, seconds):
+        """Sleep `seconds`, or less if the server stops; True if it stops."""
+        return self._stopping.wait(seconds)
 
     def leave(self):
         with self._lock:
@@ -113,7 +123,8 @@ def changes_view():
             # a look that takes long (a big queue on a store without range
             # indexes) is made less often: the poll spends at most ~1/5 of a core
             pause = max(config["CHANGES_RECHECK_INTERVAL"], 4 * look)
-            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            if waiters.pause(min(pause, max(0.0, deadline - time.monotonic()))):
+                break  # the server stops: answered as at the end of the timeout
             started = time.monotonic()
             current = version(db, visible)
             look = time.monotonic() - started

@@ -256,10 +256,11 @@ def _stop_on_sigterm():
 
 
 def _release_held(held_by):
-    """At a stop: end the long polls (claims, waits) this server holds, so
+    """At a stop: end the long polls (claims, waits, changes) this server holds, so
     that the pool's threads are done before the store closes."""
     held_by.claim_waiters.release_all()
     held_by.finish_waiters.release_all()
+    held_by.changes_waiters.release_all()
 
 
 def waitress_limits(args, claim_max_wait):
