@@ -27,6 +27,9 @@ FAIL_PERCENT = 20
 #: times in 2 minutes. The workers keep their tasks as long as the server
 #: keeps them.
 KILLED_HEARTBEAT_TIMEOUT, KILLED_HEARTBEAT = (10, 2) if MONGO_URI else (2, 0.5)
+#: Seconds a restarted server may take to answer: on a busy FerretDB its
+#: first reads took over 30 s (a deadline for a stuck start, not a speed).
+RESTART_DEADLINE = 120 if MONGO_URI else 30
 
 
 class Submitter(threading.Thread):
@@ -86,7 +89,7 @@ def test_server_killed_twice_mid_run(tmp_path):
             wait_for(lambda: finished_count(cluster) >= threshold, 120, "%d finished tasks" % threshold)
             cluster.server.kill(signal.SIGKILL)
             kills += 1
-            cluster.server.start()
+            cluster.server.start(timeout=RESTART_DEADLINE)
         submitter.join(timeout=180)
         assert not submitter.is_alive() and submitter.error is None, submitter.error
         assert all(w.alive() for w in cluster.workers), "a worker died with the server"
