@@ -167,14 +167,7 @@ class Supervision:
                 waiting = next((e for e in holdings.waiting if str(e[0]["_id"]) == task_id), None)
                 if waiting is not None and action == "cancel":  # prefetched: it never started
                     holdings.waiting.remove(waiting)
-                    self.reporter.put(
-                        waiting[0],
-                        attempt_of(waiting[0]),
-                        Outcome(None, "cancelled"),
-                        "",
-                        "",
-                        {"max_rss": 0, "cpu_percent": 0.0},
-                    )
+                    self.report_unstarted(waiting[0], Ended.CANCELLED)
                 if action == "unknown":
                     if proc is not None and attempt is not None and proc.attempt != attempt:
                         proc = None
@@ -190,14 +183,7 @@ class Supervision:
                     log.info("task %s: cancellation requested", task_id)
                     proc.terminate(proc.max_shutdown_time, reason=Ended.CANCELLED.value, wait=False)
                 elif pending is not None:
-                    self.reporter.put(
-                        pending,
-                        attempt_of(pending),
-                        Outcome(None, Ended.CANCELLED.value),
-                        "",
-                        "",
-                        {"max_rss": 0, "cpu_percent": 0.0},
-                    )
+                    self.report_unstarted(pending, Ended.CANCELLED)
             elif proc is not None:
                 log.warning("task %s: the server says it is no longer ours; killing it", task_id)
                 proc.terminate(proc.max_shutdown_time, reason=Ended.FAILURE.value, wait=False)
@@ -338,6 +324,14 @@ class Supervision:
             }
         reap_orphans(keep)
 
+    def report_unstarted(self, task, ended, stderr=""):
+        """Queue the report of an attempt that never started (cancelled
+        while prefetched or before its start, or claimed during a cold
+        stop): `ended` (a protocol Outcome), no exit code, output or usage."""
+        self.reporter.put(
+            task, attempt_of(task), Outcome(None, ended.value), "", stderr, {"max_rss": 0, "cpu_percent": 0.0}
+        )
+
     def finish_attempt(self, task_id, proc, outcome):
         """Queue an ended attempt's report (its output, usage and outcome)."""
         run_hooks(self.hooks, "after_exit", proc, outcome)
@@ -392,11 +386,4 @@ class Supervision:
             holdings.doomed.clear()
             unstarted, holdings.inbox = holdings.inbox, []
         for task in unstarted:  # claimed during a cold stop: hand them back as failed attempts
-            self.reporter.put(
-                task,
-                attempt_of(task),
-                Outcome(None, Ended.FAILURE.value),
-                "",
-                "banyan-worker stopped before starting this task\n",
-                {"max_rss": 0, "cpu_percent": 0.0},
-            )
+            self.report_unstarted(task, Ended.FAILURE, "banyan-worker stopped before starting this task\n")
