@@ -39,7 +39,7 @@ def run(n):
         def vary(doc, i):
             if i % 2:
                 doc.update(
-                    state="succeeded",
+                    state="terminated",
                     exit_status="success",
                     history=[
                         {
