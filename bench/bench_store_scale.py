@@ -12,9 +12,10 @@ it, and:
   smallest size (1,000 tasks) stored;
 - /stats: time of the first `GET /stats` after the start, and of the next
   one (the store then keeps each task's rows of its pipelines);
-- restart2, /stats2: after a clean stop (SIGINT) of that server, which
-  writes the views `/stats` built into a snapshot, the next start and its
-  first `GET /stats`;
+- crash, /stats3: after a kill -9 of that server (no clean close), the
+  next start and its first `GET /stats`;
+- restart2, /stats2: after a clean stop (SIGINT) of the server started
+  after the crash, the next start and its first `GET /stats`;
 - GET p99 during a full scan: single-task `GET /tasks/<id>` latencies while
   another client loops full scans (`where` with `$nin`, sort on an
   unindexed field) and `GET /stats`.
@@ -223,7 +224,14 @@ def run(n, seconds, tmp):
         progress(n, "GET p99 %.1f ms during scans" % (1000 * p99))
         claims = claims_per_second(url)
         rss_end = rss_mib(proc)
-        proc.send_signal(signal.SIGINT)  # a clean stop, as Ctrl-C: the store writes the views it built
+        proc.kill()  # a crash: no clean close
+        proc.wait()
+        proc, url, restart_crash = start_server(data_dir)
+        t0 = time.perf_counter()
+        requests.get(url + "/stats").raise_for_status()
+        stats_crash = time.perf_counter() - t0
+        progress(n, "after a crash: restart %.1f s, first /stats %.3f s" % (restart_crash, stats_crash))
+        proc.send_signal(signal.SIGINT)  # a clean stop, as Ctrl-C
         proc.wait()
         proc, url, restart_used = start_server(data_dir)
         t0 = time.perf_counter()
@@ -249,6 +257,8 @@ def run(n, seconds, tmp):
         claims=claims,
         restart_used=restart_used,
         stats_used=stats_used,
+        restart_crash=restart_crash,
+        stats_crash=stats_crash,
     )
 
 
@@ -293,7 +303,7 @@ def main():
     started = time.perf_counter()
     done = []
     print(
-        "%8s %9s %9s %9s %9s %8s %9s %9s %12s %9s %10s %9s %9s %9s"
+        "%8s %9s %9s %9s %9s %8s %9s %9s %12s %9s %10s %9s %9s %9s %9s %9s"
         % (
             "tasks",
             "restart",
@@ -307,6 +317,8 @@ def main():
             "scan+stats",
             "claims/s",
             "claims x",
+            "crash",
+            "/stats3",
             "restart2",
             "/stats2",
         )
@@ -332,7 +344,8 @@ def main():
             base = done[0]["claims"]
             per_task = (f["rss_end"] - done[0]["rss_end"] * (len(done) > 1)) * 1024 / n
             print(
-                "%8d %8.2fs %9.0f %9.0f %9.2f %8.1f %8.3fs %8.3fs %9.1f ms %8.2fs %10.0f %8.2fx %8.2fs %8.3fs"
+                "%8d %8.2fs %9.0f %9.0f %9.2f %8.1f %8.3fs %8.3fs %9.1f ms %8.2fs %10.0f %8.2fx"
+                " %8.2fs %8.3fs %8.2fs %8.3fs"
                 "   (%d GETs)"
                 % (
                     n,
@@ -347,6 +360,8 @@ def main():
                     f["scan"],
                     f["claims"],
                     f["claims"] / base,
+                    f["restart_crash"],
+                    f["stats_crash"],
                     f["restart_used"],
                     f["stats_used"],
                     f["gets"],
@@ -357,8 +372,9 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
     print(
         "KiB/task: resident memory over that of the smallest size, per task; claims x: claims/s as a ratio "
-        "to the smallest size's; restart2, /stats2: a start after a clean stop (SIGINT) of the server that "
-        "served the runs, and its first /stats"
+        "to the smallest size's; crash, /stats3: a start after a kill -9 of the server that served the runs, "
+        "and its first /stats; restart2, /stats2: a start after a clean stop (SIGINT) of that next server, "
+        "and its first /stats"
     )
 
 

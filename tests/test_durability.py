@@ -2,6 +2,7 @@
 in the middle of compaction or of a bulk write), on a full disk, and a
 damaged journal refuses to start until `banyan store repair` salvages it."""
 
+import contextlib
 import json
 import os
 import random
@@ -329,5 +330,47 @@ def test_long_scans_do_not_hold_up_single_task_requests(tmp_path):
         assert s.get(server.url + "/tasks/" + tid).json()["priority"] == priority
     finally:
         stop.set()
+        server.stop()
+    assert server.server_errors() == []
+
+
+@embedded_only
+@pytest.mark.slow
+def test_a_write_during_compaction_is_acknowledged_and_survives_kill_9(tmp_path):
+    """Compaction writes its snapshot without holding the store: a POST
+    sent while a compaction's snapshot file is being written is answered
+    before that file is done (its record goes to a new journal segment),
+    and a kill -9 right after loses nothing."""
+    data = tmp_path / "data"
+    _fill_store(data, 6000)  # a snapshot of several MiB: written by a thread, for a while
+    server = LiveServer(data, embedded=True, env={"BANYAN_STORE_COMPACT_BYTES": str(256 * 1024)}).start()
+    tmp_snapshot = os.path.join(str(data), journal.SNAPSHOT + ".tmp")
+    s = requests.Session()
+    acked, during = [], None
+    try:
+        deadline = time.monotonic() + 120
+        while during is None and time.monotonic() < deadline:
+            try:
+                writing = os.stat(tmp_snapshot).st_ino
+            except FileNotFoundError:
+                writing = None
+            name = "t%d" % len(acked)
+            r = s.post(server.url + "/tasks", json={"name": name, "command": ["echo", name], "state": "inactive"})
+            assert r.status_code == 201, r.text
+            acked.append((name, r.json()["_id"]))
+            with contextlib.suppress(FileNotFoundError):
+                if writing is not None and os.stat(tmp_snapshot).st_ino == writing:
+                    during = acked[-1]  # sent and answered while one snapshot was being written
+    finally:
+        server.kill(signal.SIGKILL)
+    assert during is not None, "no write answered during a compaction"
+    server.start()
+    try:
+        r = s.get(server.url + "/tasks/" + during[1])
+        assert r.status_code == 200 and r.json()["name"] == during[0], r.text
+        stored = _names(server)
+        assert all(stored.get(name) == tid for name, tid in acked)
+        assert len(stored) == 6000 + len(acked)
+    finally:
         server.stop()
     assert server.server_errors() == []

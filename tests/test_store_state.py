@@ -6,13 +6,16 @@ again from them, and every document is there and found."""
 import logging
 import os
 import pickle
+import re
 import signal
+import time
 from datetime import datetime, timedelta
 
 import bson
 import pytest
 from bson import ObjectId
 from conftest import CheckedSession, LiveServer
+from test_durability import _fill_store, embedded_only
 
 from banyan.server.store import EmbeddedClient
 from banyan.store import journal, state
@@ -226,3 +229,97 @@ def test_sigterm_closes_the_server_cleanly_and_the_next_start_loads_the_views(tm
     with open(str(data) + ".log", encoding="utf-8", errors="replace") as log:
         assert LOADED + " (30 documents)" in log.read()
     assert again.server_errors() == []
+
+
+def _log_since(data, offset):
+    with open(str(data) + ".log", encoding="utf-8", errors="replace") as log:
+        log.seek(offset)
+        return log.read()
+
+
+def _log_size(data):
+    path = str(data) + ".log"
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def _built_views_in_snapshot(data):
+    """How many built views the snapshot holds for banyan.tasks (0: none,
+    or no snapshot)."""
+    scan = journal.read(str(data / journal.SNAPSHOT))
+    for _, _, actions in scan.records if scan else ():
+        action = actions[0]
+        if action.get("o") == "state" and (action["d"], action["c"]) == ("banyan", "tasks"):
+            held = state.load(action, action["n"], action["digest"])
+            return sum(len(built) for built in held["views"].values())
+    return 0
+
+
+def _wait_for(condition, what, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        time.sleep(0.05)
+
+
+@embedded_only
+@pytest.mark.slow
+def test_after_kill_9_the_views_defined_before_are_built_at_start(tmp_path):
+    """The views the first `/stats` defined go into the journal with the
+    next write: a start after kill -9 (the snapshot predates them) builds
+    them at once, in the background, and the first `/stats` is answered
+    from them, not by building them."""
+    data = tmp_path / "data"
+    server = LiveServer(data, embedded=True, log_level="INFO").start()
+    http = CheckedSession()
+    for i in range(31):
+        if i == 30:  # after the views were defined: its record carries their definitions
+            assert http.get(server.url + "/stats").json()["total"] == 30
+        r = http.post(server.url + "/tasks", json={"command": "echo %d" % i, "state": "available"})
+        assert r.status_code == 201
+    server.kill(signal.SIGKILL)
+
+    offset = _log_size(data)
+    server.start()
+    try:
+        _wait_for(lambda: re.search(r"built the [1-9]\d* views defined before", _log_since(data, offset)), "the views")
+        stats = http.get(server.url + "/stats").json()
+        assert stats["total"] == 31 and stats["states"]["available"] == 31
+    finally:
+        server.stop()
+    log = _log_since(data, offset)
+    assert "built a view of banyan.tasks from every document (31), at start, in the background" in log
+    assert "at the first read asking for it" not in log
+    assert server.server_errors() == []
+
+
+@embedded_only
+@pytest.mark.slow
+def test_after_kill_9_a_large_store_loads_its_views_from_the_snapshot(tmp_path):
+    """A store large enough that building `/stats`' views is a long pass
+    writes them into a snapshot (in the background) once the first
+    `/stats` built them; after kill -9 the start loads them, the journal
+    replayed over them keeps them current, and `/stats` builds nothing."""
+    data = tmp_path / "data"
+    _fill_store(data, 6000)
+    server = LiveServer(data, embedded=True, log_level="INFO").start()
+    http = CheckedSession()
+    before = http.get(server.url + "/stats").json()
+    assert before["total"] == 6000
+    _wait_for(lambda: _built_views_in_snapshot(data) > 0, "a snapshot holding the views")
+    r = http.post(server.url + "/tasks", json={"command": "echo after", "state": "available"})
+    assert r.status_code == 201
+    server.kill(signal.SIGKILL)
+
+    offset = _log_size(data)
+    server.start()
+    try:
+        stats = http.get(server.url + "/stats").json()
+    finally:
+        server.stop()
+    assert stats["total"] == 6001
+    assert stats["states"]["available"] == before["states"]["available"] + 1
+    assert stats["attempts"] == before["attempts"] and stats["queue_wait"] == before["queue_wait"]
+    log = _log_since(data, offset)
+    assert "loaded the indexes and views of banyan.tasks" in log
+    assert "built a view" not in log
+    assert server.server_errors() == []

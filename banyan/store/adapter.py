@@ -21,6 +21,7 @@ import copy
 import datetime
 import functools
 import itertools
+import logging
 import re
 
 import bson
@@ -37,17 +38,27 @@ from mongomock import read_preferences as mm_read_preferences
 from mongomock import store as mm_store
 from mongomock.filtering import filter_applies
 from pymongo import ReturnDocument
-from pymongo.errors import BulkWriteError, ConfigurationError, DuplicateKeyError, OperationFailure, WriteError
+from pymongo.errors import (
+    BulkWriteError,
+    ConfigurationError,
+    DuplicateKeyError,
+    InvalidOperation,
+    OperationFailure,
+    WriteError,
+)
 from pymongo.results import BulkWriteResult
 
 from banyan.store.aggregation import _READ_ONLY_STAGES, fast_stage, inclusion_projection, stage_name
 from banyan.store.aggregation import _unwind_stage as _unwind_rows
 from banyan.store.documents import Documents, decode, encode, raw_id
 from banyan.store.engine import Engine
+from banyan.store.errors import StoreUnavailable
 from banyan.store.indexes import EMPTY_KEY, TOP, SecondaryIndex, asc_key, indexable_spec
 from banyan.store.planning import eq_conditions, lower_bounds, matcher, mongomock_sort, norm_sort, store_key
 from banyan.store.state import Mismatch
 from banyan.store.views import GroupView, SortView, ViewSet
+
+logger = logging.getLogger(__name__)
 
 #: The mongomock versions this adapter is tested with (it subclasses
 #: mongomock's classes and calls a few of their internals); pyproject.toml
@@ -331,22 +342,102 @@ class _CollectionStore(mm_store.CollectionStore):
         self.deferred = False
         self._build_indexes({name: SecondaryIndex(idx.fields) for name, idx in self._sec.items()})
 
+    # -- views defined before a start (banyan.store.views) ---------------------
+    def define_view(self, prefix, view_key):
+        """Make the view `view_key` over the per-document stages `prefix`
+        (both encoded, as `EmbeddedCollection._from_view` keys them), not
+        built yet: a start replaying its definition builds it while it
+        loads (`finish_loading`)."""
+        view_set = self.view_sets.get(prefix)
+        if view_set is None:
+            if len(self.view_sets) >= VIEWS:
+                self.view_sets.pop(next(iter(self.view_sets)))
+            view_set = self.view_sets[prefix] = ViewSet(
+                _LazyRows(self._engine.rows_factory, self.db_name, self.name, prefix)
+            )
+        if view_key not in view_set.views:
+            view_set.views[view_key] = _new_view(view_key)
+
+    def unbuilt_views(self):
+        """(prefix, view set, view) of every view not built yet."""
+        return [
+            (prefix, view_set, view)
+            for prefix, view_set in list(self.view_sets.items())
+            for view in list(view_set.views.values())
+            if not view_set.built(view)
+        ]
+
+    def build_view(self, prefix_key, view_set, view, when):
+        """Add every document's rows to a new view, SCAN_SLICE documents per
+        hold of the lock (writes meanwhile change the view for the
+        documents it has seen; another build of the same view at the same
+        time skips what this one added). False if the view was dropped."""
+        engine = self._engine
+        with engine.op():
+            key_seq = self._key_seq
+            keys = [(k, key_seq[k]) for k in self._documents]  # in store (seq) order
+        for begin in range(0, len(keys) + 1, SCAN_SLICE):
+            if begin:
+                engine.let_waiters_in()
+            if engine.closing:
+                return False
+            with engine.op():
+                if self.view_sets.get(prefix_key) is not view_set:
+                    return False
+                if view_set.built(view):
+                    return True
+                documents = self._documents
+                key_seq = self._key_seq
+                last = begin + SCAN_SLICE >= len(keys)
+                for k, seq in keys[begin : begin + SCAN_SLICE]:
+                    if seq <= view.seen or key_seq.get(k) != seq:  # seen, or deleted since (a new one: below)
+                        continue
+                    if not view_set.add_to(view, documents[k], seq):
+                        self.view_sets.pop(prefix_key, None)
+                        return False
+                    view.seen = seq
+                if last:  # and the documents written since the keys were listed
+                    for seq in sorted(s for s in self._seq_key if s > view.seen):
+                        if not view_set.add_to(view, documents[self._seq_key[seq]], seq):
+                            self.view_sets.pop(prefix_key, None)
+                            return False
+                    view.seen = float("inf")
+                    engine.views_built += 1
+                    logger.info(
+                        "built a view of %s.%s from every document (%d), %s",
+                        self.db_name,
+                        self.name,
+                        len(documents),
+                        when,
+                    )
+                    return True
+        return True
+
+    def view_definitions(self):
+        """The journal actions that define every view of the collection."""
+        return [
+            {"o": "view", "d": self.db_name, "c": self.name, "p": prefix, "t": view_key}
+            for prefix, view_set in self.view_sets.items()
+            for view_key in view_set.views
+        ]
+
     # -- the state a snapshot keeps (banyan.store.state) ---------------------
     def export_state(self):
         """The documents' sequence numbers (in store order), the indexes
-        and the built views, for the snapshot; None while an update is
-        under way (the snapshot then holds none: it is computed at start)."""
+        and the built views, for the snapshot, as copies later writes do
+        not change (it is written outside the lock); None while an update
+        is under way (the snapshot then holds none: it is computed at start)."""
         if self.deferred or self._pending or self._documents.live:
             return None
         key_seq = self._key_seq
         views = {}
         for prefix, view_set in self.view_sets.items():
-            built = {name: view for name, view in view_set.views.items() if view_set.built(view)}
+            built = {name: view.frozen() for name, view in view_set.views.items() if view_set.built(view)}
             if built:
                 views[prefix] = built
         return {
             "seqs": [key_seq[key] for key in self._documents],
-            "indexes": self._sec,
+            "indexes": {name: idx.frozen() for name, idx in self._sec.items()},
             "views": views,
         }
 
@@ -385,11 +476,11 @@ class _CollectionStore(mm_store.CollectionStore):
         self._seq_key = dict(zip(seqs, keys))
         self._seq_counter = itertools.count(seqs[-1] + 1 if seqs else 0)
         self._sec = dict(indexes)
-        self.view_sets = {}
-        for prefix, built in views.items():
-            view_set = ViewSet(_LazyRows(rows_factory, self.db_name, self.name, prefix))
+        for prefix, built in views.items():  # beside the views defined before and not built (`define_view`)
+            view_set = self.view_sets.get(prefix)
+            if view_set is None:
+                view_set = self.view_sets[prefix] = ViewSet(_LazyRows(rows_factory, self.db_name, self.name, prefix))
             view_set.views.update(built)
-            self.view_sets[prefix] = view_set
         self.deferred = False
 
     def drop_index(self, index_name):
@@ -499,6 +590,15 @@ class _CollectionStore(mm_store.CollectionStore):
         seq_key = self._seq_key
         for e in idx.entries.irange(lo, lo + (TOP,)):
             yield docs[seq_key[e[-1]]]
+
+
+def _new_view(view_key):
+    """A new, unbuilt view of the kind `view_key` (as `_from_view` encodes
+    it) names: a `$sort` field, or the `$group` stage."""
+    tail = bson.decode(view_key)["t"]
+    if isinstance(tail, str):
+        return SortView(tail, _sort_key)
+    return GroupView(tail[0]["$group"])
 
 
 class _LazyRows:
@@ -906,14 +1006,14 @@ class EmbeddedCollection(mm_collection.Collection):
             store.view_sets[prefix_key] = view_set  # (the most recently used last)
             view = view_set.views.get(view_key)
             if view is None:
-                if sort is not None:
-                    view = SortView(sort[0], _sort_key)
-                else:
-                    view = GroupView(tail[0]["$group"])
-                view_set.views[view_key] = view
+                view = view_set.views[view_key] = _new_view(view_key)
+                # journaled, so that a start after a crash builds it at once (`build_defined_views`)
+                hint = {"o": "view", "d": store.db_name, "c": store.name, "p": prefix_key, "t": view_key}
+                self._engine.note_hint(hint)
         if not view_set.built(view):
-            if not self._build_view(prefix_key, view_set, view):
+            if not store.build_view(prefix_key, view_set, view, "at the first read asking for it"):
                 return None
+            self._engine.save_views()
         with self._engine.op():
             if store.view_sets.get(prefix_key) is not view_set or view_key not in view_set.views:
                 return None  # dropped meanwhile: a row it could not keep
@@ -925,38 +1025,6 @@ class EmbeddedCollection(mm_collection.Collection):
             for seq, i in view.window(skip, limit, direction < 0):
                 rows.append(view_set.rows_of(documents[store._seq_key[seq]])[i])  # pylint: disable=protected-access
         return self._run_stages(tail, after, len(tail), rows)
-
-    def _build_view(self, prefix_key, view_set, view):
-        """Add every document's rows to a new view, SCAN_SLICE documents per
-        hold of the lock (writes meanwhile change the view for the
-        documents it has seen). False if the view was dropped."""
-        store = self._store
-        with self._engine.op():
-            keys = list(store._documents)  # pylint: disable=protected-access  # in store (seq) order
-        for begin in range(0, len(keys) + 1, SCAN_SLICE):
-            if begin:
-                self._engine.let_waiters_in()
-            with self._engine.op():
-                if store.view_sets.get(prefix_key) is not view_set:
-                    return False
-                documents = store._documents  # pylint: disable=protected-access
-                key_seq = store._key_seq  # pylint: disable=protected-access
-                last = begin + SCAN_SLICE >= len(keys)
-                for k in keys[begin : begin + SCAN_SLICE]:
-                    doc = documents.get(k)
-                    if doc is not None and key_seq[k] > view.seen:
-                        if not view_set.add_to(view, doc, key_seq[k]):
-                            store.view_sets.pop(prefix_key, None)
-                            return False
-                        view.seen = key_seq[k]
-                if last:  # and the documents written since the keys were listed
-                    for seq in sorted(s for s in store._seq_key if s > view.seen):  # pylint: disable=protected-access
-                        if not view_set.add_to(view, documents[store._seq_key[seq]], seq):  # pylint: disable=protected-access
-                            store.view_sets.pop(prefix_key, None)
-                            return False
-                    view.seen = float("inf")
-                    return True
-        return True
 
     def _rows_of(self, pipeline, n):
         """rows_of(doc): the rows pipeline[:n] gives one document (a fresh
@@ -1300,9 +1368,30 @@ class EmbeddedClient(mongomock.MongoClient):
         super().__init__(tz_aware=True, _store=_ServerStore(self._engine))
         self._engine.open(self._store, self._rows_factory)
         self.data_dir = self._engine.data_dir
+        if any(store.unbuilt_views() for db in self._store._databases.values() for store in db._collections.values()):  # pylint: disable=protected-access
+            self._engine.start(self._build_defined_views, "banyan-store-views")
 
     def __repr__(self):
         return f"EmbeddedClient({self._engine.data_dir!r})"
+
+    def _build_defined_views(self):
+        """Build the views defined before this start that its snapshot did
+        not hold built (the server crashed before a snapshot saved them),
+        in slices that let requests through: the first `/stats` then finds
+        them built, or joins the build where it is."""
+        built = 0
+        try:
+            for db_store in list(self._store._databases.values()):  # pylint: disable=protected-access
+                for store in list(db_store._collections.values()):  # pylint: disable=protected-access
+                    for prefix, view_set, view in store.unbuilt_views():
+                        built += store.build_view(prefix, view_set, view, "at start, in the background")
+        except (InvalidOperation, StoreUnavailable):  # closed, or stopped: nothing to build for
+            return
+        except Exception:  # pylint: disable=broad-except  # a view is no data: `/stats` builds it if asked
+            logger.warning("could not build the views defined before in %s", self._engine.data_dir, exc_info=True)
+            return
+        logger.info("built the %d views defined before this start", built)
+        self._engine.save_views()
 
     def _rows_factory(self, db_name, col_name, prefix):
         """rows_of(doc) of the per-document stages `prefix` (a view set's

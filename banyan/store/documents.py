@@ -101,6 +101,9 @@ class Documents(dict):
     def raw_items(self):
         return _items(self)
 
+    def raw_values(self):
+        return dict.values(self)
+
     def put_raw(self, key, raw):
         """Store `raw` (BSON bytes) under `key`: an update writing back."""
         _set(self, key, raw)

@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 _SNAPSHOT = journal.SNAPSHOT
 _JOURNAL = journal.JOURNAL
 _SNAPSHOT_CHUNK = 1000
+#: Stores whose snapshot would be larger than this are compacted by a
+#: thread, writes and reads going on meanwhile; smaller ones (a few
+#: milliseconds to write) at once, by the call that crossed the limit.
+BACKGROUND_BYTES = 4 << 20
 
 # ---------------------------------------------------------------------------
 # Journal, snapshot and the per-client lock (the file format and its reading
@@ -77,7 +81,14 @@ class Engine:
 
     def __init__(self, data_dir, compact_bytes):
         self.data_dir = os.path.abspath(data_dir)
-        self.journal_path = os.path.join(self.data_dir, _JOURNAL)
+        self.journal_path = os.path.join(self.data_dir, _JOURNAL)  # the journal segment written to
+        self.segments = []  # paths of the journal files the snapshot does not hold, oldest first
+        self.older_bytes = 0  # their size, but for the last one (journal_size)
+        self.snapshot_bytes = 0  # the size of the last snapshot read or written
+        self.threads = []  # the store's own threads (compaction, view builds), joined at close
+        self.saving_views = False
+        self.compacting = False
+        self.closing = False
         self.snapshot_path = os.path.join(self.data_dir, _SNAPSHOT)
         self.compact_bytes = compact_bytes
         self.next_compact = compact_bytes
@@ -94,6 +105,8 @@ class Engine:
         self.docinfo = {}
         self.undo = {}  # (id(store), key) -> (store, key, document before the call or None)
         self.carried = []  # schema actions of a rolled-back call, journaled with the next record
+        self.hints = []  # actions that change nothing (a view's definition), journaled with the call's
+        self.views_built = 0  # views built from every document (at a load, or at the first read asking)
         self.tail_dirty = False  # a failed append may have left part of a record at the end
         self.broken = None  # why every call is refused (a failed sync), or None
         self.replaying = False
@@ -112,6 +125,13 @@ class Engine:
     def note(self, action):
         if not self.replaying:
             self.events.append(("raw", action))
+
+    def note_hint(self, action):
+        """Journal `action`, which changes nothing (a view's definition,
+        which a later start reads to build the view while it loads), with
+        the next record: a read that defines a view writes nothing itself."""
+        if not self.replaying:
+            self.hints.append(action)
 
     def note_undo(self, store, key, before):
         """`store[key]` is about to change; `before` is what to put back
@@ -234,22 +254,23 @@ class Engine:
         events, docinfo, undo = self.events, self.docinfo, self.undo
         self.events, self.docinfo, self.undo = [], {}, {}
         carried, self.carried = self.carried, []
+        hints, self.hints = self.hints, []
         try:
-            actions = carried + self._actions(events, docinfo)
+            actions = carried + hints + self._actions(events, docinfo)
             if not actions:
                 return None
             self._append(_frame(actions))
         except BaseException as err:
             self._roll_back(undo)
             # creations, drops and indexes stay in memory: journal them next time
-            self.carried = carried + [payload for kind, payload in events if kind == "raw"]
+            self.carried = carried + hints + [payload for kind, payload in events if kind == "raw"]
             if isinstance(err, OSError):
                 raise StoreUnavailable.from_os_error(err, "writing the journal", self.journal_path) from err
             raise
         self.written_seq += 1
         seq = self.written_seq
-        if self.journal_size > self.next_compact:
-            self.compact()
+        if self.older_bytes + self.journal_size > self.next_compact and not self.compacting and not self.closing:
+            self.compact(background=self.snapshot_bytes + self.older_bytes + self.journal_size > BACKGROUND_BYTES)
         return seq
 
     @staticmethod
@@ -315,19 +336,23 @@ class Engine:
             if self.broken:
                 raise StoreUnavailable(self.broken)
             target = self.written_seq
-            try:
-                _fdatasync(self.fd)
-            except OSError as err:
-                failure = StoreUnavailable.from_os_error(err, "syncing the journal", self.journal_path)
-                self.broken = (
-                    "the embedded store stopped after a failed journal sync (%s): the last "
-                    "changes may not be on disk, so it refuses every request until the "
-                    "server is restarted" % (err.strerror or err)
-                )
-                logger.error("%s", self.broken)
-                raise failure from err
+            self._sync_fd(self.fd)
             if target > self.synced_seq:
                 self.synced_seq = target
+
+    def _sync_fd(self, fd):
+        """fdatasync the journal (`sync_lock` held); a failure stops the store."""
+        try:
+            _fdatasync(fd)
+        except OSError as err:
+            failure = StoreUnavailable.from_os_error(err, "syncing the journal", self.journal_path)
+            self.broken = (
+                "the embedded store stopped after a failed journal sync (%s): the last "
+                "changes may not be on disk, so it refuses every request until the "
+                "server is restarted" % (err.strerror or err)
+            )
+            logger.error("%s", self.broken)
+            raise failure from err
 
     # -- files -------------------------------------------------------------
     def open(self, server_store, rows_factory=None):
@@ -363,9 +388,13 @@ class Engine:
         snapshot = journal.read(self.snapshot_path)
         if snapshot is not None:
             self._check_snapshot(snapshot)
-        log = journal.read(self.journal_path)
-        if log is not None and log.damage:
-            raise StoreCorrupt(log.refusal(self.data_dir))
+            self.snapshot_bytes = snapshot.size
+        logs = [journal.read(os.path.join(self.data_dir, name)) for name in journal.journal_names(self.data_dir)]
+        logs = [log for log in logs if log is not None]
+        for log in logs:
+            if log.damage:
+                raise StoreCorrupt(log.refusal(self.data_dir))
+        logged = sum(log.size for log in logs)
         self.replaying = True
         try:
             if snapshot is not None:
@@ -373,16 +402,21 @@ class Engine:
                 # indexed alone, about three times what indexing it in the
                 # bulk build costs: past a quarter of the snapshot, a build
                 # from every document is cheaper.
-                self._replay_snapshot(snapshot, use_state=log is None or log.size < snapshot.size // 4)
-            for offset, _, actions in log.records if log else ():
-                self._replay(log.path, offset, actions)
+                self._replay_snapshot(snapshot, use_state=logged < snapshot.size // 4)
+            for log in logs:
+                for offset, _, actions in log.records:
+                    self._replay(log.path, offset, actions)
         finally:
             self.replaying = False
         for db_store in self.server_store._databases.values():  # pylint: disable=protected-access
             for store in db_store._collections.values():  # pylint: disable=protected-access
                 store.finish_loading()
+        self.segments = [log.path for log in logs] or [self.journal_path]
+        self.journal_path = self.segments[-1]  # new records go to the newest segment
         self.fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        if log is not None and log.tail is not None:
+        for log in logs:
+            if log.tail is None:
+                continue
             logger.warning(
                 "journal %s: dropped a torn last record, %d bytes at offset %d (%s): "
                 "a write cut short by a crash, never acknowledged",
@@ -391,17 +425,24 @@ class Engine:
                 log.tail.offset,
                 log.tail.reason,
             )
-            os.ftruncate(self.fd, log.valid_end)
-            os.fsync(self.fd)
-        self.journal_size = log.valid_end if log is not None else 0
+            if log is logs[-1]:
+                os.ftruncate(self.fd, log.valid_end)
+                os.fsync(self.fd)
+        self.journal_size = logs[-1].valid_end if logs else 0
+        self.older_bytes = sum(log.size for log in logs[:-1])
         journal.fsync_dir(self.data_dir)
-        replayed = log is not None and any(True for _ in log.actions())
-        if replayed:
-            logger.info("replayed %d journal records from %s", len(log.records), log.path)
+        if any(True for log in logs for _ in log.actions()):
+            logger.info("replayed %d journal records from %s", sum(len(log.records) for log in logs), self.data_dir)
         # A valid journal is as good as a snapshot: fold it in at start only
-        # when it is long (or the snapshot is missing or in an older format).
-        if self.journal_size > self.compact_bytes or snapshot is None or snapshot.version < journal.FORMAT_VERSION:
-            self.compact()
+        # when it is long, in segments a compaction left (or the snapshot is
+        # missing or in an older format).
+        if (
+            logged > self.compact_bytes
+            or len(logs) > 1
+            or snapshot is None
+            or snapshot.version < journal.FORMAT_VERSION
+        ):
+            self.compact(background=self.snapshot_bytes + logged > BACKGROUND_BYTES)
 
     def _check_snapshot(self, scan):
         """A snapshot is written whole and renamed into place: any damage,
@@ -452,7 +493,8 @@ class Engine:
         self.saved_views.update(
             (action["d"], action["c"], prefix, name)
             for prefix, view_set in store.view_sets.items()
-            for name in view_set.views
+            for name, view in view_set.views.items()
+            if view_set.built(view)
         )
         logger.info(
             "%s: loaded the indexes and views of %s.%s (%d documents)", path, action["d"], action["c"], documents
@@ -496,11 +538,20 @@ class Engine:
         elif op == "dx":
             if action["n"] in store.indexes:
                 store.drop_index(action["n"])
+        elif op == "view":
+            try:
+                store.define_view(action["p"], action["t"])
+            except Exception as err:  # pylint: disable=broad-except  # a view is no data: it is built when asked
+                logger.warning("a view of %s.%s is not built at start (%s)", action["d"], action["c"], err)
         else:
             raise RuntimeError(f"unknown journal action {op!r}")
 
-    def _snapshot_frames(self):
-        yield journal.format_record()
+    def _freeze(self):
+        """What a snapshot of the store now holds, as copies later calls do
+        not change: per collection, its head record's actions, its
+        documents' BSON (immutable bytes) and its state. Taken under the
+        lock; the snapshot is then written from it without the lock."""
+        frozen = []
         for db_name, db_store in list(self.server_store._databases.items()):  # pylint: disable=protected-access
             for col_name, store in list(db_store._collections.items()):  # pylint: disable=protected-access
                 if not store.is_created:
@@ -508,79 +559,203 @@ class Engine:
                 head = [{"o": "mk", "d": db_name, "c": col_name}]
                 for name, spec in store.indexes.items():
                     head.append({"o": "ix", "d": db_name, "c": col_name, "n": name, "s": spec})
-                yield _frame(head)
-                docs = [RawBSONDocument(raw) for _, raw in store._documents.raw_items()]  # pylint: disable=protected-access
-                digest = 0
-                for i in range(0, len(docs), _SNAPSHOT_CHUNK):
-                    record = _frame([{"o": "p", "d": db_name, "c": col_name, "docs": docs[i : i + _SNAPSHOT_CHUNK]}])
-                    digest = state.chain(digest, journal.HEADER.unpack_from(record)[2])
-                    yield record
-                exported = store.export_state()
-                try:
-                    dumped = None if exported is None else state.dump(exported)
-                except Exception as err:  # pylint: disable=broad-except  # the next start computes it: no loss
-                    logger.warning("could not write the indexes and views of %s.%s (%s)", db_name, col_name, err)
-                    dumped = None
-                if dumped is not None:
-                    self.writing_views.update(
-                        (db_name, col_name, prefix, name)
-                        for prefix, built in exported["views"].items()
-                        for name in built
-                    )
-                    yield _frame(
-                        [
-                            {
-                                "o": "state",
-                                "d": db_name,
-                                "c": col_name,
-                                "v": state.VERSION,
-                                "n": len(docs),
-                                "digest": digest,
-                                "state": dumped,
-                            }
-                        ]
-                    )
+                head.extend(store.view_definitions())
+                raws = list(store._documents.raw_values())  # pylint: disable=protected-access
+                frozen.append((db_name, col_name, head, raws, store.export_state()))
+        return frozen
+
+    def _snapshot_frames(self, frozen, written_views):
+        """The records of a snapshot of `frozen` (`_freeze`); adds the
+        views whose state it holds to `written_views`."""
+        yield journal.format_record()
+        for db_name, col_name, head, raws, exported in frozen:
+            yield _frame(head)
+            digest = 0
+            for i in range(0, len(raws), _SNAPSHOT_CHUNK):
+                docs = [RawBSONDocument(raw) for raw in raws[i : i + _SNAPSHOT_CHUNK]]
+                record = _frame([{"o": "p", "d": db_name, "c": col_name, "docs": docs}])
+                digest = state.chain(digest, journal.HEADER.unpack_from(record)[2])
+                yield record
+            try:
+                dumped = None if exported is None else state.dump(exported)
+            except Exception as err:  # pylint: disable=broad-except  # the next start computes it: no loss
+                logger.warning("could not write the indexes and views of %s.%s (%s)", db_name, col_name, err)
+                dumped = None
+            if dumped is None:
+                continue
+            written_views.update(
+                (db_name, col_name, prefix, name) for prefix, built in exported["views"].items() for name in built
+            )
+            yield _frame(
+                [
+                    {
+                        "o": "state",
+                        "d": db_name,
+                        "c": col_name,
+                        "v": state.VERSION,
+                        "n": len(raws),
+                        "digest": digest,
+                        "state": dumped,
+                    }
+                ]
+            )
         yield _frame([{"o": "end"}])
 
-    def compact(self):
-        """Write a snapshot atomically, then empty the journal. Fails safe:
-        when the snapshot cannot be written (no space) the journal is kept
-        as it is, and compaction is tried again after more writes."""
-        tmp = self.snapshot_path + ".tmp"
-        self.writing_views = set()
+    def compact(self, background=False):
+        """Write a snapshot atomically, then remove the journal it holds.
+
+        Under the lock, only a copy of the store is taken (`_freeze`) and
+        new records are sent to a new journal segment; the snapshot is
+        written without the lock (by a thread when `background`), and the
+        older segments are removed once it is in place. Fails safe: when
+        the snapshot cannot be written (no space) the journal is kept as
+        it is, and compaction is tried again after more writes. Returns
+        whether a snapshot was written (started, when `background`)."""
+        with self.lock:
+            if self.compacting:
+                return False
+            try:
+                frozen = self._freeze()
+                self._new_segment()
+            except OSError as err:
+                self._compaction_failed(err)
+                return False
+            self.compacting = True
+            older = self.segments[:-1]
+        if background:
+            self.start(lambda: self._write_snapshot(frozen, older), "banyan-store-compaction")
+            return True
+        return self._write_snapshot(frozen, older)
+
+    def start(self, work, name):
+        """Run `work` in a thread of the store's own, which close waits for."""
+        thread = threading.Thread(target=work, name=name, daemon=True)
+        self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def save_views(self, settle=1.0):
+        """Views were just built: a large store writes them into a snapshot
+        (in the background, once no view was built for `settle` seconds:
+        `/stats` builds several), so that a start after a crash loads them
+        instead of building them again, a pass over every document. A small
+        store, quick to build them again, keeps them at its next compaction
+        or close."""
+        with self.lock:
+            if self.saving_views or self.closing or self.fd is None:
+                return
+            if self.snapshot_bytes + self.older_bytes + self.journal_size <= BACKGROUND_BYTES:
+                return
+            self.saving_views = True
+
+        def save():
+            try:
+                seen = None
+                while seen != self.views_built and not self.closing:
+                    seen = self.views_built
+                    time.sleep(settle)
+                while self.compacting and not self.closing:  # one under way, perhaps without the views
+                    time.sleep(settle)
+                with self.lock:
+                    if self.closing or self.broken or self.built_views() <= self.saved_views:
+                        return
+                self.compact()
+            finally:
+                self.saving_views = False
+
+        self.start(save, "banyan-store-save-views")
+
+    def _new_segment(self):
+        """Send new records to a new journal segment (the lock held). The
+        records written so far are synced first: a later sync is of the
+        new segment, and must not leave them behind."""
+        number = max(journal.segment_number(path) for path in self.segments) + 1
+        path = os.path.join(self.data_dir, journal.segment_name(number))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         try:
-            with open(tmp, "wb") as f:
-                for frame in self._snapshot_frames():
-                    f.write(frame)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.snapshot_path)
+            journal.fsync_dir(self.data_dir)  # its name is durable before any record acknowledged in it
+            with self.sync_lock:
+                if self.tail_dirty:
+                    os.ftruncate(self.fd, self.journal_size)
+                self._sync_fd(self.fd)
+                old, self.fd = self.fd, fd
+                self.synced_seq = max(self.synced_seq, self.written_seq)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise
+        os.close(old)
+        self.older_bytes += self.journal_size
+        self.journal_size = 0
+        self.tail_dirty = False
+        self.segments.append(path)
+        self.journal_path = path
+
+    def _write_snapshot(self, frozen, older):
+        """Write the snapshot of `frozen`, then (the lock held) remove the
+        journal segments `older`, which it holds, oldest first, and name
+        the segment written to now `journal.bnj`."""
+        tmp = self.snapshot_path + ".tmp"
+        written_views = set()
+        started = time.monotonic()
+        try:
+            try:
+                with open(tmp, "wb") as f:
+                    for frame in self._snapshot_frames(frozen, written_views):
+                        f.write(frame)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    size = f.tell()
+                os.replace(tmp, self.snapshot_path)
+                journal.fsync_dir(self.data_dir)
+            except OSError as err:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                with self.lock:
+                    self._compaction_failed(err)
+                return False
+            with self.lock:
+                self._drop_segments(older)
+                self.snapshot_bytes = size
+                self.saved_views = written_views
+                self.next_compact = self.compact_bytes
+            logger.info(
+                "wrote a snapshot of the embedded store in %s: %d documents, %d built views, in %.1f s",
+                self.data_dir,
+                sum(len(raws) for _, _, _, raws, _ in frozen),
+                len(written_views),
+                time.monotonic() - started,
+            )
+            return True
+        finally:
+            self.compacting = False
+
+    def _drop_segments(self, older):
+        """Remove the journal segments a snapshot now holds, oldest first
+        (what is left after a crash is the newest part of the changes),
+        then name the newest `journal.bnj`."""
+        try:
+            for path in older:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                self.segments.remove(path)
+                self.older_bytes = sum(os.path.getsize(p) for p in self.segments[:-1])
+            base = os.path.join(self.data_dir, _JOURNAL)
+            if self.journal_path != base:
+                os.replace(self.journal_path, base)
+                self.segments[-1] = self.journal_path = base
             journal.fsync_dir(self.data_dir)
         except OSError as err:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            self.next_compact = self.journal_size + max(self.compact_bytes // 4, 1 << 20)
-            logger.warning(
-                "could not compact the embedded store in %s (%s); the journal is kept "
-                "as it is and compaction is tried again later",
-                self.data_dir,
-                err,
-            )
-            return False
-        # The snapshot holds everything the journal does; replaying the
-        # journal over it is harmless, so a crash before this is too.
-        try:
-            os.ftruncate(self.fd, 0)
-            self.journal_size = 0
-            self.tail_dirty = False
-            os.fsync(self.fd)
-        except OSError as err:
-            logger.warning("could not empty the journal %s after compaction (%s)", self.journal_path, err)
-        self.saved_views = self.writing_views
-        self.next_compact = self.compact_bytes
-        self.synced_seq = self.written_seq
-        logger.debug("compacted embedded store in %s", self.data_dir)
-        return True
+            logger.warning("could not remove the journal compacted into a snapshot in %s (%s)", self.data_dir, err)
+
+    def _compaction_failed(self, err):
+        self.next_compact = self.older_bytes + self.journal_size + max(self.compact_bytes // 4, 1 << 20)
+        logger.warning(
+            "could not compact the embedded store in %s (%s); the journal is kept "
+            "as it is and compaction is tried again later",
+            self.data_dir,
+            err,
+        )
 
     def built_views(self):
         """(database, collection, stages, view) of every built view."""
@@ -600,6 +775,10 @@ class Engine:
         (the first `/stats` after a start builds them: a pass over every
         task) are first written into a new one, so that the next start
         loads them; a compaction that fails here changes nothing."""
+        self.closing = True  # no new compaction starts; one under way ends first
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join()
         with self.lock:
             if self.closed:
                 return

@@ -270,6 +270,16 @@ class SecondaryIndex:
             raise ValueError("a column per field, an entry per sequence number")
         self.loaded = (columns, numbers)
 
+    def frozen(self):
+        """A copy that later writes do not change, for a snapshot written
+        outside the lock: the entries as a list (their tuples are shared,
+        never changed), which is all `__getstate__` reads."""
+        out = SecondaryIndex.__new__(SecondaryIndex)
+        out.fields = self.fields
+        out.entries = list(self.entries)
+        out.stats = [list(st) for st in self.stats]
+        return out
+
     def take_seqs(self, seqs):
         """Make the entries of an index read from a snapshot, with the
         sequence numbers `seqs` ({number: the collection's object})."""

@@ -1,7 +1,14 @@
 """The embedded store's files: records, the format marker, damage.
 
 A data directory holds `snapshot.bnj` (the whole store, replaced atomically
-by compaction) and `journal.bnj` (the changes since, appended). Both are
+by compaction) and `journal.bnj` (the changes since, appended). While a
+compaction writes a snapshot, new changes go to a new segment,
+`journal.<n>.bnj`; once the snapshot is in place the older segments are
+removed, oldest first, and the new one is renamed `journal.bnj`. A start
+replays the snapshot, then `journal.bnj`, then the numbered segments in
+order: what is left of them after a crash is always the newest part of the
+changes, and replaying changes the snapshot holds already is harmless
+(each record puts whole documents). All the files are
 sequences of records: `b"BJ"`, payload length (u32 LE), CRC32 of the
 payload (u32 LE), then the payload, a BSON document `{"a": [action, ...]}`.
 Since format 2 the first record of each file is `{"o": "format", "v": 2}`;
@@ -21,6 +28,7 @@ The first may be dropped; the second refuses to open (`StoreCorrupt`) until
 
 import contextlib
 import os
+import re
 import struct
 import time
 import zlib
@@ -40,6 +48,7 @@ FORMAT_VERSION = 2
 SNAPSHOT = "snapshot.bnj"
 JOURNAL = "journal.bnj"
 LOCKFILE = "LOCK"
+_SEGMENT = re.compile(r"journal\.(\d+)\.bnj\Z")
 MAGIC = b"BJ"
 HEADER = struct.Struct("<2sII")  # magic, payload length, crc32(payload)
 CODEC = CodecOptions(document_class=dict, tz_aware=False)
@@ -50,6 +59,28 @@ def frame(actions):
     """One record holding `actions`."""
     payload = bson.encode({"a": actions})
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def segment_name(number):
+    """The file name of journal segment `number` (1, 2...)."""
+    return "journal.%d.bnj" % number
+
+
+def segment_number(path):
+    """The number of the journal segment at `path` (0: `journal.bnj`)."""
+    got = _SEGMENT.match(os.path.basename(path))
+    return int(got.group(1)) if got else 0
+
+
+def journal_names(data_dir):
+    """The names of the journal files in `data_dir`, in replay order:
+    `journal.bnj` (if any), then the numbered segments."""
+    try:
+        names = os.listdir(data_dir)
+    except FileNotFoundError:
+        return []
+    numbered = sorted((int(m.group(1)), name) for name in names for m in [_SEGMENT.match(name)] if m)
+    return ([JOURNAL] if JOURNAL in names else []) + [name for _, name in numbered]
 
 
 def format_record():
@@ -244,7 +275,7 @@ def check(data_dir):
     """(report lines, starts): what each file holds, and whether the store
     would open (a torn tail alone does not stop it)."""
     lines, starts = [], True
-    for name in (SNAPSHOT, JOURNAL):
+    for name in [SNAPSHOT, JOURNAL] + [n for n in journal_names(data_dir) if n != JOURNAL]:
         path = os.path.join(data_dir, name)
         scan = read(path)
         if scan is None:
@@ -284,7 +315,7 @@ def repair(data_dir):
     lines = []
     with locked(data_dir):
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        for name in (SNAPSHOT, JOURNAL):
+        for name in [SNAPSHOT] + journal_names(data_dir):
             path = os.path.join(data_dir, name)
             scan = read(path)
             if scan is None:

@@ -10,6 +10,7 @@ state, the sums and ranks of runtimes). Reading a view costs the size of
 its answer, not of the collection.
 """
 
+import copy
 from fractions import Fraction
 
 from mongomock import aggregate as mm_aggregate
@@ -79,6 +80,10 @@ class GroupView:
             if not group[2]:
                 del self.groups[hashed]
 
+    def frozen(self):
+        """A copy that later writes do not change (`SecondaryIndex.frozen`)."""
+        return copy.deepcopy(self)
+
     def answer(self):
         out = []
         for key, total, _, floats in self.groups.values():
@@ -108,6 +113,14 @@ class SortView:
         self.__init__(state["field"], state["sort_key"])
         self.entries = sorted_list(state["entries"])
         self.seen = state["seen"]
+
+    def frozen(self):
+        """A copy that later writes do not change (`SecondaryIndex.frozen`):
+        the entries as a list, which is all `__getstate__` reads."""
+        out = SortView.__new__(SortView)
+        out.field, out.sort_key, out.seen = self.field, self.sort_key, self.seen
+        out.entries = list(self.entries)
+        return out
 
     @staticmethod
     def fits(tail):
