@@ -20,9 +20,11 @@ import collections.abc
 import copy
 import datetime
 import functools
+import heapq
 import itertools
 import logging
 import re
+import time
 
 import bson
 import mongomock
@@ -372,6 +374,18 @@ class _CollectionStore(mm_store.CollectionStore):
         hold of the lock (writes meanwhile change the view for the
         documents it has seen; another build of the same view at the same
         time skips what this one added). False if the view was dropped."""
+        engine = self._engine
+        with engine.lock:
+            engine.views_building += 1
+            engine.views_activity = time.monotonic()
+        try:
+            return self._build_view(prefix_key, view_set, view, when)
+        finally:
+            with engine.lock:
+                engine.views_building -= 1
+                engine.views_activity = time.monotonic()
+
+    def _build_view(self, prefix_key, view_set, view, when):
         engine = self._engine
         with engine.op():
             key_seq = self._key_seq
@@ -804,17 +818,39 @@ class EmbeddedCollection(mm_collection.Collection):
         self._scan(keys, match, take)
         if not sort_fields:
             return rows
-        order = list(range(len(rows)))
+        if copy_later and len(sort_fields) == 1 and stop * 4 < len(rows):
+            # The first `stop` rows in order, picked rather than sorting all
+            # (one sort of 100,000 keys holds every other thread up for its
+            # whole length; the pick lets them run between its steps).
+            pick = heapq.nlargest if sort_fields[0][1] < 0 else heapq.nsmallest
+            first = pick(stop, range(len(rows)), key=sort_keys[0].__getitem__)  # as a stable sort orders them
+            out = self._read_again(rows, first, match, fields, as_class, stop)
+            if len(out) >= stop:
+                return out
+            picked = set(first)  # some changed or went meanwhile: those after them, in order
+            rest = [i for i in self._sorted_rows(len(rows), sort_fields, sort_keys) if i not in picked]
+            return out + self._read_again(rows, rest, match, fields, as_class, stop - len(out))
+        order = self._sorted_rows(len(rows), sort_fields, sort_keys)
+        if not copy_later:
+            return [rows[i] for i in order]
+        return self._read_again(rows, order, match, fields, as_class, stop)
+
+    @staticmethod
+    def _sorted_rows(n, sort_fields, sort_keys):
+        order = list(range(n))
         for (_, direction), keys_of_field in reversed(list(zip(sort_fields, sort_keys))):
             # mongomock's sort: stable, key by key from the last
             order.sort(key=keys_of_field.__getitem__, reverse=direction < 0)
-        if not copy_later:
-            return [rows[i] for i in order]
+        return order
+
+    def _read_again(self, keys, order, match, fields, as_class, stop):
+        """The first `stop` documents of `keys` (store keys), taken in
+        `order`, that still exist and match."""
         out = []
         with self._engine.op():
             documents = self._store._documents  # pylint: disable=protected-access
             for i in order:
-                doc = documents.get(rows[i])
+                doc = documents.get(keys[i])
                 if doc is not None and match(doc):
                     out.append(self._answer(doc, fields, as_class))
                     if len(out) >= stop:

@@ -106,7 +106,9 @@ class Engine:
         self.undo = {}  # (id(store), key) -> (store, key, document before the call or None)
         self.carried = []  # schema actions of a rolled-back call, journaled with the next record
         self.hints = []  # actions that change nothing (a view's definition), journaled with the call's
-        self.views_built = 0  # views built from every document (at a load, or at the first read asking)
+        self.views_built = 0  # views built from every document (at start, or at the first read asking)
+        self.views_building = 0  # builds under way
+        self.views_activity = 0.0  # time.monotonic() of the last start or end of a build
         self.tail_dirty = False  # a failed append may have left part of a record at the end
         self.broken = None  # why every call is refused (a failed sync), or None
         self.replaying = False
@@ -614,6 +616,7 @@ class Engine:
         with self.lock:
             if self.compacting:
                 return False
+            held = time.monotonic()
             try:
                 frozen = self._freeze()
                 self._new_segment()
@@ -622,10 +625,11 @@ class Engine:
                 return False
             self.compacting = True
             older = self.segments[:-1]
+            held = time.monotonic() - held
         if background:
-            self.start(lambda: self._write_snapshot(frozen, older), "banyan-store-compaction")
+            self.start(lambda: self._write_snapshot(frozen, older, held), "banyan-store-compaction")
             return True
-        return self._write_snapshot(frozen, older)
+        return self._write_snapshot(frozen, older, held)
 
     def start(self, work, name):
         """Run `work` in a thread of the store's own, which close waits for."""
@@ -649,12 +653,10 @@ class Engine:
 
         def save():
             try:
-                seen = None
-                while seen != self.views_built and not self.closing:
-                    seen = self.views_built
-                    time.sleep(settle)
-                while self.compacting and not self.closing:  # one under way, perhaps without the views
-                    time.sleep(settle)
+                while not self.closing and (
+                    self.views_building or self.compacting or time.monotonic() - self.views_activity < settle
+                ):
+                    time.sleep(settle / 4)
                 with self.lock:
                     if self.closing or self.broken or self.built_views() <= self.saved_views:
                         return
@@ -691,7 +693,7 @@ class Engine:
         self.segments.append(path)
         self.journal_path = path
 
-    def _write_snapshot(self, frozen, older):
+    def _write_snapshot(self, frozen, older, held=0.0):
         """Write the snapshot of `frozen`, then (the lock held) remove the
         journal segments `older`, which it holds, oldest first, and name
         the segment written to now `journal.bnj`."""
@@ -719,12 +721,17 @@ class Engine:
                 self.snapshot_bytes = size
                 self.saved_views = written_views
                 self.next_compact = self.compact_bytes
+            documents = sum(len(raws) for _, _, _, raws, _ in frozen)
+            frozen.clear()
+            _give_back_memory()  # the copies and the encoded state, a third of the store's size
             logger.info(
-                "wrote a snapshot of the embedded store in %s: %d documents, %d built views, in %.1f s",
+                "wrote a snapshot of the embedded store in %s: %d documents, %d built views, in %.1f s "
+                "(of which %.3f s holding the store, to copy what it writes)",
                 self.data_dir,
-                sum(len(raws) for _, _, _, raws, _ in frozen),
+                documents,
                 len(written_views),
-                time.monotonic() - started,
+                time.monotonic() - started + held,
+                held,
             )
             return True
         finally:
