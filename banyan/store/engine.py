@@ -4,7 +4,9 @@ snapshots (their format: `banyan.store.journal`).
 A call's changes are applied in memory under the lock and its journal
 record is appended before the lock is released; a record that cannot be
 written rolls the changes back. `one_sync` lets a request's writes share one
-fdatasync (group commit: the sync runs outside the lock).
+fdatasync (group commit: the sync runs outside the lock). Compaction holds
+the lock only to copy what the snapshot will hold and to switch the journal
+to a new segment; the snapshot is written without it (`compact`).
 """
 
 import contextlib
@@ -129,9 +131,10 @@ class Engine:
             self.events.append(("raw", action))
 
     def note_hint(self, action):
-        """Journal `action`, which changes nothing (a view's definition,
-        which a later start reads to build the view while it loads), with
-        the next record: a read that defines a view writes nothing itself."""
+        """Journal `action`, which changes nothing (a view's definition: a
+        later start that finds the view not built in its snapshot builds it
+        at once), with the next record: a read that defines a view writes
+        nothing itself."""
         if not self.replaying:
             self.hints.append(action)
 
@@ -614,7 +617,7 @@ class Engine:
         it is, and compaction is tried again after more writes. Returns
         whether a snapshot was written (started, when `background`)."""
         with self.lock:
-            if self.compacting:
+            if self.compacting or self.broken:
                 return False
             held = time.monotonic()
             try:
