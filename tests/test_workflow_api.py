@@ -56,6 +56,59 @@ def test_each_kind_of_edge_runs_or_cancels_by_the_parent_outcome(app, api, db, o
             assert doc["pending_reason"] is None
 
 
+@pytest.mark.parametrize("outcome", [SUCCESS, FAILURE])
+def test_a_wide_fan_out_settles_each_child_by_its_edge(app, api, outcome):
+    """More children than the cascade settles one by one: those waiting for
+    the parent alone are released together, the others as before."""
+    parent = post(api, {"command": "x", "name": "parent", "state": "available"})["_id"]
+    other = post(api, {"command": "x", "name": "other", "state": "available"})["_id"]
+    waits = ids(api, [{"command": "y", "after": [parent]} for _ in range(6)])
+    available = ids(api, [{"command": "y", "state": "available", "after": [parent]} for _ in range(2)])
+    anyway = ids(api, [{"command": "y", "after_any": [parent]} for _ in range(2)])
+    on_failure = ids(api, [{"command": "y", "after_failure": [parent]} for _ in range(2)])
+    both = ids(api, [{"command": "y", "after": [parent, other]} for _ in range(2)])
+    held = ids(api, [{"command": "y", "after": [parent], "held": True}])
+    (barrier,) = ids(api, [{"name": "barrier", "after": [parent]}])
+    (after_barrier,) = ids(api, [{"command": "z", "after": [barrier]}])
+    run_to_end(app, parent, outcome)
+    ran = outcome == SUCCESS
+
+    def check():
+        for child in waits + available + held:
+            doc = get(api, child)
+            assert doc["state"] == ("available" if ran else "cancelled"), doc
+            assert (doc["pending_parents"], doc["pending_dependency_count"]) == ([], 0)
+            assert doc["held"] == (child in held)
+        for child in anyway + on_failure:
+            doc = get(api, child)
+            should_run = child in anyway or not ran
+            assert doc["state"] == ("available" if should_run else "cancelled"), doc
+            assert (doc["pending_parents"], doc["pending_dependency_count"]) == ([], 0)
+        for child in both:
+            doc = get(api, child)
+            if ran:
+                assert (doc["state"], doc["pending_parents"], doc["pending_dependency_count"]) == ("inactive", [other], 1)
+            else:
+                assert doc["state"] == "cancelled" and doc["cancelled_by"]["task"] == parent
+        assert get(api, barrier)["state"] == ("terminated" if ran else "cancelled")
+        assert get(api, after_barrier)["state"] == ("available" if ran else "cancelled")
+        assert get(api, parent)["cascade_pending"] is False
+
+    check()
+    # the cascade repeated, as after a crash in it, changes nothing
+    services(app).queue.tasks.update_one({"_id": ObjectId(parent)}, {"$set": {"cascade_pending": True}})
+    services(app).queue.resume_cascades()
+    check()
+    if ran:
+        # the ready ones are claimed, the held one is not
+        queue, worker, claimed = services(app).queue, ObjectId(), []
+        while (doc := queue.claim_next(worker, EVERYTHING)) is not None:
+            claimed.append(str(doc["_id"]))
+        assert sorted(claimed) == sorted(waits + available + anyway + [after_barrier, other])
+        queue.finish(ObjectId(other), worker, 1, SUCCESS)
+        assert all(get(api, child)["state"] == "available" for child in both)
+
+
 def test_a_parent_that_already_ended_settles_the_edge_at_creation(app, api):
     parent = post(api, {"command": "x", "state": "available"})["_id"]
     run_to_end(app, parent, FAILURE)
