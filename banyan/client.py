@@ -467,14 +467,19 @@ class Client:
                 found[doc["_id"]] = doc
         return found
 
-    def wait_unfinished(self, task_ids, timeout):
+    def wait_unfinished(self, task_ids, timeout, outcomes=False):
         """Hold until none of ``task_ids`` is unfinished, or ``timeout`` seconds;
         ``{"unfinished": {id: state}, "waited": bool}`` (``POST /tasks/wait``).
-        ``waited`` is false when the server was too busy to hold the request."""
+        ``waited`` is false when the server was too busy to hold the request.
+        ``outcomes``: the answer also has ``finished``, ``{id: {name, state,
+        exit_status, current_history, cancelled_by}}`` of the finished ones."""
+        body = {"ids": list(task_ids), "timeout": timeout}
+        if outcomes:
+            body["outcomes"] = True
         return self.request(
             "POST",
             ("tasks", "wait"),
-            json_body={"ids": list(task_ids), "timeout": timeout},
+            json_body=body,
             timeout=self.timeout + float(timeout),
             idempotent=True,
         )

@@ -4,9 +4,11 @@ The set of tasks is fixed when the wait starts (ids, or a `where` filter
 evaluated then). Each round is one `POST /tasks/wait` on the tasks not yet
 finished: the server holds it until they have all finished or `interval`
 seconds passed (so progress is drawn that often; without `on_progress`, as
-long as the server holds it), and answers the moment the last one ends. A
+long as the server holds it), and answers the moment the last one ends,
+with how each finished task ended (`outcomes`: no read after it). A
 server too busy to hold it (or one without that endpoint) is polled instead,
-with a small projection, every 0.2 s growing to `interval`. A task's details are fetched once, when it finishes.
+with a small projection, every 0.2 s growing to `interval`; a task's details
+are then fetched once, when it finishes.
 """
 
 import time
@@ -95,6 +97,7 @@ def wait_for(
     running = {task_id: doc["state"] for task_id, doc in tasks.items() if doc.get("state") not in FINISHED}
     delay = min(interval, 0.2)  # polled: short tasks are seen soon; then every `interval`
     held = True  # the server holds waits (False once it says it has no such endpoint)
+    outcomes = True  # its answers say how tasks ended (False from a server that predates it)
     while True:
         if on_progress is not None:
             on_progress(_progress(result, running, clock() - start))
@@ -110,18 +113,20 @@ def wait_for(
         if timeout is not None and clock() - start >= timeout:
             result.timed_out = True
             return result
-        still = None
+        still = finished = None
         if held:
             asked = list(running)[:_WAIT_CHUNK]
             # Without progress to draw, a round may last as long as the server holds it.
             seconds = interval if on_progress is not None else _HELD_ROUND
             if timeout is not None:
                 seconds = max(0.0, min(seconds, timeout - (clock() - start)))
-            reply = _held_round(client, asked, seconds)
+            reply = _held_round(client, asked, seconds, outcomes)
             if reply is None:
                 held = False
             else:
                 still = reply["unfinished"]
+                finished = reply.get("finished")
+                outcomes = finished is not None
                 if not reply.get("waited"):  # too busy to hold it: pace the rounds ourselves
                     sleep(delay)
                     delay = min(interval, delay * 2)
@@ -131,7 +136,10 @@ def wait_for(
             asked = list(running)
             still = _unfinished_states(client, asked, where if task_ids is None else None)
         done = [task_id for task_id in asked if task_id not in still]
-        fetched = client.tasks_by_id(done, OUTCOME_PROJECTION) if done else {}
+        if finished is not None:
+            fetched = finished
+        else:
+            fetched = client.tasks_by_id(done, OUTCOME_PROJECTION) if done else {}
         for task_id in done:
             # A task the filter no longer matches (`{"state": "available"}`
             # once it is claimed) may still run: finished means its state says so.
@@ -147,14 +155,17 @@ def wait_for(
                 running[task_id] = tasks[task_id]["state"] = state
 
 
-def _held_round(client, task_ids, seconds):
-    """The server's answer to a held wait on `task_ids`; None from a server
+def _held_round(client, task_ids, seconds, outcomes):
+    """The server's answer to a held wait on `task_ids`, with the finished
+    ones' outcomes if asked and the server knows how; None from a server
     without `POST /tasks/wait`."""
     try:
-        return client.wait_unfinished(task_ids, seconds)
+        return client.wait_unfinished(task_ids, seconds, outcomes=outcomes)
     except BanyanError as exc:
         if exc.status in (404, 405):
             return None
+        if outcomes and exc.status in (400, 422) and "outcomes" in (exc.issues or {}):
+            return _held_round(client, task_ids, seconds, False)
         raise
 
 

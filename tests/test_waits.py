@@ -14,6 +14,7 @@ from test_claims import PLENTY, claim, finish, register, submit
 from banyan.server import serve
 from banyan.server.services import services
 from banyan.server.states import utcnow
+from banyan.waiting import OUTCOME_PROJECTION
 
 
 def wait(api, body, status=200):
@@ -43,6 +44,22 @@ def test_finished_and_unknown_tasks_answer_at_once_with_what_is_unfinished(api):
     reply = wait(api, {"ids": [done, busy, inactive, "0" * 24], "timeout": 0})
     assert reply == {"unfinished": {busy: "running", inactive: "inactive"}, "waited": True}
     assert wait(api, {"ids": [done, "0" * 24]}) == {"unfinished": {}, "waited": True}
+
+
+def test_a_wait_with_outcomes_says_how_each_finished_task_ended_as_a_read_would(api):
+    (done, attempt), (busy, _) = running(api, 2)
+    finish(api, done, attempt, "failure", 3)
+    (never,) = submit(api, {"command": "x", "name": "never"})
+    patch(api, never, {"state": "cancelled"})
+    reply = wait(api, {"ids": [done, busy, never, "0" * 24], "timeout": 0, "outcomes": True})
+    assert reply["unfinished"] == {busy: "running"} and reply["waited"] is True
+    assert sorted(reply["finished"]) == sorted([done, never])
+    for task_id in (done, never):
+        read = api.get('/tasks/%s?projection={"%s": 1}' % (task_id, '": 1, "'.join(OUTCOME_PROJECTION))).json
+        assert reply["finished"][task_id] == {key: read.get(key) for key in ["_id", *OUTCOME_PROJECTION]}
+    assert reply["finished"][done]["current_history"]["exit_code"] == 3
+    assert reply["finished"][never]["current_history"] is None
+    assert wait(api, {"ids": [busy], "timeout": 0}) == {"unfinished": {busy: "running"}, "waited": True}
 
 
 def test_a_held_wait_answers_when_the_last_task_ends(store):
@@ -120,6 +137,7 @@ def test_too_many_held_waits_answer_at_once(store):
         ({"ids": ["0" * 24], "timeout": -1}, "timeout"),
         ({"ids": ["0" * 24], "timeout": "soon"}, "timeout"),
         ({"ids": ["0" * 24], "every": 1}, "unknown field"),
+        ({"ids": ["0" * 24], "outcomes": "yes"}, "outcomes"),
     ],
 )
 def test_bad_waits_are_refused(api, body, word):
@@ -149,6 +167,47 @@ def test_client_wait_returns_when_the_task_ends_not_at_the_next_round(live_serve
     assert time.monotonic() - started < 30  # the finish ended the round, not the interval
     assert result.ok and result.tasks[task_id]["exit_status"] == "success"
     assert [p.finished for p in rounds] == [0, 1]
+
+
+@pytest.mark.parametrize("server_knows_outcomes", [True, False])
+def test_client_wait_reads_no_task_after_the_wait_that_says_how_it_ended(live_server, server_knows_outcomes):
+    """`Client.wait` reads the tasks once, then learns how they ended from
+    the held wait's answer; from a server that does not know `outcomes`
+    (422), it reads them after the wait as before."""
+    from conftest import TEST_TOKEN
+
+    from banyan.client import Client
+    from banyan.errors import BanyanError
+
+    client = Client(live_server.url, TEST_TOKEN)
+    wid = client.register_worker("w", PLENTY)
+    ids = client.create_tasks([{"command": "x", "state": "available", "name": "n%d" % i} for i in range(2)])
+    items = client.claim(wid, PLENTY, 2)["_items"]
+    reads, rounds = [], []
+    read, held_round = client.tasks_by_id, client.wait_unfinished
+
+    def counted_read(task_ids, *args, **kwargs):
+        reads.append(list(task_ids))
+        return read(task_ids, *args, **kwargs)
+
+    def round_(task_ids, timeout, outcomes=False):
+        rounds.append(outcomes)
+        if outcomes and not server_knows_outcomes:
+            raise BanyanError(422, "outcomes: unknown field", {"outcomes": "unknown field"})
+        if len(rounds) == 1 or not server_knows_outcomes and len(rounds) == 2:
+            for item in items:
+                client.finish(item["_id"], item["history"][-1]["attempt"], "success", 0)
+        return held_round(task_ids, timeout, outcomes)
+
+    client.tasks_by_id, client.wait_unfinished = counted_read, round_
+    result = client.wait(ids)
+    assert result.ok
+    assert {task_id: doc["name"] for task_id, doc in result.tasks.items()} == {ids[0]: "n0", ids[1]: "n1"}
+    assert all(doc["current_history"]["exit_status"] == "success" for doc in result.tasks.values())
+    if server_knows_outcomes:
+        assert rounds == [True] and reads == [ids]
+    else:
+        assert rounds == [True, False] and reads == [ids, ids]
 
 
 def test_a_stopping_server_answers_its_held_claims_and_waits_at_once(store):

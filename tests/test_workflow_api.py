@@ -87,7 +87,11 @@ def test_a_wide_fan_out_settles_each_child_by_its_edge(app, api, outcome):
         for child in both:
             doc = get(api, child)
             if ran:
-                assert (doc["state"], doc["pending_parents"], doc["pending_dependency_count"]) == ("inactive", [other], 1)
+                assert (doc["state"], doc["pending_parents"], doc["pending_dependency_count"]) == (
+                    "inactive",
+                    [other],
+                    1,
+                )
             else:
                 assert doc["state"] == "cancelled" and doc["cancelled_by"]["task"] == parent
         assert get(api, barrier)["state"] == ("terminated" if ran else "cancelled")

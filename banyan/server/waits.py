@@ -1,13 +1,16 @@
 """Waits on tasks to finish, pushed rather than polled: `POST /tasks/wait`.
 
-    POST /tasks/wait  {"ids": [task ids], "timeout": 20}
-        -> 200 {"unfinished": {id: state}, "waited": true}
+    POST /tasks/wait  {"ids": [task ids], "timeout": 20, "outcomes": true}
+        -> 200 {"unfinished": {id: state}, "waited": true,
+                "finished": {id: {name, state, exit_status, current_history, cancelled_by}}}
 
 The answer comes as soon as none of `ids` is unfinished, or when `timeout`
 seconds (at most `WAIT_MAX_TIMEOUT`) have passed; `unfinished` then lists
 those still running, waiting or queued, with their states. Ids of tasks
 that do not exist, or that the caller may not see, count as not unfinished
-(the caller finds out when it reads them).
+(the caller finds out when it reads them). With `outcomes`, the answer also
+carries how each finished task ended (`finished`): what a waiting client
+would read next, without a round trip more.
 
 A held wait costs nothing while nothing changes: it sleeps on an `Event`
 registered with `FinishWaiters`, which `TaskQueue.on_finished` wakes when
@@ -26,6 +29,7 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from flask import Blueprint, current_app
 
+from banyan.protocol import FINISHED
 from banyan.server import store, worker_requests
 from banyan.server.auth import check_role, owner_filter
 from banyan.server.held import HeldRequests
@@ -70,9 +74,29 @@ class FinishWaiters(HeldRequests):
                         event.set()
 
 
-def wait_finished(task_ids, timeout):
+#: What a wait with `outcomes` answers of each finished task: enough to say
+#: how it ended (`banyan.waiting.OUTCOME_PROJECTION`; `current_history`
+#: is the last entry of `history`, as the tasks' alias shows it).
+OUTCOME_FIELDS = {"name": 1, "state": 1, "exit_status": 1, "cancelled_by": 1, "history": 1}
+
+
+def _outcomes(queue, task_ids, visible):
+    """{id: how it ended} of those of `task_ids` that have finished (and that
+    the caller may see)."""
+    finished = {}
+    for doc in store.find_in(
+        queue.tasks, "_id", task_ids, dict(visible or {}, state={"$in": [s.value for s in FINISHED]}), OUTCOME_FIELDS
+    ):
+        ended = {key: doc.get(key) for key in ("_id", "name", "state", "exit_status", "cancelled_by")}
+        ended["current_history"] = (doc.get("history") or [None])[-1]
+        finished[str(doc["_id"])] = ended
+    return finished
+
+
+def wait_finished(task_ids, timeout, outcomes=False):
     """`{"unfinished": {id: state}, "waited": bool}` once none of `task_ids`
-    (that the caller may see) is unfinished, or after `timeout` seconds."""
+    (that the caller may see) is unfinished, or after `timeout` seconds.
+    `outcomes`: the answer also says how the finished ones ended (`finished`)."""
     queue, waiters, config = services().queue, services().finish_waiters, current_app.config
     visible = owner_filter()
     timeout = min(max(0.0, timeout), config["WAIT_MAX_TIMEOUT"])
@@ -101,11 +125,14 @@ def wait_finished(task_ids, timeout):
             left = waiters.remaining(event)
     # What was read may be writes another request has made visible and not
     # yet synced: an answer never reports what a crash could still undo.
-    store.sync_visible(queue.tasks.database.client)
-    return {
+    answer = {
         "unfinished": {str(task_id): state for task_id, state in unfinished.items()},
         "waited": event is not None or timeout == 0,
     }
+    if outcomes:
+        answer["finished"] = _outcomes(queue, [t for t in task_ids if t not in unfinished], visible)
+    store.sync_visible(queue.tasks.database.client)
+    return answer
 
 
 blueprint = Blueprint("waits", __name__)
@@ -115,7 +142,7 @@ blueprint = Blueprint("waits", __name__)
 def wait_view():
     check_role(())
     body, issues = worker_requests.json_body(), worker_requests.Issues()
-    worker_requests.check_unknown(body, ("ids", "timeout"), issues)
+    worker_requests.check_unknown(body, ("ids", "timeout", "outcomes"), issues)
     ids = body.get("ids")
     task_ids = []
     limit = current_app.config["WAIT_MAX_IDS"]
@@ -134,8 +161,11 @@ def wait_view():
     timeout = body.get("timeout", current_app.config["WAIT_MAX_TIMEOUT"])
     if not worker_requests.is_number(timeout) or timeout < 0:
         issues["timeout"] = "must be a number of seconds >= 0, not %r" % (timeout,)
+    outcomes = body.get("outcomes", False)
+    if not isinstance(outcomes, bool):
+        issues["outcomes"] = "must be true or false, not %r" % (outcomes,)
     issues.refuse()
-    return worker_requests.reply(wait_finished(list(dict.fromkeys(task_ids)), float(timeout)))
+    return worker_requests.reply(wait_finished(list(dict.fromkeys(task_ids)), float(timeout), outcomes))
 
 
 def init_app(app):
