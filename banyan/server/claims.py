@@ -32,7 +32,7 @@ from datetime import timedelta
 
 from bson import ObjectId
 from bson.errors import InvalidId
-from flask import Blueprint, abort, current_app, make_response, request
+from flask import Blueprint, abort, current_app, g, make_response, request
 from werkzeug.exceptions import HTTPException
 
 from banyan.protocol import WorkerState
@@ -74,8 +74,19 @@ def check_worker_access(worker):
     abort(403, description="worker '%s' was registered with another token" % worker["_id"])
 
 
+def _worker(worker_id):
+    """The registered worker `worker_id` (None if unknown), read once per
+    request: a claim carrying reports checks its worker for each report and
+    again for the claim, all within microseconds (a state change racing the
+    claim is `confirm_claimer`'s, which reads afresh)."""
+    read = g.setdefault("banyan_workers", {})
+    if worker_id not in read:
+        read[worker_id] = _registry().get(worker_id)
+    return read[worker_id]
+
+
 def _worker_or_404(worker_id):
-    worker = _registry().get(worker_id)
+    worker = _worker(worker_id)
     if worker is None:
         abort(404, description="no worker '%s'; register with POST /workers" % worker_id)
     check_worker_access(worker)
@@ -243,7 +254,7 @@ def finish(task_id, attempt, outcome, exit_code=None, stdout="", stderr="", usag
     already gave up is kept in that attempt's entry (`late_report`) rather
     than refused. Output is kept once the report was accepted."""
     queue = _queue()
-    task = queue.tasks.find_one({"_id": task_id}, {"worker": 1, "state": 1, "history.attempt": 1, "history.worker": 1})
+    task = queue.tasks.find_one({"_id": task_id})  # whole: `finish` decides on it without reading it again
     if task is None:
         abort(404, description="no task '%s'" % task_id)
     entry = next((h for h in task.get("history") or [] if h.get("attempt") == attempt), None)
@@ -253,12 +264,12 @@ def finish(task_id, attempt, outcome, exit_code=None, stdout="", stderr="", usag
     if worker_id is None:
         abort(409, description="task '%s' is '%s': no worker holds it" % (task_id, task["state"]))
     if current_identity().role != "admin":
-        worker = _registry().get(worker_id)
+        worker = _worker(worker_id)
         if worker is None:
             abort(403, description="task '%s' is held by '%s', not by a registered worker" % (task_id, worker_id))
         check_worker_access(worker)
     try:
-        doc = queue.finish(task_id, worker_id, attempt, outcome, exit_code, usage)
+        doc = queue.finish(task_id, worker_id, attempt, outcome, exit_code, usage, doc=task)
     except states.Conflict as e:
         doc = queue.keep_late_report(task_id, worker_id, attempt, outcome, exit_code, usage)
         if doc is None:

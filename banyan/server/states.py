@@ -1348,15 +1348,17 @@ class TaskQueue:
         else:
             self.slots.delete_many({"job": job_id, "task": task_id})
 
-    def finish(self, task_id, worker_id, attempt, outcome, exit_code=None, usage=None):
+    def finish(self, task_id, worker_id, attempt, outcome, exit_code=None, usage=None, doc=None):
         """End an attempt as its worker reports it, then apply the rules:
         success releases continuations; a failure with retries left requeues
         the task; otherwise it ends and its continuations are cancelled.
-        Returns the task as stored after the change."""
+        `doc`: the whole task as the caller just read it (it is read again
+        only if it changed meanwhile). Returns the task as stored after the change."""
         if outcome not in WORKER_OUTCOMES + (ABANDONED,):
             raise TransitionError("unknown outcome '%s'; one of %s" % (outcome, ", ".join(WORKER_OUTCOMES)))
         while True:
-            doc = self.tasks.find_one({"_id": task_id})
+            if doc is None:
+                doc = self.tasks.find_one({"_id": task_id})
             if doc is None:
                 raise NotFound("task '%s' does not exist" % task_id)
             history = doc.get("history") or []
@@ -1403,6 +1405,7 @@ class TaskQueue:
             updated = self.tasks.find_one_and_update(held, {"$set": sets}, return_document=ReturnDocument.AFTER)
             if updated is not None:
                 break
+            doc = None  # changed since it was read: read it again
         if outcome != SUCCESS:
             self.drop_children(task_id, attempt)
         if updated["state"] in FINISHED:
