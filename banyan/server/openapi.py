@@ -377,6 +377,7 @@ def worker_schemas(config):
                     "minimum": 0,
                     "description": "seconds (at most %s)" % config["WAIT_MAX_TIMEOUT"],
                 },
+                "outcomes": {"type": "boolean", "description": "also answer how each finished task ended"},
             },
         },
         "TokenRequest": {
@@ -616,8 +617,15 @@ def operations(config):
                 "hold until the tasks have all finished, or `timeout` passes",
                 _answer(
                     200,
-                    "those still unfinished",
-                    {"type": "object", "properties": {"unfinished": {"type": "object"}, "waited": {"type": "boolean"}}},
+                    "those still unfinished (with `outcomes`: how the finished ones ended)",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "unfinished": {"type": "object"},
+                            "waited": {"type": "boolean"},
+                            "finished": {"type": "object"},
+                        },
+                    },
                 ),
                 body=_ref("Wait"),
             )
