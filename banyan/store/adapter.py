@@ -809,8 +809,11 @@ class EmbeddedCollection(mm_collection.Collection):
         # copied (after the sort, each read again and checked again).
         copy_later = bool(sort_fields) and stop is not None
 
-        def take(doc):
-            rows.append(store_key(doc["_id"]) if copy_later else self._answer(doc, fields, as_class))
+        def take(key, doc):
+            # (the store's own key object: a new one per row, a million of
+            # them in a scan, made each full garbage collection meanwhile,
+            # which stops every thread, walk them all)
+            rows.append(key if copy_later else self._answer(doc, fields, as_class))
             for (field, _), keys_of_field in zip(sort_fields, sort_keys):
                 keys_of_field.append(_sort_key(field, doc))
             return not sort_fields and stop is not None and len(rows) >= stop
@@ -899,7 +902,7 @@ class EmbeddedCollection(mm_collection.Collection):
         return None, ordered
 
     def _scan(self, keys, match, visit):
-        """Call visit(doc) on each matching document of `keys`, holding the
+        """Call visit(key, doc) on each matching document of `keys`, holding the
         lock for SCAN_SLICE documents at a time so that writes and other
         reads go through between slices. Each document is seen whole, as
         one call left it; documents inserted after the scan began are not
@@ -912,7 +915,7 @@ class EmbeddedCollection(mm_collection.Collection):
                 documents = self._store._documents  # pylint: disable=protected-access  # (a drop replaces it)
                 for key in keys[start : start + SCAN_SLICE]:
                     doc = documents.get(key)
-                    if doc is not None and match(doc) and visit(doc):
+                    if doc is not None and match(doc) and visit(key, doc):
                         return
 
     def _iter_documents(self, filter):  # pylint: disable=redefined-builtin
@@ -955,7 +958,7 @@ class EmbeddedCollection(mm_collection.Collection):
                 return sum(1 for doc in (plan[0] if plan else ()) if match(doc))
         count = [0]
 
-        def one(_doc):
+        def one(_key, _doc):
             count[0] += 1
 
         self._scan(keys, match, one)
