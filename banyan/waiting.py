@@ -5,7 +5,8 @@ evaluated then). Each round is one `POST /tasks/wait` on the tasks not yet
 finished: the server holds it until they have all finished or `interval`
 seconds passed (so progress is drawn that often; without `on_progress`, as
 long as the server holds it), and answers the moment the last one ends,
-with how each finished task ended (`outcomes`: no read after it). A
+with how each finished task ended (`outcomes`: no read of the tasks
+before or after it; the first answer also names ids of no task). A
 server too busy to hold it (or one without that endpoint) is polled instead,
 with a small projection, every 0.2 s growing to `interval`; a task's details
 are then fetched once, when it finishes.
@@ -84,13 +85,14 @@ def wait_for(
     finished, or `timeout` seconds passed. `on_progress(Progress)` is called
     after every round. Raises MissingTasks for ids that name no task."""
     start = clock()
+    unread = False  # True until an answer said how each of `task_ids` stands
     if task_ids is not None:
         task_ids = list(dict.fromkeys(task_ids))
-        tasks = client.tasks_by_id(task_ids, OUTCOME_PROJECTION)
-        missing = [task_id for task_id in task_ids if task_id not in tasks]
-        if missing:
-            raise MissingTasks(missing)
-        tasks = {task_id: tasks[task_id] for task_id in task_ids}
+        if len(task_ids) <= _WAIT_CHUNK:
+            # The first held round's answer says it (`outcomes`), without a read of its own.
+            tasks, unread = {task_id: {"_id": task_id, "state": None} for task_id in task_ids}, True
+        else:
+            tasks = _read(client, task_ids)
     else:
         tasks = {doc["_id"]: doc for doc in client.iter_tasks(where or {}, OUTCOME_PROJECTION, max_results=10000)}
     result = WaitResult(tasks)
@@ -110,8 +112,9 @@ def wait_for(
                     running[doc["_id"]] = doc["state"]
         if not running:
             return result
-        if timeout is not None and clock() - start >= timeout:
+        if timeout is not None and clock() - start >= timeout and not unread:
             result.timed_out = True
+            _read_unfinished(client, result)
             return result
         still = finished = None
         if held:
@@ -127,9 +130,25 @@ def wait_for(
                 still = reply["unfinished"]
                 finished = reply.get("finished")
                 outcomes = finished is not None
+                if unread and outcomes:
+                    if reply.get("missing"):
+                        raise MissingTasks(reply["missing"])
+                    unread = False
                 if not reply.get("waited"):  # too busy to hold it: pace the rounds ourselves
                     sleep(delay)
                     delay = min(interval, delay * 2)
+        if unread:
+            # No answer said how they stand (a server that holds no waits,
+            # or knows no `outcomes`): read them, as that answer would have.
+            for task_id, doc in _read(client, task_ids).items():
+                tasks[task_id].update(doc)
+                if doc.get("state") in FINISHED:
+                    running.pop(task_id, None)
+                else:
+                    running[task_id] = doc["state"]
+            unread = False
+            if still is None:
+                continue
         if still is None:
             sleep(delay)
             delay = min(interval, delay * 2)
@@ -153,6 +172,25 @@ def wait_for(
         for task_id, state in still.items():
             if task_id in running:
                 running[task_id] = tasks[task_id]["state"] = state
+
+
+def _read(client, task_ids):
+    """{id: task} of each of `task_ids`, in their order; MissingTasks for
+    ids that name no task."""
+    found = client.tasks_by_id(task_ids, OUTCOME_PROJECTION)
+    missing = [task_id for task_id in task_ids if task_id not in found]
+    if missing:
+        raise MissingTasks(missing)
+    return {task_id: found[task_id] for task_id in task_ids}
+
+
+def _read_unfinished(client, result):
+    """Unfinished tasks known only by their state (the held rounds' answers
+    say no more of them), read in full for the caller."""
+    bare = [task_id for task_id, doc in result.tasks.items() if doc.get("state") not in FINISHED and "name" not in doc]
+    if bare:
+        for task_id, doc in client.tasks_by_id(bare, OUTCOME_PROJECTION).items():
+            result.tasks[task_id].update(doc)
 
 
 def _held_round(client, task_ids, seconds, outcomes):

@@ -53,6 +53,7 @@ def test_a_wait_with_outcomes_says_how_each_finished_task_ended_as_a_read_would(
     patch(api, never, {"state": "cancelled"})
     reply = wait(api, {"ids": [done, busy, never, "0" * 24], "timeout": 0, "outcomes": True})
     assert reply["unfinished"] == {busy: "running"} and reply["waited"] is True
+    assert reply["missing"] == ["0" * 24]
     assert sorted(reply["finished"]) == sorted([done, never])
     for task_id in (done, never):
         read = api.get('/tasks/%s?projection={"%s": 1}' % (task_id, '": 1, "'.join(OUTCOME_PROJECTION))).json
@@ -205,9 +206,31 @@ def test_client_wait_reads_no_task_after_the_wait_that_says_how_it_ended(live_se
     assert {task_id: doc["name"] for task_id, doc in result.tasks.items()} == {ids[0]: "n0", ids[1]: "n1"}
     assert all(doc["current_history"]["exit_status"] == "success" for doc in result.tasks.values())
     if server_knows_outcomes:
-        assert rounds == [True] and reads == [ids]
+        assert rounds == [True] and reads == []
     else:
         assert rounds == [True, False] and reads == [ids, ids]
+
+
+def test_client_wait_names_missing_tasks_without_waiting_for_the_others(live_server):
+    from conftest import TEST_TOKEN
+
+    from banyan.client import Client
+    from banyan.waiting import MissingTasks
+
+    client = Client(live_server.url, TEST_TOKEN)
+    wid = client.register_worker("w", PLENTY)
+    (task_id,) = client.create_tasks([{"command": "x", "state": "available", "name": "busy"}])
+    client.claim(wid, PLENTY, 1)
+    result = client.wait([task_id], timeout=0)  # timed out: the task as a read shows it
+    assert result.timed_out and [(d["_id"], d["name"], d["state"]) for d in result.unfinished] == [
+        (task_id, "busy", "running")
+    ]
+    with pytest.raises(MissingTasks) as raised:
+        client.wait([task_id, "0" * 24])
+    assert raised.value.task_ids == ["0" * 24]
+    reply = client.wait_unfinished([task_id, "0" * 24], 30, outcomes=True)
+    assert reply == {"unfinished": {task_id: "running"}, "waited": True, "finished": {}, "missing": ["0" * 24]}
+    assert client.get_task(task_id)["state"] == "running"
 
 
 def test_a_stopping_server_answers_its_held_claims_and_waits_at_once(store):

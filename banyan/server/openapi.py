@@ -624,6 +624,7 @@ def operations(config):
                             "unfinished": {"type": "object"},
                             "waited": {"type": "boolean"},
                             "finished": {"type": "object"},
+                            "missing": {"type": "array", "items": {"type": "string"}},
                         },
                     },
                 ),

@@ -2,15 +2,17 @@
 
     POST /tasks/wait  {"ids": [task ids], "timeout": 20, "outcomes": true}
         -> 200 {"unfinished": {id: state}, "waited": true,
-                "finished": {id: {name, state, exit_status, current_history, cancelled_by}}}
+                "finished": {id: {name, state, exit_status, current_history, cancelled_by}},
+                "missing": [ids]}
 
 The answer comes as soon as none of `ids` is unfinished, or when `timeout`
 seconds (at most `WAIT_MAX_TIMEOUT`) have passed; `unfinished` then lists
 those still running, waiting or queued, with their states. Ids of tasks
 that do not exist, or that the caller may not see, count as not unfinished
 (the caller finds out when it reads them). With `outcomes`, the answer also
-carries how each finished task ended (`finished`): what a waiting client
-would read next, without a round trip more.
+carries how each finished task ended (`finished`) and names the ids of no
+task (`missing`; then it comes at once): what a waiting client would
+otherwise read before and after the wait, in round trips of their own.
 
 A held wait costs nothing while nothing changes: it sleeps on an `Event`
 registered with `FinishWaiters`, which `TaskQueue.on_finished` wakes when
@@ -96,7 +98,9 @@ def _outcomes(queue, task_ids, visible):
 def wait_finished(task_ids, timeout, outcomes=False):
     """`{"unfinished": {id: state}, "waited": bool}` once none of `task_ids`
     (that the caller may see) is unfinished, or after `timeout` seconds.
-    `outcomes`: the answer also says how the finished ones ended (`finished`)."""
+    `outcomes`: the answer also says how the finished ones ended
+    (`finished`) and which of `task_ids` name no task (`missing`), and
+    comes at once when some do."""
     queue, waiters, config = services().queue, services().finish_waiters, current_app.config
     visible = owner_filter()
     timeout = min(max(0.0, timeout), config["WAIT_MAX_TIMEOUT"])
@@ -104,14 +108,21 @@ def wait_finished(task_ids, timeout, outcomes=False):
     recheck = config["WAIT_RECHECK_INTERVAL"]
     sole = store.sole_writer(queue.tasks.database.client)
     left = list(task_ids)
+    finished = missing = None
     with waiters.waiting(left, config["WAIT_MAX_WAITERS"]) if timeout > 0 else contextlib.nullcontext() as event:
         while True:
             if event is not None:
                 event.clear()
             unfinished = queue.unfinished(left, visible) if left else {}
+            if outcomes and missing is None:  # the first look: how they all stand
+                finished = _outcomes(queue, [t for t in task_ids if t not in unfinished], visible)
+                missing = [t for t in task_ids if t not in unfinished and str(t) not in finished]
+                if missing:
+                    break  # the caller cannot wait for tasks that are not there
             remaining = deadline - time.monotonic()
             if not unfinished or event is None or remaining <= 0:
                 break
+            finished = None  # (read again at the end)
             waiters.narrow(event, unfinished)
             event.wait(min(remaining, recheck))
             if waiters.released:
@@ -130,7 +141,9 @@ def wait_finished(task_ids, timeout, outcomes=False):
         "waited": event is not None or timeout == 0,
     }
     if outcomes:
-        answer["finished"] = _outcomes(queue, [t for t in task_ids if t not in unfinished], visible)
+        if finished is None:
+            finished = _outcomes(queue, [t for t in task_ids if t not in unfinished], visible)
+        answer.update(finished=finished, missing=[str(t) for t in missing or ()])
     store.sync_visible(queue.tasks.database.client)
     return answer
 
