@@ -12,6 +12,37 @@ from bson import ObjectId
 from banyan.server.states import TaskQueue, utcnow
 
 EVERYTHING = {"cores": 64, "memory": 1 << 40, "gpus": 0}
+NO_CORE = dict(EVERYTHING, cores=0)
+
+
+class ManualClock:
+    """The clock of a queue's shared read, moved by the test rather than by
+    time: `within_interval` and `past_interval` move it to just before and
+    just after the end of the interval of the last read."""
+
+    def __init__(self, queue):
+        self.shared = queue._shared
+        self.now = 1000.0
+        self.shared.clock = lambda: self.now
+
+    def within_interval(self):
+        self.now = self.shared.started() + self.shared.interval() - 0.01
+
+    def past_interval(self):
+        self.now = self.shared.started() + self.shared.interval() + 0.01
+
+
+def count_calls(monkeypatch, obj, name):
+    """Wrap `obj.name` so that its calls are counted; returns the count's getter."""
+    calls = []
+    method = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return method(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return lambda: len(calls)
 
 
 def queue_pair(db):
@@ -86,16 +117,72 @@ def test_a_change_through_this_queue_reorders_its_read(db):
 
 def test_tasks_claimed_or_made_ready_by_another_process_are_seen(db):
     one, two = queue_pair(db)
+    clock = ManualClock(one)
     ids = seed(one, [{} for _ in range(4)])
     assert one.claim_next(ObjectId(), EVERYTHING)["_id"] == ids[0]  # both reads hold ids[1:]
     assert two.claim_next(ObjectId(), EVERYTHING)["_id"] == ids[1]
     assert claim_all(two) == ids[2:]
     # `one` still holds ids[1:] in its read: each fails its claim's precondition
     assert one.claim_next(ObjectId(), EVERYTHING) is None
-    (fresh,) = seed(two, [{}])  # not in `one`'s read: found when it has nothing else
+    (fresh,) = seed(two, [{}])  # not in `one`'s read: found once that read is past its interval
+    assert one.claim_next(ObjectId(), EVERYTHING) is None
+    clock.past_interval()
     assert one.claim_next(ObjectId(), EVERYTHING)["_id"] == fresh
     for doc in db.tasks.find({}):
         assert doc["state"] == "running" and len(doc["history"]) == 1
+
+
+def test_nothing_in_a_fresh_complete_read_is_nothing_without_reading_again(db):
+    one, two = queue_pair(db)
+    clock = ManualClock(one)
+    first, second = seed(one, [{}, {}])
+    assert one.claim_next(ObjectId(), EVERYTHING)["_id"] == first
+    assert one._shared.reads == 1
+    # a worker whose cores are all taken asks for tasks needing none, again and again
+    for _ in range(5):
+        assert one.claim_next(ObjectId(), NO_CORE) is None
+    assert one._shared.reads == 1
+    assert one.claim_next(ObjectId(), EVERYTHING)["_id"] == second
+    assert one.claim_next(ObjectId(), EVERYTHING) is None
+    assert one._shared.reads == 1
+    # made ready through this process: claimed at once, from the same read
+    (mine,) = seed(one, [{"requested_resources": {"cores": 0}}])
+    assert one.claim_next(ObjectId(), NO_CORE)["_id"] == mine
+    # made ready through another: not seen before the read's interval is over ...
+    (theirs,) = seed(two, [{"requested_resources": {"cores": 0}}])
+    clock.within_interval()
+    assert one.claim_next(ObjectId(), NO_CORE) is None
+    assert one._shared.reads == 1
+    # ... and claimed at the first claim after it, by a new read
+    clock.past_interval()
+    assert one.claim_next(ObjectId(), NO_CORE)["_id"] == theirs
+    assert one._shared.reads == 2
+    assert db.tasks.count_documents({"state": "running"}) == 4
+
+
+def test_nothing_within_a_claim_own_read_is_nothing_until_the_interval_is_over(db, monkeypatch):
+    """A read too short to hold every ready task: a claim for what none of
+    it fits reads by itself; claims for no more than it asked for take
+    that read's "nothing" within the same interval."""
+    one, two = queue_pair(db)
+    clock = ManualClock(one)
+    one._shared.size = 2
+    own_reads = count_calls(monkeypatch, one, "_read_candidates")
+    seed(one, [{} for _ in range(3)])  # a core each
+    for _ in range(4):
+        assert one.claim_next(ObjectId(), NO_CORE) is None
+    assert (one._shared.reads, own_reads()) == (1, 1)
+    (mine,) = seed(one, [{"requested_resources": {"cores": 0}}])  # through this process: no longer "nothing"
+    assert one.claim_next(ObjectId(), NO_CORE)["_id"] == mine
+    assert one.claim_next(ObjectId(), NO_CORE) is None
+    reads = (one._shared.reads, own_reads())
+    (theirs,) = seed(two, [{"requested_resources": {"cores": 0}}])
+    clock.within_interval()
+    assert one.claim_next(ObjectId(), NO_CORE) is None
+    assert (one._shared.reads, own_reads()) == reads
+    clock.past_interval()
+    assert one.claim_next(ObjectId(), NO_CORE)["_id"] == theirs
+    assert db.tasks.count_documents({"state": "available"}) == 3
 
 
 def test_concurrent_claimers_of_two_processes_take_each_task_once(db):

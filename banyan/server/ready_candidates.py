@@ -33,8 +33,11 @@ from datetime import datetime, timezone
 from banyan.server.document_locks import takes_document_locks
 from banyan.server.store import aware
 
-#: Candidates one shared read keeps.
-SHARED_READ_SIZE = 512
+#: Candidates one shared read keeps. FerretDB 1.x fetches and sorts every
+#: ready task whatever the limit (2,000 ready: the same time for 512 as for
+#: all), so the read keeps many: one that holds every ready task answers
+#: "nothing fits" by itself, without a read of the claim's own.
+SHARED_READ_SIZE = 4096
 #: Seconds a shared read serves claims before it is read again (tasks made
 #: ready through other servers wait this long to be seen)...
 SHARED_READ_SECONDS = 0.5
@@ -42,6 +45,9 @@ SHARED_READ_SECONDS = 0.5
 #: a read takes longer (FerretDB at 0.3 s a query: reads again at most a
 #: fifth of the time, not for every claim).
 SHARED_READ_SPACING = 4
+#: ... but never longer than this: the bound on how late a claim of this
+#: process sees a task made ready through another server.
+SHARED_READ_MAX_SECONDS = 2.0
 
 #: The fields of a task its place among the candidates and its claim need.
 CANDIDATE_FIELDS = frozenset({"_id", "_created", "priority", "requested_resources", "history"})
@@ -70,36 +76,86 @@ class ReadyCandidates:
         self._read = read
         self.size = size
         self.seconds = seconds
-        self._clock = clock
+        self.clock = clock
         self._lock = threading.Lock()
         self._keys: list = []  # claim_key of each candidate, sorted
         self._docs: dict = {}  # _id -> candidate
         self._taken: dict = {}  # _id -> candidate, handed to a claimer of this process
-        self._read_at = None  # clock of the last read; None: read again
+        self._started = None  # clock when the last read started; None: read again
         self._read_took = 0.0  # seconds the last read took
         self._complete = False  # the last read held every ready task
         self._boundary = None  # claim_key of the last task the last read held
+        self._nothing_within: list = []  # (clock, bound): a claim's own read found no ready task within bound
+        self._changes = 0  # tasks made ready or changed through this process
         self.reads = 0
 
-    def take(self, accept, n):
+    def started(self):
+        """When (`clock`) the last read started; None before the first."""
+        return self._started
+
+    def interval(self):
+        """Seconds a read serves claims, counted from when it started:
+        `seconds`, or SHARED_READ_SPACING times as long as the last read
+        took on a store so busy that it takes longer, never over
+        SHARED_READ_MAX_SECONDS. A task made ready through another server
+        is seen by this process's claims at most that long after."""
+        return min(SHARED_READ_MAX_SECONDS, max(self.seconds, SHARED_READ_SPACING * self._read_took))
+
+    def take(self, accept, n, within=None):
         """Up to `n` candidates, best first, for which `accept(doc)` is true,
         now this caller's until given back or dropped. An empty list when no
         ready task is accepted; None when none of the first `size` is but
-        tasks beyond them may be (the caller then reads by itself)."""
+        tasks beyond them may be (the caller then reads by itself, and
+        tells `found_nothing` when that read found nothing).
+
+        The answer comes from a read that started at most `interval()` ago
+        (one is made first otherwise). An empty list is that read's answer,
+        with what this process made ready or took since: a read that held
+        every ready task and has none the claim accepts needs no new read
+        (a worker whose cores are all taken asks for tasks needing none
+        after every claim). Nor does a claim for no more than `within`
+        (cores, memory, gpus) when, since a claim's own read for at least
+        as much found nothing within the same `interval()`, this process
+        made no task ready."""
         reads = self.reads
         with self._lock:
-            if self._read_at is None or self._clock() - self._read_at > max(
-                self.seconds, SHARED_READ_SPACING * self._read_took
-            ):
+            if self._started is None or self.clock() - self._started > self.interval():
                 self._refresh()
             picked = self._pick(accept, n)
-            if not picked and self.reads == reads:
-                # nothing here: ask the store, unless a claimer did while this one waited
+            if not picked and not self._complete and not self._docs and self.reads == reads:
+                # the first `size` are all taken: the next ones, unless a claimer read while this one waited
                 self._refresh()
                 picked = self._pick(accept, n)
             if picked or self._complete:
                 return picked
+            if within is not None and self._known_empty(within):
+                return []
             return None
+
+    def own_read(self):
+        """A mark for a claim about to read by itself (`take` answered
+        None), to hand to `found_nothing` if that read finds nothing."""
+        with self._lock:
+            return self.clock(), self._changes
+
+    def found_nothing(self, within, mark):
+        """A claim's own read, begun at `mark` (`own_read`), found no ready
+        task that asks for no more than `within` (leaving out none)."""
+        started, changes = mark
+        with self._lock:
+            if changes == self._changes:
+                self._nothing_within.append((started, dict(within)))
+
+    def _known_empty(self, within):
+        now, interval = self.clock(), self.interval()
+        self._nothing_within = [(at, bound) for at, bound in self._nothing_within if now - at <= interval]
+        return any(
+            all(value <= bound.get(key, 0) for key, value in within.items()) for _, bound in self._nothing_within
+        )
+
+    def _changed(self):
+        self._changes += 1
+        self._nothing_within = []
 
     def give_back(self, docs):
         """Candidates a claimer took and did not claim, for the next claimer."""
@@ -119,26 +175,28 @@ class ReadyCandidates:
         with fewer fields than a claim needs, it makes the next claim read
         again)."""
         with self._lock:
-            if self._read_at is None or doc["_id"] in self._taken:
+            self._changed()
+            if self._started is None or doc["_id"] in self._taken:
                 return
             self._discard(doc["_id"])
             if CANDIDATE_FIELDS.issubset(doc):
                 self._insert(doc)
             else:
-                self._read_at = None
+                self._started = None
 
     def forget(self):
         """A queued task changed (its priority, resources or hold): the next
         claim reads again."""
         with self._lock:
-            self._read_at = None
+            self._changed()
+            self._started = None
 
     def _refresh(self):
-        started = self._clock()
+        started = self.clock()
         docs = self._read(self.size)
         self.reads += 1
-        self._read_at = self._clock()
-        self._read_took = self._read_at - started
+        self._started = started
+        self._read_took = self.clock() - started
         self._complete = len(docs) < self.size
         self._boundary = claim_key(docs[-1]) if docs else None
         self._docs = {doc["_id"]: doc for doc in docs if doc["_id"] not in self._taken}
@@ -161,7 +219,7 @@ class ReadyCandidates:
         """Keep `doc` among the candidates, unless the last read stopped
         before it (then tasks it did not read may come first)."""
         key = claim_key(doc)
-        if self._read_at is None or (not self._complete and key > self._boundary):
+        if self._started is None or (not self._complete and key > self._boundary):
             return
         self._docs[doc["_id"]] = doc
         bisect.insort(self._keys, key)

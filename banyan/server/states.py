@@ -1189,8 +1189,9 @@ class TaskQueue:
         candidate was taken by another claimer meanwhile; None when none is
         ready."""
         shared = self._shared_candidates()
-        candidates = None
-        if shared is not None:
+        if shared is None:
+            candidates = self._read_candidates(free, want, full, busy, cap)
+        else:
             bound = _within(free, cap)
 
             def accept(doc):
@@ -1200,10 +1201,13 @@ class TaskQueue:
                     and doc["_id"] not in busy
                 )
 
-            candidates = shared.take(accept, want)
-        if candidates is None:
-            candidates = self._read_candidates(free, want, full, busy, cap)
-            shared = None
+            candidates = shared.take(accept, want, bound)
+            if candidates is None:
+                mark = shared.own_read() if not full and not busy else None
+                candidates = self._read_candidates(free, want, full, busy, cap)
+                if not candidates and mark is not None:
+                    shared.found_nothing(bound, mark)
+                shared = None
         if not candidates:
             return None
         claimed: list = []
