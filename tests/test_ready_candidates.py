@@ -185,6 +185,38 @@ def test_nothing_within_a_claim_own_read_is_nothing_until_the_interval_is_over(d
     assert db.tasks.count_documents({"state": "available"}) == 3
 
 
+def test_claims_go_on_from_the_last_read_while_the_next_is_made(db):
+    one, _ = queue_pair(db)
+    clock = ManualClock(one)
+    ids = seed(one, [{} for _ in range(4)])
+    assert one.claim_next(ObjectId(), EVERYTHING)["_id"] == ids[0]
+    read, reading, finish = one._shared._read, threading.Event(), threading.Event()
+
+    def slow_read(limit):
+        docs = read(limit)
+        reading.set()
+        assert finish.wait(30)
+        return docs
+
+    one._shared._read = slow_read
+    clock.past_interval()
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(doc=one.claim_next(ObjectId(), EVERYTHING)))
+    reader.start()
+    assert reading.wait(30)
+    # a read (holding ids[1:]) is under way: this claim takes from the last one ...
+    assert one.claim_next(ObjectId(), EVERYTHING)["_id"] == ids[1]
+    # ... and a task made ready meanwhile joins the new read in its place
+    (urgent,) = seed(one, [{"priority": 9}])
+    finish.set()
+    reader.join()
+    assert got["doc"]["_id"] == urgent
+    assert claim_all(one) == ids[2:]
+    assert one._shared.reads == 2
+    for doc in db.tasks.find({}):
+        assert doc["state"] == "running" and len(doc["history"]) == 1
+
+
 def test_concurrent_claimers_of_two_processes_take_each_task_once(db):
     one, two = queue_pair(db)
     n = 200

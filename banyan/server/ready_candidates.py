@@ -78,6 +78,7 @@ class ReadyCandidates:
         self.seconds = seconds
         self.clock = clock
         self._lock = threading.Lock()
+        self._read_done = threading.Condition(self._lock)
         self._keys: list = []  # claim_key of each candidate, sorted
         self._docs: dict = {}  # _id -> candidate
         self._taken: dict = {}  # _id -> candidate, handed to a claimer of this process
@@ -87,6 +88,11 @@ class ReadyCandidates:
         self._boundary = None  # claim_key of the last task the last read held
         self._nothing_within: list = []  # (clock, bound): a claim's own read found no ready task within bound
         self._changes = 0  # tasks made ready or changed through this process
+        # While a read is under way (outside the lock, claims go on from the last one):
+        self._reading = False
+        self._added_meanwhile: dict = {}  # _id -> task made ready through this process since it started
+        self._dropped_meanwhile: set = set()  # candidates claimed (or found not ready) since
+        self._forgot_meanwhile = False  # a queued task changed through this process since
         self.reads = 0
 
     def started(self):
@@ -97,8 +103,7 @@ class ReadyCandidates:
         """Seconds a read serves claims, counted from when it started:
         `seconds`, or SHARED_READ_SPACING times as long as the last read
         took on a store so busy that it takes longer, never over
-        SHARED_READ_MAX_SECONDS. A task made ready through another server
-        is seen by this process's claims at most that long after."""
+        SHARED_READ_MAX_SECONDS."""
         return min(SHARED_READ_MAX_SECONDS, max(self.seconds, SHARED_READ_SPACING * self._read_took))
 
     def take(self, accept, n, within=None):
@@ -108,23 +113,34 @@ class ReadyCandidates:
         tasks beyond them may be (the caller then reads by itself, and
         tells `found_nothing` when that read found nothing).
 
-        The answer comes from a read that started at most `interval()` ago
-        (one is made first otherwise). An empty list is that read's answer,
-        with what this process made ready or took since: a read that held
-        every ready task and has none the claim accepts needs no new read
-        (a worker whose cores are all taken asks for tasks needing none
-        after every claim). Nor does a claim for no more than `within`
+        A claim that finds a read past its `interval()` makes the next one,
+        unless another claim is making it; claims meanwhile take what the
+        last read holds. An empty list is the answer of a read that started
+        at most `interval()` before the claim began (waited for if need
+        be), with what this process made ready or took since: a read that
+        held every ready task and has none the claim accepts needs no new
+        read (a worker whose cores are all taken asks for tasks needing
+        none after every claim). Nor does a claim for no more than `within`
         (cores, memory, gpus) when, since a claim's own read for at least
         as much found nothing within the same `interval()`, this process
-        made no task ready."""
-        reads = self.reads
+        made no task ready. So a task made ready through another server is
+        seen by every claim of this process that begins more than
+        `interval()` after (SHARED_READ_MAX_SECONDS at most); a claim held
+        open (`claims.claim`) sees it at its next re-check after that."""
         with self._lock:
-            if self._started is None or self.clock() - self._started > self.interval():
+            began = self.clock()
+            renewed = False
+            if self._stale(began) and not self._reading:
                 self._refresh()
+                renewed = True
             picked = self._pick(accept, n)
-            if not picked and not self._complete and not self._docs and self.reads == reads:
-                # the first `size` are all taken: the next ones, unless a claimer read while this one waited
-                self._refresh()
+            if not picked and not renewed and (self._stale(began) or self._exhausted()):
+                # nothing here, in a read too old to say so or whose first
+                # `size` are all taken: the read under way, else a new one
+                while self._reading:
+                    self._read_done.wait()
+                if self._stale(began) or self._exhausted():
+                    self._refresh()
                 picked = self._pick(accept, n)
             if picked or self._complete:
                 return picked
@@ -146,17 +162,6 @@ class ReadyCandidates:
             if changes == self._changes:
                 self._nothing_within.append((started, dict(within)))
 
-    def _known_empty(self, within):
-        now, interval = self.clock(), self.interval()
-        self._nothing_within = [(at, bound) for at, bound in self._nothing_within if now - at <= interval]
-        return any(
-            all(value <= bound.get(key, 0) for key, value in within.items()) for _, bound in self._nothing_within
-        )
-
-    def _changed(self):
-        self._changes += 1
-        self._nothing_within = []
-
     def give_back(self, docs):
         """Candidates a claimer took and did not claim, for the next claimer."""
         with self._lock:
@@ -169,6 +174,8 @@ class ReadyCandidates:
         with self._lock:
             for doc_id in ids:
                 self._taken.pop(doc_id, None)
+            if self._reading:
+                self._dropped_meanwhile.update(ids)
 
     def add(self, doc):
         """A task that became ready through this process (as stored; read
@@ -176,10 +183,16 @@ class ReadyCandidates:
         again)."""
         with self._lock:
             self._changed()
+            usable = CANDIDATE_FIELDS.issubset(doc)
+            if self._reading:
+                if usable:
+                    self._added_meanwhile[doc["_id"]] = doc
+                else:
+                    self._forgot_meanwhile = True
             if self._started is None or doc["_id"] in self._taken:
                 return
             self._discard(doc["_id"])
-            if CANDIDATE_FIELDS.issubset(doc):
+            if usable:
                 self._insert(doc)
             else:
                 self._started = None
@@ -190,17 +203,54 @@ class ReadyCandidates:
         with self._lock:
             self._changed()
             self._started = None
+            if self._reading:
+                self._forgot_meanwhile = True
+
+    def _stale(self, began):
+        """Whether the last read started more than `interval()` before `began`."""
+        return self._started is None or began - self._started > self.interval()
+
+    def _exhausted(self):
+        """Every candidate of the last read is taken or gone."""
+        return not self._complete and not self._docs
+
+    def _known_empty(self, within):
+        now, interval = self.clock(), self.interval()
+        self._nothing_within = [(at, bound) for at, bound in self._nothing_within if now - at <= interval]
+        return any(
+            all(value <= bound.get(key, 0) for key, value in within.items()) for _, bound in self._nothing_within
+        )
+
+    def _changed(self):
+        self._changes += 1
+        self._nothing_within = []
 
     def _refresh(self):
-        started = self.clock()
-        docs = self._read(self.size)
+        """Read again, outside the lock (held on entry and on return), then
+        put in what this process changed meanwhile."""
+        self._reading = True
+        self._added_meanwhile, self._dropped_meanwhile, self._forgot_meanwhile = {}, set(), False
+        self._lock.release()
+        try:
+            started = self.clock()
+            docs = self._read(self.size)
+            took = self.clock() - started
+        finally:
+            self._lock.acquire()
+            self._reading = False
+            self._read_done.notify_all()
         self.reads += 1
-        self._started = started
-        self._read_took = self.clock() - started
+        self._started = None if self._forgot_meanwhile else started
+        self._read_took = took
         self._complete = len(docs) < self.size
         self._boundary = claim_key(docs[-1]) if docs else None
-        self._docs = {doc["_id"]: doc for doc in docs if doc["_id"] not in self._taken}
+        gone = self._taken.keys() | self._dropped_meanwhile
+        self._docs = {doc["_id"]: doc for doc in docs if doc["_id"] not in gone}
         self._keys = sorted(claim_key(doc) for doc in self._docs.values())
+        for doc in self._added_meanwhile.values():
+            if doc["_id"] not in self._taken:
+                self._discard(doc["_id"])
+                self._insert(doc)
 
     def _pick(self, accept, n):
         picked = []
