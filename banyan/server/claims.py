@@ -21,7 +21,9 @@ Long polls: a claim that finds nothing waits on an `Event` registered with
 `claim_waiters.ClaimWaiters`, which `TaskQueue.on_ready` sets when a task that fits
 becomes ready in this process; it also re-checks every
 `CLAIM_RECHECK_INTERVAL` seconds, since in Mongo mode another server process
-may have made the task ready.
+may have made the task ready (on FerretDB 1.x, where the claims of a process
+share one read of the ready tasks, a re-check sees such a task once that read
+is past its interval: `ready_candidates`, 5 s at most).
 """
 
 import contextlib

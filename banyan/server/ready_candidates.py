@@ -11,18 +11,26 @@ every few tens of milliseconds), and that alone saturated FerretDB.
 
 So on such a store (`shares_claim_reads`) the claims of one process share
 the read: `ReadyCandidates` keeps the first `size` ready tasks in the claim
-order, read again after `seconds` (longer on a store so busy that a read
-takes a good part of that) or when it is found wanting, and
-hands each candidate to one claimer of the process at a time (`take`), so
-concurrent claimers of one server never chase the same task. Nothing here
-decides who gets a task: the claim's conditional update does, in whatever
-process; a candidate another process took, held or changed meanwhile just
-fails that update and is dropped (`drop`), one a claim could not use is
-given back (`give_back`). Tasks made ready through this process are added
-at once (`add`), a change of a queued task through it forgets the read
-(`forget`), and a claim that finds nothing reads again, so "nothing to
-claim" is always the store's answer of that moment, never the shared read's.
-Tasks made ready through another server join within `seconds`.
+order and hands each candidate to one claimer of the process at a time
+(`take`), so concurrent claimers of one server never chase the same task.
+Nothing here decides who gets a task: the claim's conditional update does,
+in whatever process; a candidate another process took, held or changed
+meanwhile just fails that update and is dropped (`drop`), one a claim could
+not use is given back (`give_back`). Tasks made ready through this process
+are added at once (`add`), a change of a queued task through it forgets the
+read (`forget`).
+
+A read serves claims for its `interval()` (`seconds`, longer on a store so
+busy that a read takes a good part of that, SHARED_READ_MAX_SECONDS at
+most); the claim that finds it older makes the next one, outside the lock,
+while the others go on from the last. "Nothing to claim" is the answer of
+a read that started at most `interval()` before the claim began, with what
+this process made ready since: a worker whose cores are all taken asks for
+tasks needing none after every claim, and each such question read every
+ready task again (0.3 s or more on FerretDB) before. So a task made ready
+through another server is seen by this process's claims within
+`interval()`; a claim held open sees it at its first re-check after that
+(`claims.claim`, every CLAIM_RECHECK_INTERVAL).
 """
 
 import bisect
@@ -46,8 +54,10 @@ SHARED_READ_SECONDS = 0.5
 #: fifth of the time, not for every claim).
 SHARED_READ_SPACING = 4
 #: ... but never longer than this: the bound on how late a claim of this
-#: process sees a task made ready through another server.
-SHARED_READ_MAX_SECONDS = 2.0
+#: process sees a task made ready through another server (a read of 2,000
+#: ready tasks took 1 s and more on a loaded FerretDB: three servers each
+#: reading for 1 s every 2 s would keep it reading 1.5 s a second).
+SHARED_READ_MAX_SECONDS = 5.0
 
 #: The fields of a task its place among the candidates and its claim need.
 CANDIDATE_FIELDS = frozenset({"_id", "_created", "priority", "requested_resources", "history"})
