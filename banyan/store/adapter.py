@@ -361,32 +361,43 @@ class _CollectionStore(mm_store.CollectionStore):
             view_set.views[view_key] = _new_view(view_key)
 
     def unbuilt_views(self):
-        """(prefix, view set, view) of every view not built yet."""
-        return [
-            (prefix, view_set, view)
-            for prefix, view_set in list(self.view_sets.items())
-            for view in list(view_set.views.values())
-            if not view_set.built(view)
-        ]
+        """(prefix, view set, [view...]) of the views not built yet, by view set."""
+        out = []
+        for prefix, view_set in list(self.view_sets.items()):
+            views = [view for view in list(view_set.views.values()) if not view_set.built(view)]
+            if views:
+                out.append((prefix, view_set, views))
+        return out
 
-    def build_view(self, prefix_key, view_set, view, when):
-        """Add every document's rows to a new view, SCAN_SLICE documents per
-        hold of the lock (writes meanwhile change the view for the
-        documents it has seen; another build of the same view at the same
-        time skips what this one added). False if the view was dropped."""
+    def build_views(self, prefix_key, view_set, views, when):
+        """Add every document's rows to new `views` of one view set, in one
+        pass, SCAN_SLICE documents per hold of the lock (writes meanwhile
+        change a view for the documents it has seen; another build of the
+        same view at the same time skips what this one added). False if
+        the view set was dropped."""
         engine = self._engine
         with engine.lock:
             engine.views_building += 1
             engine.views_activity = time.monotonic()
         try:
-            return self._build_view(prefix_key, view_set, view, when)
+            return self._build_views(prefix_key, view_set, views, when)
         finally:
             with engine.lock:
                 engine.views_building -= 1
                 engine.views_activity = time.monotonic()
 
-    def _build_view(self, prefix_key, view_set, view, when):
+    def _build_views(self, prefix_key, view_set, views, when):
         engine = self._engine
+
+        def add(doc, seq):
+            rows = None
+            for view in views:
+                if seq > view.seen:
+                    if rows is None:
+                        rows = view_set.rows_of(doc)
+                    view.change(rows, 1, seq)
+                    view.seen = seq
+
         with engine.op():
             key_seq = self._key_seq
             keys = [(k, key_seq[k]) for k in self._documents]  # in store (seq) order
@@ -398,33 +409,36 @@ class _CollectionStore(mm_store.CollectionStore):
             with engine.op():
                 if self.view_sets.get(prefix_key) is not view_set:
                     return False
-                if view_set.built(view):
+                views = [view for view in views if not view_set.built(view)]  # (another build ended them)
+                if not views:
                     return True
                 documents = self._documents
                 key_seq = self._key_seq
-                last = begin + SCAN_SLICE >= len(keys)
-                for k, seq in keys[begin : begin + SCAN_SLICE]:
-                    if seq <= view.seen or key_seq.get(k) != seq:  # seen, or deleted since (a new one: below)
+                try:
+                    for k, seq in keys[begin : begin + SCAN_SLICE]:
+                        if key_seq.get(k) == seq:  # (deleted since, or a new one: below)
+                            add(documents[k], seq)
+                    if begin + SCAN_SLICE < len(keys):
                         continue
-                    if not view_set.add_to(view, documents[k], seq):
-                        self.view_sets.pop(prefix_key, None)
-                        return False
-                    view.seen = seq
-                if last:  # and the documents written since the keys were listed
-                    for seq in sorted(s for s in self._seq_key if s > view.seen):
-                        if not view_set.add_to(view, documents[self._seq_key[seq]], seq):
-                            self.view_sets.pop(prefix_key, None)
-                            return False
+                    seen = min(view.seen for view in views)
+                    for seq in sorted(s for s in self._seq_key if s > seen):  # written since the keys were listed
+                        add(documents[self._seq_key[seq]], seq)
+                except Exception:  # pylint: disable=broad-except  # a row a view cannot keep: the pipeline runs as usual
+                    self.view_sets.pop(prefix_key, None)
+                    return False
+                for view in views:
                     view.seen = float("inf")
-                    engine.views_built += 1
-                    logger.info(
-                        "built a view of %s.%s from every document (%d), %s",
-                        self.db_name,
-                        self.name,
-                        len(documents),
-                        when,
-                    )
-                    return True
+                engine.views_built += len(views)
+                logger.info(
+                    "built %d view%s of %s.%s from every document (%d), %s",
+                    len(views),
+                    "s" * (len(views) != 1),
+                    self.db_name,
+                    self.name,
+                    len(documents),
+                    when,
+                )
+                return True
         return True
 
     def view_definitions(self):
@@ -1050,7 +1064,7 @@ class EmbeddedCollection(mm_collection.Collection):
                 hint = {"o": "view", "d": store.db_name, "c": store.name, "p": prefix_key, "t": view_key}
                 self._engine.note_hint(hint)
         if not view_set.built(view):
-            if not store.build_view(prefix_key, view_set, view, "at the first read asking for it"):
+            if not store.build_views(prefix_key, view_set, [view], "at the first read asking for it"):
                 return None
             self._engine.save_views()
         with self._engine.op():
@@ -1422,8 +1436,9 @@ class EmbeddedClient(mongomock.MongoClient):
         try:
             for db_store in list(self._store._databases.values()):  # pylint: disable=protected-access
                 for store in list(db_store._collections.values()):  # pylint: disable=protected-access
-                    for prefix, view_set, view in store.unbuilt_views():
-                        built += store.build_view(prefix, view_set, view, "at start, in the background")
+                    for prefix, view_set, views in store.unbuilt_views():
+                        if store.build_views(prefix, view_set, views, "at start, in the background"):
+                            built += len(views)
         except (InvalidOperation, StoreUnavailable):  # closed, or stopped: nothing to build for
             return
         except Exception:  # pylint: disable=broad-except  # a view is no data: `/stats` builds it if asked
