@@ -226,13 +226,13 @@ class LockingCollection(Collection):
 
     @staticmethod
     def _narrowed(filter, doc_id):
-        """`filter`, for document `doc_id` only (top-level keys kept, which
-        FerretDB hands to the database)."""
-        filter = dict(filter or {})
-        if "_id" in filter and filter["_id"] != doc_id:
-            return {"$and": [filter, {"_id": doc_id}]}
-        filter["_id"] = doc_id
-        return filter
+        """`filter`, for document `doc_id` only, which `filter` was found to
+        match (top-level keys kept, which FerretDB hands to the database).
+        Its condition on `_id` (an `$in`, say) is then the equality: an `_id`
+        never changes, so the document still meets it, and FerretDB 1.x hands
+        PostgreSQL an equality only at the top level (an `_id` inside `$and`
+        scanned the collection for each document of an `update_many`)."""
+        return dict(filter or {}, _id=doc_id)
 
     def _one(self, filter, sort, write):
         """Run `write(narrowed filter)` on the first document `filter`
