@@ -36,6 +36,7 @@ through another server is seen by this process's claims within
 import bisect
 import threading
 import time
+from collections import Counter
 from datetime import datetime, timezone
 
 from banyan.server.document_locks import takes_document_locks
@@ -77,6 +78,10 @@ def claim_key(doc):
     return (-(doc.get("priority") or 0), aware(doc.get("_created")) or _EARLIEST, doc["_id"])
 
 
+def _cores(doc):
+    return (doc.get("requested_resources") or {}).get("cores") or 0
+
+
 class ReadyCandidates:
     """The first ready tasks in the claim order, shared by the claimers of
     one process. `read(limit)` returns up to `limit` ready tasks in the claim
@@ -92,6 +97,7 @@ class ReadyCandidates:
         self._keys: list = []  # claim_key of each candidate, sorted
         self._docs: dict = {}  # _id -> candidate
         self._taken: dict = {}  # _id -> candidate, handed to a claimer of this process
+        self._by_cores: Counter = Counter()  # cores requested -> how many candidates request that many
         self._started = None  # clock when the last read started; None: read again
         self._read_took = 0.0  # seconds the last read took
         self._complete = False  # the last read held every ready task
@@ -143,7 +149,7 @@ class ReadyCandidates:
             if self._stale(began) and not self._reading:
                 self._refresh()
                 renewed = True
-            picked = self._pick(accept, n)
+            picked = self._pick(accept, n, within)
             if not picked and not renewed and (self._stale(began) or self._exhausted()):
                 # nothing here, in a read too old to say so or whose first
                 # `size` are all taken: the read under way, else a new one
@@ -151,7 +157,7 @@ class ReadyCandidates:
                     self._read_done.wait()
                 if self._stale(began) or self._exhausted():
                     self._refresh()
-                picked = self._pick(accept, n)
+                picked = self._pick(accept, n, within)
             if picked or self._complete:
                 return picked
             if within is not None and self._known_empty(within):
@@ -257,12 +263,19 @@ class ReadyCandidates:
         gone = self._taken.keys() | self._dropped_meanwhile
         self._docs = {doc["_id"]: doc for doc in docs if doc["_id"] not in gone}
         self._keys = sorted(claim_key(doc) for doc in self._docs.values())
+        self._by_cores = Counter(_cores(doc) for doc in self._docs.values())
         for doc in self._added_meanwhile.values():
             if doc["_id"] not in self._taken:
                 self._discard(doc["_id"])
                 self._insert(doc)
 
-    def _pick(self, accept, n):
+    def _pick(self, accept, n, within=None):
+        if within is not None and not any(
+            count and cores <= within.get("cores", 0) for cores, count in self._by_cores.items()
+        ):
+            # none asks for few enough cores: no walk over every candidate (a
+            # worker whose cores are all taken asks after each of its claims)
+            return []
         picked = []
         for key in self._keys:
             if len(picked) >= n:
@@ -281,12 +294,15 @@ class ReadyCandidates:
         key = claim_key(doc)
         if self._started is None or (not self._complete and key > self._boundary):
             return
+        self._discard(doc["_id"])
         self._docs[doc["_id"]] = doc
+        self._by_cores[_cores(doc)] += 1
         bisect.insort(self._keys, key)
 
     def _discard(self, doc_id):
         doc = self._docs.pop(doc_id, None)
         if doc is not None:
+            self._by_cores[_cores(doc)] -= 1
             key = claim_key(doc)
             index = bisect.bisect_left(self._keys, key)
             if index < len(self._keys) and self._keys[index] == key:
