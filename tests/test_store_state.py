@@ -323,3 +323,15 @@ def test_after_kill_9_a_large_store_loads_its_views_from_the_snapshot(tmp_path):
     assert "loaded the indexes and views of banyan.tasks" in log
     assert "from every document" not in log
     assert server.server_errors() == []
+
+
+@pytest.mark.parametrize("blob", [b"", b"abc", bytes(range(256)) * 400, memoryview(b"xyz" * 1000)])
+def test_a_state_record_written_in_pieces_is_the_record_frame_makes(blob):
+    """A snapshot writes its state record in pieces (the state is not
+    copied into it): the same bytes, hence the same checksum, as one
+    record holding it."""
+    action = {"o": "state", "d": "banyan", "c": "tasks", "v": state.VERSION, "n": 3, "digest": 12345}
+    pieces = journal.frame_pieces(action, "state", blob)
+    assert b"".join(bytes(piece) for piece in pieces) == journal.frame([dict(action, state=bytes(blob))])
+    scan = journal.Scan("record", b"".join(bytes(piece) for piece in pieces))
+    assert not scan.damage and scan.tail is None and scan.records[0][2][0]["state"] == bytes(blob)

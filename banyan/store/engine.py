@@ -570,8 +570,8 @@ class Engine:
         return frozen
 
     def _snapshot_frames(self, frozen, written_views):
-        """The records of a snapshot of `frozen` (`_freeze`); adds the
-        views whose state it holds to `written_views`."""
+        """The records of a snapshot of `frozen` (`_freeze`), in pieces;
+        adds the views whose state it holds to `written_views`."""
         yield journal.format_record()
         for db_name, col_name, head, raws, exported in frozen:
             yield _frame(head)
@@ -591,19 +591,8 @@ class Engine:
             written_views.update(
                 (db_name, col_name, prefix, name) for prefix, built in exported["views"].items() for name in built
             )
-            yield _frame(
-                [
-                    {
-                        "o": "state",
-                        "d": db_name,
-                        "c": col_name,
-                        "v": state.VERSION,
-                        "n": len(raws),
-                        "digest": digest,
-                        "state": dumped,
-                    }
-                ]
-            )
+            action = {"o": "state", "d": db_name, "c": col_name, "v": state.VERSION, "n": len(raws), "digest": digest}
+            yield from journal.frame_pieces(action, "state", dumped)
         yield _frame([{"o": "end"}])
 
     def compact(self, background=False):

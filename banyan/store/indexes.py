@@ -234,6 +234,36 @@ def _shared(thing):
         return thing
 
 
+#: Items of a long list a snapshot's state pickles per slice (`in_slices`).
+SLICE = 4096
+
+
+class _Slice(list):
+    """Part of a long list of a snapshot's state. Pickling a list runs in C
+    from its first item to its last, holding every other thread up (a
+    million index keys: most of a second); each slice is pickled through a
+    call back into Python, where they may take their turn."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (_slice, (list(self),))
+
+
+def _slice(items):
+    return items
+
+
+def in_slices(values):
+    """`values` (a list) as a list of slices, for a snapshot's state."""
+    return [_Slice(values[i : i + SLICE]) for i in range(0, len(values), SLICE)]
+
+
+def joined(slices):
+    """The list `in_slices` cut into `slices`, whole again."""
+    return list(itertools.chain.from_iterable(slices))
+
+
 class SecondaryIndex:
     """Entries `(component per field..., seq)` in index order.
 
@@ -257,7 +287,7 @@ class SecondaryIndex:
         entries = self.entries
         return {
             "fields": self.fields,
-            "columns": [[e[i] for e in entries] for i in range(len(self.fields))],
+            "columns": [in_slices([e[i] for e in entries]) for i in range(len(self.fields))],
             "seqs": array.array("q", [e[-1] for e in entries]),
             "stats": self.stats,
         }
@@ -265,7 +295,7 @@ class SecondaryIndex:
     def __setstate__(self, state):
         self.__init__(state["fields"])
         self.stats = [list(st) for st in state["stats"]]
-        columns, numbers = state["columns"], state["seqs"]
+        columns, numbers = [joined(column) for column in state["columns"]], state["seqs"]
         if len(columns) != len(self.fields) or any(len(c) != len(numbers) for c in columns):
             raise ValueError("a column per field, an entry per sequence number")
         self.loaded = (columns, numbers)

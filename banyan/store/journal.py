@@ -61,6 +61,27 @@ def frame(actions):
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
+def frame_pieces(action, field, blob):
+    """One record holding `action` with the bytes `blob` (a memoryview
+    too) as its last field `field`, as pieces to write one after the
+    other: the blob is not copied into the record (a snapshot's state,
+    hundreds of megabytes: each copy holds every thread up). The same
+    bytes as `frame([dict(action, **{field: bytes(blob)})])`."""
+    empty = bson.encode({"a": [dict(action, **{field: b""})]})
+    # ... "\x05" field "\x00", length 0 (int32), subtype 0, then the ends
+    # of the action, of the array and of the record's document
+    if not empty.endswith(b"\x05" + field.encode() + b"\x00" + bytes(8)):
+        raise ValueError("the blob must be the action's last field")
+    n = len(blob)
+    head = bytearray(empty[:-8])
+    for offset in (0, 7, 14):  # the lengths of the document, of "a" and of the action
+        struct.pack_into("<i", head, offset, struct.unpack_from("<i", head, offset)[0] + n)
+    head += struct.pack("<i", n) + b"\x00"
+    tail = b"\x00\x00\x00"
+    crc = zlib.crc32(tail, zlib.crc32(blob, zlib.crc32(head)))
+    return [HEADER.pack(MAGIC, len(head) + n + len(tail), crc), bytes(head), blob, tail]
+
+
 def segment_name(number):
     """The file name of journal segment `number` (1, 2...)."""
     return "journal.%d.bnj" % number

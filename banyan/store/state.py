@@ -28,7 +28,7 @@ from banyan.store.indexes import _Bson, _Rev
 
 #: Bump when what is pickled changes (index keys, view fields): a state of
 #: another version is computed again.
-VERSION = 4
+VERSION = 5
 
 _CRC = struct.Struct("<I")
 
@@ -38,6 +38,7 @@ _ALLOWED = {
     ("banyan.store.indexes", "SecondaryIndex"),
     ("banyan.store.indexes", "_Bson"),
     ("banyan.store.indexes", "_Rev"),
+    ("banyan.store.indexes", "_slice"),
     ("banyan.store.views", "GroupView"),
     ("banyan.store.views", "SortView"),
     ("banyan.store.adapter", "_sort_key"),
@@ -88,7 +89,8 @@ _REDUCERS = {
 
 
 def dump(state):
-    """The bytes of a state (a dict of the collection's, `_CollectionStore.export_state`)."""
+    """The bytes of a state (a dict of the collection's, `_CollectionStore.export_state`),
+    as a memoryview (a copy of hundreds of megabytes holds every thread up)."""
     out = io.BytesIO()
     pickler = pickle.Pickler(out, protocol=pickle.HIGHEST_PROTOCOL)
     pickler.dispatch_table = _REDUCERS
@@ -99,7 +101,7 @@ def dump(state):
     finally:
         if collecting:
             gc.enable()
-    return out.getvalue()
+    return out.getbuffer()
 
 
 class _Unpickler(pickle.Unpickler):

@@ -17,7 +17,7 @@ from mongomock import aggregate as mm_aggregate
 from sortedcontainers import SortedList
 
 from banyan.store.aggregation import _hashable, stage_name
-from banyan.store.indexes import _shared, sorted_list
+from banyan.store.indexes import _shared, in_slices, joined, sorted_list
 
 
 class Unsupported(Exception):
@@ -107,11 +107,16 @@ class SortView:
 
     def __getstate__(self):
         """As a snapshot keeps it (`banyan.store.state`): entries in order."""
-        return {"field": self.field, "sort_key": self.sort_key, "entries": list(self.entries), "seen": self.seen}
+        return {
+            "field": self.field,
+            "sort_key": self.sort_key,
+            "entries": in_slices(list(self.entries)),
+            "seen": self.seen,
+        }
 
     def __setstate__(self, state):
         self.__init__(state["field"], state["sort_key"])
-        self.entries = sorted_list(state["entries"])
+        self.entries = sorted_list(joined(state["entries"]))
         self.seen = state["seen"]
 
     def frozen(self):
