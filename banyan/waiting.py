@@ -6,7 +6,10 @@ finished: the server holds it until they have all finished or `interval`
 seconds passed (so progress is drawn that often; without `on_progress`, as
 long as the server holds it), and answers the moment the last one ends,
 with how each finished task ended (`outcomes`: no read of the tasks
-before or after it; the first answer also names ids of no task). A
+before or after it; the first answer also names ids of no task; with
+`on_progress`, that first round is a look that holds nothing, so the
+progress drawn first is a true one and a server that cannot be reached is
+said before anything is drawn). A
 server too busy to hold it (or one without that endpoint) is polled instead,
 with a small projection, every 0.2 s growing to `interval`; a task's details
 are then fetched once, when it finishes.
@@ -101,7 +104,7 @@ def wait_for(
     held = True  # the server holds waits (False once it says it has no such endpoint)
     outcomes = True  # its answers say how tasks ended (False from a server that predates it)
     while True:
-        if on_progress is not None:
+        if on_progress is not None and not unread:
             on_progress(_progress(result, running, clock() - start))
         if not running and task_ids is None and (where or {}).get("job"):
             # Tasks of the job added while it ran (`submit --child`): all of
@@ -121,6 +124,8 @@ def wait_for(
             asked = list(running)[:_WAIT_CHUNK]
             # Without progress to draw, a round may last as long as the server holds it.
             seconds = interval if on_progress is not None else _HELD_ROUND
+            if unread and on_progress is not None:
+                seconds = 0  # a first look, for the progress drawn before the wait
             if timeout is not None:
                 seconds = max(0.0, min(seconds, timeout - (clock() - start)))
             reply = _held_round(client, asked, seconds, outcomes)
