@@ -162,6 +162,17 @@ def claims_per_second(url, target=1000, rounds=3):
     return best
 
 
+def restart_and_first_stats(proc, data_dir, sig):
+    """Stop the server with `sig`, start it again on `data_dir`: (new process,
+    seconds to answer, seconds of its first /stats)."""
+    proc.send_signal(sig)
+    proc.wait()
+    proc, url, restart = start_server(data_dir)
+    t0 = time.perf_counter()
+    requests.get(url + "/stats").raise_for_status()
+    return proc, restart, time.perf_counter() - t0
+
+
 def get_p99_during_scans(url, seconds):
     s = requests.Session()
     page = s.get(url + "/tasks", params={"max_results": 200, "projection": '{"name": 1}'}).json()
@@ -224,19 +235,9 @@ def run(n, seconds, tmp):
         progress(n, "GET p99 %.1f ms during scans" % (1000 * p99))
         claims = claims_per_second(url)
         rss_end = rss_mib(proc)
-        proc.kill()  # a crash: no clean close
-        proc.wait()
-        proc, url, restart_crash = start_server(data_dir)
-        t0 = time.perf_counter()
-        requests.get(url + "/stats").raise_for_status()
-        stats_crash = time.perf_counter() - t0
+        proc, restart_crash, stats_crash = restart_and_first_stats(proc, data_dir, signal.SIGKILL)  # a crash
         progress(n, "after a crash: restart %.1f s, first /stats %.3f s" % (restart_crash, stats_crash))
-        proc.send_signal(signal.SIGINT)  # a clean stop, as Ctrl-C
-        proc.wait()
-        proc, url, restart_used = start_server(data_dir)
-        t0 = time.perf_counter()
-        requests.get(url + "/stats").raise_for_status()
-        stats_used = time.perf_counter() - t0
+        proc, restart_used, stats_used = restart_and_first_stats(proc, data_dir, signal.SIGINT)  # as Ctrl-C
         progress(n, "after a clean stop: restart %.1f s, first /stats %.3f s" % (restart_used, stats_used))
     finally:
         proc.terminate()
