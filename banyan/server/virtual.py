@@ -331,6 +331,12 @@ def plan_projection(resource, projection):
     return projection
 
 
+def alias_value(resource, name, doc):
+    """The read-only alias `name` of `doc` (a stored document of
+    `resource`), as a GET shows it."""
+    return _alias_value(doc, specs(resource, ("alias",))[name])
+
+
 def _alias_value(doc, spec):
     value = doc.get(spec["target"])
     if spec["element"] is None:

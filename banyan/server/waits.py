@@ -32,7 +32,7 @@ from bson.errors import InvalidId
 from flask import Blueprint, current_app
 
 from banyan.protocol import FINISHED
-from banyan.server import store, worker_requests
+from banyan.server import store, virtual, worker_requests
 from banyan.server.auth import check_role, owner_filter
 from banyan.server.held import HeldRequests
 from banyan.server.services import services
@@ -77,8 +77,8 @@ class FinishWaiters(HeldRequests):
 
 
 #: What a wait with `outcomes` answers of each finished task: enough to say
-#: how it ended (`banyan.waiting.OUTCOME_PROJECTION`; `current_history`
-#: is the last entry of `history`, as the tasks' alias shows it).
+#: how it ended (`banyan.waiting.OUTCOME_PROJECTION`; `current_history`,
+#: the tasks' alias of the last entry of `history`, is computed from it).
 OUTCOME_FIELDS = {"name": 1, "state": 1, "exit_status": 1, "cancelled_by": 1, "history": 1}
 
 
@@ -90,7 +90,7 @@ def _outcomes(queue, task_ids, visible):
         queue.tasks, "_id", task_ids, dict(visible or {}, state={"$in": [s.value for s in FINISHED]}), OUTCOME_FIELDS
     ):
         ended = {key: doc.get(key) for key in ("_id", "name", "state", "exit_status", "cancelled_by")}
-        ended["current_history"] = (doc.get("history") or [None])[-1]
+        ended["current_history"] = virtual.alias_value("tasks", "current_history", doc)
         finished[str(doc["_id"])] = ended
     return finished
 
