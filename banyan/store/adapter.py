@@ -352,13 +352,21 @@ class _CollectionStore(mm_store.CollectionStore):
         loads (`finish_loading`)."""
         view_set = self.view_sets.get(prefix)
         if view_set is None:
-            if len(self.view_sets) >= VIEWS:
-                self.view_sets.pop(next(iter(self.view_sets)))
+            self.make_room_for_a_view_set()
             view_set = self.view_sets[prefix] = ViewSet(
                 _LazyRows(self._engine.rows_factory, self.db_name, self.name, prefix)
             )
         if view_key not in view_set.views:
             view_set.views[view_key] = _new_view(view_key)
+
+    def make_room_for_a_view_set(self):
+        """At most VIEWS view sets: the least recently used goes."""
+        if len(self.view_sets) >= VIEWS:
+            self.view_sets.pop(next(iter(self.view_sets)))
+
+    def view_action(self, prefix, view_key):
+        """The journal action that defines view `view_key` over `prefix`."""
+        return {"o": "view", "d": self.db_name, "c": self.name, "p": prefix, "t": view_key}
 
     def unbuilt_views(self):
         """(prefix, view set, [view...]) of the views not built yet, by view set."""
@@ -444,7 +452,7 @@ class _CollectionStore(mm_store.CollectionStore):
     def view_definitions(self):
         """The journal actions that define every view of the collection."""
         return [
-            {"o": "view", "d": self.db_name, "c": self.name, "p": prefix, "t": view_key}
+            self.view_action(prefix, view_key)
             for prefix, view_set in self.view_sets.items()
             for view_key in view_set.views
         ]
@@ -1053,16 +1061,14 @@ class EmbeddedCollection(mm_collection.Collection):
                 spec = helpers.patch_datetime_awareness_in_document(pipeline[0]["$match"])
                 if store.plan(spec, None) is not None:
                     return None  # an index finds the documents: reading them costs less than a view
-                if len(store.view_sets) >= VIEWS:  # the least recently used goes
-                    store.view_sets.pop(next(iter(store.view_sets)))
+                store.make_room_for_a_view_set()
                 view_set = ViewSet(self._rows_of(pipeline, n))
             store.view_sets[prefix_key] = view_set  # (the most recently used last)
             view = view_set.views.get(view_key)
             if view is None:
                 view = view_set.views[view_key] = _new_view(view_key)
-                # journaled, so that a start after a crash builds it at once (`build_defined_views`)
-                hint = {"o": "view", "d": store.db_name, "c": store.name, "p": prefix_key, "t": view_key}
-                self._engine.note_hint(hint)
+                # journaled, so that a start after a crash builds it at once (`_build_defined_views`)
+                self._engine.note_hint(store.view_action(prefix_key, view_key))
         if not view_set.built(view):
             if not store.build_views(prefix_key, view_set, [view], "at the first read asking for it"):
                 return None
