@@ -18,14 +18,16 @@ the operator:
 
 Eve calls `check_filter` (through `BanyanMongo._sanitize`) on each parsed
 `where`, so the rule lives here and nowhere else. A string holding a NUL
-character is refused too (`store.nul_path`: no store is asked to match one).
+character is refused too (`store.nul_path`: no store is asked to match one),
+and so is an integer beyond 64 bits (`store.wide_int_path`: MongoDB's
+driver cannot send one, and the embedded store must answer the same).
 """
 
 import math
 
 from flask import abort, request
 
-from banyan.server.store import NUL_REFUSED, nul_path
+from banyan.server.store import NUL_REFUSED, WIDE_INT_REFUSED, nul_path, wide_int_path
 
 #: Operators a `where` may contain.
 ALLOWED_OPERATORS = frozenset(
@@ -126,9 +128,10 @@ def check_filter(spec):
     message = bad_operand(spec)
     if message is not None:
         abort(400, description=message)
-    path = nul_path(spec)
-    if path is not None:
-        abort(400, description="'where': %s %s" % (path, NUL_REFUSED))
+    for find, why in ((nul_path, NUL_REFUSED), (wide_int_path, WIDE_INT_REFUSED)):
+        path = find(spec)
+        if path is not None:
+            abort(400, description="'where': %s %s" % (path, why))
     return spec
 
 
