@@ -15,11 +15,10 @@ import socket
 import ssl
 import time
 import uuid
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
-import requests
 import urllib3
-from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, ReadTimeoutError
 
 from banyan.errors import BanyanError, ServerUnreachable, WrongScheme, describe_result
 from banyan.protocol import TaskState
@@ -59,11 +58,7 @@ def _short_reason(exc):
 def _never_sent(exc):
     """The connection was never made (refused, or no answer to connect), so
     the server cannot have acted on the request."""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return True
-    reason = exc.args[0] if exc.args else None
-    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError carries the cause
-    return isinstance(reason, urllib3.exceptions.NewConnectionError)
+    return isinstance(exc, ConnectTimeoutError)  # NewConnectionError (refused, no route) is one
 
 
 #: First path segments of the API: a server URL that ends in one is a mistake.
@@ -128,7 +123,8 @@ def running_task_id(environ=None):
 
 
 class Client:
-    """A ``requests.Session`` bound to one server and token.
+    """An HTTP connection pool (urllib3's, which is all ``requests`` would
+    add its import time to) bound to one server and token.
 
     ``attempts`` is the number of tries for retryable failures, with the
     wait doubling from ``backoff`` up to ``max_backoff`` seconds. ``sleep``
@@ -155,21 +151,17 @@ class Client:
         idle connections (more are opened when needed, never waited for,
         and closed after use). Several clients (one per thread, each with
         its own timeouts) may share it: a worker holds a handful of
-        connections rather than a pool per thread."""
-        session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, pool_block=False)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        session.headers["Accept"] = "application/json"
-        session.headers["User-Agent"] = "banyan-client"
+        connections rather than a pool per thread. urllib3 neither retries
+        nor follows redirects here: `request` decides what is retried."""
+        headers = {"Accept": "application/json", "User-Agent": "banyan-client"}
         if token:
-            session.headers["Authorization"] = f"Bearer {token}"
-        return session
+            headers["Authorization"] = f"Bearer {token}"
+        return urllib3.PoolManager(num_pools=2, maxsize=pool_size, block=False, headers=headers, retries=False)
 
     def close(self):
         """Close the session, if this client made it (a shared one is closed by its owner)."""
         if self._owns_session:
-            self.session.close()
+            self.session.clear()
 
     def __enter__(self):
         return self
@@ -192,11 +184,16 @@ class Client:
         callers pass ``idempotent=True`` for those.
         """
         url = self._url(*path) if isinstance(path, (tuple, list)) else self.url + path
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        if query:
+            url += "?" + urlencode(query, doseq=True)
         attempts = self.attempts if attempts is None else max(1, int(attempts))
         if idempotent is None:
             idempotent = method in _IDEMPOTENT
         changes = method not in _IDEMPOTENT
-        headers = {"Idempotency-Key": str(uuid.uuid4())} if method == "POST" else None
+        headers = dict(self.session.headers)  # urllib3 takes a request's headers instead of the pool's
+        if method == "POST":
+            headers["Idempotency-Key"] = str(uuid.uuid4())
         timeout = self.timeout if timeout is None else timeout
         self._check_scheme()
         delay = self.backoff
@@ -204,9 +201,9 @@ class Client:
             last = attempt == attempts
             try:
                 response = self.session.request(
-                    method, url, json=json_body, params=params, timeout=timeout, headers=headers
+                    method, url, json=json_body, timeout=timeout, headers=headers, redirect=False
                 )
-            except requests.exceptions.ReadTimeout as exc:
+            except ReadTimeoutError as exc:
                 if not idempotent or last:
                     raise ServerUnreachable(
                         None,
@@ -216,11 +213,7 @@ class Client:
                         maybe_done=changes,
                     ) from exc
                 log.info("%s %s timed out (attempt %d/%d)", method, url, attempt, attempts)
-            except (
-                requests.exceptions.ConnectionError,
-                requests.exceptions.Timeout,
-                requests.exceptions.ChunkedEncodingError,
-            ) as exc:
+            except (HTTPError, OSError) as exc:  # refused, reset, cut short, timed out connecting
                 if last or not (idempotent or _never_sent(exc)):
                     # a POST the server may have taken is not sent twice
                     raise ServerUnreachable(
@@ -232,14 +225,14 @@ class Client:
                     ) from exc
                 log.info("%s %s failed (attempt %d/%d): %s", method, url, attempt, attempts, exc)
             else:
-                if response.status_code in _RETRY_STATUSES and (idempotent or response.status_code == 503):
+                if response.status in _RETRY_STATUSES and (idempotent or response.status == 503):
                     # 502 and 504 come from a proxy that may have passed the request on
                     if last:
                         message = _error_message(response)[0]
                         raise ServerUnreachable(
-                            response.status_code, message, url=self.url, reason=f"{response.status_code} {message}"
+                            response.status, message, url=self.url, reason=f"{response.status} {message}"
                         )
-                    log.info("%s %s answered %s (attempt %d/%d)", method, url, response.status_code, attempt, attempts)
+                    log.info("%s %s answered %s (attempt %d/%d)", method, url, response.status, attempt, attempts)
                 else:
                     return _decode(method, url, response)
             self.sleep(delay)
@@ -596,22 +589,22 @@ def _error_message(response):
         else:
             message = error
         return (
-            message or body.get("message") or response.reason or f"HTTP {response.status_code}",
+            message or body.get("message") or response.reason or f"HTTP {response.status}",
             body.get("_issues"),
             body,
         )
-    text = (response.text or "").strip()
-    return (text[:500] or response.reason or f"HTTP {response.status_code}", None, body)
+    text = response.data.decode("utf-8", "replace").strip()
+    return (text[:500] or response.reason or f"HTTP {response.status}", None, body)
 
 
 def _decode(method, url, response):
-    if response.status_code >= 400:
+    if response.status >= 400:
         message, issues, body = _error_message(response)
-        log.debug("%s %s -> %s %s", method, url, response.status_code, message)
-        raise BanyanError(response.status_code, message, issues, body)
-    if response.status_code == 204 or not response.content:
+        log.debug("%s %s -> %s %s", method, url, response.status, message)
+        raise BanyanError(response.status, message, issues, body)
+    if response.status == 204 or not response.data:
         return None
     try:
         return response.json()
     except ValueError:
-        raise BanyanError(response.status_code, f"{method} {url}: answer is not JSON") from None
+        raise BanyanError(response.status, f"{method} {url}: answer is not JSON") from None

@@ -8,7 +8,7 @@ real `banyan server` (embedded store, fresh data directory) on this machine.
 Also prints what `import banyan.cli` costs and whether it loads any of the
 server's libraries (it should load none), and the request `banyan ls` makes
 timed alone from this process (the server's share of its time), and the
-interpreter's start with and without `requests` (the client's HTTP library,
+interpreter's start with and without `urllib3` (the client's HTTP library,
 which `banyan ls` needs and `--help` does not load): what is left is Banyan's
 own share. Each command's CPU time (user + system) is printed too: on a
 shared machine its wall clock also counts waiting for a core, and the CPU
@@ -93,7 +93,7 @@ def main():
     base = [sys.executable, "-c", "pass"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
     show("python -c pass", timed(base, args.runs, env))
-    show("python -c 'import requests'", timed([sys.executable, "-c", "import requests"], args.runs, env))
+    show("python -c 'import urllib3'", timed([sys.executable, "-c", "import urllib3"], args.runs, env))
     show("banyan --help", timed([BANYAN, "--help"], args.runs, env))
 
     tmp = tempfile.mkdtemp(prefix="bench-cli-")

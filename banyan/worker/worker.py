@@ -380,4 +380,4 @@ class Worker:
             client.close()
         self.supervision.close()
         if self._session is not None:
-            self._session.close()
+            self._session.clear()  # its pooled connections
