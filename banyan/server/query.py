@@ -19,15 +19,16 @@ the operator:
 Eve calls `check_filter` (through `BanyanMongo._sanitize`) on each parsed
 `where`, so the rule lives here and nowhere else. A string holding a NUL
 character is refused too (`store.nul_path`: no store is asked to match one),
-and so is an integer beyond 64 bits (`store.wide_int_path`: MongoDB's
-driver cannot send one, and the embedded store must answer the same).
+and so is what a JSON body may not hold (`limits.check_json_value`: an
+integer beyond 64 bits, which MongoDB's driver cannot even send).
 """
 
 import math
 
-from flask import abort, request
+from flask import abort, current_app, request
 
-from banyan.server.store import NUL_REFUSED, WIDE_INT_REFUSED, nul_path, wide_int_path
+from banyan.server.limits import check_json_value
+from banyan.server.store import NUL_REFUSED, nul_path
 
 #: Operators a `where` may contain.
 ALLOWED_OPERATORS = frozenset(
@@ -128,10 +129,10 @@ def check_filter(spec):
     message = bad_operand(spec)
     if message is not None:
         abort(400, description=message)
-    for find, why in ((nul_path, NUL_REFUSED), (wide_int_path, WIDE_INT_REFUSED)):
-        path = find(spec)
-        if path is not None:
-            abort(400, description="'where': %s %s" % (path, why))
+    path = nul_path(spec)
+    if path is not None:
+        abort(400, description="'where': %s %s" % (path, NUL_REFUSED))
+    check_json_value(spec, current_app.config["MAX_JSON_DEPTH"])
     return spec
 
 

@@ -25,10 +25,8 @@ __all__ = [
     "first",
     "sole_writer",
     "nul_path",
-    "wide_int_path",
     "find_in",
     "NUL_REFUSED",
-    "WIDE_INT_REFUSED",
     "EmbeddedClient",
     "EmbeddedCollection",
     "StoreCorrupt",
@@ -38,9 +36,6 @@ __all__ = [
 
 #: Why a string holding a NUL character is refused (see `nul_path`).
 NUL_REFUSED = "must not contain a NUL character (\\u0000)"
-
-#: Why an integer beyond 64 bits is refused (see `wide_int_path`).
-WIDE_INT_REFUSED = "is beyond the 64-bit integers a store holds (%d to %d)" % (-(2**63), 2**63 - 1)
 
 
 def connect(mongo_uri=None, data_dir=None):
@@ -115,7 +110,7 @@ def sole_writer(client):
     return _engine(client) is not None
 
 
-def nul_path(value):
+def nul_path(value, path=""):
     """The path (`a.b.0`) of the first string in `value` (dict keys included)
     that holds a NUL character, or None. A NUL in a key is shown as `\\u0000`.
 
@@ -125,22 +120,8 @@ def nul_path(value):
     and an answer must not depend on the store. Refused with a 4xx naming
     the path; a task's output, which may hold any bytes, is kept as bytes
     instead (`claims.LogStore`)."""
-    return _first_path(value, lambda x: isinstance(x, str) and "\x00" in x)
-
-
-def wide_int_path(value):
-    """The path (`a.b.0`) of the first integer in `value` beyond BSON's 64
-    bits, or None. The driver cannot send one to MongoDB or FerretDB, and
-    the embedded store would match or keep what they cannot: refused with a
-    4xx naming the path, on every store."""
-    return _first_path(value, lambda x: type(x) is int and not -(2**63) <= x < 2**63)
-
-
-def _first_path(value, bad, path=""):
-    """The path of the first value or dict key in `value`, at any depth, for
-    which `bad` is true (the value itself: the empty path), or None."""
-    if bad(value):
-        return path
+    if isinstance(value, str):
+        return path if "\x00" in value else None
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, (list, tuple)):
@@ -149,9 +130,9 @@ def _first_path(value, bad, path=""):
         return None
     for key, item in items:
         where = ("%s.%s" % (path, key) if path else str(key)).replace("\x00", "\\u0000")
-        if bad(key):
+        if isinstance(key, str) and "\x00" in key:
             return where
-        found = _first_path(item, bad, where)
+        found = nul_path(item, where)
         if found is not None:
             return found
     return None
