@@ -573,3 +573,94 @@ def test_edits_through_two_apps_while_a_worker_runs_the_tasks_keep_the_graph(sto
             for parent in listing:
                 assert (docs[parent]["state"], docs[parent]["exit_status"]) == ("terminated", "success")
                 assert docs[parent]["history"][-1]["ended"] <= doc["history"][0]["started"], (parent, child)
+
+
+# -- a continuation change racing its parent's end ------------------------------
+
+
+def _running(app, api, *tids):
+    """Make the parentless inactive tasks `tids` available and claim them
+    as one worker; {task id: attempt} and the worker's id."""
+    for tid in tids:
+        patch(api, tid, {"state": "available"})
+    worker, attempts = ObjectId(), {}
+    for _ in tids:
+        claimed = services(app).queue.claim_next(worker, {"cores": 64, "memory": 1 << 40, "gpus": 0})
+        attempts[str(claimed["_id"])] = claimed["history"][-1]["attempt"]
+    assert sorted(attempts) == sorted(tids)
+    return worker, attempts
+
+
+def test_adding_a_listed_child_again_as_its_parent_ends_leaves_no_wait_for_it(app, api, db, monkeypatch):
+    """add_continuations(P, [C]) when P lists C already, and P's worker
+    reports success after the request read P and before it linked C: P's
+    cascade settles the edge, the request's link makes it again, and the
+    request's write of P fails (P ended meanwhile). C must not be left
+    waiting for the ended P: it would never run."""
+    parent, other, child = task(api), task(api), task(api)
+    by_item(api, "add_continuations", parent, [child])
+    by_item(api, "add_continuations", other, [child])
+    worker, attempts = _running(app, api, parent)
+    queue, link = services(app).queue, services(app).queue._link
+
+    def end_parent_first(parent_id, child_id):
+        monkeypatch.setattr(queue, "_link", link)
+        queue.finish(parent_id, worker, attempts[parent], "success")
+        return link(parent_id, child_id)
+
+    monkeypatch.setattr(queue, "_link", end_parent_first)
+    by_item(api, "add_continuations", parent, [child], status=409)
+    assert stored(db, parent)["state"] == "terminated" and continuations(db, parent) == [child]
+    assert stored(db, child)["state"] == "inactive" and pending(db, child) == (1, [other])
+    assert "continuation_lease" not in stored(db, parent)
+
+
+def test_adding_a_listed_child_again_inside_its_parents_cascade_releases_it(app, api, db, monkeypatch):
+    """As above, C waiting for P alone, and the request's link lands between
+    the cascade's unlink of C and its release (which the link then stops):
+    once the request's write of P fails, C runs."""
+    parent, child = task(api), task(api)
+    by_item(api, "add_continuations", parent, [child])
+    worker, attempts = _running(app, api, parent)
+    queue = services(app).queue
+    link, release = queue._link, queue._release
+    made = []
+
+    def release_after_the_link(doc):
+        monkeypatch.setattr(queue, "_release", release)
+        made.append(link(ObjectId(parent), ObjectId(child)))
+        return release(doc)
+
+    def end_parent_around_the_link(parent_id, child_id):
+        monkeypatch.setattr(queue, "_link", link)
+        monkeypatch.setattr(queue, "_release", release_after_the_link)
+        queue.finish(parent_id, worker, attempts[parent], "success")
+        return made[0]
+
+    monkeypatch.setattr(queue, "_link", end_parent_around_the_link)
+    by_item(api, "add_continuations", parent, [child], status=409)
+    assert made, "the cascade did not reach the child's release"
+    assert stored(db, parent)["state"] == "terminated"
+    assert stored(db, child)["state"] == "available" and pending(db, child) == (0, [])
+
+
+def test_an_addition_that_fails_releases_a_child_its_other_parent_left(app, api, db, monkeypatch):
+    """add_continuations(P, [C]) links C, then C's only other parent Q ends
+    (leaving C waiting for P alone, so not released) and P's write fails:
+    undoing the link must release C, as Q's end would have."""
+    parent, other, child = task(api), task(api), task(api)
+    by_item(api, "add_continuations", other, [child])
+    worker, attempts = _running(app, api, parent, other)
+    queue, link = services(app).queue, services(app).queue._link
+
+    def both_end_after_the_link(parent_id, child_id):
+        monkeypatch.setattr(queue, "_link", link)
+        made = link(parent_id, child_id)
+        queue.finish(ObjectId(other), worker, attempts[other], "success")
+        queue.finish(ObjectId(parent), worker, attempts[parent], "success")
+        return made
+
+    monkeypatch.setattr(queue, "_link", both_end_after_the_link)
+    by_item(api, "add_continuations", parent, [child], status=409)
+    assert continuations(db, parent) == []
+    assert stored(db, child)["state"] == "available" and pending(db, child) == (0, [])

@@ -716,13 +716,20 @@ class TaskQueue:
                 linked.append((parent, child))
 
     def _link(self, parent_id, child_id):
-        """Make `child_id` wait for `parent_id` (`_require_inactive`'s rule)."""
-        result = self.tasks.update_one(
+        """Make `child_id` wait for `parent_id` (`_require_inactive`'s rule).
+        Returns how many parents the child waits for with this one, or None
+        when it waited for it already: the update's own precondition says
+        whether this call made the edge (a read before it could be stale)."""
+        doc = self.tasks.find_one_and_update(
             {"_id": child_id, "state": CONTINUATION_STATE.value, "pending_parents": {"$ne": parent_id}},
             {"$push": {"pending_parents": parent_id}, "$inc": {"pending_dependency_count": 1}},
+            projection={"pending_dependency_count": 1},
+            return_document=ReturnDocument.AFTER,
         )
-        if result.matched_count == 0:
+        if doc is None:
             self._require_inactive(child_id)
+            return None
+        return doc["pending_dependency_count"]
 
     def _unlink(self, parent_id, child_id):
         """Stop `child_id` waiting for `parent_id` (idempotent)."""
@@ -734,18 +741,22 @@ class TaskQueue:
 
     def link(self, parent, child_ids):
         """Add continuations to an existing task: children wait for it unless
-        it already finished. Returns the children to cancel once the
-        parent's write is done: those of a failed or cancelled parent."""
+        it already finished. Returns (doomed, linked): the children to
+        cancel once the parent's write is done (those of a failed or
+        cancelled parent), and the edges this call made, [(child, how many
+        parents it waits for with this one)], for `_undo_link`."""
         state, status = parent.get("state"), parent.get("exit_status")
-        doomed = []
+        doomed, linked = [], []
         for child in child_ids:
             if state in FINISHED:
                 self._require_inactive(child)
                 if not (state == S.TERMINATED and status == SUCCESS):
                     doomed.append(child)
             else:
-                self._link(parent["_id"], child)
-        return doomed
+                waits = self._link(parent["_id"], child)
+                if waits is not None:
+                    linked.append((child, waits))
+        return doomed, linked
 
     def unlink(self, parent, child_ids, require_inactive=True):
         """Remove continuations; a child left with no pending parent may run.
@@ -804,9 +815,11 @@ class TaskQueue:
         answers 409) and the parent's list and its children's
         `pending_parents` cannot drift apart. Then checks the rules (removed
         children inactive, no cycle) and links the added children. Returns
-        the lease: its token, the children it linked and those to cancel
+        the lease: its token, the edges it made and the children to cancel
         once the write is done (see `link`). Raises Conflict or
-        TransitionError with nothing left changed."""
+        TransitionError with nothing left changed. The lease does not stop
+        the parent's own end (a worker's report takes none): the parent's
+        write then fails, and `_undo_link` undoes exactly the edges made."""
         add, remove = list(dict.fromkeys(add)), list(dict.fromkeys(remove))
         token, now = str(ObjectId()), utcnow()
         query = {
@@ -834,13 +847,10 @@ class TaskQueue:
                     "adding %s to the continuations of '%s' would create a cycle"
                     % (", ".join("'%s'" % c for c in add), parent["_id"])
                 )
-            waiting = {
-                d["_id"] for d in find_in(self.tasks, "_id", add, {"pending_parents": parent["_id"]}, {"_id": 1})
-            }
             for child in add:
-                doomed += self.link(parent, [child])
-                if child not in waiting:
-                    linked.append(child)
+                ruled_out, made = self.link(parent, [child])
+                doomed += ruled_out
+                linked += made
         except Exception:  # a refusal, or the store failing: leave nothing held
             self.abort_continuation_change(parent, (token, linked, doomed, graph))
             raise
@@ -862,10 +872,32 @@ class TaskQueue:
         """The parent's write did not happen: undo the links and release."""
         token, linked, _, graph = lease
         try:
-            for child in linked:
-                self._unlink(parent["_id"], child)
+            for child, waits in linked:
+                self._undo_link(parent["_id"], child, waits)
         finally:
             self._release_lease(parent["_id"], token, graph)
+
+    def _undo_link(self, parent_id, child_id, waits):
+        """Undo the edge parent -> child that a continuation change made
+        (the child then waited for `waits` parents) before the parent's
+        write failed. The write fails when the parent changed meanwhile,
+        for one because it ended: if it lists the child already, its
+        cascade may have settled this edge before the change made it again,
+        so the edge is settled as the cascade settles it. Otherwise the
+        child stops waiting for it; if the other parents it waited for were
+        all settled or removed meanwhile, their last one did not release it
+        (it still waited for this edge), so it is released here."""
+        parent = self.tasks.find_one(
+            {"_id": parent_id, "continuations": child_id}, {"state": 1, "exit_status": 1, "name": 1}
+        )
+        if parent is not None and parent["state"] in FINISHED:
+            if self._settle(parent, child_id):
+                self._cascade(child_id)
+            return
+        doc = self._unlink(parent_id, child_id)
+        if doc is not None and waits > 1 and doc.get("pending_dependency_count") == 0:
+            if self._release(doc):
+                self._cascade(child_id)
 
     def _take_graph_lease(self, token):
         """Additions of continuations run one at a time across the queue (and
