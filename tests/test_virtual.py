@@ -14,6 +14,7 @@ from conftest import make_app
 from test_server import assert_refused, get, patch, post
 
 from banyan import settings
+from banyan.server import states
 from banyan.server.services import services
 
 
@@ -615,31 +616,48 @@ def test_adding_a_listed_child_again_as_its_parent_ends_leaves_no_wait_for_it(ap
     assert "continuation_lease" not in stored(db, parent)
 
 
-def test_adding_a_listed_child_again_inside_its_parents_cascade_releases_it(app, api, db, monkeypatch):
-    """As above, C waiting for P alone, and the request's link lands between
-    the cascade's unlink of C and its release (which the link then stops):
-    once the request's write of P fails, C runs."""
+def _link_inside_the_cascade(monkeypatch, app, parent, child, ended):
+    """Make the next link of the request link `child` to `parent` right
+    after a cascade stops `child` waiting for a parent, while the tasks
+    `ended` ({id: (worker, attempt)}) end one after the other in that
+    request's link (so that its write of `parent` fails); the link's
+    outcome is the request's."""
+    queue = services(app).queue
+    link, unlink = queue._link, queue._unlink
+    made = []
+
+    def link_after_the_unlink(parent_id, child_id, *args, **kwargs):
+        monkeypatch.setattr(queue, "_unlink", unlink)
+        doc = unlink(parent_id, child_id, *args, **kwargs)
+        try:
+            made.append(link(ObjectId(parent), ObjectId(child)))
+        except states.TransitionError as e:
+            made.append(e)
+        return doc
+
+    def end_them_around_the_link(parent_id, child_id):
+        monkeypatch.setattr(queue, "_link", link)
+        monkeypatch.setattr(queue, "_unlink", link_after_the_unlink)
+        for tid, (worker, attempt) in ended.items():
+            queue.finish(ObjectId(tid), worker, attempt, "success")
+        assert made, "no cascade stopped the child waiting"
+        if isinstance(made[0], Exception):
+            raise made[0]
+        return made[0]
+
+    monkeypatch.setattr(queue, "_link", end_them_around_the_link)
+
+
+def test_adding_a_listed_child_again_inside_its_parents_cascade_cannot_hold_it_back(app, api, db, monkeypatch):
+    """As above, C waiting for P alone, and the request's link lands right
+    after the cascade stops C waiting for P (before, it then held back C's
+    release, and C waited for the ended P for good): C runs."""
     parent, child = task(api), task(api)
     by_item(api, "add_continuations", parent, [child])
     worker, attempts = _running(app, api, parent)
-    queue = services(app).queue
-    link, release = queue._link, queue._release
-    made = []
-
-    def release_after_the_link(doc):
-        monkeypatch.setattr(queue, "_release", release)
-        made.append(link(ObjectId(parent), ObjectId(child)))
-        return release(doc)
-
-    def end_parent_around_the_link(parent_id, child_id):
-        monkeypatch.setattr(queue, "_link", link)
-        monkeypatch.setattr(queue, "_release", release_after_the_link)
-        queue.finish(parent_id, worker, attempts[parent], "success")
-        return made[0]
-
-    monkeypatch.setattr(queue, "_link", end_parent_around_the_link)
-    by_item(api, "add_continuations", parent, [child], status=409)
-    assert made, "the cascade did not reach the child's release"
+    _link_inside_the_cascade(monkeypatch, app, parent, child, {parent: (worker, attempts[parent])})
+    r = api.post("/tasks/%s/add_continuations" % parent, json=[child])
+    assert r.status_code == 422 and "available" in r.json["_error"]["message"], r.json
     assert stored(db, parent)["state"] == "terminated"
     assert stored(db, child)["state"] == "available" and pending(db, child) == (0, [])
 
@@ -662,5 +680,20 @@ def test_an_addition_that_fails_releases_a_child_its_other_parent_left(app, api,
 
     monkeypatch.setattr(queue, "_link", both_end_after_the_link)
     by_item(api, "add_continuations", parent, [child], status=409)
+    assert continuations(db, parent) == []
+    assert stored(db, child)["state"] == "available" and pending(db, child) == (0, [])
+
+
+def test_a_link_between_a_parents_unlink_and_its_release_cannot_hold_the_child_back(app, api, db, monkeypatch):
+    """C waits for Q alone; Q ends and its cascade stops C waiting for it
+    while add_continuations(P, [C]) links C, whose write of P then fails (P
+    ended too). C must run: its only parent succeeded."""
+    parent, other, child = task(api), task(api), task(api)
+    by_item(api, "add_continuations", other, [child])
+    worker, attempts = _running(app, api, parent, other)
+    ended = {other: (worker, attempts[other]), parent: (worker, attempts[parent])}
+    _link_inside_the_cascade(monkeypatch, app, parent, child, ended)
+    r = api.post("/tasks/%s/add_continuations" % parent, json=[child])
+    assert r.status_code == 422 and "available" in r.json["_error"]["message"], r.json
     assert continuations(db, parent) == []
     assert stored(db, child)["state"] == "available" and pending(db, child) == (0, [])

@@ -591,7 +591,7 @@ class TaskQueue:
         for child in self.tasks.find(query, {"continuations": 1, "added_in_attempt": 1}):
             detour = [c for c in child.get("continuations") or [] if c in theirs]
             for waiting in detour:
-                released = self._unlink(child["_id"], waiting)
+                released = self._unlink(child["_id"], waiting, release=True)
                 self.tasks.update_one({"_id": waiting}, {"$pullAll": {"after_any": [child["_id"]]}})
                 if released is not None and released.get("pending_dependency_count") == 0:
                     self._release(released)
@@ -723,20 +723,36 @@ class TaskQueue:
         doc = self.tasks.find_one_and_update(
             {"_id": child_id, "state": CONTINUATION_STATE.value, "pending_parents": {"$ne": parent_id}},
             {"$push": {"pending_parents": parent_id}, "$inc": {"pending_dependency_count": 1}},
-            projection={"pending_dependency_count": 1},
-            return_document=ReturnDocument.AFTER,
+            return_document=ReturnDocument.AFTER,  # whole: FerretDB 1.24 has no findAndModify projection
         )
         if doc is None:
             self._require_inactive(child_id)
             return None
         return doc["pending_dependency_count"]
 
-    def _unlink(self, parent_id, child_id):
-        """Stop `child_id` waiting for `parent_id` (idempotent)."""
+    def _unlink(self, parent_id, child_id, release=False):
+        """Stop `child_id` waiting for `parent_id` (idempotent); the child as
+        stored after it, or None. `release`: when this is its last parent, an
+        inactive child becomes available in the same write (`_release` then
+        only announces it): released by a second write, it could be held
+        back for good by a continuation addition linking it in between
+        whose parent's write then fails."""
+        unlink = {"$pull": {"pending_parents": parent_id}, "$inc": {"pending_dependency_count": -1}}
+        if release:
+            doc = self.tasks.find_one_and_update(
+                {
+                    "_id": child_id,
+                    "pending_parents": parent_id,
+                    "pending_dependency_count": 1,
+                    "state": S.INACTIVE.value,
+                },
+                dict(unlink, **{"$set": {"state": S.AVAILABLE.value, **stamp()}}),
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is not None:
+                return doc
         return self.tasks.find_one_and_update(
-            {"_id": child_id, "pending_parents": parent_id},
-            {"$pull": {"pending_parents": parent_id}, "$inc": {"pending_dependency_count": -1}},
-            return_document=ReturnDocument.AFTER,
+            {"_id": child_id, "pending_parents": parent_id}, unlink, return_document=ReturnDocument.AFTER
         )
 
     def link(self, parent, child_ids):
@@ -765,7 +781,7 @@ class TaskQueue:
         for child in child_ids:
             if require_inactive:
                 self._require_inactive(child)
-            doc = self._unlink(parent["_id"], child)
+            doc = self._unlink(parent["_id"], child, release=True)
             if doc is not None and doc.get("pending_dependency_count") == 0:
                 self._release(doc)
 
@@ -1702,7 +1718,7 @@ class TaskQueue:
             return False
         kind = edge_kind(child, parent["_id"])
         if edge_satisfied(kind, parent):
-            released = self._unlink(parent["_id"], child_id)
+            released = self._unlink(parent["_id"], child_id, release=release)
             if released is None:
                 # Unlinked already: by a cascade that a crash cut
                 # short, perhaps before it released the child.
