@@ -511,6 +511,12 @@ def test_aggregate_equals_mongomock(client, pipeline):
         c.delete_one({"_id": 4})
         c.insert_one({"_id": 9, "k": 1, "n": 5, "tags": ["a"], "h": [{"s": 6, "e": 9}]})
     same()
+    for c in (coll, reference):
+        c.update_one({"_id": 3}, {"$set": {"unread": [1, 2]}})  # no field a view reads: its rows stay
+        c.update_one({"_id": 9}, {"$set": {"k": True, "n": 5.0}})  # equal in Python (1 == True), not in BSON
+        c.update_one({"_id": 6}, {"$unset": {"tags": ""}, "$set": {"h.0.e": None}})
+        c.update_one({"_id": 8}, {"$set": {"r": {"x": 0}, "h": [{"s": 4, "e": 8}]}})  # the same values again
+    same()
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,7 @@ from banyan.store.errors import StoreUnavailable
 from banyan.store.indexes import EMPTY_KEY, TOP, SecondaryIndex, asc_key, indexable_spec
 from banyan.store.planning import eq_conditions, lower_bounds, matcher, mongomock_sort, norm_sort, store_key
 from banyan.store.state import Mismatch
-from banyan.store.views import GroupView, SortView, ViewSet
+from banyan.store.views import GroupView, SortView, ViewSet, fields_read
 
 logger = logging.getLogger(__name__)
 
@@ -184,9 +184,11 @@ class _CollectionStore(mm_store.CollectionStore):
             if old_entries != new_entries or old_flags != new_flags:
                 idx.remove(old_entries, old_flags)
                 idx.add(new_entries, new_flags)
-        if self.view_sets:
-            self._change_views(before, -1, seq)
-            self._change_views(after, 1, seq)
+        for prefix, view_set in list(self.view_sets.items()):
+            if view_set.unchanged(before, after):
+                continue
+            if not (view_set.change(before, -1, seq) and view_set.change(after, 1, seq)):
+                del self.view_sets[prefix]  # a row it cannot keep: the pipeline runs as usual
 
     def _change_views(self, doc, sign, seq):
         for prefix, view_set in list(self.view_sets.items()):
@@ -354,7 +356,7 @@ class _CollectionStore(mm_store.CollectionStore):
         if view_set is None:
             self.make_room_for_a_view_set()
             view_set = self.view_sets[prefix] = ViewSet(
-                _LazyRows(self._engine.rows_factory, self.db_name, self.name, prefix)
+                _LazyRows(self._engine.rows_factory, self.db_name, self.name, prefix), fields_read(prefix)
             )
         if view_key not in view_set.views:
             view_set.views[view_key] = _new_view(view_key)
@@ -515,7 +517,9 @@ class _CollectionStore(mm_store.CollectionStore):
         for prefix, built in views.items():  # beside the views defined before and not built (`define_view`)
             view_set = self.view_sets.get(prefix)
             if view_set is None:
-                view_set = self.view_sets[prefix] = ViewSet(_LazyRows(rows_factory, self.db_name, self.name, prefix))
+                view_set = self.view_sets[prefix] = ViewSet(
+                    _LazyRows(rows_factory, self.db_name, self.name, prefix), fields_read(prefix)
+                )
             view_set.views.update(built)
         self.deferred = False
 
@@ -1062,7 +1066,7 @@ class EmbeddedCollection(mm_collection.Collection):
                 if store.plan(spec, None) is not None:
                     return None  # an index finds the documents: reading them costs less than a view
                 store.make_room_for_a_view_set()
-                view_set = ViewSet(self._rows_of(pipeline, n))
+                view_set = ViewSet(self._rows_of(pipeline, n), fields_read(prefix_key))
             store.view_sets[prefix_key] = view_set  # (the most recently used last)
             view = view_set.views.get(view_key)
             if view is None:
@@ -1432,6 +1436,10 @@ class EmbeddedClient(mongomock.MongoClient):
 
     def __repr__(self):
         return f"EmbeddedClient({self._engine.data_dir!r})"
+
+    def views_defined(self):
+        """True when some collection has a view defined (built or not)."""
+        return any(store.view_sets for db in self._store._databases.values() for store in db._collections.values())  # pylint: disable=protected-access
 
     def _build_defined_views(self):
         """Build the views defined before this start that its snapshot did

@@ -13,6 +13,7 @@ its answer, not of the collection.
 import copy
 from fractions import Fraction
 
+import bson
 from mongomock import aggregate as mm_aggregate
 from sortedcontainers import SortedList
 
@@ -175,15 +176,71 @@ class SortView:
         return out
 
 
+_MISSING = object()
+#: Operators of a `$match` whose fields are the fields of their clauses.
+_LOGICAL = ("$and", "$or", "$nor")
+
+
+def fields_read(prefix):
+    """The top-level fields the per-document stages `prefix` (a view set's
+    key: the encoded stages, a `$match` then an inclusion `$project`) read,
+    or None when that cannot be told (an operator such as `$expr` at the
+    top of the `$match`). The stages after the `$project` see only what it
+    keeps, so a document's rows depend on these fields alone."""
+    stages = bson.decode(prefix)["p"]
+    fields = _match_fields(stages[0]["$match"])
+    if fields is None:
+        return None
+    return frozenset(fields | {field.split(".")[0] for field in stages[1]["$project"]})
+
+
+def _match_fields(spec):
+    fields = set()
+    for key, value in spec.items():
+        if key in _LOGICAL and isinstance(value, list):
+            for clause in value:
+                inner = _match_fields(clause) if isinstance(clause, dict) else None
+                if inner is None:
+                    return None
+                fields |= inner
+        elif key.startswith("$"):
+            return None
+        else:
+            fields.add(key.split(".")[0])
+    return fields
+
+
+def _same(a, b):
+    """`a` and `b` are the same value, types and key order included (`1`
+    and `1.0` are equal but give different rows)."""
+    if type(a) is not type(b):  # pylint: disable=unidiomatic-typecheck
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 class ViewSet:
     """The views over the rows of one run of per-document stages
     (`rows_of(doc)`): a write computes a document's rows once for all of
     them. Each view counts the documents up to its `seen` sequence number
-    (all, once built)."""
+    (all, once built). `reads`: the fields the rows come from
+    (`fields_read`), or None when unknown."""
 
-    def __init__(self, rows_of):
+    def __init__(self, rows_of, reads=None):
         self.rows_of = rows_of
+        self.reads = reads
         self.views = {}
+
+    def unchanged(self, before, after):
+        """True when an update from `before` to `after` leaves the rows as
+        they were: it changed none of the fields they come from (a fan-in's
+        sink changes its list of parents 500 times, never its state)."""
+        return self.reads is not None and all(
+            _same(before.get(field, _MISSING), after.get(field, _MISSING)) for field in self.reads
+        )
 
     @staticmethod
     def built(view):
