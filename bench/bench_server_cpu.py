@@ -13,7 +13,9 @@ W2  POST a sink, `--graph` tasks before it and one before them (bench_peers'
     1 -> n -> 1), then the same loop until the sink has run.
 
 Each request goes through the app as `banyan server` runs it (Flask's test
-client; the store syncs its journal before each answer). Prints the POST's
+client; the store syncs its journal before each answer), with `/stats`'
+views defined on the new store as its start defines them
+(`serve.define_stats_views`; `--no-stats-views`: without, as before). Prints the POST's
 CPU per task and the loop's CPU per task run (the best of `--repeats`
 fresh stores). Asserts nothing.
 """
@@ -24,6 +26,7 @@ import tempfile
 import time
 
 from banyan.server.app import create_app
+from banyan.server.serve import define_stats_views
 from banyan.server.store import connect
 
 FREE = {"cores": 1, "memory": 1 << 33, "gpus": 0}
@@ -32,10 +35,13 @@ FREE = {"cores": 1, "memory": 1 << 33, "gpus": 0}
 class Server:
     """A fresh app on an embedded store in a temporary directory, with one worker."""
 
-    def __init__(self):
+    def __init__(self, stats_views=True):
         self.tmp = tempfile.mkdtemp(prefix="bench-server-cpu-")
         self.client = connect(data_dir=self.tmp)
-        self.api = create_app(self.client, {"AUTH": False}).test_client()
+        app = create_app(self.client, {"AUTH": False})
+        if stats_views:
+            define_stats_views(app)
+        self.api = app.test_client()
         reply = self.api.post("/workers", json={"host": "bench", "resources": FREE})
         self.worker = reply.get_json()["_id"]
 
@@ -74,8 +80,8 @@ class Server:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def w1(n):
-    server = Server()
+def w1(n, stats_views):
+    server = Server(stats_views)
     try:
         start = time.process_time()
         server.post([{"command": "true", "state": "available"} for _ in range(n)])
@@ -86,8 +92,8 @@ def w1(n):
         server.close()
 
 
-def w2(n):
-    server = Server()
+def w2(n, stats_views):
+    server = Server(stats_views)
     try:
         start = time.process_time()
         sink = server.post({"command": "true"})
@@ -105,9 +111,10 @@ def main():
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--graph", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-stats-views", dest="stats_views", action="store_false")
     args = parser.parse_args()
     for name, run, n in (("W1", w1, args.tasks), ("W2", w2, args.graph)):
-        runs = [run(n) for _ in range(args.repeats)]
+        runs = [run(n, args.stats_views) for _ in range(args.repeats)]
         post, loop = min(r[0] for r in runs), min(r[1] for r in runs)
         print(
             "%s (%d tasks): POST %.2f ms CPU per task; report + claim %.2f ms CPU per task run (best of %d)"

@@ -24,6 +24,7 @@ __all__ = [
     "sync_visible",
     "first",
     "sole_writer",
+    "needs_views",
     "nul_path",
     "find_in",
     "NUL_REFUSED",
@@ -100,6 +101,14 @@ def first(client):
     turns. With MongoDB, which serves each connection on its own, nothing."""
     engine = _engine(client)
     return engine.first() if engine is not None else contextlib.nullcontext()
+
+
+def needs_views(client):
+    """True for an embedded store that has no aggregation view defined yet
+    (a new one, or one from before views were kept from the first start):
+    the server then defines `/stats`'s at start (`serve.define_stats_views`).
+    False for MongoDB, which keeps none."""
+    return _engine(client) is not None and not client.views_defined()
 
 
 def sole_writer(client):
