@@ -18,10 +18,8 @@ under 150 ms for `banyan --help` and `banyan ls`. Asserts nothing.
 
 import argparse
 import os
-import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +27,7 @@ import tempfile
 import time
 
 import requests
+from benchkit import banyan_server
 
 BIN = os.path.dirname(sys.executable)
 BANYAN = os.path.join(BIN, "banyan")
@@ -97,28 +96,16 @@ def main():
     show("banyan --help", timed([BANYAN, "--help"], args.runs, env))
 
     tmp = tempfile.mkdtemp(prefix="bench-cli-")
-    server = subprocess.Popen(
-        [BANYAN, "server", "--port", "0", "--data-dir", os.path.join(tmp, "data")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     try:
-        line = server.stdout.readline().decode()
-        match = re.search(r"(http://\S+)", line)
-        if not match:
-            raise SystemExit("server did not start: %r" % line)
-        url = match.group(1)
-        env = dict(env, BANYAN_SERVER=url, HOME=tmp)
-        http = requests.Session()
-        task = http.post(url + "/tasks", json=[{"name": "t%d" % i} for i in range(20)]).json()["_items"][0]["_id"]
-        http.patch(url + "/tasks/" + task, json={"state": "cancelled"}).raise_for_status()
-        show("banyan ls (20 tasks)", timed([BANYAN, "ls"], args.runs, env))
-        show("  its request alone", timed_request(http, url + "/tasks", args.runs))
-        show("banyan wait ID (finished)", timed([BANYAN, "wait", task], args.runs, env, ok=(1,)))
+        with banyan_server(os.path.join(tmp, "data"), stop_timeout=30) as url:
+            env = dict(env, BANYAN_SERVER=url, HOME=tmp)
+            http = requests.Session()
+            task = http.post(url + "/tasks", json=[{"name": "t%d" % i} for i in range(20)]).json()["_items"][0]["_id"]
+            http.patch(url + "/tasks/" + task, json={"state": "cancelled"}).raise_for_status()
+            show("banyan ls (20 tasks)", timed([BANYAN, "ls"], args.runs, env))
+            show("  its request alone", timed_request(http, url + "/tasks", args.runs))
+            show("banyan wait ID (finished)", timed([BANYAN, "wait", task], args.runs, env, ok=(1,)))
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -12,17 +12,13 @@ has no views until a server starts on it. Prints, asserts nothing.
 
 import argparse
 import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 
 import urllib3
+from benchkit import banyan_server
 
-BIN = os.path.dirname(sys.executable)
 BATCH = 1000
 
 
@@ -31,36 +27,26 @@ def main():
     parser.add_argument("--tasks", type=int, default=100000)
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-new-store-")
-    server = subprocess.Popen(
-        [os.path.join(BIN, "banyan"), "server", "--port", "0", "--data-dir", os.path.join(tmp, "data")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     try:
-        match = re.search(r"(http://\S+)", server.stdout.readline().decode())
-        if not match:
-            raise SystemExit("banyan server did not start")
-        url, http = match.group(1), urllib3.PoolManager()
-        start = time.perf_counter()
-        for first in range(0, args.tasks, BATCH):
-            body = [{"command": "true", "name": "t%d" % i} for i in range(first, min(args.tasks, first + BATCH))]
-            reply = http.request("POST", url + "/tasks", json=body)
-            if reply.status != 201:
-                raise SystemExit("POST /tasks answered %d: %r" % (reply.status, reply.data[:300]))
-        posted = time.perf_counter() - start
-        times = []
-        for _ in range(2):
+        with banyan_server(os.path.join(tmp, "data")) as url:
+            http = urllib3.PoolManager()
             start = time.perf_counter()
-            reply = http.request("GET", url + "/stats")
-            times.append(time.perf_counter() - start)
-        print(
-            "%d tasks POSTed in %.1f s; first GET /stats %.3f s (total %s), again %.3f s"
-            % (args.tasks, posted, times[0], reply.json()["total"], times[1])
-        )
+            for first in range(0, args.tasks, BATCH):
+                body = [{"command": "true", "name": "t%d" % i} for i in range(first, min(args.tasks, first + BATCH))]
+                reply = http.request("POST", url + "/tasks", json=body)
+                if reply.status != 201:
+                    raise SystemExit("POST /tasks answered %d: %r" % (reply.status, reply.data[:300]))
+            posted = time.perf_counter() - start
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                reply = http.request("GET", url + "/stats")
+                times.append(time.perf_counter() - start)
+            print(
+                "%d tasks POSTed in %.1f s; first GET /stats %.3f s (total %s), again %.3f s"
+                % (args.tasks, posted, times[0], reply.json()["total"], times[1])
+            )
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=120)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

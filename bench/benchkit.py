@@ -1,12 +1,38 @@
-"""What several benchmarks do alike: fill a queue fast, time threads that
-run together, stop the processes they started."""
+"""What several benchmarks do alike: start a server, fill a queue fast,
+time threads that run together, stop the processes they started."""
 
+import contextlib
 import copy
+import os
+import re
 import signal
 import subprocess
+import sys
 import time
 
 from bson import ObjectId
+
+
+@contextlib.contextmanager
+def banyan_server(data_dir, stop_timeout=120):
+    """A `banyan server` (this interpreter's, embedded store in `data_dir`)
+    on a free port; yields its URL, then stops its whole session (SIGTERM)."""
+    banyan = os.path.join(os.path.dirname(sys.executable), "banyan")
+    server = subprocess.Popen(
+        [banyan, "server", "--port", "0", "--data-dir", data_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        line = server.stdout.readline().decode()
+        match = re.search(r"(http://\S+)", line)
+        if not match:
+            raise SystemExit("banyan server did not start: %r" % line)
+        yield match.group(1)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=stop_timeout)
 
 
 def fill_with_copies(db, n, vary):
