@@ -153,7 +153,7 @@ class _CollectionStore(mm_store.CollectionStore):
             entries, flags = idx.doc_entries(doc, seq, memo)
             idx.add(entries, flags)
         if self.view_sets:
-            self._change_views(doc, 1, seq)
+            self._change_views(lambda view_set: view_set.change(doc, 1, seq))
 
     def _unindex_doc(self, key, raw):
         """Remove the entries of `raw`, the BSON stored under `key` until now."""
@@ -165,7 +165,7 @@ class _CollectionStore(mm_store.CollectionStore):
         for idx in self._sec.values():
             entries, flags = idx.doc_entries(doc, seq, memo)
             idx.remove(entries, flags)
-        self._change_views(doc, -1, seq)
+        self._change_views(lambda view_set: view_set.change(doc, -1, seq))
 
     def _reindex_doc(self, key, old, new):
         """The document under `key` changed from the BSON `old` to `new`:
@@ -184,16 +184,15 @@ class _CollectionStore(mm_store.CollectionStore):
             if old_entries != new_entries or old_flags != new_flags:
                 idx.remove(old_entries, old_flags)
                 idx.add(new_entries, new_flags)
-        for prefix, view_set in list(self.view_sets.items()):
-            if view_set.unchanged(before, after):
-                continue
-            if not (view_set.change(before, -1, seq) and view_set.change(after, 1, seq)):
-                del self.view_sets[prefix]  # a row it cannot keep: the pipeline runs as usual
+        if self.view_sets:
+            self._change_views(lambda view_set: view_set.replace(before, after, seq))
 
-    def _change_views(self, doc, sign, seq):
+    def _change_views(self, change):
+        """`change(view_set)` for each view set; one it answers False for
+        (a row it cannot keep) is dropped: the pipeline then runs as usual."""
         for prefix, view_set in list(self.view_sets.items()):
-            if not view_set.change(doc, sign, seq):
-                del self.view_sets[prefix]  # a row it cannot keep: the pipeline runs as usual
+            if not change(view_set):
+                del self.view_sets[prefix]
 
     def flush_touched(self):
         """Write back the documents updates changed in place, re-indexed."""
@@ -679,6 +678,10 @@ class _ServerStore(mm_store.ServerStore):
     def __init__(self, engine):
         super().__init__()
         self._engine = engine
+
+    def collection_stores(self):
+        """Every collection's store, as a list (others may add to them)."""
+        return [store for db in list(self._databases.values()) for store in list(db._collections.values())]  # pylint: disable=protected-access
 
     def __getitem__(self, db_name):
         try:
@@ -1431,7 +1434,7 @@ class EmbeddedClient(mongomock.MongoClient):
         super().__init__(tz_aware=True, _store=_ServerStore(self._engine))
         self._engine.open(self._store, self._rows_factory)
         self.data_dir = self._engine.data_dir
-        if any(store.unbuilt_views() for db in self._store._databases.values() for store in db._collections.values()):  # pylint: disable=protected-access
+        if any(store.unbuilt_views() for store in self._store.collection_stores()):
             self._engine.start(self._build_defined_views, "banyan-store-views")
 
     def __repr__(self):
@@ -1439,7 +1442,7 @@ class EmbeddedClient(mongomock.MongoClient):
 
     def views_defined(self):
         """True when some collection has a view defined (built or not)."""
-        return any(store.view_sets for db in self._store._databases.values() for store in db._collections.values())  # pylint: disable=protected-access
+        return any(store.view_sets for store in self._store.collection_stores())
 
     def _build_defined_views(self):
         """Build the views defined before this start that its snapshot did
@@ -1448,11 +1451,10 @@ class EmbeddedClient(mongomock.MongoClient):
         them built, or joins the build where it is."""
         built = 0
         try:
-            for db_store in list(self._store._databases.values()):  # pylint: disable=protected-access
-                for store in list(db_store._collections.values()):  # pylint: disable=protected-access
-                    for prefix, view_set, views in store.unbuilt_views():
-                        if store.build_views(prefix, view_set, views, "at start, in the background"):
-                            built += len(views)
+            for store in self._store.collection_stores():
+                for prefix, view_set, views in store.unbuilt_views():
+                    if store.build_views(prefix, view_set, views, "at start, in the background"):
+                        built += len(views)
         except (InvalidOperation, StoreUnavailable):  # closed, or stopped: nothing to build for
             return
         except Exception:  # pylint: disable=broad-except  # a view is no data: `/stats` builds it if asked

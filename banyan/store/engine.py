@@ -413,9 +413,8 @@ class Engine:
                     self._replay(log.path, offset, actions)
         finally:
             self.replaying = False
-        for db_store in self.server_store._databases.values():  # pylint: disable=protected-access
-            for store in db_store._collections.values():  # pylint: disable=protected-access
-                store.finish_loading()
+        for store in self.server_store.collection_stores():
+            store.finish_loading()
         self.segments = [log.path for log in logs] or [self.journal_path]
         self.journal_path = self.segments[-1]  # new records go to the newest segment
         self.fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -557,16 +556,16 @@ class Engine:
         documents' BSON (immutable bytes) and its state. Taken under the
         lock; the snapshot is then written from it without the lock."""
         frozen = []
-        for db_name, db_store in list(self.server_store._databases.items()):  # pylint: disable=protected-access
-            for col_name, store in list(db_store._collections.items()):  # pylint: disable=protected-access
-                if not store.is_created:
-                    continue
-                head = [{"o": "mk", "d": db_name, "c": col_name}]
-                for name, spec in store.indexes.items():
-                    head.append({"o": "ix", "d": db_name, "c": col_name, "n": name, "s": spec})
-                head.extend(store.view_definitions())
-                raws = list(store._documents.raw_values())  # pylint: disable=protected-access
-                frozen.append((db_name, col_name, head, raws, store.export_state()))
+        for store in self.server_store.collection_stores():
+            if not store.is_created:
+                continue
+            db_name, col_name = store.db_name, store.name
+            head = [{"o": "mk", "d": db_name, "c": col_name}]
+            for name, spec in store.indexes.items():
+                head.append({"o": "ix", "d": db_name, "c": col_name, "n": name, "s": spec})
+            head.extend(store.view_definitions())
+            raws = list(store._documents.raw_values())  # pylint: disable=protected-access
+            frozen.append((db_name, col_name, head, raws, store.export_state()))
         return frozen
 
     def _snapshot_frames(self, frozen, written_views):
@@ -759,14 +758,13 @@ class Engine:
     def built_views(self):
         """(database, collection, stages, view) of every built view."""
         out = set()
-        for db_name, db_store in self.server_store._databases.items():  # pylint: disable=protected-access
-            for col_name, store in db_store._collections.items():  # pylint: disable=protected-access
-                for prefix, view_set in store.view_sets.items():
-                    out.update(
-                        (db_name, col_name, prefix, name)
-                        for name, view in view_set.views.items()
-                        if view_set.built(view)
-                    )
+        for store in self.server_store.collection_stores():
+            for prefix, view_set in store.view_sets.items():
+                out.update(
+                    (store.db_name, store.name, prefix, name)
+                    for name, view in view_set.views.items()
+                    if view_set.built(view)
+                )
         return out
 
     def close(self):

@@ -242,6 +242,11 @@ class ViewSet:
             _same(before.get(field, _MISSING), after.get(field, _MISSING)) for field in self.reads
         )
 
+    def replace(self, before, after, seq):
+        """A document updated from `before` to `after`: its rows change,
+        unless the update left them as they were; False as `change`."""
+        return self.unchanged(before, after) or (self.change(before, -1, seq) and self.change(after, 1, seq))
+
     @staticmethod
     def built(view):
         return view.seen == float("inf")
