@@ -238,6 +238,87 @@ def test_indexed_queries_equal_full_scan(tmp_path, seed):
     assert _run_equivalence(tmp_path, seed) > 50
 
 
+#: Indexes on one field, on a second field, on a dotted field and on an
+#: array, for `test_updates_keep_every_index_like_a_full_scan`.
+SKIP_INDEXES = [
+    [("state", 1), ("n", 1)],
+    [("kind", 1), ("flag", 1)],
+    [("flag", 1)],
+    [("r.cores", 1), ("state", 1)],
+    [("tags", 1)],
+    [("owner", 1)],
+]
+FLAGS = [0, 1, True, False, 1.0, 0.0, None, 2]
+SKIP_QUERIES = (
+    [({"state": s}, [("n", 1)]) for s in STATES]  # in the index's order of `n`
+    + [({"state": s, "n": n}, None) for s in STATES for n in (0, 1, 5, 7, 11, 40)]
+    + [({"kind": k}, [("flag", d)]) for k in "xy" for d in (1, -1)]  # bools after numbers
+    + [({"flag": v}, None) for v in FLAGS]
+    + [({"flag": {"$gte": v}}, None) for v in (0.5, 1, True)]
+    + [({"r.cores": c}, [("state", 1)]) for c in range(6)]
+    + [({"r.cores": {"$gte": 3}}, None)]
+    + [({"tags": t}, None) for t in ("a", "b", "c", "solo")]
+    + [({"tags": {"$gte": "b"}}, None)]
+    + [({"owner": o}, None) for o in ("ann", "bob", None)]
+)
+#: (filter, update): each changes one field that some of the indexes read.
+SKIP_UPDATES = [
+    ({"n": 0}, {"$set": {"note": "x"}}),  # a field no index reads
+    ({"n": 0}, {"$set": {"state": "done"}}),  # one field of two indexes
+    ({"n": 1}, {"$set": {"n": 40}}),  # the second field of an index
+    ({"n": 2}, {"$set": {"r.cores": 5}}),  # a dotted field
+    ({"n": 3}, {"$set": {"r": {"mem": 1, "cores": 2}}}),  # the document holding it
+    ({"n": 3}, {"$unset": {"r": ""}}),  # missing
+    ({"n": 4}, {"$set": {"r": [{"cores": 1}, {"cores": 4}]}}),  # through an array
+    ({"n": 4}, {"$set": {"r.1.cores": 3}}),
+    ({"n": 5}, {"$push": {"tags": "c"}}),  # an array
+    ({"n": 5}, {"$pull": {"tags": "a"}}),
+    ({"n": 5}, {"$set": {"tags": []}}),  # empty
+    ({"n": 5}, {"$set": {"tags": "solo"}}),  # no longer an array
+    ({"n": 5}, {"$unset": {"tags": ""}}),
+    ({"n": 6}, {"$set": {"flag": True}}),  # 1 -> True -> 1.0 -> 1: equal in Python, not in BSON
+    ({"n": 6}, {"$set": {"flag": 1.0}}),
+    ({"n": 6}, {"$set": {"flag": 1}}),
+    ({"n": 7}, {"$set": {"flag": False}}),  # 0 -> False -> 0.0
+    ({"n": 7}, {"$set": {"flag": 0.0}}),
+    ({"n": 8}, {"$set": {"owner": "bob", "flag": True}}),  # two fields at once
+    ({}, {"$set": {"flag": 1}}),  # many documents
+    ({"kind": "x"}, {"$set": {"flag": True}}),
+]
+
+
+def test_updates_keep_every_index_like_a_full_scan(client):
+    """An update re-indexes a document only in the indexes that read a field
+    it changed (`FieldChanges`): after updates of one field, of a second
+    index field, of dotted and array fields, and between `1`, `True` and
+    `1.0` (equal in Python, different index keys), every indexed query
+    answers what mongomock's full scan does, in its order."""
+    ours = _coll(client)
+    reference = mongomock.MongoClient(tz_aware=True)["db"]["tasks"]
+    for index in SKIP_INDEXES:
+        ours.create_index(index)
+    docs = [
+        {
+            "_id": i,
+            "n": i,
+            "state": STATES[i % 4],
+            "kind": "xy"[i % 2],
+            "flag": FLAGS[i % len(FLAGS)],
+            "r": {"cores": i % 4},
+            "tags": [["a"], ["a", "b"], []][i % 3],
+            "owner": ["ann", "bob"][i % 2],
+        }
+        for i in range(12)
+    ]
+    ours.insert_many([dict(d) for d in docs])
+    reference.insert_many([dict(d) for d in docs])
+    for flt, update in SKIP_UPDATES:
+        for coll in (ours, reference):
+            coll.update_many(flt, update)
+        for query, sort in SKIP_QUERIES:
+            assert list(ours.find(query, sort=sort)) == list(reference.find(query, sort=sort)), (update, query, sort)
+
+
 def test_claim_query_uses_index_in_order(client):
     coll = _coll(client)
     coll.create_index(CLAIM_INDEX)

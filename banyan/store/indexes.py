@@ -276,6 +276,8 @@ class SecondaryIndex:
     def __init__(self, fields):
         self.fields = [(f, int(d)) for f, d in fields]
         self._plan = [(f, d < 0, f.split(".") if "." in f else None) for f, d in self.fields]
+        #: The top-level fields a document's entries come from (`FieldChanges`).
+        self.reads = frozenset(f.split(".")[0] for f, _ in self.fields)
         self.entries = SortedList()
         self.stats = [[0, 0, 0] for _ in self.fields]
 
@@ -305,7 +307,7 @@ class SecondaryIndex:
         outside the lock: the entries as a list (their tuples are shared,
         never changed), which is all `__getstate__` reads."""
         out = SecondaryIndex.__new__(SecondaryIndex)
-        out.fields = self.fields
+        out.fields, out.reads = self.fields, self.reads
         out.entries = list(self.entries)
         out.stats = [list(st) for st in self.stats]
         return out

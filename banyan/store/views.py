@@ -176,7 +176,6 @@ class SortView:
         return out
 
 
-_MISSING = object()
 #: Operators of a `$match` whose fields are the fields of their clauses.
 _LOGICAL = ("$and", "$or", "$nor")
 
@@ -210,18 +209,6 @@ def _match_fields(spec):
     return fields
 
 
-def _same(a, b):
-    """`a` and `b` are the same value, types and key order included (`1`
-    and `1.0` are equal but give different rows)."""
-    if type(a) is not type(b):  # pylint: disable=unidiomatic-typecheck
-        return False
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 class ViewSet:
     """The views over the rows of one run of per-document stages
     (`rows_of(doc)`): a write computes a document's rows once for all of
@@ -234,18 +221,17 @@ class ViewSet:
         self.reads = reads
         self.views = {}
 
-    def unchanged(self, before, after):
-        """True when an update from `before` to `after` leaves the rows as
-        they were: it changed none of the fields they come from (a fan-in's
-        sink changes its list of parents 500 times, never its state)."""
-        return self.reads is not None and all(
-            _same(before.get(field, _MISSING), after.get(field, _MISSING)) for field in self.reads
-        )
+    def unchanged(self, changes):
+        """True when an update (`changes`, a `FieldChanges`) leaves the rows
+        as they were: it changed none of the fields they come from (a
+        fan-in's sink changes its list of parents 500 times, never its state)."""
+        return self.reads is not None and not changes.any_of(self.reads)
 
-    def replace(self, before, after, seq):
-        """A document updated from `before` to `after`: its rows change,
-        unless the update left them as they were; False as `change`."""
-        return self.unchanged(before, after) or (self.change(before, -1, seq) and self.change(after, 1, seq))
+    def replace(self, changes, seq):
+        """A document updated (`changes`: from `changes.before` to
+        `changes.after`): its rows change, unless the update left them as
+        they were; False as `change`."""
+        return self.unchanged(changes) or (self.change(changes.before, -1, seq) and self.change(changes.after, 1, seq))
 
     @staticmethod
     def built(view):
