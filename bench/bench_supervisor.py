@@ -7,7 +7,8 @@ worker's spawner) and each containment (subreaper tracking only, and a cgroup
 v2 per attempt where this user can make one): the median and p95 of the time
 from `start()` to the attempt's outcome, and the CPU per attempt of this
 process and its children (the spawner's forks are not its children: their
-CPU shows in the spawner's, which is printed as well). Attempts are
+CPU shows in the spawner's, with that of the supervisors it keeps for later
+attempts, which is printed as well). Attempts are
 `--gap` seconds apart (default 0.05, as one task at a time sees it: moving
 a process into a cgroup is cheap only right after another move, and costs
 an RCU grace period, 10-20 ms, otherwise; `--gap 0` runs them back to back).
@@ -35,9 +36,22 @@ def cpu_seconds():
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def tree_cpu(pid):
+    """CPU seconds of the process `pid`, of its live children (supervisors
+    waiting for their next attempt) and of its children that exited."""
+    root = psutil.Process(pid)
+    total = sum(root.cpu_times()[:4])
+    for child in root.children():
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass  # exited just now: its figures go to the spawner's
+    return total
+
+
 def run(tmp, mode, spawner, runs, gap=0.0):
     found = containment.detect(os.path.join(tmp, "work-" + mode), mode)
-    spawner_cpu = (lambda: sum(psutil.Process(spawner._proc.pid).cpu_times()[:4])) if spawner else (lambda: 0.0)
+    spawner_cpu = (lambda: tree_cpu(spawner._proc.pid)) if spawner else (lambda: 0.0)
     times = []
     try:
         cpu0, spawner0 = cpu_seconds(), None

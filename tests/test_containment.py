@@ -245,6 +245,56 @@ def test_supervisors_forked_by_the_spawner_contain_as_well_and_a_dead_spawner_is
         spawner.close()
 
 
+def test_a_supervisor_takes_the_next_attempt_only_once_nothing_of_its_task_is_left(tmp_path, mode):
+    """The spawner hands an attempt to the supervisor of an earlier one
+    instead of forking: after a task that left daemons and ran on one CPU,
+    and after one killed mid-run. Each attempt gets its own output, its
+    daemons are gone (reaped, not zombies) once it is over, and the next
+    one runs on every CPU the worker has, not on the earlier one's."""
+    spawner = Spawner()
+    found = containment.detect(str(tmp_path / "work"), mode)
+    DETECTED.append(found)
+    every_cpu = sorted(os.sched_getaffinity(0))
+    affinity = "python3 -c 'import os; print(sorted(os.sched_getaffinity(0)))'"
+    try:
+
+        def attempt(name, command, cpus=None):
+            here = tmp_path / name
+            here.mkdir()
+            proc = TaskProcess(
+                {"_id": name, "command": command, "working_directory": str(here), "max_shutdown_time": 1},
+                1,
+                here / "attempt",
+                containment=found.spec_for(name),
+                cpus=cpus,
+                spawner=spawner,
+            )
+            proc.start()
+            return proc, here
+
+        first, here = attempt("daemons", DAEMONS + affinity, cpus=every_cpu[:1])
+        assert outcome_of(first) == (0, "success")
+        assert first.tail("stdout") == "%s\n" % every_cpu[:1]
+        daemons = read_pids(here / "d1", here / "d2")
+        wait_for(lambda: all(gone(pid) for pid in daemons), 10, "the daemons to be gone")
+
+        second, here = attempt("killed", "echo up; sleep 1000")
+        assert second.supervisor_pid == first.supervisor_pid  # no fork: the same supervisor
+        wait_for(lambda: second.live_tail("stdout", 10) == b"up\n", 10, "the second task to start")
+        second.terminate(grace=0, reason="cancelled")
+        assert outcome_of(second).outcome == "cancelled"
+        killed = second.pid
+        wait_for(lambda: gone(killed), 10, "the killed task to be reaped")
+
+        third, _ = attempt("after", affinity + "; echo err >&2")
+        assert third.supervisor_pid == first.supervisor_pid
+        assert outcome_of(third) == (0, "success")
+        assert (third.tail("stdout"), third.tail("stderr")) == ("%s\n" % every_cpu, "err\n")
+        assert first.tail("stdout") == "%s\n" % every_cpu[:1]  # earlier output untouched
+    finally:
+        spawner.close()
+
+
 # -- live: a real server and real banyan-worker processes --------------------
 
 MARKER_TASK = r"""
@@ -276,7 +326,8 @@ def worker_supervisors(worker):
     found = []
     for p in psutil.Process(worker.pid).children(recursive=True):
         try:
-            if "import supervisor" in " ".join(p.cmdline()):
+            command = " ".join(p.cmdline())
+            if "import supervisor" in command or "import spawner" in command:
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue  # a supervisor that ended while the list was read

@@ -53,9 +53,9 @@ SUPERVISOR = [
     "import sys; sys.path.insert(0, sys.argv[1]); import supervisor; sys.exit(supervisor.main())",
     os.path.dirname(os.path.abspath(sup.__file__)),
 ]
-#: A worker's spawner of supervisors (see ``Spawner``).
+#: A worker's spawner of supervisors (see ``Spawner`` and ``spawner.py``).
 SPAWNER = SUPERVISOR[:4] + [
-    "import sys; sys.path.insert(0, sys.argv[1]); import supervisor; sys.exit(supervisor.serve_spawner())",
+    "import sys; sys.path.insert(0, sys.argv[1]); import spawner; sys.exit(spawner.serve())",
     SUPERVISOR[5],
 ]
 #: Longest wait for a supervisor to say it started the task (a loaded machine).
@@ -695,10 +695,11 @@ class SpawnedSupervisor:
 
 
 class Spawner:
-    """A small process that forks each attempt's supervisor (``serve_spawner``
-    in supervisor.py): ~1 ms per attempt instead of a new interpreter's
-    ~20 ms of CPU. The attempt's pipes and output files travel to it as file
-    descriptors over a Unix socket. Started again if it dies."""
+    """A small process that starts each attempt's supervisor (``spawner.py``):
+    a fork (~1 ms), or none when a supervisor of an earlier attempt is free,
+    instead of a new interpreter's ~20 ms of CPU. The attempt's pipes and
+    output files travel to it as file descriptors over a Unix socket.
+    Started again if it dies."""
 
     def __init__(self):
         self._lock = threading.Lock()

@@ -1,9 +1,10 @@
 """The supervisor of one attempt: a small process between the worker and the task.
 
-The worker's spawner (``serve_spawner``, one per worker) forks one per attempt,
-ahead of time; without a spawner the worker starts one (``python -I -S``,
-``import supervisor``: built-in modules and ctypes only, no json or re, so it
-starts in ~15 ms of CPU). The worker talks to it through a pipe each way. The
+The worker's spawner (``spawner.py``, one per worker) forks one ahead of an
+attempt, or hands the attempt to one whose earlier attempt is over and left
+nothing (``Supervisor.release``); without a spawner the worker starts one
+(``python -I -S``, ``import supervisor``: built-in modules and ctypes only,
+no json or re, so it starts in ~15 ms of CPU). The worker talks to it through a pipe each way. The
 supervisor:
 
 - becomes a child subreaper, so every process the task starts stays in its
@@ -491,8 +492,8 @@ class Supervisor:
     def _spawn(self):
         """``posix_spawn`` the task: what ``_become_task`` does, by the
         spawn's own means or on this process before it (which the task
-        inherits: the directory, only for the spawn, and the CPU
-        affinity); its pid."""
+        inherits: the directory and the CPU affinity, both only for the
+        spawn); its pid."""
         spec = self.spec
         for name in os.listdir("/proc/self/fd"):  # only the task's 0, 1 and 2 cross its exec
             if int(name) > 2:
@@ -500,10 +501,11 @@ class Supervisor:
                     os.set_inheritable(int(name), False)
                 except OSError:
                     pass
-        if spec.get("cpus"):
-            os.sched_setaffinity(0, spec["cpus"])
+        affinity = os.sched_getaffinity(0) if spec.get("cpus") else None
         here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if spec.get("cwd") else None
         try:
+            if affinity is not None:
+                os.sched_setaffinity(0, spec["cpus"])
             if here is not None:
                 os.chdir(spec["cwd"])
             return os.posix_spawn(
@@ -518,7 +520,9 @@ class Supervisor:
                 setsid=True,
                 setsigdef=[getattr(signal, name) for name in RESET_SIGNALS if hasattr(signal, name)],
             )
-        finally:
+        finally:  # this process supervises the next attempt as it was
+            if affinity is not None:
+                os.sched_setaffinity(0, affinity)
             if here is not None:
                 os.fchdir(here)
                 os.close(here)
@@ -665,6 +669,22 @@ class Supervisor:
         self.cleanup()
         return 0
 
+    def release(self):
+        """Undo what ``run`` did to this process, and close the attempt's
+        descriptors: its output first, the status pipe (the worker's sign
+        that the attempt is over) last but the control pipe. True if this
+        process may supervise another attempt: the worker is there, and
+        nothing of the task is left."""
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        self.reap()  # the killed tree's zombies: they would outlive the attempt
+        reusable = not self.worker_gone and not self.tree()
+        for fd in (self.spec.get("stdout_fd"), self.spec.get("stderr_fd"), self.wake_r, self.wake_w):
+            if fd is not None:
+                os.close(fd)
+        return reusable
+
     def cleanup(self):
         for path in self.cgroups:
             cgroup_remove(path)
@@ -688,61 +708,6 @@ def read_spec(fd):
         data += chunk
     size = 8 + int.from_bytes(data[:8], "big")
     return marshal.loads(data[8:size]), data[size:]
-
-
-def _reap_children(*unused):
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def serve_spawner(sock_fd=0):
-    """A worker's spawner: forks a supervisor for each request on the socket
-    ``sock_fd`` (SOCK_SEQPACKET), which carries the attempt's control and
-    status pipes and output files as descriptors; answers with its pid. A
-    fork of this process costs ~1 ms where a new interpreter costs ~20 ms of
-    CPU. Ends when the worker closes the socket (its supervisors go on)."""
-    import socket
-
-    sock = socket.socket(fileno=sock_fd)
-    signal.signal(signal.SIGCHLD, _reap_children)
-    while True:
-        try:
-            message, fds, _, _ = socket.recv_fds(sock, 64, 4)
-        except OSError:
-            return 0
-        if not message:
-            return 0
-        if len(fds) != 4:
-            for fd in fds:
-                os.close(fd)
-            sock.send((0).to_bytes(8, "big"))
-            continue
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (child)
-            code = 1
-            try:
-                sock.close()
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                os.setsid()
-                control, status, out, err = fds
-                read = read_spec(control)
-                if read is None:
-                    os._exit(0)  # started ahead of time and let go unused
-                spec, rest = read
-                spec["stdout_fd"], spec["stderr_fd"] = out, err
-                supervisor = Supervisor(spec, control, status)
-                supervisor.buffer = rest
-                code = supervisor.run()
-            finally:
-                os._exit(code)
-        for fd in fds:
-            os.close(fd)
-        sock.send(pid.to_bytes(8, "big"))
 
 
 def main():
