@@ -130,6 +130,9 @@ class Supervisors:
             try:
                 for sock in [ours, self.spawner_sock, *self.busy, *(link for link, _ in self.idle)]:
                     sock.close()
+                # the spawner's socket was its stdin: keep 0 taken, so that no
+                # attempt's descriptor lands there (a task's stdin is /dev/null)
+                os.open(os.devnull, os.O_RDONLY)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 os.setsid()
                 code = supervise_attempts(theirs, list(fds))
