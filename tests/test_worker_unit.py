@@ -335,6 +335,32 @@ def test_reports_ride_on_claims_for_what_they_free(fake, start_worker):
     assert runner.stop() == 0
 
 
+def test_auto_prefetch_claims_beyond_the_slots_only_while_attempts_are_short(fake, start_worker):
+    """The default, `--prefetch auto`: no prefetch until each of the last 4
+    attempts ran under 0.25 s, then as many as the worker's cores; the
+    report of a long attempt goes with a claim that prefetches nothing."""
+    for i in range(8):
+        fake.submit("s%d" % i, "true")
+    runner = start_worker()
+    wait_for(lambda: all(fake.finish_of("s%d" % i) for i in range(8)), what="eight reports")
+    assert "prefetch" not in fake.claims[0]
+    assert any(c.get("prefetch") == 2 for c in fake.claims)  # the worker's 2 cores
+    fake.submit("long", "sleep 0.3")
+    wait_for(lambda: fake.finish_of("long"), what="the long one's report")
+    [carried] = [c for c in fake.claims if any(r["task"] == "long" for r in c.get("finished") or [])]
+    assert "prefetch" not in carried
+    assert runner.stop() == 0
+
+
+def test_prefetch_0_never_claims_beyond_the_slots(fake, start_worker):
+    for i in range(8):
+        fake.submit("s%d" % i, "true")
+    runner = start_worker(prefetch=0)
+    wait_for(lambda: all(fake.finish_of("s%d" % i) for i in range(8)), what="eight reports")
+    assert not any("prefetch" in c for c in fake.claims)
+    assert runner.stop() == 0
+
+
 @pytest.mark.slow
 def test_claims_only_what_fits_beside_running_tasks(fake, start_worker, tmp_path):
     gate = tmp_path / "gate"
@@ -561,7 +587,16 @@ def test_cannot_reach_the_server_at_start_exits_3(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args", [["--memory", "lots"], ["--cores", "-1"], ["--max-tasks", "0"], ["--heartbeat", "10", "--timeout", "5"], []]
+    "args",
+    [
+        ["--memory", "lots"],
+        ["--cores", "-1"],
+        ["--max-tasks", "0"],
+        ["--heartbeat", "10", "--timeout", "5"],
+        ["--prefetch", "some"],
+        ["--prefetch", "-1"],
+        [],
+    ],
 )
 def test_bad_arguments_exit_2(args, monkeypatch):
     from banyan.worker.__main__ import main

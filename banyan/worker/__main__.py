@@ -11,6 +11,7 @@ import sys
 
 from ..units import parse_size
 from .containment import MODES
+from .holdings import AUTO_PREFETCH_BELOW, AUTO_PREFETCH_RUNS
 from .output import DEFAULT_OUTPUT_CAP
 from .worker import HEARTBEAT_INTERVAL, PREFETCH, StartupError, Worker, WorkerConfig
 
@@ -24,6 +25,11 @@ def _size(text):
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _prefetch(text):
+    """``--prefetch``: a whole number >= 0, or "auto"."""
+    return text if text == "auto" else _non_negative(int)(text)
 
 
 def _non_negative(kind):
@@ -87,13 +93,14 @@ def build_parser():
     )
     parser.add_argument(
         "--prefetch",
-        type=_non_negative(int),
+        type=_prefetch,
         default=PREFETCH,
-        metavar="N",
+        metavar="N|auto",
         help="claim up to N tasks beyond the free slots, each started as soon as a "
         "slot frees, with no round trip to the server in between (for many short "
-        "tasks). A prefetched task shows as running, started at its claim "
-        "(default %(default)s: none)",
+        "tasks). A prefetched task shows as running, started at its claim. 0: "
+        "never; auto: as many as the worker's cores while each of its last %d "
+        "attempts ran under %g s (default %%(default)s)" % (AUTO_PREFETCH_RUNS, AUTO_PREFETCH_BELOW),
     )
     parser.add_argument(
         "--prefetch-hold",

@@ -21,6 +21,13 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Holdings", "requested", "attempt_of"]
 
+#: ``--prefetch auto`` prefetches while each of the last AUTO_PREFETCH_RUNS
+#: attempts ran under AUTO_PREFETCH_BELOW seconds: tasks a round trip to
+#: the server (a few ms) is a noticeable part of. At most AUTO_PREFETCH_MAX.
+AUTO_PREFETCH_RUNS = 4
+AUTO_PREFETCH_BELOW = 0.25
+AUTO_PREFETCH_MAX = 8
+
 
 def requested(task):
     """A task's ``requested_resources`` with the contract's defaults, as numbers."""
@@ -65,6 +72,7 @@ class Holdings:
         self.control: collections.deque = collections.deque()  # ("cancel"|"unknown", task id, attempt or None)
         self.reserved: dict[str, dict] = {}  # task id -> requested resources (inbox, running, doomed)
         self.unreported = {}  # task id -> report not yet delivered, still held in heartbeats
+        self.recent_runs: collections.deque = collections.deque(maxlen=AUTO_PREFETCH_RUNS)  # seconds, last attempts
         self.gpus = {}  # task id -> GPU indices handed to it
         self.cpus = resources.CpuAllocator(resources.usable_cpus()) if pin else None
         # Set when a reservation is given back: the claimer waits on it while
@@ -120,9 +128,31 @@ class Holdings:
             return len(self.running) + len(self.inbox) + len(self.doomed) + len(self.waiting)
 
     def prefetch_room(self, prefetch):
-        """How many tasks a claim may prefetch: ``prefetch`` less those waiting."""
+        """How many tasks a claim may prefetch: ``prefetch`` (a number, or
+        "auto": see ``auto_prefetch``) less those waiting."""
         with self.lock:
+            if prefetch == "auto":
+                prefetch = self.auto_prefetch()
             return max(0, prefetch - len(self.waiting))
+
+    def ran(self, seconds):
+        """An attempt ran for ``seconds`` (from its start to its end here)."""
+        with self.lock:
+            self.recent_runs.append(seconds)
+
+    def auto_prefetch(self):
+        """``--prefetch auto``: as many tasks as the worker has cores while
+        each of its last ``AUTO_PREFETCH_RUNS`` attempts ran shorter than
+        ``AUTO_PREFETCH_BELOW``, else none. Between such tasks the round trip
+        to the server for the next one is a large part of each; a task that
+        waits for a slot here shows as running for no longer than a short
+        task runs (and goes back after ``--prefetch-hold`` if a long one
+        came)."""
+        with self.lock:
+            runs = self.recent_runs
+            if len(runs) < AUTO_PREFETCH_RUNS or max(runs) >= AUTO_PREFETCH_BELOW:
+                return 0
+            return max(1, min(AUTO_PREFETCH_MAX, int(self.total["cores"])))
 
     def claimed(self, task):
         """A task a claim brought: it waits until it fits what is free (see ``promote``)."""

@@ -338,6 +338,8 @@ class Supervision:
         usage = proc.usage()
         if proc.sampler is not None:
             usage["cpu_percent"] = proc.sampler.average_cpu_percent()
+        if proc.started is not None:
+            self.holdings.ran(time.monotonic() - proc.started)
         with self.holdings.lock:
             self.holdings.running.pop(task_id, None)
             self._last_sample.pop(task_id, None)

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from ..client import BanyanError, Client
 from ..units import parse_size
@@ -55,12 +55,14 @@ STARTUP_ATTEMPTS = 4
 
 
 #: Tasks ``banyan-worker`` claims beyond its free slots by default
-#: (``--prefetch``). None: a prefetched attempt is ``running`` on the server,
-#: its history's ``started`` the claim's time, from its claim on, so the
-#: history would show more running on a worker than it has cores; who wants
-#: the throughput (each task starts as soon as a slot frees, with no round
-#: trip in between) asks for it.
-PREFETCH = 0
+#: (``--prefetch``): "auto", as many as its cores while its last attempts
+#: were short (``Holdings.auto_prefetch``). A prefetched attempt is
+#: ``running`` on the server from its claim on (its history's ``started``
+#: is the claim's time), so prefetching all the time would show more running
+#: on a worker than it has cores; among short tasks it shows that for no
+#: longer than a short task runs, and there each task starting with no round
+#: trip to the server before it is what makes the throughput.
+PREFETCH = "auto"
 
 
 class StartupError(Exception):
@@ -83,7 +85,7 @@ class WorkerConfig:
     max_tasks: Optional[int] = None  # tasks running at once; None = as many as fit
     claim_wait: float = 20.0  # long-poll seconds per claim
     claim_batch: int = 32  # most tasks asked for in one claim
-    prefetch: int = 0  # tasks claimed beyond free slots, started as slots free
+    prefetch: Union[int, str] = PREFETCH  # tasks claimed beyond free slots, started as slots free; or "auto"
     prefetch_hold: float = 1.0  # seconds a prefetched task may wait before it goes back
     output_cap: int = DEFAULT_OUTPUT_CAP  # bytes of output kept on disk per attempt
     host: str = field(default_factory=socket.gethostname)
@@ -116,8 +118,8 @@ class WorkerConfig:
         object.__setattr__(self, "output_cap", parse_size(self.output_cap))
         if self.output_cap < MIN_OUTPUT_CAP:
             raise ValueError(f"output_cap must be at least {MIN_OUTPUT_CAP} bytes, got {self.output_cap!r}")
-        if self.prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0, got {self.prefetch!r}")
+        if self.prefetch != "auto" and not (isinstance(self.prefetch, int) and self.prefetch >= 0):
+            raise ValueError(f"prefetch must be a whole number >= 0 or 'auto', got {self.prefetch!r}")
         if not self.prefetch_hold > 0:
             raise ValueError(f"prefetch_hold must be > 0 seconds, got {self.prefetch_hold!r}")
         if self.claim_batch < 1:
