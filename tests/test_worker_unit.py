@@ -674,6 +674,31 @@ def test_a_late_unknown_kills_only_the_attempt_it_was_about(tmp_path):
         proc.kill()
 
 
+def test_an_unknown_about_a_reported_attempt_keeps_the_next_one_waiting(tmp_path):
+    """The claim that carried attempt 1's report brought attempt 2 of the
+    same task, which waits for room (prefetched). A heartbeat made while
+    attempt 1's report was not settled reports the task as attempt 1, and
+    the server answers "unknown" (attempt 1 is over): attempt 2 stays, to
+    start here. An "unknown" about attempt 2 itself drops it."""
+    stub = StubClient({"cancel": [], "unknown": ["t"]})
+    worker = Worker(
+        WorkerConfig(server="http://127.0.0.1:9", cores=1, memory="1 GiB", gpus=0, work_dir=str(tmp_path / "work")),
+        client_factory=lambda **kw: stub,
+    )
+    worker.worker_id = "w1"
+    holdings = worker.holdings
+    second = {"_id": "t", "command": "true", "history": [{"attempt": 1}, {"attempt": 2}]}
+    holdings.waiting.append((second, time.monotonic()))
+    holdings.unreported["t"] = {"task_id": "t", "attempt": 1, "usage": {}, "worker_id": "w1"}
+    worker.heartbeats.beat()
+    assert stub.sent[-1]["t"]["attempt"] == 1
+    assert [task for task, _ in holdings.waiting] == [second]
+    del holdings.unreported["t"]  # attempt 1's report settled
+    worker.heartbeats.beat()
+    assert stub.sent[-1]["t"]["attempt"] == 2
+    assert holdings.waiting == []
+
+
 class ClaimStub:
     """Answers claims with whatever `reply` holds."""
 

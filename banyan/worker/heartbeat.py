@@ -113,24 +113,28 @@ class Heartbeat:
             holdings.control.extend(("cancel", str(t), None) for t in reply.get("cancel") or [])
             holdings.control.extend(
                 ("unknown", str(t), (payload.get(str(t)) or {}).get("attempt"))
-                for t in self._unknown(reply.get("unknown") or [], built)
+                for t in self._unknown(reply.get("unknown") or [], built, payload)
             )
             if holdings.control:
                 self.wake.set()
             registration.renew(sent)
 
-    def _unknown(self, ids, built):
+    def _unknown(self, ids, built, payload):
         """The tasks of a heartbeat's ``unknown`` that concern what we hold
-        now. A prefetched one (never started) is dropped here. A task handed
-        back and claimed again meanwhile has the same attempt number (see
-        the claim's ``prefetch``): what was claimed again or started after
-        the heartbeat was made (at ``built``) is not what it reported. Call
+        now. A prefetched one (never started) is dropped here, if the
+        heartbeat (``payload``) reported that attempt: one whose earlier
+        attempt's report was in flight was reported as that attempt, which
+        is what the server no longer knows. A task handed back and claimed
+        again meanwhile has the same attempt number (see the claim's
+        ``prefetch``): what was claimed again or started after the
+        heartbeat was made (at ``built``) is not what it reported. Call
         with the holdings' lock held."""
         holdings, left = self.holdings, []
         for task_id in map(str, ids):
             entry = next((e for e in holdings.waiting if str(e[0]["_id"]) == task_id), None)
             if entry is not None:
-                if entry[1] < built:
+                reported = (payload.get(task_id) or {}).get("attempt")
+                if entry[1] < built and reported == attempt_of(entry[0]):
                     holdings.waiting.remove(entry)  # no longer ours: never to start here
                 continue
             proc = holdings.running.get(task_id)
