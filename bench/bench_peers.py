@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_peers.py [--repeats 3] [--mongo-uri mongodb://127.0.0.1:27017]
                                           [--peers-dir ../shared/peers] [--skip-peers]
-                                          [--also-worker-args "--prefetch 8"]
+                                          [--also-worker-args "--prefetch 0"]
 
 The workloads and the timing are those of the shared peer harness
 (`../shared/peers`, README.md there), so the figures compare:
@@ -15,8 +15,9 @@ W3  one `true` on idle workers, submission to the client seeing it
 
 Banyan runs here: per repetition a fresh `banyan server` (embedded store in
 a fresh directory, or with --mongo-uri a fresh database on that MongoDB or
-FerretDB, beside the embedded run), one `banyan-worker` of 2 cores, a
-warm-up and 1 s idle; completion is what `banyan.Client.wait` (what
+FerretDB, beside the embedded run), one `banyan-worker` of 2 cores with
+its defaults (`--prefetch auto` among them: W1 and W2 prefetch; W3's
+one task at a time leaves nothing to prefetch), a warm-up and 1 s idle; completion is what `banyan.Client.wait` (what
 `banyan wait` and `submit --wait` use) reports, as users get it. Then each
 peer the harness knows is run with its own runner (the same environment
 variables: BENCH_N_W1, BENCH_N_W2, BENCH_N_W3, BENCH_REPEATS); a peer that
@@ -233,7 +234,7 @@ def main():
         default=[],
         metavar="ARGS",
         help="Banyan again (embedded store) with these banyan-worker options, as a row "
-        'of its own (e.g. "--prefetch 8"); may be repeated',
+        'of its own (e.g. "--prefetch 0"); may be repeated',
     )
     args = parser.parse_args()
     peers_dir = args.peers_dir or next(
