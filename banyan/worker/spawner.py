@@ -13,22 +13,17 @@ import signal
 import socket
 
 if __package__:  # imported as banyan.worker.spawner
-    from .supervisor import Supervisor, read_spec
+    from .supervisor import Supervisor, read_spec, reaped
 else:  # run by the worker as `import spawner`, beside supervisor.py (no site packages)
-    from supervisor import Supervisor, read_spec  # type: ignore[no-redef]
+    from supervisor import Supervisor, read_spec, reaped  # type: ignore[no-redef]
 
 #: Idle supervisors a spawner keeps for later attempts; more are let go.
 IDLE_SUPERVISORS = 4
 
 
 def _reap_children(*unused):
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    for _ in reaped():
+        pass
 
 
 def close_fds(fds):

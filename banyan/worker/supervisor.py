@@ -109,6 +109,18 @@ def descendants(pid):
     return found
 
 
+def reaped():
+    """Each dead child of this process, reaped: (pid, wait status); no waiting."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
+
+
 def become_subreaper():
     """Make this process the child subreaper of its descendants; True if it worked."""
     try:
@@ -404,13 +416,7 @@ class Supervisor:
 
     def reap(self):
         """Reap every dead child (ours and adopted orphans); note the task's exit."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped():
             if pid == self.pid:
                 self.exit_code = os.waitstatus_to_exitcode(status)
                 self.stopped = self.asked
