@@ -4,8 +4,8 @@ The worker's spawner (``spawner.py``, one per worker) forks one ahead of an
 attempt, or hands the attempt to one whose earlier attempt is over and left
 nothing (``Supervisor.release``); without a spawner the worker starts one
 (``python -I -S``, ``import supervisor``: built-in modules and ctypes only,
-no json or re, so it starts in ~15 ms of CPU). The worker talks to it through a pipe each way. The
-supervisor:
+no json or re, so it starts in ~15 ms of CPU). The worker talks to it
+through a pipe each way. The supervisor:
 
 - becomes a child subreaper, so every process the task starts stays in its
   subtree, even ``setsid`` and double-fork daemons, whose parents exit;
@@ -676,11 +676,11 @@ class Supervisor:
         return 0
 
     def release(self):
-        """Undo what ``run`` did to this process, and close the attempt's
-        descriptors: its output first, the status pipe (the worker's sign
-        that the attempt is over) last but the control pipe. True if this
-        process may supervise another attempt: the worker is there, and
-        nothing of the task is left."""
+        """Undo what ``run`` did to this process and close the attempt's
+        output files (its pipes to the worker are the caller's to close,
+        see ``spawner.supervise_attempts``). True if this process may
+        supervise another attempt: the worker is there, and nothing of the
+        task is left."""
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
