@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 
+import psutil
 import pytest
 import requests
 from flask.testing import FlaskClient
@@ -226,6 +227,15 @@ def wait_for(predicate, timeout, what, interval=0.1):
         if time.monotonic() > deadline:
             raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
         time.sleep(interval)
+
+
+def killed(pid):
+    """True once `pid` is gone or a zombie (dead, not reaped yet). One
+    look at the process: asked twice, it may end between the two."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def held(request, holding):

@@ -7,6 +7,7 @@ import time
 
 import psutil
 import pytest
+from conftest import killed
 
 from banyan.worker import resources
 from banyan.worker.executor import SupervisorPool, TaskProcess
@@ -74,7 +75,7 @@ def test_supervisors_started_ahead_run_attempts_and_leave_when_let_go(tmp_path):
     spare = pool.ready_pids()
     assert len(spare) == 2 and not set(spare) & set(idle)  # taken ones were replaced
     pool.close()
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in spare)
+    assert all(killed(pid) for pid in spare)
     assert pool.take() is None  # closed: each attempt starts its own
 
 

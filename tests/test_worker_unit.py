@@ -14,7 +14,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import conftest
-import psutil
 import pytest
 
 from banyan.worker import resources
@@ -424,7 +423,7 @@ def test_cancel_in_a_heartbeat_terminates_and_reports_cancelled(fake, start_work
     report = wait_for(lambda: fake.finish_of("victim"), what="cancel report")
     assert (report["outcome"], report["exit_code"]) == ("cancelled", -signal.SIGTERM)
     assert fake.tasks["victim"]["state"] == "cancelled"
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert conftest.killed(pid)
 
 
 @pytest.mark.slow
@@ -437,7 +436,7 @@ def test_unknown_tasks_are_killed_and_dropped(fake, start_worker, tmp_path):
         fake.tasks["stolen"]["state"] = "cancelled"
         fake.tasks["stolen"].pop("worker")
     wait_for(
-        lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+        lambda: conftest.killed(pid),
         what="the task to be killed",
     )
     beats = len(fake.workers["w1"]["heartbeats"])
@@ -453,7 +452,7 @@ def test_server_gone_past_timeout_kills_tasks_then_registers_again(fake, start_w
     pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="task start"))
     fake.stop()
     wait_for(
-        lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+        lambda: conftest.killed(pid),
         what="the task to be killed",
     )
     assert runner.thread.is_alive()  # the worker itself survives
@@ -561,7 +560,7 @@ def test_second_signal_kills_tasks_at_once(fake, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert conftest.killed(pid)
     assert fake.finish_of("stubborn")["exit_code"] == -signal.SIGKILL
 
 
