@@ -124,10 +124,24 @@ def reaped():
 def become_subreaper():
     """Make this process the child subreaper of its descendants; True if it worked."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+_LIBC = None
+
+
+def libc():
+    """The C library, loaded once per process: a reused supervisor makes
+    these calls for every attempt. ``PyDLL``: its calls keep the GIL (see
+    ``fork_into_cgroup``); ``syscall`` answers a C long."""
+    global _LIBC
+    if _LIBC is None:
+        loaded = ctypes.PyDLL(None, use_errno=True)
+        loaded.syscall.restype = ctypes.c_long
+        _LIBC = loaded
+    return _LIBC
 
 
 def signal_pids(pids, signum):
@@ -246,10 +260,7 @@ def fork_into_cgroup(path):
     it costs no more than a fork. The calls around the system call are
     those ``os.fork`` makes (the interpreter's locks, at-fork hooks); ctypes'
     ``PyDLL`` keeps the GIL through it, as ``os.fork``'s C code does."""
-    libc = ctypes.PyDLL(None, use_errno=True)
-    syscall = libc.syscall
-    syscall.restype = ctypes.c_long
-    api = ctypes.pythonapi
+    syscall, api = libc().syscall, ctypes.pythonapi
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     args = CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=fd)
     number, pointer, size = ctypes.c_long(SYS_CLONE3), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args))
@@ -285,22 +296,6 @@ def find_program(name, env):
     raise denied or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
-def exec_command(args, env):
-    """``os.execvpe``, without its ``os.get_exec_path``, which imports
-    ``warnings``: a module import in every task's child, ~1 ms of CPU."""
-    if os.path.dirname(args[0]):
-        os.execve(args[0], args, env)
-    saved = last = None
-    for directory in (env.get("PATH") or os.defpath).split(os.pathsep):
-        try:
-            os.execve(os.path.join(directory, args[0]), args, env)
-        except OSError as exc:  # as execvp: the first error other than "not here" wins
-            last = exc
-            if saved is None and exc.errno not in (errno.ENOENT, errno.ENOTDIR):
-                saved = exc
-    raise saved or last or FileNotFoundError(errno.ENOENT, "no PATH to find it in", args[0])
-
-
 def write_file(path, text):
     with open(path, "w") as fh:
         fh.write(text)
@@ -319,6 +314,57 @@ def to_json(value):
     if isinstance(value, dict):
         return "{" + ", ".join(to_json(str(k)) + ": " + to_json(v) for k, v in value.items()) + "}"
     return "[" + ", ".join(to_json(v) for v in value) + "]"
+
+
+class LentToTask:
+    """What a task inherits from its supervisor at its spawn or fork, set on
+    this process on entry and put back on exit, since the supervisor takes
+    the next attempt as it was: its directory and CPU affinity; the
+    inheritance of every descriptor above 2 cut (only the task's 0, 1 and 2
+    cross its exec); with ``reset_ignored``, the signals of
+    ``RESET_SIGNALS`` that this process ignores back at their default (an
+    exec keeps an ignored signal ignored; one it catches, it resets)."""
+
+    def __init__(self, spec, reset_ignored=False):
+        self.spec = spec
+        self.reset_ignored = reset_ignored
+        self.affinity = self.here = None
+        self.ignored = []
+
+    def __enter__(self):
+        spec = self.spec
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) > 2:
+                try:
+                    os.set_inheritable(int(name), False)
+                except OSError:
+                    pass
+        try:
+            if spec.get("cpus"):
+                self.affinity = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, spec["cpus"])
+            if spec.get("cwd"):
+                self.here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                os.chdir(spec["cwd"])
+        except BaseException:
+            self.__exit__()
+            raise
+        if self.reset_ignored:
+            for name in RESET_SIGNALS:
+                signum = getattr(signal, name, None)
+                if signum is not None and signal.getsignal(signum) == signal.SIG_IGN:
+                    signal.signal(signum, signal.SIG_DFL)
+                    self.ignored.append(signum)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum in self.ignored:
+            signal.signal(signum, signal.SIG_IGN)
+        if self.affinity is not None:
+            os.sched_setaffinity(0, self.affinity)
+        if self.here is not None:
+            os.fchdir(self.here)
+            os.close(self.here)
 
 
 # == the supervisor ===========================================================
@@ -422,12 +468,14 @@ class Supervisor:
                 self.stopped = self.asked
 
     def record(self):
-        """Keep the tree's pids and start times on disk (atomically), when it grew."""
+        """Keep the tree's pids and start times on disk (atomically), when it
+        grew. In a cgroup, where nothing of the tree can leave, the task's
+        own pid is enough beside the cgroup: no walk of the tree."""
         path = self.spec.get("record")
         if not path:
             return
         changed = False
-        for pid in self.tree():
+        for pid in [self.pid] if self.spec.get("cgroup") else self.tree():
             if pid not in self.recorded:
                 started = start_time(pid)
                 if started is not None:
@@ -486,34 +534,22 @@ class Supervisor:
         Without a cgroup, ``posix_spawn`` (a vfork: the task's exec comes
         ~1 ms after, where a fork of this process takes several and copies
         it); into its one cgroup v2, a fork born in it (``fork_into_cgroup``);
-        else a fork that joins its cgroups before its exec."""
-        if not self.cgroups:
-            try:
+        else a fork that joins its cgroups before its exec. Either way this
+        process lends the task what it inherits (``LentToTask``), so that a
+        forked child runs as little Python as it can: each object it touches
+        copies a page of this process."""
+        try:
+            if not self.cgroups:
                 self.pid = self._spawn()
-            except (OSError, ValueError, TypeError) as exc:  # as the fork's child reports any
-                return str(exc) or type(exc).__name__
-            return None
-        return self._fork_exec()
+                return None
+            return self._fork_exec()
+        except (OSError, ValueError, TypeError) as exc:  # as the fork's child reports any
+            return str(exc) or type(exc).__name__
 
     def _spawn(self):
-        """``posix_spawn`` the task: what ``_become_task`` does, by the
-        spawn's own means or on this process before it (which the task
-        inherits: the directory and the CPU affinity, both only for the
-        spawn); its pid."""
+        """``posix_spawn`` the task; its pid."""
         spec = self.spec
-        for name in os.listdir("/proc/self/fd"):  # only the task's 0, 1 and 2 cross its exec
-            if int(name) > 2:
-                try:
-                    os.set_inheritable(int(name), False)
-                except OSError:
-                    pass
-        affinity = os.sched_getaffinity(0) if spec.get("cpus") else None
-        here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if spec.get("cwd") else None
-        try:
-            if affinity is not None:
-                os.sched_setaffinity(0, spec["cpus"])
-            if here is not None:
-                os.chdir(spec["cwd"])
+        with LentToTask(spec):
             return os.posix_spawn(
                 find_program(spec["args"][0], spec["env"]),
                 spec["args"],
@@ -526,12 +562,6 @@ class Supervisor:
                 setsid=True,
                 setsigdef=[getattr(signal, name) for name in RESET_SIGNALS if hasattr(signal, name)],
             )
-        finally:  # this process supervises the next attempt as it was
-            if affinity is not None:
-                os.sched_setaffinity(0, affinity)
-            if here is not None:
-                os.fchdir(here)
-                os.close(here)
 
     def _born_in(self):
         """The cgroup v2 the task can be born in: its only cgroup, if v2."""
@@ -543,24 +573,40 @@ class Supervisor:
 
     def _fork_exec(self):
         """Fork and exec the task; the message of a failure, or None."""
+        spec = self.spec
         err_r, err_w = os.pipe()  # close-on-exec: empty at EOF means exec worked
-        pid, born_in = None, self._born_in()
-        if born_in is not None:
-            try:
-                pid = fork_into_cgroup(born_in)
-            except OSError:
-                born_in = None  # an older kernel: the child joins it after the fork
-        if pid is None:
-            pid = os.fork()
-        if pid == 0:  # pragma: no cover (child)
-            try:
-                self._become_task(err_w, join_cgroups=born_in is None)
-            except BaseException as exc:  # noqa: BLE001 - anything is reported, then exit
-                try:
-                    os.write(err_w, str(exc).encode() or type(exc).__name__.encode())
-                finally:
-                    os._exit(127)
-        os.close(err_w)
+        null = os.open(os.devnull, os.O_RDONLY)  # close-on-exec too: its copy on 0 crosses
+        try:
+            with LentToTask(spec, reset_ignored=True):
+                program = find_program(spec["args"][0], spec["env"])
+                pid, born_in = None, self._born_in()
+                if born_in is not None:
+                    try:
+                        pid = fork_into_cgroup(born_in)
+                    except OSError:
+                        born_in = None  # an older kernel: the child joins it after the fork
+                if pid is None:
+                    pid = os.fork()
+                if pid == 0:  # pragma: no cover (child): no more Python than it takes
+                    try:
+                        os.setsid()
+                        for path in self.cgroups if born_in is None else ():
+                            write_file(os.path.join(path, "cgroup.procs"), "0")
+                        os.dup2(null, 0)
+                        os.dup2(spec["stdout_fd"], 1)
+                        os.dup2(spec["stderr_fd"], 2)
+                        os.execve(program, spec["args"], spec["env"])
+                    except BaseException as exc:  # noqa: BLE001 - anything is reported, then exit
+                        try:
+                            os.write(err_w, str(exc).encode() or type(exc).__name__.encode())
+                        finally:
+                            os._exit(127)
+        except BaseException:
+            os.close(err_r)
+            raise
+        finally:
+            os.close(null)
+            os.close(err_w)
         self.pid = pid
         message = b""
         while True:
@@ -574,32 +620,6 @@ class Supervisor:
             self.pid = None
             return message.decode(errors="replace")
         return None
-
-    def _become_task(self, err_w, join_cgroups=True):
-        spec = self.spec
-        os.setsid()
-        for path in self.cgroups if join_cgroups else ():
-            write_file(os.path.join(path, "cgroup.procs"), "0")
-        if spec.get("cpus"):
-            os.sched_setaffinity(0, spec["cpus"])
-        signal.set_wakeup_fd(-1)
-        for name in RESET_SIGNALS:
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), signal.SIG_DFL)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(spec["stdout_fd"], 1)
-        os.dup2(spec["stderr_fd"], 2)
-        if spec.get("cwd"):
-            os.chdir(spec["cwd"])
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd > 2 and fd != err_w:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        exec_command(spec["args"], spec["env"])
 
     # -- the loop ---------------------------------------------------------
 
