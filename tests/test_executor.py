@@ -7,10 +7,10 @@ import time
 
 import psutil
 import pytest
-from conftest import killed
+from conftest import killed, wait_for
 
 from banyan.worker import resources
-from banyan.worker.executor import SupervisorPool, TaskProcess
+from banyan.worker.executor import Spawner, SupervisorPool, TaskProcess
 from banyan.worker.hooks import TaskHook, TimeLimit, run_hooks
 from banyan.worker.progress import read_last_progress, report_progress
 
@@ -77,6 +77,38 @@ def test_supervisors_started_ahead_run_attempts_and_leave_when_let_go(tmp_path):
     pool.close()
     assert all(killed(pid) for pid in spare)
     assert pool.take() is None  # closed: each attempt starts its own
+
+
+class RefusesFirst:
+    """A real spawner whose first answer is an error no one expected (an
+    OSError would only make the pool start an interpreter instead)."""
+
+    def __init__(self):
+        self.spawner = Spawner()
+        self.refused = 0
+
+    def spawn(self, out_fd, err_fd):
+        if not self.refused:
+            self.refused += 1
+            raise RuntimeError("an answer no one expected")
+        return self.spawner.spawn(out_fd, err_fd)
+
+
+def test_a_pool_whose_supervisor_could_not_start_fills_again_when_an_attempt_takes_one(tmp_path):
+    spawner = RefusesFirst()
+    pool = SupervisorPool(size=1, spawner=spawner)
+    try:
+        pool.fill()
+        wait_for(lambda: spawner.refused, 30, "the refused start")
+        assert pool.take() is None  # nothing ready: this attempt starts its own
+        wait_for(lambda: len(pool.ready_pids()) == 1, 30, "the pool to fill again")
+        proc = TaskProcess({"_id": "t1", "command": "echo ran"}, 1, tmp_path / "a", supervisors=pool)
+        proc.start()
+        assert proc.supervisor_pid is not None
+        assert wait_outcome(proc).exit_code == 0 and proc.tail("stdout") == "ran\n"
+    finally:
+        pool.close()
+        spawner.spawner.close()
 
 
 def test_tail_keeps_only_the_last_bytes_and_replaces_broken_utf8(tmp_path):

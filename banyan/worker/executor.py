@@ -141,9 +141,11 @@ class SupervisorPool:
         self.size = size
         self.spawner = spawner
         self._lock = threading.Lock()
-        self._wanted = threading.Condition(self._lock)  # notified when one is taken, and at close
+        self._wanted = threading.Condition(self._lock)  # notified by `fill` and `close`
         self._ready = []
         self._filler = None
+        self._asks = 0  # calls of `fill` so far
+        self._failed_at = -1  # `_asks` when a start last failed: wait for the next call
         self._closed = False
 
     def take(self):
@@ -171,22 +173,25 @@ class SupervisorPool:
             if self._filler is None:
                 self._filler = threading.Thread(target=self._fill, name="banyan-supervisor-pool", daemon=True)
                 self._filler.start()
+            self._asks += 1
             self._wanted.notify()
 
     def _fill(self):
+        """The filler thread: after a failed start it waits for the next
+        `fill` (the next attempt's), meanwhile attempts start their own."""
         while True:
             with self._lock:
-                while not self._closed and len(self._ready) >= self.size:
+                while not self._closed and (len(self._ready) >= self.size or self._asks == self._failed_at):
                     self._wanted.wait()
                 if self._closed:
                     return
+                asks = self._asks
             try:
                 standby = Standby(self.spawner)
-            except OSError as exc:
-                log.warning("cannot start a supervisor ahead of time: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - the thread lives on
+                log.warning("cannot start a supervisor ahead of time: %s", exc, exc_info=not isinstance(exc, OSError))
                 with self._lock:
-                    if not self._closed:
-                        self._wanted.wait()  # until the next attempt takes one, or the pool closes
+                    self._failed_at = asks
                 continue
             with self._lock:
                 if not self._closed:
