@@ -102,9 +102,10 @@ def test_a_pool_whose_supervisor_could_not_start_fills_again_when_an_attempt_tak
         wait_for(lambda: spawner.refused, 30, "the refused start")
         assert pool.take() is None  # nothing ready: this attempt starts its own
         wait_for(lambda: len(pool.ready_pids()) == 1, 30, "the pool to fill again")
+        ready = pool.ready_pids()
         proc = TaskProcess({"_id": "t1", "command": "echo ran"}, 1, tmp_path / "a", supervisors=pool)
         proc.start()
-        assert proc.supervisor_pid is not None
+        assert proc.supervisor_pid in ready  # the one the pool started after its failure
         assert wait_outcome(proc).exit_code == 0 and proc.tail("stdout") == "ran\n"
     finally:
         pool.close()
